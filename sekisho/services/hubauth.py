@@ -1,0 +1,289 @@
+"""Shared base for Sekisho's tornado services behind JupyterHub.
+
+Every Sekisho service (guard, audit review, reports) is a JupyterHub *managed*
+service running as the ``sekisho`` service account. This module gives them one way
+to authenticate and authorise a request:
+
+1. **Who**: ``HubOAuth`` (never ``HubAuth``: the two cannot be mixed in one process)
+   identifies the hub user from ``Authorization: token ...`` (API clients such as an
+   analyst's kernel) or from the service's own OAuth cookie (browsers).
+2. **May they**: the user model's ``scopes`` are checked *explicitly* against the
+   handler's ``required_scopes`` — ``HubOAuth.user_for_token`` alone only says who
+   the token belongs to, not what it may do.
+3. **As what**: the hub user name is mapped to their Sekisho role with
+   ``sekisho.state.role_of``; a handler may restrict ``allowed_roles``. A person
+   without a role is refused (fail closed).
+
+Usage (a service module)::
+
+    from sekisho.services.hubauth import ServiceHandler, run_service
+
+    class Index(ServiceHandler):
+        allowed_roles = frozenset({"admin"})
+        required_scopes = frozenset({AUDIT_REVIEW_SCOPE})
+
+        def get(self):
+            self.write(f"hello {self.hub_user} ({self.sekisho_role})")
+
+    def main():
+        run_service("audit", [("", Index)], template_path=...)
+
+``run_service`` reads the environment the hub gives a managed service:
+``JUPYTERHUB_SERVICE_NAME``, ``JUPYTERHUB_SERVICE_URL`` (where to listen),
+``JUPYTERHUB_SERVICE_PREFIX`` (the URL prefix, e.g. ``/services/audit/``),
+``JUPYTERHUB_API_TOKEN`` (read by HubOAuth itself) and ``SEKISHO_HOME``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Sequence
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlparse
+
+from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated, check_scopes
+from jupyterhub.utils import url_path_join
+from tornado import httpserver, ioloop, web
+
+from sekisho.instance import Instance
+from sekisho.state import role_of
+
+log = logging.getLogger("sekisho.services")
+
+# Service names as registered in the hub (also the URL segment /services/<name>/).
+GUARD_SERVICE = "guard"
+AUDIT_SERVICE = "audit"
+REPORTS_SERVICE = "reports"
+
+# Custom hub scopes (defined in hub/jupyterhub_config.py through sekisho.hub.roles):
+# holding them is what makes a hub user an audit reviewer / a reader of reports.
+AUDIT_REVIEW_SCOPE = "custom:sekisho:audit-review"
+REPORTS_READ_SCOPE = "custom:sekisho:reports-read"
+
+
+def service_access_scope(service: str) -> str:
+    """The hub scope that lets a token reach ``/services/<service>/``."""
+    return f"access:services!service={service}"
+
+
+class ServiceHandler(HubOAuthenticated, web.RequestHandler):
+    """Base handler: authenticated hub user + explicit scope check + Sekisho role.
+
+    Class attributes a subclass sets:
+
+    * ``required_scopes``: every scope listed must be held (default: access to this
+      service, ``access:services!service=<name>``);
+    * ``allowed_roles``: Sekisho roles that may use the handler (``None``: any role);
+    * ``api``: ``True`` for JSON endpoints (401/403 as JSON, never a login redirect).
+
+    After ``prepare`` the handler has ``hub_user`` (name), ``hub_user_model`` (the
+    hub's user model, including the token's scopes) and ``sekisho_role``.
+    """
+
+    required_scopes: frozenset[str] | None = None
+    allowed_roles: frozenset[str] | None = None
+    api: bool = False
+
+    hub_user: str
+    hub_user_model: dict[str, Any]
+    sekisho_role: str
+
+    # ---- wiring ------------------------------------------------------------
+    @property
+    def hub_auth(self) -> HubOAuth:
+        return self.settings["hub_auth"]
+
+    @hub_auth.setter
+    def hub_auth(self, value: HubOAuth) -> None:  # HubAuthenticated declares a setter
+        raise AttributeError("hub_auth comes from the application settings")
+
+    @property
+    def instance(self) -> Instance:
+        return self.settings["sekisho_instance"]
+
+    @property
+    def service_name(self) -> str:
+        return self.settings["sekisho_service"]
+
+    @property
+    def effective_scopes(self) -> frozenset[str]:
+        if self.required_scopes is not None:
+            return frozenset(self.required_scopes)
+        return frozenset({service_access_scope(self.service_name)})
+
+    @property
+    def hub_scopes(self) -> set[str]:
+        # what HubAuthenticated.check_hub_user would check; we check the same set ourselves
+        return set(self.effective_scopes)
+
+    def get_login_url(self) -> str:
+        if self.api:
+            raise web.HTTPError(HTTPStatus.FORBIDDEN)  # API clients never follow a login redirect
+        return super().get_login_url()
+
+    def check_xsrf_cookie(self) -> None:
+        # A request carrying an Authorization header cannot be forged by another site's
+        # form, and is authenticated by that token alone (the cookie is then ignored).
+        if self.hub_auth.auth_header_pat.match(self.request.headers.get("Authorization", "")):
+            return
+        super().check_xsrf_cookie()
+
+    # ---- the check ---------------------------------------------------------
+    async def prepare(self) -> None:
+        model = await self.hub_auth.get_user(self, sync=False)
+        if (model and self.request.headers.get("Authorization")
+                and not getattr(self, "_token_authenticated", False)):
+            model = None  # a token the hub rejected must not fall back to a cookie
+        if not model:
+            self._hub_auth_user_cache = None
+            if self.api or self.request.method not in ("GET", "HEAD"):
+                raise web.HTTPError(HTTPStatus.UNAUTHORIZED, "no valid hub token")
+            self.redirect(self.get_login_url())
+            return
+        name = model.get("name")
+        if model.get("kind", "user") != "user" or not name:
+            self._deny(model, "not_a_person", "only people may use this service")
+        missing = sorted(s for s in self.effective_scopes if not has_scopes(model, {s}))
+        if missing:
+            self._deny(model, "missing_scope", f"missing hub scope(s): {', '.join(missing)}")
+        role = role_of(self.instance, name)
+        if role is None:
+            self._deny(model, "no_role", "no Sekisho role is registered for this user")
+        if self.allowed_roles is not None and role not in self.allowed_roles:
+            self._deny(model, "role_not_allowed", f"role {role!r} may not use this page", role=role)
+        self.hub_user = name
+        self.hub_user_model = model
+        self.sekisho_role = role
+        self._hub_auth_user_cache = model
+        self.current_user = model
+
+    def _deny(self, model: dict[str, Any], code: str, message: str, role: str | None = None) -> None:
+        self._hub_auth_user_cache = None
+        self.denied_code = code
+        try:
+            self.on_denied(model, code, message, role)
+        finally:
+            raise web.HTTPError(HTTPStatus.FORBIDDEN, f"{code}: {message}")
+
+    def on_denied(self, model: dict[str, Any], code: str, message: str, role: str | None) -> None:
+        """Hook: record a refused request (the audit review service audits these)."""
+        log.warning("%s: refused %s %s: %s", self.service_name, model.get("kind"), model.get("name"), message)
+
+    # ---- errors --------------------------------------------------------------
+    ERROR_TEXT_JA = {
+        401: "ログインが必要です。",
+        403: "このページを利用する権限がありません。",
+        404: "ページが見つかりません。",
+    }
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        detail = exc.log_message if isinstance(exc, web.HTTPError) and exc.log_message else ""
+        ja = self.ERROR_TEXT_JA.get(status_code, "エラーが発生しました。")
+        if self.api or "application/json" in self.request.headers.get("Accept", ""):
+            self.set_header("Content-Type", "application/json; charset=UTF-8")
+            self.finish(json.dumps({"status": status_code, "message_ja": ja, "message": detail},
+                                   ensure_ascii=False))
+            return
+        self.set_header("Content-Type", "text/html; charset=UTF-8")
+        self.finish(_error_page(status_code, ja, detail))
+
+
+def _error_page(status: int, ja: str, detail: str) -> str:
+    from html import escape
+
+    return (
+        "<!doctype html><html lang=\"ja\"><head><meta charset=\"utf-8\">"
+        f"<title>{status} — 関所</title></head><body style=\"font-family: sans-serif; margin: 2em\">"
+        f"<h1>{status}</h1><p>{escape(ja)}</p>"
+        + (f"<p><small>{escape(detail)}</small></p>" if detail else "")
+        + "<p><a href=\"/hub/home\">ハブのホームへ戻る / back to the hub</a></p></body></html>"
+    )
+
+
+class OAuthCallbackHandler(HubOAuthCallbackHandler):
+    """The hub's OAuth callback, bound to the application's HubOAuth (not a singleton)."""
+
+    @property
+    def hub_auth(self) -> HubOAuth:
+        return self.settings["hub_auth"]
+
+    @hub_auth.setter
+    def hub_auth(self, value: HubOAuth) -> None:
+        raise AttributeError("hub_auth comes from the application settings")
+
+
+# ---- application -------------------------------------------------------------
+
+Route = tuple[str, type[web.RequestHandler]] | tuple[str, type[web.RequestHandler], dict[str, Any]]
+
+
+def make_app(service: str, routes: Sequence[Route], *, instance: Instance, prefix: str,
+             hub_auth: HubOAuth | None = None, **settings: Any) -> web.Application:
+    """Build the tornado application of ``service``.
+
+    ``routes`` are relative to ``prefix`` (``""`` is the service's index page). The
+    OAuth callback is added at ``<prefix>oauth_callback``.
+    """
+    prefix = prefix if prefix.endswith("/") else prefix + "/"
+    if hub_auth is None:
+        hub_auth = HubOAuth(api_token=os.environ["JUPYTERHUB_API_TOKEN"], cache_max_age=60)
+    handlers: list[Any] = [(url_path_join(prefix, "oauth_callback"), OAuthCallbackHandler)]
+    for route in routes:
+        pattern, handler, *kwargs = route
+        handlers.append((prefix + pattern.lstrip("/"), handler, *kwargs))
+    if prefix != "/":
+        handlers.append((prefix.rstrip("/"), web.RedirectHandler, {"url": prefix}))
+    return web.Application(
+        handlers,
+        hub_auth=hub_auth,
+        sekisho_instance=instance,
+        sekisho_service=service,
+        # fresh per process: a restarted service just sends browsers through OAuth again
+        cookie_secret=secrets.token_bytes(32),
+        xsrf_cookies=True,
+        **settings,
+    )
+
+
+def service_environment(service: str | None = None) -> dict[str, str]:
+    """The hub-provided settings of a managed service, with clear errors when missing."""
+    missing = [k for k in ("JUPYTERHUB_SERVICE_URL", "JUPYTERHUB_API_TOKEN") if not os.environ.get(k)]
+    if missing:
+        raise SystemExit(f"sekisho service {service or ''}: {', '.join(missing)} not set "
+                         "(this program is started by JupyterHub as a managed service)")
+    name = os.environ.get("JUPYTERHUB_SERVICE_NAME") or service
+    return {
+        "name": name,
+        "url": os.environ["JUPYTERHUB_SERVICE_URL"],
+        "prefix": os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or f"/services/{name}/",
+        "home": os.environ.get("SEKISHO_HOME", ""),
+    }
+
+
+def run_service(service: str, routes: Sequence[Route], **settings: Any) -> None:
+    """Start ``service`` as the hub configured it and serve until stopped."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    env = service_environment(service)
+    instance = Instance.open(env["home"] or None)
+    app = make_app(env["name"], routes, instance=instance, prefix=env["prefix"], **settings)
+    url = urlparse(env["url"])
+    server = httpserver.HTTPServer(app, xheaders=True)
+    server.listen(url.port or 80, url.hostname or "127.0.0.1")
+    log.info("%s service listening on %s (prefix %s, instance %s)", env["name"], env["url"],
+             env["prefix"], instance.home)
+    ioloop.IOLoop.current().start()
+
+
+def scopes_of(model: dict[str, Any]) -> set[str]:
+    return set(model.get("scopes", []))
+
+
+def has_scopes(model: dict[str, Any], required: Iterable[str]) -> bool:
+    """True when ``model`` holds every scope in ``required`` (filters resolved by the hub's rules)."""
+    have = scopes_of(model)
+    return all(check_scopes({s}, have) for s in required)
