@@ -1,0 +1,476 @@
+"""Write the report notebooks (``reports/*.ipynb``) from the cell sources below.
+
+The notebooks are the artefacts analysts open and papermill executes; this script keeps
+their common structure (title, ``parameters`` cell, set-up) identical. Edit here, then run
+``python reports/build_notebooks.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+PARAMETERS = '''\
+# パラメータ（papermill の parameters セル）
+base_month = None        # 基準年月 YYYY-MM（None: データの最新月）
+compare_month = None     # 比較年月 YYYY-MM（None: 基準年月の12か月前）
+period = 5               # 期間（年、1〜5）
+area_level = "地域ブロック"  # 地域区分: 地域ブロック / 町丁目 / mesh
+tables_dir = None        # 表（JSON/CSV）の保存先（公開時に設定）'''
+
+SETUP = '''\
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+
+from sekisho.reference import AGE_BANDS, BLOCKS, CERT_TYPES, FACILITY_TYPES, HOUSEHOLD_TYPES, IDOU_TYPES, PREFECTURES
+from sekisho.reports import data
+from sekisho.reports.mesh import mesh_figure
+from sekisho.reports.notebook import lookup, order_by, start, wide
+from sekisho.reports.periods import add_months, label_ja, months_between
+from sekisho.reports.sql import household_type_sql, in_childcare_at, lit, moved_between, resident_at
+
+ctx = start(base_month=base_month, compare_month=compare_month, period=period,
+            area_level=area_level, tables_dir=tables_dir)
+R, q = ctx.report, data.sql
+BASE, COMPARE, AREA = ctx.base_month, ctx.compare_month, ctx.area_column
+YEAR = moved_between(ctx.year_first, BASE)   # the 12 months ending at 基準年月
+R.note(ctx.caption())'''
+
+COMMON_INTRO = ("データはすべて関所のガード（閾値モード、識別子 `reports`）を通して取得しています。"
+                "少数のセルは秘匿され、その他の値には一貫した撹乱が加えられています。")
+
+
+def notebook(name: str, title: str, intro: str, items: list[tuple[str, str, str]]) -> None:
+    cells = [new_markdown_cell(f"# {title}\n\n{intro}\n\n{COMMON_INTRO}")]
+    params = new_code_cell(PARAMETERS)
+    params.metadata["tags"] = ["parameters"]
+    cells += [params, new_code_cell(SETUP)]
+    for heading, description, code in items:
+        cells.append(new_markdown_cell(f"## {heading}\n\n{description}"))
+        cells.append(new_code_cell(code.strip("\n")))
+    nb = new_notebook(cells=cells, metadata={
+        "kernelspec": {"name": "python3", "display_name": "Python 3 (ipykernel)", "language": "python"},
+        "language_info": {"name": "python"},
+        "sekisho": {"title": title},
+    })
+    nbformat.write(nb, HERE / f"{name}.ipynb")
+
+
+# ---------------------------------------------------------------- 01 人口 ----------
+POPULATION = [
+    ("1. 人口状況", "基準年月末と比較年月末の人口・世帯数、および地域ブロック別の人口。", '''
+def population(month):
+    where = resident_at(month)
+    by_sex = q(f"SELECT sex, COUNT(*) AS n FROM residents WHERE {where} GROUP BY sex")
+    total = q(f"SELECT COUNT(*) AS n FROM residents WHERE {where}")
+    households = q(f"SELECT COUNT(DISTINCT household_id) AS n FROM residents WHERE {where}")
+    return {"総人口": total["n"].iloc[0], "男": lookup(by_sex, {"sex": "男"}),
+            "女": lookup(by_sex, {"sex": "女"}), "世帯数": households["n"].iloc[0]}
+
+now, before = population(BASE), population(COMPARE)
+summary = pd.DataFrame({"区分": list(now), label_ja(BASE): list(now.values()),
+                        label_ja(COMPARE): list(before.values())})
+summary["増減"] = summary[label_ja(BASE)] - summary[label_ja(COMPARE)]
+summary["増減率(%)"] = (summary["増減"] / summary[label_ja(COMPARE)] * 100).round(2)
+R.table("item01", "1. 人口状況", summary)
+
+by_block = q(f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block, sex")
+block_total = q(f"SELECT block, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block")
+block_hh = q(f"SELECT block, COUNT(DISTINCT household_id) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block")
+t = wide(by_block, "block", "sex", "n", index_order=BLOCKS, column_order=["男", "女"])
+t["計"] = t["block"].map(block_total.set_index("block")["n"])
+t["世帯数"] = t["block"].map(block_hh.set_index("block")["n"])
+t = t.rename(columns={"block": "地域ブロック"})
+R.table("item01_block", "1. 人口状況（地域ブロック別）", t)
+R.figure(px.bar(by_block.rename(columns={"block": "地域ブロック", "sex": "性別", "n": "人口"}),
+                x="地域ブロック", y="人口", color="性別", barmode="stack",
+                category_orders={"地域ブロック": list(BLOCKS)}, title="地域ブロック別人口（基準年月末）"))
+'''),
+    ("2. 人口詳細", "地域区分（パラメータ area_level）ごとの男女別人口。", '''
+col = "chome_name" if AREA == "chome_name" else AREA
+detail = q(f"SELECT {col} AS area, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY {col}, sex")
+totals = q(f"SELECT {col} AS area, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY {col}")
+t = wide(detail, "area", "sex", "n", column_order=["男", "女"])
+t["計"] = t["area"].map(totals.set_index("area")["n"])
+t = t.sort_values("area").rename(columns={"area": ctx.area_label})
+R.table("item02", "2. 人口詳細", t)
+'''),
+] + [
+    (f"{n}. 人口メッシュ地図 {size}", f"基準年月末の人口を{size}メッシュ（JIS X 0410）で表示します。灰色は秘匿されたメッシュです。", f'''
+mesh = q(f"SELECT {col} AS mesh, COUNT(*) AS n FROM residents WHERE {{resident_at(BASE)}} GROUP BY {col}")
+R.figure(mesh_figure(mesh.rename(columns={{"mesh": "{col}"}}), "{col}", "n",
+                     title="人口メッシュ地図 {size}", value_label="人口"))
+t = mesh.sort_values("n", ascending=False, na_position="last").rename(columns={{"mesh": "メッシュコード", "n": "人口"}})
+R.table("item{n:02d}", "{n}. 人口メッシュ地図 {size}", t)
+''') for n, size, col in ((3, "1km", "mesh1km"), (4, "500m", "mesh500m"), (5, "250m", "mesh250m"))
+] + [
+    ("6. 年齢階層別表", "基準年月末の5歳階級（e-Stat）別・男女別人口。市全体と地域ブロック別。年齢は抽出時点。", '''
+ages = q(f"SELECT age_band, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY age_band, sex")
+age_total = q(f"SELECT age_band, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY age_band")
+t = wide(ages, "age_band", "sex", "n", index_order=AGE_BANDS, column_order=["男", "女"])
+t["計"] = t["age_band"].map(age_total.set_index("age_band")["n"])
+R.table("item06", "6. 年齢階層別表", t.rename(columns={"age_band": "年齢階級"}))
+pyramid = go.Figure()
+for sex, sign, color in (("男", -1, "#4a7ebb"), ("女", 1, "#d0607a")):
+    part = order_by(ages[ages.sex == sex], "age_band", AGE_BANDS)
+    pyramid.add_bar(y=part.age_band, x=sign * part.n, orientation="h", name=sex, marker_color=color,
+                    customdata=part.n, hovertemplate="%{y}: %{customdata:,}人<extra>" + sex + "</extra>")
+pyramid.update_layout(title="人口ピラミッド（基準年月末）", barmode="relative", height=620,
+                      xaxis_title="人口（左: 男、右: 女）", yaxis_title="年齢階級",
+                      yaxis=dict(categoryorder="array", categoryarray=list(AGE_BANDS)))
+R.figure(pyramid)
+
+by_block = q(f"SELECT block, age_band, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block, age_band, sex")
+t = by_block.pivot_table(index=["block", "age_band"], columns="sex", values="n", aggfunc="first", dropna=False)
+t = t.reindex(pd.MultiIndex.from_product([BLOCKS, AGE_BANDS], names=["block", "age_band"]))
+t = t.reindex(columns=["男", "女"]).reset_index()
+R.table("item06_block", "6. 年齢階層別表（地域ブロック別）",
+        t.rename(columns={"block": "地域ブロック", "age_band": "年齢階級"}))
+'''),
+]
+
+# ---------------------------------------------------------------- 02 異動 ----------
+MOVES_SETUP = '''
+def balance(counts):
+    """Himeji's definitions: 自然 = 出生 - 死亡; 社会 = 転入 - 転出 + その他(職権記載); 人口増減 = 自然 + 社会."""
+    c = {t: counts.get(t, float("nan")) for t in IDOU_TYPES}
+    natural = c["出生"] - c["死亡"]
+    social = c["転入"] - c["転出"] + c["職権記載"]
+    return {"自然増減": natural, "社会増減": social, "人口増減": natural + social}
+
+def by_type(where):
+    df = q(f"SELECT idou_type, COUNT(*) AS n FROM movements WHERE {where} GROUP BY idou_type")
+    return {t: lookup(df, {"idou_type": t}) for t in IDOU_TYPES}
+
+def monthly(where):
+    df = q(f"SELECT idou_ym, idou_type, COUNT(*) AS n FROM movements WHERE {where} GROUP BY idou_ym, idou_type")
+    rows = []
+    for month in sorted(df.idou_ym.dropna().unique()):
+        counts = {t: lookup(df, {"idou_ym": month, "idou_type": t}) for t in IDOU_TYPES}
+        rows.append({"年月": month, **counts, **balance(counts)})
+    return pd.DataFrame(rows)
+
+def balance_chart(df, title):
+    fig = go.Figure()
+    for col, color in (("自然増減", "#5b8e3e"), ("社会増減", "#4a7ebb")):
+        fig.add_bar(x=df["年月"], y=df[col], name=col, marker_color=color)
+    fig.add_scatter(x=df["年月"], y=df["人口増減"], name="人口増減", mode="lines+markers", line_color="#333")
+    fig.update_layout(title=title, barmode="relative", xaxis_title="年月", yaxis_title="件数（人）")
+    return fig
+'''
+
+MOVES = [
+    ("7. 異動状況", "基準年月までの12か月間の異動件数（住基の異動区分）と人口増減。", MOVES_SETUP + '''
+types = q(f"SELECT idou_type, sex, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY idou_type, sex")
+totals = by_type(YEAR)
+rows = [{"区分": t, "計": totals[t], "男": lookup(types, {"idou_type": t, "sex": "男"}),
+         "女": lookup(types, {"idou_type": t, "sex": "女"})} for t in IDOU_TYPES]
+derived = {col: balance({r["区分"]: r[col] for r in rows}) for col in ("計", "男", "女")}
+rows += [{"区分": name, **{col: derived[col][name] for col in derived}} for name in ("自然増減", "社会増減", "人口増減")]
+R.table("item07", "7. 異動状況", pd.DataFrame(rows),
+        note="人口増減 = 自然増減 + 社会増減、自然増減 = 出生 − 死亡、社会増減 = 転入 − 転出 + その他（職権記載）。")
+R.figure(px.bar(x=list(IDOU_TYPES), y=[totals[t] for t in IDOU_TYPES], labels={"x": "異動区分", "y": "件数"},
+                title=f"異動区分別件数（{label_ja(ctx.year_first)}〜{label_ja(BASE)}）"))
+'''),
+    ("8. 異動詳細", "地域区分別・異動区分別の件数（基準年月までの12か月間）。地域は転入・出生・転居は異動後、転出・死亡は異動前の住所。", '''
+detail = q(f"SELECT {AREA} AS area, idou_type, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY {AREA}, idou_type")
+t = wide(detail, "area", "idou_type", "n", column_order=IDOU_TYPES,
+         index_order=BLOCKS if AREA == "block" else None)
+t["社会増減"] = t["転入"] - t["転出"] + t["職権記載"]
+t["自然増減"] = t["出生"] - t["死亡"]
+R.table("item08", "8. 異動詳細", t.rename(columns={"area": ctx.area_label}))
+'''),
+    ("9. 経年異動状況詳細", "期間内の各12か月間の異動区分別・男女別件数。", '''
+rows = []
+for first, last, label in ctx.windows:
+    df = q(f"SELECT idou_type, sex, COUNT(*) AS n FROM movements WHERE {moved_between(first, last)} GROUP BY idou_type, sex")
+    for sex in ("男", "女"):
+        counts = {t: lookup(df, {"idou_type": t, "sex": sex}) for t in IDOU_TYPES}
+        rows.append({"期間": label, "性別": sex, **counts, **balance(counts)})
+R.table("item09", "9. 経年異動状況詳細", pd.DataFrame(rows))
+'''),
+    ("10. 経年異動状況詳細_異動件数", "期間内の各12か月間の異動区分別件数。", '''
+yearly = []
+for first, last, label in ctx.windows:
+    counts = by_type(moved_between(first, last))
+    yearly.append({"期間": label, **counts, **balance(counts)})
+yearly = pd.DataFrame(yearly)
+R.table("item10", "10. 経年異動状況詳細_異動件数", yearly[["期間", *IDOU_TYPES]])
+long = yearly.melt(id_vars="期間", value_vars=list(IDOU_TYPES), var_name="異動区分", value_name="件数")
+R.figure(px.bar(long, x="期間", y="件数", color="異動区分", barmode="group", title="異動区分別件数の推移"))
+'''),
+    ("11. 経年異動状況詳細_増減件数", "期間内の各12か月間の自然増減・社会増減・人口増減。", '''
+t = yearly[["期間", "自然増減", "社会増減", "人口増減"]]
+R.table("item11", "11. 経年異動状況詳細_増減件数", t)
+R.figure(balance_chart(t.rename(columns={"期間": "年月"}), "人口増減の推移（12か月ごと）"))
+'''),
+    ("12. エリア地図異動状況詳細", "地域ブロック別の転入・転出・転居と、1kmメッシュ別の転入超過数（転入 − 転出）の地図（基準年月までの12か月間）。", '''
+inflow = q(f"SELECT block, idou_type, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY block, idou_type")
+moved_out = q(f"SELECT from_block AS block, COUNT(*) AS n FROM movements WHERE {YEAR} AND idou_type = '転居' GROUP BY from_block")
+t = wide(inflow, "block", "idou_type", "n", column_order=["転入", "転出", "転居"], index_order=BLOCKS)
+t = t.rename(columns={"転居": "転居（入）"})
+t["転居（出）"] = t["block"].map(moved_out.set_index("block")["n"])
+t["転入超過"] = t["転入"] - t["転出"]
+t["転居増減"] = t["転居（入）"] - t["転居（出）"]
+R.table("item12", "12. エリア地図異動状況詳細", t.rename(columns={"block": "地域ブロック"}))
+mesh = q(f"SELECT mesh1km, idou_type, COUNT(*) AS n FROM movements WHERE {YEAR} AND idou_type IN ('転入', '転出') GROUP BY mesh1km, idou_type")
+net = wide(mesh, "mesh1km", "idou_type", "n", column_order=["転入", "転出"])
+net["転入超過"] = net["転入"] - net["転出"]
+R.figure(mesh_figure(net, "mesh1km", "転入超過", title="転入超過数（転入 − 転出）", value_label="転入超過", diverging=True))
+'''),
+    ("13. 経年異動状況詳細_月別増減件数", "基準年月までの12か月の月別の増減。", '''
+t = monthly(YEAR)
+R.table("item13", "13. 経年異動状況詳細_月別増減件数", t)
+R.figure(balance_chart(t, "月別人口増減"))
+'''),
+    ("14. 経年異動状況詳細_月別増減件数_女性", "同・女性。", '''
+t = monthly(f"{YEAR} AND sex = '女'")
+R.table("item14", "14. 経年異動状況詳細_月別増減件数_女性", t)
+R.figure(balance_chart(t, "月別人口増減（女性）"))
+'''),
+    ("15. 経年異動状況詳細_月別増減件数_男性", "同・男性。", '''
+t = monthly(f"{YEAR} AND sex = '男'")
+R.table("item15", "15. 経年異動状況詳細_月別増減件数_男性", t)
+R.figure(balance_chart(t, "月別人口増減（男性）"))
+'''),
+    ("16. 経年異動状況詳細_経年", "期間全体の月別の増減の推移。", '''
+t = monthly(moved_between(ctx.period_first, BASE))
+R.table("item16", "16. 経年異動状況詳細_経年", t)
+R.figure(balance_chart(t, f"月別人口増減の推移（{ctx.period}年間）"))
+'''),
+]
+
+
+# ------------------------------------------------------- 03 転入 / 04 転出 ----------
+def migration(kind: str, first: int) -> list[tuple[str, str, str]]:
+    pref, muni, muni_name = (("from_pref_code", "from_muni_code", "from_muni_name") if kind == "転入"
+                             else ("to_pref_code", "to_muni_code", "to_muni_name"))
+    where = f"idou_type = '{kind}'"
+    other = "転入元" if kind == "転入" else "転出先"
+    here = "転入先" if kind == "転入" else "転出元"
+    items = [
+        (f"{kind}状況", f"基準年月までの12か月の月別・男女別{kind}者数。", f'''
+monthly_sex = q(f"SELECT idou_ym, sex, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY idou_ym, sex")
+monthly_total = q(f"SELECT idou_ym, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY idou_ym")
+t = wide(monthly_sex, "idou_ym", "sex", "n", column_order=["男", "女"], index_order=months_between(ctx.year_first, BASE))
+t["計"] = t["idou_ym"].map(monthly_total.set_index("idou_ym")["n"])
+year_total = q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}}")["n"].iloc[0]
+t = pd.concat([t, pd.DataFrame([{{"idou_ym": "12か月計", "計": year_total}}])], ignore_index=True)
+R.table("item{first:02d}", "{first}. {kind}状況", t.rename(columns={{"idou_ym": "年月"}}))
+R.figure(px.bar(monthly_sex.rename(columns={{"idou_ym": "年月", "sex": "性別", "n": "{kind}者数"}}),
+                x="年月", y="{kind}者数", color="性別", title="月別{kind}者数"))
+'''),
+        (f"{kind}状況都道府県", f"{other}の都道府県別{kind}者数（基準年月までの12か月）。", f'''
+prefs = q(f"SELECT {pref} AS pref, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY {pref}")
+prefs["都道府県"] = prefs["pref"].map(PREFECTURES)
+t = prefs.sort_values("pref")[["pref", "都道府県", "n"]].rename(columns={{"pref": "コード", "n": "{kind}者数"}})
+R.table("item{first + 1:02d}", "{first + 1}. {kind}状況都道府県", t)
+R.figure(px.bar(t.dropna(subset=["{kind}者数"]), x="都道府県", y="{kind}者数", title="{other}都道府県別{kind}者数"))
+'''),
+        (f"{kind}状況詳細", f"{here}の地域区分別・男女別{kind}者数（基準年月までの12か月）。", f'''
+detail = q(f"SELECT {{AREA}} AS area, sex, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY {{AREA}}, sex")
+totals = q(f"SELECT {{AREA}} AS area, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY {{AREA}}")
+t = wide(detail, "area", "sex", "n", column_order=["男", "女"], index_order=BLOCKS if AREA == "block" else None)
+t["計"] = t["area"].map(totals.set_index("area")["n"])
+R.table("item{first + 2:02d}", "{first + 2}. {kind}状況詳細", t.rename(columns={{"area": ctx.area_label}}))
+'''),
+        (f"{kind}状況経年", f"期間内の各12か月間の男女別{kind}者数。", f'''
+rows = []
+for first, last, label in ctx.windows:
+    span = moved_between(first, last)
+    sexes = q(f"SELECT sex, COUNT(*) AS n FROM movements WHERE {where} AND {{span}} GROUP BY sex")
+    total = q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{span}}")["n"].iloc[0]
+    rows.append({{"期間": label, "男": lookup(sexes, {{"sex": "男"}}), "女": lookup(sexes, {{"sex": "女"}}), "計": total}})
+t = pd.DataFrame(rows)
+R.table("item{first + 3:02d}", "{first + 3}. {kind}状況経年", t)
+R.figure(px.line(t, x="期間", y=["計", "男", "女"], markers=True, title="{kind}者数の推移",
+                 labels={{"value": "{kind}者数", "variable": "区分"}}))
+'''),
+        (f"{kind}状況詳細市区町村", f"{other}の市区町村別{kind}者数（基準年月までの12か月、多い順）。", f'''
+munis = q(f"SELECT {pref} AS pref, {muni} AS muni, {muni_name} AS name, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY {pref}, {muni}, {muni_name}")
+munis["都道府県"] = munis["pref"].map(PREFECTURES)
+t = munis.sort_values("n", ascending=False, na_position="last")[["muni", "都道府県", "name", "n"]]
+R.table("item{first + 4:02d}", "{first + 4}. {kind}状況詳細市区町村",
+        t.rename(columns={{"muni": "市区町村コード", "name": "市区町村", "n": "{kind}者数"}}))
+'''),
+    ]
+    if kind == "転入":
+        items.append((f"{kind}状況都道府県年齢階級", f"{other}都道府県別・年齢階級別{kind}者数（基準年月までの12か月）。", f'''
+cross = q(f"SELECT {pref} AS pref, age_band, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY {pref}, age_band")
+t = wide(cross, "pref", "age_band", "n", column_order=AGE_BANDS)
+t.insert(1, "都道府県", t["pref"].map(PREFECTURES))
+R.table("item{first + 5:02d}", "{first + 5}. {kind}状況都道府県年齢階級", t.rename(columns={{"pref": "コード"}}))
+'''))
+    n_age = first + (6 if kind == "転入" else 5)
+    items.append((f"{kind}状況年齢階級", f"年齢階級別・男女別{kind}者数（基準年月までの12か月、年齢は異動時）。", f'''
+ages = q(f"SELECT age_band, sex, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY age_band, sex")
+totals = q(f"SELECT age_band, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY age_band")
+t = wide(ages, "age_band", "sex", "n", index_order=AGE_BANDS, column_order=["男", "女"])
+t["計"] = t["age_band"].map(totals.set_index("age_band")["n"])
+R.table("item{n_age:02d}", "{n_age}. {kind}状況年齢階級", t.rename(columns={{"age_band": "年齢階級"}}))
+R.figure(px.bar(ages.rename(columns={{"age_band": "年齢階級", "sex": "性別", "n": "{kind}者数"}}),
+                x="年齢階級", y="{kind}者数", color="性別", barmode="group",
+                category_orders={{"年齢階級": list(AGE_BANDS)}}, title="年齢階級別{kind}者数"))
+'''))
+    return [(f"{first + i}. {h}", d, c) for i, (h, d, c) in enumerate(items)]
+
+
+# ---------------------------------------------------------------- 05 転居 ----------
+RELOCATION = [
+    ("30. 転居（入）状況", "市内転居の転居先地域ブロック別・男女別件数（基準年月までの12か月）。", '''
+inflow = q(f"SELECT block, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY block, sex")
+totals = q(f"SELECT block, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY block")
+t = wide(inflow, "block", "sex", "n", index_order=BLOCKS, column_order=["男", "女"])
+t["計"] = t["block"].map(totals.set_index("block")["n"])
+R.table("item30", "30. 転居（入）状況", t.rename(columns={"block": "転居先地域ブロック"}))
+R.figure(px.bar(inflow.rename(columns={"block": "地域ブロック", "sex": "性別", "n": "転居（入）件数"}),
+                x="地域ブロック", y="転居（入）件数", color="性別", category_orders={"地域ブロック": list(BLOCKS)},
+                title="地域ブロック別転居（入）件数"))
+'''),
+    ("31. 転居（出）状況", "市内転居の転居元地域ブロック別・男女別件数（基準年月までの12か月）。", '''
+outflow = q(f"SELECT from_block AS block, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block, sex")
+totals = q(f"SELECT from_block AS block, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block")
+t = wide(outflow, "block", "sex", "n", index_order=BLOCKS, column_order=["男", "女"])
+t["計"] = t["block"].map(totals.set_index("block")["n"])
+R.table("item31", "31. 転居（出）状況", t.rename(columns={"block": "転居元地域ブロック"}))
+flows = q(f"SELECT from_block, block, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block, block")
+matrix = wide(flows, "from_block", "block", "n", index_order=BLOCKS, column_order=BLOCKS)
+R.figure(go.Figure(go.Heatmap(z=matrix[list(BLOCKS)].to_numpy(dtype=float), x=list(BLOCKS), y=matrix["from_block"],
+                              colorscale="Blues", colorbar=dict(title="件数"),
+                              hovertemplate="%{y} → %{x}: %{z:,}件<extra></extra>"))
+         .update_layout(title="地域ブロック間の転居（転居元 → 転居先、空白は秘匿）",
+                        xaxis_title="転居先", yaxis_title="転居元", height=560))
+'''),
+    ("32. 転居（入）詳細", "転居先の地域区分別・男女別件数（基準年月までの12か月）。", '''
+detail = q(f"SELECT {AREA} AS area, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY {AREA}, sex")
+totals = q(f"SELECT {AREA} AS area, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY {AREA}")
+t = wide(detail, "area", "sex", "n", column_order=["男", "女"], index_order=BLOCKS if AREA == "block" else None)
+t["計"] = t["area"].map(totals.set_index("area")["n"])
+R.table("item32", "32. 転居（入）詳細", t.rename(columns={"area": "転居先" + ctx.area_label}))
+'''),
+    ("33. 転居（出）詳細", "転居元の町丁目別件数（基準年月までの12か月）。転居元は町丁目までしか記録されないため、地域区分が mesh の場合も町丁目で表示します。", '''
+if AREA == "block":
+    detail = q(f"SELECT from_block AS area, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block, sex")
+    totals = q(f"SELECT from_block AS area, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block")
+    label = "転居元地域ブロック"
+else:
+    detail = q(f"SELECT from_chome_code AS area, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_chome_code, sex")
+    totals = q(f"SELECT from_chome_code AS area, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_chome_code")
+    label = "転居元町丁目コード"
+t = wide(detail, "area", "sex", "n", column_order=["男", "女"], index_order=BLOCKS if AREA == "block" else None)
+t["計"] = t["area"].map(totals.set_index("area")["n"])
+R.table("item33", "33. 転居（出）詳細", t.rename(columns={"area": label}))
+'''),
+]
+
+# ---------------------------------------------------------------- 06 世帯 ----------
+HOUSEHOLDS = [
+    ("34. 基準年月時点の世帯状況", "基準年月末に住民である世帯員の続柄から、国勢調査の家族類型に準じて世帯を分類します。", '''
+def household_types(month):
+    df = q(household_type_sql(month))
+    return {t: lookup(df, {"household_type": t}, "households") for t in HOUSEHOLD_TYPES}
+
+now = household_types(BASE)
+total = q(f"SELECT COUNT(DISTINCT household_id) AS n FROM residents WHERE {resident_at(BASE)}")["n"].iloc[0]
+t = pd.DataFrame({"世帯の家族類型": list(HOUSEHOLD_TYPES), "世帯数": [now[h] for h in HOUSEHOLD_TYPES]})
+t["構成比(%)"] = (t["世帯数"] / total * 100).round(1)
+t = pd.concat([t, pd.DataFrame([{"世帯の家族類型": "総世帯数", "世帯数": total}])], ignore_index=True)
+R.table("item34", "34. 基準年月時点の世帯状況", t,
+        note="単独・夫婦のみ・夫婦と子供・ひとり親と子供・三世代（祖父母・親・本人・子・孫のうち3世代以上）・その他。")
+R.figure(px.bar(t.iloc[:-1], x="世帯の家族類型", y="世帯数", title=f"家族類型別世帯数（{label_ja(BASE)}末）"))
+'''),
+    ("35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", "基準年月末と比較年月末の家族類型別世帯数。", '''
+before = household_types(COMPARE)
+t = pd.DataFrame({"世帯の家族類型": list(HOUSEHOLD_TYPES),
+                  label_ja(COMPARE): [before[h] for h in HOUSEHOLD_TYPES],
+                  label_ja(BASE): [now[h] for h in HOUSEHOLD_TYPES]})
+t["増減"] = t[label_ja(BASE)] - t[label_ja(COMPARE)]
+R.table("item35", "35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", t)
+R.figure(px.bar(t.melt(id_vars="世帯の家族類型", value_vars=[label_ja(COMPARE), label_ja(BASE)],
+                       var_name="時点", value_name="世帯数"),
+                x="世帯の家族類型", y="世帯数", color="時点", barmode="group", title="家族類型別世帯数の比較"))
+'''),
+    ("36. 世帯構成毎の世帯件数の推移（5年間）", "基準年月から12か月ごとにさかのぼった各時点の家族類型別世帯数（期間の年数分）。", '''
+points = [add_months(BASE, -12 * i) for i in reversed(range(ctx.period))]
+trend = pd.DataFrame([{"時点": label_ja(m), **household_types(m)} for m in points])
+R.table("item36", "36. 世帯構成毎の世帯件数の推移（5年間）", trend)
+R.figure(px.line(trend, x="時点", y=list(HOUSEHOLD_TYPES), markers=True, title="家族類型別世帯数の推移",
+                 labels={"value": "世帯数", "variable": "家族類型"}))
+'''),
+]
+
+# ------------------------------------------------------------ 07 教育・保育 ----------
+CHILDCARE = [
+    ("37. 教育・保育施設利用状況【概要】",
+     "基準年月に施設を利用している児童数（支給認定区分 1号・2号・3号別）と定員、定員充足率（利用児童数 ÷ 定員、厚生労働省の定義）。"
+     "定員が0の区分は「定員なし」と表示し、利用児童数は表示します。定員を超える行は強調表示します。", '''
+def overview(group_col, capacity_col, order, label, key, title):
+    cap = q(f"SELECT {capacity_col} AS grp, SUM(capacity_1) AS c1, SUM(capacity_2) AS c2, SUM(capacity_3) AS c3 FROM facilities GROUP BY {capacity_col}")
+    cap_total = q("SELECT SUM(capacity_1) AS c1, SUM(capacity_2) AS c2, SUM(capacity_3) AS c3 FROM facilities")
+    use = q(f"SELECT {group_col} AS grp, cert_type, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY {group_col}, cert_type")
+    use_grp = q(f"SELECT {group_col} AS grp, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY {group_col}")
+    use_cert = q(f"SELECT cert_type, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY cert_type")
+    use_all = q(f"SELECT COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)}")["n"].iloc[0]
+
+    def ratio(children, capacity):
+        if pd.isna(capacity) or capacity == 0:
+            return "定員なし"
+        return None if pd.isna(children) else round(children / capacity * 100, 1)
+
+    rows, over = [], []
+    for grp in list(order) + ["合計"]:
+        row, flags = {label: grp}, []
+        caps = cap_total.iloc[0] if grp == "合計" else cap.set_index("grp").reindex([grp]).iloc[0]
+        for i, cert in enumerate(CERT_TYPES, start=1):
+            capacity = caps[f"c{i}"]
+            capacity = 0 if pd.isna(capacity) else int(capacity)
+            children = (lookup(use_cert, {"cert_type": cert}) if grp == "合計"
+                        else lookup(use, {"grp": grp, "cert_type": cert}))
+            row |= {f"{cert}定員": capacity, f"{cert}利用児童数": children, f"{cert}充足率(%)": ratio(children, capacity)}
+            if capacity > 0 and pd.notna(children) and children > capacity or capacity == 0 and pd.notna(children) and children > 0:
+                flags.append(cert)
+        capacity = sum(row[f"{c}定員"] for c in CERT_TYPES)
+        children = use_all if grp == "合計" else lookup(use_grp, {"grp": grp})
+        row |= {"計定員": capacity, "計利用児童数": children, "計充足率(%)": ratio(children, capacity)}
+        if pd.notna(children) and children > capacity:
+            flags.append("計")
+        row["定員超過"] = "、".join(flags)
+        rows.append(row)
+        over.append(bool(flags))
+    t = pd.DataFrame(rows)
+    R.table(key, title, t, highlight=pd.Series(over),
+            note="定員充足率 = 利用児童数 ÷ 定員 × 100。定員超過: 利用児童数が定員を超える区分（定員なしで利用がある区分を含む）。")
+    return t
+
+by_type = overview("facility_type", "facility_type", FACILITY_TYPES, "施設種別", "item37_type",
+                   "37. 教育・保育施設利用状況【概要】（施設種別）")
+by_block = overview("facility_block", "block", BLOCKS, "地域ブロック", "item37_block",
+                    "37. 教育・保育施設利用状況【概要】（地域ブロック別）")
+chart = by_block[by_block["地域ブロック"] != "合計"]
+fig = go.Figure()
+fig.add_bar(x=chart["地域ブロック"], y=chart["計定員"], name="定員", marker_color="#c9d6e8")
+fig.add_bar(x=chart["地域ブロック"], y=chart["計利用児童数"], name="利用児童数", marker_color="#4a7ebb")
+fig.update_layout(title="地域ブロック別 定員と利用児童数", barmode="group", xaxis_title="地域ブロック", yaxis_title="人数")
+R.figure(fig)
+'''),
+]
+
+NOTEBOOKS = [
+    ("01_人口", "人口（人口状況・人口詳細・メッシュ地図・年齢階層）", "基準年月末の住民基本台帳人口。", POPULATION),
+    ("02_異動", "異動（異動状況・経年異動・月別増減・エリア地図）", "住民基本台帳の異動（転入・転出・転居・出生・死亡・職権記載）。", MOVES),
+    ("03_転入", "転入状況", "市外からの転入。", migration("転入", 17)),
+    ("04_転出", "転出状況", "市外への転出。", migration("転出", 24)),
+    ("05_転居", "転居状況", "市内での転居（転居元・転居先）。", RELOCATION),
+    ("06_世帯", "世帯状況（世帯の家族類型）", "住民の続柄から導いた国勢調査の家族類型別の世帯数。", HOUSEHOLDS),
+    ("07_教育保育", "教育・保育施設利用状況【概要】", "教育・保育施設の定員と利用児童数。", CHILDCARE),
+]
+
+if __name__ == "__main__":
+    for name, title, intro, items in NOTEBOOKS:
+        notebook(name, title, intro, items)
+        print(f"wrote reports/{name}.ipynb ({len(items)} items)")

@@ -1,0 +1,55 @@
+"""The report notebooks' only door to data: SQL in, guard-protected DataFrame out.
+
+* While publishing, ``sekisho reports publish`` sets ``SEKISHO_HOME`` and
+  ``SEKISHO_REPORTS_USER`` (the service identity ``reports``): queries go in-process
+  through ``ibis.sekisho.connect(home=..., user="reports")``, i.e. through the guard.
+* In an analyst's kernel neither is set: ``ibis.sekisho.connect()`` reaches the hub's
+  guard service with the analyst's own hub token, so the analyst gets what the guard
+  gives *them* — the same protected figures, as the protection is consistent.
+
+Every query runs in threshold mode: cells below k come back missing (shown as 秘匿),
+the others carry the guard's consistent perturbation.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import pandas as pd
+
+MODE = "threshold"
+
+
+class GuardConnection:
+    """A small uniform face over the sekisho ibis backend (SQL in, DataFrame out)."""
+
+    def __init__(self, backend) -> None:
+        self.backend = backend
+        self.summaries: list[dict] = []
+
+    def sql(self, query: str) -> pd.DataFrame:
+        result = self.backend.guard_query(query, mode=MODE)
+        summary = getattr(result, "summary", None)
+        if summary:
+            self.summaries.append(summary)
+        return result.table.to_pandas()
+
+
+def _ibis_backend():
+    import ibis
+
+    home, user = os.environ.get("SEKISHO_HOME"), os.environ.get("SEKISHO_REPORTS_USER")
+    if home and user:
+        return ibis.sekisho.connect(home=home, user=user)
+    return ibis.sekisho.connect()
+
+
+@lru_cache(maxsize=1)
+def connect() -> GuardConnection:
+    return GuardConnection(_ibis_backend())
+
+
+def sql(query: str) -> pd.DataFrame:
+    """Run ``query`` through the guard (threshold mode) and return the protected table."""
+    return connect().sql(query)

@@ -1,0 +1,148 @@
+"""What a report notebook shows: titled sections, protected tables, plotly figures.
+
+The same notebook runs in two places:
+
+* publishing (``sekisho reports publish`` sets ``SEKISHO_REPORTS_PUBLISH=1``): figures are
+  emitted as plain HTML ``<div>`` + ``<script>`` (plotly's default renderer would emit only
+  a JSON mimetype, which nbconvert drops); the page wrapper embeds plotly.js once. Each
+  table is also saved as JSON and CSV beside the page so tests and analysts can read the
+  exact published figures.
+* an analyst's kernel: figures use plotly's normal renderer, tables display inline and are
+  saved only if the analyst passes ``tables_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+PROTECTION_NOTE = ("※ 秘匿・撹乱処理のため合計が一致しない場合があります。"
+                   "「秘匿」は少数のため表示していない値です。")
+SUPPRESSED = "秘匿"
+FONT = "Noto Sans CJK JP, Noto Sans JP, IPAexGothic, Meiryo, sans-serif"
+
+
+def publishing() -> bool:
+    return os.environ.get("SEKISHO_REPORTS_PUBLISH") == "1"
+
+
+def _display(obj) -> None:
+    from IPython.display import display
+
+    display(obj)
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None:
+        return None
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):  # numpy scalar
+        return _jsonable(value.item())
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value
+
+
+def format_cell(value: Any) -> str:
+    """Counts with thousands separators, ratios as given, missing as 秘匿."""
+    value = _jsonable(value)
+    if value is None:
+        return SUPPRESSED
+    if isinstance(value, bool):
+        return "○" if value else ""
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:,.0f}" if value.is_integer() else f"{value:,.1f}"
+    return str(value)
+
+
+def table_html(df: pd.DataFrame, highlight: pd.Series | None = None) -> str:
+    """A plain HTML table (no pandas styler: no CSS classes we do not ship)."""
+    from html import escape
+
+    head = "".join(f"<th>{escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    for i, (_, row) in enumerate(df.iterrows()):
+        css = ' class="over"' if highlight is not None and bool(highlight.iloc[i]) else ""
+        cells = "".join(
+            f'<td class="{"num" if isinstance(_jsonable(v), (int, float)) or _jsonable(v) is None else "txt"}">'
+            f"{escape(format_cell(v))}</td>" for v in row)
+        rows.append(f"<tr{css}>{cells}</tr>")
+    return (f'<div class="tbl"><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+class Report:
+    """Context of one report notebook: its parameters and where tables are saved."""
+
+    def __init__(self, *, tables_dir: str | None = None, **parameters: Any) -> None:
+        self.parameters = parameters
+        self.tables_dir = Path(tables_dir) if tables_dir else None
+        if self.tables_dir:
+            self.tables_dir.mkdir(parents=True, exist_ok=True)
+        self.saved: list[str] = []
+
+    # ---- text --------------------------------------------------------------
+    def section(self, title: str, description: str | None = None) -> None:
+        from IPython.display import HTML
+
+        from html import escape
+        body = f"<h2>{escape(title)}</h2>"
+        if description:
+            body += f'<p class="desc">{escape(description)}</p>'
+        _display(HTML(body))
+
+    def note(self, text: str) -> None:
+        from html import escape
+
+        from IPython.display import HTML
+        _display(HTML(f'<p class="note">{escape(text)}</p>'))
+
+    # ---- tables ------------------------------------------------------------
+    def table(self, key: str, title: str, df: pd.DataFrame, *, note: str | None = None,
+              highlight: pd.Series | None = None, protected: bool = True) -> pd.DataFrame:
+        """Show ``df`` and save it as ``<key>.json`` / ``<key>.csv`` when publishing."""
+        from IPython.display import HTML
+
+        df = df.reset_index(drop=True)
+        html = table_html(df, highlight)
+        notes = [n for n in (note, PROTECTION_NOTE if protected else None) if n]
+        html += "".join(f'<p class="note">{n}</p>' for n in notes)
+        _display(HTML(html))
+        if self.tables_dir is not None:
+            self._save(key, title, df, notes)
+        return df
+
+    def _save(self, key: str, title: str, df: pd.DataFrame, notes: list[str]) -> None:
+        payload = {
+            "key": key, "title": title, "parameters": self.parameters,
+            "columns": [str(c) for c in df.columns],
+            "rows": [[_jsonable(v) for v in row] for row in df.itertuples(index=False)],
+            "notes": notes,
+        }
+        path = self.tables_dir / f"{key}.json"
+        path.write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
+        # utf-8-sig: opens correctly in Excel, which municipal staff use
+        df.to_csv(self.tables_dir / f"{key}.csv", index=False, encoding="utf-8-sig")
+        self.saved.append(key)
+
+    # ---- figures -----------------------------------------------------------
+    def figure(self, fig) -> None:
+        fig.update_layout(font_family=FONT, template="plotly_white",
+                          margin=dict(l=60, r=30, t=60, b=50))
+        if publishing():
+            from IPython.display import HTML
+
+            # plotly.js is embedded once per page by the publisher, never from a CDN
+            _display(HTML(fig.to_html(full_html=False, include_plotlyjs=False,
+                                      include_mathjax=False,
+                                      config={"displaylogo": False, "responsive": True})))
+        else:
+            fig.show()
