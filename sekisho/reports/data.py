@@ -29,11 +29,11 @@ class GuardConnection:
         self.summaries: list[dict] = []
 
     def sql(self, query: str) -> pd.DataFrame:
-        result = self.backend.guard_query(query, mode=MODE)
-        summary = getattr(result, "summary", None)
-        if summary:
-            self.summaries.append(summary)
-        return result.table.to_pandas()
+        # con.sql(...) sends this exact SQL to the guard (no ibis rewriting)
+        table = self.backend.sql(query).to_pyarrow(mode=MODE)
+        if self.backend.last_summary:
+            self.summaries.append(self.backend.last_summary)
+        return table.to_pandas()
 
 
 def _ibis_backend():
