@@ -124,7 +124,7 @@ class GuardDouble:
 
     def query(self, sql: str, *, user: str, mode: str = "threshold", epsilon: float | None = None):
         self.calls.append(("query", sql, user, mode, epsilon))
-        if "SELECT *" in sql.upper():
+        if sql.lstrip().upper().startswith("SELECT *"):  # the outermost select only
             raise FakeRefused("row_level_output", "row-level output is not allowed / 個票は出せません",
                               "SELECT *")
         if "boom" in sql:
@@ -135,7 +135,7 @@ class GuardDouble:
                                   "epsilon_spent": epsilon})
 
     def describe(self, sql: str, *, user: str) -> pa.Schema:
-        if "SELECT *" in sql.upper():
+        if sql.lstrip().upper().startswith("SELECT *"):  # the outermost select only
             raise FakeRefused("row_level_output", "row-level output is not allowed", "SELECT *")
         return pa.schema([("block", pa.string()), ("n", pa.int64())])
 
