@@ -1,0 +1,22 @@
+
+
+# ---- a real JupyterHub (helper HUB; see tests/hub_fixtures.py) ----------------------------
+import pytest as _pytest_for_hub
+
+
+@_pytest_for_hub.fixture(scope="session")
+def hub():
+    """A running JupyterHub with a small ingested city and one system user per role.
+
+    ``hub.users[role]`` (analyst, admin, manager, steward) carry PAM passwords; see
+    tests/hub_fixtures.py for the helpers. Skipped where a real hub cannot run (not root,
+    no configurable-http-proxy).
+    """
+    from hub_fixtures import hub_prerequisites, start_hub
+
+    reason = hub_prerequisites()
+    if reason:
+        _pytest_for_hub.skip(reason)
+    running = start_hub()
+    yield running
+    running.cleanup()
