@@ -27,12 +27,12 @@ import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 
-from sekisho.reference import AGE_BANDS, BLOCKS, CERT_TYPES, FACILITY_TYPES, HOUSEHOLD_TYPES, IDOU_TYPES, PREFECTURES
+from sekisho.reference import AGE_BANDS, BLOCKS, CERT_TYPES, FACILITY_TYPES, IDOU_TYPES, PREFECTURES
 from sekisho.reports import data
 from sekisho.reports.mesh import mesh_figure
 from sekisho.reports.notebook import lookup, order_by, start, wide
 from sekisho.reports.periods import add_months, label_ja, months_between
-from sekisho.reports.sql import household_type_sql, in_childcare_at, lit, moved_between, resident_at
+from sekisho.reports.sql import in_childcare_at, lit, moved_between, resident_at
 
 ctx = start(base_month=base_month, compare_month=compare_month, period=period,
             area_level=area_level, tables_dir=tables_dir)
@@ -369,38 +369,58 @@ R.table("item33", "33. 転居（出）詳細", t.rename(columns={"area": label})
 ]
 
 # ---------------------------------------------------------------- 06 世帯 ----------
+HOUSEHOLDS_NOTE = ("国勢調査の家族類型（単独・夫婦のみ・夫婦と子供・ひとり親と子供・三世代・その他）は世帯ごとに"
+                   "世帯員を集計して判定する必要がありますが、ガードは世帯単位の集計（世帯番号での GROUP BY）を"
+                   "個票に近い処理として拒否するため、ここでは続柄別に「その続柄の世帯員がいる世帯の数」と"
+                   "人数を掲載します（docs/reports.md 参照）。")
 HOUSEHOLDS = [
-    ("34. 基準年月時点の世帯状況", "基準年月末に住民である世帯員の続柄から、国勢調査の家族類型に準じて世帯を分類します。", '''
-def household_types(month):
-    df = q(household_type_sql(month))
-    return {t: lookup(df, {"household_type": t}, "households") for t in HOUSEHOLD_TYPES}
+    ("34. 基準年月時点の世帯状況",
+     "基準年月末の世帯数・人口・平均世帯人員と、続柄別の世帯数（その続柄の世帯員がいる世帯）と人数。" + HOUSEHOLDS_NOTE, '''
+RELATIONSHIPS = ["世帯主", "妻", "夫", "子", "子の配偶者", "父", "母", "祖父", "祖母", "孫", "兄弟姉妹", "その他"]
 
-now = household_types(BASE)
-total = q(f"SELECT COUNT(DISTINCT household_id) AS n FROM residents WHERE {resident_at(BASE)}")["n"].iloc[0]
-t = pd.DataFrame({"世帯の家族類型": list(HOUSEHOLD_TYPES), "世帯数": [now[h] for h in HOUSEHOLD_TYPES]})
-t["構成比(%)"] = (t["世帯数"] / total * 100).round(1)
-t = pd.concat([t, pd.DataFrame([{"世帯の家族類型": "総世帯数", "世帯数": total}])], ignore_index=True)
-R.table("item34", "34. 基準年月時点の世帯状況", t,
-        note="単独・夫婦のみ・夫婦と子供・ひとり親と子供・三世代（祖父母・親・本人・子・孫のうち3世代以上）・その他。")
-R.figure(px.bar(t.iloc[:-1], x="世帯の家族類型", y="世帯数", title=f"家族類型別世帯数（{label_ja(BASE)}末）"))
+def household_status(month):
+    where = resident_at(month)
+    by_rel = q(f"SELECT relationship, COUNT(DISTINCT household_id) AS households, COUNT(*) AS persons "
+               f"FROM residents WHERE {where} GROUP BY relationship")
+    totals = q(f"SELECT COUNT(DISTINCT household_id) AS households, COUNT(*) AS persons FROM residents WHERE {where}")
+    rows = {r: (lookup(by_rel, {"relationship": r}, "households"), lookup(by_rel, {"relationship": r}, "persons"))
+            for r in RELATIONSHIPS}
+    return rows, float(totals["households"].iloc[0]), float(totals["persons"].iloc[0])
+
+now, now_households, now_persons = household_status(BASE)
+summary = pd.DataFrame({"区分": ["総世帯数", "総人口", "平均世帯人員"],
+                        "値": [now_households, now_persons, round(now_persons / now_households, 2)]})
+R.table("item34", "34. 基準年月時点の世帯状況", summary)
+t = pd.DataFrame({"続柄": RELATIONSHIPS,
+                  "世帯数（該当世帯員のいる世帯）": [now[r][0] for r in RELATIONSHIPS],
+                  "人数": [now[r][1] for r in RELATIONSHIPS]})
+t["全世帯に占める割合(%)"] = (t["世帯数（該当世帯員のいる世帯）"] / now_households * 100).round(1)
+R.table("item34_relationship", "34. 基準年月時点の世帯状況（続柄別）", t,
+        note="世帯数は、その続柄の世帯員が1人以上いる世帯の数です（1つの世帯が複数の行に数えられます）。")
+R.figure(px.bar(t, x="続柄", y="世帯数（該当世帯員のいる世帯）", title=f"続柄別の世帯数（{label_ja(BASE)}末）"))
 '''),
-    ("35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", "基準年月末と比較年月末の家族類型別世帯数。", '''
-before = household_types(COMPARE)
-t = pd.DataFrame({"世帯の家族類型": list(HOUSEHOLD_TYPES),
-                  label_ja(COMPARE): [before[h] for h in HOUSEHOLD_TYPES],
-                  label_ja(BASE): [now[h] for h in HOUSEHOLD_TYPES]})
+    ("35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", "比較年月末と基準年月末の続柄別世帯数と総世帯数。", '''
+before, before_households, before_persons = household_status(COMPARE)
+t = pd.DataFrame({"区分": ["総世帯数"] + RELATIONSHIPS,
+                  label_ja(COMPARE): [before_households] + [before[r][0] for r in RELATIONSHIPS],
+                  label_ja(BASE): [now_households] + [now[r][0] for r in RELATIONSHIPS]})
 t["増減"] = t[label_ja(BASE)] - t[label_ja(COMPARE)]
-R.table("item35", "35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", t)
-R.figure(px.bar(t.melt(id_vars="世帯の家族類型", value_vars=[label_ja(COMPARE), label_ja(BASE)],
-                       var_name="時点", value_name="世帯数"),
-                x="世帯の家族類型", y="世帯数", color="時点", barmode="group", title="家族類型別世帯数の比較"))
+R.table("item35", "35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", t,
+        note="続柄の行は、その続柄の世帯員がいる世帯の数です。")
+R.figure(px.bar(t.melt(id_vars="区分", value_vars=[label_ja(COMPARE), label_ja(BASE)], var_name="時点", value_name="世帯数"),
+                x="区分", y="世帯数", color="時点", barmode="group", title="世帯数の比較"))
 '''),
-    ("36. 世帯構成毎の世帯件数の推移（5年間）", "基準年月から12か月ごとにさかのぼった各時点の家族類型別世帯数（期間の年数分）。", '''
+    ("36. 世帯構成毎の世帯件数の推移（5年間）", "基準年月から12か月ごとにさかのぼった各時点（期間の年数分）の総世帯数と続柄別世帯数。", '''
 points = [add_months(BASE, -12 * i) for i in reversed(range(ctx.period))]
-trend = pd.DataFrame([{"時点": label_ja(m), **household_types(m)} for m in points])
-R.table("item36", "36. 世帯構成毎の世帯件数の推移（5年間）", trend)
-R.figure(px.line(trend, x="時点", y=list(HOUSEHOLD_TYPES), markers=True, title="家族類型別世帯数の推移",
-                 labels={"value": "世帯数", "variable": "家族類型"}))
+rows = []
+for m in points:
+    rel, households, persons = (now, now_households, now_persons) if m == BASE else household_status(m)
+    rows.append({"時点": label_ja(m), "総世帯数": households, **{r: rel[r][0] for r in RELATIONSHIPS}})
+trend = pd.DataFrame(rows)
+R.table("item36", "36. 世帯構成毎の世帯件数の推移（5年間）", trend,
+        note="続柄の列は、その続柄の世帯員がいる世帯の数です。")
+R.figure(px.line(trend, x="時点", y=["総世帯数", "妻", "子", "父", "母", "孫"], markers=True,
+                 title="世帯数の推移（総数と主な続柄）", labels={"value": "世帯数", "variable": "区分"}))
 '''),
 ]
 
@@ -466,7 +486,7 @@ NOTEBOOKS = [
     ("03_転入", "転入状況", "市外からの転入。", migration("転入", 17)),
     ("04_転出", "転出状況", "市外への転出。", migration("転出", 24)),
     ("05_転居", "転居状況", "市内での転居（転居元・転居先）。", RELOCATION),
-    ("06_世帯", "世帯状況（世帯の家族類型）", "住民の続柄から導いた国勢調査の家族類型別の世帯数。", HOUSEHOLDS),
+    ("06_世帯", "世帯状況", "住民の世帯と続柄から見た世帯の状況。", HOUSEHOLDS),
     ("07_教育保育", "教育・保育施設利用状況【概要】", "教育・保育施設の定員と利用児童数。", CHILDCARE),
 ]
 

@@ -16,7 +16,7 @@ from sekisho.reports.html import external_loads, page
 from sekisho.reports.mesh import cell_grid, mesh_figure
 from sekisho.reports.periods import add_months, months_between, year_windows
 from sekisho.reports.render import PROTECTION_NOTE, Report, format_cell, table_html
-from sekisho.reports.sql import household_type_sql, resident_at
+from sekisho.reports.sql import resident_at
 
 
 # ---- catalogue ---------------------------------------------------------------------
@@ -70,7 +70,6 @@ def test_month_arithmetic():
 def test_sql_fragments_reject_injection_through_months():
     with pytest.raises(ValueError, match="基準年月"):
         resident_at("2026-10' OR 1=1 --")
-    assert "GROUP BY household_id" in household_type_sql("2026-10")
 
 
 # ---- mesh geometry -------------------------------------------------------------------
