@@ -1,0 +1,575 @@
+"""Static analysis of a query: a tuple of small named passes (sqlglot optimizer style).
+
+Each pass is a function ``(expression, catalog) -> expression`` that either returns the
+(possibly rewritten) expression or raises ``QueryRefused``; ``analyze`` applies them in
+order and finishes with ``find_boundaries``, which classifies every scope and returns
+an ``Analysis``. Nothing here looks at data, so every refusal depends only on the SQL
+text and the policy.
+
+Model of an accepted query
+--------------------------
+Every SELECT scope gets a level:
+
+* ``PUBLIC``  – reads only public views (facilities, areas): anything on the allow-list;
+* ``ROW``     – row-level work on one person-level view (optionally joined with public
+  views): filters, joins and computed columns over *dimension* columns only; no
+  aggregation, window, DISTINCT, ORDER BY/LIMIT, set operation;
+* ``BOUNDARY`` – the aggregating SELECT directly above ``ROW`` scopes: only
+  COUNT(*), COUNT(expr over dimensions), COUNT(DISTINCT privacy unit / linkage key),
+  SUM/AVG of measures; GROUP BY over dimensions; no window, no FILTER, no ROLLUP;
+* ``POST``    – everything above boundaries: reads only aggregated (protected) or
+  public results, so it is post-processing and may use any allowed function.
+
+Decisions (documented because the brief leaves them open):
+
+* Measures never appear in WHERE/JOIN/GROUP BY of row-level scopes, not even as
+  bands: ``WHERE taxable_income = 12345678`` isolates a person. Banded income needs
+  policy-declared bands (not implemented).
+* Only one person-level view per boundary; joins are INNER or LEFT with the
+  person-level view on the left, joined to public views on dimension columns.
+* Subqueries inside expressions (IN, EXISTS, scalar) are refused everywhere; joins of
+  aggregated results express the same thing safely.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import ErrorLevel, OptimizeError, ParseError, SqlglotError
+from sqlglot.optimizer.qualify import qualify
+from sqlglot.optimizer.scope import Scope, traverse_scope
+
+from sekisho.guard.catalog import (DIMENSION, IDENTIFIER_CLASSES, LINKAGE, MEASURE, MEASURE_CLASSES,
+                                   PRIVACY_UNIT, SENSITIVE, Catalog, ColumnInfo)
+from sekisho.guard.errors import QueryRefused, refuse
+
+DIALECT = "duckdb"
+MAX_SQL_CHARS = 100_000
+MAX_NODES = 20_000
+
+PUBLIC, ROW, BOUNDARY, POST = "public", "row", "boundary", "post"
+
+# derived column classes (besides the policy classes of bare columns)
+DERIVED_DIMENSION = "derived_dimension"
+DERIVED_MEASURE = "derived_measure"
+DERIVED_SENSITIVE = "derived_sensitive"
+CONSTANT = "constant"
+AGGREGATED = "aggregated"
+
+# ---- allow-lists ------------------------------------------------------------------
+# Scalar functions allowed anywhere (row level and post-processing).
+SCALAR_FUNCTIONS: tuple[type, ...] = tuple(getattr(exp, n) for n in (
+    "Cast", "TryCast", "Case", "If", "Coalesce", "Nullif", "Abs", "Round", "Floor", "Ceil",
+    "Least", "Greatest", "Sqrt", "Ln", "Log", "Pow", "Exp", "Sign", "SafeDivide",
+    "Concat", "ConcatWs", "Upper", "Lower", "Length", "Substring", "Trim", "Left", "Right",
+    "Lpad", "Rpad", "StartsWith", "EndsWith", "StrPosition", "Replace", "Contains",
+    "Extract", "Year", "Month", "Day", "Quarter", "DayOfWeek", "DateTrunc", "TimestampTrunc",
+    "StrToDate", "StrToTime", "TimeToStr", "DateAdd", "DateSub", "DateDiff", "CurrentDate",
+    "IntDiv", "Trunc", "Bracket", "Struct",
+) if hasattr(exp, n))
+# Aggregates allowed at a boundary over person-level rows (their arguments are checked).
+BOUNDARY_AGGREGATES: tuple[type, ...] = (exp.Count, exp.Sum, exp.Avg)
+# Aggregates allowed in post-processing and on public views (inputs are protected/public).
+POST_AGGREGATES: tuple[type, ...] = tuple(getattr(exp, n) for n in (
+    "Count", "Sum", "Avg", "Min", "Max", "Stddev", "StddevPop", "StddevSamp", "Variance",
+    "VariancePop", "Median", "Quantile", "ApproxQuantile", "PercentileCont", "PercentileDisc",
+    "AnyValue", "First", "Last", "ArrayAgg", "GroupConcat", "CountIf", "SumIf",
+) if hasattr(exp, n))
+WINDOW_FUNCTIONS: tuple[type, ...] = tuple(getattr(exp, n) for n in (
+    "RowNumber", "Rank", "DenseRank", "PercentRank", "CumeDist", "Ntile", "Lag", "Lead",
+    "FirstValue", "LastValue", "NthValue",
+) if hasattr(exp, n))
+# Syntax refused wherever it appears.
+FORBIDDEN_NODES: tuple[type, ...] = tuple(getattr(exp, n) for n in (
+    "Placeholder", "Parameter", "SessionParameter", "Lateral", "Unnest", "Pivot", "TableSample",
+    "Into", "Command", "Pragma", "Set", "Copy", "Attach", "Detach", "Install", "Use",
+    "Create", "Drop", "Insert", "Update", "Delete", "Merge", "Alter", "Describe", "Show",
+    "Transaction", "Commit", "Rollback", "Cube", "Rollup", "GroupingSets", "Connect", "Prior",
+    "MatchRecognize", "Lambda", "Fetch", "Values", "Hint", "JSONTable", "XMLTable",
+) if hasattr(exp, n))
+
+
+# ---- result -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Lineage:
+    """Class of a column as seen by a scope: its policy class if it is a bare view
+    column passed through, else a derived class."""
+    cls: str
+    base: ColumnInfo | None = None
+
+
+@dataclass
+class AggregateSpec:
+    node: exp.Expression            # the aggregate call inside the boundary SELECT
+    kind: str                       # count_rows | count_nonnull | count_persons | count_households | sum | avg
+    arg: exp.Expression | None      # argument evaluated per row (None for COUNT(*))
+    cls: str | None = None          # measure | sensitive_measure | derived_* for sum/avg
+    bounds: tuple[float, float] | None = None
+
+
+@dataclass
+class GroupKeySpec:
+    expr: exp.Expression
+    domain: tuple | None            # public domain when the key is a bare dimension declaring one
+    label: str
+
+
+@dataclass
+class BoundarySpec:
+    select: exp.Select
+    personal_view: str
+    group_keys: list[GroupKeySpec]
+    aggregates: list[AggregateSpec]
+    filtered: bool                  # WHERE or a join restricts the population
+
+
+@dataclass
+class Analysis:
+    expression: exp.Expression      # qualified, CTE-inlined tree (rewritten later)
+    boundaries: list[BoundarySpec]
+    views: list[str]
+    public_only: bool
+    fingerprint: str
+    normalized_sql: str
+    levels: dict[int, str] = field(default_factory=dict)
+
+
+# ---- passes -----------------------------------------------------------------------
+def parse_single_select(sql: str) -> exp.Expression:
+    """Parse exactly one SELECT (or set operation of SELECTs) in the DuckDB dialect."""
+    if not isinstance(sql, str):
+        raise QueryRefused("parse_error", part=type(sql).__name__)
+    if len(sql) > MAX_SQL_CHARS:
+        raise QueryRefused("too_complex", part=sql[:80])
+    if "\x00" in sql:
+        raise QueryRefused("parse_error", part="NUL character")
+    try:
+        statements = [s for s in sqlglot.parse(sql, read=DIALECT, error_level=ErrorLevel.RAISE) if s is not None]
+    except (ParseError, SqlglotError, RecursionError, ValueError, TypeError, KeyError, IndexError,
+            AttributeError) as exc:
+        part = ""
+        errors = getattr(exc, "errors", None)
+        if errors:
+            part = str(errors[0].get("highlight") or "")
+        raise QueryRefused("parse_error", part=part or sql[:80]) from None
+    if not statements:
+        raise QueryRefused("empty_query")
+    if len(statements) > 1:
+        raise refuse("multiple_statements", statements[1])
+    tree = statements[0]
+    if not isinstance(tree, (exp.Select, exp.SetOperation)):
+        raise refuse("not_a_select", part=sql.strip().split(None, 1)[0] if sql.strip() else "")
+    if sum(1 for _ in tree.walk()) > MAX_NODES:
+        raise QueryRefused("too_complex", part=sql[:80])
+    return tree
+
+
+def check_forbidden_syntax(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Refuse parameters, LATERAL/UNNEST, PIVOT, TABLESAMPLE, INTO, ROLLUP/CUBE, DDL/DML
+    nodes nested anywhere, and recursive CTEs."""
+    for node in tree.walk():
+        if isinstance(node, (exp.Cube, exp.Rollup, exp.GroupingSets)):
+            raise refuse("grouping_sets", node)
+        if isinstance(node, (exp.Placeholder, exp.Parameter)) or type(node).__name__ == "SessionParameter":
+            raise refuse("parameter_placeholder", node)
+        if isinstance(node, FORBIDDEN_NODES):
+            raise refuse("syntax_not_allowed", node)
+        if isinstance(node, exp.With) and node.args.get("recursive"):
+            raise refuse("recursive_cte", node)
+        if isinstance(node, exp.Group) and (node.args.get("all") or node.args.get("totals")):
+            if node.args.get("totals"):
+                raise refuse("grouping_sets", node)
+    return tree
+
+
+def check_functions(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Every function must be on an allow-list; unknown (anonymous) functions, file
+    readers, catalog/system functions, random() and UDFs are refused."""
+    allowed = SCALAR_FUNCTIONS + POST_AGGREGATES + WINDOW_FUNCTIONS
+    for node in tree.walk():
+        if isinstance(node, exp.Func) and not isinstance(node, allowed):
+            if isinstance(node, exp.Table):
+                continue
+            raise refuse("function_not_allowed", node)
+    return tree
+
+
+def check_tables(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Every table reference is a visible view by bare name (or a CTE): no schema or
+    catalog prefix, no string paths (``FROM 'file.csv'``), no table functions."""
+    cte_names = {cte.alias_or_name.lower() for cte in tree.find_all(exp.CTE)}
+    for table in tree.find_all(exp.Table):
+        target = table.this
+        if not isinstance(target, exp.Identifier):
+            raise refuse("table_function", table)
+        if table.args.get("db") or table.args.get("catalog"):
+            raise refuse("unknown_view", table)
+        name = target.name
+        if name in cte_names or name.lower() in cte_names:
+            continue
+        if name not in catalog.views:
+            raise refuse("unknown_view", table)
+    return tree
+
+
+def qualify_columns(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Qualify every column against the role's visible schema (``_rkey`` is never in it),
+    expanding stars and positional GROUP BY / ORDER BY references."""
+    try:
+        return qualify(tree, schema=catalog.schema(), dialect=DIALECT, validate_qualify_columns=True,
+                       identify=True, quote_identifiers=True, isolate_tables=False)
+    except OptimizeError as exc:
+        message = str(exc)
+        code = "unknown_column" if "olumn" in message else "unknown_view" if "able" in message else "syntax_not_allowed"
+        raise QueryRefused(code, part=message[:200]) from None
+    except (SqlglotError, RecursionError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise QueryRefused("syntax_not_allowed", part=str(exc)[:200]) from None
+
+
+def inline_ctes(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Replace references to CTEs by the CTE bodies as derived tables, so that each
+    use of a CTE is analysed (and rewritten) in its own place."""
+    for _ in range(256):
+        withs = list(tree.find_all(exp.With))
+        if not withs:
+            return tree
+        with_ = withs[-1]  # innermost (deepest) first
+        owner = with_.parent
+        ctes = list(with_.expressions)
+        with_.pop()
+        for i, cte in enumerate(ctes):
+            name = cte.alias_or_name
+            body = cte.this
+            for target in [c.this for c in ctes[i + 1:]] + [owner]:
+                for table in list(target.find_all(exp.Table)):
+                    if table.name == name and not table.args.get("db"):
+                        alias = table.alias_or_name
+                        table.replace(exp.Subquery(
+                            this=body.copy(),
+                            alias=exp.TableAlias(this=exp.to_identifier(alias, quoted=True))))
+    raise QueryRefused("too_complex", part="WITH")
+
+
+PASSES = (
+    check_forbidden_syntax,
+    check_functions,
+    check_tables,
+    qualify_columns,
+    inline_ctes,
+)
+
+
+# ---- scope classification ------------------------------------------------------------
+def _lineage_of_expression(node: exp.Expression, env: dict[str, dict[str, Lineage]]) -> Lineage:
+    """Class of an expression from the classes of the columns it references."""
+    if isinstance(node, exp.Alias):
+        node = node.this
+    if isinstance(node, exp.Column):
+        return _column_lineage(node, env)
+    classes = {_column_lineage(c, env).cls for c in node.find_all(exp.Column)}
+    if not classes:
+        return Lineage(CONSTANT)
+    if classes & {PRIVACY_UNIT, LINKAGE, "identifier_expression"}:
+        return Lineage("identifier_expression")
+    if AGGREGATED in classes:
+        return Lineage(AGGREGATED)
+    measures = classes & {MEASURE, SENSITIVE, DERIVED_MEASURE, DERIVED_SENSITIVE}
+    dims = classes & {DIMENSION, DERIVED_DIMENSION}
+    if measures and dims:
+        return Lineage("mixed")
+    if measures:
+        sensitive = bool(classes & {SENSITIVE, DERIVED_SENSITIVE})
+        return Lineage(DERIVED_SENSITIVE if sensitive else DERIVED_MEASURE)
+    if classes & {"identifier_expression", "mixed"}:
+        return Lineage("mixed")
+    return Lineage(DERIVED_DIMENSION)
+
+
+def _column_lineage(col: exp.Column, env: dict[str, dict[str, Lineage]]) -> Lineage:
+    table = col.table
+    source = env.get(table)
+    if source is None or col.name not in source:
+        raise refuse("unknown_column", col)
+    return source[col.name]
+
+
+def _is_aggregate_scope(select: exp.Select) -> bool:
+    if select.args.get("group"):
+        return True
+    for projection in select.expressions:
+        for node in projection.walk():
+            if isinstance(node, exp.AggFunc) and not _inside_window(node, projection):
+                return True
+    having = select.args.get("having")
+    return having is not None
+
+
+def _inside_window(node: exp.Expression, stop: exp.Expression) -> bool:
+    parent = node.parent
+    while parent is not None and parent is not stop.parent:
+        if isinstance(parent, exp.Window):
+            return True
+        parent = parent.parent
+    return False
+
+
+def _own_nodes(select: exp.Select):
+    """Nodes of this SELECT excluding nested SELECTs/derived tables."""
+    for node in select.walk(prune=lambda n: n is not select and isinstance(n, (exp.Select, exp.Subquery, exp.SetOperation))):
+        if node is not select and isinstance(node, (exp.Select, exp.Subquery, exp.SetOperation)):
+            continue
+        yield node
+
+
+class _Classifier:
+    def __init__(self, catalog: Catalog):
+        self.catalog = catalog
+        self.levels: dict[int, str] = {}
+        self.outputs: dict[int, dict[str, Lineage]] = {}
+        self.personal_view: dict[int, str | None] = {}
+        self.boundaries: list[BoundarySpec] = []
+
+    # environment: alias -> column -> lineage, for the sources of a scope
+    def _env(self, scope: Scope) -> tuple[dict[str, dict[str, Lineage]], list[tuple[str, str, object]]]:
+        env: dict[str, dict[str, Lineage]] = {}
+        sources: list[tuple[str, str, object]] = []   # (alias, level, source)
+        for alias, (node, source) in scope.selected_sources.items():
+            if isinstance(source, exp.Table):
+                view = self.catalog.views.get(source.name)
+                if view is None:
+                    raise refuse("unknown_view", source)
+                if view.public:
+                    # public data joined to person rows behaves like a dimension
+                    env[alias] = {c: Lineage(DERIVED_DIMENSION) for c in view.columns}
+                    sources.append((alias, PUBLIC, source))
+                else:
+                    env[alias] = {c: Lineage(info.cls, info) for c, info in view.columns.items()}
+                    sources.append((alias, ROW, source))
+            elif isinstance(source, Scope):
+                key = id(source.expression)
+                level = self.levels[key]
+                out = self.outputs[key]
+                if level == PUBLIC:
+                    out = {c: Lineage(DERIVED_DIMENSION) for c in out}
+                elif level in (POST, BOUNDARY):
+                    out = {c: Lineage(AGGREGATED) for c in out}
+                env[alias] = out
+                sources.append((alias, ROW if level == ROW else POST if level in (POST, BOUNDARY) else PUBLIC, source))
+            else:
+                raise refuse("syntax_not_allowed", node)
+        return env, sources
+
+    def classify(self, scope: Scope) -> None:
+        expression = scope.expression
+        key = id(expression)
+        if getattr(scope, "udtf_scopes", None):
+            raise refuse("syntax_not_allowed", expression)
+        if scope.is_subquery:
+            raise refuse("subquery_in_expression", expression)
+        if isinstance(expression, exp.SetOperation):
+            child_levels = [self.levels[id(s.expression)] for s in scope.set_operation_scopes]
+            if ROW in child_levels:
+                raise refuse("set_operation_below_boundary", expression)
+            level = PUBLIC if all(lv == PUBLIC for lv in child_levels) else POST
+            self.levels[key] = level
+            left = scope.set_operation_scopes[0]
+            self.outputs[key] = {name: Lineage(AGGREGATED) for name in self.outputs[id(left.expression)]}
+            return
+        if not isinstance(expression, exp.Select):
+            raise refuse("syntax_not_allowed", expression)
+        env, sources = self._env(scope)
+        source_levels = [lvl for _, lvl, _ in sources]
+        personal = [(a, s) for a, lvl, s in sources if lvl == ROW]
+        aggregate = _is_aggregate_scope(expression)
+
+        if not personal:
+            level = PUBLIC if all(lvl == PUBLIC for lvl in source_levels) else POST
+            self.levels[key] = level
+            self.outputs[key] = {sel.alias_or_name: Lineage(AGGREGATED) for sel in expression.expressions}
+            return
+        if len(personal) > 1:
+            raise refuse("personal_join", expression.args.get("joins", [expression])[0])
+        if POST in source_levels:
+            raise refuse("nested_aggregation", expression)
+        personal_alias, personal_source = personal[0]
+        self._check_joins(expression, personal_alias, env)
+        self._check_row_clauses(expression, env)
+        view = (personal_source.name if isinstance(personal_source, exp.Table)
+                else self.personal_view[id(personal_source.expression)])
+        self.personal_view[key] = view
+        if aggregate:
+            self.levels[key] = BOUNDARY
+            self.boundaries.append(self._boundary(expression, env, view))
+            self.outputs[key] = {sel.alias_or_name: Lineage(AGGREGATED) for sel in expression.expressions}
+        else:
+            self._check_row_scope(expression, env)
+            self.levels[key] = ROW
+            self.outputs[key] = {sel.alias_or_name: _lineage_of_expression(sel, env)
+                                 for sel in expression.expressions}
+
+    # -- checks shared by row scopes and boundaries
+    def _check_joins(self, select: exp.Select, personal_alias: str, env) -> None:
+        joins = select.args.get("joins") or []
+        if not joins:
+            return
+        from_ = select.args.get("from_") or select.args.get("from")
+        first = from_.this if from_ is not None else None
+        if first is None or first.alias_or_name != personal_alias:
+            raise refuse("join_not_allowed", joins[0])
+        for join in joins:
+            side = (join.side or "").upper()
+            kind = (join.kind or "").upper()
+            if side not in ("", "LEFT") or kind not in ("", "INNER", "OUTER") or (kind == "OUTER" and side != "LEFT"):
+                raise refuse("join_not_allowed", join)
+            on = join.args.get("on")  # qualify turns USING into ON
+            if on is None:
+                raise refuse("join_not_allowed", join)
+            self._dimension_only(on, env, join)
+
+    def _check_row_clauses(self, select: exp.Select, env) -> None:
+        where = select.args.get("where")
+        if where is not None:
+            self._dimension_only(where.this, env, where)
+        group = select.args.get("group")
+        if group is not None:
+            for item in group.expressions:
+                self._dimension_only(item, env, item)
+        for node in _own_nodes(select):
+            if isinstance(node, exp.Window):
+                raise refuse("window_below_boundary", node)
+            if isinstance(node, exp.Filter):
+                raise refuse("aggregate_filter", node)
+            if isinstance(node, exp.Qualify):
+                raise refuse("window_below_boundary", node)
+
+    def _dimension_only(self, clause: exp.Expression, env, part: exp.Expression) -> None:
+        for col in clause.find_all(exp.Column):
+            lineage = _column_lineage(col, env)
+            if lineage.cls in (PRIVACY_UNIT, LINKAGE, "identifier_expression"):
+                raise refuse("privacy_unit_in_filter", part)
+            if lineage.cls in (MEASURE, SENSITIVE, DERIVED_MEASURE, DERIVED_SENSITIVE, "mixed"):
+                raise refuse("measure_in_filter", part)
+
+    def _check_row_scope(self, select: exp.Select, env) -> None:
+        if select.args.get("distinct"):
+            raise refuse("distinct_rows", select.args["distinct"])
+        for clause in ("order", "limit", "offset"):
+            if select.args.get(clause) is not None:
+                raise refuse("limit_below_boundary", select.args[clause])
+        for projection in select.expressions:
+            inner = projection.this if isinstance(projection, exp.Alias) else projection
+            lineage = _lineage_of_expression(inner, env)
+            if lineage.cls == "identifier_expression":
+                raise refuse("privacy_unit_in_expression", projection)
+            if lineage.cls == "mixed":
+                raise refuse("measure_mixed_with_dimension", projection)
+
+    # -- the boundary
+    def _boundary(self, select: exp.Select, env, view: str) -> BoundarySpec:
+        # ORDER BY / LIMIT / HAVING of the boundary run in post-processing, on protected cells
+        group = select.args.get("group")
+        keys: list[GroupKeySpec] = []
+        if group is not None:
+            if group.args.get("all"):
+                raise refuse("syntax_not_allowed", group)
+            for item in group.expressions:
+                lineage = _lineage_of_expression(item, env)
+                domain = None
+                if isinstance(item, exp.Column) and lineage.base is not None and lineage.cls == DIMENSION:
+                    domain = lineage.base.domain
+                keys.append(GroupKeySpec(expr=item, domain=domain, label=item.sql(DIALECT)))
+        aggregates: list[AggregateSpec] = []
+        scan = list(select.expressions)
+        if select.args.get("having") is not None:
+            scan.append(select.args["having"])
+        if select.args.get("order") is not None:
+            scan.append(select.args["order"])
+        for part in scan:
+            for node in part.walk():
+                if isinstance(node, exp.AggFunc):
+                    aggregates.append(self._aggregate(node, env))
+        if not aggregates and group is None:
+            raise refuse("row_level_output", select)
+        filtered = select.args.get("where") is not None or bool(select.args.get("joins"))
+        return BoundarySpec(select=select, personal_view=view, group_keys=keys,
+                            aggregates=aggregates, filtered=filtered)
+
+    def _aggregate(self, node: exp.AggFunc, env) -> AggregateSpec:
+        if not isinstance(node, BOUNDARY_AGGREGATES):
+            raise refuse("aggregate_not_allowed", node)
+        for inner in node.find_all(exp.AggFunc):
+            if inner is not node:
+                raise refuse("aggregate_not_allowed", node)
+        if isinstance(node.parent, exp.Filter):
+            raise refuse("aggregate_filter", node.parent)
+        arg = node.this
+        if isinstance(node, exp.Count):
+            if arg is None or isinstance(arg, exp.Star):
+                return AggregateSpec(node, "count_rows", None)
+            if isinstance(arg, exp.Distinct):
+                values = arg.expressions
+                if len(values) != 1 or not isinstance(values[0], exp.Column):
+                    raise refuse("aggregate_argument_not_allowed", node)
+                lineage = _column_lineage(values[0], env)
+                if lineage.cls == PRIVACY_UNIT:
+                    return AggregateSpec(node, "count_persons", values[0])
+                if lineage.cls == LINKAGE:
+                    return AggregateSpec(node, "count_households", values[0])
+                raise refuse("aggregate_argument_not_allowed", node)
+            lineage = _lineage_of_expression(arg, env)
+            if lineage.cls in (DIMENSION, DERIVED_DIMENSION, CONSTANT, PRIVACY_UNIT):
+                return AggregateSpec(node, "count_nonnull", arg)
+            raise refuse("aggregate_argument_not_allowed", node)
+        # SUM / AVG
+        if arg is None or isinstance(arg, (exp.Distinct, exp.Star)):
+            raise refuse("aggregate_argument_not_allowed", node)
+        lineage = _lineage_of_expression(arg, env)
+        if lineage.cls not in (MEASURE, SENSITIVE, DERIVED_MEASURE, DERIVED_SENSITIVE):
+            # SUM(CASE WHEN dimension ... THEN 1 END) is a count of a subgroup that escapes
+            # the per-cell threshold (one-hot then mean); count it with GROUP BY instead
+            raise refuse("aggregate_argument_not_allowed", node)
+        kind = "sum" if isinstance(node, exp.Sum) else "avg"
+        bounds = lineage.base.bounds if lineage.base is not None else None
+        return AggregateSpec(node, kind, arg, cls=lineage.cls, bounds=bounds)
+
+
+def find_boundaries(tree: exp.Expression, catalog: Catalog) -> Analysis:
+    classifier = _Classifier(catalog)
+    try:
+        scopes = list(traverse_scope(tree))
+    except (OptimizeError, SqlglotError, RecursionError, KeyError, AttributeError, ValueError) as exc:
+        raise QueryRefused("syntax_not_allowed", part=str(exc)[:200]) from None
+    if not scopes:
+        raise refuse("syntax_not_allowed", tree)
+    for scope in scopes:
+        classifier.classify(scope)
+    root = scopes[-1]
+    if classifier.levels[id(root.expression)] == ROW:
+        raise refuse("row_level_output", root.expression.expressions[0] if isinstance(root.expression, exp.Select) else root.expression)
+    views = sorted({t.name for t in tree.find_all(exp.Table) if t.name in catalog.views})
+    public_only = all(catalog.views[v].public for v in views)
+    normalized, digest = fingerprint(tree)
+    return Analysis(expression=tree, boundaries=classifier.boundaries, views=views,
+                    public_only=public_only, fingerprint=digest, normalized_sql=normalized,
+                    levels=classifier.levels)
+
+
+def fingerprint(tree: exp.Expression) -> tuple[str, str]:
+    """sqlglot-normalised SQL with literals masked, and its digest: near-identical queries
+    (same shape, different constants) share a fingerprint."""
+    masked = tree.copy()
+    for literal in list(masked.find_all(exp.Literal)):
+        literal.replace(exp.Placeholder())
+    text = masked.sql(dialect=DIALECT, normalize=True)
+    return text, hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def analyze(sql: str, catalog: Catalog, passes=PASSES) -> Analysis:
+    """Run every pass; return the classified query or raise ``QueryRefused``."""
+    tree = parse_single_select(sql)
+    for check in passes:
+        tree = check(tree, catalog)
+    return find_boundaries(tree, catalog)

@@ -1,0 +1,72 @@
+"""What a role may see: the views, their columns, classes, domains and bounds.
+
+Built once per (policy, role) and cached by the guard; the analysis passes only
+consult this object, never the policy file or the data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# policy view types -> DuckDB types used to qualify columns and describe results
+SQL_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "boolean": "BOOLEAN", "float": "DOUBLE"}
+
+PRIVACY_UNIT = "privacy_unit"
+LINKAGE = "linkage"
+DIMENSION = "dimension"
+MEASURE = "measure"
+SENSITIVE = "sensitive_measure"
+IDENTIFIER_CLASSES = (PRIVACY_UNIT, LINKAGE)
+MEASURE_CLASSES = (MEASURE, SENSITIVE)
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    view: str
+    name: str
+    cls: str
+    sql_type: str
+    domain: tuple | None = None
+    bounds: tuple[float, float] | None = None
+
+
+@dataclass(frozen=True)
+class ViewInfo:
+    name: str
+    public: bool
+    columns: dict[str, ColumnInfo]
+    privacy_unit: str | None = None
+
+
+@dataclass
+class Catalog:
+    views: dict[str, ViewInfo] = field(default_factory=dict)
+
+    def schema(self) -> dict[str, dict[str, str]]:
+        """The sqlglot schema of visible columns only (``_rkey`` is never visible)."""
+        return {v.name: {c.name: c.sql_type for c in v.columns.values()} for v in self.views.values()}
+
+    def is_public(self, view: str) -> bool:
+        return self.views[view].public
+
+
+def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, str]] | None = None) -> Catalog:
+    """The views ``role_name`` may query. ``store_types`` (view -> column -> DuckDB type),
+    when given, refines column types with what the snapshot actually stores."""
+    role = policy.roles.get(role_name)
+    cat = Catalog()
+    if role is None:
+        return cat
+    for vname in role.views:
+        view = policy.views[vname]
+        cols = {}
+        for c in view.columns.values():
+            sql_type = SQL_TYPES.get(c.type, "VARCHAR")
+            if store_types and vname in store_types and c.name in store_types[vname]:
+                sql_type = store_types[vname][c.name]
+            cols[c.name] = ColumnInfo(view=vname, name=c.name, cls=c.cls, sql_type=sql_type,
+                                      domain=tuple(c.domain) if c.domain else None,
+                                      bounds=tuple(c.bounds) if c.bounds else None)
+        unit = next((c.name for c in view.columns.values() if c.cls == PRIVACY_UNIT), None)
+        cat.views[vname] = ViewInfo(name=vname, public=bool(view.public), columns=cols, privacy_unit=unit)
+    return cat

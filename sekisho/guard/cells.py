@@ -1,0 +1,129 @@
+"""SQL that turns a boundary's row-level SELECT into cells with their hidden
+protection columns. Runs on the store; its result never leaves the service.
+
+Columns of a cell (one row per group):
+
+* ``__g0..``  group keys
+* ``__n``     distinct persons in the cell (the contributor count for k and partition selection)
+* ``__ck``    cell key: sum of record keys mod 256
+* ``__x<j>``  count-like aggregate j (rows, non-null rows, distinct persons/households)
+* ``__s<j>``, ``__c<j>``  sum and non-null count of aggregate j (SUM/AVG)
+* ``__t<j>``  the two largest absolute per-person contributions (list) and ``__ta<j>`` the
+  total of absolute per-person contributions — for the dominance rules
+
+In DP mode the rows are first bounded per person: at most ``max_groups`` groups (chosen
+by a salted hash of the group keys) and ``max_rows`` rows (chosen at random) per person;
+sums are clamped to the policy bounds.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+
+from sekisho.guard.rewrite import PID, RKEY, BoundaryPlan
+
+
+def q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+@dataclass(frozen=True)
+class Bounding:
+    max_groups: int
+    max_rows: int
+    clamp: dict[int, tuple[float, float]]   # aggregate index -> (lo, hi)
+
+
+def _num(value: float) -> str:
+    return repr(float(value))
+
+
+def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | None = None,
+              dominance: bool = True) -> str:
+    keys = [q(f"__g{j}") for j in range(len(bp.group_keys))]
+    key_list = ", ".join(keys)
+    ctes = [f"__rows AS ({bp.row_sql})"]
+    source = "__rows"
+    if bounding is not None and not person_unique:
+        salt = secrets.randbelow(2 ** 31)
+        order = f"hash({key_list}, {salt})" if keys else "1"
+        ctes.append(f"__ranked AS (SELECT *, dense_rank() OVER (PARTITION BY {PID} ORDER BY {order}) AS __grank "
+                    f"FROM __rows)")
+        ctes.append(f"__kept AS (SELECT *, row_number() OVER (PARTITION BY {PID} ORDER BY random()) AS __rrank "
+                    f"FROM __ranked WHERE __grank <= {int(bounding.max_groups)})")
+        ctes.append(f"__bounded AS (SELECT * FROM __kept WHERE __rrank <= {int(bounding.max_rows)})")
+        source = "__bounded"
+
+    def arg(j: int) -> str:
+        col = q(f"__a{j}")
+        if bounding is not None and j in bounding.clamp:
+            lo, hi = bounding.clamp[j]
+            return f"LEAST(GREATEST(CAST({col} AS DOUBLE), {_num(lo)}), {_num(hi)})"
+        return col
+
+    group_by = f" GROUP BY {key_list}" if keys else ""
+    distinct_joins: list[tuple[str, str]] = []
+
+    if person_unique:
+        # one row per person: per-person contributions are the rows themselves
+        select = [*keys, f"COUNT({PID}) AS __n", f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck"]
+        for j, agg in enumerate(bp.aggregates):
+            if agg.kind == "count_rows":
+                select.append(f"COUNT(*) AS __x{j}")
+            elif agg.kind in ("count_nonnull", "count_persons"):
+                select.append(f"COUNT({q(f'__a{j}')}) AS __x{j}")
+            elif agg.kind == "count_households":
+                select.append(f"COUNT(DISTINCT {q(f'__a{j}')}) AS __x{j}")
+            else:
+                select.append(f"SUM({arg(j)}) AS __s{j}")
+                select.append(f"COUNT({q(f'__a{j}')}) AS __c{j}")
+                if dominance:
+                    select.append(f"max(abs({arg(j)}), 2) AS __t{j}")
+                    select.append(f"SUM(abs({arg(j)})) AS __ta{j}")
+        body = f"SELECT {', '.join(select)} FROM {source}{group_by}"
+        return f"WITH {', '.join(ctes)} {body}"
+
+    # general case: aggregate per (cell, person) first, then per cell
+    per_person = [*keys, PID, "COUNT(*) AS __r", f"SUM({RKEY}) AS __k"]
+    outer = [*keys, "COUNT(*) AS __n", "CAST(SUM(__k) % 256 AS INTEGER) AS __ck"]
+    for j, agg in enumerate(bp.aggregates):
+        if agg.kind == "count_rows":
+            outer.append(f"SUM(__r) AS __x{j}")
+        elif agg.kind == "count_nonnull":
+            per_person.append(f"COUNT({q(f'__a{j}')}) AS __p{j}")
+            outer.append(f"SUM(__p{j}) AS __x{j}")
+        elif agg.kind == "count_persons":
+            outer.append(f"COUNT(*) AS __x{j}")
+        elif agg.kind == "count_households":
+            counted = f"COUNT(DISTINCT {q(f'__a{j}')}) AS __x{j}"
+            distinct_joins.append((f"__d{j}", f"SELECT {', '.join([*keys, counted])} FROM {source}{group_by}"))
+        else:
+            per_person.append(f"SUM({arg(j)}) AS __p{j}")
+            per_person.append(f"COUNT({q(f'__a{j}')}) AS __pc{j}")
+            outer.append(f"SUM(__p{j}) AS __s{j}")
+            outer.append(f"SUM(__pc{j}) AS __c{j}")
+            if dominance:
+                outer.append(f"max(abs(__p{j}), 2) AS __t{j}")
+                outer.append(f"SUM(abs(__p{j})) AS __ta{j}")
+    pp_group = f" GROUP BY {', '.join([*keys, PID])}"
+    ctes.append(f"__pp AS (SELECT {', '.join(per_person)} FROM {source}{pp_group})")
+    ctes.append(f"__cells AS (SELECT {', '.join(outer)} FROM __pp{group_by})")
+    final = "SELECT __cells.*"
+    joins = ""
+    for name, sql in distinct_joins:
+        ctes.append(f"{name} AS ({sql})")
+        j = name[3:]
+        final += f", {name}.__x{j}"
+        if keys:
+            cond = " AND ".join(f"__cells.{k} IS NOT DISTINCT FROM {name}.{k}" for k in keys)
+            joins += f" LEFT JOIN {name} ON {cond}"
+        else:
+            joins += f" CROSS JOIN {name}"
+    return f"WITH {', '.join(ctes)} {final} FROM __cells{joins}"
+
+
+def population_sql(bp: BoundaryPlan) -> str:
+    """Distinct persons selected by the boundary's filters, with their cell key."""
+    return (f"WITH __rows AS ({bp.row_sql}) SELECT COUNT(DISTINCT {PID}) AS __n, "
+            f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck FROM __rows")

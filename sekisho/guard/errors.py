@@ -1,0 +1,95 @@
+"""Refusals. A refusal names a stable code, a bilingual reason and the offending SQL
+part; its text is a function of the query and the policy only, never of the data."""
+
+from __future__ import annotations
+
+# code -> (Japanese, English). Reasons are fixed strings: they never carry values
+# computed from the data (no counts, no sums), so a refusal is not a side channel.
+REASONS: dict[str, tuple[str, str]] = {
+    "unknown_user": ("登録されていない利用者です", "the user is not registered"),
+    "role_has_no_views": ("この役割は集計を利用できません", "this role may not query views"),
+    "mode_not_allowed": ("この役割では指定の方式を利用できません", "this role may not use the requested mode"),
+    "parse_error": ("SQL を解析できません", "the SQL could not be parsed"),
+    "empty_query": ("SQL が空です", "the query is empty"),
+    "multiple_statements": ("文は一つだけ指定してください", "exactly one statement is allowed"),
+    "not_a_select": ("SELECT 文以外は実行できません", "only a single SELECT is allowed"),
+    "unknown_view": ("参照できないビューです", "the view does not exist or is not visible to this role"),
+    "unknown_column": ("参照できない列です", "the column does not exist or is not visible"),
+    "table_function": ("テーブル関数・ファイル読込は使用できません", "table functions and file readers are not allowed"),
+    "function_not_allowed": ("使用できない関数です", "this function is not on the allow-list"),
+    "syntax_not_allowed": ("使用できない構文です", "this SQL construct is not allowed"),
+    "parameter_placeholder": ("パラメータは使用できません", "query parameters are not supported"),
+    "recursive_cte": ("再帰 CTE は使用できません", "recursive CTEs are not allowed"),
+    "row_level_output": ("個票（行単位）の出力はできません。集計してください",
+                         "row-level output is not allowed; aggregate the rows"),
+    "subquery_in_expression": ("式の中の副問合せ（IN/EXISTS/スカラー）は使用できません",
+                               "subqueries inside expressions (IN, EXISTS, scalar) are not allowed"),
+    "set_operation_below_boundary": ("集計前の UNION/INTERSECT/EXCEPT は使用できません",
+                                     "UNION/INTERSECT/EXCEPT of row-level data is not allowed"),
+    "window_below_boundary": ("集計前・集計時のウィンドウ関数は使用できません",
+                              "window functions on row-level data are not allowed"),
+    "distinct_rows": ("行単位の DISTINCT は使用できません", "DISTINCT over row-level data is not allowed"),
+    "limit_below_boundary": ("集計前の ORDER BY / LIMIT / OFFSET は使用できません",
+                             "ORDER BY, LIMIT or OFFSET on row-level data is not allowed"),
+    "nested_aggregation": ("個票と集計結果を同じ段で組み合わせることはできません",
+                           "row-level data may not be combined with aggregated results in one step"),
+    "personal_join": ("個人データのビュー同士の結合はできません",
+                      "joining two person-level views is not allowed"),
+    "join_not_allowed": ("この種類の結合は使用できません（個人データを左側に INNER/LEFT JOIN）",
+                         "only INNER or LEFT joins with the person-level view on the left are allowed"),
+    "privacy_unit_in_filter": ("個人識別子・連結キーは条件・結合・グループ化に使用できません",
+                               "the privacy unit and linkage keys may not be used in WHERE, JOIN or GROUP BY"),
+    "privacy_unit_in_expression": ("個人識別子・連結キーは COUNT(DISTINCT …) 以外で使用できません",
+                                   "the privacy unit and linkage keys may only be counted with COUNT(DISTINCT ...)"),
+    "measure_in_filter": ("金額等の測定値は条件・結合・グループ化に使用できません",
+                          "measures may not be used in WHERE, JOIN or GROUP BY (they can isolate persons)"),
+    "measure_mixed_with_dimension": ("測定値と属性を一つの式で混ぜることはできません",
+                                     "an expression may not mix a measure with dimension columns"),
+    "aggregate_not_allowed": ("使用できない集計関数です", "this aggregate is not allowed on person-level data"),
+    "aggregate_argument_not_allowed": ("この列は集計できません", "this column may not be aggregated this way"),
+    "aggregate_filter": ("集計関数の FILTER 句は使用できません", "FILTER clauses on aggregates are not allowed"),
+    "grouping_sets": ("ROLLUP/CUBE/GROUPING SETS は使用できません（秘匿セルの逆算防止）",
+                      "ROLLUP, CUBE and GROUPING SETS are not allowed (they allow back-calculating suppressed cells)"),
+    "ungrouped_column": ("GROUP BY にない列は集計結果に出力できません",
+                         "a column outside GROUP BY cannot appear next to aggregates"),
+    "dp_derived_measure": ("差分プライバシー方式では測定値の列をそのまま集計してください",
+                           "in DP mode sums and means must be of a measure column as declared"),
+    "epsilon_invalid": ("ε は正の有限の数で、1 回あたりの上限以下にしてください",
+                        "epsilon must be a positive finite number not above the per-query cap"),
+    "budget_exhausted": ("今期のプライバシー予算が足りません", "the privacy budget for this period is exhausted"),
+    "filter_population_below_k": ("条件に該当する人数が少なすぎるため集計できません",
+                                  "the population selected by the filters is too small to report"),
+    "too_complex": ("SQL が複雑すぎます", "the query is too complex"),
+    "no_data": ("データがまだ取り込まれていません", "no data has been ingested yet"),
+    "execution_failed": ("この SQL は実行できませんでした（型・値の誤りなど）",
+                         "the query could not be executed (type or value error); details are withheld"),
+    "audit_unavailable": ("監査ログに記録できないため回答できません",
+                          "the audit trail could not be written, so no answer is released"),
+}
+
+
+class QueryRefused(Exception):
+    """The guard refused a query. ``code`` is stable, ``reason`` bilingual, ``part`` the
+    offending SQL fragment (possibly empty)."""
+
+    def __init__(self, code: str, reason: str | None = None, part: str = ""):
+        if code not in REASONS:
+            raise ValueError(f"unknown refusal code {code!r}")
+        ja, en = REASONS[code]
+        self.code = code
+        self.reason = reason or f"{ja} / {en}"
+        self.part = (part or "")[:300]
+        super().__init__(f"[{code}] {self.reason}" + (f": {self.part}" if self.part else ""))
+
+    def as_dict(self) -> dict[str, str]:
+        return {"code": self.code, "reason": self.reason, "part": self.part}
+
+
+def refuse(code: str, node=None, part: str | None = None) -> QueryRefused:
+    """Build a refusal naming ``node`` (a sqlglot expression) as the offending part."""
+    if part is None and node is not None:
+        try:
+            part = node.sql(dialect="duckdb")
+        except Exception:  # a fragment that cannot be rendered is still a refusal
+            part = type(node).__name__
+    return QueryRefused(code, part=part or "")

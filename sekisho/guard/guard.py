@@ -1,0 +1,417 @@
+"""The guard: the only way to compute on person-level data.
+
+``Guard.query`` = who is asking (role) -> analysis passes (``analyze``) -> rewrite into
+boundary row SELECTs and post-processing (``rewrite``) -> [DP: debit budget] -> cells on
+the store (``cells``) -> protection (``protect``) -> post-processing in a separate,
+sealed in-memory DuckDB holding only protected tables and public views -> audit ->
+answer. Any failure before the audit entry is durable releases nothing.
+
+Side channels: refusal texts are fixed per code; execution errors of the store are
+reported as one generic refusal without the engine's message (which could quote a data
+value); the only data-dependent refusal is ``filter_population_below_k``, decided on a
+perturbed count. Timing is not equalised (residual risk, see the README of the guard).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import duckdb
+import pandas as pd
+import pyarrow as pa
+
+from sekisho.audit import AuditError
+from sekisho.guard import alerts as alert_rules
+from sekisho.guard import budget as ledger
+from sekisho.guard.analyze import analyze
+from sekisho.guard.catalog import Catalog, catalog_for_role
+from sekisho.guard.cells import Bounding, cells_sql, population_sql
+from sekisho.guard.errors import QueryRefused
+from sekisho.guard.protect.cellkey import PerturbationTable
+from sekisho.guard.protect.dp import DPParams, protect_dp
+from sekisho.guard.protect.threshold import COUNT_KINDS, ProtectionStats, protect_threshold
+from sekisho.guard.rewrite import BoundaryPlan, Plan, plan as make_plan
+from sekisho.instance import Instance
+from sekisho.policy import load_instance_policy
+from sekisho.state import role_of
+from sekisho.store import Store, StoreError
+
+PLAN_CACHE_SIZE = 512
+MODES = ("threshold", "dp")
+
+
+@dataclass
+class GuardResult:
+    table: pa.Table
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+class _Snapshot:
+    """The read-only connection to one snapshot plus what the guard caches about it."""
+
+    def __init__(self, sid: str, backend):
+        self.id = sid
+        self.backend = backend
+        self.con: duckdb.DuckDBPyConnection = backend.con
+        self.lock = threading.Lock()
+        self.types: dict[str, dict[str, str]] = {}
+        self.person_unique: dict[str, bool] = {}
+        self.public: dict[str, pa.Table] = {}
+        for (name,) in self.con.execute("SELECT table_name FROM information_schema.tables "
+                                        "WHERE table_schema = 'main'").fetchall():
+            self.types[name] = {c: t for c, t, *_ in self.con.execute(f'DESCRIBE "{name}"').fetchall()}
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        return self.con.cursor()
+
+    def is_person_unique(self, view: str, unit: str) -> bool:
+        if view not in self.person_unique:
+            n, d = self.cursor().execute(f'SELECT COUNT(*), COUNT(DISTINCT "{unit}") FROM "{view}"').fetchone()
+            self.person_unique[view] = bool(n == d)
+        return self.person_unique[view]
+
+    def public_table(self, view: str, columns: list[str]) -> pa.Table:
+        if view not in self.public:
+            cols = ", ".join(f'"{c}"' for c in columns)
+            self.public[view] = self.cursor().execute(f'SELECT {cols} FROM "{view}"').to_arrow_table()
+        return self.public[view]
+
+
+class Guard:
+    def __init__(self, instance: Instance, *, policy=None):
+        self.instance = instance
+        self.policy = policy or load_instance_policy(instance)
+        d = self.policy.disclosure
+        self.ptable = PerturbationTable(instance.secret, max_noise=d.perturbation.max_noise,
+                                        variance=d.perturbation.variance, label=d.perturbation.seed)
+        self.store = Store(instance)
+        self._lock = threading.Lock()
+        self._snapshot: _Snapshot | None = None
+        self._catalogs: dict[tuple[str, str], Catalog] = {}
+        self._plans: OrderedDict[tuple[str, str, str], Plan] = OrderedDict()
+
+    # ---- public API ------------------------------------------------------------
+    def views(self, user: str) -> dict[str, Any]:
+        role = self._role(user)
+        out = {}
+        for vname in self.policy.roles[role].views:
+            view = self.policy.views[vname]
+            out[vname] = {"title": view.title_ja, "purpose": view.purpose, "public": view.public,
+                          "columns": {c.name: {"type": c.type, "class": c.cls, "description": c.description_ja,
+                                               **({"domain": list(c.domain)} if c.domain else {}),
+                                               **({"bounds": list(c.bounds)} if c.bounds else {})}
+                                      for c in view.columns.values()}}
+        return out
+
+    def budget(self, user: str) -> dict[str, Any]:
+        self._role(user)
+        dp = self.policy.disclosure.dp
+        period = ledger.current_period(dp.period)
+        spent = ledger.spent(self.instance, user, period)
+        return {"period": period, "total": dp.budget_per_period, "spent": spent,
+                "remaining": max(dp.budget_per_period - spent, 0.0),
+                "epsilon_per_query_max": dp.epsilon_per_query_max}
+
+    def describe(self, sql: str, *, user: str) -> pa.Schema:
+        """Result schema of ``sql`` without reading data or spending budget. Not audited:
+        it reveals only what ``views`` already shows (names and types), and refusals
+        here are the same static decisions ``query`` would audit."""
+        role = self._role(user)
+        snap = self._current()
+        catalog = self._catalog(role, snap)
+        plan = self._plan(sql, role, catalog)
+        protected = {bp.name: self._empty_protected(bp, snap) for bp in plan.boundaries}
+        table = self._post_process(plan, protected, snap, catalog, limit_zero=True)
+        return table.schema
+
+    def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None) -> GuardResult:
+        started = time.perf_counter()
+        role = None
+        fingerprint = "unparsed"
+        views: list[str] = []
+        try:
+            role = self._role(user)
+            role_def = self.policy.roles[role]
+            mode = mode or role_def.default_mode
+            if mode not in MODES or mode not in role_def.modes:
+                raise QueryRefused("mode_not_allowed", part=str(mode))
+            eps = self._check_epsilon(epsilon) if mode == "dp" else None
+            snap = self._current()
+            catalog = self._catalog(role, snap)
+            plan = self._plan(sql, role, catalog)
+            fingerprint, views = plan.fingerprint, list(plan.views)
+            if mode == "dp":
+                table, stats, eps_info = self._run_dp(plan, snap, catalog, user, eps)
+            else:
+                table, stats = self._run_threshold(plan, snap, catalog)
+                eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
+        except QueryRefused as refusal:
+            self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started)
+            raise
+        summary = self._summary(mode, table, stats, eps_info, plan)
+        details = {"sql": sql, "fingerprint": fingerprint, "normalized": plan.normalized_sql, "views": views,
+                   "mode": mode, "decision": "allowed", "rows": table.num_rows,
+                   "cells": summary["cells"], "cells_suppressed": summary["cells_suppressed"],
+                   "values_suppressed_dominance": summary["values_suppressed_dominance"],
+                   "rows_dropped_below_k": sum(s.rows_dropped for s in stats),
+                   "epsilon_spent": eps_info["epsilon_spent"],
+                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+        entry = self.instance.audit.append("query", user=user, role=role, outcome="ok",
+                                           summary=f"{mode} query on {', '.join(views) or '-'}: "
+                                                   f"{table.num_rows} rows", details=details)
+        summary["query_id"] = entry["seq"]
+        self._alerts(user, role, fingerprint, refused=False, cells=summary["cells"])
+        return GuardResult(table=table, summary=summary)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._snapshot is not None:
+                try:
+                    self._snapshot.con.close()
+                except Exception:
+                    pass
+                self._snapshot = None
+
+    # ---- who, what, where --------------------------------------------------------
+    def _role(self, user: str) -> str:
+        role = role_of(self.instance, user) if isinstance(user, str) and user else None
+        if role is None or role not in self.policy.roles:
+            raise QueryRefused("unknown_user", part=str(user)[:64])
+        if not self.policy.roles[role].views:
+            raise QueryRefused("role_has_no_views", part=role)
+        return role
+
+    def _check_epsilon(self, epsilon) -> float:
+        cap = self.policy.disclosure.dp.epsilon_per_query_max
+        try:
+            value = float(epsilon)
+        except (TypeError, ValueError):
+            raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40]) from None
+        if isinstance(epsilon, bool) or not math.isfinite(value) or value <= 0 or value > cap:
+            raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40])
+        return value
+
+    def _current(self) -> _Snapshot:
+        try:
+            sid = self.store.current_id()
+        except StoreError:
+            raise QueryRefused("no_data") from None
+        if sid is None:
+            raise QueryRefused("no_data")
+        with self._lock:
+            if self._snapshot is None or self._snapshot.id != sid:
+                try:
+                    backend = self.store.connect(sid)
+                except StoreError:
+                    raise QueryRefused("no_data") from None
+                old, self._snapshot = self._snapshot, _Snapshot(sid, backend)
+                self._catalogs.clear()
+                self._plans.clear()
+                # the old connection stays open for queries already running on it
+            return self._snapshot
+
+    def _catalog(self, role: str, snap: _Snapshot) -> Catalog:
+        key = (role, snap.id)
+        cat = self._catalogs.get(key)
+        if cat is None:
+            cat = catalog_for_role(self.policy, role, snap.types)
+            self._catalogs[key] = cat
+        return cat
+
+    def _plan(self, sql: str, role: str, catalog: Catalog) -> Plan:
+        key = (role, self._snapshot.id if self._snapshot else "", sql)
+        with self._lock:
+            cached = self._plans.get(key)
+            if cached is not None:
+                self._plans.move_to_end(key)
+                return cached
+        result = make_plan(analyze(sql, catalog), catalog)
+        with self._lock:
+            self._plans[key] = result
+            while len(self._plans) > PLAN_CACHE_SIZE:
+                self._plans.popitem(last=False)
+        return result
+
+    # ---- execution ----------------------------------------------------------------
+    def _fast_path(self, bp: BoundaryPlan, snap: _Snapshot, catalog: Catalog) -> bool:
+        unit = catalog.views[bp.personal_view].privacy_unit
+        return not bp.has_join and snap.is_person_unique(bp.personal_view, unit)
+
+    def _fetch(self, snap: _Snapshot, sql: str) -> pd.DataFrame:
+        try:
+            return snap.cursor().execute(sql).to_arrow_table().to_pandas()
+        except duckdb.Error:
+            # the engine's message may quote data values (e.g. a failed cast): never pass it on
+            raise QueryRefused("execution_failed") from None
+
+    def _domains(self, bp: BoundaryPlan) -> list:
+        return [k.domain for k in bp.group_keys]
+
+    def _run_threshold(self, plan: Plan, snap: _Snapshot, catalog: Catalog):
+        d = self.policy.disclosure
+        protected, stats = {}, []
+        for bp in plan.boundaries:
+            fast = self._fast_path(bp, snap, catalog)
+            cells = self._fetch(snap, cells_sql(bp, person_unique=fast))
+            if bp.filtered:
+                self._check_population(bp, snap, cells, fast)
+            frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
+                                          min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
+                                          nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
+                                          perturb=d.perturbation.enabled)
+            protected[bp.name] = self._to_arrow(frame, bp, snap)
+            stats.append(st)
+        return self._post_process(plan, protected, snap, catalog), stats
+
+    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: pd.DataFrame, fast: bool) -> None:
+        """Refuse when the filtered population is below k — on a perturbed count, so the
+        decision itself carries the same noise as any released count."""
+        if fast:
+            n = int(cells["__n"].sum()) if len(cells) else 0
+            ck = int(cells["__ck"].sum()) % 256 if len(cells) else 0
+        else:
+            pop = self._fetch(snap, population_sql(bp))
+            n, ck = int(pop["__n"].iloc[0] or 0), int(pop["__ck"].fillna(0).iloc[0])
+        noisy = int(self.ptable.perturb_counts([ck], [n])[0])
+        if noisy < self.policy.disclosure.k:
+            raise QueryRefused("filter_population_below_k")
+
+    def _run_dp(self, plan: Plan, snap: _Snapshot, catalog: Catalog, user: str, eps: float):
+        dp = self.policy.disclosure.dp
+        clamps: list[dict[int, tuple[float, float]]] = []
+        for bp in plan.boundaries:
+            clamp = {}
+            for j, agg in enumerate(bp.aggregates):
+                if agg.kind in ("sum", "avg"):
+                    if agg.bounds is None or agg.cls not in ("measure", "sensitive_measure"):
+                        raise QueryRefused("dp_derived_measure", part=agg.node.sql("duckdb") if agg.node else "")
+                    clamp[j] = agg.bounds
+            clamps.append(clamp)
+        period = ledger.current_period(dp.period)
+        spent_eps = eps if plan.boundaries else 0.0
+        remaining = None
+        if spent_eps:
+            try:
+                remaining = ledger.debit(self.instance, user, period, spent_eps, dp.budget_per_period,
+                                         plan.fingerprint)
+            except ledger.BudgetExceeded:
+                raise QueryRefused("budget_exhausted") from None
+        else:
+            remaining = max(dp.budget_per_period - ledger.spent(self.instance, user, period), 0.0)
+        protected, stats = {}, []
+        share = eps / max(len(plan.boundaries), 1)
+        for bp, clamp in zip(plan.boundaries, clamps):
+            fast = self._fast_path(bp, snap, catalog)
+            bounding = Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person, clamp=clamp)
+            cells = self._fetch(snap, cells_sql(bp, person_unique=fast, bounding=bounding, dominance=False))
+            params = DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
+                              max_groups=dp.max_groups_per_person)
+            frame, st = protect_dp(cells, bp.aggregates, self._domains(bp), params, clamp)
+            protected[bp.name] = self._to_arrow(frame, bp, snap)
+            stats.append(st)
+        table = self._post_process(plan, protected, snap, catalog)
+        return table, stats, {"epsilon_spent": spent_eps, "epsilon_remaining": remaining}
+
+    def _protected_schema(self, bp: BoundaryPlan, snap: _Snapshot) -> pa.Schema:
+        cached = getattr(bp, "_schema", None)
+        if cached is not None:
+            return cached
+        try:
+            row_schema = snap.cursor().execute(f"SELECT * FROM ({bp.row_sql}) LIMIT 0").to_arrow_table().schema
+        except duckdb.Error:
+            raise QueryRefused("execution_failed") from None
+        fields = [pa.field(f"__g{j}", row_schema.field(f"__g{j}").type) for j in range(len(bp.group_keys))]
+        for j, agg in enumerate(bp.aggregates):
+            fields.append(pa.field(f"__v{j}", pa.int64() if agg.kind in COUNT_KINDS else pa.float64()))
+        schema = pa.schema(fields)
+        object.__setattr__(bp, "_schema", schema)
+        return schema
+
+    def _to_arrow(self, frame: pd.DataFrame, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:
+        schema = self._protected_schema(bp, snap)
+        columns = []
+        for f in schema:
+            values = frame[f.name] if f.name in frame else pd.Series([None] * len(frame))
+            columns.append(pa.array(values.astype(object).where(values.notna(), None).tolist(), type=f.type))
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _empty_protected(self, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:
+        return self._protected_schema(bp, snap).empty_table()
+
+    def _post_process(self, plan: Plan, protected: dict[str, pa.Table], snap: _Snapshot, catalog: Catalog,
+                      *, limit_zero: bool = False) -> pa.Table:
+        """Run everything above the boundaries in a fresh in-memory DuckDB that holds only
+        the protected tables and public views, with file and network access disabled."""
+        con = duckdb.connect(":memory:", config={"enable_external_access": False, "lock_configuration": True,
+                                                 "threads": 1})
+        try:
+            for name, table in protected.items():
+                con.register(name, table)
+            for view in plan.public_views:
+                columns = list(catalog.views[view].columns)
+                con.register(view, snap.public_table(view, columns))
+            sql = plan.post_sql if not limit_zero else f"SELECT * FROM ({plan.post_sql}) AS __q LIMIT 0"
+            try:
+                return con.execute(sql).to_arrow_table()
+            except duckdb.Error:
+                raise QueryRefused("execution_failed") from None
+        finally:
+            con.close()
+
+    # ---- reporting ------------------------------------------------------------------
+    def _summary(self, mode: str, table: pa.Table, stats: list[ProtectionStats], eps_info: dict, plan: Plan) -> dict:
+        p = self.policy.disclosure.perturbation
+        cells_suppressed = sum(s.cells_suppressed for s in stats)
+        dominance = sum(s.values_suppressed_dominance for s in stats)
+        notes = []
+        if plan.public_only:
+            notes.append("公開情報のみの集計です（保護処理は不要）。")
+        elif mode == "threshold":
+            notes.append(f"{self.policy.disclosure.k}人未満のセルは秘匿（空欄）しています。")
+            notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
+            if dominance:
+                notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
+            if any(not s.densified for s in stats) and any(bp.group_keys for bp in plan.boundaries):
+                notes.append("公開された値域のない区分では、秘匿対象の区分は表示されません。")
+        else:
+            notes.append(f"差分プライバシーのノイズを加えています（ε = {eps_info['epsilon_spent']:g}）。")
+        return {
+            "mode": mode,
+            "cells": int(sum(s.cells for s in stats)),
+            "rows": table.num_rows,
+            "cells_suppressed": int(cells_suppressed),
+            "values_suppressed_dominance": int(dominance),
+            "perturbation": ({"method": "cell-key", "max_noise": p.max_noise, "variance": p.variance}
+                             if mode == "threshold" and not plan.public_only and p.enabled else
+                             {"method": "dp", "count": "geometric", "sum": "snapping-laplace"}
+                             if mode == "dp" and not plan.public_only else None),
+            "epsilon_spent": eps_info["epsilon_spent"],
+            "epsilon_remaining": eps_info["epsilon_remaining"],
+            "query_id": None,
+            "notes_ja": notes,
+        }
+
+    def _audit_refusal(self, user, role, sql, fingerprint, views, mode, refusal: QueryRefused, started) -> None:
+        details = {"sql": sql if isinstance(sql, str) else repr(sql)[:1000], "fingerprint": fingerprint,
+                   "views": views, "mode": mode, "decision": "refused", "code": refusal.code,
+                   "reason": refusal.reason, "part": refusal.part, "epsilon_spent": 0.0,
+                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+        self.instance.audit.append("query.refused", user=str(user), role=role, outcome="refused",
+                                   summary=f"refused: {refusal.code}", details=details)
+        if role is not None:
+            self._alerts(user, role, fingerprint, refused=True, cells=0)
+
+    def _alerts(self, user: str, role: str | None, fingerprint: str, *, refused: bool, cells: int) -> None:
+        found = alert_rules.record_and_check(self.instance, self.policy.disclosure.alerts, user=user,
+                                             fingerprint=fingerprint, refused=refused, cells=cells)
+        for alert in found:
+            self.instance.audit.append("alert", user=user, role=role, outcome="ok",
+                                       summary=f"guard alert: {alert['alert']}", details=alert)
+
+
+__all__ = ["Guard", "GuardResult", "QueryRefused", "AuditError"]

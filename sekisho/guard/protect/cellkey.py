@@ -1,0 +1,95 @@
+"""Consistent cell-key perturbation (ABS/ONS method).
+
+Every record carries a permanent key ``_rkey`` in 0..255. A cell's key is the sum of
+its records' keys mod 256, so the same set of contributing records always gets the
+same cell key, whatever query produced the cell. The perturbation table maps
+(cell key, count) to a small integer change drawn from a zero-mean distribution on
+``-D..D`` with variance ``V``; it is generated from the instance secret, so an analyst
+cannot rebuild it, and the same cell therefore always gets the same noise: averaging
+repeated or rephrased queries does not converge to the true value.
+
+Magnitudes (sums) are perturbed by ``SUM_NOISE_FRACTION`` x the largest per-person
+contribution x a keyed multiplier in ±[0.5, 1] chosen by the cell key, so the largest
+contributor is always masked by at least half that fraction of their value.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+
+import numpy as np
+
+KEY_RANGE = 256
+SMALL_COLUMNS = 32        # counts 0..31 get their own column; larger counts cycle through 32 more
+SUM_NOISE_FRACTION = 0.10
+
+
+def noise_distribution(max_noise: int, variance: float) -> dict[int, float]:
+    """Zero-mean distribution on -D..D with the requested variance (p(d) ∝ exp(-λd²))."""
+    if max_noise <= 0:
+        return {0: 1.0}
+    values = np.arange(-max_noise, max_noise + 1)
+    cap = float(max_noise ** 2)  # the largest variance reachable on -D..D
+    target = min(variance, cap * 0.999)
+
+    def var(lam: float) -> float:
+        w = np.exp(-lam * values ** 2)
+        return float((w * values ** 2).sum() / w.sum())
+
+    lo, hi = -50.0, 50.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if var(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    w = np.exp(-((lo + hi) / 2) * values ** 2)
+    w /= w.sum()
+    return {int(v): float(p) for v, p in zip(values, w)}
+
+
+class PerturbationTable:
+    def __init__(self, secret: bytes, *, max_noise: int, variance: float, label: str = "sekisho"):
+        seed = hmac.new(secret, f"sekisho.ptable.v1:{label}:{max_noise}:{variance}".encode(),
+                        hashlib.sha256).digest()
+        rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "big")))
+        dist = noise_distribution(max_noise, variance)
+        # each column holds exactly the distribution's frequencies over 256 keys
+        # (symmetric rounding keeps the mean exactly zero), in a keyed random order
+        column = []
+        for v, p in sorted(dist.items()):
+            if v > 0:
+                continue
+            n = int(round(p * KEY_RANGE)) if v < 0 else 0
+            column += [v] * n + [-v] * n
+        column += [0] * (KEY_RANGE - len(column))
+        column = np.array(column[:KEY_RANGE], dtype=np.int64)
+        self.count_table = np.stack([rng.permutation(column) for _ in range(2 * SMALL_COLUMNS)])
+        magnitudes = rng.uniform(0.5, 1.0, size=(KEY_RANGE,)) * rng.choice([-1.0, 1.0], size=(KEY_RANGE,))
+        self.sum_multiplier = magnitudes
+        self.max_noise = max_noise
+
+    @staticmethod
+    def _column(counts: np.ndarray) -> np.ndarray:
+        counts = np.asarray(counts, dtype=np.int64)
+        return np.where(counts < SMALL_COLUMNS, counts, SMALL_COLUMNS + counts % SMALL_COLUMNS)
+
+    def count_noise(self, cell_keys, counts) -> np.ndarray:
+        cell_keys = np.asarray(cell_keys, dtype=np.int64) % KEY_RANGE
+        return self.count_table[self._column(counts), cell_keys]
+
+    def perturb_counts(self, cell_keys, counts) -> np.ndarray:
+        counts = np.asarray(counts, dtype=np.int64)
+        return np.maximum(counts + self.count_noise(cell_keys, counts), 0)
+
+    def perturb_sums(self, cell_keys, sums, top1, salt: int = 0) -> np.ndarray:
+        keys = (np.asarray(cell_keys, dtype=np.int64) + 37 * salt) % KEY_RANGE
+        sums = np.asarray(sums, dtype=float)
+        top1 = np.abs(np.asarray(top1, dtype=float))
+        return sums + SUM_NOISE_FRACTION * top1 * self.sum_multiplier[keys]
+
+
+def rounded(value: float) -> float:
+    return float(value) if math.isfinite(value) else value

@@ -1,0 +1,163 @@
+"""Rewrite an analysed query into (a) one row-level SELECT per aggregation boundary,
+run on the store, and (b) the post-processing SELECT, run on protected tables only.
+
+For boundary ``i`` the row SELECT projects ``__g0..`` (group-by expressions), ``__a0..``
+(aggregate arguments), ``__pid`` (privacy unit) and ``__rkey`` (record key), with the
+boundary's own FROM/JOIN/WHERE. ``__pid`` and ``__rkey`` are carried up through every
+derived table below the boundary by appending them to its projection (they are not
+in the analyst-visible schema, so no analyst expression can name them).
+
+In the tree, the boundary SELECT itself becomes ``SELECT <its projection with aggregates
+replaced by __v columns and group expressions by __g columns> FROM __b<i> WHERE
+<its HAVING> ORDER BY ... LIMIT ...``; protected values are thus the only inputs of
+everything above the boundary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlglot import exp
+
+from sekisho.guard.analyze import DIALECT, ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
+from sekisho.guard.catalog import Catalog
+from sekisho.guard.errors import refuse
+
+PID, RKEY = "__pid", "__rkey"
+
+
+@dataclass(frozen=True)
+class BoundaryPlan:
+    name: str                       # table name of the protected result in post-processing
+    row_sql: str                    # row-level SELECT to run on the store
+    personal_view: str
+    group_keys: tuple[GroupKeySpec, ...]
+    aggregates: tuple[AggregateSpec, ...]
+    filtered: bool
+    group_labels: tuple[str, ...]
+    has_join: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    boundaries: tuple[BoundaryPlan, ...]
+    post_sql: str
+    views: tuple[str, ...]
+    public_views: tuple[str, ...]
+    public_only: bool
+    fingerprint: str
+    normalized_sql: str
+
+
+def _ident(name: str) -> exp.Identifier:
+    return exp.to_identifier(name, quoted=True)
+
+
+def _col(name: str, table: str | None = None) -> exp.Column:
+    return exp.Column(this=_ident(name), table=_ident(table) if table else None)
+
+
+def _sources(select: exp.Select) -> list[exp.Expression]:
+    from_ = select.args.get("from_")
+    out = [from_.this] if from_ is not None else []
+    out += [j.this for j in select.args.get("joins") or []]
+    return out
+
+
+def _carry(select: exp.Select, analysis: Analysis, catalog: Catalog, append: bool) -> tuple[exp.Column, exp.Column]:
+    """Return the (privacy unit, record key) columns of ``select``'s personal source,
+    appending ``__pid``/``__rkey`` to the projections of row-level derived tables."""
+    for source in _sources(select):
+        if isinstance(source, exp.Table):
+            view = catalog.views.get(source.name)
+            if view is not None and not view.public:
+                alias = source.alias_or_name
+                pid, rkey = _col(view.privacy_unit, alias), _col("_rkey", alias)
+                break
+        elif isinstance(source, exp.Subquery) and analysis.levels.get(id(source.this)) == ROW:
+            _carry(source.this, analysis, catalog, append=True)
+            alias = source.alias_or_name
+            pid, rkey = _col(PID, alias), _col(RKEY, alias)
+            break
+    else:
+        raise refuse("syntax_not_allowed", select)
+    if append:
+        select.select(exp.alias_(pid.copy(), PID, quoted=True), exp.alias_(rkey.copy(), RKEY, quoted=True),
+                      copy=False)
+    return pid, rkey
+
+
+def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalog: Catalog) -> BoundaryPlan:
+    select = spec.select
+    name = f"__b{index}"
+    pid, rkey = _carry(select, analysis, catalog, append=False)
+
+    row = exp.Select()
+    projections = [exp.alias_(k.expr.copy(), f"__g{j}", quoted=True) for j, k in enumerate(spec.group_keys)]
+    for j, agg in enumerate(spec.aggregates):
+        if agg.arg is not None:
+            projections.append(exp.alias_(agg.arg.copy(), f"__a{j}", quoted=True))
+    projections += [exp.alias_(pid, PID, quoted=True), exp.alias_(rkey, RKEY, quoted=True)]
+    row.set("expressions", projections)
+    row.set("from_", select.args["from_"].copy())
+    if select.args.get("joins"):
+        row.set("joins", [j.copy() for j in select.args["joins"]])
+    if select.args.get("where") is not None:
+        row.set("where", select.args["where"].copy())
+    # a failed CAST would make the engine quote the offending value: row-level casts
+    # become TRY_CAST (NULL on failure), so errors cannot carry data
+    row = row.transform(lambda n: exp.TryCast(this=n.this, to=n.args.get("to"))
+                        if type(n) is exp.Cast else n, copy=False)
+    has_join = any(True for _ in row.find_all(exp.Join))
+    row_sql = row.sql(dialect=DIALECT)
+
+    # the boundary becomes post-processing over the protected table
+    for j, agg in enumerate(spec.aggregates):
+        agg.node.replace(_col(f"__v{j}", name))
+    keys = [(k.expr, f"__g{j}") for j, k in enumerate(spec.group_keys)]
+
+    def to_keys(node: exp.Expression) -> exp.Expression:
+        for expr, col in keys:
+            if node == expr:
+                return _col(col, name)
+        return node
+
+    new_projections = [p.transform(to_keys, copy=False) for p in select.expressions]
+    having = select.args.get("having")
+    order = select.args.get("order")
+    having_cond = having.this.transform(to_keys, copy=False) if having is not None else None
+    if order is not None:
+        order = order.transform(to_keys, copy=False)
+    select.set("expressions", new_projections)
+    select.set("from_", exp.From(this=exp.Table(this=_ident(name))))
+    select.set("joins", None)
+    select.set("where", exp.Where(this=having_cond) if having_cond is not None else None)
+    select.set("group", None)
+    select.set("having", None)
+    select.set("order", order)
+    aliases = {p.alias_or_name for p in new_projections}
+    for part in [*new_projections, select.args.get("where"), order]:
+        if part is None:
+            continue
+        for col in part.find_all(exp.Column):
+            if col.table == name:
+                continue
+            if not col.table and col.name in aliases and part is order:
+                continue
+            raise refuse("ungrouped_column", col)
+    return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
+                        group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
+                        filtered=spec.filtered, group_labels=tuple(k.label for k in spec.group_keys),
+                        has_join=has_join)
+
+
+def plan(analysis: Analysis, catalog: Catalog) -> Plan:
+    """Rewrite the analysed tree (in place) and return the execution plan."""
+    boundaries = tuple(_rewrite_boundary(i, spec, analysis, catalog)
+                       for i, spec in enumerate(analysis.boundaries))
+    tree = analysis.expression
+    public_views = tuple(sorted({t.name for t in tree.find_all(exp.Table)
+                                 if t.name in catalog.views and catalog.views[t.name].public}))
+    return Plan(boundaries=boundaries, post_sql=tree.sql(dialect=DIALECT), views=tuple(analysis.views),
+                public_views=public_views, public_only=analysis.public_only,
+                fingerprint=analysis.fingerprint, normalized_sql=analysis.normalized_sql)
