@@ -123,7 +123,7 @@ def build_keymaps(con, policy: Policy, secret: bytes) -> dict[str, int]:
     for ns, cols in columns.items():
         union = " UNION ".join(f"SELECT {ident(c)} AS v FROM raw_{s} WHERE {ident(c)} IS NOT NULL"
                                for s, c in cols)
-        values = con.execute(f"SELECT DISTINCT v FROM ({union})").fetch_arrow_table().column(0).to_pylist()
+        values = con.execute(f"SELECT DISTINCT v FROM ({union})").to_arrow_table().column(0).to_pylist()
         digest, prefix, rprefix = hmac.digest, f"{ns}:".encode(), f"rkey:{ns}:".encode()
         kids = [digest(secret, prefix + v.encode(), "sha256").hex() for v in values]
         seeds = [digest(secret, rprefix + v.encode(), "sha256").hex() for v in values]
@@ -152,7 +152,7 @@ def build_geo(con, policy: Policy) -> int:
     t = con.execute(f"""
         SELECT chome_code, gaiku, chome_name, block,
                CAST(lat AS DOUBLE) AS lat, CAST(lon AS DOUBLE) AS lon
-        FROM raw_{master.name}""").fetch_arrow_table()
+        FROM raw_{master.name}""").to_arrow_table()
     lat = t.column("lat").to_numpy()
     lon = t.column("lon").to_numpy()
     meshes = {name: pa.array(np.asarray(ju.to_meshcode(lat, lon, level)).astype(np.int64).astype(str))
