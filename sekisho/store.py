@@ -24,6 +24,7 @@ import json
 import os
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -250,8 +251,14 @@ def _fsync_tree(path: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def new_snapshot_id() -> str:
-    return now_tokyo().strftime("%Y%m%dT%H%M%S") + "-" + secrets.token_hex(3)
+def new_snapshot_id(after: str | None = None) -> str:
+    """Time-ordered id (microseconds); always sorts after ``after`` (the current id),
+    which ``remove_abandoned`` relies on."""
+    while True:
+        sid = now_tokyo().strftime("%Y%m%dT%H%M%S%f") + "-" + secrets.token_hex(3)
+        if after is None or sid > after:
+            return sid
+        time.sleep(0.001)
 
 
 class SnapshotWriter:
@@ -260,7 +267,7 @@ class SnapshotWriter:
     def __init__(self, store: Store, *, policy_version: str):
         self.store = store
         self.policy_version = policy_version
-        self.id = new_snapshot_id()
+        self.id = new_snapshot_id(after=store.current_id())
         self.dir = store.dir / f"{BUILDING_PREFIX}{self.id}"
         self.dir.mkdir(mode=0o700)
         secure(self.dir)
