@@ -1,0 +1,421 @@
+"""The audit review service (hub managed service ``audit``): 監査ログの閲覧.
+
+For people whose Sekisho role may review the audit trail (``can_review_audit`` in the
+policy; "admins" — who are *not* hub admins). Pages, server-rendered in Japanese with
+no external assets (LGWAN has no internet):
+
+* ``/services/audit/``          events with filters (person, type, outcome, period), the
+                                chain's verification status, open alerts;
+* ``/services/audit/people``    activity per person: sessions (login time, duration),
+                                servers, queries, refusals, epsilon spent;
+* ``/services/audit/export.csv`` the filtered events as CSV;
+* ``POST /services/audit/alerts/<seq>/ack``  mark an alert as reviewed (``alert.ack``).
+
+Access: HubOAuth; the token must hold ``access:services!service=audit`` *and* the custom
+scope ``custom:sekisho:audit-review`` (checked explicitly), and the person's Sekisho
+role must be allowed to review. Every read is itself audited (``audit.read``), refusals
+too (``audit.read`` with outcome ``denied``).
+
+Run by the hub: ``python -m sekisho.services.audit_review``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from tornado import web
+
+from sekisho.audit import AuditError, to_csv
+from sekisho.instance import Instance
+from sekisho.services.hubauth import (
+    AUDIT_REVIEW_SCOPE,
+    AUDIT_SERVICE,
+    ServiceHandler,
+    run_service,
+    service_access_scope,
+)
+
+TEMPLATES = Path(__file__).parent / "templates" / "audit_review"
+
+TYPE_LABELS = {
+    "instance.init": "インスタンス作成",
+    "ingest": "データ登録",
+    "ingest.failed": "データ登録失敗",
+    "query": "集計照会",
+    "query.refused": "照会拒否",
+    "alert": "警告",
+    "alert.ack": "警告の確認",
+    "login": "ログイン",
+    "login.failed": "ログイン失敗",
+    "logout": "ログアウト",
+    "server.start": "サーバー起動",
+    "server.stop": "サーバー停止",
+    "audit.read": "監査ログ閲覧",
+    "audit.recovered": "監査ログ修復",
+    "publish": "レポート公表",
+    "publish.failed": "レポート公表失敗",
+    "report.view": "レポート閲覧",
+    "users.add": "利用者追加",
+    "users.remove": "利用者削除",
+    "users.set-role": "ロール変更",
+    "users.set-password": "パスワード再設定",
+}
+OUTCOME_LABELS = {"ok": "成功", "refused": "拒否", "denied": "不許可", "failed": "失敗"}
+ROLE_LABELS = {"analyst": "分析者", "admin": "監査者", "manager": "管理職", "steward": "データ管理者",
+               "reports": "レポート"}
+DEFAULT_LIMIT = 200
+MAX_LIMIT = 5000
+NAME_FILTER = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+TYPE_FILTER = re.compile(r"^[a-z][a-z.-]{0,39}$")
+
+
+class FilterError(ValueError):
+    def __init__(self, param: str, message: str):
+        super().__init__(f"{param}: {message}")
+        self.param = param
+
+
+# ---- filters -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Filters:
+    user: str | None = None
+    type: str | None = None
+    outcome: str | None = None
+    since: date | None = None
+    until: date | None = None
+    limit: int = DEFAULT_LIMIT
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"user": self.user, "type": self.type, "outcome": self.outcome,
+                "since": self.since.isoformat() if self.since else None,
+                "until": self.until.isoformat() if self.until else None}
+
+    def query_string(self) -> str:
+        from urllib.parse import urlencode
+
+        return urlencode({k: v for k, v in self.as_dict().items() if v})
+
+
+def _date(param: str, value: str) -> date | None:
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise FilterError(param, f"expected a date YYYY-MM-DD, got {value[:20]!r}") from None
+
+
+def parse_filters(args: dict[str, str]) -> Filters:
+    """Validate the query parameters; a bad one raises FilterError naming it."""
+    user = (args.get("user") or "").strip() or None
+    if user is not None and not NAME_FILTER.match(user):
+        raise FilterError("user", "letters, digits and . _ @ - only (at most 64)")
+    type_ = (args.get("type") or "").strip() or None
+    if type_ is not None and not TYPE_FILTER.match(type_):
+        raise FilterError("type", f"not an event type: {type_[:40]!r}")
+    outcome = (args.get("outcome") or "").strip() or None
+    if outcome is not None and outcome not in OUTCOME_LABELS:
+        raise FilterError("outcome", f"expected one of {', '.join(OUTCOME_LABELS)}")
+    since, until = _date("since", args.get("since", "")), _date("until", args.get("until", ""))
+    if since and until and since > until:
+        raise FilterError("since", "the period starts after it ends")
+    raw_limit = args.get("limit") or str(DEFAULT_LIMIT)
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
+        raise FilterError("limit", f"expected a number from 1 to {MAX_LIMIT}")
+    return Filters(user=user, type=type_, outcome=outcome, since=since, until=until, limit=int(raw_limit))
+
+
+def select(instance: Instance, filters: Filters) -> list[dict[str, Any]]:
+    return list(instance.audit.entries(user=filters.user, type=filters.type, outcome=filters.outcome,
+                                       since=filters.since, until=filters.until))
+
+
+# ---- per-person activity ---------------------------------------------------------------
+
+@dataclass
+class Session:
+    start: datetime
+    end: datetime | None = None
+    end_type: str | None = None   # logout / a later login / server.stop
+
+    @property
+    def duration(self) -> timedelta | None:
+        return self.end - self.start if self.end else None
+
+
+@dataclass
+class PersonActivity:
+    user: str
+    role: str | None = None
+    logins: list[Session] = field(default_factory=list)
+    servers: list[Session] = field(default_factory=list)
+    failed_logins: int = 0
+    queries: int = 0
+    refusals: int = 0
+    alerts: int = 0
+    epsilon_spent: float = 0.0
+    views: Counter = field(default_factory=Counter)
+    last_seen: datetime | None = None
+
+    @property
+    def session_time(self) -> timedelta:
+        return sum((s.duration for s in self.logins if s.duration), timedelta())
+
+
+def person_activity(entries: Iterable[dict[str, Any]]) -> list[PersonActivity]:
+    """Fold audit entries into one activity record per person (people first by name)."""
+    people: dict[str, PersonActivity] = {}
+
+    def person(name: str) -> PersonActivity:
+        if name not in people:
+            people[name] = PersonActivity(user=name)
+        return people[name]
+
+    for e in entries:
+        name, kind = e.get("user") or "-", e["type"]
+        ts = datetime.fromisoformat(e["ts"])
+        details = e.get("details") or {}
+        p = person(name)
+        if e.get("role"):
+            p.role = e["role"]
+        p.last_seen = ts
+        if kind == "login" and e["outcome"] == "ok":
+            if p.logins and p.logins[-1].end is None:
+                p.logins[-1].end, p.logins[-1].end_type = ts, "login"
+            p.logins.append(Session(start=ts))
+        elif kind == "logout":
+            if p.logins and p.logins[-1].end is None:
+                p.logins[-1].end, p.logins[-1].end_type = ts, "logout"
+        elif kind == "login.failed":
+            p.failed_logins += 1
+        elif kind == "server.start" and e["outcome"] == "ok":
+            p.servers.append(Session(start=ts))
+        elif kind == "server.stop":
+            if p.servers and p.servers[-1].end is None:
+                p.servers[-1].end, p.servers[-1].end_type = ts, "server.stop"
+        elif kind == "query":
+            p.queries += 1
+            p.epsilon_spent += float(details.get("epsilon_spent") or 0.0)
+            p.views.update(details.get("views") or [])
+        elif kind == "query.refused":
+            p.refusals += 1
+        elif kind == "alert":
+            p.alerts += 1
+    return [people[k] for k in sorted(people)]
+
+
+def open_alerts(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Alerts (type ``alert``) that no ``alert.ack`` entry has answered yet, newest first."""
+    alerts, acked = [], set()
+    for e in entries:
+        if e["type"] == "alert":
+            alerts.append(e)
+        elif e["type"] == "alert.ack":
+            acked.add((e.get("details") or {}).get("alert_seq"))
+    return [a for a in reversed(alerts) if a["seq"] not in acked]
+
+
+# ---- chain status (cached: verifying walks the whole log) -------------------------------
+
+class ChainStatus:
+    def __init__(self, instance: Instance):
+        self.instance = instance
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._result = None
+
+    def get(self):
+        try:
+            st = os.stat(self.instance.audit.path)
+            key = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            key = (0, 0)
+        with self._lock:
+            if key != self._key:
+                self._result = self.instance.audit.verify()
+                self._key = key
+            return self._result
+
+
+# ---- formatting helpers for the templates --------------------------------------------------
+
+def fmt_ts(value: str | datetime | None) -> str:
+    if value is None:
+        return "—"
+    ts = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return ts.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def fmt_duration(value: timedelta | None) -> str:
+    if value is None:
+        return "継続中または不明"
+    seconds = int(value.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}時間{minutes}分"
+    if minutes:
+        return f"{minutes}分{secs}秒"
+    return f"{secs}秒"
+
+
+def details_text(details: dict[str, Any]) -> str:
+    """A short one-line rendering of an entry's details (SQL first when present)."""
+    if not details:
+        return ""
+    parts = []
+    if "sql" in details:
+        parts.append(str(details["sql"]))
+    for key in ("mode", "decision", "code", "reason", "epsilon_spent", "cells", "cells_suppressed",
+                "alert", "remote_ip", "name", "role", "previous", "filters", "note", "alert_seq"):
+        if key in details and details[key] not in (None, "", {}):
+            parts.append(f"{key}={details[key]}")
+    text = " / ".join(parts)
+    return text if len(text) <= 400 else text[:399] + "…"
+
+
+# ---- handlers -----------------------------------------------------------------------------
+
+class ReviewHandler(ServiceHandler):
+    required_scopes = frozenset({service_access_scope(AUDIT_SERVICE), AUDIT_REVIEW_SCOPE})
+
+    @property
+    def allowed_roles(self) -> frozenset[str]:
+        return self.settings["reviewer_roles"]
+
+    def on_denied(self, model, code, message, role):
+        super().on_denied(model, code, message, role)
+        try:
+            self.instance.audit.append("audit.read", user=str(model.get("name") or "-")[:64], role=role,
+                                       outcome="denied", summary=f"audit review refused: {code}",
+                                       details={"code": code, "path": self.request.path,
+                                                "remote_ip": self.request.remote_ip})
+        except AuditError as exc:
+            self.log.error("could not audit a refused audit review: %s", exc)
+
+    def filters(self) -> Filters:
+        args = {k: self.get_argument(k, "") for k in ("user", "type", "outcome", "since", "until", "limit")}
+        try:
+            return parse_filters(args)
+        except FilterError as exc:
+            raise web.HTTPError(400, str(exc)) from None
+
+    def record_read(self, what: str, filters: Filters, count: int, fmt: str = "html") -> None:
+        """Reading is audited; if it cannot be, nothing is shown (fail closed)."""
+        try:
+            self.instance.audit.append("audit.read", user=self.hub_user, role=self.sekisho_role, outcome="ok",
+                                       summary=f"{count} entries read via the audit review service ({what})",
+                                       details={"filters": filters.as_dict(), "format": fmt, "page": what,
+                                                "count": count, "remote_ip": self.request.remote_ip})
+        except AuditError as exc:
+            raise web.HTTPError(503, f"the audit trail cannot be written: {exc}") from None
+
+    def render(self, template: str, **kwargs: Any) -> None:
+        super().render(template, user=self.hub_user, role_label=ROLE_LABELS.get(self.sekisho_role, ""),
+                       prefix=self.settings["service_prefix"], type_labels=TYPE_LABELS,
+                       outcome_labels=OUTCOME_LABELS, role_labels=ROLE_LABELS, fmt_ts=fmt_ts,
+                       fmt_duration=fmt_duration, details_text=details_text, **kwargs)
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        if status_code == 400:
+            exc = kwargs.get("exc_info", (None, None, None))[1]
+            self.set_header("Content-Type", "text/html; charset=UTF-8")
+            from html import escape
+
+            self.finish("<!doctype html><html lang=\"ja\"><head><meta charset=\"utf-8\"><title>入力エラー</title>"
+                        "</head><body><h1>入力エラー</h1><p>検索条件が正しくありません: "
+                        f"{escape(getattr(exc, 'log_message', '') or '')}</p>"
+                        f"<p><a href=\"{escape(self.settings['service_prefix'])}\">戻る</a></p></body></html>")
+            return
+        super().write_error(status_code, **kwargs)
+
+
+class IndexHandler(ReviewHandler):
+    def get(self) -> None:
+        filters = self.filters()
+        entries = select(self.instance, filters)
+        everything = list(self.instance.audit.entries())
+        shown = list(reversed(entries))[:filters.limit]
+        self.record_read("events", filters, len(shown))
+        self.render("index.html", page="events", filters=filters, entries=shown, total=len(entries),
+                    chain=self.settings["chain"].get(), alerts=open_alerts(everything),
+                    known_users=sorted({e.get("user") or "-" for e in everything}),
+                    known_types=sorted({e["type"] for e in everything} | set(TYPE_LABELS)))
+
+
+class PeopleHandler(ReviewHandler):
+    def get(self) -> None:
+        filters = self.filters()
+        entries = select(self.instance, Filters(user=filters.user, since=filters.since, until=filters.until))
+        people = person_activity(entries)
+        self.record_read("people", filters, len(entries))
+        self.render("people.html", page="people", filters=filters, people=people, chain=self.settings["chain"].get())
+
+
+class ExportHandler(ReviewHandler):
+    def get(self) -> None:
+        filters = self.filters()
+        entries = select(self.instance, filters)
+        self.record_read("export", filters, len(entries), fmt="csv")
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.set_header("Content-Type", "text/csv; charset=UTF-8")
+        self.set_header("Content-Disposition", f'attachment; filename="sekisho-audit-{stamp}.csv"')
+        self.finish("\ufeff" + to_csv(iter(entries)))  # BOM: Excel opens UTF-8 Japanese correctly
+
+
+class AckHandler(ReviewHandler):
+    def post(self, seq: str) -> None:
+        alert_seq = int(seq)
+        alert = next((e for e in self.instance.audit.entries(type="alert") if e["seq"] == alert_seq
+                      and e["type"] == "alert"), None)
+        if alert is None:
+            raise web.HTTPError(404, f"no alert with seq {alert_seq}")
+        note = self.get_argument("note", "").strip()[:500]
+        try:
+            self.instance.audit.append("alert.ack", user=self.hub_user, role=self.sekisho_role, outcome="ok",
+                                       summary=f"alert {alert_seq} reviewed", details={
+                                           "alert_seq": alert_seq, "alert_user": alert.get("user"),
+                                           "note": note})
+        except AuditError as exc:
+            raise web.HTTPError(503, f"the audit trail cannot be written: {exc}") from None
+        self.redirect(self.settings["service_prefix"] + "#alerts")
+
+
+def reviewer_roles(instance: Instance) -> frozenset[str]:
+    from sekisho.hub.roles import load_capabilities
+
+    return frozenset(role for role, cap in load_capabilities(instance).items() if cap.can_review_audit)
+
+
+ROUTES = [
+    ("", IndexHandler),
+    ("people", PeopleHandler),
+    ("export.csv", ExportHandler),
+    (r"alerts/(\d+)/ack", AckHandler),
+]
+
+
+def app_settings(instance: Instance, prefix: str) -> dict[str, Any]:
+    return {"template_path": str(TEMPLATES), "reviewer_roles": reviewer_roles(instance),
+            "chain": ChainStatus(instance), "service_prefix": prefix if prefix.endswith("/") else prefix + "/"}
+
+
+def main() -> None:
+    from sekisho.services.hubauth import service_environment
+
+    env = service_environment(AUDIT_SERVICE)
+    instance = Instance.open(env["home"] or None)
+    run_service(AUDIT_SERVICE, ROUTES, **app_settings(instance, env["prefix"]))
+
+
+if __name__ == "__main__":
+    main()
