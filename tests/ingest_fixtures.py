@@ -64,10 +64,10 @@ def mini_city(seed: int = 7, persons: int = 48) -> dict[str, list[dict]]:
         removed = None
         reason = None
         if i % 11 == 5:
-            removed, reason = date(2024, 3, 15) + timedelta(days=i), "転出"
+            removed, reason = date(2024, 3, 15) + timedelta(days=i % 500), "転出"
         elif i == 0:
             removed, reason = date(2026, 1, 20), "死亡"
-        registered = birth if birth > date(2021, 11, 1) else date(2003, 6, 1) + timedelta(days=i)
+        registered = birth if birth > date(2021, 11, 1) else date(2003, 6, 1) + timedelta(days=i % 3000)
         residents.append({
             "atena_no": atena, "setai_no": setai,
             "name": f"{SURNAMES[s]} {GIVEN[i % len(GIVEN)]}{i}",
@@ -84,7 +84,7 @@ def mini_city(seed: int = 7, persons: int = 48) -> dict[str, list[dict]]:
                               "notified_date": (birth + timedelta(days=5)).isoformat(),
                               "to_chome_code": loc["chome_code"], "to_gaiku": loc["gaiku"]})
         if i % 7 == 3:
-            d = date(2023, 4, 1) + timedelta(days=i)
+            d = date(2023, 4, 1) + timedelta(days=i % 700)
             movements.append({**base, "idou_type": "転入", "idou_date": d.isoformat(),
                               "notified_date": (d + timedelta(days=3)).isoformat(),
                               "from_pref_code": "27", "from_muni_code": "271004",
@@ -92,7 +92,7 @@ def mini_city(seed: int = 7, persons: int = 48) -> dict[str, list[dict]]:
                               "to_chome_code": loc["chome_code"], "to_gaiku": loc["gaiku"]})
         if i % 9 == 4:
             other = master[(i + 5) % len(master)]
-            d = date(2025, 2, 10) + timedelta(days=i)
+            d = date(2025, 2, 10) + timedelta(days=i % 500)
             movements.append({**base, "idou_type": "転居", "idou_date": d.isoformat(),
                               "notified_date": d.isoformat(),
                               "from_chome_code": other["chome_code"], "from_gaiku": other["gaiku"],
