@@ -30,7 +30,7 @@ import plotly.graph_objects as go
 from sekisho.reference import AGE_BANDS, BLOCKS, CERT_TYPES, FACILITY_TYPES, IDOU_TYPES, PREFECTURES
 from sekisho.reports import data
 from sekisho.reports.mesh import mesh_figure
-from sekisho.reports.notebook import lookup, order_by, start, wide
+from sekisho.reports.notebook import lookup, order_by, scalar, start, wide
 from sekisho.reports.periods import add_months, label_ja, months_between
 from sekisho.reports.sql import in_childcare_at, lit, moved_between, resident_at
 
@@ -69,8 +69,8 @@ def population(month):
     by_sex = q(f"SELECT sex, COUNT(*) AS n FROM residents WHERE {where} GROUP BY sex")
     total = q(f"SELECT COUNT(*) AS n FROM residents WHERE {where}")
     households = q(f"SELECT COUNT(DISTINCT household_id) AS n FROM residents WHERE {where}")
-    return {"総人口": total["n"].iloc[0], "男": lookup(by_sex, {"sex": "男"}),
-            "女": lookup(by_sex, {"sex": "女"}), "世帯数": households["n"].iloc[0]}
+    return {"総人口": scalar(total), "男": lookup(by_sex, {"sex": "男"}),
+            "女": lookup(by_sex, {"sex": "女"}), "世帯数": scalar(households)}
 
 now, before = population(BASE), population(COMPARE)
 summary = pd.DataFrame({"区分": list(now), label_ja(BASE): list(now.values()),
@@ -259,7 +259,7 @@ monthly_sex = q(f"SELECT idou_ym, sex, COUNT(*) AS n FROM movements WHERE {where
 monthly_total = q(f"SELECT idou_ym, COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}} GROUP BY idou_ym")
 t = wide(monthly_sex, "idou_ym", "sex", "n", column_order=["男", "女"], index_order=months_between(ctx.year_first, BASE))
 t["計"] = t["idou_ym"].map(monthly_total.set_index("idou_ym")["n"])
-year_total = q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}}")["n"].iloc[0]
+year_total = scalar(q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{YEAR}}"))
 t = pd.concat([t, pd.DataFrame([{{"idou_ym": "12か月計", "計": year_total}}])], ignore_index=True)
 R.table("item{first:02d}", "{first}. {kind}状況", t.rename(columns={{"idou_ym": "年月"}}))
 R.figure(px.bar(monthly_sex.rename(columns={{"idou_ym": "年月", "sex": "性別", "n": "{kind}者数"}}),
@@ -284,7 +284,7 @@ rows = []
 for first, last, label in ctx.windows:
     span = moved_between(first, last)
     sexes = q(f"SELECT sex, COUNT(*) AS n FROM movements WHERE {where} AND {{span}} GROUP BY sex")
-    total = q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{span}}")["n"].iloc[0]
+    total = scalar(q(f"SELECT COUNT(*) AS n FROM movements WHERE {where} AND {{span}}"))
     rows.append({{"期間": label, "男": lookup(sexes, {{"sex": "男"}}), "女": lookup(sexes, {{"sex": "女"}}), "計": total}})
 t = pd.DataFrame(rows)
 R.table("item{first + 3:02d}", "{first + 3}. {kind}状況経年", t)
@@ -385,7 +385,7 @@ def household_status(month):
     totals = q(f"SELECT COUNT(DISTINCT household_id) AS households, COUNT(*) AS persons FROM residents WHERE {where}")
     rows = {r: (lookup(by_rel, {"relationship": r}, "households"), lookup(by_rel, {"relationship": r}, "persons"))
             for r in RELATIONSHIPS}
-    return rows, float(totals["households"].iloc[0]), float(totals["persons"].iloc[0])
+    return rows, scalar(totals, "households"), scalar(totals, "persons")
 
 now, now_households, now_persons = household_status(BASE)
 summary = pd.DataFrame({"区分": ["総世帯数", "総人口", "平均世帯人員"],
@@ -435,7 +435,7 @@ def overview(group_col, capacity_col, order, label, key, title):
     use = q(f"SELECT {group_col} AS grp, cert_type, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY {group_col}, cert_type")
     use_grp = q(f"SELECT {group_col} AS grp, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY {group_col}")
     use_cert = q(f"SELECT cert_type, COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)} GROUP BY cert_type")
-    use_all = q(f"SELECT COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)}")["n"].iloc[0]
+    use_all = scalar(q(f"SELECT COUNT(*) AS n FROM childcare WHERE {in_childcare_at(BASE)}"))
 
     def ratio(children, capacity):
         if pd.isna(capacity) or capacity == 0:

@@ -19,6 +19,12 @@ from functools import lru_cache
 import pandas as pd
 
 MODE = "threshold"
+#: refusals that mean "nothing may be shown for this selection", not a faulty query
+NOTHING_TO_REPORT = frozenset({"filter_population_below_k"})
+
+
+def _empty(schema) -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=object) for name in schema.names})
 
 
 class GuardConnection:
@@ -29,8 +35,18 @@ class GuardConnection:
         self.summaries: list[dict] = []
 
     def sql(self, query: str) -> pd.DataFrame:
+        from sekisho.client import QueryRefused
+
         # con.sql(...) sends this exact SQL to the guard (no ibis rewriting)
-        table = self.backend.sql(query).to_pyarrow(mode=MODE)
+        expr = self.backend.sql(query)
+        try:
+            table = expr.to_pyarrow(mode=MODE)
+        except QueryRefused as refused:
+            if refused.code not in NOTHING_TO_REPORT:
+                raise
+            # too few people in the selection: every cell of this table is withheld
+            self.summaries.append({"refused": refused.code})
+            return _empty(expr.schema())
         if self.backend.last_summary:
             self.summaries.append(self.backend.last_summary)
         return table.to_pandas()

@@ -83,8 +83,12 @@ def order_by(df: pd.DataFrame, column: str, order: tuple[str, ...] | list[str]) 
 def wide(df: pd.DataFrame, index: str, columns: str, values: str, *,
          index_order: Any = None, column_order: Any = None) -> pd.DataFrame:
     """Long -> wide; a combination the guard returned without a value stays missing (秘匿)."""
-    table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="first",
-                           dropna=False)
+    if df.empty:  # the guard withheld the whole table
+        table = pd.DataFrame(index=pd.Index(list(index_order or []), name=index),
+                             columns=list(column_order or []), dtype=float)
+    else:
+        table = df.pivot_table(index=index, columns=columns, values=values, aggfunc="first",
+                               dropna=False)
     if column_order is not None:
         table = table.reindex(columns=[c for c in column_order])
     if index_order is not None:
@@ -101,3 +105,10 @@ def lookup(df: pd.DataFrame, key: dict[str, Any], value: str = "n") -> float:
         mask &= df[k] == v
     hit = df.loc[mask, value]
     return float(hit.iloc[0]) if len(hit) and pd.notna(hit.iloc[0]) else float("nan")
+
+
+def scalar(df: pd.DataFrame, value: str = "n") -> float:
+    """The single value of a one-row result (NaN if suppressed or not reported)."""
+    if df.empty or pd.isna(df[value].iloc[0]):
+        return float("nan")
+    return float(df[value].iloc[0])

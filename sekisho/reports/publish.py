@@ -176,6 +176,9 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
             check_month(base_month, "--base-month")
         else:
             base_month = resolve_base_month(instance)
+        from sekisho.reports.periods import add_months
+
+        compare_month = check_month(compare_month, "--compare-month") if compare_month else add_months(base_month, -12)
         parameters = {"base_month": base_month, "compare_month": compare_month,
                       "period": period, "area_level": area_level}
         stamp = now_tokyo()
@@ -195,7 +198,9 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
 def _run(notebooks, parameters, published_dir, publication, meta, workers, progress):
     outcomes: list[Outcome] = []
     jobs = {}
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    log = Path(os.environ["JUPYTER_RUNTIME_DIR"]).parent / "kernels.log"
+    with ProcessPoolExecutor(max_workers=max(1, workers), initializer=_quiet_worker,
+                             initargs=(str(log),)) as pool:
         for nb in notebooks:
             report_dir = published_dir / nb.name
             report_dir.mkdir(mode=0o700, exist_ok=True)
@@ -213,6 +218,14 @@ def _run(notebooks, parameters, published_dir, publication, meta, workers, progr
             if progress:
                 progress(outcome, len(outcomes), len(notebooks))
     return sorted(outcomes, key=lambda o: o.name)
+
+
+def _quiet_worker(log: str) -> None:
+    """Kernels inherit the worker's stderr: send their start-up chatter to a log, not the
+    terminal (failures are reported from papermill's exception instead)."""
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _record(instance, outcomes, parameters, snapshot, caller, caller_role, stamp, publication):
