@@ -95,9 +95,10 @@ R.figure(px.bar(by_block.rename(columns={"block": "地域ブロック", "sex": "
 col = "chome_name" if AREA == "chome_name" else AREA
 detail = q(f"SELECT {col} AS area, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY {col}, sex")
 totals = q(f"SELECT {col} AS area, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY {col}")
-t = wide(detail, "area", "sex", "n", column_order=["男", "女"])
+t = wide(detail, "area", "sex", "n", column_order=["男", "女"],
+         index_order=BLOCKS if AREA == "block" else sorted(detail["area"].dropna().unique()))
 t["計"] = t["area"].map(totals.set_index("area")["n"])
-t = t.sort_values("area").rename(columns={"area": ctx.area_label})
+t = t.rename(columns={"area": ctx.area_label})
 R.table("item02", "2. 人口詳細", t)
 '''),
 ] + [

@@ -20,3 +20,12 @@ def hub():
     running = start_hub()
     yield running
     running.cleanup()
+
+
+# ---- a small published city (helper REPORTS; see tests/reports_fixtures.py) ---------------
+@_pytest_for_hub.fixture(scope="session")
+def published_city(tmp_path_factory):
+    """A small synthetic city, ingested, with all seven report notebooks published."""
+    from reports_fixtures import build_published_city
+
+    return build_published_city(tmp_path_factory.mktemp("published-city"))

@@ -107,8 +107,10 @@ class Report:
 
     # ---- tables ------------------------------------------------------------
     def table(self, key: str, title: str, df: pd.DataFrame, *, note: str | None = None,
-              highlight: pd.Series | None = None, protected: bool = True) -> pd.DataFrame:
-        """Show ``df`` and save it as ``<key>.json`` / ``<key>.csv`` when publishing."""
+              highlight: pd.Series | None = None, protected: bool = True) -> None:
+        """Show ``df`` and save it as ``<key>.json`` / ``<key>.csv`` when publishing.
+
+        Returns None, so that a notebook cell ending with a table does not display it twice."""
         from IPython.display import HTML
 
         df = df.reset_index(drop=True)
@@ -118,7 +120,6 @@ class Report:
         _display(HTML(html))
         if self.tables_dir is not None:
             self._save(key, title, df, notes)
-        return df
 
     def _save(self, key: str, title: str, df: pd.DataFrame, notes: list[str]) -> None:
         payload = {

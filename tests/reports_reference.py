@@ -1,0 +1,79 @@
+"""Report figures computed straight from the raw source exports with pandas — no Sekisho
+code involved except the public code lists — following docs/reports.md's definitions."""
+
+from __future__ import annotations
+
+from datetime import date
+from pathlib import Path
+
+import pandas as pd
+
+from sekisho.reference import AGE_BANDS, SEX
+
+TOP_AGE = 100
+
+
+def read(exports: Path, name: str) -> pd.DataFrame:
+    return pd.read_csv(exports / name, dtype=str, keep_default_na=False)
+
+
+def ym(dates: pd.Series) -> pd.Series:
+    return dates.str[:7]
+
+
+def completed_years(birth: pd.Series, on: date) -> pd.Series:
+    b = pd.to_datetime(birth)
+    before_birthday = (on.month * 100 + on.day) < (b.dt.month * 100 + b.dt.day)
+    return (on.year - b.dt.year - before_birthday.astype(int)).clip(lower=0, upper=TOP_AGE)
+
+
+def band(ages: pd.Series) -> pd.Series:
+    return ages.map(lambda a: AGE_BANDS[min(int(a) // 5, len(AGE_BANDS) - 1)])
+
+
+def residents_at(exports: Path, month: str, extract: date) -> pd.DataFrame:
+    """Residents at the end of ``month`` with block, sex (男/女) and age band at extract."""
+    r = read(exports, "residents.csv")
+    present = (ym(r.registered_date) <= month) & ((r.removed_date == "") | (ym(r.removed_date) > month))
+    r = r[present].copy()
+    master = read(exports, "address_master.csv")[["chome_code", "gaiku", "block"]]
+    r = r.merge(master, on=["chome_code", "gaiku"], how="left")
+    r["sex_ja"] = r.sex.map(SEX)
+    r["age_band"] = band(completed_years(r.birth_date, extract))
+    return r
+
+
+def population_block_age_sex(exports: Path, month: str, extract: date) -> pd.Series:
+    r = residents_at(exports, month, extract)
+    return r.groupby(["block", "age_band", "sex_ja"]).size()
+
+
+def movements_in(exports: Path, first: str, last: str) -> pd.DataFrame:
+    m = read(exports, "movements.csv")
+    months = ym(m.idou_date)
+    return m[(months >= first) & (months <= last)]
+
+
+def yearly_totals(exports: Path, windows: list[tuple[str, str, str]]) -> dict[str, pd.Series]:
+    """window label -> count per 異動 type."""
+    return {label: movements_in(exports, first, last).groupby("idou_type").size()
+            for first, last, label in windows}
+
+
+def households_by_relationship(exports: Path, month: str, extract: date) -> tuple[int, pd.DataFrame]:
+    r = residents_at(exports, month, extract)
+    per_rel = r.groupby("relationship").agg(households=("setai_no", "nunique"),
+                                             persons=("atena_no", "size"))
+    return r.setai_no.nunique(), per_rel
+
+
+def childcare_overview(exports: Path, month: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(capacities, children in use) per facility type and per block of the facility, by 区分."""
+    fac = read(exports, "childcare_facilities.csv")
+    for c in ("capacity_1", "capacity_2", "capacity_3"):
+        fac[c] = fac[c].astype(int)
+    cert = read(exports, "childcare_certifications.csv")
+    in_use = cert[(cert.facility_id != "") & (ym(cert.use_from) <= month)
+                  & ((cert.use_to == "") | (ym(cert.use_to) >= month))]
+    in_use = in_use.merge(fac[["facility_id", "facility_type", "block"]], on="facility_id", how="left")
+    return fac, in_use
