@@ -170,3 +170,87 @@ def hub_oauth(api_url: str) -> Any:
 
 def json_body(response: Any) -> Any:
     return json.loads(response.content.decode("utf-8"))
+
+
+def real_guard_instance(persons: int = 3000) -> Any:
+    """An instance with a real store for the real guard (GUARD's ``make_instance``: users
+    ``ana``/``ana2`` analysts, ``rep`` reports, ``stew`` steward), under /var/tmp so that
+    the ``sekisho`` service account can reach it when a service process drops to it
+    (pytest's own temporary directories are private to root)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from guard_fixtures import make_instance
+
+    from sekisho.instance import secure_tree
+
+    base = Path(tempfile.mkdtemp(prefix="sekisho-client-test-", dir="/var/tmp"))
+    os.chmod(base, 0o711)
+    inst = make_instance(base / "home", persons=persons)
+    secure_tree(inst.home)
+    return inst
+
+
+def remove_instance(inst: Any) -> None:
+    import shutil
+
+    shutil.rmtree(inst.home.parent, ignore_errors=True)
+
+
+class ServiceProcess:
+    """``python -m sekisho.services.guard`` as the hub would run it (a separate process,
+    dropping to the service account when started as root)."""
+
+    def __init__(self, home: Any, hub_api_url: str, port: int | None = None):
+        self.home = home
+        self.hub_api_url = hub_api_url
+        self.port = port or free_port()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/services/guard/"
+
+    def start(self, timeout: float = 30) -> "ServiceProcess":
+        import os
+        import subprocess
+        import sys
+        import time
+
+        import requests
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTERHUB_")}
+        env.update({
+            "JUPYTERHUB_SERVICE_NAME": "guard",
+            "JUPYTERHUB_SERVICE_URL": f"http://127.0.0.1:{self.port}",
+            "JUPYTERHUB_SERVICE_PREFIX": "/services/guard/",
+            "JUPYTERHUB_API_URL": self.hub_api_url,
+            "JUPYTERHUB_API_TOKEN": "service-token-of-the-guard",
+            "JUPYTERHUB_CLIENT_ID": "service-guard",
+            "SEKISHO_HOME": str(self.home),
+        })
+        self.proc = subprocess.Popen([sys.executable, "-m", "sekisho.services.guard"], env=env,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"guard service exited: {self.proc.stderr.read().decode()[-2000:]}")
+            try:
+                if requests.get(self.url + "api/openapi.yaml", timeout=2).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("guard service did not start")
+
+    def kill9(self) -> None:
+        import signal
+
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)

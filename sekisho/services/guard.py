@@ -12,9 +12,9 @@ Every request is authenticated with the hub (``Authorization: token ...``); the 
 must carry the scope ``access:services!service=<service name>`` (checked explicitly here:
 ``HubAuth.user_for_token`` does not check scopes), the hub user must be a Sekisho user
 whose role has views. Authorization denials are audited here; queries are audited by the
-guard itself. Guard calls run in a thread pool, one ``Guard`` per worker thread; a worker
-rebuilds its ``Guard`` when the store's ``CURRENT`` snapshot changes, so a new ingest
-becomes visible while in-flight queries keep the snapshot they started on.
+guard itself. Guard calls run in a thread pool over one shared ``Guard``, which follows the
+store's ``CURRENT`` pointer: a new ingest becomes visible at the next query while
+in-flight queries keep the snapshot they started on.
 
 Arrow responses carry the disclosure summary twice: in the Arrow schema metadata under
 ``sekisho.summary`` (UTF-8 JSON — the authoritative copy) and in the ``X-Sekisho-Summary``
@@ -53,7 +53,7 @@ ARROW_STREAM = "application/vnd.apache.arrow.stream"
 SUMMARY_METADATA_KEY = b"sekisho.summary"
 SUMMARY_HEADER = "X-Sekisho-Summary"
 MAX_SQL_CHARS = 100_000
-MAX_BODY_BYTES = 1_000_000
+MAX_BODY_BYTES = 2_000_000  # a maximal sql (100k chars) even when every char is JSON-escaped
 MODES = ("threshold", "dp")
 FORMATS = ("arrow", "json")
 QUERY_KEYS = {"sql", "mode", "epsilon", "format"}
@@ -224,44 +224,32 @@ def json_result(table: pa.Table, summary: dict[str, Any]) -> dict[str, Any]:
 # The guard, one per worker thread
 
 
-def _store_generation(instance: Instance) -> str | None:
-    """Identify the current snapshot cheaply (the CURRENT pointer's content)."""
-    try:
-        return (instance.store_dir / "CURRENT").read_text().strip()
-    except FileNotFoundError:
-        return None
-
-
 class GuardPool:
-    """Runs guard calls in worker threads, each with its own ``Guard``.
+    """Runs calls of one shared ``Guard`` in worker threads, off the event loop.
 
-    DuckDB connections are not shared between threads; a thread's guard is rebuilt when
-    the store's ``CURRENT`` pointer moves (a new ingest), between calls only.
+    The guard is thread-safe (a DuckDB cursor per query, locks around its caches) and
+    follows the store's ``CURRENT`` pointer itself: a new ingest becomes visible at the
+    next query while queries already running keep the snapshot they started on.
     """
 
     def __init__(self, instance: Instance, guard_factory: Callable[[Instance], Any] | None = None,
                  workers: int | None = None):
         self.instance = instance
         self._factory = guard_factory or _default_guard_factory
-        self._local = threading.local()
+        self._guard: Any = None
+        self._guard_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2),
                                            thread_name_prefix="guard")
 
-    def _guard(self) -> Any:
-        generation = _store_generation(self.instance)
-        local = self._local
-        if getattr(local, "guard", None) is None or local.generation != generation:
-            old = getattr(local, "guard", None)
-            local.guard = self._factory(self.instance)
-            local.generation = generation
-            close = getattr(old, "close", None)
-            if callable(close):
-                close()
-        return local.guard
+    def guard(self) -> Any:
+        with self._guard_lock:
+            if self._guard is None:
+                self._guard = self._factory(self.instance)
+            return self._guard
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         def run() -> Any:
-            return getattr(self._guard(), method)(*args, **kwargs)
+            return getattr(self.guard(), method)(*args, **kwargs)
 
         return await asyncio.get_running_loop().run_in_executor(self.executor, run)
 
@@ -270,6 +258,9 @@ class GuardPool:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=True)
+        close = getattr(self._guard, "close", None)
+        if callable(close):
+            close()
 
 
 def _default_guard_factory(instance: Instance) -> Any:
