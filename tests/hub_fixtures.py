@@ -93,8 +93,10 @@ class HubSession(requests.Session):
         self.hub = hub
         self.user = user
 
-    def xsrf(self) -> str:
-        return self.cookies.get("_xsrf", "")
+    def xsrf(self, path: str = "/hub/") -> str:
+        """The xsrf token of ``path`` (servers and services set their own under their prefix)."""
+        candidates = {c.path: c.value for c in self.cookies if c.name == "_xsrf"}
+        return candidates.get(path) or candidates.get("/", "") or next(iter(candidates.values()), "")
 
     def api(self, method: str, path: str, **kwargs: Any) -> requests.Response:
         headers = {"X-XSRFToken": self.xsrf(), **kwargs.pop("headers", {})}
