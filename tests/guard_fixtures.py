@@ -83,3 +83,13 @@ def make_instance(home: Path, *, persons: int = 3000, seed: int = 7, planted: bo
         con.close()
         w.commit()
     return inst
+
+
+def truth(inst: Instance, sql: str):
+    """Run SQL directly on the current snapshot (test oracle only; never for analysts)."""
+    import duckdb
+
+    store = Store(inst)
+    path = store.snapshots_dir / store.current_id() / "data.duckdb"
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute(sql).fetchall()

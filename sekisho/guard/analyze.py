@@ -190,6 +190,8 @@ def check_functions(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
     readers, catalog/system functions, random() and UDFs are refused."""
     allowed = SCALAR_FUNCTIONS + POST_AGGREGATES + WINDOW_FUNCTIONS
     for node in tree.walk():
+        if isinstance(node, exp.Exists):
+            raise refuse("subquery_in_expression", node)
         if isinstance(node, exp.Func) and not isinstance(node, allowed):
             # sqlglot >= 28 makes AND/OR/XOR (exp.Connector) Func subclasses; they are operators
             if isinstance(node, (exp.Table, exp.Connector)):

@@ -61,6 +61,8 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
         view = policy.views[vname]
         cols = {}
         for c in view.columns.values():
+            if store_types is not None and vname in store_types and c.name not in store_types[vname]:
+                continue  # a column the snapshot does not hold cannot be queried
             sql_type = SQL_TYPES.get(c.type, "VARCHAR")
             if store_types and vname in store_types and c.name in store_types[vname]:
                 sql_type = store_types[vname][c.name]

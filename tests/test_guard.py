@@ -1,0 +1,333 @@
+"""The guard: analysis passes one by one, the threshold and DP protections, the audit,
+the budget ledger, alerts, describe and the CLI — on GUARD's small planted store."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import sqlglot
+
+from guard_fixtures import BANDS, BLOCKS, make_instance, truth
+from sekisho.audit import AuditError
+from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import analyze as passes
+from sekisho.guard.catalog import catalog_for_role
+from sekisho.guard.protect.cellkey import PerturbationTable, noise_distribution
+from sekisho.guard.protect.dominance import nk_fails, p_percent_fails
+from sekisho.policy import load_instance_policy
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory):
+    return make_instance(tmp_path_factory.mktemp("guard") / "inst")
+
+
+@pytest.fixture(scope="module")
+def guard(inst):
+    g = Guard(inst)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def catalog(inst):
+    return catalog_for_role(load_instance_policy(inst), "analyst")
+
+
+def refused(guard, sql, **kw) -> QueryRefused:
+    with pytest.raises(QueryRefused) as info:
+        guard.query(sql, user=kw.pop("user", "ana"), **kw)
+    return info.value
+
+
+# ---- passes, each alone -------------------------------------------------------------
+@pytest.mark.parametrize("sql, code", [
+    ("", "empty_query"),
+    ("SELECT 1; SELECT 2", "multiple_statements"),
+    ("COPY residents TO '/tmp/x.csv'", "not_a_select"),
+    ("ATTACH '/tmp/x.duckdb'", "not_a_select"),
+    ("PRAGMA database_list", "not_a_select"),
+    ("INSTALL httpfs", "not_a_select"),
+    ("SET threads = 1", "not_a_select"),
+    ("SELEC block FROM", "parse_error"),
+])
+def test_parse_single_select_refuses(sql, code):
+    with pytest.raises(QueryRefused) as info:
+        passes.parse_single_select(sql)
+    assert info.value.code == code
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT COUNT(*) FROM read_csv('/etc/passwd')",
+    "SELECT getenv('HOME')",
+    "SELECT random()",
+    "SELECT current_setting('threads')",
+    "SELECT my_udf(block) FROM residents",
+    "SELECT COUNT(*) FROM residents WHERE block = (SELECT version())",
+])
+def test_check_functions_refuses_outside_allow_list(sql, catalog):
+    tree = passes.parse_single_select(sql)
+    with pytest.raises(QueryRefused) as info:
+        passes.check_functions(tree, catalog)
+    assert info.value.code == "function_not_allowed"
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("SELECT COUNT(*) FROM '/etc/passwd'", "unknown_view"),
+    ("SELECT COUNT(*) FROM main.residents", "unknown_view"),
+    ("SELECT COUNT(*) FROM information_schema.tables", "unknown_view"),
+    ("SELECT COUNT(*) FROM duckdb_tables()", "table_function"),
+])
+def test_check_tables(sql, code, catalog):
+    tree = passes.parse_single_select(sql)
+    with pytest.raises(QueryRefused) as info:
+        passes.check_tables(tree, catalog)
+    assert info.value.code == code
+
+
+def test_qualify_hides_record_key(catalog):
+    tree = passes.parse_single_select("SELECT _rkey, COUNT(*) FROM residents GROUP BY 1")
+    with pytest.raises(QueryRefused) as info:
+        passes.qualify_columns(tree, catalog)
+    assert info.value.code == "unknown_column"
+
+
+def test_inline_ctes_turns_ctes_into_derived_tables(catalog):
+    tree = passes.parse_single_select(
+        "WITH a AS (SELECT block FROM residents), b AS (SELECT * FROM a) SELECT block, COUNT(*) FROM b GROUP BY 1")
+    tree = passes.inline_ctes(passes.qualify_columns(tree, catalog), catalog)
+    assert not list(tree.find_all(sqlglot.exp.With))
+    assert [t.name for t in tree.find_all(sqlglot.exp.Table)] == ["residents"]
+
+
+@pytest.mark.parametrize("sql, code", [
+    ("SELECT * FROM residents", "row_level_output"),
+    ("SELECT block, age FROM residents WHERE age > 99", "row_level_output"),
+    ("SELECT DISTINCT block FROM residents", "distinct_rows"),
+    ("SELECT COUNT(*) FROM residents WHERE person_id = 'p0000001'", "privacy_unit_in_filter"),
+    ("SELECT household_id, COUNT(*) FROM residents GROUP BY 1", "privacy_unit_in_filter"),
+    ("SELECT COUNT(*) FROM resident_tax WHERE taxable_income > 10000000", "measure_in_filter"),
+    ("SELECT MIN(age) FROM residents", "aggregate_not_allowed"),
+    ("SELECT MAX(taxable_income) FROM resident_tax", "aggregate_not_allowed"),
+    ("SELECT MEDIAN(taxable_income) FROM resident_tax", "aggregate_not_allowed"),
+    ("SELECT QUANTILE(age, 0.5) FROM residents", "aggregate_not_allowed"),
+    ("SELECT LIST(person_id) FROM residents", "aggregate_not_allowed"),
+    ("SELECT STRING_AGG(block, ',') FROM residents", "aggregate_not_allowed"),
+    ("SELECT ANY_VALUE(chome_code) FROM residents", "aggregate_not_allowed"),
+    ("SELECT COUNT(DISTINCT age) FROM residents", "aggregate_argument_not_allowed"),
+    ("SELECT SUM(age) FROM residents", "aggregate_argument_not_allowed"),
+    ("SELECT COUNT(*) FILTER (WHERE sex = '女') FROM residents", "aggregate_filter"),
+    ("SELECT block, COUNT(*) FROM residents GROUP BY ROLLUP (block)", "grouping_sets"),
+    ("SELECT block, COUNT(*) FROM residents GROUP BY CUBE (block)", "grouping_sets"),
+    ("SELECT COUNT(*) FROM residents WHERE block IN (SELECT block FROM facilities)", "subquery_in_expression"),
+    ("SELECT COUNT(*) FROM residents r WHERE EXISTS (SELECT 1 FROM facilities f WHERE f.block = r.block)",
+     "subquery_in_expression"),
+    ("SELECT COUNT(*) FROM (SELECT block FROM residents UNION ALL SELECT block FROM residents)",
+     "set_operation_below_boundary"),
+    ("SELECT COUNT(*) FROM (SELECT block, ROW_NUMBER() OVER () AS r FROM residents) WHERE r = 1",
+     "window_below_boundary"),
+    ("SELECT COUNT(*) FROM (SELECT * FROM residents ORDER BY age DESC LIMIT 1)", "limit_below_boundary"),
+    ("SELECT COUNT(*) FROM residents r JOIN resident_tax t ON r.block = t.block", "personal_join"),
+    ("SELECT COUNT(*) FROM facilities f RIGHT JOIN residents r ON r.block = f.block", "join_not_allowed"),
+    ("SELECT COUNT(*) FROM residents TABLESAMPLE 10%", "syntax_not_allowed"),
+    ("SELECT COUNT(*) FROM residents WHERE block = ?", "parameter_placeholder"),
+    ("WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r) SELECT COUNT(*) FROM r", "recursive_cte"),
+    ("SELECT COUNT(*) FROM residents WHERE chome_code = '2820149999'", "filter_population_below_k"),
+])
+def test_refusals(guard, sql, code):
+    assert refused(guard, sql).code == code
+
+
+def test_refusal_names_the_part_and_never_data(guard):
+    r = refused(guard, "SELECT block, MIN(age) FROM residents GROUP BY 1")
+    assert "MIN" in r.part
+    small = refused(guard, "SELECT COUNT(*) FROM residents WHERE chome_code = '2820149999'")
+    empty = refused(guard, "SELECT COUNT(*) FROM residents WHERE chome_code = 'nowhere'")
+    assert small.reason == empty.reason and small.code == empty.code
+    assert not any(ch.isdigit() for ch in small.reason)
+
+
+def test_unknown_user_and_roles_without_views(guard):
+    assert refused(guard, "SELECT COUNT(*) FROM residents", user="mallory").code == "unknown_user"
+    assert refused(guard, "SELECT COUNT(*) FROM residents", user="stew").code == "role_has_no_views"
+    assert refused(guard, "SELECT COUNT(*) FROM residents", user="rep", mode="dp", epsilon=0.1).code == \
+        "mode_not_allowed"
+
+
+def test_public_views_are_answered_as_is(guard, inst):
+    r = guard.query("SELECT facility_id, capacity_1 FROM facilities ORDER BY facility_id", user="ana")
+    assert r.table.num_rows == len(truth(inst, "SELECT * FROM facilities"))
+    assert r.table.column("capacity_1").to_pylist()[:2] == [10, 11]
+
+
+# ---- threshold mode -------------------------------------------------------------------------
+def test_exactly_the_cells_below_k_are_suppressed(guard, inst):
+    r = guard.query("SELECT block, age_band, COUNT(*) AS n FROM residents GROUP BY 1, 2", user="ana")
+    true = {(b, a): n for b, a, n in truth(inst, "SELECT block, age_band, COUNT(DISTINCT person_id) "
+                                                 "FROM residents GROUP BY 1, 2")}
+    rows = r.table.to_pylist()
+    assert len(rows) == len(BLOCKS) * len(BANDS)  # densified to the public domains
+    k = 10
+    for row in rows:
+        n_true = true.get((row["block"], row["age_band"]), 0)
+        assert (row["n"] is None) == (n_true < k), (row, n_true)
+        if row["n"] is not None:
+            assert abs(row["n"] - n_true) <= 2
+    assert r.summary["cells_suppressed"] == sum(1 for row in rows if row["n"] is None)
+
+
+def test_output_never_carries_keys(guard):
+    r = guard.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana")
+    assert r.table.column_names == ["block", "n"]
+    assert not any(name.startswith("__") or "rkey" in name for name in r.table.column_names)
+    assert set(r.summary) >= {"mode", "cells", "cells_suppressed", "perturbation", "epsilon_spent",
+                              "epsilon_remaining", "query_id", "notes_ja"}
+
+
+def test_groups_without_public_domain_drop_rare_groups(guard, inst):
+    r = guard.query("SELECT chome_code, COUNT(*) AS n FROM residents GROUP BY 1", user="ana")
+    codes = set(r.table.column("chome_code").to_pylist())
+    assert "2820149999" not in codes
+    assert None not in r.table.column("n").to_pylist()
+    assert r.summary["cells_suppressed"] == 0  # the number of dropped groups is not revealed
+
+
+def test_dominance_suppresses_a_dominated_sum(guard):
+    r = guard.query("SELECT block, SUM(taxable_income) AS s, AVG(taxable_income) AS m, COUNT(*) AS n "
+                    "FROM resident_tax WHERE tax_year = 2025 GROUP BY block", user="ana")
+    rows = {row["block"]: row for row in r.table.to_pylist()}
+    assert rows["安富"]["s"] is None and rows["安富"]["m"] is None and rows["安富"]["n"] is not None
+    assert rows["家島"]["s"] is not None
+    assert r.summary["values_suppressed_dominance"] >= 1
+
+
+def test_dominance_rules():
+    assert nk_fails([100], [60], [35]).all()          # two hold 95 %
+    assert not nk_fails([100], [30], [20]).any()
+    assert p_percent_fails([100], [95], [1]).all()    # remainder 4 < 9.5
+    assert not p_percent_fails([100], [20], [20]).any()
+
+
+def test_perturbation_table_is_zero_mean_bounded_and_keyed():
+    dist = noise_distribution(2, 1.0)
+    assert abs(sum(v * p for v, p in dist.items())) < 1e-9
+    assert abs(sum(v * v * p for v, p in dist.items()) - 1.0) < 0.01
+    t1 = PerturbationTable(b"a" * 32, max_noise=2, variance=1.0)
+    t2 = PerturbationTable(b"b" * 32, max_noise=2, variance=1.0)
+    assert t1.count_table.min() >= -2 and t1.count_table.max() <= 2
+    assert abs(t1.count_table.mean()) < 0.05
+    assert (t1.count_table != t2.count_table).any()
+
+
+def test_same_contributors_same_noise_across_query_text(guard):
+    a = guard.query("SELECT COUNT(*) AS n FROM residents WHERE age >= 65", user="ana").table.to_pylist()
+    b = guard.query("SELECT COUNT(person_id) AS n FROM (SELECT * FROM residents WHERE NOT age < 65) t",
+                    user="ana").table.to_pylist()
+    c = guard.query("WITH old AS (SELECT * FROM residents WHERE age > 64 AND sex IN ('男', '女')) "
+                    "SELECT COUNT(DISTINCT person_id) AS n FROM old", user="ana").table.to_pylist()
+    assert a == b == c
+
+
+def test_post_processing_sees_only_protected_values(guard):
+    r = guard.query("SELECT SUM(n) AS total, MAX(n) AS top FROM (SELECT block, COUNT(*) AS n FROM residents "
+                    "GROUP BY block) t", user="ana")
+    blocks = guard.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana")
+    released = [v for v in blocks.table.column("n").to_pylist() if v is not None]
+    assert r.table.to_pylist() == [{"total": sum(released), "top": max(released)}]
+
+
+def test_join_of_aggregates_with_public_view(guard):
+    r = guard.query("SELECT a.block, a.n, b.cap, a.n / b.cap AS ratio FROM (SELECT block, COUNT(*) AS n FROM "
+                    "residents GROUP BY block) a JOIN (SELECT block, SUM(capacity_1) AS cap FROM facilities "
+                    "GROUP BY block) b ON a.block = b.block ORDER BY a.block", user="ana")
+    assert r.table.num_rows == 13 and r.table.column_names == ["block", "n", "cap", "ratio"]
+
+
+# ---- DP mode ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("eps", [0, -1, 1e20, float("nan"), float("inf"), 1.0000001, None, "0.5x", True])
+def test_epsilon_validation(guard, eps):
+    assert refused(guard, "SELECT COUNT(*) FROM residents", mode="dp", epsilon=eps).code == "epsilon_invalid"
+
+
+def test_dp_debits_before_answer_and_persists(inst):
+    g1 = Guard(inst)
+    before = g1.budget("ana2")["spent"]
+    r = g1.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana2", mode="dp", epsilon=0.5)
+    assert r.summary["epsilon_spent"] == 0.5
+    g1.close()
+    g2 = Guard(inst)  # a restart / new session
+    assert g2.budget("ana2")["spent"] == pytest.approx(before + 0.5)
+    # a different view draws on the same budget
+    g2.query("SELECT idou_type, COUNT(*) AS n FROM movements GROUP BY 1", user="ana2", mode="dp", epsilon=1.0)
+    assert g2.budget("ana2")["spent"] == pytest.approx(before + 1.5)
+
+
+def test_dp_sum_of_derived_measure_refused(guard):
+    assert refused(guard, "SELECT SUM(taxable_income * 2) FROM resident_tax", mode="dp", epsilon=0.1).code == \
+        "dp_derived_measure"
+
+
+def test_dp_public_domains_are_densified(guard):
+    r = guard.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana", mode="dp", epsilon=0.2)
+    assert sorted(r.table.column("block").to_pylist()) == sorted(BLOCKS)
+
+
+# ---- audit, alerts ---------------------------------------------------------------------------
+def test_every_request_is_audited(guard, inst):
+    ok = guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+    entry = [e for e in inst.audit.entries(type="query") if e["seq"] == ok.summary["query_id"]][0]
+    d = entry["details"]
+    assert entry["user"] == "ana" and entry["role"] == "analyst" and entry["outcome"] == "ok"
+    for key in ("sql", "fingerprint", "views", "mode", "decision", "rows", "cells", "cells_suppressed",
+                "epsilon_spent", "duration_ms"):
+        assert key in d
+    refused(guard, "SELECT MIN(age) FROM residents")
+    last = list(inst.audit.entries(type="query.refused"))[-1]
+    assert last["details"]["code"] == "aggregate_not_allowed" and last["outcome"] == "refused"
+
+
+def test_no_answer_when_audit_fails(inst, monkeypatch):
+    g = Guard(inst)
+
+    def broken(*a, **k):
+        raise AuditError("disk full")
+    monkeypatch.setattr(inst.audit, "append", broken)
+    with pytest.raises(AuditError):
+        g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+
+
+def test_near_duplicate_burst_raises_an_alert(inst):
+    g = Guard(inst)
+    policy = load_instance_policy(inst)
+    burst = policy.disclosure.alerts.near_duplicate_burst
+    before = len(list(inst.audit.entries(type="alert")))
+    for i in range(burst):
+        g.query(f"SELECT COUNT(*) AS n FROM residents WHERE age >= {i}", user="ana2")
+    alerts = list(inst.audit.entries(type="alert"))[before:]
+    assert any(a["details"]["alert"] == "near_duplicate" for a in alerts)
+
+
+# ---- describe -------------------------------------------------------------------------------
+def test_describe_matches_query_schema(guard):
+    sql = ("SELECT block, COUNT(*) AS n, AVG(taxable_income) AS m, COUNT(*) / 2 AS half FROM resident_tax "
+           "GROUP BY block")
+    schema = guard.describe(sql, user="ana")
+    assert schema == guard.query(sql, user="ana").table.schema
+    assert schema.field("n").type == pa.int64() and schema.field("m").type == pa.float64()
+
+
+# ---- CLI ------------------------------------------------------------------------------------
+def test_cli_query_and_refusal(inst):
+    base = [sys.executable, "-m", "sekisho.cli", "query", "--home", str(inst.home), "--as", "ana"]
+    ok = subprocess.run(base + ["--format", "json", "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert {row["sex"] for row in json.loads(ok.stdout)} == {"男", "女"}
+    bad = subprocess.run(base + ["SELECT * FROM residents"], capture_output=True, text=True)
+    assert bad.returncode == 3 and "row_level_output" in bad.stderr
