@@ -193,7 +193,7 @@ def test_a_failed_notebook_keeps_the_previous_publication(published_city, tmp_pa
     assert "row_level_output" in outcomes[0].error or "QueryRefused" in outcomes[0].error
     after = json.loads((instance.published_dir / "index.json").read_text(encoding="utf-8"))
     assert after == before
-    failed = instance.audit.entries(type="publish.failed")
+    failed = list(instance.audit.entries(type="publish.failed"))
     assert failed and failed[-1]["details"]["report"] == "07_教育保育"
     leftovers = [p for p in (instance.published_dir / "07_教育保育").iterdir() if p.name.endswith(".partial")]
     assert leftovers == []
