@@ -69,10 +69,11 @@ def hub_prerequisites() -> str | None:
     return None
 
 
-def run_sekisho(*args: str, home: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_sekisho(*args: str, home: Path, check: bool = True, timeout: int = 600,
+                with_home: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, SEKISHO_HOME=str(home))
-    proc = subprocess.run([SEKISHO, *args, "--home", str(home)] if "--home" not in args else [SEKISHO, *args],
-                          capture_output=True, text=True, env=env, timeout=timeout)
+    cmd = [SEKISHO, *args, "--home", str(home)] if with_home else [SEKISHO, *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if check and proc.returncode != 0:
         raise HubTestError(f"sekisho {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -311,7 +312,8 @@ def _populate_with_steward(hub: RunningHub, population: int, base: Path) -> bool
         return False
     steward = hub.add_user("steward")
     source = base / "source"
-    run_sekisho("synth", "--population", str(population), "--out", str(source), home=hub.home)
+    run_sekisho("synth", "--population", str(population), "--out", str(source), "--seed", "7", "--quiet",
+                home=hub.home, with_home=False)
     run_sekisho("ingest", str(source), "--as", steward.name, "--quiet", home=hub.home)
     return True
 

@@ -69,6 +69,7 @@ TYPE_LABELS = {
     "users.set-password": "パスワード再設定",
 }
 OUTCOME_LABELS = {"ok": "成功", "refused": "拒否", "denied": "不許可", "failed": "失敗"}
+SESSION_END_LABELS = {"logout": "ログアウト", "login": "次のログイン", "server.stop": "サーバー停止"}
 ROLE_LABELS = {"analyst": "分析者", "admin": "監査者", "manager": "管理職", "steward": "データ管理者",
                "reports": "レポート"}
 DEFAULT_LIMIT = 200
@@ -323,7 +324,8 @@ class ReviewHandler(ServiceHandler):
         super().render(template, user=self.hub_user, role_label=ROLE_LABELS.get(self.sekisho_role, ""),
                        prefix=self.settings["service_prefix"], type_labels=TYPE_LABELS,
                        outcome_labels=OUTCOME_LABELS, role_labels=ROLE_LABELS, fmt_ts=fmt_ts,
-                       fmt_duration=fmt_duration, details_text=details_text, **kwargs)
+                       fmt_duration=fmt_duration, details_text=details_text,
+                       end_labels=SESSION_END_LABELS, **kwargs)
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         if status_code == 400:
