@@ -29,3 +29,18 @@ def published_city(tmp_path_factory):
     from reports_fixtures import build_published_city
 
     return build_published_city(tmp_path_factory.mktemp("published-city"))
+
+
+# ---- a small ingested synthetic city (helper INGEST; see tests/ingest_fixtures.py) ---------
+@_pytest_for_hub.fixture(scope="session")
+def ingested_instance(tmp_path_factory):
+    """A temp instance with users (steward suzuki, analyst tanaka, manager sato, admin
+    takahashi, reports) and a ~4,000-person synthetic city (fixed seed) ingested.
+    Attributes: .instance, .source_dir, .manifest, .result, .users, .steward, .analyst, ..."""
+    import shutil
+
+    from ingest_fixtures import build_ingested_city
+
+    city = build_ingested_city(tmp_path_factory.mktemp("ingested-city-export"))
+    yield city
+    shutil.rmtree(city.base, ignore_errors=True)

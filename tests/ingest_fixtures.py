@@ -141,3 +141,55 @@ def write_mini_city(directory: Path, *, seed: int = 7, persons: int = 48,
     for name, rows in data.items():
         write_csv(directory / name, COLUMNS[name], rows, encoding=encoding)
     return data
+
+
+# ---- the shared synthetic city (conftest fixture ``ingested_instance``) -----------------
+
+CITY_POPULATION = 4000
+CITY_SEED = 20261123
+CITY_USERS = {"steward": "suzuki", "analyst": "tanaka", "manager": "sato",
+              "admin": "takahashi", "reports": "reports"}
+
+
+class IngestedCity:
+    """An instance holding a small synthetic city, ingested once per test session.
+
+    ``instance`` (sekisho.instance.Instance), ``source_dir`` (the raw export, with
+    ``manifest.json``), ``manifest``, ``result`` (sekisho.ingest.IngestResult), and the
+    user names ``steward``, ``analyst``, ``manager``, ``admin``, ``reports`` (also in
+    ``users``: role -> name). The home lives in a directory the service account can
+    reach, so tests that drop privileges or spawn services can use it.
+    """
+
+    def __init__(self, instance, source_dir: Path, manifest: dict, result, base: Path):
+        self.instance = instance
+        self.source_dir = source_dir
+        self.manifest = manifest
+        self.result = result
+        self.base = base
+        self.users = dict(CITY_USERS)
+        for role, name in CITY_USERS.items():
+            setattr(self, role, name)
+
+    @property
+    def home(self) -> Path:
+        return self.instance.home
+
+
+def build_ingested_city(source_dir: Path, population: int = CITY_POPULATION,
+                        seed: int = CITY_SEED) -> IngestedCity:
+    import tempfile
+
+    from sekisho.ingest import ingest
+    from sekisho.instance import Instance
+    from sekisho.state import set_role
+    from sekisho.synth import generate
+
+    manifest = generate(source_dir, population=population, seed=seed)
+    base = Path(tempfile.mkdtemp(prefix="sekisho-city-"))
+    base.chmod(0o755)
+    inst = Instance.create(base / "home")
+    for role, name in CITY_USERS.items():
+        set_role(inst, name, role)
+    result = ingest(inst, source_dir, user=CITY_USERS["steward"])
+    return IngestedCity(inst, Path(source_dir), manifest, result, base)
