@@ -23,7 +23,7 @@ from sekisho.instance import SERVICE_ACCOUNT, Instance
 from sekisho.state import HUMAN_ROLES, UnknownUser, list_users, remove_user, role_of, set_role
 
 # POSIX portable user names, lower case (the hub lower-cases names; they must match)
-NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
+NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
 RESERVED = frozenset({"root", SERVICE_ACCOUNT, "reports", "nobody", "daemon", "bin", "sys"})
 PASSWORD_BYTES = 12  # token_urlsafe(12): 16 characters, 96 bits
 

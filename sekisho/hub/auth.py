@@ -21,6 +21,7 @@ Where the role comes from:
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -74,6 +75,13 @@ class SekishoAuthMixin(Authenticator):
 
     _instance: Instance | None = None
 
+    @property
+    def _credentials_ok(self) -> set[int]:
+        # ids of login forms whose credentials the underlying authenticator accepted
+        if "_credentials_ok_ids" not in self.__dict__:
+            self.__dict__["_credentials_ok_ids"] = set()
+        return self.__dict__["_credentials_ok_ids"]
+
     # ---- instance ----------------------------------------------------------
     @property
     def instance(self) -> Instance:
@@ -111,8 +119,8 @@ class SekishoAuthMixin(Authenticator):
     # ---- login -------------------------------------------------------------
     async def authenticate(self, handler, data):
         result = await maybe_future(super().authenticate(handler, data))
-        if result is not None and handler is not None:
-            handler._sekisho_credentials_ok = True  # tells a refusal from a bad password
+        if result is not None:
+            self._credentials_ok.add(id(data))  # tells a refusal from a bad password
         return result
 
     async def get_authenticated_user(self, handler, data):
@@ -123,8 +131,10 @@ class SekishoAuthMixin(Authenticator):
         except Exception as exc:
             self._audit_failure(attempted, "error", ip, error=type(exc).__name__)
             raise
+        finally:
+            credentials_ok = id(data) in self._credentials_ok
+            self._credentials_ok.discard(id(data))
         if result is None:
-            credentials_ok = getattr(handler, "_sekisho_credentials_ok", False)
             self._audit_failure(attempted, "no_sekisho_role" if credentials_ok else "bad_credentials", ip)
             return None
         name = result["name"]
@@ -178,6 +188,19 @@ class SekishoAuthMixin(Authenticator):
 
 class SekishoPAMAuthenticator(SekishoAuthMixin, PAMAuthenticator):
     """PAM login against the system users made by ``sekisho users add``."""
+
+
+def secret_from_env(name: str) -> str:
+    """A secret for the hub config (client secret, bind password) from the environment.
+
+    Keep such secrets out of config files: put them in a root-only environment file
+    (e.g. systemd ``EnvironmentFile=/etc/sekisho/hub.env``, mode 0600).
+    """
+    value = os.environ.get(name, "")
+    if not value:
+        raise RuntimeError(f"hub configuration: environment variable {name} is not set "
+                           "(see docs/production-auth.md)")
+    return value
 
 
 def groups_from_ldap_auth_state(auth_model: dict[str, Any]) -> list[str]:

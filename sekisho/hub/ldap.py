@@ -21,5 +21,10 @@ class SekishoLDAPAuthenticator(SekishoAuthMixin, LDAPAuthenticator):
     def _role_source_default(self):
         return "groups"
 
+    @default("allowed_groups")
+    def _allowed_groups_default(self):
+        # ldapauthenticator looks up membership only of the groups listed here
+        return list(self.group_roles)
+
     def idp_groups(self, auth_model: dict[str, Any]) -> list[str]:
         return groups_from_ldap_auth_state(auth_model)
