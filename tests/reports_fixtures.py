@@ -63,8 +63,9 @@ def build_published_city(root: Path) -> PublishedCity:
     synthesise(exports)
     instance = Instance.create(home)
     set_role(instance, "stew", "steward")
-    cli("ingest", "--home", str(home), "--as", "stew", "--quiet",
-        "--extract-date", EXTRACT.isoformat(), str(exports))
+    from sekisho.ingest import ingest
+
+    ingest(instance, exports, user="stew", extract_date=EXTRACT)
     outcomes = publish(instance, notebooks(), caller="pytest", caller_role=None, workers=2)
     failed = [f"{o.name}: {o.error}" for o in outcomes if not o.ok]
     assert not failed, failed

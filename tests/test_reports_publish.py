@@ -69,7 +69,8 @@ def test_pages_are_self_contained(published_city):
 
 
 def test_each_publication_is_audited_with_digest_and_snapshot(published_city):
-    entries = {e["details"]["report"]: e for e in published_city.instance.audit.entries(type="publish")}
+    entries = {e["details"]["report"]: e for e in published_city.instance.audit.entries(type="publish")
+               if e["type"] == "publish"}
     index = published_city.index()["reports"]
     assert set(entries) == set(index)
     for name, entry in index.items():
@@ -193,7 +194,7 @@ def test_a_failed_notebook_keeps_the_previous_publication(published_city, tmp_pa
     assert "row_level_output" in outcomes[0].error or "QueryRefused" in outcomes[0].error
     after = json.loads((instance.published_dir / "index.json").read_text(encoding="utf-8"))
     assert after == before
-    failed = list(instance.audit.entries(type="publish.failed"))
+    failed = [e for e in instance.audit.entries(type="publish.failed") if e["type"] == "publish.failed"]
     assert failed and failed[-1]["details"]["report"] == "07_教育保育"
     leftovers = [p for p in (instance.published_dir / "07_教育保育").iterdir() if p.name.endswith(".partial")]
     assert leftovers == []

@@ -96,6 +96,12 @@ def test_mesh_cells_sit_where_jismesh_puts_them(level, column):
     assert np.isclose(shown.x[c1], grid.lon.iloc[1]) and np.isclose(shown.y[r1], grid.lat.iloc[1])
 
 
+def test_a_map_of_a_single_cell():
+    fig = mesh_figure(pd.DataFrame({"mesh1km": ["52346250"], "n": [12.0]}), "mesh1km", "n",
+                      title="t", value_label="人口", diverging=True)
+    assert fig.data[1].z[0][0] == 12.0
+
+
 def test_mesh_codes_of_the_wrong_level_are_named():
     with pytest.raises(ValueError, match="52346250"):
         cell_grid(pd.Series(["52346250"]), 5)

@@ -32,7 +32,11 @@ def cell_grid(codes: pd.Series, level: int) -> pd.DataFrame:
     if len(bad):
         raise ValueError(f"mesh codes of the wrong length for level {level}: {list(bad[:5])}")
     as_int = codes.astype("int64").to_numpy()
-    lat0, lon0 = ju.to_meshpoint(as_int, 0.0, 0.0)
+    if len(as_int) == 1:  # jismesh's vector path calls np.asscalar (gone in numpy 2) for one code
+        lat, lon = ju.to_meshpoint(int(as_int[0]), 0.0, 0.0)
+        lat0, lon0 = np.array([lat]), np.array([lon])
+    else:
+        lat0, lon0 = ju.to_meshpoint(as_int, 0.0, 0.0)
     dlat, dlon = CELL_DEG[level]
     grid = pd.DataFrame({"mesh": codes.to_numpy(), "lat0": lat0, "lon0": lon0})
     grid["row"] = np.rint((grid.lat0 - grid.lat0.min()) / dlat).astype(int)
@@ -79,7 +83,7 @@ def mesh_figure(df: pd.DataFrame, mesh_column: str, value_column: str, *, title:
         colorscale=[[0, "#d0d0d0"], [1, "#d0d0d0"]],
         hovertemplate="メッシュ %{text}<br>秘匿<extra></extra>"))
     if diverging:
-        bound = np.nanmax(np.abs(values)) if np.isfinite(values).any() else 1
+        bound = float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0
         scale = dict(colorscale="RdBu_r", zmid=0, zmin=-bound, zmax=bound)
     else:
         scale = dict(colorscale="YlOrRd")
