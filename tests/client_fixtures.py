@@ -230,12 +230,14 @@ class ServiceProcess:
             "JUPYTERHUB_CLIENT_ID": "service-guard",
             "SEKISHO_HOME": str(self.home),
         })
+        # the log goes to a file: a pipe nobody reads would block the service once full
+        self.log = open(f"/var/tmp/sekisho-guard-test-{self.port}.log", "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "sekisho.services.guard"], env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                     stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"guard service exited: {self.proc.stderr.read().decode()[-2000:]}")
+                raise RuntimeError(f"guard service exited: {self.log_tail()}")
             try:
                 if requests.get(self.url + "api/openapi.yaml", timeout=2).status_code == 200:
                     return self
@@ -243,6 +245,10 @@ class ServiceProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError("guard service did not start")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        with open(self.log.name, "rb") as f:
+            return f.read().decode("utf-8", "replace")[-chars:]
 
     def kill9(self) -> None:
         import signal
@@ -254,3 +260,8 @@ class ServiceProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(10)
+        self.log.close()
+        import os
+
+        if os.path.exists(self.log.name):
+            os.unlink(self.log.name)
