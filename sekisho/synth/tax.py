@@ -38,10 +38,16 @@ def resident_tax(rng: np.random.Generator, tax_years: tuple[int, ...], birth: np
     taxpayer_draw = rng.random(n)
     level = rng.normal(0.0, 0.7, n)
     high = rng.random(n) < P.TAXPAYER_HIGH_EARNER
-    if n and not high.any():  # at least one per chunk, so even small test cities have one
-        high[int(rng.integers(n))] = True
-    high_factor = np.exp(rng.uniform(2.5, 4.5, n))
+    high_income = np.exp(rng.uniform(np.log(30e6), np.log(300e6), n))  # 30M-300M yen
     levy_only = rng.random(n) < P.TAXPAYER_LEVY_ONLY
+    # at least one high earner per chunk, so even small test cities have a dominant income:
+    # a working-age resident present in every tax year, made a full taxpayer
+    first_jan1, last_jan1 = int(from_ymd(min(tax_years), 1, 1)), int(from_ymd(max(tax_years), 1, 1))
+    age_first = age_at(birth, first_jan1)
+    steady = np.flatnonzero((registered <= first_jan1) & (removed > last_jan1) & (age_first >= 30) & (age_first < 60))
+    if len(steady) and not high[steady].any():
+        chosen = steady[int(rng.integers(len(steady)))]
+        high[chosen], taxpayer_draw[chosen], levy_only[chosen] = True, 0.0, False
     parts = []
     for year in tax_years:
         jan1 = int(from_ymd(year, 1, 1))
@@ -51,7 +57,7 @@ def resident_tax(rng: np.random.Generator, tax_years: tuple[int, ...], birth: np
         p = np.where(sex == 1, _TAXPAYER_P[1][band], _TAXPAYER_P[2][band])
         median = np.where(sex == 1, _MEDIAN_YEN[1][band], _MEDIAN_YEN[2][band])
         income = median * np.exp(level + rng.normal(0.0, 0.12, n))
-        income = np.where(high, income * high_factor, income)
+        income = np.where(high, high_income * np.exp(rng.uniform(0.0, 0.2, n)), income)
         taxable = np.where(levy_only, 0, np.floor(income / 1000) * 1000).astype(np.int64)
         rows = np.flatnonzero(resident & (taxpayer_draw < p))
         parts.append(TaxRows(rows, np.full(len(rows), year), taxable[rows],
