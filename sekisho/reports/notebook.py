@@ -16,9 +16,9 @@ from sekisho.reports.sql import AREA_COLUMNS, AREA_LABELS
 AREA_LEVELS = tuple(AREA_COLUMNS)
 
 
-def latest_month() -> str:
+def latest_month(sql=None) -> str:
     """The last month that has any 異動 (the data's reference month), asked of the guard."""
-    df = data.sql("SELECT idou_ym, COUNT(*) AS n FROM movements GROUP BY idou_ym")
+    df = (sql or data.sql)("SELECT idou_ym, COUNT(*) AS n FROM movements GROUP BY idou_ym")
     months = df.loc[df["n"].notna(), "idou_ym"].dropna().astype(str)
     if months.empty:
         raise RuntimeError("no 異動 months visible through the guard; is the store empty?")

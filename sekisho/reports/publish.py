@@ -98,11 +98,16 @@ def _publishing_environment(instance: Instance, scratch: Path) -> dict[str, str]
 
 def resolve_base_month(instance: Instance) -> str:
     """The data's latest month, asked of the guard as the reports identity."""
-    os.environ.setdefault("SEKISHO_HOME", str(instance.home))
-    os.environ.setdefault("SEKISHO_REPORTS_USER", REPORTS_USER)
+    import ibis
+
+    from sekisho.reports.data import GuardConnection
     from sekisho.reports.notebook import latest_month
 
-    return latest_month()
+    connection = GuardConnection(ibis.sekisho.connect(home=str(instance.home), user=REPORTS_USER))
+    try:
+        return latest_month(connection.sql)
+    finally:
+        connection.backend.disconnect()
 
 
 def render_one(notebook: ReportNotebook, parameters: dict[str, Any], target: Path,
@@ -170,7 +175,9 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
     snapshot = _snapshot_id(instance)
     _ensure_reports_identity(instance)
     scratch = Path(tempfile.mkdtemp(prefix="sekisho-publish-"))
-    os.environ.update(_publishing_environment(instance, scratch))
+    publishing_env = _publishing_environment(instance, scratch)
+    saved_env = {key: os.environ.get(key) for key in publishing_env}
+    os.environ.update(publishing_env)  # inherited by the workers and their kernels
     try:
         if base_month:
             check_month(base_month, "--base-month")
@@ -192,6 +199,11 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
             _record(instance, outcomes, parameters, snapshot, caller, caller_role, stamp, publication)
         return outcomes
     finally:
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         shutil.rmtree(scratch, ignore_errors=True)
 
 
