@@ -119,6 +119,22 @@ def hub_settings(instance: Instance, environ: dict[str, str] | None = None) -> H
         raise HubConfigError(f"{instance.config_path}: hub: ports must be integers ({exc})") from None
 
 
+def update_hub_config(instance: Instance, **values: Any) -> Instance:
+    """Change keys of the instance's ``hub:`` section (config.yaml), atomically; return it reopened."""
+    import yaml
+
+    path = instance.config_path
+    config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    config["hub"] = {**(config.get("hub") or {}), **values}
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        yaml.safe_dump(config, f, allow_unicode=True, sort_keys=False)
+    os.replace(tmp, path)
+    secure(path)
+    return Instance.open(instance.home)
+
+
 def available_services(wanted: tuple[str, ...] | None = None) -> list[str]:
     """The services to run: those asked for (all by default) whose module is installed."""
     names = SERVICE_MODULES if wanted is None else wanted
@@ -195,6 +211,7 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     c.SekishoAuthMixin.sekisho_home = str(instance.home)
     c.Authenticator.manage_groups = True
     c.Authenticator.admin_users = set()
+    c.Authenticator.any_allow_config = True  # check_allowed admits exactly the people with a Sekisho role
     c.Authenticator.auth_refresh_age = 60   # a removed person is logged out within a minute
     c.Authenticator.refresh_pre_spawn = True
     c.JupyterHub.shutdown_on_logout = True  # a server never outlives its owner's session
