@@ -23,6 +23,17 @@ def band(age: int) -> str:
     return "100+" if age >= 100 else BANDS[age // 5]
 
 
+def _load(con, table: str, rows: list[tuple]) -> None:
+    """Bulk insert (DuckDB's executemany is row by row and slow)."""
+    import pandas as pd
+
+    names = [r[0] for r in con.execute(f'DESCRIBE "{table}"').fetchall()]
+    frame = pd.DataFrame(rows, columns=names)
+    con.register("_frame", frame)
+    con.execute(f'INSERT INTO "{table}" SELECT * FROM _frame')
+    con.unregister("_frame")
+
+
 def make_instance(home: Path, *, persons: int = 3000, seed: int = 7, planted: bool = True) -> Instance:
     """An instance with users ``ana`` (analyst), ``rep`` (reports), ``stew`` (steward)
     and a snapshot of ``persons`` random residents. With ``planted``: a lone 100+ year
@@ -61,17 +72,17 @@ def make_instance(home: Path, *, persons: int = 3000, seed: int = 7, planted: bo
         con.execute("CREATE TABLE residents (person_id VARCHAR, household_id VARCHAR, sex VARCHAR, age BIGINT, "
                     "age_band VARCHAR, relationship VARCHAR, chome_code VARCHAR, block VARCHAR, is_current BOOLEAN, "
                     "_rkey SMALLINT)")
-        con.executemany("INSERT INTO residents VALUES (?,?,?,?,?,?,?,?,?,?)", residents)
+        _load(con, "residents", residents)
         con.execute("CREATE TABLE resident_tax (person_id VARCHAR, tax_year BIGINT, income_levy BIGINT, "
                     "taxable_income BIGINT, per_capita_levy BIGINT, sex VARCHAR, age_band VARCHAR, block VARCHAR, "
                     "_rkey SMALLINT)")
-        con.executemany("INSERT INTO resident_tax VALUES (?,?,?,?,?,?,?,?,?)", tax)
+        _load(con, "resident_tax", tax)
         con.execute("CREATE TABLE movements (person_id VARCHAR, household_id VARCHAR, idou_type VARCHAR, "
                     "idou_year BIGINT, sex VARCHAR, age BIGINT, age_band VARCHAR, block VARCHAR, _rkey SMALLINT)")
-        con.executemany("INSERT INTO movements VALUES (?,?,?,?,?,?,?,?,?)", moves)
+        _load(con, "movements", moves)
         con.execute("CREATE TABLE childcare (person_id VARCHAR, cert_type VARCHAR, facility_id VARCHAR, "
                     "block VARCHAR, sex VARCHAR, age BIGINT, _rkey SMALLINT)")
-        con.executemany("INSERT INTO childcare VALUES (?,?,?,?,?,?,?)", care)
+        _load(con, "childcare", care)
         con.execute("CREATE TABLE facilities (facility_id VARCHAR, facility_name VARCHAR, facility_type VARCHAR, "
                     "block VARCHAR, chome_code VARCHAR, capacity_1 BIGINT, capacity_2 BIGINT, capacity_3 BIGINT)")
         con.executemany("INSERT INTO facilities VALUES (?,?,?,?,?,?,?,?)",
@@ -80,6 +91,14 @@ def make_instance(home: Path, *, persons: int = 3000, seed: int = 7, planted: bo
         con.execute("CREATE TABLE areas (chome_code VARCHAR, chome_name VARCHAR, block VARCHAR)")
         con.executemany("INSERT INTO areas VALUES (?,?,?)",
                         [(f"282014{j:04d}", f"町{j}", BLOCKS[j % 13]) for j in range(150)])
+        # the remaining policy columns exist (NULL), so SELECT * expands as on a real store
+        from sekisho.guard.catalog import SQL_TYPES
+        from sekisho.policy import load_instance_policy
+        for view in load_instance_policy(inst).views.values():
+            have = {r[0] for r in con.execute(f'DESCRIBE "{view.name}"').fetchall()}
+            for col in view.columns.values():
+                if col.name not in have:
+                    con.execute(f'ALTER TABLE "{view.name}" ADD COLUMN "{col.name}" {SQL_TYPES[col.type]}')
         con.close()
         w.commit()
     return inst
@@ -93,3 +112,24 @@ def truth(inst: Instance, sql: str):
     path = store.snapshots_dir / store.current_id() / "data.duckdb"
     with duckdb.connect(str(path), read_only=True) as con:
         return con.execute(sql).fetchall()
+
+
+def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
+    """A new snapshot = the current one plus ``residents`` rows (a data update)."""
+    store = Store(inst)
+    old = store.snapshots_dir / store.current_id() / "data.duckdb"
+    with store.writer(policy_version=inst.policy_version) as w:
+        con = w.connect()
+        con.execute(f"ATTACH '{old}' AS old (READ_ONLY)")
+        for (name,) in con.execute("SELECT table_name FROM information_schema.tables "
+                                   "WHERE table_catalog = 'old'").fetchall():
+            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
+        con.execute("DETACH old")
+        cols = [r[0] for r in con.execute("DESCRIBE residents").fetchall()]
+        for row in residents:
+            values = dict(zip(("person_id", "household_id", "sex", "age", "age_band", "relationship",
+                               "chome_code", "block", "is_current", "_rkey"), row))
+            con.execute(f"INSERT INTO residents ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
+                        list(values.values()))
+        con.close()
+        w.commit()

@@ -91,6 +91,7 @@ class Guard:
                                         variance=d.perturbation.variance, label=d.perturbation.seed)
         self.store = Store(instance)
         self._lock = threading.Lock()
+        self._local = threading.local()
         self._snapshot: _Snapshot | None = None
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self._plans: OrderedDict[tuple[str, str, str], Plan] = OrderedDict()
@@ -347,21 +348,39 @@ class Guard:
                       *, limit_zero: bool = False) -> pa.Table:
         """Run everything above the boundaries in a fresh in-memory DuckDB that holds only
         the protected tables and public views, with file and network access disabled."""
-        con = duckdb.connect(":memory:", config={"enable_external_access": False, "lock_configuration": True,
-                                                 "threads": 1})
+        con = self._post_connection()
+        registered: list[str] = []
         try:
             for name, table in protected.items():
                 con.register(name, table)
+                registered.append(name)
             for view in plan.public_views:
                 columns = list(catalog.views[view].columns)
                 con.register(view, snap.public_table(view, columns))
+                registered.append(view)
             sql = plan.post_sql if not limit_zero else f"SELECT * FROM ({plan.post_sql}) AS __q LIMIT 0"
             try:
                 return con.execute(sql).to_arrow_table()
             except duckdb.Error:
                 raise QueryRefused("execution_failed") from None
         finally:
-            con.close()
+            for name in registered:
+                try:
+                    con.unregister(name)
+                except duckdb.Error:
+                    pass
+
+    def _post_connection(self) -> duckdb.DuckDBPyConnection:
+        """This thread's sealed in-memory DuckDB for post-processing: no file or network
+        access, configuration locked, no storage; it only ever holds the protected tables
+        of the query being answered (registered, then unregistered)."""
+        con = getattr(self._local, "post", None)
+        if con is None:
+            con = duckdb.connect(":memory:", config={"enable_external_access": False, "lock_configuration": True,
+                                                     "threads": 1, "autoload_known_extensions": False,
+                                                     "autoinstall_known_extensions": False})
+            self._local.post = con
+        return con
 
     # ---- reporting ------------------------------------------------------------------
     def _summary(self, mode: str, table: pa.Table, stats: list[ProtectionStats], eps_info: dict, plan: Plan) -> dict:
