@@ -133,3 +133,23 @@ def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
                         list(values.values()))
         con.close()
         w.commit()
+
+
+def build_real_city(base: Path):
+    """The real pipeline (sekisho.synth -> sekisho.ingest -> store) in a private directory:
+    a ~4,800-person synthetic Himeji (INGEST's fixture builder, its fixed seed).
+    Returns the IngestedCity (``.instance``, ``.analyst`` = tanaka, ``.reports``)."""
+    from ingest_fixtures import build_ingested_city
+
+    return build_ingested_city(base)
+
+
+IBIS_TYPES = {"string": "string", "integer": "int64", "boolean": "boolean", "float": "float64"}
+
+
+def ibis_table(guard, user: str, view: str):
+    """An unbound ibis table with the view's schema as the guard describes it."""
+    import ibis
+
+    cols = guard.views(user)[view]["columns"]
+    return ibis.table({name: IBIS_TYPES[c["type"]] for name, c in cols.items()}, name=view)

@@ -82,6 +82,13 @@ def densify(cells: pd.DataFrame, domains: list[tuple | None]) -> tuple[pd.DataFr
     return inside, outside
 
 
+def _nth(values, i: int) -> float:
+    """i-th element of a top-n list from DuckDB (absent cells carry NaN or None)."""
+    if isinstance(values, (list, tuple, np.ndarray)) and len(values) > i and values[i] is not None:
+        return float(values[i])
+    return 0.0
+
+
 def protect_threshold(cells: pd.DataFrame, aggregates, domains: list[tuple | None], *, k: int,
                       table: PerturbationTable, min_count: int, nk_n: int, nk_k: float,
                       p_percent: float, perturb: bool = True) -> tuple[pd.DataFrame, ProtectionStats]:
@@ -110,8 +117,8 @@ def protect_threshold(cells: pd.DataFrame, aggregates, domains: list[tuple | Non
         sums = cells[f"__s{j}"].fillna(0).to_numpy(dtype=float)
         nonnull = cells[f"__c{j}"].fillna(0).to_numpy(dtype=np.int64)
         tops = cells[f"__t{j}"] if f"__t{j}" in cells else pd.Series([None] * len(cells))
-        top1 = np.array([(t[0] if t is not None and len(t) > 0 else 0.0) for t in tops], dtype=float)
-        top2 = np.array([(t[1] if t is not None and len(t) > 1 else 0.0) for t in tops], dtype=float)
+        top1 = np.array([_nth(t, 0) for t in tops], dtype=float)
+        top2 = np.array([_nth(t, 1) for t in tops], dtype=float)
         total_abs = cells[f"__ta{j}"].fillna(0).to_numpy(dtype=float) if f"__ta{j}" in cells else np.abs(sums)
         if agg.cls in ("sensitive_measure", "derived_sensitive"):
             dom = dominated(total_abs, top1, top2, nk_n=nk_n, nk_k=nk_k, p_percent=p_percent)
