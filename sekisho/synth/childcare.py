@@ -23,7 +23,7 @@ from sekisho.synth.dates import NEVER, add_years, age_at, from_ymd, month_start_
 from sekisho.synth.geography import Geography
 
 # expected certifications per resident by 号 (measured on generated cities; used for capacities)
-EXPECTED_PER_PERSON = {"1号": 0.0098, "2号": 0.0136, "3号": 0.0093}
+EXPECTED_PER_PERSON = {"1号": 0.0113, "2号": 0.0157, "3号": 0.0097}
 PROVIDES = {
     "こども園": ("1号", "2号", "3号"),
     "公立幼稚園": ("1号",),

@@ -82,8 +82,8 @@ MUNI_WEIGHTS_YOUNG = np.array([_MUNI_WEIGHTS[n] * _big.get(n, 1.0) for n in _nam
 MUNI_WEIGHTS_YOUNG /= MUNI_WEIGHTS_YOUNG.sum()
 
 # childcare (children not yet at school, resident at the extract date)
-CERT_RATE_UNDER3 = np.array([0.22, 0.52, 0.62])  # 3号 uptake at ages 0, 1, 2
-CERT_RATE_3PLUS = 0.93                            # 2号 or 1号 at ages 3-5
+CERT_RATE_UNDER3 = np.array([0.20, 0.48, 0.58])  # 3号 uptake at ages 0, 1, 2
+CERT_RATE_3PLUS = 0.90                            # 2号 or 1号 at ages 3-5
 CERT_2GOU_SHARE = 0.58                            # of certified 3-5 year olds, need-based (2号)
 PLACED = {"1号": 0.97, "2号": 0.95, "3号": 0.92}  # share placed in a facility
 WITHDRAWN = 0.03                                  # placed children who left the facility
