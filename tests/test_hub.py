@@ -38,6 +38,7 @@ def test_analyst_logs_in_with_pam_and_starts_a_server_as_their_own_os_user(hub):
     analyst = hub.users["analyst"]
     session = hub.login(analyst)
     assert session.landing == "/hub/spawn"  # analysts land on their server
+    assert 'id="start"' in session.get(hub.url + "hub/home").text
     server = hub.start_server(analyst, session)
     assert server["ready"] and server["url"] == f"/user/{analyst.name}/"
 
@@ -58,7 +59,11 @@ def test_manager_cannot_start_a_server(hub):
     assert session.landing != "/hub/spawn"
     refused = session.api("POST", f"/users/{manager.name}/server")
     assert refused.status_code == 403
-    assert session.get(hub.url + "hub/spawn").status_code == 403
+    spawn_page = session.get(hub.url + "hub/spawn")
+    assert spawn_page.status_code == 403
+    assert "この操作を行う権限がありません" in spawn_page.content.decode()  # a clear page, in Japanese
+    home = session.get(hub.url + "hub/home").text
+    assert 'id="sekisho-no-server"' in home and 'id="start"' not in home
     assert not session.api("GET", f"/users/{manager.name}").json().get("servers")
     assert not [e for e in audit(hub, user=manager.name, type="server.start") if e["outcome"] == "ok"]
 

@@ -241,4 +241,7 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
         return default_url_for(role, caps, services, base_url="/")
 
     c.JupyterHub.default_url = default_url
+    templates = resource_dir("hub") / "templates"
+    if templates.is_dir():
+        c.JupyterHub.template_paths = [str(templates)]  # Japanese home and 403 pages
     return settings
