@@ -194,7 +194,7 @@ def _tables(rng, window: Window, static: _Static, geo: Geography, facilities: Fa
         "removal_reason": static.reason.take(pa.array(reason.astype(np.int64))),
     })
 
-    events = derive_events(rng, window, households, people)
+    events = derive_events(window, households, people)
     k = len(events.person)
     notified = np.minimum(events.date + rng.integers(0, 15, k), window.extract)
     idou_id = np.arange(k, dtype=np.int64) + counters.idou

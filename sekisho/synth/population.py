@@ -204,7 +204,8 @@ def _trunc_exp(rng, n: int, tau_days: float, upto) -> np.ndarray:
     return np.floor(-tau_days * np.log1p(-u * (1 - np.exp(-upto / tau_days)))).astype(np.int64)
 
 
-def _birth_days(rng, ref: np.ndarray, age_years: np.ndarray) -> np.ndarray:
+def _birth_days(ref: np.ndarray, age_years: np.ndarray) -> np.ndarray:
+    """Birth date of someone aged ``age_years`` (fractional) on ``ref``; at least one day old."""
     return ref - np.maximum(1, np.floor(age_years * DAYS_PER_YEAR)).astype(np.int64)
 
 
@@ -217,7 +218,7 @@ def current_households(rng, window: Window, sampler, n_households: int, persons_
         types = types[:n_households]
         m = type(m)(*(getattr(m, f)[:persons_cap] for f in ("hh", "rel", "sex", "age", "own_family_name")))
     n = n_households
-    birth = _birth_days(rng, np.full(len(m.hh), window.extract), m.age)
+    birth = _birth_days(np.full(len(m.hh), window.extract), m.age)
     head = _head_index(m.hh, n)
     head_age = m.age[head]
     mob = P.mobility(head_age)
@@ -271,7 +272,7 @@ def departing_households(rng, window: Window, sampler, n: int):
     exit_all = window.start + _trunc_exp(rng, n, tau, window.days - 1)
     exit_all[entered] = exit_day
     exit_day = exit_all
-    birth = _birth_days(rng, exit_day[m.hh], m.age)
+    birth = _birth_days(exit_day[m.hh], m.age)
     head = _head_index(m.hh, n)
     entry_all = np.full(n, NEVER)
     entry_all[entered] = entry
@@ -321,7 +322,7 @@ def deaths(rng, window: Window, sampler, cur: Households, cur_people: People, he
     sex = np.where(rng.random(n) < P.DEATH_MALE_SHARE, 1, 2).astype(np.int8)
     age = _death_ages(rng, sex)
     day = _uniform_days(rng, np.full(n, window.start), np.full(n, window.extract))
-    birth = _birth_days(rng, day, age)
+    birth = _birth_days(day, age)
 
     # widowed: a current single elderly household registered before the window
     head = _head_index(cur_people.hh, len(cur))
@@ -367,7 +368,7 @@ def children_who_left(rng, window: Window, cur: Households, cur_people: People, 
     n = len(hh)
     day = _uniform_days(rng, np.full(n, window.start), np.full(n, window.extract))
     age_then = rng.uniform(18.0, 30.0, n)
-    birth = _birth_days(rng, day, age_then)
+    birth = _birth_days(day, age_then)
     # the head must have been at least 20 at the child's birth
     ok = age_at(cur_people.birth[head[hh]], birth) >= 20
     hh, day, birth = hh[ok], day[ok], birth[ok]
@@ -382,7 +383,7 @@ def registered_dates(households: Households, people: People) -> np.ndarray:
     return np.maximum(people.birth, households.start[people.hh])
 
 
-def derive_events(rng, window: Window, households: Households, people: People) -> Events:
+def derive_events(window: Window, households: Households, people: People) -> Events:
     """All 異動 of ``people`` in the window, from the household timelines."""
     idx = np.arange(len(people.hh))
     hh = people.hh
@@ -390,13 +391,16 @@ def derive_events(rng, window: Window, households: Households, people: People) -
     parts: list[Events] = []
 
     def add(mask, kind, date, muni, frm, to):
+        """Events for the people in ``mask``; kind/muni per person or scalar, frm/to address
+        pairs (chome, gaiku) per person or None."""
         sel = np.flatnonzero(mask)
         k = len(sel)
         none = np.full(k, -1)
         fc, fg = (frm[0][sel], frm[1][sel]) if frm is not None else (none, none)
         tc, tg = (to[0][sel], to[1][sel]) if to is not None else (none, none)
-        parts.append(Events(person=idx[sel], type=np.broadcast_to(np.int8(kind), (k,)).copy() if np.isscalar(kind) else kind[sel],
-                            date=date[sel], muni=muni[sel] if muni is not None else np.full(k, NO_MUNI),
+        kind = np.broadcast_to(np.asarray(kind, dtype=np.int8), (len(mask),))
+        muni = np.broadcast_to(np.asarray(NO_MUNI if muni is None else muni), (len(mask),))
+        parts.append(Events(person=idx[sel], type=kind[sel].copy(), date=date[sel], muni=muni[sel].copy(),
                             from_chome=fc, from_gaiku=fg, to_chome=tc, to_gaiku=tg))
 
     # arrivals: birth here, or 転入 / 職権記載 with the household
