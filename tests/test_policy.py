@@ -147,3 +147,16 @@ def test_version_changes_with_content(tmp_path, himeji_doc):
     b.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
     assert load_policy(a).version != load_policy(b).version
     assert load_policy(b).disclosure.k == 11
+
+
+def test_processing_standard_document_is_in_sync_with_the_policy():
+    """docs/processing-standard.md is generated from the policy; regenerate it with
+    `python -m sekisho.ingest.standard > docs/processing-standard.md` after a change."""
+    from sekisho.ingest.standard import render
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "processing-standard.md").read_text(encoding="utf-8")
+    p = load_policy(HIMEJI)
+    assert doc == render(p)
+    for src in p.sources.values():
+        for col in src.columns.values():
+            assert f"| `{col.name}` |" in doc and col.reason in doc

@@ -111,27 +111,44 @@ def rkey_seed(secret: bytes, namespace: str, value: str) -> str:
     return hmac.digest(secret, f"rkey:{namespace}:{value}".encode(), "sha256").hex()
 
 
+def _digests(secret: bytes, prefix: bytes, values: list[str]) -> pa.Array:
+    """HMAC-SHA256 of every value, as one fixed-size binary array (hex is done in SQL)."""
+    digest = hmac.digest
+    blob = b"".join([digest(secret, prefix + v.encode(), "sha256") for v in values])
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(values), [None, pa.py_buffer(blob)])
+
+
 def build_keymaps(con, policy: Policy, secret: bytes) -> dict[str, int]:
-    """For each keyed-ID namespace, map every distinct raw value to (kid, seed).
-    HMAC runs in Python once per distinct identifier, not once per row."""
+    """For each keyed-ID namespace, map every distinct raw value to its keyed ID ``kid``
+    (hex), a dense integer ``n`` used for joins inside the working database, and, for the
+    namespace of the privacy unit, the secret record-key ``seed``. HMAC runs in Python
+    once per distinct identifier, not once per row."""
+    units = {c.name for v in policy.views.values() for c in v.columns.values() if c.cls == "privacy_unit"}
     columns: dict[str, list[tuple[str, str]]] = {}
+    seeded: set[str] = set()
     for sname, src in policy.sources.items():
         for col in src.columns.values():
             if col.rule == "keyed_id":
-                columns.setdefault(col.params["namespace"], []).append((sname, col.name))
+                ns = col.params["namespace"]
+                columns.setdefault(ns, []).append((sname, col.name))
+                if col.params["as"] in units:
+                    seeded.add(ns)
     sizes = {}
     for ns, cols in columns.items():
         union = " UNION ".join(f"SELECT {ident(c)} AS v FROM raw_{s} WHERE {ident(c)} IS NOT NULL"
                                for s, c in cols)
-        values = con.execute(f"SELECT DISTINCT v FROM ({union})").to_arrow_table().column(0).to_pylist()
-        digest, prefix, rprefix = hmac.digest, f"{ns}:".encode(), f"rkey:{ns}:".encode()
-        kids = [digest(secret, prefix + v.encode(), "sha256").hex() for v in values]
-        seeds = [digest(secret, rprefix + v.encode(), "sha256").hex() for v in values]
-        table = pa.table({"raw": values, "kid": kids, "seed": seeds})
-        con.register(f"_keymap_{ns}_arrow", table)
-        con.execute(f"CREATE TABLE keymap_{ns} AS SELECT * FROM _keymap_{ns}_arrow")
+        values = con.execute(f"SELECT DISTINCT v FROM ({union})").to_arrow_table().column(0)
+        pylist = values.to_pylist()
+        table = {"raw": values, "kid_b": _digests(secret, f"{ns}:".encode(), pylist)}
+        if ns in seeded:
+            table["seed_b"] = _digests(secret, f"rkey:{ns}:".encode(), pylist)
+        con.register(f"_keymap_{ns}_arrow", pa.table(table))
+        seed = "lower(hex(seed_b))" if ns in seeded else "CAST(NULL AS VARCHAR)"
+        con.execute(f"CREATE TABLE keymap_{ns} AS SELECT raw, lower(hex(kid_b)) AS kid, "
+                    f"{seed} AS seed, CAST(row_number() OVER () AS BIGINT) AS n "
+                    f"FROM _keymap_{ns}_arrow")
         con.unregister(f"_keymap_{ns}_arrow")
-        sizes[ns] = len(values)
+        sizes[ns] = len(pylist)
     return sizes
 
 
@@ -185,7 +202,8 @@ def keyed_id_rule(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
     ns, out = col.params["namespace"], col.params["as"]
     alias = f"k_{col.name}"
     return RuleOutput(
-        [f"{alias}.kid AS {ident(out)}", f"{alias}.seed AS {ident('_seed_' + out)}"],
+        [f"{alias}.kid AS {ident(out)}", f"{alias}.seed AS {ident('_seed_' + out)}",
+         f"{alias}.n AS {ident('_n_' + out)}"],
         [f"LEFT JOIN keymap_{ns} {alias} ON {alias}.raw = r.{ident(col.name)}"])
 
 
@@ -265,5 +283,5 @@ def stage(con, source: Source, extract_date: date) -> list[str]:
     if not select:
         select = ["1 AS _nothing"]
     con.execute(f"CREATE TABLE stg_{source.name} AS SELECT {', '.join(select)} "
-                f"FROM raw_{source.name} r {' '.join(joins)} ORDER BY r.rowid")
+                f"FROM raw_{source.name} r {' '.join(joins)}")
     return [r[0] for r in con.execute(f"DESCRIBE stg_{source.name}").fetchall()]

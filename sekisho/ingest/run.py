@@ -43,6 +43,7 @@ class IngestResult:
     seconds: float
     audit_seq: int
     pruned: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class Ingestion:
@@ -151,9 +152,22 @@ class Ingestion:
         con = duckdb.connect(":memory:", config={"temp_directory": str(workdir / "spill"),
                                                  "preserve_insertion_order": True})
         bar = self._steps()
+        self.timings: dict[str, float] = {}
+        clock = {"name": None, "wall": time.monotonic(), "cpu": time.process_time()}
+
+        def phase(name: str | None) -> None:
+            """Progress label, and wall/CPU seconds of each phase (for the audit record)."""
+            now, cpu = time.monotonic(), time.process_time()
+            if clock["name"]:
+                self.timings[clock["name"]] = round(now - clock["wall"], 3)
+                self.timings[clock["name"] + "_cpu"] = round(cpu - clock["cpu"], 3)
+            clock.update(name=name, wall=now, cpu=cpu)
+            if name:
+                bar.set_postfix_str(name)
+
         try:
             # 1. digest, encoding, private UTF-8 copies, headers
-            bar.set_postfix_str("reading")
+            phase("reading")
             problems: list[Problem] = []
             for sf in self.files.values():
                 reading.transcode(sf, workdir, self.encoding)
@@ -164,7 +178,7 @@ class Ingestion:
                 raise IngestError(problems, summary="the files do not match the policy's columns")
             bar.update()
             # 2. load (malformed lines reported with their numbers)
-            bar.set_postfix_str("loading")
+            phase("loading")
             for sf in self.files.values():
                 problems += reading.load_raw(con, sf)
                 sf.copy.unlink()   # the private copy is no longer needed
@@ -172,25 +186,25 @@ class Ingestion:
                 raise IngestError(problems, summary="malformed CSV")
             bar.update()
             # 3. validate
-            bar.set_postfix_str("validating")
+            phase("validating")
             problems = validate.validate(con, self.files, policy)
             if problems:
                 raise IngestError(problems, summary="invalid values")
             bar.update()
             extract = self.extract_date or self._infer_extract_date(con)
             # 4. keyed IDs and geocoding
-            bar.set_postfix_str("keying")
+            phase("keying")
             keyed = rules.build_keymaps(con, policy, self.instance.secret)
             located = rules.build_geo(con, policy)
             bar.update()
             # 5. abstraction: one staging table per source, then raw tables are dropped
-            bar.set_postfix_str("abstracting")
+            phase("abstracting")
             for name, src in policy.sources.items():
                 rules.stage(con, src, extract)
                 con.execute(f"DROP TABLE raw_{name}")
             bar.update()
             # 6. one table per view
-            bar.set_postfix_str("building views")
+            phase("building views")
             problems = []
             for view in policy.views.values():
                 views.build(con, policy, view, extract)
@@ -199,7 +213,7 @@ class Ingestion:
                 raise IngestError(problems, summary="values outside the policy's declared domains")
             bar.update()
             # 7. write the snapshot, audit, switch
-            bar.set_postfix_str("writing")
+            phase("writing")
             store = Store(self.instance)
             with store.writer(policy_version=self.instance.policy_version) as w:
                 w.attach(con, "snap")
@@ -207,7 +221,9 @@ class Ingestion:
                     con.execute(f"CREATE TABLE snap.{view} AS SELECT * FROM view_{view}")
                 con.execute("DETACH snap")
                 bar.update()
+                phase("sealing")
                 info = w.prepare({"extract_date": extract.isoformat(), "policy": policy.version})
+                phase(None)
                 seconds = round(time.monotonic() - self.started, 3)
                 files = self._file_details()
                 entry = self.instance.audit.append(
@@ -219,7 +235,8 @@ class Ingestion:
                              "policy_digest": policy.version, "snapshot": info.id,
                              "tables": info.tables, "extract_date": extract.isoformat(),
                              "keyed_ids": keyed, "located_gaiku": located,
-                             "encoding_option": self.encoding, "duration_s": seconds})
+                             "encoding_option": self.encoding, "duration_s": seconds,
+                             "phases_s": self.timings})
                 w.switch()
             bar.update()
         finally:
@@ -233,7 +250,7 @@ class Ingestion:
             pruned = []
         return IngestResult(snapshot_id=info.id, tables=info.tables, files=files,
                             extract_date=extract.isoformat(), seconds=seconds,
-                            audit_seq=entry["seq"], pruned=pruned)
+                            audit_seq=entry["seq"], pruned=pruned, timings=self.timings)
 
     def _infer_extract_date(self, con) -> date:
         """The last day of the month of the latest register or movement date."""

@@ -76,9 +76,17 @@ def check_unique(con, sf: SourceFile) -> list[Problem]:
     if not src.unique:
         return []
     key = ", ".join(_ident(c) for c in src.unique)
+    # cheap first pass: are there duplicated keys at all?
+    dup = con.execute(f"SELECT count(*) FROM (SELECT 1 FROM raw_{src.name} "
+                      f"GROUP BY {key} HAVING count(*) > 1)").fetchone()[0]
+    if not dup:
+        return []
+    match = " AND ".join(f"d.{_ident(c)} IS NOT DISTINCT FROM r.{_ident(c)}" for c in src.unique)
     rows = con.execute(f"""
-        SELECT list(rowid ORDER BY rowid)[2] AS second, count(*) OVER () AS groups
-        FROM raw_{src.name} GROUP BY {key} HAVING count(*) > 1
+        WITH d AS (SELECT {key} FROM raw_{src.name} GROUP BY {key} HAVING count(*) > 1),
+             r AS (SELECT rowid AS rid, {key} FROM raw_{src.name})
+        SELECT list(r.rid ORDER BY r.rid)[2] AS second, {dup} AS groups
+        FROM r JOIN d ON {match} GROUP BY {", ".join("r." + _ident(c) for c in src.unique)}
         ORDER BY second LIMIT 5""").fetchall()
     if not rows:
         return []

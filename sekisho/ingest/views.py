@@ -59,7 +59,7 @@ def movements(policy: Policy, extract: date) -> str:
                {pick('mesh250m')} AS mesh250m,
                m.from_chome_code, m.from_block,
                {event_rkey('m._seed_person_id', 'movements', 'm._record')} AS {RKEY}
-        FROM stg_movements m JOIN stg_residents p ON p.person_id = m.person_id"""
+        FROM stg_movements m JOIN stg_residents p ON p._n_person_id = m._n_person_id"""
 
 
 def childcare(policy: Policy, extract: date) -> str:
@@ -72,7 +72,7 @@ def childcare(policy: Policy, extract: date) -> str:
                p.block, p.chome_code,
                {event_rkey('c._seed_person_id', 'childcare', 'c._record')} AS {RKEY}
         FROM stg_childcare_certifications c
-        JOIN stg_residents p ON p.person_id = c.person_id
+        JOIN stg_residents p ON p._n_person_id = c._n_person_id
         LEFT JOIN stg_childcare_facilities f ON f.facility_id = c.facility_id"""
 
 
@@ -84,7 +84,7 @@ def resident_tax(policy: Policy, extract: date) -> str:
         SELECT t.person_id, t.tax_year, t.income_levy, t.taxable_income, t.per_capita_levy,
                p.sex, {age_band(age, top)} AS age_band, p.block,
                {event_rkey('t._seed_person_id', 'resident_tax', 't.tax_year')} AS {RKEY}
-        FROM stg_resident_tax t JOIN stg_residents p ON p.person_id = t.person_id"""
+        FROM stg_resident_tax t JOIN stg_residents p ON p._n_person_id = t._n_person_id"""
 
 
 def facilities(policy: Policy, extract: date) -> str:

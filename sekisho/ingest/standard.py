@@ -1,0 +1,139 @@
+"""The processing standard (加工基準) as a document, generated from the policy so the two
+cannot drift apart (a test compares ``docs/processing-standard.md`` with ``render``).
+
+    python -m sekisho.ingest.standard [POLICY.yaml] > docs/processing-standard.md
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from sekisho.policy import Policy, SourceColumn, load_policy
+
+RULE_TEXT = {
+    "drop": "削除",
+    "keep": "そのまま保持",
+    "keyed_id": "鍵付きハッシュ(HMAC-SHA256)に置換",
+    "year_month": "年月(YYYY-MM)に丸め",
+    "birth_topcoded": "生年月・生年・年齢・年齢5歳階級に変換(日を削除、トップコーディング)",
+    "code_label": "コードを表示名に置換",
+    "locate": "町丁目名・地域ブロック・メッシュコードに変換して削除",
+    "position": "メッシュコード算出にのみ使用(保持しない)",
+    "record_key": "記録キー(_rkey)算出にのみ使用(保持しない)",
+}
+CLASS_TEXT = {
+    "privacy_unit": "P 保護単位",
+    "linkage": "L 連結キー",
+    "dimension": "D 区分",
+    "measure": "M 数値(公開の範囲)",
+    "sensitive_measure": "S 要配慮の数値",
+}
+TYPE_TEXT = {"code": "コード", "text": "文字列", "date": "日付", "integer": "整数", "decimal": "小数"}
+
+
+def _outputs(col: SourceColumn) -> str:
+    p = col.params
+    if col.rule == "keyed_id":
+        return f"`{p['as']}`"
+    if col.rule == "year_month":
+        return f"`{p['as']}`"
+    if col.rule == "birth_topcoded":
+        return f"`birth_ym`, `birth_year`, `age`, `age_band`(上限 {p['top_age']} 歳)"
+    if col.rule == "code_label":
+        labels = ", ".join(f"{k}→{v}" for k, v in p["labels"].items())
+        return f"`{p.get('as', col.name)}` ({labels})"
+    if col.rule == "locate":
+        pre = p.get("prefix", "")
+        return ", ".join(f"`{pre}{x}`" for x in ("block", "mesh1km", "mesh500m", "mesh250m"))
+    if col.rule == "keep":
+        return f"`{col.name}`"
+    return "—"
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def render(policy: Policy) -> str:
+    out = [
+        f"# 加工基準 — {policy.title_ja}",
+        "",
+        "<!-- Generated from the policy by `python -m sekisho.ingest.standard`; do not edit by hand. -->",
+        "",
+        f"Policy `{policy.name}` (municipality code {policy.municipality_code}), "
+        f"version `{policy.version}`.",
+        "",
+        "This is the processing standard applied on upload (`sekisho ingest`): for every column",
+        "of every source export, the rule applied and why. Raw values never reach the store;",
+        "analysts see only the views below, and only through the guard's disclosure control.",
+        "",
+        "## 1. 取込ファイルと列ごとの加工 (sources: rule per column and reason)",
+        "",
+    ]
+    for src in policy.sources.values():
+        out += [f"### {src.title_ja} — `{src.file}`", ""]
+        if src.unique:
+            out.append(f"一意キー: {', '.join(f'`{c}`' for c in src.unique)}")
+        for ref in src.references:
+            out.append(f"参照: {', '.join(ref.columns)} → `{policy.sources[ref.source].file}` "
+                       f"({', '.join(ref.target)})")
+        out += ["", "| 列 | 型 | 必須 | 加工 | 出力 | 理由 |", "|---|---|---|---|---|---|"]
+        for col in src.columns.values():
+            typ = TYPE_TEXT[col.type] + (f"({col.length}桁)" if col.length else "")
+            if col.domain:
+                typ += f"; {', '.join(col.domain)}"
+            out.append(f"| `{col.name}` | {_cell(typ)} | {'○' if col.required else ''} | "
+                       f"{RULE_TEXT[col.rule]} | {_cell(_outputs(col))} | {_cell(col.reason)} |")
+        out.append("")
+    out += ["全ての人単位の記録には、鍵付きハッシュから導いた永続的な記録キー `_rkey`(0〜255)を付与する。"
+            "分析者には見えず、一貫した摂動(セルキー法)にのみ使う。", "",
+            "## 2. 分析用ビュー (views analysts may query)", ""]
+    for view in policy.views.values():
+        out += [f"### `{view.name}` {view.title_ja}" + (" (公開情報)" if view.public else ""), "",
+                f"利用目的: {view.purpose}", "",
+                "| 列 | 型 | 分類 | 説明 | 値の範囲 |", "|---|---|---|---|---|"]
+        for c in view.columns.values():
+            rng = ""
+            if c.domain is not None:
+                vals = [str(v) for v in c.domain]
+                rng = ", ".join(vals) if len(vals) <= 15 else f"{vals[0]} … {vals[-1]} ({len(vals)} 値)"
+            elif c.bounds is not None:
+                rng = f"{c.bounds[0]:,.0f} 〜 {c.bounds[1]:,.0f}"
+            out.append(f"| `{c.name}` | {c.type} | {CLASS_TEXT[c.cls]} | {_cell(c.description_ja)} | "
+                       f"{_cell(rng)} |")
+        out.append("")
+    d = policy.disclosure
+    out += [
+        "## 3. 秘匿処理の設定 (disclosure control)", "",
+        f"- 最小度数 k = {d.k}(セルの寄与者がこれ未満なら秘匿)",
+        f"- 優越性ルール: NK (n={d.dominance.nk_n}, k={d.dominance.nk_k:.0%}), "
+        f"p% ルール (p={d.dominance.p_percent:.0%})",
+        f"- セルキー摂動: {'有効' if d.perturbation.enabled else '無効'}, 最大変動 {d.perturbation.max_noise}, "
+        f"分散 {d.perturbation.variance}, {d.perturbation.min_count} 未満の非ゼロ値は秘匿",
+        f"- 差分プライバシー: 1問い合わせあたり ε ≤ {d.dp.epsilon_per_query_max}, "
+        f"予算 {d.dp.budget_per_period} / {d.dp.period}, 1人あたり最大 {d.dp.max_rows_per_person} 行・"
+        f"{d.dp.max_groups_per_person} グループ, δ = {d.dp.delta}",
+        "",
+        "## 4. 役割 (roles)", "",
+        "| 役割 | ビュー | モード | 取込 | 監査閲覧 | 報告閲覧 | 分析サーバ |", "|---|---|---|---|---|---|---|",
+    ]
+    for r in policy.roles.values():
+        views = "全て" if set(r.views) == set(policy.views) and r.views else ", ".join(r.views) or "—"
+        yes = lambda b: "○" if b else ""  # noqa: E731
+        out.append(f"| {r.name} | {views} | {', '.join(r.modes) or '—'} | {yes(r.can_ingest)} | "
+                   f"{yes(r.can_review_audit)} | {yes(r.can_read_reports)} | {yes(r.can_start_server)} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from sekisho.resources import resource_dir
+
+    argv = sys.argv[1:] if argv is None else argv
+    path = Path(argv[0]) if argv else resource_dir("policies") / "himeji.yaml"
+    sys.stdout.write(render(load_policy(path)))
+
+
+if __name__ == "__main__":
+    main()
