@@ -28,10 +28,16 @@ def run(*args: str) -> float:
 
 
 def build_city(root: Path) -> Path:
+    from sekisho.instance import Instance
+    from sekisho.state import set_role
+
+    root.chmod(0o755)  # the service account must reach the instance inside it
     exports, home = root / "exports", root / "home"
-    print(f"synth (default city)       {run('synth', '--out', str(exports)):7.1f} s")
+    print(f"synth (default city)       {run('synth', '--out', str(exports), '--quiet'):7.1f} s")
     print(f"init                       {run('init', '--home', str(home)):7.1f} s")
-    print(f"ingest                     {run('ingest', '--home', str(home), str(exports)):7.1f} s")
+    set_role(Instance.open(home), "bench-steward", "steward")
+    print(f"ingest                     "
+          f"{run('ingest', '--home', str(home), '--as', 'bench-steward', '--quiet', str(exports)):7.1f} s")
     return home
 
 

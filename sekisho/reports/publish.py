@@ -56,14 +56,14 @@ class Outcome:
     tables: list[str] = field(default_factory=list)
 
 
-def _snapshot_id(instance: Instance) -> str:
+def _snapshot(instance: Instance):
     from sekisho.store import Store
 
     current = Store(instance).current()
     if current is None:
         raise PublishError("the store has no snapshot yet (run `sekisho ingest` first) "
                            "/ データが取り込まれていません")
-    return current.id
+    return current
 
 
 def _ensure_reports_identity(instance: Instance) -> None:
@@ -96,8 +96,12 @@ def _publishing_environment(instance: Instance, scratch: Path) -> dict[str, str]
     return env
 
 
-def resolve_base_month(instance: Instance) -> str:
-    """The data's latest month, asked of the guard as the reports identity."""
+def resolve_base_month(instance: Instance, snapshot) -> str:
+    """The data's reference month: the month of the snapshot's extract date (recorded by the
+    ingest), else the latest month with 異動 as the guard reports it to ``reports``."""
+    extract = (snapshot.details or {}).get("extract_date")
+    if extract:
+        return check_month(str(extract)[:7], "extract_date")
     import ibis
 
     from sekisho.reports.data import GuardConnection
@@ -126,6 +130,7 @@ def render_one(notebook: ReportNotebook, parameters: dict[str, Any], target: Pat
         pm.execute_notebook(str(notebook.path), str(executed),
                             parameters={**parameters, "tables_dir": str(tables)},
                             kernel_name=KERNEL, progress_bar=False, log_output=False,
+                            request_save_on_cell_execute=False,
                             start_timeout=120, cwd=str(target))
         nb = nbformat.read(executed, as_version=4)
         html = page(title=notebook.title, meta=meta, body=notebook_body(nb))
@@ -172,7 +177,8 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
     published_dir = instance.published_dir
     published_dir.mkdir(mode=0o700, exist_ok=True)
     secure(published_dir)
-    snapshot = _snapshot_id(instance)
+    current = _snapshot(instance)
+    snapshot = current.id
     _ensure_reports_identity(instance)
     scratch = Path(tempfile.mkdtemp(prefix="sekisho-publish-"))
     publishing_env = _publishing_environment(instance, scratch)
@@ -182,7 +188,7 @@ def publish(instance: Instance, notebooks: list[ReportNotebook], *, caller: str,
         if base_month:
             check_month(base_month, "--base-month")
         else:
-            base_month = resolve_base_month(instance)
+            base_month = resolve_base_month(instance, current)
         from sekisho.reports.periods import add_months
 
         compare_month = check_month(compare_month, "--compare-month") if compare_month else add_months(base_month, -12)
