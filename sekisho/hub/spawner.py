@@ -75,9 +75,10 @@ class SekishoSpawner(LocalProcessSpawner):
             except AuditError as audit_exc:
                 self.log.error("could not audit a failed server start: %s", audit_exc)
             raise
+        ip, port = url if isinstance(url, tuple) else (str(url), None)
         try:
             self._audit("server.start", "ok", f"server of {self.user.name} started",
-                        {"pid": self.pid, "url": str(url)})
+                        {"pid": self.pid, "ip": ip, "port": port})
         except AuditError as exc:
             self.log.error("stopping the server of %s: the audit trail cannot be written: %s", self.user.name, exc)
             await super().stop(now=True)
