@@ -51,6 +51,16 @@ class GuardResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _execution_refusal(exc: Exception) -> QueryRefused:
+    """Binder errors are decided from the SQL and the schema before any row is read, so
+    their message may be shown; anything raised while executing (conversion, overflow,
+    ...) may quote a data value and is withheld."""
+    if isinstance(exc, (duckdb.BinderException, duckdb.ParserException, duckdb.CatalogException)):
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return QueryRefused("execution_failed", part=first[:200])
+    return QueryRefused("execution_failed")
+
+
 class _Snapshot:
     """The read-only connection to one snapshot plus what the guard caches about it."""
 
@@ -246,9 +256,8 @@ class Guard:
     def _fetch(self, snap: _Snapshot, sql: str) -> pd.DataFrame:
         try:
             return snap.cursor().execute(sql).to_arrow_table().to_pandas()
-        except duckdb.Error:
-            # the engine's message may quote data values (e.g. a failed cast): never pass it on
-            raise QueryRefused("execution_failed") from None
+        except duckdb.Error as exc:
+            raise _execution_refusal(exc) from None
 
     def _domains(self, bp: BoundaryPlan) -> list:
         return [k.domain for k in bp.group_keys]
@@ -361,8 +370,8 @@ class Guard:
             sql = plan.post_sql if not limit_zero else f"SELECT * FROM ({plan.post_sql}) AS __q LIMIT 0"
             try:
                 return con.execute(sql).to_arrow_table()
-            except duckdb.Error:
-                raise QueryRefused("execution_failed") from None
+            except duckdb.Error as exc:
+                raise _execution_refusal(exc) from None
         finally:
             for name in registered:
                 try:
