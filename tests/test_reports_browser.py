@@ -90,8 +90,8 @@ def test_manager_opens_index_and_a_report_with_maps_and_charts_offline(service, 
     assert page.locator("h2", has_text="3. 人口メッシュ地図 1km").count() == 1
     assert "秘匿・撹乱処理のため合計が一致しない場合があります" in page.content()
     page.screenshot(path="/tmp/sekisho-report-population.png", full_page=False)
-    page.locator("h2", has_text="3. 人口メッシュ地図 1km").scroll_into_view_if_needed()
-    page.screenshot(path="/tmp/sekisho-report-mesh.png", full_page=False)
+    page.locator(".js-plotly-plot").nth(1).screenshot(path="/tmp/sekisho-report-mesh.png")
+    page.locator(".js-plotly-plot").nth(3).screenshot(path="/tmp/sekisho-report-mesh250.png")
     assert page.outside_requests == []
     assert not [e for e in errors if "Content Security Policy" in e or "Refused" in e], errors
 
