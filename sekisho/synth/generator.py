@@ -307,6 +307,8 @@ def generate(out_dir: Path | str, population: int = DEFAULT_POPULATION, seed: in
                 bar.update(done)
                 index += 1
         files = {name: sink.close() for name, sink in sinks.items()}
+        # an old manifest must not vouch for a mix of old and new files if a move fails
+        (out_dir / "manifest.json").unlink(missing_ok=True)
         for name in files:
             os.replace(staging / name, out_dir / name)
         manifest = {
