@@ -66,14 +66,19 @@ def build_instance(population: int) -> Path:
     return home
 
 
-def median_ms(fn, repeat: int) -> float:
-    fn()  # warm: plan caches, connections
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times)
+def interleaved_medians_ms(variants: dict[str, object], repeat: int) -> dict[str, float]:
+    """Median time of each variant, run in rotating order round after round so that load
+    from elsewhere on the machine affects every variant alike."""
+    names = list(variants)
+    for name in names:
+        variants[name]()  # warm: plan caches, connections
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(repeat):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t = time.perf_counter()
+            variants[name]()
+            times[name].append((time.perf_counter() - t) * 1000)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -109,12 +114,15 @@ def main() -> None:
     try:
         # ---- latency: one client, one typical query ------------------------------------
         guard = Guard(inst)
-        direct = median_ms(lambda: guard.query(TYPICAL, user=users[0]), args.repeat)
         local = ibis.sekisho.connect(home=home, user=users[0])
-        local_ms = median_ms(lambda: local.sql(TYPICAL).execute(), args.repeat)
         remote = ibis.sekisho.connect(url=service.url, token=f"tok-bench-{users[0]}")
-        remote_ms = median_ms(lambda: remote.sql(TYPICAL).execute(), args.repeat)
-        print(f"typical grouped query ({args.repeat} runs, median):")
+        medians = interleaved_medians_ms({
+            "direct": lambda: guard.query(TYPICAL, user=users[0]),
+            "local": lambda: local.sql(TYPICAL).execute(),
+            "remote": lambda: remote.sql(TYPICAL).execute(),
+        }, args.repeat)
+        direct, local_ms, remote_ms = medians["direct"], medians["local"], medians["remote"]
+        print(f"typical grouped query ({args.repeat} interleaved runs each, median):")
         print(f"  in-process Guard.query          {direct:8.1f} ms")
         print(f"  ibis client, in-process guard   {local_ms:8.1f} ms")
         print(f"  ibis client through the service {remote_ms:8.1f} ms")
