@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pwd
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,9 @@ def test_analyst_logs_in_with_pam_and_starts_a_server_as_their_own_os_user(hub):
 
     pid = hub.server_pid(analyst)
     assert os.stat(f"/proc/{pid}").st_uid == pwd.getpwnam(analyst.name).pw_uid
+    # the shared, world-readable venv runs it
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert cmdline[1].decode() == str(Path(sys.prefix) / "bin" / "jupyterhub-singleuser")
     # JupyterLab answers through the proxy for its owner (after the OAuth handshake)
     lab = session.get(hub.url + f"user/{analyst.name}/lab")
     assert lab.status_code == 200 and lab.url.endswith(f"/user/{analyst.name}/lab"), lab.url

@@ -290,3 +290,25 @@ def test_removed_person_is_logged_out_at_the_next_refresh(instance):
     assert asyncio.run(auth.refresh_user(user))["groups"] == ["managers"]
     remove_user(instance, "tanaka")
     assert asyncio.run(auth.refresh_user(user)) is False
+
+
+def test_a_burst_of_failed_logins_raises_an_alert(instance, monkeypatch):
+    from jupyterhub.auth import PAMAuthenticator
+
+    from sekisho.hub.auth import SekishoPAMAuthenticator
+
+    set_role(instance, "tanaka", "analyst")
+    auth = SekishoPAMAuthenticator(sekisho_home=str(instance.home), failed_login_alert_threshold=3)
+
+    async def pam(self, handler, data):
+        return None  # every password is wrong
+    monkeypatch.setattr(PAMAuthenticator, "authenticate", pam)
+
+    for _ in range(2):
+        asyncio.run(auth.get_authenticated_user(None, {"username": "tanaka", "password": "guess"}))
+    assert not [e for e in instance.audit.entries(type="alert") if e["type"] == "alert"]
+    asyncio.run(auth.get_authenticated_user(None, {"username": "tanaka", "password": "guess"}))
+    alerts = [e for e in instance.audit.entries(type="alert") if e["type"] == "alert"]
+    assert len(alerts) == 1
+    assert alerts[0]["user"] == "tanaka" and alerts[0]["details"]["alert"] == "failed_login_burst"
+    assert alerts[0]["details"]["failures"] == 3

@@ -22,13 +22,14 @@ Where the role comes from:
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from jupyterhub.auth import Authenticator, PAMAuthenticator
 from jupyterhub.handlers.login import LogoutHandler
 from jupyterhub.utils import maybe_future
-from traitlets import Dict, Enum, Unicode
+from traitlets import Dict, Enum, Int, Unicode
 
 from sekisho.audit import AuditError
 from sekisho.hub.roles import GROUP_OF_ROLE, role_from_groups
@@ -73,7 +74,20 @@ class SekishoAuthMixin(Authenticator):
         steward), for role_source = "groups". A person whose groups map to two
         different roles is refused.""")
 
+    failed_login_alert_threshold = Int(
+        5, config=True,
+        help="""Raise an `alert` in the audit trail when one name fails to log in this many
+        times within `failed_login_alert_window` seconds (password guessing). 0 disables.""")
+
+    failed_login_alert_window = Int(600, config=True, help="Window (seconds) for failed_login_alert_threshold.")
+
     _instance: Instance | None = None
+
+    @property
+    def _failures(self) -> dict[str, list[float]]:
+        if "_failure_times" not in self.__dict__:
+            self.__dict__["_failure_times"] = {}
+        return self.__dict__["_failure_times"]
 
     @property
     def _credentials_ok(self) -> set[int]:
@@ -157,12 +171,32 @@ class SekishoAuthMixin(Authenticator):
         return result
 
     def _audit_failure(self, attempted: str, reason: str, ip: str | None, **extra: Any) -> None:
+        name = attempted or "(empty)"
         try:
-            self.audit_event("login.failed", user=attempted or "(empty)", outcome="denied",
+            self.audit_event("login.failed", user=name, outcome="denied",
                              summary=f"failed hub login for {attempted!r}: {reason}",
                              details={"reason": reason, "remote_ip": ip, **extra})
+            self._check_failure_burst(name, ip)
         except AuditError as exc:  # the login is refused anyway; say so loudly
             self.log.error("could not audit a failed login for %r: %s", attempted, exc)
+
+    def _check_failure_burst(self, name: str, ip: str | None) -> None:
+        """Many failures for one name in a short time: someone may be guessing passwords."""
+        threshold, window = self.failed_login_alert_threshold, self.failed_login_alert_window
+        if threshold <= 0:
+            return
+        now = time.monotonic()
+        recent = [t for t in self._failures.get(name, []) if now - t < window] + [now]
+        if len(recent) >= threshold:
+            self.audit_event("alert", user=name, role=role_of(self.instance, name), outcome="ok",
+                             summary=f"hub alert: {len(recent)} failed logins for {name!r} within {window}s",
+                             details={"alert": "failed_login_burst", "failures": len(recent),
+                                      "window_s": window, "remote_ip": ip})
+            recent = []  # one alert per burst
+        self._failures[name] = recent
+        if len(self._failures) > 10_000:  # attempted names are attacker input: keep the table bounded
+            for other in [n for n, times in self._failures.items() if not times or now - times[-1] >= window]:
+                del self._failures[other]
 
     def _sync_registry(self, name: str, role: str) -> None:
         current = role_of(self.instance, name)
