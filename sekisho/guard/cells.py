@@ -67,11 +67,15 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
 
     if person_unique:
         # one row per person: per-person contributions are the rows themselves
-        select = [*keys, f"COUNT({PID}) AS __n", f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck"]
+        # the privacy unit is never NULL in a person-level view, so rows = persons and the
+        # (wide) identifier column need not be read at all
+        select = [*keys, "COUNT(*) AS __n", f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck"]
         for j, agg in enumerate(bp.aggregates):
             if agg.kind == "count_rows":
                 select.append(f"COUNT(*) AS __x{j}")
-            elif agg.kind in ("count_nonnull", "count_persons"):
+            elif agg.kind == "count_persons":
+                select.append(f"COUNT(*) AS __x{j}")
+            elif agg.kind == "count_nonnull":
                 select.append(f"COUNT({q(f'__a{j}')}) AS __x{j}")
             elif agg.kind == "count_households":
                 select.append(f"COUNT(DISTINCT {q(f'__a{j}')}) AS __x{j}")

@@ -47,6 +47,9 @@ class Plan:
     public_only: bool
     fingerprint: str
     normalized_sql: str
+    # when the post-processing is only a renaming of one protected table's columns:
+    # ((protected column, output name), ...) so it can be applied without an engine
+    passthrough: tuple[tuple[str, str], ...] | None = None
 
 
 def _ident(name: str) -> exp.Identifier:
@@ -160,4 +163,26 @@ def plan(analysis: Analysis, catalog: Catalog) -> Plan:
                                  if t.name in catalog.views and catalog.views[t.name].public}))
     return Plan(boundaries=boundaries, post_sql=tree.sql(dialect=DIALECT), views=tuple(analysis.views),
                 public_views=public_views, public_only=analysis.public_only,
-                fingerprint=analysis.fingerprint, normalized_sql=analysis.normalized_sql)
+                fingerprint=analysis.fingerprint, normalized_sql=analysis.normalized_sql,
+                passthrough=_passthrough(tree, boundaries))
+
+
+def _passthrough(tree: exp.Expression, boundaries) -> tuple[tuple[str, str], ...] | None:
+    if len(boundaries) != 1 or not isinstance(tree, exp.Select):
+        return None
+    name = boundaries[0].name
+    from_ = tree.args.get("from_")
+    if from_ is None or not isinstance(from_.this, exp.Table) or from_.this.name != name:
+        return None
+    for clause in ("joins", "where", "group", "having", "order", "limit", "offset", "distinct", "qualify",
+                   "with_", "windows"):
+        if tree.args.get(clause):
+            return None
+    mapping = []
+    for projection in tree.expressions:
+        inner = projection.this if isinstance(projection, exp.Alias) else projection
+        if not isinstance(inner, exp.Column) or inner.table not in ("", name):
+            return None
+        mapping.append((inner.name, projection.alias_or_name))
+    names = [out for _, out in mapping]
+    return tuple(mapping) if len(set(names)) == len(names) else None

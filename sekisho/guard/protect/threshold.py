@@ -47,38 +47,42 @@ class ProtectionStats:
     notes: list[str] = field(default_factory=list)
 
 
-def domain_grid(domains: list[tuple]) -> pd.DataFrame | None:
+def densify(cells: pd.DataFrame, domains: list[tuple | None]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Put cells onto the public domain grid (absent cells: zero persons, no values).
+    Returns (cells on the grid, cells whose keys fall outside the domain), or
+    (cells, None) when the keys are not all public or the grid is too large."""
+    if not domains or any(d is None for d in domains):
+        return cells, None
     size = 1
     for d in domains:
         size *= len(d)
-    if not domains or size > MAX_DENSE_CELLS:
-        return None
-    rows = list(itertools.product(*domains))
-    return pd.DataFrame(rows, columns=[f"__g{j}" for j in range(len(domains))])
-
-
-def densify(cells: pd.DataFrame, domains: list[tuple | None]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Left-join cells onto the public domain grid. Returns (cells on the grid,
-    cells whose keys fall outside the domain) or (cells, None) when not densifiable."""
-    if not domains or any(d is None for d in domains):
+    if size > MAX_DENSE_CELLS:
         return cells, None
-    grid = domain_grid(list(domains))
-    if grid is None:
-        return cells, None
-    keys = list(grid.columns)
-    for k in keys:  # align dtypes so 1 == 1.0 and strings match
-        if cells[k].dtype != grid[k].dtype:
-            try:
-                grid[k] = grid[k].astype(cells[k].dtype)
-            except (TypeError, ValueError):
-                cells[k] = cells[k].astype(object)
-                grid[k] = grid[k].astype(object)
-    merged = grid.merge(cells, on=keys, how="left", indicator=True)
-    inside = merged.drop(columns="_merge")
-    inside["__n"] = inside["__n"].fillna(0).astype("int64")
-    inside["__ck"] = inside["__ck"].fillna(0).astype("int64")
-    marker = cells.merge(grid, on=keys, how="left", indicator=True)
-    outside = cells[(marker["_merge"] == "left_only").to_numpy()]
+    keys = [f"__g{j}" for j in range(len(domains))]
+    present = list(zip(*[cells[k].tolist() for k in keys])) if len(cells) else []
+    index = {key: i for i, key in enumerate(present)}
+    grid = list(itertools.product(*domains))
+    grid_set = set(grid)
+    take = np.array([index.get(key, -1) for key in grid], dtype=np.int64)
+    found = take >= 0
+    dense = {}
+    for j, k in enumerate(keys):
+        dense[k] = [key[j] for key in grid]
+    for col in cells.columns:
+        if col in keys:
+            continue
+        values = cells[col].to_numpy()
+        if values.dtype.kind in "iufb":
+            out = np.zeros(len(grid), dtype=values.dtype if values.dtype.kind != "b" else np.int64)
+            out[found] = values[take[found]]
+        else:
+            out = np.empty(len(grid), dtype=object)
+            out[:] = None
+            out[found] = values[take[found]]
+        dense[col] = out
+    inside = pd.DataFrame(dense)
+    outside_mask = np.array([key not in grid_set for key in present], dtype=bool)
+    outside = cells[outside_mask] if len(cells) else cells
     return inside, outside
 
 

@@ -1,0 +1,112 @@
+"""Guard overhead: the same grouped aggregates run raw on DuckDB and through the guard
+(threshold mode, plan cache warm, audit and alerts included), at 530k and 5M residents.
+Prints per-query medians and, last, the median ratio guarded/raw at the smallest size
+(target <= 1.25 at 530k).
+
+The 5M city is the 530k city's store scaled up x10 (each resident copied with a new
+person_id and a fresh random record key) — synthesising and ingesting 5M persons takes
+far longer than the comparison needs.
+
+    python benchmarks/guard_overhead.py [--home DIR] [--persons 530495] [--scale 10] [--repeat 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
+
+from sekisho.guard import Guard  # noqa: E402
+from sekisho.instance import Instance  # noqa: E402
+from sekisho.state import set_role  # noqa: E402
+from sekisho.store import Store  # noqa: E402
+
+QUERIES = [
+    "SELECT block, age_band, sex, COUNT(*) AS n FROM residents GROUP BY block, age_band, sex",
+    "SELECT chome_code, COUNT(*) AS n FROM residents WHERE is_current GROUP BY chome_code",
+    "SELECT block, COUNT(*) AS n, COUNT(DISTINCT household_id) AS households FROM residents GROUP BY block",
+    "SELECT age, COUNT(*) AS n FROM residents WHERE block = '飾磨' GROUP BY age",
+]
+
+
+def scaled_instance(base: Instance, factor: int, home: Path) -> Instance:
+    if (home / "config.yaml").exists() and Store(Instance.open(home)).current_id():
+        inst = Instance.open(home)
+        set_role(inst, ANALYST, "analyst")
+        return inst
+    inst = Instance.create(home, exist_ok=True)
+    set_role(inst, ANALYST, "analyst")
+    with Store(inst).writer(policy_version=inst.policy_version) as w:
+        con = w.connect()
+        con.execute(f"ATTACH '{snapshot_path(base)}' AS src (READ_ONLY)")
+        for (name,) in con.execute("SELECT table_name FROM information_schema.tables "
+                                   "WHERE table_catalog = 'src'").fetchall():
+            if name == "residents":
+                cols = [r[0] for r in con.execute("DESCRIBE src.residents").fetchall()]
+                proj = ", ".join(
+                    "person_id || '-' || CAST(i AS VARCHAR) AS person_id" if c == "person_id" else
+                    "household_id || '-' || CAST(i AS VARCHAR) AS household_id" if c == "household_id" else
+                    "CAST(floor(random() * 256) AS SMALLINT) AS _rkey" if c == "_rkey" else f'"{c}"'
+                    for c in cols)
+                con.execute(f"CREATE TABLE residents AS SELECT {proj} FROM src.residents, range({factor}) r(i)")
+            else:
+                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM src."{name}"')
+        con.execute("DETACH src")
+        con.close()
+        w.commit()
+    return inst
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(inst: Instance, repeat: int) -> float:
+    guard = Guard(inst)
+    raw = duckdb.connect(str(snapshot_path(inst)), read_only=True)
+    n = raw.execute("SELECT COUNT(*) FROM residents").fetchone()[0]
+    print(f"-- {n} residents", flush=True)
+    ratios = []
+    for sql in QUERIES:
+        for _ in range(2):  # warm caches on both sides
+            raw.execute(sql).to_arrow_table()
+            guard.query(sql, user=ANALYST)
+        raw_t, guard_t = [], []
+        for _ in range(repeat):
+            raw_t.append(timed(lambda: raw.execute(sql).to_arrow_table()))
+            guard_t.append(timed(lambda: guard.query(sql, user=ANALYST)))
+        r, g = statistics.median(raw_t), statistics.median(guard_t)
+        ratios.append(g / r)
+        print(f"raw {r * 1000:8.1f} ms  guarded {g * 1000:8.1f} ms  ratio {g / r:5.2f}  {sql[:70]}", flush=True)
+    raw.close()
+    guard.close()
+    return statistics.median(ratios)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--home", type=Path, default=None)
+    ap.add_argument("--persons", type=int, default=530_495)
+    ap.add_argument("--scale", type=int, default=10, help="also measure this many times the city (0: skip)")
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    base = city_instance(args.home, args.persons)
+    results = [(args.persons, measure(base, args.repeat))]
+    if args.scale > 1:
+        big = scaled_instance(base, args.scale, base.home.parent / f"home-x{args.scale}")
+        results.append((args.persons * args.scale, measure(big, args.repeat)))
+    for size, ratio in reversed(results):
+        print(f"median ratio guarded/raw at {size} residents: {ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
