@@ -255,6 +255,7 @@ class ServiceProcess:
 
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
+        self.log.close()  # start() reopens it
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -295,10 +295,9 @@ def policy_role_views(instance: Instance, role: str) -> tuple[str, ...]:
 _policy_cache: dict[tuple[Path, int], Any] = {}
 
 
-
-
 def audit_denial(instance: Instance, user: str | None, role: str | None, endpoint: str,
                  code: str, why: str) -> None:
+    """Record a refused request (bad token, missing scope, no role, role without views)."""
     instance.audit.append(
         "query.refused", user=user or "(unauthenticated)", role=role, outcome="denied",
         summary=f"guard service denied {endpoint}: {code}",
