@@ -354,15 +354,17 @@ t = wide(detail, "area", "sex", "n", column_order=["男", "女"], index_order=BL
 t["計"] = t["area"].map(totals.set_index("area")["n"])
 R.table("item32", "32. 転居（入）詳細", t.rename(columns={"area": "転居先" + ctx.area_label}))
 '''),
-    ("33. 転居（出）詳細", "転居元の町丁目別件数（基準年月までの12か月）。転居元は町丁目までしか記録されないため、地域区分が mesh の場合も町丁目で表示します。", '''
+    ("33. 転居（出）詳細", "転居元の地域区分別件数（基準年月までの12か月）。転居元は町丁目までしか記録されないため、地域区分が mesh の場合も町丁目で表示します。", '''
 if AREA == "block":
     detail = q(f"SELECT from_block AS area, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block, sex")
     totals = q(f"SELECT from_block AS area, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_block")
     label = "転居元地域ブロック"
 else:
-    detail = q(f"SELECT from_chome_code AS area, sex, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_chome_code, sex")
-    totals = q(f"SELECT from_chome_code AS area, COUNT(*) AS n FROM movements WHERE idou_type = '転居' AND {YEAR} GROUP BY from_chome_code")
-    label = "転居元町丁目コード"
+    # the public 町丁目 table gives the names of the codes left
+    join = "FROM movements m JOIN areas a ON a.chome_code = m.from_chome_code"
+    detail = q(f"SELECT a.chome_name AS area, m.sex, COUNT(*) AS n {join} WHERE m.idou_type = '転居' AND {moved_between(ctx.year_first, BASE, 'm.idou_ym')} GROUP BY a.chome_name, m.sex")
+    totals = q(f"SELECT a.chome_name AS area, COUNT(*) AS n {join} WHERE m.idou_type = '転居' AND {moved_between(ctx.year_first, BASE, 'm.idou_ym')} GROUP BY a.chome_name")
+    label = "転居元町丁目"
 t = wide(detail, "area", "sex", "n", column_order=["男", "女"], index_order=BLOCKS if AREA == "block" else None)
 t["計"] = t["area"].map(totals.set_index("area")["n"])
 R.table("item33", "33. 転居（出）詳細", t.rename(columns={"area": label}))

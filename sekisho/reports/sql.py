@@ -23,8 +23,8 @@ def resident_at(month: str) -> str:
     return f"(registered_ym <= {m} AND (removed_ym IS NULL OR removed_ym > {m}))"
 
 
-def moved_between(first: str, last: str) -> str:
-    return f"(idou_ym BETWEEN {lit(check_month(first))} AND {lit(check_month(last))})"
+def moved_between(first: str, last: str, column: str = "idou_ym") -> str:
+    return f"({column} BETWEEN {lit(check_month(first))} AND {lit(check_month(last))})"
 
 
 def in_childcare_at(month: str) -> str:
