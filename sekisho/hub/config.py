@@ -184,6 +184,15 @@ def server_environment(settings: HubSettings, services: list[str], python: Path)
     return env
 
 
+def server_args() -> list[str]:
+    """Make the Sekisho kernel (kernels/sekisho, helper CLIENT) the default in JupyterLab."""
+    try:
+        has_kernel = (resource_dir("kernels") / "sekisho" / "kernel.json").exists()
+    except FileNotFoundError:
+        has_kernel = False
+    return ["--MappingKernelManager.default_kernel_name=sekisho"] if has_kernel else []
+
+
 def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     """Fill the traitlets config ``c`` for the instance at ``home``."""
     instance = Instance.open(home or default_home())
@@ -225,6 +234,7 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     c.SekishoSpawner.sekisho_home = str(instance.home)
     c.Spawner.cmd = [str(python / "bin" / "jupyterhub-singleuser")]
     c.Spawner.default_url = "/lab"
+    c.Spawner.args = server_args()
     # the analysts' kernel (kernels/sekisho, found through JUPYTER_PATH) opens by default
     c.Spawner.args = ["--MappingKernelManager.default_kernel_name=sekisho"]
     c.Spawner.env_keep = []
