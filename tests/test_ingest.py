@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import re
 import shutil
 from datetime import date
@@ -435,6 +436,23 @@ def test_no_raw_copy_survives_in_the_instance_or_tmp(city):
 
     inst, src, _ = city
     _ingest(inst, src)
-    assert not list(Path(tempfile.gettempdir()).glob("sekisho-ingest-*"))
+    # (other processes on the machine may be ingesting: look only for this process's)
+    assert not list(Path(tempfile.gettempdir()).glob(f"sekisho-ingest-{os.getpid()}-*"))
     leftovers = [p for p in inst.home.rglob("*") if p.suffix == ".csv"]
     assert not leftovers
+
+
+def test_digest_helper_process_agrees_with_hmac_and_exits():
+    import hmac as hmac_module
+    import os as os_module
+
+    from sekisho.ingest.keys import PARALLEL_MIN, DigestPool
+
+    key = os_module.urandom(32)
+    values = [f"{i:010d}" for i in range(PARALLEL_MIN + 3)]
+    with DigestPool(helpers=1) as pool:
+        proc = pool.proc
+        blob = pool.digests(key, b"atena:", values)
+    assert proc.poll() is not None, "the helper must exit when the pool closes"
+    for i in (0, len(values) // 2, len(values) - 1):
+        assert blob[32 * i:32 * i + 32] == hmac_module.digest(key, b"atena:" + values[i].encode(), "sha256")

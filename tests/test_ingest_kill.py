@@ -67,6 +67,7 @@ def test_kill_9_at_any_moment_leaves_the_previous_store(tmp_path, reachable_home
 
     moments = [0.15, 0.3, 0.45, 0.55, 0.65, 0.72, 0.8, 0.85, 0.9, 0.95]
     killed = 0
+    killed_pids: set[int] = set()
     for fraction in moments:
         p = _cli(reachable_home, src)
         time.sleep(full * fraction)
@@ -77,6 +78,7 @@ def test_kill_9_at_any_moment_leaves_the_previous_store(tmp_path, reachable_home
         now = store.current_id()
         if p.returncode == -signal.SIGKILL:
             killed += 1
+            killed_pids.add(p.pid)
         if now != good:
             # only a run that got past its commit may move CURRENT: then the new snapshot
             # is complete and its `ingest` entry is in the audit log
@@ -98,6 +100,8 @@ def test_kill_9_at_any_moment_leaves_the_previous_store(tmp_path, reachable_home
     assert not list(inst.store_dir.glob(".building-*"))
     cur = store.current_id()
     assert all(p.name <= cur for p in store.snapshots_dir.iterdir())
-    stale = [d for d in Path(tempfile.gettempdir()).glob("sekisho-ingest-*")]
+    # the killed runs' private working directories are gone (named after their pids)
+    stale = [d for d in Path(tempfile.gettempdir()).glob("sekisho-ingest-*")
+             if int(d.name.split("-")[2]) in killed_pids]
     assert not stale, stale
     assert inst.audit.verify().ok

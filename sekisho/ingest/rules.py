@@ -22,6 +22,7 @@ from datetime import date
 import numpy as np
 import pyarrow as pa
 
+from sekisho.ingest import keys
 from sekisho.policy import Policy, Source, SourceColumn
 
 
@@ -111,14 +112,13 @@ def rkey_seed(secret: bytes, namespace: str, value: str) -> str:
     return hmac.digest(secret, f"rkey:{namespace}:{value}".encode(), "sha256").hex()
 
 
-def _digests(secret: bytes, prefix: bytes, values: list[str]) -> pa.Array:
+def _digests(secret: bytes, prefix: bytes, values: list[str], pool=None) -> pa.Array:
     """HMAC-SHA256 of every value, as one fixed-size binary array (hex is done in SQL)."""
-    digest = hmac.digest
-    blob = b"".join([digest(secret, prefix + v.encode(), "sha256") for v in values])
+    blob = pool.digests(secret, prefix, values) if pool is not None else keys.digests(secret, prefix, values)
     return pa.FixedSizeBinaryArray.from_buffers(pa.binary(32), len(values), [None, pa.py_buffer(blob)])
 
 
-def build_keymaps(con, policy: Policy, secret: bytes) -> dict[str, int]:
+def build_keymaps(con, policy: Policy, secret: bytes, pool=None) -> dict[str, int]:
     """For each keyed-ID namespace, map every distinct raw value to its keyed ID ``kid``
     (hex), a dense integer ``n`` used for joins inside the working database, and, for the
     namespace of the privacy unit, the secret record-key ``seed``. HMAC runs in Python
@@ -139,9 +139,9 @@ def build_keymaps(con, policy: Policy, secret: bytes) -> dict[str, int]:
                                for s, c in cols)
         values = con.execute(f"SELECT DISTINCT v FROM ({union})").to_arrow_table().column(0)
         pylist = values.to_pylist()
-        table = {"raw": values, "kid_b": _digests(secret, f"{ns}:".encode(), pylist)}
+        table = {"raw": values, "kid_b": _digests(secret, f"{ns}:".encode(), pylist, pool)}
         if ns in seeded:
-            table["seed_b"] = _digests(secret, f"rkey:{ns}:".encode(), pylist)
+            table["seed_b"] = _digests(secret, f"rkey:{ns}:".encode(), pylist, pool)
         con.register(f"_keymap_{ns}_arrow", pa.table(table))
         seed = "lower(hex(seed_b))" if ns in seeded else "CAST(NULL AS VARCHAR)"
         con.execute(f"CREATE TABLE keymap_{ns} AS SELECT raw, lower(hex(kid_b)) AS kid, "

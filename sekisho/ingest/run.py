@@ -151,6 +151,9 @@ class Ingestion:
         policy = self.policy
         con = duckdb.connect(":memory:", config={"temp_directory": str(workdir / "spill"),
                                                  "preserve_insertion_order": True})
+        from sekisho.ingest.keys import DigestPool
+
+        pool = DigestPool()     # its helper process starts while the files are read
         bar = self._steps()
         self.timings: dict[str, float] = {}
         clock = {"name": None, "wall": time.monotonic(), "cpu": time.process_time()}
@@ -194,7 +197,10 @@ class Ingestion:
             extract = self.extract_date or self._infer_extract_date(con)
             # 4. keyed IDs and geocoding
             phase("keying")
-            keyed = rules.build_keymaps(con, policy, self.instance.secret)
+            keyed = rules.build_keymaps(con, policy, self.instance.secret, pool)
+            pool.close()
+            # raw tables were read in file order (rowid = line - 2); from here on order is free
+            con.execute("SET preserve_insertion_order = false")
             located = rules.build_geo(con, policy)
             bar.update()
             # 5. abstraction: one staging table per source, then raw tables are dropped
@@ -240,6 +246,7 @@ class Ingestion:
                 w.switch()
             bar.update()
         finally:
+            pool.close()
             bar.close()
             con.close()
         keep = int(policy.store.get("keep_snapshots", 3))

@@ -38,7 +38,7 @@ def column_checks(col: SourceColumn) -> list[tuple[str, str]]:
             checks.append((f"{c} IS NOT NULL AND length({c}) <> {col.length}",
                            f"code must have exactly {col.length} characters"))
     elif col.type == "date":
-        checks.append((f"{c} IS NOT NULL AND (NOT regexp_full_match({c}, '{DATE_PATTERN}') "
+        checks.append((f"{c} IS NOT NULL AND (length({c}) <> 10 "
                        f"OR try_strptime({c}, '%Y-%m-%d') IS NULL)",
                        "not a date in YYYY-MM-DD form / 日付(YYYY-MM-DD)ではありません"))
     elif col.type == "integer":
