@@ -301,3 +301,24 @@ def test_guard_service_killed_mid_load_is_restarted_by_the_hub_and_loses_nothing
     spent = Guard(inst).budget(analyst.name)["spent"] - spent_before
     assert spent >= audited_dp - 1e-9 >= sum(s["epsilon_spent"] for s in answered if s["mode"] == "dp") - 1e-9
     assert spent <= audited_dp + unanswered["dp"] * eps + 1e-9
+
+
+# ---- the API fuzzed through the hub's proxy with a real server token ------------------------
+
+import schemathesis  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+from schemathesis.checks import (content_type_conformance, not_a_server_error,  # noqa: E402
+                                 response_schema_conformance, status_code_conformance)
+
+from sekisho.resources import resource_dir  # noqa: E402
+
+SCHEMA = schemathesis.openapi.from_path(resource_dir("hub") / "guard-openapi.yaml")
+
+
+@SCHEMA.parametrize()
+@settings(max_examples=15, deadline=None, suppress_health_check=list(HealthCheck))
+def test_fuzz_through_the_proxy_with_real_hub_auth(case, hub, analyst_server):
+    token = hub.server_token(analyst_server[0])
+    case.call_and_validate(base_url=hub.url + "services/guard", headers={"Authorization": f"token {token}"},
+                           checks=[not_a_server_error, status_code_conformance, content_type_conformance,
+                                   response_schema_conformance])
