@@ -55,9 +55,20 @@ def test_analyst_gets_403_from_the_audit_pages(browser, hub):
     page.context.close()
 
 
-def test_manager_gets_403_from_the_audit_pages(browser, hub):
+def test_manager_gets_403_from_the_audit_pages_and_a_clear_page_on_spawn(browser, hub):
+    context = browser.new_context(locale="ja-JP", viewport={"width": 1200, "height": 700})
+    login_page = context.new_page()
+    login_page.goto(hub.url + "hub/login")
+    assert "ログイン・ログアウト・失敗したログインはすべて監査ログに記録されます" in login_page.inner_text("body")
+    login_page.screenshot(path=str(SCREENSHOTS / "sekisho-hub-login.png"))
+    context.close()
+
     page = browser_login(browser, hub, hub.users["manager"])
     assert page.goto(hub.url + "services/audit/").status == 403
+    spawn = page.goto(hub.url + "hub/spawn")
+    assert spawn.status == 403
+    assert "この操作を行う権限がありません" in page.inner_text("body")
+    page.screenshot(path=str(SCREENSHOTS / "sekisho-hub-manager-spawn-403.png"))
     page.context.close()
 
 
