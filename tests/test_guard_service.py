@@ -110,6 +110,12 @@ def test_refused_tokens_are_403_audited_and_get_no_data(service, instance, token
     assert len(denials(instance, code)) == before + 4
 
 
+def test_token_in_the_url_is_not_accepted(service):
+    # tokens in URLs end up in logs and browser history; the API takes them in the header only
+    r = requests.get(service.url + f"api/views?token={GOOD}", timeout=30)
+    assert r.status_code == 401 and "views" not in json_body(r)
+
+
 def test_wildcard_service_scope_is_accepted(service):
     # access:services (all services) includes the guard; the explicit check resolves filters
     assert call(service, "GET", "api/budget", token="tok-allsvc-00001").status_code == 200
