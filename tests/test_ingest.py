@@ -456,3 +456,47 @@ def test_digest_helper_process_agrees_with_hmac_and_exits():
     assert proc.poll() is not None, "the helper must exit when the pool closes"
     for i in (0, len(values) // 2, len(values) - 1):
         assert blob[32 * i:32 * i + 32] == hmac_module.digest(key, b"atena:" + values[i].encode(), "sha256")
+
+
+def _instance_with_policy(tmp_path, mutate) -> Instance:
+    import yaml
+
+    from sekisho.resources import resource_dir
+
+    doc = yaml.safe_load((resource_dir("policies") / "himeji.yaml").read_text(encoding="utf-8"))
+    mutate(doc)
+    pdir = tmp_path / "policies"
+    pdir.mkdir()
+    (pdir / "himeji.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    inst = Instance.create(tmp_path / "custom", policy_dir=pdir)
+    set_role(inst, "hanako", "steward")
+    return inst
+
+
+def test_rules_are_selected_and_parametrised_by_the_policy(tmp_path):
+    src = tmp_path / "export"
+    data = write_mini_city(src)
+
+    def swap_labels(doc):
+        doc["sources"]["residents"]["columns"]["sex"]["params"]["labels"] = {"1": "女", "2": "男"}
+
+    inst = _instance_with_policy(tmp_path, swap_labels)
+    _ingest(inst, src)
+    res = Store(inst).connect().table("residents").to_pandas()
+    pid = rules.keyed_id(inst.secret, "atena", data["residents.csv"][0]["atena_no"])
+    assert data["residents.csv"][0]["sex"] == "1"
+    assert res[res.person_id == pid].sex.item() == "女"
+
+
+def test_a_view_column_no_rule_produces_is_refused(tmp_path):
+    src = tmp_path / "export"
+    write_mini_city(src)
+
+    def drop_reason(doc):
+        doc["sources"]["residents"]["columns"]["removal_reason"]["rule"] = "drop"
+
+    inst = _instance_with_policy(tmp_path, drop_reason)
+    with pytest.raises(IngestError, match=r"himeji.yaml \[views.residents.columns.removal_reason\]: "
+                                          "declared in the policy but not produced"):
+        _ingest(inst, src)
+    assert Store(inst).current() is None and inst.audit.verify().ok

@@ -10,6 +10,7 @@ reach the store, and a declared column the builder does not produce is an error.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 
 from sekisho.ingest.errors import IngestError, Problem
@@ -116,7 +117,17 @@ def build(con, policy: Policy, view: View, extract: date) -> None:
     if builder is None:
         raise IngestError(Problem(str(policy.path), None, f"views.{view.name}",
                                   "the policy declares a view this version of Sekisho cannot build"))
-    con.execute(f"CREATE TEMP VIEW _built_{view.name} AS {builder(policy, extract)}")
+    import duckdb
+
+    try:
+        con.execute(f"CREATE TEMP VIEW _built_{view.name} AS {builder(policy, extract)}")
+    except duckdb.BinderException as exc:
+        # a rule the builder relies on was changed in the policy (e.g. a kept column dropped)
+        m = re.search(r'column named "([^"]+)"', str(exc))
+        column = m.group(1) if m else "?"
+        raise IngestError(Problem(str(policy.path), None, f"views.{view.name}.columns.{column}",
+                                  "declared in the policy but not produced from the sources "
+                                  "(check the rules under sources.*.columns)")) from None
     produced = {r[0] for r in con.execute(f"DESCRIBE _built_{view.name}").fetchall()}
     missing = [c for c in view.columns if c not in produced]
     if missing:
