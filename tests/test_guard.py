@@ -331,3 +331,18 @@ def test_cli_query_and_refusal(inst):
     assert {row["sex"] for row in json.loads(ok.stdout)} == {"男", "女"}
     bad = subprocess.run(base + ["SELECT * FROM residents"], capture_output=True, text=True)
     assert bad.returncode == 3 and "row_level_output" in bad.stderr
+
+
+def test_refusal_burst_raises_an_alert_that_survives_a_restart(inst):
+    from sekisho.state import set_role
+
+    set_role(inst, "prober", "analyst")
+    burst = load_instance_policy(inst).disclosure.alerts.refusal_burst
+    half = burst // 2
+    for i in range(half):
+        refused(Guard(inst), f"SELECT MIN(age) + {i} FROM residents", user="prober")
+    g = Guard(inst)  # a restart: the counters live in state.sqlite
+    for i in range(burst - half):
+        refused(g, f"SELECT MAX(age) + {i} FROM residents", user="prober")
+    alerts = [e for e in inst.audit.entries(type="alert", user="prober")]
+    assert [a["details"]["alert"] for a in alerts] == ["refusals"]

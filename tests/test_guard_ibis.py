@@ -88,3 +88,42 @@ def test_ibis_row_level_and_unsafe_idioms_are_refused(guard, city, build):
     sql = ibis.to_sql(build(tables(guard, city.analyst)), dialect="duckdb")
     with pytest.raises(QueryRefused):
         guard.query(sql, user=city.analyst)
+
+
+# ---- the real pipeline: suppression is exactly "fewer than k distinct persons" -------------------
+@pytest.mark.parametrize("sql, truth_sql", [
+    ("SELECT block, age_band, sex, COUNT(*) AS n FROM residents WHERE is_current GROUP BY 1, 2, 3",
+     "SELECT block, age_band, sex, COUNT(DISTINCT person_id) FROM residents WHERE is_current GROUP BY 1, 2, 3"),
+    ("SELECT idou_type, idou_year, COUNT(*) AS n FROM movements GROUP BY 1, 2",
+     "SELECT idou_type, idou_year, COUNT(DISTINCT person_id) FROM movements GROUP BY 1, 2"),
+    ("SELECT cert_type, block, COUNT(DISTINCT person_id) AS n FROM childcare GROUP BY 1, 2",
+     "SELECT cert_type, block, COUNT(DISTINCT person_id) FROM childcare GROUP BY 1, 2"),
+])
+def test_exactly_cells_below_k_suppressed_on_real_data(guard, city, sql, truth_sql):
+    result = guard.query(sql, user=city.analyst)
+    true = {tuple(r[:-1]): r[-1] for r in truth(city.instance, truth_sql)}
+    rows = result.table.to_pylist()
+    keys = [c for c in result.table.column_names if c != "n"]
+    seen = set()
+    for row in rows:
+        key = tuple(row[k] for k in keys)
+        seen.add(key)
+        persons = true.get(key, 0)
+        assert (row["n"] is None) == (persons < 10), (key, persons, row["n"])
+    # every group with >= k persons is released (none dropped)
+    assert all(key in seen for key, persons in true.items() if persons >= 10)
+    assert result.summary["cells_suppressed"] == sum(1 for r in rows if r["n"] is None)
+
+
+def test_dp_budget_is_spent_even_if_the_answer_fails(guard, city, monkeypatch):
+    import sekisho.guard.guard as guard_module
+
+    before = guard.budget(city.analyst)["spent"]
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("simulated crash after the debit")
+    monkeypatch.setattr(guard_module, "protect_dp", crash)
+    with pytest.raises(RuntimeError):
+        guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user=city.analyst, mode="dp",
+                    epsilon=0.5)
+    assert guard.budget(city.analyst)["spent"] == pytest.approx(before + 0.5)  # no refund

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import duckdb
-import pandas as pd
+import numpy as np
 import pyarrow as pa
 
 from sekisho.audit import AuditError
@@ -34,7 +34,8 @@ from sekisho.guard.cells import Bounding, cells_sql, population_sql
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dp import DPParams, protect_dp
-from sekisho.guard.protect.threshold import COUNT_KINDS, ProtectionStats, protect_threshold
+from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, cells_from_arrow, number,
+                                             protect_threshold, size)
 from sekisho.guard.rewrite import BoundaryPlan, Plan, plan as make_plan
 from sekisho.instance import Instance
 from sekisho.policy import load_instance_policy
@@ -253,9 +254,9 @@ class Guard:
         unit = catalog.views[bp.personal_view].privacy_unit
         return not bp.has_join and snap.is_person_unique(bp.personal_view, unit)
 
-    def _fetch(self, snap: _Snapshot, sql: str) -> pd.DataFrame:
+    def _fetch(self, snap: _Snapshot, sql: str) -> Cells:
         try:
-            return snap.cursor().execute(sql).to_arrow_table().to_pandas()
+            return cells_from_arrow(snap.cursor().execute(sql).to_arrow_table())
         except duckdb.Error as exc:
             raise _execution_refusal(exc) from None
 
@@ -278,15 +279,15 @@ class Guard:
             stats.append(st)
         return self._post_process(plan, protected, snap, catalog), stats
 
-    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: pd.DataFrame, fast: bool) -> None:
+    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> None:
         """Refuse when the filtered population is below k — on a perturbed count, so the
         decision itself carries the same noise as any released count."""
         if fast:
-            n = int(cells["__n"].sum()) if len(cells) else 0
-            ck = int(cells["__ck"].sum()) % 256 if len(cells) else 0
+            n = int(number(cells, "__n", np.int64).sum())
+            ck = int(number(cells, "__ck", np.int64).sum()) % 256
         else:
             pop = self._fetch(snap, population_sql(bp))
-            n, ck = int(pop["__n"].iloc[0] or 0), int(pop["__ck"].fillna(0).iloc[0])
+            n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
         noisy = int(self.ptable.perturb_counts([ck], [n])[0])
         if noisy < self.policy.disclosure.k:
             raise QueryRefused("filter_population_below_k")
@@ -342,12 +343,16 @@ class Guard:
         object.__setattr__(bp, "_schema", schema)
         return schema
 
-    def _to_arrow(self, frame: pd.DataFrame, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:
+    def _to_arrow(self, frame: Cells, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:
         schema = self._protected_schema(bp, snap)
+        rows = len(next(iter(frame.values()))) if frame else 0
         columns = []
         for f in schema:
-            values = frame[f.name] if f.name in frame else pd.Series([None] * len(frame))
-            columns.append(pa.array(values.astype(object).where(values.notna(), None).tolist(), type=f.type))
+            values = frame.get(f.name)
+            values = [None] * rows if values is None else values.tolist()
+            if pa.types.is_integer(f.type):
+                values = [None if v is None else int(v) for v in values]
+            columns.append(pa.array(values, type=f.type))
         return pa.Table.from_arrays(columns, schema=schema)
 
     def _empty_protected(self, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:

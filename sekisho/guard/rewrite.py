@@ -112,6 +112,8 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
     row = row.transform(lambda n: exp.TryCast(this=n.this, to=n.args.get("to"))
                         if type(n) is exp.Cast else n, copy=False)
     has_join = any(True for _ in row.find_all(exp.Join))
+    # a filter anywhere below the boundary (also inside derived tables) selects a population
+    filtered = spec.filtered or has_join or any(True for _ in row.find_all(exp.Where))
     row_sql = row.sql(dialect=DIALECT)
 
     # the boundary becomes post-processing over the protected table
@@ -150,7 +152,7 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
             raise refuse("ungrouped_column", col)
     return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
                         group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
-                        filtered=spec.filtered, group_labels=tuple(k.label for k in spec.group_keys),
+                        filtered=filtered, group_labels=tuple(k.label for k in spec.group_keys),
                         has_join=has_join)
 
 

@@ -24,10 +24,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 from diffprivlib.mechanisms import Geometric, Laplace, Snapping
 
-from sekisho.guard.protect.threshold import COUNT_KINDS, ProtectionStats, densify
+from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, densify, nullable, number,
+                                             size, take)
 
 POPULATION_BOUND = 10_000_000  # |sum| <= this many sensitivities: a public bound on any cell
 
@@ -61,42 +61,37 @@ def _snapped_sum(values: np.ndarray, epsilon: float, sensitivity: float) -> np.n
     return np.array([mech.randomise(float(v) / sensitivity) * sensitivity for v in values], dtype=float)
 
 
-def protect_dp(cells: pd.DataFrame, aggregates, domains: list[tuple | None], params: DPParams,
-               sum_bounds: dict[int, tuple[float, float]]) -> tuple[pd.DataFrame, ProtectionStats]:
+def protect_dp(cells: Cells, aggregates, domains: list[tuple | None], params: DPParams,
+               sum_bounds: dict[int, tuple[float, float]]) -> tuple[Cells, ProtectionStats]:
     stats = ProtectionStats()
     n_keys = len(domains)
-    dense, outside = densify(cells.copy(), domains)
+    dense, outside = densify(cells, domains)
     needs_selection = outside is None and n_keys > 0
     eps = params.epsilon / shares(aggregates, needs_selection)
     if outside is not None:
         stats.densified = True
         cells = dense  # values outside the public domain are never released in DP mode
-    if needs_selection and len(cells):
+    if needs_selection and size(cells):
         lap = Laplace(epsilon=eps, sensitivity=params.max_groups)
-        noisy_n = np.array([lap.randomise(float(v)) for v in cells["__n"].to_numpy()])
-        keep = noisy_n > partition_threshold(eps, params.delta, params.max_groups)
-        cells = cells[keep].reset_index(drop=True)
-    out = pd.DataFrame({f"__g{j}": cells[f"__g{j}"].to_numpy() for j in range(n_keys)})
+        noisy_n = np.array([lap.randomise(float(v)) for v in number(cells, "__n")])
+        cells = take(cells, noisy_n > partition_threshold(eps, params.delta, params.max_groups))
+    count = size(cells)
+    out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
-            raw = cells[f"__x{j}"].fillna(0).to_numpy(dtype=np.int64) if f"__x{j}" in cells else np.zeros(len(cells), np.int64)
+            raw = number(cells, f"__x{j}", np.int64)
             sensitivity = params.max_rows if agg.kind in ("count_rows", "count_nonnull") else params.max_groups
-            out[f"__v{j}"] = pd.array(np.maximum(_geometric(raw, eps, sensitivity), 0), dtype="Int64")
+            out[f"__v{j}"] = nullable(np.maximum(_geometric(raw, eps, sensitivity), 0), np.zeros(count, bool))
             continue
         lo, hi = sum_bounds[j]
         sensitivity = params.max_rows * max(abs(lo), abs(hi))
-        sums = cells[f"__s{j}"].fillna(0).to_numpy(dtype=float)
-        noisy_sum = _snapped_sum(sums, eps, sensitivity)
+        noisy_sum = _snapped_sum(number(cells, f"__s{j}"), eps, sensitivity)
         if agg.kind == "sum":
-            out[f"__v{j}"] = pd.array(noisy_sum, dtype="Float64")
+            out[f"__v{j}"] = nullable(noisy_sum, np.zeros(count, bool))
         else:
-            counts = cells[f"__c{j}"].fillna(0).to_numpy(dtype=np.int64)
-            noisy_count = _geometric(counts, eps, params.max_rows)
+            noisy_count = _geometric(number(cells, f"__c{j}", np.int64), eps, params.max_rows)
             with np.errstate(divide="ignore", invalid="ignore"):
                 mean = np.where(noisy_count > 0, noisy_sum / np.maximum(noisy_count, 1), np.nan)
-            mean = np.clip(mean, lo, hi)
-            col = pd.array(mean, dtype="Float64")
-            col[noisy_count <= 0] = pd.NA
-            out[f"__v{j}"] = col
-    stats.cells = len(out)
+            out[f"__v{j}"] = nullable(np.clip(mean, lo, hi), noisy_count <= 0)
+    stats.cells = count
     return out, stats

@@ -27,13 +27,17 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
 
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dominance import dominated
 
 MAX_DENSE_CELLS = 200_000
 COUNT_KINDS = ("count_rows", "count_nonnull", "count_persons", "count_households")
+
+# Cells are plain columns: name -> numpy array (object arrays for strings and lists);
+# NULL is None in object arrays and NaN in float arrays. No pandas on the hot path.
+Cells = dict
 
 
 @dataclass
@@ -47,43 +51,76 @@ class ProtectionStats:
     notes: list[str] = field(default_factory=list)
 
 
-def densify(cells: pd.DataFrame, domains: list[tuple | None]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+def cells_from_arrow(table: pa.Table) -> Cells:
+    out = {}
+    for name in table.column_names:
+        col = table.column(name)
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            out[name] = col.to_numpy(zero_copy_only=False).astype(float) if col.null_count else \
+                col.to_numpy(zero_copy_only=False)
+        else:
+            values = col.to_pylist()
+            arr = np.empty(len(values), dtype=object)
+            for i, v in enumerate(values):  # element-wise: lists must stay list objects
+                arr[i] = v
+            out[name] = arr
+    return out
+
+
+def size(cells: Cells) -> int:
+    return len(cells["__n"]) if "__n" in cells else 0
+
+
+def take(cells: Cells, mask: np.ndarray) -> Cells:
+    return {k: v[mask] for k, v in cells.items()}
+
+
+def concat(a: Cells, b: Cells) -> Cells:
+    return {k: np.concatenate([a[k], b[k].astype(a[k].dtype) if a[k].dtype != object else b[k]]) for k in a}
+
+
+def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
+    """A numeric column with NULL as 0 (absent or empty aggregates)."""
+    if name not in cells:
+        return np.zeros(size(cells), dtype=dtype)
+    values = cells[name]
+    if values.dtype == object:
+        values = np.array([0 if v is None else v for v in values], dtype=float)
+    return np.nan_to_num(values.astype(float), nan=0.0).astype(dtype)
+
+
+def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | None]:
     """Put cells onto the public domain grid (absent cells: zero persons, no values).
     Returns (cells on the grid, cells whose keys fall outside the domain), or
     (cells, None) when the keys are not all public or the grid is too large."""
     if not domains or any(d is None for d in domains):
         return cells, None
-    size = 1
+    n_grid = 1
     for d in domains:
-        size *= len(d)
-    if size > MAX_DENSE_CELLS:
+        n_grid *= len(d)
+    if n_grid > MAX_DENSE_CELLS:
         return cells, None
     keys = [f"__g{j}" for j in range(len(domains))]
-    present = list(zip(*[cells[k].tolist() for k in keys])) if len(cells) else []
+    present = list(zip(*[cells[k].tolist() for k in keys])) if size(cells) else []
     index = {key: i for i, key in enumerate(present)}
     grid = list(itertools.product(*domains))
     grid_set = set(grid)
-    take = np.array([index.get(key, -1) for key in grid], dtype=np.int64)
-    found = take >= 0
-    dense = {}
+    positions = np.array([index.get(key, -1) for key in grid], dtype=np.int64)
+    found = positions >= 0
+    dense: Cells = {}
     for j, k in enumerate(keys):
-        dense[k] = [key[j] for key in grid]
-    for col in cells.columns:
+        dense[k] = np.array([key[j] for key in grid], dtype=object)
+    for col, values in cells.items():
         if col in keys:
             continue
-        values = cells[col].to_numpy()
-        if values.dtype.kind in "iufb":
-            out = np.zeros(len(grid), dtype=values.dtype if values.dtype.kind != "b" else np.int64)
-            out[found] = values[take[found]]
+        if values.dtype.kind in "iuf":
+            out = np.zeros(len(grid), dtype=values.dtype)
         else:
             out = np.empty(len(grid), dtype=object)
-            out[:] = None
-            out[found] = values[take[found]]
+        out[found] = values[positions[found]]
         dense[col] = out
-    inside = pd.DataFrame(dense)
     outside_mask = np.array([key not in grid_set for key in present], dtype=bool)
-    outside = cells[outside_mask] if len(cells) else cells
-    return inside, outside
+    return dense, take(cells, outside_mask) if size(cells) else cells
 
 
 def _nth(values, i: int) -> float:
@@ -93,41 +130,47 @@ def _nth(values, i: int) -> float:
     return 0.0
 
 
-def protect_threshold(cells: pd.DataFrame, aggregates, domains: list[tuple | None], *, k: int,
+def nullable(values: np.ndarray, null: np.ndarray) -> np.ndarray:
+    out = values.astype(object)
+    out[null] = None
+    return out
+
+
+def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, k: int,
                       table: PerturbationTable, min_count: int, nk_n: int, nk_k: float,
-                      p_percent: float, perturb: bool = True) -> tuple[pd.DataFrame, ProtectionStats]:
+                      p_percent: float, perturb: bool = True) -> tuple[Cells, ProtectionStats]:
     stats = ProtectionStats()
     n_keys = len(domains)
-    cells, outside = densify(cells.copy(), domains)
+    cells, outside = densify(cells, domains)
     if outside is not None:
         stats.densified = True
         # values outside the declared domain (e.g. NULL keys) are released only when not small
-        keep_outside = outside[outside["__n"] >= k]
-        stats.rows_dropped += len(outside) - len(keep_outside)
-        cells = pd.concat([cells, keep_outside], ignore_index=True) if len(keep_outside) else cells
-    n = cells["__n"].to_numpy(dtype=np.int64)
-    ck = cells["__ck"].to_numpy(dtype=np.int64)
+        keep = number(outside, "__n", np.int64) >= k
+        stats.rows_dropped += int((~keep).sum())
+        if keep.any():
+            cells = concat(cells, take(outside, keep))
+    n = number(cells, "__n", np.int64)
+    ck = number(cells, "__ck", np.int64)
     small = n < k
-    out = pd.DataFrame({f"__g{j}": cells[f"__g{j}"].to_numpy() for j in range(n_keys)})
+    out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
-            raw = cells[f"__x{j}"].fillna(0).to_numpy(dtype=np.int64)
+            raw = number(cells, f"__x{j}", np.int64)
             value = table.perturb_counts(ck, raw) if perturb else raw
             tiny = (value > 0) & (value < min_count)
             stats.values_suppressed_small += int((tiny & ~small).sum())
-            out[f"__v{j}"] = pd.array(np.where(small | tiny, 0, value), dtype="Int64")
-            out.loc[small | tiny, f"__v{j}"] = pd.NA
+            out[f"__v{j}"] = nullable(value, small | tiny)
             continue
-        sums = cells[f"__s{j}"].fillna(0).to_numpy(dtype=float)
-        nonnull = cells[f"__c{j}"].fillna(0).to_numpy(dtype=np.int64)
-        tops = cells[f"__t{j}"] if f"__t{j}" in cells else pd.Series([None] * len(cells))
+        sums = number(cells, f"__s{j}")
+        nonnull = number(cells, f"__c{j}", np.int64)
+        tops = cells.get(f"__t{j}", np.full(len(n), None, dtype=object))
         top1 = np.array([_nth(t, 0) for t in tops], dtype=float)
         top2 = np.array([_nth(t, 1) for t in tops], dtype=float)
-        total_abs = cells[f"__ta{j}"].fillna(0).to_numpy(dtype=float) if f"__ta{j}" in cells else np.abs(sums)
+        total_abs = number(cells, f"__ta{j}") if f"__ta{j}" in cells else np.abs(sums)
         if agg.cls in ("sensitive_measure", "derived_sensitive"):
             dom = dominated(total_abs, top1, top2, nk_n=nk_n, nk_k=nk_k, p_percent=p_percent)
         else:
-            dom = np.zeros(len(cells), dtype=bool)
+            dom = np.zeros(len(n), dtype=bool)
         stats.values_suppressed_dominance += int((dom & ~small).sum())
         psum = table.perturb_sums(ck, sums, top1, salt=j + 1) if perturb else sums
         if agg.kind == "sum":
@@ -136,15 +179,13 @@ def protect_threshold(cells: pd.DataFrame, aggregates, domains: list[tuple | Non
             pcount = table.perturb_counts(ck, nonnull) if perturb else nonnull
             with np.errstate(divide="ignore", invalid="ignore"):
                 value = np.where(pcount > 0, psum / np.maximum(pcount, 1), np.nan)
-        value = np.where(small | dom | (nonnull == 0), np.nan, value)
-        out[f"__v{j}"] = pd.array(value, dtype="Float64")
-        out.loc[small | dom | (nonnull == 0), f"__v{j}"] = pd.NA
-    stats.cells = len(out)
+        out[f"__v{j}"] = nullable(value, small | dom | (nonnull == 0) | np.isnan(value))
+    stats.cells = len(n)
     # without densification the number of dropped groups would itself reveal how many
     # rare groups exist, so it is kept for the audit trail only (rows_dropped)
     stats.cells_suppressed = int(small.sum()) if stats.densified else 0
     if not stats.densified:
-        keep = ~small
         stats.rows_dropped += int(small.sum())
-        out = out[keep].reset_index(drop=True)
+        out = take(out, ~small)
+        stats.cells = int((~small).sum())
     return out, stats
