@@ -137,24 +137,31 @@ R.table("item06_block", "6. 年齢階層別表（地域ブロック別）",
 
 # ---------------------------------------------------------------- 02 異動 ----------
 MOVES_SETUP = '''
-def balance(counts):
-    """Himeji's definitions: 自然 = 出生 - 死亡; 社会 = 転入 - 転出 + その他(職権記載); 人口増減 = 自然 + 社会."""
-    c = {t: counts.get(t, float("nan")) for t in IDOU_TYPES}
-    natural = c["出生"] - c["死亡"]
-    social = c["転入"] - c["転出"] + c["職権記載"]
-    return {"自然増減": natural, "社会増減": social, "人口増減": natural + social}
+# Balances (Himeji): 自然 = 出生 - 死亡; 社会 = 転入 - 転出 + その他(職権記載); 人口増減 = 自然 + 社会.
+# Each side of a balance is asked of the guard as ONE cell (e.g. 社会増 = 転入 + 職権記載), so a
+# small, suppressed 職権記載 count does not make the balance unknown.
+FLOW = ("CASE WHEN idou_type IN ('転入', '職権記載') THEN '社会増' WHEN idou_type = '転出' THEN '社会減' "
+        "WHEN idou_type = '出生' THEN '自然増' WHEN idou_type = '死亡' THEN '自然減' END")
+FLOWS = ("社会増", "社会減", "自然増", "自然減")
 
-def by_type(where):
-    df = q(f"SELECT idou_type, COUNT(*) AS n FROM movements WHERE {where} GROUP BY idou_type")
-    return {t: lookup(df, {"idou_type": t}) for t in IDOU_TYPES}
+def counts(where, by=()):
+    # protected counts per 異動 type and per balance side, grouped by the columns `by`
+    keys = "".join(f"{k}, " for k in by)
+    types = q(f"SELECT {keys}idou_type, COUNT(*) AS n FROM movements WHERE {where} GROUP BY {keys}idou_type")
+    flows = q(f"SELECT {keys}{FLOW} AS flow, COUNT(*) AS n FROM movements WHERE {where} GROUP BY {keys}flow")
+    return types, flows
+
+def row(types, flows, key=None):
+    key = key or {}
+    c = {t: lookup(types, {**key, "idou_type": t}) for t in IDOU_TYPES}
+    f = {x: lookup(flows, {**key, "flow": x}) for x in FLOWS}
+    natural, social = f["自然増"] - f["自然減"], f["社会増"] - f["社会減"]
+    return {**c, "自然増減": natural, "社会増減": social, "人口増減": natural + social}
 
 def monthly(where):
-    df = q(f"SELECT idou_ym, idou_type, COUNT(*) AS n FROM movements WHERE {where} GROUP BY idou_ym, idou_type")
-    rows = []
-    for month in sorted(df.idou_ym.dropna().unique()):
-        counts = {t: lookup(df, {"idou_ym": month, "idou_type": t}) for t in IDOU_TYPES}
-        rows.append({"年月": month, **counts, **balance(counts)})
-    return pd.DataFrame(rows)
+    types, flows = counts(where, ("idou_ym",))
+    months = sorted(set(types.idou_ym.dropna()) | set(flows.idou_ym.dropna()))
+    return pd.DataFrame([{"年月": m, **row(types, flows, {"idou_ym": m})} for m in months])
 
 def balance_chart(df, title):
     fig = go.Figure()
@@ -163,51 +170,45 @@ def balance_chart(df, title):
     fig.add_scatter(x=df["年月"], y=df["人口増減"], name="人口増減", mode="lines+markers", line_color="#333")
     fig.update_layout(title=title, barmode="relative", xaxis_title="年月", yaxis_title="件数（人）")
     return fig
+
+BALANCE_NOTE = ("人口増減 = 自然増減 + 社会増減、自然増減 = 出生 − 死亡、社会増減 = 転入 − 転出 + その他（職権記載）。"
+                "増・減それぞれを1つの保護されたセルとして集計しています。")
 '''
 
 MOVES = [
     ("7. 異動状況", "基準年月までの12か月間の異動件数（住基の異動区分）と人口増減。", MOVES_SETUP + '''
-types = q(f"SELECT idou_type, sex, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY idou_type, sex")
-totals = by_type(YEAR)
-rows = [{"区分": t, "計": totals[t], "男": lookup(types, {"idou_type": t, "sex": "男"}),
-         "女": lookup(types, {"idou_type": t, "sex": "女"})} for t in IDOU_TYPES]
-derived = {col: balance({r["区分"]: r[col] for r in rows}) for col in ("計", "男", "女")}
-rows += [{"区分": name, **{col: derived[col][name] for col in derived}} for name in ("自然増減", "社会増減", "人口増減")]
-R.table("item07", "7. 異動状況", pd.DataFrame(rows),
-        note="人口増減 = 自然増減 + 社会増減、自然増減 = 出生 − 死亡、社会増減 = 転入 − 転出 + その他（職権記載）。")
-R.figure(px.bar(x=list(IDOU_TYPES), y=[totals[t] for t in IDOU_TYPES], labels={"x": "異動区分", "y": "件数"},
+by_sex = counts(YEAR, ("sex",))
+total = counts(YEAR)
+cols = {"計": row(*total), "男": row(*by_sex, {"sex": "男"}), "女": row(*by_sex, {"sex": "女"})}
+items = list(IDOU_TYPES) + ["自然増減", "社会増減", "人口増減"]
+R.table("item07", "7. 異動状況", pd.DataFrame([{"区分": i, **{c: cols[c][i] for c in cols}} for i in items]),
+        note=BALANCE_NOTE)
+R.figure(px.bar(x=list(IDOU_TYPES), y=[cols["計"][t] for t in IDOU_TYPES], labels={"x": "異動区分", "y": "件数"},
                 title=f"異動区分別件数（{label_ja(ctx.year_first)}〜{label_ja(BASE)}）"))
 '''),
     ("8. 異動詳細", "地域区分別・異動区分別の件数（基準年月までの12か月間）。地域は転入・出生・転居は異動後、転出・死亡は異動前の住所。", '''
-detail = q(f"SELECT {AREA} AS area, idou_type, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY {AREA}, idou_type")
-t = wide(detail, "area", "idou_type", "n", column_order=IDOU_TYPES,
-         index_order=BLOCKS if AREA == "block" else None)
-t["社会増減"] = t["転入"] - t["転出"] + t["職権記載"]
-t["自然増減"] = t["出生"] - t["死亡"]
-R.table("item08", "8. 異動詳細", t.rename(columns={"area": ctx.area_label}))
+types, flows = counts(YEAR, (AREA,))
+areas = BLOCKS if AREA == "block" else sorted(set(types[AREA].dropna()) | set(flows[AREA].dropna()))
+t = pd.DataFrame([{ctx.area_label: a, **row(types, flows, {AREA: a})} for a in areas])
+R.table("item08", "8. 異動詳細", t, note=BALANCE_NOTE)
 '''),
-    ("9. 経年異動状況詳細", "期間内の各12か月間の異動区分別・男女別件数。", '''
+    ("9. 経年異動状況詳細", "期間内の各12か月間の異動区分別・男女別件数と増減。", '''
 rows = []
 for first, last, label in ctx.windows:
-    df = q(f"SELECT idou_type, sex, COUNT(*) AS n FROM movements WHERE {moved_between(first, last)} GROUP BY idou_type, sex")
-    for sex in ("男", "女"):
-        counts = {t: lookup(df, {"idou_type": t, "sex": sex}) for t in IDOU_TYPES}
-        rows.append({"期間": label, "性別": sex, **counts, **balance(counts)})
-R.table("item09", "9. 経年異動状況詳細", pd.DataFrame(rows))
+    types, flows = counts(moved_between(first, last), ("sex",))
+    rows += [{"期間": label, "性別": sex, **row(types, flows, {"sex": sex})} for sex in ("男", "女")]
+R.table("item09", "9. 経年異動状況詳細", pd.DataFrame(rows), note=BALANCE_NOTE)
 '''),
     ("10. 経年異動状況詳細_異動件数", "期間内の各12か月間の異動区分別件数。", '''
-yearly = []
-for first, last, label in ctx.windows:
-    counts = by_type(moved_between(first, last))
-    yearly.append({"期間": label, **counts, **balance(counts)})
-yearly = pd.DataFrame(yearly)
+yearly = pd.DataFrame([{"期間": label, **row(*counts(moved_between(first, last)))}
+                       for first, last, label in ctx.windows])
 R.table("item10", "10. 経年異動状況詳細_異動件数", yearly[["期間", *IDOU_TYPES]])
 long = yearly.melt(id_vars="期間", value_vars=list(IDOU_TYPES), var_name="異動区分", value_name="件数")
 R.figure(px.bar(long, x="期間", y="件数", color="異動区分", barmode="group", title="異動区分別件数の推移"))
 '''),
     ("11. 経年異動状況詳細_増減件数", "期間内の各12か月間の自然増減・社会増減・人口増減。", '''
 t = yearly[["期間", "自然増減", "社会増減", "人口増減"]]
-R.table("item11", "11. 経年異動状況詳細_増減件数", t)
+R.table("item11", "11. 経年異動状況詳細_増減件数", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t.rename(columns={"期間": "年月"}), "人口増減の推移（12か月ごと）"))
 '''),
     ("12. エリア地図異動状況詳細", "地域ブロック別の転入・転出・転居と、1kmメッシュ別の転入超過数（転入 − 転出）の地図（基準年月までの12か月間）。", '''
@@ -226,22 +227,22 @@ R.figure(mesh_figure(net, "mesh1km", "転入超過", title="転入超過数（�
 '''),
     ("13. 経年異動状況詳細_月別増減件数", "基準年月までの12か月の月別の増減。", '''
 t = monthly(YEAR)
-R.table("item13", "13. 経年異動状況詳細_月別増減件数", t)
+R.table("item13", "13. 経年異動状況詳細_月別増減件数", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減"))
 '''),
     ("14. 経年異動状況詳細_月別増減件数_女性", "同・女性。", '''
 t = monthly(f"{YEAR} AND sex = '女'")
-R.table("item14", "14. 経年異動状況詳細_月別増減件数_女性", t)
+R.table("item14", "14. 経年異動状況詳細_月別増減件数_女性", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減（女性）"))
 '''),
     ("15. 経年異動状況詳細_月別増減件数_男性", "同・男性。", '''
 t = monthly(f"{YEAR} AND sex = '男'")
-R.table("item15", "15. 経年異動状況詳細_月別増減件数_男性", t)
+R.table("item15", "15. 経年異動状況詳細_月別増減件数_男性", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減（男性）"))
 '''),
     ("16. 経年異動状況詳細_経年", "期間全体の月別の増減の推移。", '''
 t = monthly(moved_between(ctx.period_first, BASE))
-R.table("item16", "16. 経年異動状況詳細_経年", t)
+R.table("item16", "16. 経年異動状況詳細_経年", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, f"月別人口増減の推移（{ctx.period}年間）"))
 '''),
 ]

@@ -198,3 +198,18 @@ def test_a_failed_notebook_keeps_the_previous_publication(published_city, tmp_pa
     assert failed and failed[-1]["details"]["report"] == "07_教育保育"
     leftovers = [p for p in (instance.published_dir / "07_教育保育").iterdir() if p.name.endswith(".partial")]
     assert leftovers == []
+
+
+def test_yearly_balances_follow_himejis_definitions(published_city, base_month, limits):
+    """人口増減 = 自然 + 社会; 自然 = 出生 - 死亡; 社会 = 転入 - 転出 + その他(職権記載): each side
+    is one protected cell, so each balance is within 2·D of the truth."""
+    k, noise = limits
+    published, _ = published_city.table("item11")
+    for row in published.to_dict("records"):
+        first, last, _ = next(w for w in year_windows(base_month, 5) if w[2] == row["期間"])
+        n = ref.movements_in(published_city.exports, first, last).groupby("idou_type").size()
+        natural = n.get("出生", 0) - n.get("死亡", 0)
+        social = n.get("転入", 0) - n.get("転出", 0) + n.get("職権記載", 0)
+        assert abs(row["自然増減"] - natural) <= 2 * noise, (row, natural)
+        assert abs(row["社会増減"] - social) <= 2 * noise, (row, social)
+        assert row["人口増減"] == row["自然増減"] + row["社会増減"]
