@@ -144,3 +144,11 @@ def test_page_embeds_plotly_once_and_loads_nothing():
 def test_external_loads_are_detected(snippet):
     html = page(title="t", meta=[], body=snippet)
     assert external_loads(html)
+
+
+def test_analysts_can_copy_the_notebooks(tmp_path):
+    copied = catalog.copy_notebooks(tmp_path)
+    assert sorted(p.name for p in copied) == sorted(nb.path.name for nb in catalog.notebooks())
+    (tmp_path / "01_人口.ipynb").write_text("mine")
+    assert catalog.copy_notebooks(tmp_path) == []           # an analyst's edits are kept
+    assert (tmp_path / "01_人口.ipynb").read_text() == "mine"

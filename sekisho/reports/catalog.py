@@ -47,3 +47,21 @@ def select(names: tuple[str, ...] | list[str], directory: Path | None = None) ->
             raise KeyError(f"no report notebook {name!r}; available: {known}")
         chosen += [h for h in hits if h not in chosen]
     return chosen
+
+
+def copy_notebooks(destination: str | Path = ".", *, overwrite: bool = False) -> list[Path]:
+    """Copy the report notebooks into ``destination`` (an analyst's working directory), so
+    they can be opened, changed and run in the analyst's own kernel. Existing files are kept
+    unless ``overwrite``."""
+    import shutil
+
+    destination = Path(destination)
+    destination.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for nb in notebooks():
+        target = destination / nb.path.name
+        if target.exists() and not overwrite:
+            continue
+        shutil.copyfile(nb.path, target)
+        copied.append(target)
+    return copied
