@@ -500,3 +500,22 @@ def test_a_view_column_no_rule_produces_is_refused(tmp_path):
                                           "declared in the policy but not produced"):
         _ingest(inst, src)
     assert Store(inst).current() is None and inst.audit.verify().ok
+
+
+def test_unexpected_engine_error_is_audited_without_quoted_values(city, monkeypatch):
+    from sekisho.ingest import views as views_module
+
+    inst, src, data = city
+    atena = data["residents.csv"][0]["atena_no"]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"Conversion Error: Could not convert string '{atena}' to INT32")
+
+    monkeypatch.setattr(views_module, "build", broken)
+    with pytest.raises(RuntimeError):
+        _ingest(inst, src)
+    last = list(inst.audit.entries())[-1]
+    assert last["type"] == "ingest.failed" and last["outcome"] == "failed"
+    assert "Conversion Error" in last["details"]["reason"]
+    assert atena not in (inst.audit_dir / "audit.jsonl").read_text(encoding="utf-8")
+    assert Store(inst).current() is None and not list(inst.store_dir.glob(".building-*"))

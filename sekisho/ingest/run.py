@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -46,6 +47,12 @@ class IngestResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
+def _scrub(message: str) -> str:
+    """Blank out quoted fragments of an unexpected error (an engine error may quote a
+    value from the data; the audit log must not receive raw values)."""
+    return re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", message)
+
+
 class Ingestion:
     """An upload in three audited steps (the CLI drops privileges between open and run)."""
 
@@ -74,7 +81,7 @@ class Ingestion:
             reason = exc.summary
             problems = [p.as_dict() for p in exc.problems[:50]]
         else:
-            reason = f"{type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {_scrub(str(exc))}"
             problems = []
         rejected: dict[str, int] = {}
         for p in problems:
@@ -82,7 +89,8 @@ class Ingestion:
         self.instance.audit.append(
             "ingest.failed", user=self.user, role=self.role, outcome=outcome,
             summary=f"upload refused: {reason}"[:500],
-            details={**self._who(), "reason": str(exc)[:4000], "problems": problems,
+            details={**self._who(), "reason": (str(exc) if isinstance(exc, IngestError)
+                                               else reason)[:4000], "problems": problems,
                      "source_dir": str(self.source_dir) if self.source_dir else None,
                      "files": self._file_details(rejected),
                      "policy_version": self.instance.policy_version,
