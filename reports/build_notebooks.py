@@ -32,7 +32,7 @@ from sekisho.reports import data
 from sekisho.reports.mesh import mesh_figure
 from sekisho.reports.notebook import lookup, order_by, scalar, start, wide
 from sekisho.reports.periods import add_months, label_ja, months_between
-from sekisho.reports.sql import in_childcare_at, lit, moved_between, resident_at
+from sekisho.reports.sql import age_band_at, in_childcare_at, lit, moved_between, resident_at
 
 ctx = start(base_month=base_month, compare_month=compare_month, period=period,
             area_level=area_level, tables_dir=tables_dir)
@@ -110,9 +110,11 @@ t = mesh.sort_values("n", ascending=False, na_position="last").rename(columns={{
 R.table("item{n:02d}", "{n}. 人口メッシュ地図 {size}", t)
 ''') for n, size, col in ((3, "1km", "mesh1km"), (4, "500m", "mesh500m"), (5, "250m", "mesh250m"))
 ] + [
-    ("6. 年齢階層別表", "基準年月末の5歳階級（e-Stat）別・男女別人口。市全体と地域ブロック別。年齢は抽出時点。", '''
-ages = q(f"SELECT age_band, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY age_band, sex")
-age_total = q(f"SELECT age_band, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY age_band")
+    ("6. 年齢階層別表", "基準年月末の5歳階級（e-Stat）別・男女別人口（年齢は基準年月末時点）。市全体と地域ブロック別。", '''
+# age at the end of the base month, computed row by row from the birth month
+AGED = f"(SELECT sex, block, {age_band_at(BASE)} AS age_band FROM residents WHERE {resident_at(BASE)}) AS r"
+ages = q(f"SELECT age_band, sex, COUNT(*) AS n FROM {AGED} GROUP BY age_band, sex")
+age_total = q(f"SELECT age_band, COUNT(*) AS n FROM {AGED} GROUP BY age_band")
 t = wide(ages, "age_band", "sex", "n", index_order=AGE_BANDS, column_order=["男", "女"])
 t["計"] = t["age_band"].map(age_total.set_index("age_band")["n"])
 R.table("item06", "6. 年齢階層別表", t.rename(columns={"age_band": "年齢階級"}))
@@ -126,7 +128,7 @@ pyramid.update_layout(title="人口ピラミッド（基準年月末）", barmod
                       yaxis=dict(categoryorder="array", categoryarray=list(AGE_BANDS)))
 R.figure(pyramid)
 
-by_block = q(f"SELECT block, age_band, sex, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block, age_band, sex")
+by_block = q(f"SELECT block, age_band, sex, COUNT(*) AS n FROM {AGED} GROUP BY block, age_band, sex")
 t = by_block.pivot_table(index=["block", "age_band"], columns="sex", values="n", aggfunc="first", dropna=False)
 t = t.reindex(pd.MultiIndex.from_product([BLOCKS, AGE_BANDS], names=["block", "age_band"]))
 t = t.reindex(columns=["男", "女"]).reset_index()

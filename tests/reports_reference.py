@@ -24,22 +24,30 @@ def ym(dates: pd.Series) -> pd.Series:
 def completed_years(birth: pd.Series, on: date) -> pd.Series:
     b = pd.to_datetime(birth)
     before_birthday = (on.month * 100 + on.day) < (b.dt.month * 100 + b.dt.day)
-    return (on.year - b.dt.year - before_birthday.astype(int)).clip(lower=0, upper=TOP_AGE)
+    return on.year - b.dt.year - before_birthday.astype(int)
 
 
 def band(ages: pd.Series) -> pd.Series:
     return ages.map(lambda a: AGE_BANDS[min(int(a) // 5, len(AGE_BANDS) - 1)])
 
 
+def month_end(month: str) -> date:
+    return pd.Period(month, freq="M").end_time.date()
+
+
 def residents_at(exports: Path, month: str, extract: date) -> pd.DataFrame:
-    """Residents at the end of ``month`` with block, sex (男/女) and age band at extract."""
+    """Residents at the end of ``month`` with block, sex (男/女) and age band at the end of
+    ``month`` (top-coded at 100 as of the extract, like the store)."""
     r = read(exports, "residents.csv")
     present = (ym(r.registered_date) <= month) & ((r.removed_date == "") | (ym(r.removed_date) > month))
     r = r[present].copy()
     master = read(exports, "address_master.csv")[["chome_code", "gaiku", "block"]]
     r = r.merge(master, on=["chome_code", "gaiku"], how="left")
     r["sex_ja"] = r.sex.map(SEX)
-    r["age_band"] = band(completed_years(r.birth_date, extract))
+    # the store top-codes birth months so that nobody is older than 100 at the extract
+    over = (completed_years(r.birth_date, extract) - TOP_AGE).clip(lower=0)
+    age = completed_years(r.birth_date, month_end(month)) - over
+    r["age_band"] = band(age.clip(lower=0, upper=TOP_AGE))
     return r
 
 

@@ -32,3 +32,19 @@ def in_childcare_at(month: str) -> str:
     m = lit(check_month(month, "基準年月"))
     return (f"(facility_id IS NOT NULL AND use_from_ym <= {m} "
             f"AND (use_to_ym IS NULL OR use_to_ym >= {m}))")
+
+
+def age_at_month_end(month: str, birth_ym: str = "birth_ym") -> str:
+    """Completed years at the end of ``month`` from a ``YYYY-MM`` birth month (exact: by the
+    end of a month everyone born in it has had their birthday)."""
+    y, m = (int(x) for x in check_month(month, "基準年月").split("-"))
+    born = (f"(CAST(SUBSTRING({birth_ym}, 1, 4) AS INTEGER) * 12 "
+            f"+ CAST(SUBSTRING({birth_ym}, 6, 2) AS INTEGER))")
+    return f"(({y * 12 + m} - {born}) // 12)"
+
+
+def age_band_at(month: str, birth_ym: str = "birth_ym") -> str:
+    """e-Stat band of the age at the end of ``month`` (a row-level CASE the guard accepts)."""
+    from sekisho.reference import age_band_sql
+
+    return age_band_sql(age_at_month_end(month, birth_ym))
