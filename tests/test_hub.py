@@ -244,3 +244,38 @@ def test_session_events_go_into_the_chain_and_it_verifies(hub):
     verify = subprocess.run([SEKISHO, "audit", "verify", "--home", str(hub.home)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stderr
     assert "audit chain OK" in verify.stdout
+
+
+def test_services_run_as_the_service_account(hub):
+    from sekisho.instance import service_account_ids
+
+    uid = service_account_ids()[0]
+    children = subprocess.run(["pgrep", "-P", str(hub.process.pid)], capture_output=True, text=True).stdout.split()
+    services = {}
+    for pid in children:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        module = next((part.decode() for part in cmdline if part.startswith(b"sekisho.services.")), None)
+        if module:
+            services[module] = os.stat(f"/proc/{pid}").st_uid
+    expected = {f"sekisho.services.{m}" for m in ("guard", "audit_review", "reports")
+                if m.replace("audit_review", "audit") in services_running(hub)}
+    assert set(services) == expected and expected
+    assert set(services.values()) == {uid}
+    assert os.stat(f"/proc/{hub.process.pid}").st_uid == 0  # the hub itself: root (setuid spawning, PAM)
+
+
+def test_a_server_that_dies_on_its_own_is_recorded_as_stopped(hub):
+    import signal
+    import time
+
+    person = hub.add_user("analyst")
+    hub.start_server(person)
+    pid = hub.server_pid(person)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    stops = []
+    while time.monotonic() < deadline and not stops:
+        stops = [e for e in audit(hub, user=person.name, type="server.stop") if e["details"].get("pid") == pid]
+        time.sleep(1)
+    assert stops, "the hub did not notice the dead server within 60 s"
+    assert stops[0]["outcome"] == "ok" and stops[0]["details"]["ended"] == "exited"

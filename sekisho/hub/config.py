@@ -243,6 +243,7 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     c.Spawner.oauth_client_allowed_scopes = []  # browser tokens reach the server itself only
     c.Spawner.http_timeout = 60
     c.Spawner.start_timeout = 90
+    c.Spawner.poll_interval = 10  # notice (and audit) a server that died on its own quickly
 
     # --- the Sekisho services, run by the hub as the service account
     c.JupyterHub.services = services_config(settings, services, python)

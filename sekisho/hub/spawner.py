@@ -76,6 +76,7 @@ class SekishoSpawner(LocalProcessSpawner):
                 self.log.error("could not audit a failed server start: %s", audit_exc)
             raise
         ip, port = url if isinstance(url, tuple) else (str(url), None)
+        self._started_pid = self.pid
         try:
             self._audit("server.start", "ok", f"server of {self.user.name} started",
                         {"pid": self.pid, "ip": ip, "port": port})
@@ -87,13 +88,23 @@ class SekishoSpawner(LocalProcessSpawner):
         return url
 
     async def stop(self, now=False):
-        pid = self.pid
+        self._stop_requested = True
+        self._stopped_pid = self.pid
         try:
             await super().stop(now=now)
         except Exception as exc:
-            self._try_audit("server.stop", "failed", {"pid": pid, "error": type(exc).__name__})
+            self._try_audit("server.stop", "failed", {"pid": self._stopped_pid, "error": type(exc).__name__})
             raise
-        self._try_audit("server.stop", "ok", {"pid": pid})
+
+    def run_post_stop_hook(self):
+        # The hub calls this after every stop, including a server that died on its own
+        # (then stop() is never called): one place that sees every end of a server.
+        requested = getattr(self, "_stop_requested", False)
+        # a dead server's pid is already cleared by poll(); fall back to the one we started
+        pid = (getattr(self, "_stopped_pid", None) if requested else self.pid) or getattr(self, "_started_pid", None)
+        self._stop_requested, self._stopped_pid = False, None
+        self._try_audit("server.stop", "ok", {"pid": pid, "ended": "stopped" if requested else "exited"})
+        return super().run_post_stop_hook()
 
     def _try_audit(self, type: str, outcome: str, details: dict[str, Any]) -> None:
         try:
