@@ -324,13 +324,22 @@ def test_describe_matches_query_schema(guard):
 
 # ---- CLI ------------------------------------------------------------------------------------
 def test_cli_query_and_refusal(inst):
+    import os
+
+    if os.geteuid() != 0:
+        pytest.skip("--as needs root")
     base = [sys.executable, "-m", "sekisho.cli", "query", "--home", str(inst.home), "--as", "ana"]
     ok = subprocess.run(base + ["--format", "json", "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"],
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert {row["sex"] for row in json.loads(ok.stdout)} == {"男", "女"}
     bad = subprocess.run(base + ["SELECT * FROM residents"], capture_output=True, text=True)
-    assert bad.returncode == 3 and "row_level_output" in bad.stderr
+    assert bad.returncode == 3 and "row_level_output" in bad.stderr and not bad.stdout
+    dp = subprocess.run(base + ["--mode", "dp", "--epsilon", "0.1", "SELECT sex, COUNT(*) AS n FROM residents "
+                                "GROUP BY sex"], capture_output=True, text=True)
+    assert dp.returncode == 0 and "ε spent: 0.1" in dp.stdout and "remaining" in dp.stdout
+    entry = list(inst.audit.entries(type="query"))[-1]
+    assert entry["details"]["operator"] == "root" and entry["user"] == "ana"
 
 
 def test_refusal_burst_raises_an_alert_that_survives_a_restart(inst):

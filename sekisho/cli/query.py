@@ -50,10 +50,10 @@ def query(home: Path | None, as_user: str | None, mode: str | None, epsilon: flo
     from sekisho.guard import Guard, QueryRefused
 
     inst = open_instance(home)
-    user, _operator = resolve_caller(as_user)
+    user, operator = resolve_caller(as_user)
     guard = Guard(inst)
     try:
-        result = guard.query(sql, user=user, mode=mode, epsilon=epsilon)
+        result = guard.query(sql, user=user, mode=mode, epsilon=epsilon, operator=operator)
     except QueryRefused as refusal:
         click.echo(f"拒否 refused [{refusal.code}]: {refusal.reason}", err=True)
         if refusal.part:

@@ -141,7 +141,9 @@ class Guard:
         table = self._post_process(plan, protected, snap, catalog, limit_zero=True)
         return table.schema
 
-    def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None) -> GuardResult:
+    def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None,
+              operator: str | None = None) -> GuardResult:
+        """Answer ``sql`` for ``user`` (``operator``: who acts for them, e.g. root with --as)."""
         started = time.perf_counter()
         role = None
         fingerprint = "unparsed"
@@ -163,7 +165,7 @@ class Guard:
                 table, stats = self._run_threshold(plan, snap, catalog)
                 eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
         except QueryRefused as refusal:
-            self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started)
+            self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
             raise
         summary = self._summary(mode, table, stats, eps_info, plan)
         details = {"sql": sql, "fingerprint": fingerprint, "normalized": plan.normalized_sql, "views": views,
@@ -173,6 +175,8 @@ class Guard:
                    "rows_dropped_below_k": sum(s.rows_dropped for s in stats),
                    "epsilon_spent": eps_info["epsilon_spent"],
                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+        if operator:
+            details["operator"] = operator
         entry = self.instance.audit.append("query", user=user, role=role, outcome="ok",
                                            summary=f"{mode} query on {', '.join(views) or '-'}: "
                                                    f"{table.num_rows} rows", details=details)
@@ -434,11 +438,14 @@ class Guard:
             "notes_ja": notes,
         }
 
-    def _audit_refusal(self, user, role, sql, fingerprint, views, mode, refusal: QueryRefused, started) -> None:
+    def _audit_refusal(self, user, role, sql, fingerprint, views, mode, refusal: QueryRefused, started,
+                       operator=None) -> None:
         details = {"sql": sql if isinstance(sql, str) else repr(sql)[:1000], "fingerprint": fingerprint,
                    "views": views, "mode": mode, "decision": "refused", "code": refusal.code,
                    "reason": refusal.reason, "part": refusal.part, "epsilon_spent": 0.0,
                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+        if operator:
+            details["operator"] = operator
         self.instance.audit.append("query.refused", user=str(user), role=role, outcome="refused",
                                    summary=f"refused: {refusal.code}", details=details)
         if role is not None:
