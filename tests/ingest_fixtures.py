@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import random
+import re
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -193,3 +194,58 @@ def build_ingested_city(source_dir: Path, population: int = CITY_POPULATION,
         set_role(inst, name, role)
     result = ingest(inst, source_dir, user=CITY_USERS["steward"])
     return IngestedCity(inst, Path(source_dir), manifest, result, base)
+
+
+# ---- scanning a store for raw values ------------------------------------------------------
+
+CANDIDATE_PATTERNS = [
+    re.compile(r"\d{4}-\d{2}-\d{2}"),                         # exact dates
+    re.compile(r"\d{6,}"),                                     # identifiers (宛名番号, 世帯番号, ...)
+    re.compile(r"[^\x00-\x7f,\n\"]+[ \u3000][^\x00-\x7f,\n\"]+"),  # 姓 名 / セイ メイ
+    re.compile(r"\d+番\d+号"),                                  # 番地・号
+    re.compile(r"兵庫県[^,\n\"\x00]*"),                         # full addresses
+]
+
+
+def _candidates(text: str) -> set[str]:
+    """Every field value, and every substring shaped like a raw identifier, date, name or
+    address, so the needles can be looked up with one set intersection."""
+    out = set(re.split(r'[,\n\r"\x00]', text))
+    for pattern in CANDIDATE_PATTERNS:
+        for m in pattern.findall(text):
+            out.add(m)
+            if m.isdigit():   # an identifier embedded in a longer digit run
+                out |= {m[i:i + 10] for i in range(len(m) - 9)}
+                out |= {m[i:i + 12] for i in range(len(m) - 11)}
+    return out
+
+
+def scan_store(inst, needles: set[str], *, sample: int = 100) -> set[str]:
+    """Every value of every table as text, and the raw bytes of every snapshot file.
+    Also fails on DATE/TIMESTAMP columns and on any YYYY-MM-DD value in a table."""
+    from sekisho.store import Store
+
+    store = Store(inst)
+    con = store.connect()
+    text = []
+    for t in con.list_tables():
+        schema = con.table(t).schema()
+        for col, typ in schema.items():
+            assert not (typ.is_date() or typ.is_timestamp()), f"{t}.{col} keeps a day-precision date"
+        text.append(con.table(t).to_pandas().to_csv(index=False))
+    con.disconnect()
+    blob = "\n".join(text)
+    assert not re.search(r"\d{4}-\d{2}-\d{2}", blob), "a YYYY-MM-DD value remains"
+    binaries = [p.read_bytes() for p in (store.snapshots_dir / store.current_id()).rglob("*")
+                if p.is_file()]
+    candidates = _candidates(blob)
+    for raw in binaries:
+        candidates |= _candidates(raw.decode("utf-8", errors="replace"))
+    found = needles & candidates
+    # belt and braces: a plain substring search for a sample of the needles
+    for n in random.Random(0).sample(sorted(needles), min(sample, len(needles))):
+        if n in blob or any(n.encode() in raw for raw in binaries):
+            found.add(n)
+    return found
+
+

@@ -9,9 +9,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
-import re
-import shutil
-from datetime import date
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ from sekisho.instance import Instance
 from sekisho.state import set_role
 from sekisho.store import Store
 
-from ingest_fixtures import COLUMNS, EXTRACT, write_csv, write_mini_city
+from ingest_fixtures import COLUMNS, EXTRACT, scan_store, write_mini_city
 
 
 @pytest.fixture
@@ -99,57 +96,6 @@ def test_raw_identifiers_and_precise_values_never_reach_the_store(city):
         needles |= set(r["name"].split()) - {""}
     found = scan_store(inst, needles)
     assert not found, f"raw values found in the store: {sorted(found)[:5]}"
-
-
-CANDIDATE_PATTERNS = [
-    re.compile(r"\d{4}-\d{2}-\d{2}"),                         # exact dates
-    re.compile(r"\d{6,}"),                                     # identifiers (宛名番号, 世帯番号, ...)
-    re.compile(r"[^\x00-\x7f,\n\"]+[ \u3000][^\x00-\x7f,\n\"]+"),  # 姓 名 / セイ メイ
-    re.compile(r"\d+番\d+号"),                                  # 番地・号
-    re.compile(r"兵庫県[^,\n\"\x00]*"),                         # full addresses
-]
-
-
-def _candidates(text: str) -> set[str]:
-    """Every field value, and every substring shaped like a raw identifier, date, name or
-    address, so the needles can be looked up with one set intersection."""
-    out = set(re.split(r'[,\n\r"\x00]', text))
-    for pattern in CANDIDATE_PATTERNS:
-        for m in pattern.findall(text):
-            out.add(m)
-            if m.isdigit():   # an identifier embedded in a longer digit run
-                out |= {m[i:i + 10] for i in range(len(m) - 9)}
-                out |= {m[i:i + 12] for i in range(len(m) - 11)}
-    return out
-
-
-def scan_store(inst: Instance, needles: set[str], *, sample: int = 100) -> set[str]:
-    """Every value of every table as text, and the raw bytes of every snapshot file.
-    Also fails on DATE/TIMESTAMP columns and on any YYYY-MM-DD value in a table."""
-    import random
-
-    store = Store(inst)
-    con = store.connect()
-    text = []
-    for t in con.list_tables():
-        schema = con.table(t).schema()
-        for col, typ in schema.items():
-            assert not (typ.is_date() or typ.is_timestamp()), f"{t}.{col} keeps a day-precision date"
-        text.append(con.table(t).to_pandas().to_csv(index=False))
-    con.disconnect()
-    blob = "\n".join(text)
-    assert not re.search(r"\d{4}-\d{2}-\d{2}", blob), "a YYYY-MM-DD value remains"
-    binaries = [p.read_bytes() for p in (store.snapshots_dir / store.current_id()).rglob("*")
-                if p.is_file()]
-    candidates = _candidates(blob)
-    for raw in binaries:
-        candidates |= _candidates(raw.decode("utf-8", errors="replace"))
-    found = needles & candidates
-    # belt and braces: a plain substring search for a sample of the needles
-    for n in random.Random(0).sample(sorted(needles), min(sample, len(needles))):
-        if n in blob or any(n.encode() in raw for raw in binaries):
-            found.add(n)
-    return found
 
 
 def test_top_coding_and_month_precision(city):

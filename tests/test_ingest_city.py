@@ -9,7 +9,7 @@ import re
 from sekisho.policy import load_policy
 from sekisho.store import Store
 
-from test_ingest import scan_store
+from ingest_fixtures import scan_store
 
 
 def _raw(city, name):

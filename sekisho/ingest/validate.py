@@ -12,7 +12,6 @@ from sekisho.ingest.errors import Problem
 from sekisho.ingest.reading import SourceFile
 from sekisho.policy import Policy, SourceColumn
 
-DATE_PATTERN = r"\d{4}-\d{2}-\d{2}"
 CODE_PATTERN = r"[0-9A-Za-z_\-]+"
 INTEGER_PATTERN = r"-?\d{1,18}"
 
