@@ -216,6 +216,8 @@ class Ingestion:
             for name, src in policy.sources.items():
                 rules.stage(con, src, extract)
                 con.execute(f"DROP TABLE raw_{name}")
+            for ns in keyed:                # raw identifiers are no longer needed
+                con.execute(f"DROP TABLE keymap_{ns}")
             bar.update()
             # 6. one table per view
             phase("building views")
@@ -225,6 +227,8 @@ class Ingestion:
                 problems += views.check_domains(con, policy, view)
             if problems:
                 raise IngestError(problems, summary="values outside the policy's declared domains")
+            for name in policy.sources:     # free memory before writing
+                con.execute(f"DROP TABLE stg_{name}")
             bar.update()
             # 7. write the snapshot, audit, switch
             phase("writing")
@@ -233,6 +237,7 @@ class Ingestion:
                 w.attach(con, "snap")
                 for view in policy.views:
                     con.execute(f"CREATE TABLE snap.{view} AS SELECT * FROM view_{view}")
+                    con.execute(f"DROP TABLE view_{view}")
                 con.execute("DETACH snap")
                 bar.update()
                 phase("sealing")
