@@ -465,3 +465,26 @@ def test_unexpected_engine_error_is_audited_without_quoted_values(city, monkeypa
     assert "Conversion Error" in last["details"]["reason"]
     assert atena not in (inst.audit_dir / "audit.jsonl").read_text(encoding="utf-8")
     assert Store(inst).current() is None and not list(inst.store_dir.glob(".building-*"))
+
+
+def test_audit_failure_means_no_switch(city, monkeypatch):
+    """The `ingest` entry is written before CURRENT moves; if it cannot be made durable
+    the upload fails closed and the new snapshot is discarded."""
+    from sekisho.audit import AuditError
+
+    inst, src, _ = city
+    _ingest(inst, src)
+    before = store_state(inst)
+    real_append = inst.audit.append
+
+    def append(type, **kw):
+        if type == "ingest":
+            raise AuditError("disk full")
+        return real_append(type, **kw)
+
+    monkeypatch.setattr(inst.audit, "append", append)
+    with pytest.raises(AuditError):
+        _ingest(inst, src)
+    monkeypatch.undo()
+    last = assert_unchanged(inst, before)
+    assert "AuditError" in last["details"]["reason"]
