@@ -296,6 +296,16 @@ def test_dp_bounding_caps_rows_and_groups_per_person(guard, inst):
     assert rows_counted == persons                   # ... the bound keeps one row per person
 
 
+# ---- spoofing the guard's hidden columns ----------------------------------------------------------
+@pytest.mark.parametrize("sql", [
+    "SELECT idou_type, COUNT(*) FROM (SELECT idou_type, idou_ym AS __pid FROM movements) t GROUP BY 1",
+    "SELECT COUNT(*) FROM (SELECT block, 0 AS __rkey FROM residents) t",
+    'SELECT COUNT(*) FROM (SELECT block AS "__pid" FROM residents) AS "__b0"',
+])
+def test_hidden_column_names_cannot_be_spoofed(guard, sql):
+    assert code_of(guard, sql) == "reserved_name"
+
+
 # ---- subquery / IN / EXISTS / UNION / window bypasses --------------------------------------------
 @pytest.mark.parametrize("sql, code", [
     ("SELECT COUNT(*) FROM residents WHERE person_id IN (SELECT person_id FROM resident_tax "

@@ -167,3 +167,14 @@ def test_mutated_queries_answer_or_refuse(guard, city, sql):
 def test_valid_seeds_are_answered(guard, city):
     for sql in VALID:
         check_answer(guard.query(sql, user=city.analyst), sql)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT " + "(" * 3000 + "1" + ")" * 3000,
+    "SELECT COUNT(*) FROM " + "(SELECT * FROM " * 200 + "residents" + ") t" * 200,
+    "SELECT COUNT(*) FROM residents WHERE " + " AND ".join(f"age <> {i}" for i in range(3000)),
+    "SELECT " + ", ".join(f"COUNT(*) AS c{i}" for i in range(2000)) + " FROM residents",
+    "x" * 200_000,
+])
+def test_pathological_inputs_are_refused_or_answered(guard, city, sql):
+    run(guard, city, sql)

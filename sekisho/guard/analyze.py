@@ -171,6 +171,10 @@ def check_forbidden_syntax(tree: exp.Expression, catalog: Catalog) -> exp.Expres
     """Refuse parameters, LATERAL/UNNEST, PIVOT, TABLESAMPLE, INTO, ROLLUP/CUBE, DDL/DML
     nodes nested anywhere, and recursive CTEs."""
     for node in tree.walk():
+        if isinstance(node, exp.Identifier) and str(node.this).startswith("__"):
+            # names starting with __ are the guard's own (__pid, __rkey, __b0, ...): an
+            # analyst alias must never shadow the privacy unit or the record key
+            raise refuse("reserved_name", node)
         if isinstance(node, (exp.Cube, exp.Rollup, exp.GroupingSets)):
             raise refuse("grouping_sets", node)
         if isinstance(node, (exp.Placeholder, exp.Parameter)) or type(node).__name__ == "SessionParameter":

@@ -59,6 +59,8 @@ REASONS: dict[str, tuple[str, str]] = {
     "budget_exhausted": ("今期のプライバシー予算が足りません", "the privacy budget for this period is exhausted"),
     "filter_population_below_k": ("条件に該当する人数が少なすぎるため集計できません",
                                   "the population selected by the filters is too small to report"),
+    "reserved_name": ("__ で始まる名前は予約されています", "names starting with __ are reserved by the guard"),
+    "unsupported_query": ("この SQL は扱えません", "the guard cannot analyse this query"),
     "too_complex": ("SQL が複雑すぎます", "the query is too complex"),
     "no_data": ("データがまだ取り込まれていません", "no data has been ingested yet"),
     "execution_failed": ("この SQL は実行できませんでした（型・値の誤りなど）",

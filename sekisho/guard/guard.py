@@ -246,7 +246,14 @@ class Guard:
             if cached is not None:
                 self._plans.move_to_end(key)
                 return cached
-        result = make_plan(analyze(sql, catalog), catalog)
+        try:
+            result = make_plan(analyze(sql, catalog), catalog)
+        except QueryRefused:
+            raise
+        except RecursionError:
+            raise QueryRefused("too_complex") from None
+        except Exception:  # fail closed: an input the analysis does not handle is refused
+            raise QueryRefused("unsupported_query") from None
         with self._lock:
             self._plans[key] = result
             while len(self._plans) > PLAN_CACHE_SIZE:
