@@ -234,9 +234,7 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     c.SekishoSpawner.sekisho_home = str(instance.home)
     c.Spawner.cmd = [str(python / "bin" / "jupyterhub-singleuser")]
     c.Spawner.default_url = "/lab"
-    c.Spawner.args = server_args()
-    # the analysts' kernel (kernels/sekisho, found through JUPYTER_PATH) opens by default
-    c.Spawner.args = ["--MappingKernelManager.default_kernel_name=sekisho"]
+    c.Spawner.args = server_args()  # the analysts' kernel (kernels/sekisho, via JUPYTER_PATH) by default
     c.Spawner.env_keep = []
     c.Spawner.environment = server_environment(settings, services, python)
     c.Spawner.server_token_scopes = server_token_scopes()
