@@ -118,6 +118,9 @@ def test_jupyterhub_config_is_driven_by_the_instance(instance, monkeypatch):
     assert audit["environment"]["SEKISHO_HOME"] == str(inst.home)
     assert cfg.JupyterHub.authenticator_class.__name__ == "SekishoPAMAuthenticator"
     assert cfg.Spawner.env_keep == []
+    if (resource_dir("kernels") / "sekisho" / "kernel.json").exists():
+        assert cfg.Spawner.args == ["--MappingKernelManager.default_kernel_name=sekisho"]
+        assert cfg.Spawner.environment["JUPYTER_PATH"] == str(resource_dir("kernels").parent)
     assert cfg.Authenticator.admin_users == set()
 
 
