@@ -395,13 +395,13 @@ def test_digest_helper_process_agrees_with_hmac_and_exits():
     from sekisho.ingest.keys import PARALLEL_MIN, DigestPool
 
     key = os_module.urandom(32)
-    values = [f"{i:010d}" for i in range(PARALLEL_MIN + 3)]
+    values = [f"{i:010d}".encode() for i in range(PARALLEL_MIN + 3)]
     with DigestPool(helpers=1) as pool:
         proc = pool.proc
         blob = pool.digests(key, b"atena:", values)
     assert proc.poll() is not None, "the helper must exit when the pool closes"
     for i in (0, len(values) // 2, len(values) - 1):
-        assert blob[32 * i:32 * i + 32] == hmac_module.digest(key, b"atena:" + values[i].encode(), "sha256")
+        assert blob[32 * i:32 * i + 32] == hmac_module.digest(key, b"atena:" + values[i], "sha256")
 
 
 def _instance_with_policy(tmp_path, mutate) -> Instance:
@@ -488,3 +488,14 @@ def test_audit_failure_means_no_switch(city, monkeypatch):
     monkeypatch.undo()
     last = assert_unchanged(inst, before)
     assert "AuditError" in last["details"]["reason"]
+
+
+def test_files_the_policy_does_not_name_are_ignored_and_recorded(city):
+    inst, src, _ = city
+    (src / "my_number.csv").write_text("atena_no,kojin_bango\n0001000000,123456789012\n", encoding="utf-8")
+    said = []
+    _ingest(inst, src, log=said.append)
+    assert any(s.startswith("my_number.csv: not named by the policy, ignored") for s in said)
+    e = [e for e in inst.audit.entries(type="ingest") if e["type"] == "ingest"][-1]
+    assert e["details"]["ignored_files"] == ["my_number.csv"]
+    assert not scan_store(inst, {"123456789012"})

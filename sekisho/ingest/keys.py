@@ -34,10 +34,11 @@ while True:
 """
 
 
-def digests(secret: bytes, prefix: bytes, values: list[str]) -> bytes:
-    """Concatenated 32-byte HMAC-SHA256 digests of ``prefix + value`` for every value."""
+def digests(secret: bytes, prefix: bytes, values: list[bytes]) -> bytes:
+    """Concatenated 32-byte HMAC-SHA256 digests of ``prefix + value`` for every value
+    (values as UTF-8 bytes)."""
     digest = hmac.digest
-    return b"".join([digest(secret, prefix + v.encode(), "sha256") for v in values])
+    return b"".join([digest(secret, prefix + v, "sha256") for v in values])
 
 
 class DigestPool:
@@ -52,11 +53,11 @@ class DigestPool:
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                          stderr=subprocess.DEVNULL, close_fds=True)
 
-    def digests(self, secret: bytes, prefix: bytes, values: list[str]) -> bytes:
+    def digests(self, secret: bytes, prefix: bytes, values: list[bytes]) -> bytes:
         if self.proc is None or len(values) < PARALLEL_MIN:
             return digests(secret, prefix, values)
         half = len(values) // 2
-        theirs = [v.encode() for v in values[half:]]
+        theirs = values[half:]
         if any(b"\n" in v for v in theirs):   # codes never contain one; stay correct anyway
             return digests(secret, prefix, values)
         blob = b"\n".join(theirs)

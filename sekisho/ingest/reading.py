@@ -70,6 +70,12 @@ def open_sources(source_dir: Path, policy: Policy) -> dict[str, SourceFile]:
     return files
 
 
+def ignored_files(source_dir: Path, policy: Policy) -> list[str]:
+    """CSV files in the export directory that the policy does not name (not read)."""
+    known = {s.file for s in policy.sources.values()}
+    return sorted(p.name for p in Path(source_dir).glob("*.csv") if p.name not in known)
+
+
 def close_sources(files: dict[str, SourceFile]) -> None:
     for f in files.values():
         try:

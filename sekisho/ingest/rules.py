@@ -138,7 +138,7 @@ def build_keymaps(con, policy: Policy, secret: bytes, pool=None) -> dict[str, in
         union = " UNION ".join(f"SELECT {ident(c)} AS v FROM raw_{s} WHERE {ident(c)} IS NOT NULL"
                                for s, c in cols)
         values = con.execute(f"SELECT DISTINCT v FROM ({union})").to_arrow_table().column(0)
-        pylist = values.to_pylist()
+        pylist = values.cast(pa.binary()).to_pylist()   # UTF-8 bytes, no per-value encode
         table = {"raw": values, "kid_b": _digests(secret, f"{ns}:".encode(), pylist, pool)}
         if ns in seeded:
             table["seed_b"] = _digests(secret, f"rkey:{ns}:".encode(), pylist, pool)

@@ -70,6 +70,7 @@ class Ingestion:
         self.policy = policy
         self.files: dict[str, reading.SourceFile] = {}
         self.source_dir: Path | None = None
+        self.ignored: list[str] = []
         self.started = time.monotonic()
 
     # ---- audit helpers -----------------------------------------------------------
@@ -128,6 +129,9 @@ class Ingestion:
         except IngestError as exc:
             self._fail(exc)
             raise
+        self.ignored = reading.ignored_files(self.source_dir, self.policy)
+        for name in self.ignored:
+            self.log(f"{name}: not named by the policy, ignored / ポリシーにないファイルは取り込みません")
 
     # ---- step 3: the work ------------------------------------------------------------
     def run(self) -> IngestResult:
@@ -250,6 +254,7 @@ class Ingestion:
                     summary=(f"snapshot {info.id}: "
                              + ", ".join(f"{t} {n}" for t, n in info.tables.items())),
                     details={**self._who(), "source_dir": str(self.source_dir), "files": files,
+                             "ignored_files": self.ignored,
                              "policy_version": self.instance.policy_version,
                              "policy_digest": policy.version, "snapshot": info.id,
                              "tables": info.tables, "extract_date": extract.isoformat(),
