@@ -235,6 +235,13 @@ def test_averaging_1000_equivalent_rephrasings_does_not_converge(guard, inst):
     assert statistics.mean(forms) != true_n
 
 
+def test_join_fan_out_does_not_give_a_fresh_draw(guard):
+    plain = ask(guard, "SELECT idou_type, COUNT(DISTINCT person_id) AS n FROM movements GROUP BY 1")
+    fanned = ask(guard, "SELECT m.idou_type, COUNT(DISTINCT m.person_id) AS n FROM movements m JOIN facilities f "
+                        "ON m.block = f.block GROUP BY 1")
+    assert plain == fanned
+
+
 # ---- zero / 100 % cells --------------------------------------------------------------------------
 def test_zero_and_small_cells_look_the_same(guard, inst):
     rows = ask(guard, "SELECT block, age_band, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2, 3")

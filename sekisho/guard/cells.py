@@ -89,7 +89,9 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
         return f"WITH {', '.join(ctes)} {body}"
 
     # general case: aggregate per (cell, person) first, then per cell
-    per_person = [*keys, PID, "COUNT(*) AS __r", f"SUM({RKEY}) AS __k"]
+    # a person's records are counted once in the cell key (SUM(DISTINCT)), so a join that
+    # repeats rows (fan-out) does not change the noise of the same contributing records
+    per_person = [*keys, PID, "COUNT(*) AS __r", f"SUM(DISTINCT {RKEY}) AS __k"]
     outer = [*keys, "COUNT(*) AS __n", "CAST(SUM(__k) % 256 AS INTEGER) AS __ck"]
     for j, agg in enumerate(bp.aggregates):
         if agg.kind == "count_rows":
@@ -129,5 +131,5 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
 
 def population_sql(bp: BoundaryPlan) -> str:
     """Distinct persons selected by the boundary's filters, with their cell key."""
-    return (f"WITH __rows AS ({bp.row_sql}) SELECT COUNT(DISTINCT {PID}) AS __n, "
-            f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck FROM __rows")
+    return (f"WITH __rows AS ({bp.row_sql}), __pp AS (SELECT {PID}, SUM(DISTINCT {RKEY}) AS __k FROM __rows "
+            f"GROUP BY {PID}) SELECT COUNT(*) AS __n, CAST(SUM(__k) % 256 AS INTEGER) AS __ck FROM __pp")
