@@ -102,7 +102,7 @@ t = t.rename(columns={"area": ctx.area_label})
 R.table("item02", "2. 人口詳細", t)
 '''),
 ] + [
-    (f"{n}. 人口メッシュ地図 {size}", f"基準年月末の人口を{size}メッシュ（JIS X 0410）で表示します。灰色は秘匿されたメッシュです。", f'''
+    (f"{n}. 人口メッシュ地図 {size}", f"基準年月末の人口を{size}メッシュ（JIS X 0410）で表示します。色のないメッシュは、住民がいないか、少数のため秘匿されたメッシュです（区別できないように表示しません）。", f'''
 mesh = q(f"SELECT {col} AS mesh, COUNT(*) AS n FROM residents WHERE {{resident_at(BASE)}} GROUP BY {col}")
 R.figure(mesh_figure(mesh.rename(columns={{"mesh": "{col}"}}), "{col}", "n",
                      title="人口メッシュ地図 {size}", value_label="人口"))
@@ -213,7 +213,7 @@ t = yearly[["期間", "自然増減", "社会増減", "人口増減"]]
 R.table("item11", "11. 経年異動状況詳細_増減件数", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t.rename(columns={"期間": "年月"}), "人口増減の推移（12か月ごと）"))
 '''),
-    ("12. エリア地図異動状況詳細", "地域ブロック別の転入・転出・転居と、1kmメッシュ別の転入超過数（転入 − 転出）の地図（基準年月までの12か月間）。", '''
+    ("12. エリア地図異動状況詳細", "地域ブロック別の転入・転出・転居と、1kmメッシュ別の転入超過数（転入 − 転出）の地図（基準年月までの12か月間）。灰色は転入・転出の一方が秘匿されたメッシュです。", '''
 inflow = q(f"SELECT block, idou_type, COUNT(*) AS n FROM movements WHERE {YEAR} GROUP BY block, idou_type")
 moved_out = q(f"SELECT from_block AS block, COUNT(*) AS n FROM movements WHERE {YEAR} AND idou_type = '転居' GROUP BY from_block")
 t = wide(inflow, "block", "idou_type", "n", column_order=["転入", "転出", "転居"], index_order=BLOCKS)

@@ -50,8 +50,9 @@ def mesh_figure(df: pd.DataFrame, mesh_column: str, value_column: str, *, title:
                 value_label: str, diverging: bool = False):
     """A plotly figure of ``value_column`` per mesh cell.
 
-    Rows whose value is missing (suppressed by the guard) are drawn grey, so the map shows
-    where people are without showing how many.
+    Rows whose value is missing (e.g. a derived value with a suppressed input) are drawn
+    grey. Cells the guard withheld entirely (mesh codes have no public domain, so suppressed
+    cells are dropped) are not drawn, exactly like cells where nobody lives.
     """
     import plotly.graph_objects as go
 
