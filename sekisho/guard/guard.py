@@ -52,6 +52,17 @@ class GuardResult:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
+def _best_effort_fingerprint(sql) -> str:
+    """Fingerprint of a refused query (literals masked when it parses, else its text)."""
+    import hashlib
+
+    from sekisho.guard.analyze import fingerprint, parse_single_select
+    try:
+        return fingerprint(parse_single_select(sql))[1]
+    except Exception:
+        return "raw:" + hashlib.sha256(repr(sql).encode()).hexdigest()[:16]
+
+
 def _execution_refusal(exc: Exception) -> QueryRefused:
     """Binder errors are decided from the SQL and the schema before any row is read, so
     their message may be shown; anything raised while executing (conversion, overflow,
@@ -165,6 +176,8 @@ class Guard:
                 table, stats = self._run_threshold(plan, snap, catalog)
                 eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
         except QueryRefused as refusal:
+            if fingerprint == "unparsed":
+                fingerprint = _best_effort_fingerprint(sql)
             self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
             raise
         summary = self._summary(mode, table, stats, eps_info, plan)
