@@ -10,13 +10,12 @@ ones ldapauthenticator / OAuthenticator produce (their network calls replaced).
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import pytest
 import yaml
 from traitlets.config import Config, PyFileConfigLoader
 
-from sekisho.hub.config import HubConfigError, configure, hub_settings
+from sekisho.hub.config import HubConfigError, hub_settings
 from sekisho.hub.roles import (
     BASE_USER_SCOPES,
     capabilities_from_policy,
