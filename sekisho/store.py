@@ -181,11 +181,20 @@ class Store:
             os.close(fd)  # closing releases the lock
 
     @contextmanager
-    def writer(self, *, policy_version: str) -> Iterator["SnapshotWriter"]:
+    def writer(self, *, policy_version: str, user: str = "sekisho") -> Iterator["SnapshotWriter"]:
         """Build a new snapshot. On normal exit the caller must have called ``commit()``
-        (which switches CURRENT); on an exception the partial snapshot is removed."""
+        (which switches CURRENT); on an exception the partial snapshot is removed.
+        Leftovers of an interrupted writer are removed first, and that is audited (a run
+        killed between its ``ingest`` audit entry and the switch left a complete snapshot
+        that never became current: the audit trail says so)."""
         with self._writer_lock():
-            self.remove_abandoned()
+            removed = self.remove_abandoned()
+            if removed:
+                self.instance.audit.append(
+                    "store.prune", user=user, outcome="ok",
+                    summary=f"removed {len(removed)} snapshot(s) left by an interrupted ingest "
+                            "(never current)",
+                    details={"abandoned": removed, "current": self.current_id()})
             w = SnapshotWriter(self, policy_version=policy_version)
             try:
                 yield w

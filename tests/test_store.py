@@ -91,6 +91,9 @@ def test_leftovers_of_a_killed_writer_are_removed_by_the_next(inst):
     names = {p.name for p in store.snapshots_dir.iterdir()}
     assert orphan.id not in names and {first.id, second.id} <= names
     assert not list(inst.store_dir.glob(".building-*"))
+    e = list(inst.audit.entries(type="store.prune"))[-1]
+    assert orphan.id in e["details"]["abandoned"] and "interrupted" in e["summary"]
+    assert inst.audit.verify().ok
 
 
 def test_prune_keeps_the_newest_and_audits_deletions(inst):

@@ -237,7 +237,7 @@ class Ingestion:
             # 7. write the snapshot, audit, switch
             phase("writing")
             store = Store(self.instance)
-            with store.writer(policy_version=self.instance.policy_version) as w:
+            with store.writer(policy_version=self.instance.policy_version, user=self.user) as w:
                 w.attach(con, "snap")
                 for view in policy.views:
                     con.execute(f"CREATE TABLE snap.{view} AS SELECT * FROM view_{view}")
