@@ -125,7 +125,6 @@ def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
                                    "WHERE table_catalog = 'old'").fetchall():
             con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
         con.execute("DETACH old")
-        cols = [r[0] for r in con.execute("DESCRIBE residents").fetchall()]
         for row in residents:
             values = dict(zip(("person_id", "household_id", "sex", "age", "age_band", "relationship",
                                "chome_code", "block", "is_current", "_rkey"), row))

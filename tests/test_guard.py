@@ -4,10 +4,8 @@ the budget ledger, alerts, describe and the CLI — on GUARD's small planted sto
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pytest

@@ -42,8 +42,7 @@ from sqlglot.errors import ErrorLevel, OptimizeError, ParseError, SqlglotError
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
-from sekisho.guard.catalog import (DIMENSION, IDENTIFIER_CLASSES, LINKAGE, MEASURE, MEASURE_CLASSES,
-                                   PRIVACY_UNIT, SENSITIVE, Catalog, ColumnInfo)
+from sekisho.guard.catalog import DIMENSION, LINKAGE, MEASURE, PRIVACY_UNIT, SENSITIVE, Catalog, ColumnInfo
 from sekisho.guard.errors import QueryRefused, refuse
 
 DIALECT = "duckdb"

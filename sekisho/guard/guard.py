@@ -35,7 +35,7 @@ from sekisho.guard.errors import QueryRefused
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dp import DPParams, protect_dp
 from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, cells_from_arrow, number,
-                                             protect_threshold, size)
+                                             protect_threshold)
 from sekisho.guard.rewrite import BoundaryPlan, Plan, plan as make_plan
 from sekisho.instance import Instance
 from sekisho.policy import load_instance_policy
@@ -238,7 +238,7 @@ class Guard:
                     backend = self.store.connect(sid)
                 except StoreError:
                     raise QueryRefused("no_data") from None
-                old, self._snapshot = self._snapshot, _Snapshot(sid, backend)
+                self._snapshot = _Snapshot(sid, backend)
                 self._catalogs.clear()
                 self._plans.clear()
                 # the old connection stays open for queries already running on it
