@@ -377,3 +377,25 @@ def test_views_describe_classes_but_no_hidden_columns(guard):
     assert views["facilities"]["public"] is True
     assert all("_rkey" not in v["columns"] for v in views.values())
     assert {"title", "purpose", "columns"} <= set(views["residents"])
+
+
+def test_concurrent_debits_never_overspend(inst):
+    import threading
+
+    from sekisho.guard import budget
+
+    results = []
+
+    def spend():
+        try:
+            budget.debit(inst, "racer", "2099-01", 2.0, 10.0, "fp")
+            results.append("ok")
+        except budget.BudgetExceeded:
+            results.append("refused")
+    threads = [threading.Thread(target=spend) for _ in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results.count("ok") == 5 and results.count("refused") == 7
+    assert budget.spent(inst, "racer", "2099-01") == pytest.approx(10.0)
