@@ -86,7 +86,10 @@ def test_differencing_is_blurred_by_perturbation(guard, inst):
     coin flip (about 0.8 expected with D=2, V=1) but not certain: some targets in P give
     equal answers too. This is the documented residual risk of threshold mode; DP mode
     (next test) is the defence for analyses that need it."""
+    before = len(list(inst.audit.entries(type="alert", user="ana")))
     hits, raw_hits, total, female_hidden = differencing_attack(guard, inst)
+    alerts = list(inst.audit.entries(type="alert", user="ana"))[before:]
+    assert any(a["details"]["alert"] == "differencing" for a in alerts)  # flagged for review
     assert total >= 30
     assert raw_hits == total                 # the attack is perfect on raw counts ...
     assert hits / total < 0.95               # ... not through the guard

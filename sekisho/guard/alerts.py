@@ -7,6 +7,11 @@ restarts and are shared by every process serving queries.
   differencing, tracker and averaging attacks;
 * ``refusals``: refusals within ``refusal_window_s`` reaching ``refusal_burst``.
 
+* ``differencing``: two filtered queries by the same user within
+  ``near_duplicate_window_s`` whose populations differ by fewer than k persons (but not 0)
+  — the signature of a differencing pair; the analyst sees no difference in the answer
+  (the populations are kept in ``state.sqlite`` only, never returned).
+
 An alert is raised when a counter first reaches its threshold inside the window (not on
 every later request), and audited as type ``alert``.
 """
@@ -41,6 +46,10 @@ def _connect(instance: Instance) -> sqlite3.Connection:
         id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
         fingerprint TEXT NOT NULL, refused INTEGER NOT NULL, cells INTEGER NOT NULL)""")
     con.execute("CREATE INDEX IF NOT EXISTS guard_requests_user_ts ON guard_requests(user, ts)")
+    con.execute("""CREATE TABLE IF NOT EXISTS guard_populations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
+        population INTEGER NOT NULL, fingerprint TEXT NOT NULL)""")
+    con.execute("CREATE INDEX IF NOT EXISTS guard_populations_user_ts ON guard_populations(user, ts)")
     if new:
         secure(path)
     cache[str(path)] = con
@@ -80,3 +89,27 @@ def record_and_check(instance: Instance, alerts, *, user: str, fingerprint: str,
     if bulk_before < alerts.bulk_cells_per_hour <= bulk:
         found.append({"alert": "bulk", "cells_last_hour": bulk, "threshold": alerts.bulk_cells_per_hour})
     return found
+
+
+def record_population(instance: Instance, alerts, *, user: str, population: int, fingerprint: str, k: int,
+                      now: float | None = None) -> list[dict]:
+    """Record the population of a filtered query; alert when a recent one differs by 1..k-1."""
+    now = time.time() if now is None else now
+    con = _connect(instance)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        close = con.execute(
+            "SELECT COUNT(*) FROM guard_populations WHERE user = ? AND ts > ? AND population <> ? "
+            "AND ABS(population - ?) < ?",
+            (user, now - alerts.near_duplicate_window_s, int(population), int(population), int(k))).fetchone()[0]
+        con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint) VALUES (?, ?, ?, ?)",
+                    (user, now, int(population), fingerprint))
+        con.execute("DELETE FROM guard_populations WHERE ts < ?", (now - 2 * max(3600, alerts.near_duplicate_window_s),))
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    if close == 1:  # the first pair in the window; later ones are part of the same episode
+        return [{"alert": "differencing", "window_s": alerts.near_duplicate_window_s, "fingerprint": fingerprint}]
+    return []

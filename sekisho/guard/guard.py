@@ -194,7 +194,8 @@ class Guard:
                                            summary=f"{mode} query on {', '.join(views) or '-'}: "
                                                    f"{table.num_rows} rows", details=details)
         summary["query_id"] = entry["seq"]
-        self._alerts(user, role, fingerprint, refused=False, cells=summary["cells"])
+        self._alerts(user, role, fingerprint, refused=False, cells=summary["cells"],
+                     populations=[s.population for s in stats if s.population is not None])
         return GuardResult(table=table, summary=summary)
 
     def close(self) -> None:
@@ -293,17 +294,17 @@ class Guard:
         for bp in plan.boundaries:
             fast = self._fast_path(bp, snap, catalog)
             cells = self._fetch(snap, cells_sql(bp, person_unique=fast))
-            if bp.filtered:
-                self._check_population(bp, snap, cells, fast)
+            population = self._check_population(bp, snap, cells, fast) if bp.filtered else None
             frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
+            st.population = population
             protected[bp.name] = self._to_arrow(frame, bp, snap)
             stats.append(st)
         return self._post_process(plan, protected, snap, catalog), stats
 
-    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> None:
+    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> int:
         """Refuse when the filtered population is below k — on a perturbed count, so the
         decision itself carries the same noise as any released count."""
         if fast:
@@ -315,6 +316,7 @@ class Guard:
         noisy = int(self.ptable.perturb_counts([ck], [n])[0])
         if noisy < self.policy.disclosure.k:
             raise QueryRefused("filter_population_below_k")
+        return n
 
     def _run_dp(self, plan: Plan, snap: _Snapshot, catalog: Catalog, user: str, eps: float):
         dp = self.policy.disclosure.dp
@@ -471,9 +473,14 @@ class Guard:
         if role is not None:
             self._alerts(user, role, fingerprint, refused=True, cells=0)
 
-    def _alerts(self, user: str, role: str | None, fingerprint: str, *, refused: bool, cells: int) -> None:
+    def _alerts(self, user: str, role: str | None, fingerprint: str, *, refused: bool, cells: int,
+                populations: list[int] = ()) -> None:
         found = alert_rules.record_and_check(self.instance, self.policy.disclosure.alerts, user=user,
                                              fingerprint=fingerprint, refused=refused, cells=cells)
+        for population in populations:
+            found += alert_rules.record_population(self.instance, self.policy.disclosure.alerts, user=user,
+                                                   population=population, fingerprint=fingerprint,
+                                                   k=self.policy.disclosure.k)
         for alert in found:
             self.instance.audit.append("alert", user=user, role=role, outcome="ok",
                                        summary=f"guard alert: {alert['alert']}", details=alert)

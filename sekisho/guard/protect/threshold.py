@@ -48,6 +48,7 @@ class ProtectionStats:
     values_suppressed_small: int = 0
     densified: bool = False
     rows_dropped: int = 0
+    population: int | None = None   # filtered population (internal: for the differencing alert)
     notes: list[str] = field(default_factory=list)
 
 
