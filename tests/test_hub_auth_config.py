@@ -56,9 +56,11 @@ def test_roles_follow_the_policys_capabilities(caps):
     roles = {r["name"]: r for r in hub_roles(caps, ALL_SERVICES)}
     assert roles["user"]["scopes"] == list(BASE_USER_SCOPES)
     assert set(roles["sekisho-analyst"]["scopes"]) == {
-        "servers!user", "access:servers!user", "access:services!service=guard"}
+        "servers!user", "access:servers!user", "access:services!service=guard",
+        "access:services!service=reports", "custom:sekisho:reports-read"}
     assert set(roles["sekisho-admin"]["scopes"]) == {
-        "access:services!service=audit", "custom:sekisho:audit-review"}
+        "access:services!service=audit", "custom:sekisho:audit-review",
+        "access:services!service=reports", "custom:sekisho:reports-read"}
     assert set(roles["sekisho-manager"]["scopes"]) == {
         "access:services!service=reports", "custom:sekisho:reports-read"}
     assert roles["sekisho-steward"]["scopes"] == []

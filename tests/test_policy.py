@@ -33,6 +33,8 @@ def test_himeji_policy_loads_with_the_agreed_settings():
     assert p.roles["reports"].modes == ("threshold",)
     assert p.roles["admin"].can_review_audit and not p.roles["admin"].views
     assert p.roles["manager"].can_read_reports and not p.roles["manager"].views
+    # issue 5: managers, analysts and admins read the published reports; stewards do not
+    assert {r for r, role in p.roles.items() if role.can_read_reports} == {"manager", "analyst", "admin"}
     tax = p.views["resident_tax"].columns
     assert tax["income_levy"].cls == "sensitive_measure" and tax["income_levy"].bounds == (0, 20_000_000)
     assert tax["per_capita_levy"].bounds == (0, 10_000)
