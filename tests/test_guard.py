@@ -399,3 +399,18 @@ def test_concurrent_debits_never_overspend(inst):
         t.join()
     assert results.count("ok") == 5 and results.count("refused") == 7
     assert budget.spent(inst, "racer", "2099-01") == pytest.approx(10.0)
+
+
+def test_global_aggregate_below_k_is_one_null_row():
+    """A global aggregate is one cell that always exists: below k it is a NULL row, never
+    an empty result (an empty result would differ from a suppressed one)."""
+    import numpy as np
+
+    from sekisho.guard.analyze import AggregateSpec
+    from sekisho.guard.protect.threshold import protect_threshold
+
+    cells = {"__n": np.array([3]), "__ck": np.array([7]), "__x0": np.array([3])}
+    out, stats = protect_threshold(cells, [AggregateSpec(None, "count_rows", None)], [], k=10,
+                                   table=PerturbationTable(b"k" * 32, max_noise=2, variance=1.0), min_count=3,
+                                   nk_n=2, nk_k=0.9, p_percent=0.1)
+    assert list(out["__v0"]) == [None] and stats.cells_suppressed == 1

@@ -187,9 +187,12 @@ def test_reconstruction_from_cumulative_counts_is_not_exact(guard, inst):
     answers = {}
     for a in range(0, 100):
         try:
-            answers[a] = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE {area} AND age >= {a}")
+            n = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE {area} AND age >= {a}")
         except QueryRefused:
             break
+        if n is None:  # suppressed: fewer than k persons
+            break
+        answers[a] = n
     exact = total = 0
     for a in range(0, max(answers)):
         estimate = answers[a] - answers[a + 1]

@@ -143,6 +143,8 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
     stats = ProtectionStats()
     n_keys = len(domains)
     cells, outside = densify(cells, domains)
+    if n_keys == 0:
+        stats.densified = True  # a global aggregate is one cell that always exists: NULL, never dropped
     if outside is not None:
         stats.densified = True
         # values outside the declared domain (e.g. NULL keys) are released only when not small
