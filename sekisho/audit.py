@@ -196,15 +196,17 @@ class AuditLog:
         return entry["seq"], entry["hash"]
 
     def _write_head(self, seq: int, digest: str) -> None:
+        # Atomic (rename) but not fsynced: after a power cut the head may lag the log,
+        # which verify accepts; what it catches is a head *ahead* of the log (entries cut).
         tmp = self.head_path.with_name(HEAD_NAME + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.write(fd, f"{seq} {digest} {self._mac(f'{seq}:{digest}')}\n".encode())
-            os.fsync(fd)
         finally:
             os.close(fd)
+        if os.geteuid() == 0:
+            secure(tmp)  # root (hub, CLI) must leave it readable by the service account
         os.replace(tmp, self.head_path)
-        secure(self.head_path)
 
     # ---- reading -----------------------------------------------------------
     def _raw_lines(self) -> Iterator[tuple[int, bytes]]:

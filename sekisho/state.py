@@ -9,6 +9,7 @@ ingest and must not hold them).
 from __future__ import annotations
 
 import sqlite3
+import threading
 from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,11 @@ class UnknownUser(LookupError):
     pass
 
 
+_SCHEMA = """CREATE TABLE IF NOT EXISTS users (
+    name TEXT PRIMARY KEY, role TEXT NOT NULL, created_at TEXT NOT NULL)"""
+_readers = threading.local()
+
+
 @contextmanager
 def connect(instance: Instance) -> Iterator[sqlite3.Connection]:
     path: Path = instance.state_path
@@ -31,8 +37,7 @@ def connect(instance: Instance) -> Iterator[sqlite3.Connection]:
     try:
         con.execute("PRAGMA journal_mode=WAL")
         con.execute("PRAGMA synchronous=FULL")
-        con.execute("""CREATE TABLE IF NOT EXISTS users (
-            name TEXT PRIMARY KEY, role TEXT NOT NULL, created_at TEXT NOT NULL)""")
+        con.execute(_SCHEMA)
         if new:
             for suffix in ("", "-wal", "-shm"):
                 p = Path(str(path) + suffix)
@@ -41,6 +46,22 @@ def connect(instance: Instance) -> Iterator[sqlite3.Connection]:
         yield con
     finally:
         con.close()
+
+
+def _reader(instance: Instance) -> sqlite3.Connection:
+    """A per-thread connection for lookups on the hot path (every guard request asks
+    for the caller's role). Reads are not cached: each sees the latest committed role."""
+    cache = getattr(_readers, "by_path", None)
+    if cache is None:
+        cache = _readers.by_path = {}
+    key = str(instance.state_path)
+    con = cache.get(key)
+    if con is None:
+        with connect(instance):  # creates the file and schema with the right owner
+            pass
+        con = sqlite3.connect(key, timeout=30, isolation_level=None, check_same_thread=False)
+        cache[key] = con
+    return con
 
 
 def set_role(instance: Instance, name: str, role: str) -> None:
@@ -61,8 +82,7 @@ def remove_user(instance: Instance, name: str) -> None:
 
 
 def role_of(instance: Instance, name: str) -> str | None:
-    with connect(instance) as con:
-        row = con.execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
+    row = _reader(instance).execute("SELECT role FROM users WHERE name = ?", (name,)).fetchone()
     return row[0] if row else None
 
 
