@@ -42,4 +42,7 @@ chmod 755 "$(dirname "$VENV")" "$VENV"
 echo "==> pip install .${EXTRAS} into $VENV"
 "$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 "$VENV/bin/pip" install -q ".${EXTRAS}" 2>&1 | grep -v "is ignored" || true
+# JupyterLab defaults for analysts: Japanese UI, nothing fetched from the internet
+install -D -m 644 extensions/jupyterlab/overrides.d/sekisho.json \
+  "$VENV/share/jupyter/lab/settings/overrides.d/sekisho.json"
 "$VENV/bin/python" -c "import sekisho, ibis, diffprivlib, jupyterhub; print('sekisho', sekisho.__version__, 'installed in', '$VENV')"
