@@ -109,7 +109,7 @@ def test_inline_ctes_turns_ctes_into_derived_tables(catalog):
     ("SELECT block, age FROM residents WHERE age > 99", "row_level_output"),
     ("SELECT DISTINCT block FROM residents", "distinct_rows"),
     ("SELECT COUNT(*) FROM residents WHERE person_id = 'p0000001'", "privacy_unit_in_filter"),
-    ("SELECT household_id, COUNT(*) FROM residents GROUP BY 1", "privacy_unit_in_filter"),
+    ("SELECT household_id, COUNT(*) FROM residents GROUP BY 1", "row_level_output"),
     ("SELECT COUNT(*) FROM resident_tax WHERE taxable_income > 10000000", "measure_in_filter"),
     ("SELECT MIN(age) FROM residents", "aggregate_not_allowed"),
     ("SELECT MAX(taxable_income) FROM resident_tax", "aggregate_not_allowed"),

@@ -50,6 +50,9 @@ MAX_SQL_CHARS = 100_000
 MAX_NODES = 20_000
 
 PUBLIC, ROW, BOUNDARY, POST = "public", "row", "boundary", "post"
+# unit rows: UNIT groups one person-level view by its linkage key (one row per household);
+# UNIT_ROW is row-level work (filters, computed features) over unit rows
+UNIT, UNIT_ROW = "unit", "unit_row"
 
 # derived column classes (besides the policy classes of bare columns)
 DERIVED_DIMENSION = "derived_dimension"
@@ -76,6 +79,10 @@ POST_AGGREGATES: tuple[type, ...] = tuple(getattr(exp, n) for n in (
     "Count", "Sum", "Avg", "Min", "Max", "Stddev", "StddevPop", "StddevSamp", "Variance",
     "VariancePop", "Median", "Quantile", "ApproxQuantile", "PercentileCont", "PercentileDisc",
     "AnyValue", "First", "Last", "ArrayAgg", "GroupConcat", "CountIf", "SumIf",
+) if hasattr(exp, n))
+# Aggregates allowed in a unit scope, over dimension-only arguments (features of a unit).
+UNIT_AGGREGATES: tuple[type, ...] = tuple(getattr(exp, n) for n in (
+    "Count", "Sum", "Min", "Max", "CountIf", "LogicalOr", "LogicalAnd",
 ) if hasattr(exp, n))
 WINDOW_FUNCTIONS: tuple[type, ...] = tuple(getattr(exp, n) for n in (
     "RowNumber", "Rank", "DenseRank", "PercentRank", "CumeDist", "Ntile", "Lag", "Lead",
@@ -123,6 +130,7 @@ class BoundarySpec:
     group_keys: list[GroupKeySpec]
     aggregates: list[AggregateSpec]
     filtered: bool                  # WHERE or a join restricts the population
+    unit: bool = False              # aggregates unit rows (one per linkage key), not person rows
 
 
 @dataclass
@@ -191,7 +199,7 @@ def check_forbidden_syntax(tree: exp.Expression, catalog: Catalog) -> exp.Expres
 def check_functions(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
     """Every function must be on an allow-list; unknown (anonymous) functions, file
     readers, catalog/system functions, random() and UDFs are refused."""
-    allowed = SCALAR_FUNCTIONS + POST_AGGREGATES + WINDOW_FUNCTIONS
+    allowed = SCALAR_FUNCTIONS + POST_AGGREGATES + UNIT_AGGREGATES + WINDOW_FUNCTIONS
     for node in tree.walk():
         if isinstance(node, exp.Exists):
             raise refuse("subquery_in_expression", node)
@@ -294,6 +302,59 @@ def _lineage_of_expression(node: exp.Expression, env: dict[str, dict[str, Lineag
     return Lineage(DERIVED_DIMENSION)
 
 
+IDENTIFIER_CLASSES = (PRIVACY_UNIT, LINKAGE, "identifier_expression")
+
+
+def _mentions_identifier(part: exp.Expression, env) -> bool:
+    return any(_column_lineage(c, env).cls in IDENTIFIER_CLASSES for c in part.find_all(exp.Column))
+
+
+def _groups_by_identifier(select: exp.Select, env) -> bool:
+    group = select.args.get("group")
+    return group is not None and any(_mentions_identifier(item, env) for item in group.expressions)
+
+
+def _groups_by_linkage(select: exp.Select, env) -> bool:
+    group = select.args.get("group")
+    return group is not None and any(_column_lineage(c, env).cls == LINKAGE
+                                     for item in group.expressions for c in item.find_all(exp.Column))
+
+
+def _check_unit_feature(expression: exp.Expression, env, part: exp.Expression) -> None:
+    """A unit feature: allowed aggregates (COUNT, SUM, MIN, MAX, COUNT_IF, BOOL_OR,
+    BOOL_AND) over dimension-only arguments, COUNT(*) and COUNT(DISTINCT person id),
+    combined by scalar functions and constants; every column sits inside an aggregate."""
+    inside: set[int] = set()
+    for node in expression.walk():
+        if not isinstance(node, exp.AggFunc):
+            continue
+        if not isinstance(node, UNIT_AGGREGATES) or _inside_window(node, expression):
+            raise refuse("unit_scope_not_allowed", node)
+        for inner in node.find_all(exp.AggFunc):
+            if inner is not node:
+                raise refuse("unit_scope_not_allowed", node)
+        inside.update(id(c) for c in node.find_all(exp.Column))
+        arg = node.this
+        if isinstance(node, exp.Count) and (arg is None or isinstance(arg, exp.Star)):
+            continue
+        if isinstance(arg, exp.Distinct):
+            values = arg.expressions
+            if len(values) != 1 or not isinstance(values[0], exp.Column):
+                raise refuse("unit_scope_not_allowed", node)
+            if _column_lineage(values[0], env).cls in (PRIVACY_UNIT, DIMENSION, DERIVED_DIMENSION):
+                continue
+            raise refuse("unit_scope_not_allowed", node)
+        arguments = [arg] + list(node.expressions or [])
+        for argument in arguments:
+            if argument is None:
+                continue
+            if _lineage_of_expression(argument, env).cls not in (DIMENSION, DERIVED_DIMENSION, CONSTANT):
+                raise refuse("unit_scope_not_allowed", node)
+    for col in expression.find_all(exp.Column):
+        if id(col) not in inside:
+            raise refuse("unit_scope_not_allowed", part)
+
+
 def _column_lineage(col: exp.Column, env: dict[str, dict[str, Lineage]]) -> Lineage:
     table = col.table
     source = env.get(table)
@@ -363,7 +424,9 @@ class _Classifier:
                 elif level in (POST, BOUNDARY):
                     out = {c: Lineage(AGGREGATED) for c in out}
                 env[alias] = out
-                sources.append((alias, ROW if level == ROW else POST if level in (POST, BOUNDARY) else PUBLIC, source))
+                source_level = (ROW if level == ROW else UNIT if level in (UNIT, UNIT_ROW)
+                                else POST if level in (POST, BOUNDARY) else PUBLIC)
+                sources.append((alias, source_level, source))
             else:
                 raise refuse("syntax_not_allowed", node)
         return env, sources
@@ -377,7 +440,7 @@ class _Classifier:
             raise refuse("subquery_in_expression", expression)
         if isinstance(expression, exp.SetOperation):
             child_levels = [self.levels[id(s.expression)] for s in scope.set_operation_scopes]
-            if ROW in child_levels:
+            if {ROW, UNIT, UNIT_ROW} & set(child_levels):
                 raise refuse("set_operation_below_boundary", expression)
             level = PUBLIC if all(lv == PUBLIC for lv in child_levels) else POST
             self.levels[key] = level
@@ -391,6 +454,9 @@ class _Classifier:
         personal = [(a, s) for a, lvl, s in sources if lvl == ROW]
         aggregate = _is_aggregate_scope(expression)
 
+        if any(lvl == UNIT for lvl in source_levels):
+            self._classify_over_units(expression, env, sources, aggregate)
+            return
         if not personal:
             level = PUBLIC if all(lvl == PUBLIC for lvl in source_levels) else POST
             self.levels[key] = level
@@ -402,10 +468,14 @@ class _Classifier:
             raise refuse("nested_aggregation", expression)
         personal_alias, personal_source = personal[0]
         self._check_joins(expression, personal_alias, env)
-        self._check_row_clauses(expression, env)
         view = (personal_source.name if isinstance(personal_source, exp.Table)
                 else self.personal_view[id(personal_source.expression)])
         self.personal_view[key] = view
+        if aggregate and _groups_by_linkage(expression, env):
+            self.outputs[key] = self._unit_scope(expression, env)
+            self.levels[key] = UNIT
+            return
+        self._check_row_clauses(expression, env)
         if aggregate:
             self.levels[key] = BOUNDARY
             self.boundaries.append(self._boundary(expression, env, view))
@@ -415,6 +485,89 @@ class _Classifier:
             self.levels[key] = ROW
             self.outputs[key] = {sel.alias_or_name: _lineage_of_expression(sel, env)
                                  for sel in expression.expressions}
+
+    # -- unit rows: one row per linkage key (household), features aggregated over members
+    def _unit_scope(self, select: exp.Select, env) -> dict[str, Lineage]:
+        """Check a unit scope and return its outputs: the linkage key, and unit features
+        (aggregates over dimension-only expressions of the unit's members)."""
+        items = select.args["group"].expressions
+        if len(items) != 1 or not isinstance(items[0], exp.Column) \
+                or _column_lineage(items[0], env).cls != LINKAGE:
+            raise refuse("unit_scope_not_allowed", select.args["group"])
+        key = items[0]
+        for clause in ("having", "order", "limit", "offset", "distinct", "qualify"):
+            if select.args.get(clause):
+                raise refuse("unit_scope_not_allowed", select.args[clause])
+        where = select.args.get("where")
+        if where is not None:
+            self._dimension_only(where.this, env, where)
+        for node in _own_nodes(select):
+            if isinstance(node, (exp.Window, exp.Qualify)):
+                raise refuse("window_below_boundary", node)
+            if isinstance(node, exp.Filter):
+                raise refuse("aggregate_filter", node)
+        outputs: dict[str, Lineage] = {}
+        for projection in select.expressions:
+            inner = projection.this if isinstance(projection, exp.Alias) else projection
+            if isinstance(inner, exp.Column) and inner.table == key.table and inner.name == key.name:
+                outputs[projection.alias_or_name] = _column_lineage(inner, env)
+                continue
+            _check_unit_feature(inner, env, projection)
+            outputs[projection.alias_or_name] = Lineage(DERIVED_DIMENSION)
+        return outputs
+
+    def _classify_over_units(self, select: exp.Select, env, sources, aggregate: bool) -> None:
+        """A scope reading unit rows: row-level work on them (``UNIT_ROW``) or the unit
+        boundary that counts them (COUNT(*) / COUNT(DISTINCT linkage key) per group of
+        unit features). The linkage key never becomes a group key, a filter operand or
+        an output here, so no per-household row leaves the boundary."""
+        key = id(select)
+        units = [(a, s) for a, lvl, s in sources if lvl == UNIT]
+        if len(units) > 1 or any(lvl == ROW for _, lvl, _ in sources):
+            raise refuse("personal_join", select.args.get("joins", [select])[0])
+        if any(lvl == POST for _, lvl, _ in sources):
+            raise refuse("nested_aggregation", select)
+        unit_alias, unit_source = units[0]
+        group = select.args.get("group")
+        if group is not None and _groups_by_identifier(select, env):
+            items = group.expressions
+            nested = len(items) == 1 and isinstance(items[0], exp.Column)
+            raise refuse("unit_scope_nested" if nested else "linkage_key_output", group)
+        for clause in ("where", "having"):
+            part = select.args.get(clause)
+            if part is not None and _mentions_identifier(part, env):
+                raise refuse("linkage_key_output", part)
+        for join in select.args.get("joins") or []:
+            if _mentions_identifier(join, env):
+                raise refuse("linkage_key_output", join)
+        self._check_joins(select, unit_alias, env)
+        self._check_row_clauses(select, env)
+        view = self.personal_view[id(unit_source.expression)]
+        self.personal_view[key] = view
+        if aggregate:
+            spec = self._boundary(select, env, view)
+            for agg in spec.aggregates:
+                if agg.kind not in ("count_rows", "count_households"):
+                    raise refuse("unit_aggregate_not_allowed", agg.node)
+            spec.unit = True
+            self.levels[key] = BOUNDARY
+            self.boundaries.append(spec)
+            self.outputs[key] = {sel.alias_or_name: Lineage(AGGREGATED) for sel in select.expressions}
+            return
+        if select.args.get("distinct"):
+            raise refuse("distinct_rows", select.args["distinct"])
+        for clause in ("order", "limit", "offset"):
+            if select.args.get(clause) is not None:
+                raise refuse("limit_below_boundary", select.args[clause])
+        outputs: dict[str, Lineage] = {}
+        for projection in select.expressions:
+            inner = projection.this if isinstance(projection, exp.Alias) else projection
+            lineage = _lineage_of_expression(inner, env)
+            if lineage.cls == "identifier_expression":
+                raise refuse("linkage_key_output", projection)
+            outputs[projection.alias_or_name] = lineage
+        self.levels[key] = UNIT_ROW
+        self.outputs[key] = outputs
 
     # -- checks shared by row scopes and boundaries
     def _check_joins(self, select: exp.Select, personal_alias: str, env) -> None:
@@ -553,7 +706,7 @@ def find_boundaries(tree: exp.Expression, catalog: Catalog) -> Analysis:
     for scope in scopes:
         classifier.classify(scope)
     root = scopes[-1]
-    if classifier.levels[id(root.expression)] == ROW:
+    if classifier.levels[id(root.expression)] in (ROW, UNIT, UNIT_ROW):
         raise refuse("row_level_output", root.expression.expressions[0] if isinstance(root.expression, exp.Select) else root.expression)
     views = sorted({t.name for t in tree.find_all(exp.Table) if t.name in catalog.views})
     public_only = all(catalog.views[v].public for v in views)

@@ -277,7 +277,13 @@ class Guard:
     # ---- execution ----------------------------------------------------------------
     def _fast_path(self, bp: BoundaryPlan, snap: _Snapshot, catalog: Catalog) -> bool:
         unit = catalog.views[bp.personal_view].privacy_unit
-        return not bp.has_join and snap.is_person_unique(bp.personal_view, unit)
+        person_unique = snap.is_person_unique(bp.personal_view, unit)
+        if bp.unit:
+            # k units imply k persons only when each person is in exactly one unit row
+            if not person_unique:
+                raise QueryRefused("unit_view_not_person_unique", part=bp.personal_view)
+            return not bp.has_join      # unit rows are one per linkage key by construction
+        return not bp.has_join and person_unique
 
     def _fetch(self, snap: _Snapshot, sql: str) -> Cells:
         try:
@@ -322,6 +328,10 @@ class Guard:
         dp = self.policy.disclosure.dp
         clamps: list[dict[int, tuple[float, float]]] = []
         for bp in plan.boundaries:
+            if bp.unit:
+                # not implemented: a person changes their unit's features, moving it between
+                # cells (sensitivity 2 per unit), which the DP path does not calibrate for
+                raise QueryRefused("dp_unit_boundary", part=bp.personal_view)
             clamp = {}
             for j, agg in enumerate(bp.aggregates):
                 if agg.kind in ("sum", "avg"):

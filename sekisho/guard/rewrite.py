@@ -7,6 +7,10 @@ boundary's own FROM/JOIN/WHERE. ``__pid`` and ``__rkey`` are carried up through 
 derived table below the boundary by appending them to its projection (they are not
 in the analyst-visible schema, so no analyst expression can name them).
 
+A unit boundary (counting households) reads a unit scope (GROUP BY linkage key); there
+``__pid`` is the linkage key and ``__rkey`` the unit key (SUM of member record keys mod
+256), so the unit is the contributor of every cell computed above it.
+
 In the tree, the boundary SELECT itself becomes ``SELECT <its projection with aggregates
 replaced by __v columns and group expressions by __g columns> FROM __b<i> WHERE
 <its HAVING> ORDER BY ... LIMIT ...``; protected values are thus the only inputs of
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 from sqlglot import exp
 
-from sekisho.guard.analyze import DIALECT, ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
+from sekisho.guard.analyze import DIALECT, ROW, UNIT, UNIT_ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import refuse
 
@@ -36,6 +40,7 @@ class BoundaryPlan:
     filtered: bool
     group_labels: tuple[str, ...]
     has_join: bool = False
+    unit: bool = False              # rows are units: __pid = linkage key, __rkey = unit key
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,13 @@ def _carry(select: exp.Select, analysis: Analysis, catalog: Catalog, append: boo
                 alias = source.alias_or_name
                 pid, rkey = _col(view.privacy_unit, alias), _col("_rkey", alias)
                 break
-        elif isinstance(source, exp.Subquery) and analysis.levels.get(id(source.this)) == ROW:
+        elif isinstance(source, exp.Subquery) and analysis.levels.get(id(source.this)) in (ROW, UNIT_ROW):
             _carry(source.this, analysis, catalog, append=True)
+            alias = source.alias_or_name
+            pid, rkey = _col(PID, alias), _col(RKEY, alias)
+            break
+        elif isinstance(source, exp.Subquery) and analysis.levels.get(id(source.this)) == UNIT:
+            _carry_unit(source.this, analysis, catalog)
             alias = source.alias_or_name
             pid, rkey = _col(PID, alias), _col(RKEY, alias)
             break
@@ -88,6 +98,19 @@ def _carry(select: exp.Select, analysis: Analysis, catalog: Catalog, append: boo
         select.select(exp.alias_(pid.copy(), PID, quoted=True), exp.alias_(rkey.copy(), RKEY, quoted=True),
                       copy=False)
     return pid, rkey
+
+
+def _carry_unit(select: exp.Select, analysis: Analysis, catalog: Catalog) -> None:
+    """Make a unit scope carry the unit as the contributor: ``__pid`` is its linkage key
+    and ``__rkey`` the unit key, SUM(member record keys) mod 256 — the same members give
+    the same key whatever the query text. Rows with a NULL linkage key belong to no unit
+    and are left out."""
+    _, member_rkey = _carry(select, analysis, catalog, append=False)
+    linkage = select.args["group"].expressions[0]
+    unit_key = exp.Cast(this=exp.Mod(this=exp.Sum(this=member_rkey.copy()), expression=exp.Literal.number(256)),
+                        to=exp.DataType.build("INTEGER"))
+    select.select(exp.alias_(linkage.copy(), PID, quoted=True), exp.alias_(unit_key, RKEY, quoted=True), copy=False)
+    select.where(exp.Not(this=exp.Is(this=linkage.copy(), expression=exp.Null())), copy=False)
 
 
 def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalog: Catalog) -> BoundaryPlan:
@@ -153,7 +176,7 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
     return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
                         group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
                         filtered=filtered, group_labels=tuple(k.label for k in spec.group_keys),
-                        has_join=has_join)
+                        has_join=has_join, unit=spec.unit)
 
 
 def plan(analysis: Analysis, catalog: Catalog) -> Plan:
