@@ -320,6 +320,28 @@ def _groups_by_linkage(select: exp.Select, env) -> bool:
                                      for item in group.expressions for c in item.find_all(exp.Column))
 
 
+def _unit_count(node: exp.AggFunc, env) -> bool:
+    """COUNT(*) or COUNT(DISTINCT linkage key): the only ways to count unit rows."""
+    if not isinstance(node, exp.Count):
+        return False
+    arg = node.this
+    if arg is None or isinstance(arg, exp.Star):
+        return True
+    if isinstance(arg, exp.Distinct) and len(arg.expressions) == 1 and isinstance(arg.expressions[0], exp.Column):
+        return _column_lineage(arg.expressions[0], env).cls == LINKAGE
+    return False
+
+
+def _owned_by(node: exp.Expression, select: exp.Select) -> bool:
+    """``node`` belongs to ``select`` itself, not to a nested SELECT."""
+    parent = node.parent
+    while parent is not None and parent is not select:
+        if isinstance(parent, (exp.Select, exp.SetOperation)):
+            return False
+        parent = parent.parent
+    return parent is select
+
+
 def _check_unit_feature(expression: exp.Expression, env, part: exp.Expression) -> None:
     """A unit feature: allowed aggregates (COUNT, SUM, MIN, MAX, COUNT_IF, BOOL_OR,
     BOOL_AND) over dimension-only arguments, COUNT(*) and COUNT(DISTINCT person id),
@@ -545,10 +567,10 @@ class _Classifier:
         view = self.personal_view[id(unit_source.expression)]
         self.personal_view[key] = view
         if aggregate:
+            for node in select.find_all(exp.AggFunc):
+                if _owned_by(node, select) and not _unit_count(node, env):
+                    raise refuse("unit_aggregate_not_allowed", node)
             spec = self._boundary(select, env, view)
-            for agg in spec.aggregates:
-                if agg.kind not in ("count_rows", "count_households"):
-                    raise refuse("unit_aggregate_not_allowed", agg.node)
             spec.unit = True
             self.levels[key] = BOUNDARY
             self.boundaries.append(spec)

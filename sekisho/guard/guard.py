@@ -447,6 +447,8 @@ class Guard:
             notes.append("公開情報のみの集計です（保護処理は不要）。")
         elif mode == "threshold":
             notes.append(f"{self.policy.disclosure.k}人未満のセルは秘匿（空欄）しています。")
+            if any(bp.unit for bp in plan.boundaries):
+                notes.append(f"世帯単位の集計では、{self.policy.disclosure.k}世帯未満のセルを秘匿しています。")
             notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
             if dominance:
                 notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
