@@ -20,6 +20,15 @@ Decisions
   person-level view on the left. Several boundaries may be combined above (post-processing).
 * ``describe`` is not audited: it reads no data and reveals only names and types.
 * DP sums/means need a bare measure column (its policy bounds); ε must be given.
+* Households: a *unit scope* (``GROUP BY household_id`` over one person-unique view,
+  selecting the key and aggregates of dimensions) gives one row per household; the
+  boundary above counts those rows per group of unit features. The household is then
+  the contributor: k and the filtered-population check count households (k households
+  hold at least k persons), and the cell key is SUM(member record keys) mod 256, so the
+  same households with the same members get the same noise whatever the query text.
+  Views with several rows per person are refused (``unit_view_not_person_unique``).
+  DP mode refuses unit boundaries (``dp_unit_boundary``): not implemented, because one
+  person changes their household's features and so moves it between cells.
 
 Residual risks (honest)
 -----------------------
@@ -40,6 +49,10 @@ Residual risks (honest)
 * Densification covers group keys with a declared public domain; other keys drop groups
   below k (their existence above k is visible). With a WHERE on a densified key, the other
   domain values appear as suppressed (NULL) rows.
+* Unit features make household-level attributes (size, composition, ages of members)
+  groupable; a cell of >= k households may still show that *all* of them share a
+  feature (attribute disclosure at household level, as for persons). Rows whose
+  linkage key is NULL belong to no household and are left out of unit scopes.
 * DP noise is calibrated to the policy's contribution bounds (max rows/groups per person,
   measure bounds); wide bounds give very noisy sums — by design, never narrowed from data.
 """

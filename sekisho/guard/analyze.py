@@ -17,6 +17,17 @@ Every SELECT scope gets a level:
 * ``BOUNDARY`` – the aggregating SELECT directly above ``ROW`` scopes: only
   COUNT(*), COUNT(expr over dimensions), COUNT(DISTINCT privacy unit / linkage key),
   SUM/AVG of measures; GROUP BY over dimensions; no window, no FILTER, no ROLLUP;
+* ``UNIT``    – one row per household: a SELECT over one person-level view (row-level
+  filters allowed) that GROUPs BY exactly its linkage key and selects only that key
+  and *unit features* — COUNT/SUM/MIN/MAX/COUNT_IF/BOOL_OR/BOOL_AND over dimension-only
+  arguments, COUNT(*), COUNT(DISTINCT person id), combined by scalar functions. No
+  HAVING, window, DISTINCT, ORDER BY/LIMIT, measures or identifiers in features; no
+  nesting. ``UNIT_ROW`` is row-level work over unit rows (filters, computed features);
+* a *unit boundary* is the aggregating SELECT over unit rows: COUNT(*) and
+  COUNT(DISTINCT linkage key) only, grouped by expressions over unit features; the
+  linkage key is never a group key, a filter operand or an output there. The unit is
+  its contributor (``rewrite`` carries the linkage key as ``__pid`` and SUM(member
+  ``_rkey``) mod 256 as ``__rkey``), so k is counted in households;
 * ``POST``    – everything above boundaries: reads only aggregated (protected) or
   public results, so it is post-processing and may use any allowed function.
 
