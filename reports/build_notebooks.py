@@ -32,7 +32,8 @@ from sekisho.reports import data
 from sekisho.reports.mesh import mesh_figure
 from sekisho.reports.notebook import lookup, order_by, scalar, start, wide
 from sekisho.reports.periods import add_months, label_ja, months_between
-from sekisho.reports.sql import age_band_at, in_childcare_at, lit, moved_between, resident_at
+from sekisho.reports.sql import (FAMILY_TYPES, age_band_at, households_at, in_childcare_at, lit, moved_between,
+                                 resident_at)
 
 ctx = start(base_month=base_month, compare_month=compare_month, period=period,
             area_level=area_level, tables_dir=tables_dir)
@@ -375,58 +376,69 @@ R.table("item33", "33. 転居（出）詳細", t.rename(columns={"area": label})
 ]
 
 # ---------------------------------------------------------------- 06 世帯 ----------
-HOUSEHOLDS_NOTE = ("国勢調査の家族類型（単独・夫婦のみ・夫婦と子供・ひとり親と子供・三世代・その他）は世帯ごとに"
-                   "世帯員を集計して判定する必要がありますが、ガードは世帯単位の集計（世帯番号での GROUP BY）を"
-                   "個票に近い処理として拒否するため、ここでは続柄別に「その続柄の世帯員がいる世帯の数」と"
-                   "人数を掲載します（docs/reports.md 参照）。")
+HOUSEHOLDS_NOTE = ("家族類型は国勢調査の世帯の家族類型（単独・夫婦のみ・夫婦と子供・ひとり親と子供・三世代・その他）で、"
+                   "各時点に住民である世帯員の続柄から世帯ごとに判定します（判定方法は docs/reports.md）。"
+                   "世帯数は世帯を単位として保護され、10世帯未満の区分は秘匿しています。")
 HOUSEHOLDS = [
     ("34. 基準年月時点の世帯状況",
-     "基準年月末の世帯数・人口・平均世帯人員と、続柄別の世帯数（その続柄の世帯員がいる世帯）と人数。" + HOUSEHOLDS_NOTE, '''
-RELATIONSHIPS = ["世帯主", "妻", "夫", "子", "子の配偶者", "父", "母", "祖父", "祖母", "孫", "兄弟姉妹", "その他"]
+     "基準年月末の世帯数・人口・平均世帯人員、家族類型別の世帯数、地域ブロック別・家族類型別の世帯数。" + HOUSEHOLDS_NOTE, '''
+def ratio(a, b, digits=2):
+    return round(a / b, digits) if pd.notna(a) and pd.notna(b) and b else float("nan")
 
-def household_status(month):
-    where = resident_at(month)
-    by_rel = q(f"SELECT relationship, COUNT(DISTINCT household_id) AS households, COUNT(*) AS persons "
-               f"FROM residents WHERE {where} GROUP BY relationship")
-    totals = q(f"SELECT COUNT(DISTINCT household_id) AS households, COUNT(*) AS persons FROM residents WHERE {where}")
-    rows = {r: (lookup(by_rel, {"relationship": r}, "households"), lookup(by_rel, {"relationship": r}, "persons"))
-            for r in RELATIONSHIPS}
-    return rows, scalar(totals, "households"), scalar(totals, "persons")
+def family_types(month):
+    """Households by 家族類型 at the end of ``month`` and all households (unit counts)."""
+    by_type = q(f"SELECT family_type, COUNT(*) AS n FROM {households_at(month)} AS h GROUP BY family_type")
+    total = scalar(q(f"SELECT COUNT(*) AS n FROM {households_at(month)} AS h"))
+    return {ft: lookup(by_type, {"family_type": ft}) for ft in FAMILY_TYPES}, total
 
-now, now_households, now_persons = household_status(BASE)
+now, now_households = family_types(BASE)
+now_persons = scalar(q(f"SELECT COUNT(*) AS n FROM residents WHERE {resident_at(BASE)}"))
 summary = pd.DataFrame({"区分": ["総世帯数", "総人口", "平均世帯人員"],
-                        "値": [now_households, now_persons, round(now_persons / now_households, 2)]})
+                        "値": [now_households, now_persons, ratio(now_persons, now_households)]})
 R.table("item34", "34. 基準年月時点の世帯状況", summary)
-t = pd.DataFrame({"続柄": RELATIONSHIPS,
-                  "世帯数（該当世帯員のいる世帯）": [now[r][0] for r in RELATIONSHIPS],
-                  "人数": [now[r][1] for r in RELATIONSHIPS]})
-t["全世帯に占める割合(%)"] = (t["世帯数（該当世帯員のいる世帯）"] / now_households * 100).round(1)
-R.table("item34_relationship", "34. 基準年月時点の世帯状況（続柄別）", t,
-        note="世帯数は、その続柄の世帯員が1人以上いる世帯の数です（1つの世帯が複数の行に数えられます）。")
-R.figure(px.bar(t, x="続柄", y="世帯数（該当世帯員のいる世帯）", title=f"続柄別の世帯数（{label_ja(BASE)}末）"))
+t = pd.DataFrame({"家族類型": list(FAMILY_TYPES), "世帯数": [now[ft] for ft in FAMILY_TYPES]})
+t["全世帯に占める割合(%)"] = [ratio(n * 100, now_households, 1) for n in t["世帯数"]]
+R.table("item34_type", "34. 基準年月時点の世帯状況（家族類型別）", t)
+R.figure(px.bar(t, x="家族類型", y="世帯数", title=f"家族類型別の世帯数（{label_ja(BASE)}末）"))
+
+by_block = q(f"SELECT block, family_type, COUNT(*) AS n FROM {households_at(BASE)} AS h GROUP BY block, family_type")
+block_households = q(f"SELECT block, COUNT(*) AS n FROM {households_at(BASE)} AS h GROUP BY block")
+block_persons = q(f"SELECT block, COUNT(*) AS n FROM residents WHERE {resident_at(BASE)} GROUP BY block")
+t = wide(by_block, "block", "family_type", "n", index_order=BLOCKS, column_order=list(FAMILY_TYPES))
+t["総世帯数"] = [lookup(block_households, {"block": b}) for b in t["block"]]
+t["人口"] = [lookup(block_persons, {"block": b}) for b in t["block"]]
+t["平均世帯人員"] = [ratio(p, h) for p, h in zip(t["人口"], t["総世帯数"])]
+total_row = {"block": "合計", **now, "総世帯数": now_households, "人口": now_persons,
+             "平均世帯人員": ratio(now_persons, now_households)}
+t = pd.concat([t, pd.DataFrame([total_row])], ignore_index=True)
+R.table("item34_block", "34. 基準年月時点の世帯状況（地域ブロック別・家族類型別）", t.rename(columns={"block": "地域ブロック"}),
+        note="地域ブロックは世帯の住所のブロックです。人口は同じ時点の住民数です。")
+chart = by_block.dropna(subset=["n"])
+R.figure(px.bar(chart, x="block", y="n", color="family_type", category_orders={"block": BLOCKS, "family_type": list(FAMILY_TYPES)},
+                title=f"地域ブロック別・家族類型別の世帯数（{label_ja(BASE)}末）",
+                labels={"block": "地域ブロック", "n": "世帯数", "family_type": "家族類型"}))
 '''),
-    ("35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", "比較年月末と基準年月末の続柄別世帯数と総世帯数。", '''
-before, before_households, before_persons = household_status(COMPARE)
-t = pd.DataFrame({"区分": ["総世帯数"] + RELATIONSHIPS,
-                  label_ja(COMPARE): [before_households] + [before[r][0] for r in RELATIONSHIPS],
-                  label_ja(BASE): [now_households] + [now[r][0] for r in RELATIONSHIPS]})
+    ("35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", "比較年月末と基準年月末の家族類型別世帯数と総世帯数、その増減。", '''
+before, before_households = family_types(COMPARE)
+t = pd.DataFrame({"家族類型": list(FAMILY_TYPES) + ["総世帯数"],
+                  label_ja(COMPARE): [before[ft] for ft in FAMILY_TYPES] + [before_households],
+                  label_ja(BASE): [now[ft] for ft in FAMILY_TYPES] + [now_households]})
 t["増減"] = t[label_ja(BASE)] - t[label_ja(COMPARE)]
-R.table("item35", "35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", t,
-        note="続柄の行は、その続柄の世帯員がいる世帯の数です。")
-R.figure(px.bar(t.melt(id_vars="区分", value_vars=[label_ja(COMPARE), label_ja(BASE)], var_name="時点", value_name="世帯数"),
-                x="区分", y="世帯数", color="時点", barmode="group", title="世帯数の比較"))
+R.table("item35", "35. 世帯構成毎の世帯件数の比較（2つの基準年月時点）", t)
+chart = t[t["家族類型"] != "総世帯数"].melt(id_vars="家族類型", value_vars=[label_ja(COMPARE), label_ja(BASE)],
+                                            var_name="時点", value_name="世帯数")
+R.figure(px.bar(chart, x="家族類型", y="世帯数", color="時点", barmode="group", title="家族類型別の世帯数の比較"))
 '''),
-    ("36. 世帯構成毎の世帯件数の推移（5年間）", "基準年月から12か月ごとにさかのぼった各時点（期間の年数分）の総世帯数と続柄別世帯数。", '''
+    ("36. 世帯構成毎の世帯件数の推移（5年間）", "基準年月から12か月ごとにさかのぼった各時点（期間の年数分）の家族類型別世帯数と総世帯数。", '''
 points = [add_months(BASE, -12 * i) for i in reversed(range(ctx.period))]
 rows = []
 for m in points:
-    rel, households, persons = (now, now_households, now_persons) if m == BASE else household_status(m)
-    rows.append({"時点": label_ja(m), "総世帯数": households, **{r: rel[r][0] for r in RELATIONSHIPS}})
-trend = pd.DataFrame(rows)
-R.table("item36", "36. 世帯構成毎の世帯件数の推移（5年間）", trend,
-        note="続柄の列は、その続柄の世帯員がいる世帯の数です。")
-R.figure(px.line(trend, x="時点", y=["総世帯数", "妻", "子", "父", "母", "孫"], markers=True,
-                 title="世帯数の推移（総数と主な続柄）", labels={"value": "世帯数", "variable": "区分"}))
+    types, households = (now, now_households) if m == BASE else family_types(m)
+    rows.append({"時点": label_ja(m), **types, "総世帯数": households})
+trend = pd.DataFrame(rows, columns=["時点", *FAMILY_TYPES, "総世帯数"])
+R.table("item36", "36. 世帯構成毎の世帯件数の推移（5年間）", trend)
+R.figure(px.line(trend, x="時点", y=list(FAMILY_TYPES), markers=True, title="家族類型別の世帯数の推移",
+                 labels={"value": "世帯数", "variable": "家族類型"}))
 '''),
 ]
 
@@ -492,7 +504,7 @@ NOTEBOOKS = [
     ("03_転入", "転入状況", "市外からの転入。", migration("転入", 17)),
     ("04_転出", "転出状況", "市外への転出。", migration("転出", 24)),
     ("05_転居", "転居状況", "市内での転居（転居元・転居先）。", RELOCATION),
-    ("06_世帯", "世帯状況", "住民の世帯と続柄から見た世帯の状況。", HOUSEHOLDS),
+    ("06_世帯", "世帯状況", "住民の世帯と家族類型（国勢調査の分類）から見た世帯の状況。", HOUSEHOLDS),
     ("07_教育保育", "教育・保育施設利用状況【概要】", "教育・保育施設の定員と利用児童数。", CHILDCARE),
 ]
 

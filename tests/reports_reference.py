@@ -85,3 +85,39 @@ def childcare_overview(exports: Path, month: str) -> tuple[pd.DataFrame, pd.Data
                   & ((cert.use_to == "") | (ym(cert.use_to) >= month))]
     in_use = in_use.merge(fac[["facility_id", "facility_type", "block"]], on="facility_id", how="left")
     return fac, in_use
+
+
+FAMILY_TYPES = ("単独", "夫婦のみ", "夫婦と子供", "ひとり親と子供", "三世代", "その他")
+
+
+def _family_type(rels: pd.Series) -> str:
+    """国勢調査 家族類型 from the 続柄 of the members present (docs/reports.md, *Family types*)."""
+    count = rels.value_counts()
+
+    def c(*names: str) -> int:
+        return int(sum(count.get(n, 0) for n in names))
+
+    n, head, spouse, child = len(rels), c("世帯主"), c("妻", "夫"), c("子")
+    parent, grandchild, in_law, sibling = c("父", "母"), c("孫"), c("子の配偶者"), c("兄弟姉妹")
+    if n == 1:
+        return "単独"
+    if (parent and child) or (grandchild and child + in_law):
+        return "三世代"
+    if head == 1 and spouse == 1 and n == 2:
+        return "夫婦のみ"
+    if head == 1 and spouse == 1 and child and n == 2 + child:
+        return "夫婦と子供"
+    if head == 1 and spouse == 0 and child and n == 1 + child:
+        return "ひとり親と子供"
+    if head == 1 and spouse == 0 and child == 0 and parent == 1 and n == 2 + sibling:
+        return "ひとり親と子供"
+    return "その他"
+
+
+def households_at(exports: Path, month: str, extract: date) -> pd.DataFrame:
+    """One row per household (世帯番号) resident at the end of ``month``: its block (the
+    first in the code list order of its members' blocks, like MIN), members, 家族類型."""
+    r = residents_at(exports, month, extract)
+    grouped = r.groupby("setai_no")
+    return pd.DataFrame({"block": grouped["block"].min(), "members": grouped.size(),
+                         "family_type": grouped["relationship"].agg(_family_type)})

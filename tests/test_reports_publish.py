@@ -127,19 +127,62 @@ def test_yearly_movement_totals(published_city, base_month, limits):
     assert len(published) == 5
 
 
-def test_household_counts_by_relationship(published_city, base_month, limits):
-    summary, _ = published_city.table("item34")
-    per_rel, _ = published_city.table("item34_relationship")
-    total, truth = ref.households_by_relationship(published_city.exports, base_month, published_city.extract)
+def test_household_family_types_at_the_base_month(published_city, base_month, limits):
+    """Items 34: households per 国勢調査 家族類型 (city and 地域ブロック) against pandas over
+    the raw residents.csv; a cell is protected per household, so it is suppressed exactly
+    when it has fewer than k households and otherwise within ±D."""
+    households = ref.households_at(published_city.exports, base_month, published_city.extract)
     residents = ref.residents_at(published_city.exports, base_month, published_city.extract)
+    summary, _ = published_city.table("item34")
     values = dict(zip(summary["区分"], summary["値"]))
-    check_cell(values["総世帯数"], total, len(residents), limits, "総世帯数")
-    for row in per_rel.to_dict("records"):
-        rel = row["続柄"]
-        households = int(truth.households.get(rel, 0))
-        persons = int(truth.persons.get(rel, 0))
-        check_cell(row["世帯数（該当世帯員のいる世帯）"], households, persons, limits, f"{rel} households")
-        check_cell(row["人数"], persons, persons, limits, f"{rel} persons")
+    check_cell(values["総世帯数"], len(households), len(households), limits, "総世帯数")
+    check_cell(values["総人口"], len(residents), len(residents), limits, "総人口")
+    per_type = households.family_type.value_counts()
+    by_type, _ = published_city.table("item34_type")
+    assert list(by_type["家族類型"]) == list(ref.FAMILY_TYPES)
+    for row in by_type.to_dict("records"):
+        n = int(per_type.get(row["家族類型"], 0))
+        check_cell(row["世帯数"], n, n, limits, f"{row['家族類型']} households")
+    by_block, _ = published_city.table("item34_block")
+    cells = households.groupby(["block", "family_type"]).size()
+    per_block = households.groupby("block").size()
+    suppressed = checked = 0
+    for row in by_block.to_dict("records"):
+        block = row["地域ブロック"]
+        if block == "合計":
+            continue
+        for family_type in ref.FAMILY_TYPES:
+            n = int(cells.get((block, family_type), 0))
+            check_cell(row[family_type], n, n, limits, f"{block}/{family_type}")
+            suppressed += row[family_type] is None
+            checked += 1
+        n = int(per_block.get(block, 0))
+        check_cell(row["総世帯数"], n, n, limits, f"{block} households")
+    assert checked == 13 * 6
+    assert 0 < suppressed < checked, "the fixture city should have both small and large cells"
+
+
+def test_household_family_types_compared_and_over_time(published_city, base_month, limits):
+    """Items 35 and 36: the same classification at 比較年月, 基準年月 and yearly points."""
+    compare = {e["parameters"]["compare_month"] for e in published_city.index()["reports"].values()}.pop()
+    t35, _ = published_city.table("item35")
+    for month in (compare, base_month):
+        households = ref.households_at(published_city.exports, month, published_city.extract)
+        per_type = households.family_type.value_counts()
+        column = f"{int(month[:4])}年{int(month[5:])}月"
+        for row in t35.to_dict("records"):
+            n = len(households) if row["家族類型"] == "総世帯数" else int(per_type.get(row["家族類型"], 0))
+            check_cell(row[column], n, n, limits, f"{month}/{row['家族類型']}")
+    t36, _ = published_city.table("item36")
+    assert len(t36) == 5
+    for i, row in enumerate(t36.to_dict("records")):
+        month = add_months(base_month, -12 * (4 - i))
+        households = ref.households_at(published_city.exports, month, published_city.extract)
+        per_type = households.family_type.value_counts()
+        check_cell(row["総世帯数"], len(households), len(households), limits, f"{month} households")
+        for family_type in ref.FAMILY_TYPES:
+            n = int(per_type.get(family_type, 0))
+            check_cell(row[family_type], n, n, limits, f"{month}/{family_type}")
 
 
 @pytest.mark.parametrize("key,group_col,fac_col,label", [
