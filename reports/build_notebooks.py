@@ -161,10 +161,12 @@ def row(types, flows, key=None):
     natural, social = f["自然増"] - f["自然減"], f["社会増"] - f["社会減"]
     return {**c, "自然増減": natural, "社会増減": social, "人口増減": natural + social}
 
-def monthly(where):
+def monthly(where, first, last):
+    # one row per calendar month of the window (public), so a month whose cells are all
+    # suppressed — or a small city with none at all — shows 秘匿 instead of vanishing
     types, flows = counts(where, ("idou_ym",))
-    months = sorted(set(types.idou_ym.dropna()) | set(flows.idou_ym.dropna()))
-    return pd.DataFrame([{"年月": m, **row(types, flows, {"idou_ym": m})} for m in months])
+    return pd.DataFrame([{"年月": m, **row(types, flows, {"idou_ym": m})} for m in months_between(first, last)],
+                        columns=["年月", *IDOU_TYPES, "自然増減", "社会増減", "人口増減"])
 
 def balance_chart(df, title):
     fig = go.Figure()
@@ -229,22 +231,22 @@ net["転入超過"] = net["転入"] - net["転出"]
 R.figure(mesh_figure(net, "mesh1km", "転入超過", title="転入超過数（転入 − 転出）", value_label="転入超過", diverging=True))
 '''),
     ("13. 経年異動状況詳細_月別増減件数", "基準年月までの12か月の月別の増減。", '''
-t = monthly(YEAR)
+t = monthly(YEAR, ctx.year_first, BASE)
 R.table("item13", "13. 経年異動状況詳細_月別増減件数", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減"))
 '''),
     ("14. 経年異動状況詳細_月別増減件数_女性", "同・女性。", '''
-t = monthly(f"{YEAR} AND sex = '女'")
+t = monthly(f"{YEAR} AND sex = '女'", ctx.year_first, BASE)
 R.table("item14", "14. 経年異動状況詳細_月別増減件数_女性", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減（女性）"))
 '''),
     ("15. 経年異動状況詳細_月別増減件数_男性", "同・男性。", '''
-t = monthly(f"{YEAR} AND sex = '男'")
+t = monthly(f"{YEAR} AND sex = '男'", ctx.year_first, BASE)
 R.table("item15", "15. 経年異動状況詳細_月別増減件数_男性", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, "月別人口増減（男性）"))
 '''),
     ("16. 経年異動状況詳細_経年", "期間全体の月別の増減の推移。", '''
-t = monthly(moved_between(ctx.period_first, BASE))
+t = monthly(moved_between(ctx.period_first, BASE), ctx.period_first, BASE)
 R.table("item16", "16. 経年異動状況詳細_経年", t, note=BALANCE_NOTE)
 R.figure(balance_chart(t, f"月別人口増減の推移（{ctx.period}年間）"))
 '''),

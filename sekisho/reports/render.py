@@ -24,6 +24,7 @@ import pandas as pd
 PROTECTION_NOTE = ("※ 秘匿・撹乱処理のため合計が一致しない場合があります。"
                    "「秘匿」は少数のため表示していない値です。")
 SUPPRESSED = "秘匿"
+NO_DATA = "データなし（該当がないか、少数のためすべて秘匿されています）。"
 FONT = "Noto Sans CJK JP, Noto Sans JP, IPAexGothic, Meiryo, sans-serif"
 
 
@@ -115,7 +116,9 @@ class Report:
 
         df = df.reset_index(drop=True)
         html = table_html(df, highlight)
-        notes = [n for n in (note, PROTECTION_NOTE if protected else None) if n]
+        # a small selection can leave nothing to show: say so rather than an empty grid
+        empty = NO_DATA if df.empty or df.shape[1] == 0 else None
+        notes = [n for n in (empty, note, PROTECTION_NOTE if protected else None) if n]
         html += "".join(f'<p class="note">{n}</p>' for n in notes)
         _display(HTML(html))
         if self.tables_dir is not None:
