@@ -188,12 +188,27 @@ def test_unit_scope_needs_a_person_unique_view(city, guard):
     assert info.value.code == "unit_view_not_person_unique"
 
 
-def test_dp_refuses_unit_boundaries_before_spending(city, guard):
+def test_dp_on_units_debits_and_selects_partitions(city, guard):
+    """DP mode: ε is debited, group keys over unit features go through partition selection
+    calibrated to sensitivity 2 (small cells never appear), values are noisy counts."""
     period = ledger.current_period(guard.policy.disclosure.dp.period)
     before = ledger.spent(city.instance, city.analyst, period)
+    got = released(guard, city.analyst, TYPE_BY_BLOCK, mode="dp", epsilon=1.0)
+    assert ledger.spent(city.instance, city.analyst, period) == pytest.approx(before + 1.0)
+    cells = unit_cells(city, f"MIN(block) AS block, {family_type_sql()} AS family_type", ["block", "family_type"])
+    assert got and set(got) <= set(cells)
+    # threshold 1 + (2/0.5)·ln(2/(2δ)) ≈ 56 households: a cell of <= 10 is released with p < 1e-5
+    assert all(cells[key][0] > 10 for key in got)
+    assert all(abs(value - cells[key][0]) <= 40 for key, value in got.items())
+
+
+def test_dp_unit_scope_over_a_multi_row_view_is_refused_before_spending(city, guard):
+    period = ledger.current_period(guard.policy.disclosure.dp.period)
+    before = ledger.spent(city.instance, city.analyst, period)
+    sql = "SELECT COUNT(*) FROM (SELECT household_id, COUNT(*) AS m FROM movements GROUP BY household_id) AS h"
     with pytest.raises(QueryRefused) as info:
-        guard.query(TYPE_BY_BLOCK, user=city.analyst, mode="dp", epsilon=0.5)
-    assert info.value.code == "dp_unit_boundary"
+        guard.query(sql, user=city.analyst, mode="dp", epsilon=0.5)
+    assert info.value.code == "unit_view_not_person_unique"
     assert ledger.spent(city.instance, city.analyst, period) == before
 
 

@@ -27,8 +27,9 @@ Decisions
   hold at least k persons), and the cell key is SUM(member record keys) mod 256, so the
   same households with the same members get the same noise whatever the query text.
   Views with several rows per person are refused (``unit_view_not_person_unique``).
-  DP mode refuses unit boundaries (``dp_unit_boundary``): not implemented, because one
-  person changes their household's features and so moves it between cells.
+  In DP mode the privacy unit stays the person: one person changes one household row,
+  moving it from one cell to another, so unit counts use sensitivity 2 (noise and
+  partition selection), each household bounded to one cell.
 
 Residual risks (honest)
 -----------------------

@@ -61,8 +61,6 @@ REASONS: dict[str, tuple[str, str]] = {
                                    "unit rows may only be counted with COUNT(*) or COUNT(DISTINCT linkage key)"),
     "unit_view_not_person_unique": ("一人が複数行を持つビューでは世帯単位の集計はできません",
                                     "unit scopes need a view with one row per person"),
-    "dp_unit_boundary": ("差分プライバシー方式では世帯単位の集計は使用できません",
-                         "unit (per-household) aggregations are not available in DP mode"),
     "dp_derived_measure": ("差分プライバシー方式では測定値の列をそのまま集計してください",
                            "in DP mode sums and means must be of a measure column as declared"),
     "epsilon_invalid": ("ε は正の有限の数で、1 回あたりの上限以下にしてください",

@@ -43,6 +43,11 @@ from sekisho.state import role_of
 from sekisho.store import Store, StoreError
 
 PLAN_CACHE_SIZE = 512
+# DP on unit rows, privacy unit still the person: a person is in exactly one unit row
+# (person-unique view; each unit bounded to one row and one cell), so adding or removing
+# them changes one unit's features — it leaves one cell and enters another: at most 2
+# cells change, each by 1 (L1 sensitivity 2), which calibrates both noise and selection.
+UNIT_DP_SENSITIVITY = 2
 MODES = ("threshold", "dp")
 
 
@@ -329,9 +334,7 @@ class Guard:
         clamps: list[dict[int, tuple[float, float]]] = []
         for bp in plan.boundaries:
             if bp.unit:
-                # not implemented: a person changes their unit's features, moving it between
-                # cells (sensitivity 2 per unit), which the DP path does not calibrate for
-                raise QueryRefused("dp_unit_boundary", part=bp.personal_view)
+                self._fast_path(bp, snap, catalog)  # refuses a view that is not person-unique, before any debit
             clamp = {}
             for j, agg in enumerate(bp.aggregates):
                 if agg.kind in ("sum", "avg"):
@@ -354,10 +357,15 @@ class Guard:
         share = eps / max(len(plan.boundaries), 1)
         for bp, clamp in zip(plan.boundaries, clamps):
             fast = self._fast_path(bp, snap, catalog)
-            bounding = Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person, clamp=clamp)
+            if bp.unit:
+                bounding, params = Bounding(max_groups=1, max_rows=1, clamp={}), DPParams(
+                    epsilon=share, delta=dp.delta, max_rows=UNIT_DP_SENSITIVITY, max_groups=UNIT_DP_SENSITIVITY)
+            else:
+                bounding = Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person,
+                                    clamp=clamp)
+                params = DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
+                                  max_groups=dp.max_groups_per_person)
             cells = self._fetch(snap, cells_sql(bp, person_unique=fast, bounding=bounding, dominance=False))
-            params = DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
-                              max_groups=dp.max_groups_per_person)
             frame, st = protect_dp(cells, bp.aggregates, self._domains(bp), params, clamp)
             protected[bp.name] = self._to_arrow(frame, bp, snap)
             stats.append(st)
