@@ -8,8 +8,9 @@ answer. Any failure before the audit entry is durable releases nothing.
 
 Side channels: refusal texts are fixed per code; execution errors of the store are
 reported as one generic refusal without the engine's message (which could quote a data
-value); the only data-dependent refusal is ``filter_population_below_k``, decided on a
-perturbed count. Timing is not equalised (residual risk, see the README of the guard).
+value); the only data-dependent refusals are ``filter_population_below_k``, decided on a
+perturbed count, and ``unit_view_not_person_unique``, a property of a whole view (one
+row per person or not) that the policy's description of the view already states. Timing is not equalised (residual risk, see the README of the guard).
 """
 
 from __future__ import annotations
