@@ -6,6 +6,7 @@ aggregation boundary. Months are ``YYYY-MM`` strings, so ranges compare lexicall
 
 from __future__ import annotations
 
+from sekisho.reference import HOUSEHOLD_TYPES
 from sekisho.reports.periods import check_month
 
 #: report area level (parameter ``area_level``) -> column of the residents/movements views
@@ -50,8 +51,8 @@ def age_band_at(month: str, birth_ym: str = "birth_ym") -> str:
     return age_band_sql(age_at_month_end(month, birth_ym))
 
 
-#: 国勢調査 世帯の家族類型, in the census order
-FAMILY_TYPES = ("単独", "夫婦のみ", "夫婦と子供", "ひとり親と子供", "三世代", "その他")
+#: 国勢調査 世帯の家族類型, in the census order (the code list the generator uses too)
+FAMILY_TYPES = tuple(HOUSEHOLD_TYPES)
 
 
 def _members(*relationships: str) -> str:
