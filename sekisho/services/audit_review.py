@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tornado import web
+from tornado.httpserver import HTTPServer
 
 from sekisho.audit import AuditError, to_csv
 from sekisho.instance import Instance
@@ -39,7 +40,8 @@ from sekisho.services.hubauth import (
     AUDIT_REVIEW_SCOPE,
     AUDIT_SERVICE,
     ServiceHandler,
-    run_service,
+    make_app,
+    serve,
     service_access_scope,
 )
 
@@ -413,11 +415,13 @@ def app_settings(instance: Instance, prefix: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    from sekisho.services.hubauth import service_environment
+    """Entry point of the managed service (``python -m sekisho.services.audit_review``)."""
+    def start(instance: Instance, env: dict[str, str], address: str, port: int) -> None:
+        app = make_app(env["name"], ROUTES, instance=instance, prefix=env["prefix"],
+                       **app_settings(instance, env["prefix"]))
+        HTTPServer(app, xheaders=True).listen(port, address)
 
-    env = service_environment(AUDIT_SERVICE)
-    instance = Instance.open(env["home"] or None)
-    run_service(AUDIT_SERVICE, ROUTES, **app_settings(instance, env["prefix"]))
+    serve(AUDIT_SERVICE, start)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,14 @@ from datetime import date, datetime, time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable
-from urllib.parse import urlparse
 
 import pyarrow as pa
 from tornado import web
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 
-from sekisho.instance import Instance, drop_to_service_account
+from sekisho.instance import Instance
 from sekisho.resources import resource_dir
-from sekisho.services.hubauth import GUARD_SERVICE, ServiceHandler, make_app, service_environment
+from sekisho.services.hubauth import GUARD_SERVICE, ServiceHandler, make_app, serve
 
 log = logging.getLogger("sekisho.services.guard")
 
@@ -529,16 +527,8 @@ class GuardService:
 
 def main() -> None:
     """Entry point of the managed service (``python -m sekisho.services.guard``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    drop_to_service_account()
-    env = service_environment(GUARD_SERVICE)
-    instance = Instance.open(env["home"] or None)
-    service = GuardService(instance, prefix=env["prefix"], service_name=env["name"])
-    url = urlparse(env["url"])
-    service.listen(url.port or 80, url.hostname or "127.0.0.1")
-    log.info("guard service for %s listening on %s (prefix %s, pid %d)",
-             instance.home, env["url"], env["prefix"], os.getpid())
-    IOLoop.current().start()
+    serve(GUARD_SERVICE, lambda instance, env, address, port: GuardService(
+        instance, prefix=env["prefix"], service_name=env["name"]).listen(port, address))
 
 
 if __name__ == "__main__":

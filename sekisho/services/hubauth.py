@@ -40,7 +40,7 @@ import json
 import logging
 import os
 import secrets
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlparse
@@ -49,7 +49,7 @@ from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuth
 from jupyterhub.utils import url_path_join
 from tornado import httpserver, ioloop, web
 
-from sekisho.instance import Instance
+from sekisho.instance import Instance, drop_to_service_account
 from sekisho.state import role_of
 
 log = logging.getLogger("sekisho.services")
@@ -265,18 +265,28 @@ def service_environment(service: str | None = None) -> dict[str, str]:
     }
 
 
-def run_service(service: str, routes: Sequence[Route], **settings: Any) -> None:
-    """Start ``service`` as the hub configured it and serve until stopped."""
+def serve(service: str, start: Callable[[Instance, dict[str, str], str, int], Any]) -> None:
+    """Entry point shared by the managed services: log, run as the service account, open
+    the instance the hub named, let ``start(instance, env, address, port)`` listen on the
+    address the hub gave the service, and serve until stopped."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    drop_to_service_account()  # a no-op under the hub's `user: sekisho`; never serve as root
     env = service_environment(service)
     instance = Instance.open(env["home"] or None)
-    app = make_app(env["name"], routes, instance=instance, prefix=env["prefix"], **settings)
     url = urlparse(env["url"])
-    server = httpserver.HTTPServer(app, xheaders=True)
-    server.listen(url.port or 80, url.hostname or "127.0.0.1")
-    log.info("%s service listening on %s (prefix %s, instance %s)", env["name"], env["url"],
-             env["prefix"], instance.home)
+    start(instance, env, url.hostname or "127.0.0.1", url.port or 80)
+    log.info("%s service listening on %s (prefix %s, instance %s, pid %d)", env["name"], env["url"],
+             env["prefix"], instance.home, os.getpid())
     ioloop.IOLoop.current().start()
+
+
+def run_service(service: str, routes: Sequence[Route], **settings: Any) -> None:
+    """Serve ``routes`` as ``service`` (for services that are just an app)."""
+    def start(instance: Instance, env: dict[str, str], address: str, port: int) -> None:
+        app = make_app(env["name"], routes, instance=instance, prefix=env["prefix"], **settings)
+        httpserver.HTTPServer(app, xheaders=True).listen(port, address)
+
+    serve(service, start)
 
 
 def scopes_of(model: dict[str, Any]) -> set[str]:

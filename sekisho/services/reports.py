@@ -25,17 +25,16 @@ import logging
 import os
 from html import escape
 from http import HTTPStatus
-from urllib.parse import quote, urlparse
+from urllib.parse import quote
 
 from tornado import web
 from tornado.httpserver import HTTPServer
-from tornado.ioloop import IOLoop
 
-from sekisho.instance import Instance, drop_to_service_account
+from sekisho.instance import Instance
 from sekisho.reports.index import entries, read_index, report_file
 from sekisho.reports.periods import label_ja
 from sekisho.services.hubauth import (REPORTS_READ_SCOPE, REPORTS_SERVICE, ServiceHandler,
-                                      make_app, service_access_scope, service_environment)
+                                      make_app, serve, service_access_scope)
 
 log = logging.getLogger("sekisho.services.reports")
 
@@ -185,15 +184,8 @@ class ReportsService:
 
 def main() -> None:
     """Entry point of the managed service (``python -m sekisho.services.reports``)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    drop_to_service_account()
-    env = service_environment(REPORTS_SERVICE)
-    instance = Instance.open(env["home"] or None)
-    service = ReportsService(instance, prefix=env["prefix"], service_name=env["name"])
-    url = urlparse(env["url"])
-    service.listen(url.port or 80, url.hostname or "127.0.0.1")
-    log.info("reports service for %s listening on %s (prefix %s)", instance.home, env["url"], env["prefix"])
-    IOLoop.current().start()
+    serve(REPORTS_SERVICE, lambda instance, env, address, port: ReportsService(
+        instance, prefix=env["prefix"], service_name=env["name"]).listen(port, address))
 
 
 if __name__ == "__main__":
