@@ -8,8 +8,6 @@ those, so every assertion below is exact, not statistical."""
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import ibis
 import pytest
 
