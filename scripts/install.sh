@@ -39,9 +39,11 @@ if [ ! -x "$VENV/bin/python" ]; then
   /usr/bin/python3 -m venv "$VENV"
 fi
 chmod 755 "$(dirname "$VENV")" "$VENV"
+# pip's exit status decides (pipefail); the filter only drops notes about absent local mirrors
+pip_install() { "$VENV/bin/pip" install -q "$@" 2>&1 | { grep -v "is ignored" || true; }; }
 echo "==> pip install .${EXTRAS} into $VENV"
-"$VENV/bin/pip" install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-"$VENV/bin/pip" install -q ".${EXTRAS}" 2>&1 | grep -v "is ignored" || true
+pip_install --upgrade pip
+pip_install ".${EXTRAS}"
 # JupyterLab defaults for analysts: Japanese UI, nothing fetched from the internet
 install -D -m 644 extensions/jupyterlab/overrides.d/sekisho.json \
   "$VENV/share/jupyter/lab/settings/overrides.d/sekisho.json"
