@@ -18,9 +18,13 @@ fi
 # PAM for hub logins, sudo for stewards' uploads, Node for the hub's proxy,
 # chromium for browser tests and report checks (Debian's build; never a downloaded one).
 need=()
-for pkg in python3 python3-venv python3-dev libpam0g sudo nodejs npm chromium fonts-noto-cjk; do
+for pkg in python3 python3-venv python3-dev libpam0g sudo chromium fonts-noto-cjk; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
 done
+# Node.js may come from another packaging that bundles npm (and conflicts with Debian's
+# npm package): ask for the commands, not the package names
+command -v node >/dev/null || need+=(nodejs)
+command -v npm >/dev/null || need+=(npm)
 if [ ${#need[@]} -gt 0 ]; then
   echo "==> apt-get install ${need[*]}"
   apt-get update -qq
