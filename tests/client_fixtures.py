@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pytest
 from tornado import web
 from tornado.httpserver import HTTPServer
 
@@ -94,6 +95,14 @@ class HubApiDouble(_LoopThread):
         self.tokens[token] = {"kind": kind, "name": name, "scopes": scopes, "admin": False,
                               "groups": [], "roles": ["user"]}
         return token
+
+
+@pytest.fixture(scope="module")
+def hub_api():
+    """A stand-in hub answering /hub/api/user for the tokens a test registers."""
+    hub = HubApiDouble().start()
+    yield hub
+    hub.stop()
 
 
 @dataclass

@@ -13,9 +13,10 @@ import json
 from datetime import date, datetime, timedelta
 
 import pytest
-from jupyterhub.services.auth import HubOAuth
 from tornado.testing import AsyncHTTPTestCase
 
+from hubauth_doubles import FixedHubOAuth
+from hubauth_doubles import user_model as model
 from sekisho.instance import TOKYO, Instance
 from sekisho.services.audit_review import (
     ROUTES,
@@ -31,19 +32,6 @@ from sekisho.state import set_role
 
 PREFIX = "/services/audit/"
 ACCESS = "access:services!service=audit"
-
-
-class FixedHubOAuth(HubOAuth):
-    known: dict[str, dict] = {}
-
-    def user_for_token(self, token, use_cache=True, session_id="", *, sync=True):
-        async def lookup():
-            return self.known.get(token)
-        return lookup()
-
-
-def model(name, *scopes):
-    return {"kind": "user", "name": name, "scopes": list(scopes), "groups": []}
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,10 @@ import requests
 from sekisho.instance import Instance
 from sekisho.services.guard import ARROW_STREAM, SUMMARY_HEADER, GuardService, parse_query_request
 from sekisho.state import set_role
-from client_fixtures import (GUARD_SCOPE, FakeRefused, GuardDouble, HubApiDouble, ServiceThread,
+from client_fixtures import (GUARD_SCOPE, FakeRefused, GuardDouble, ServiceThread, hub_api,  # noqa: F401
                                    hub_oauth, json_body)
 
 GOOD = "tok-analyst-0001"
-
-
-@pytest.fixture(scope="module")
-def hub_api():
-    hub = HubApiDouble().start()
-    yield hub
-    hub.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,26 +10,16 @@ from __future__ import annotations
 import json
 
 import pytest
-from jupyterhub.services.auth import HubOAuth
 from tornado.testing import AsyncHTTPTestCase
 
+from hubauth_doubles import FixedHubOAuth
+from hubauth_doubles import user_model as user
 from sekisho.instance import Instance
 from sekisho.services.hubauth import ServiceHandler, make_app
 from sekisho.state import set_role
 
 SERVICE = "probe"
 ACCESS = f"access:services!service={SERVICE}"
-
-
-class FixedHubOAuth(HubOAuth):
-    """HubOAuth that knows a fixed set of tokens instead of asking a hub."""
-
-    known: dict[str, dict] = {}
-
-    def user_for_token(self, token, use_cache=True, session_id="", *, sync=True):
-        async def lookup():
-            return self.known.get(token)
-        return lookup()
 
 
 class WhoAmI(ServiceHandler):
@@ -54,10 +44,6 @@ class AdminsOnly(ServiceHandler):
 class Page(ServiceHandler):
     def get(self):
         self.write("page")
-
-
-def user(name, *scopes, kind="user"):
-    return {"kind": kind, "name": name, "scopes": list(scopes), "groups": []}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import json
 import pytest
 import requests
 
-from client_fixtures import HubApiDouble, _LoopThread, hub_oauth
+from client_fixtures import _LoopThread, hub_api, hub_oauth  # noqa: F401 (hub_api is a fixture)
 from sekisho.instance import Instance
 from sekisho.reports.index import write_index
 from sekisho.services.hubauth import REPORTS_READ_SCOPE
@@ -22,13 +22,6 @@ from sekisho.state import set_role
 ACCESS = "access:services!service=reports"
 READER = [ACCESS, REPORTS_READ_SCOPE]
 HTML = "<!doctype html><html><body><h1>人口</h1><script>1</script></body></html>"
-
-
-@pytest.fixture(scope="module")
-def hub_api():
-    hub = HubApiDouble().start()
-    yield hub
-    hub.stop()
 
 
 @pytest.fixture(scope="module")
