@@ -182,3 +182,176 @@ def test_cli_show_filters_exports_csv_and_is_itself_audited(instance: Instance) 
     assert last["type"] == "audit.read"
     assert last["details"]["filters"]["user"] == "steward3"
     assert instance.audit.verify().ok
+
+
+# ---- durability and the in-place head (the writer keeps its files open) -------------------
+
+def test_append_is_durable_fsync_on_the_log_before_append_returns(instance: Instance, monkeypatch) -> None:
+    synced: list[tuple[int, int]] = []  # (inode, size) of every file fsync'd
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size))
+
+    monkeypatch.setattr(os, "fsync", spy)
+    entry = instance.audit.append("query", user="tanaka", outcome="ok", details={"q": 1})
+    st = instance.audit.path.stat()
+    # the log itself, already holding the new entry, was fsync'd before append returned
+    assert (st.st_ino, st.st_size) in synced
+    assert lines(instance)[-1].startswith("{") and json.loads(lines(instance)[-1])["seq"] == entry["seq"]
+
+
+def test_failed_fsync_refuses_the_action_and_the_next_append_recovers(instance: Instance, monkeypatch) -> None:
+    from sekisho.audit import AuditError
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken)
+    with pytest.raises(AuditError):
+        instance.audit.append("query", user="tanaka", outcome="ok")
+    monkeypatch.undo()
+    instance.audit.append("query", user="tanaka", outcome="ok")
+    assert instance.audit.verify().ok
+
+
+def test_head_is_written_in_place_two_sealed_slots(instance: Instance) -> None:
+    from sekisho.audit import HEAD_SLOT
+
+    inode = instance.audit.head_path.stat().st_ino
+    for i in range(3):
+        instance.audit.append("query", user="tanaka", outcome="ok", details={"i": i})
+    assert instance.audit.head_path.stat().st_ino == inode   # no tmp file + rename per append
+    assert not (instance.audit.dir / "audit.head.tmp").exists()
+    raw = instance.audit.head_path.read_bytes()
+    assert len(raw) == 2 * HEAD_SLOT
+    seqs = sorted(int(raw[i * HEAD_SLOT:(i + 1) * HEAD_SLOT].split()[1]) for i in range(2))
+    assert seqs == [9, 10]  # the last head and the one before it
+    assert instance.audit.verify().ok
+
+
+def _tear_newest_head_slot(inst: Instance) -> None:
+    from sekisho.audit import HEAD_SLOT
+
+    seq = inst.audit.head()[0]
+    with open(inst.audit.head_path, "r+b") as f:
+        f.seek((seq % 2) * HEAD_SLOT + 40)
+        f.write(b"\x00garbage")
+
+
+def test_a_torn_head_slot_is_reported_and_falls_back_to_the_other_slot(instance: Instance) -> None:
+    _tear_newest_head_slot(instance)
+    found = kinds(instance)
+    assert found == [(0, "malformed")]  # the torn slot is reported; the log itself is intact
+    # the previous head (seq 6) still guards the end of the log: cutting entries below it is found
+    rewrite(instance, lines(instance)[:-2])
+    result = instance.audit.verify()
+    assert any(p.kind == "deleted" and "head records seq 6" in p.message for p in result.problems)
+
+
+def test_a_new_writer_repairs_a_torn_head_slot(instance: Instance) -> None:
+    from sekisho.audit import AuditLog
+
+    _tear_newest_head_slot(instance)
+    fresh = AuditLog(instance.audit.dir, key=instance.audit_key)   # e.g. the service after a power cut
+    fresh.append("query", user="tanaka", outcome="ok")
+    assert fresh.verify().ok
+
+
+def test_forged_head_slot_is_found(instance: Instance) -> None:
+    from sekisho.audit import HEAD_SLOT, _head_slot
+
+    seq, digest = instance.audit.head()
+    with open(instance.audit.head_path, "r+b") as f:  # an intact slot, but sealed without the key
+        f.seek(((seq + 1) % 2) * HEAD_SLOT)
+        f.write(_head_slot(seq + 1, digest, "0" * 64))
+    assert (0, "forged") in kinds(instance)
+
+
+def test_old_single_line_head_is_read_and_converted(instance: Instance) -> None:
+    seq, digest = instance.audit.head()
+    mac = instance.audit._mac(f"{seq}:{digest}")
+    instance.audit.head_path.write_text(f"{seq} {digest} {mac}\n")
+    assert instance.audit.verify().ok
+    rewrite(instance, lines(instance)[:-1])
+    assert any(k == "deleted" for _, k in kinds(instance))     # still guards the end of the log
+    instance.audit.head_path.write_text(f"{seq - 1} {digest} {'0' * 64}\n")
+    assert (0, "forged") in kinds(instance)
+    instance.audit.append("query", user="tanaka", outcome="ok")  # converted to the slot format
+    assert instance.audit.verify().ok
+    assert instance.audit.head_path.read_bytes().startswith(b"sekisho-audit-head/2 ")
+
+
+def test_missing_head_is_deleted(instance: Instance) -> None:
+    instance.audit.head_path.unlink()
+    assert (0, "deleted") in kinds(instance)
+    instance.audit.append("query", user="tanaka", outcome="ok")   # the writer recreates it
+    assert instance.audit.verify().ok
+
+
+def test_writer_follows_a_replaced_log_file(instance: Instance) -> None:
+    # the writer keeps the log open; a log replaced at its path (restored, rotated) is reopened
+    path = instance.audit.path
+    copy = path.with_name("copy.jsonl")
+    copy.write_bytes(path.read_bytes())
+    os.replace(copy, path)
+    instance.audit.append("query", user="tanaka", outcome="ok")
+    assert [e["seq"] for e in instance.audit.entries()] == list(range(1, 9))
+    assert instance.audit.verify().ok
+    # a lock file removed meanwhile is recreated: writers never lock two different files
+    instance.audit.lock_path.unlink()
+    instance.audit.append("query", user="tanaka", outcome="ok")
+    assert instance.audit.lock_path.exists()
+    assert instance.audit.verify().ok
+
+
+def test_two_writers_in_one_process_interleave_on_one_chain(instance: Instance) -> None:
+    from sekisho.audit import AuditLog
+
+    other = AuditLog(instance.audit.dir, key=instance.audit_key)   # stands for another process
+    for i in range(5):
+        instance.audit.append("query", user="a", outcome="ok", details={"i": i})
+        other.append("query", user="b", outcome="ok", details={"i": i})
+    seqs = [e["seq"] for e in instance.audit.entries()]
+    assert seqs == list(range(1, 18))
+    assert instance.audit.verify().ok
+
+
+def test_threads_share_one_writer_without_forking_the_chain(instance: Instance) -> None:
+    import threading
+
+    def work(w: int) -> None:
+        for i in range(40):
+            instance.audit.append("query", user=f"t{w}", outcome="ok", details={"i": i})
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    result = instance.audit.verify()
+    assert result.ok, result.problems
+    assert result.entries == 7 + 4 * 40
+
+
+def _hammer_inherited(inst: Instance, worker: int, n: int) -> None:
+    for i in range(n):
+        inst.audit.append("query", user=f"f{worker}", outcome="ok", details={"i": i})
+
+
+def test_forked_writers_do_not_share_the_parents_lock(instance: Instance) -> None:
+    # the parent already holds its lock file open; forked children inherit the AuditLog
+    instance.audit.append("query", user="parent", outcome="ok")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_hammer_inherited, args=(instance, w, 40)) for w in range(3)]
+    for p in procs:
+        p.start()
+    _hammer_inherited(instance, 9, 40)
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    result = instance.audit.verify()
+    assert result.ok, result.problems
+    assert result.entries == 8 + 4 * 40
