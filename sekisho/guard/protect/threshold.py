@@ -52,6 +52,11 @@ class ProtectionStats:
     notes: list[str] = field(default_factory=list)
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or \
+        (hasattr(pa.types, "is_string_view") and pa.types.is_string_view(t))
+
+
 def cells_from_arrow(table: pa.Table) -> Cells:
     out = {}
     for name in table.column_names:
@@ -59,11 +64,17 @@ def cells_from_arrow(table: pa.Table) -> Cells:
         if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
             out[name] = col.to_numpy(zero_copy_only=False).astype(float) if col.null_count else \
                 col.to_numpy(zero_copy_only=False)
-        else:
+        elif _is_text(col.type):
+            out[name] = col.to_numpy(zero_copy_only=False).astype(object, copy=False)  # str, NULL as None
+        elif pa.types.is_nested(col.type):
             values = col.to_pylist()
             arr = np.empty(len(values), dtype=object)
             for i, v in enumerate(values):  # element-wise: lists must stay list objects
                 arr[i] = v
+            out[name] = arr
+        else:  # scalars (bool, date, decimal, ...) as Python objects
+            arr = np.empty(len(col), dtype=object)
+            arr[:] = col.to_pylist()
             out[name] = arr
     return out
 
@@ -87,7 +98,10 @@ def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
     values = cells[name]
     if values.dtype == object:
         values = np.array([0 if v is None else v for v in values], dtype=float)
-    return np.nan_to_num(values.astype(float), nan=0.0).astype(dtype)
+    out = values.astype(float)   # a copy (always through float, as callers have relied on)
+    if out.dtype.kind == "f" and not np.isfinite(out).all():
+        out = np.nan_to_num(out, nan=0.0, copy=False)   # NaN -> 0, +-inf -> the largest finite
+    return out if np.dtype(dtype) == out.dtype else out.astype(dtype)
 
 
 def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | None]:
@@ -101,6 +115,52 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
         n_grid *= len(d)
     if n_grid > MAX_DENSE_CELLS:
         return cells, None
+    if n_grid == 0:
+        return _densify_by_tuples(cells, domains)
+    keys = [f"__g{j}" for j in range(len(domains))]
+    n = size(cells)
+    # each key's position in its domain (dict lookups: the same equality as matching
+    # whole key tuples against the grid), then the row-major position on the grid
+    flat = np.zeros(n, dtype=np.int64)
+    inside = np.ones(n, dtype=bool)
+    for j, d in enumerate(domains):
+        lookup = {v: i for i, v in enumerate(d)}
+        if len(lookup) != len(d):   # repeated domain values: the grid has repeated keys
+            return _densify_by_tuples(cells, domains)
+        code = np.fromiter((lookup.get(v, -1) for v in cells[keys[j]].tolist()), dtype=np.int64, count=n) \
+            if n else np.zeros(0, dtype=np.int64)
+        inside &= code >= 0
+        flat = flat * len(d) + code
+    rows = np.flatnonzero(inside)
+    positions = np.full(n_grid, -1, dtype=np.int64)
+    positions[flat[rows]] = rows
+    found = positions >= 0
+    if int(found.sum()) != len(rows):   # two cells with one key: keep the old tie-break
+        return _densify_by_tuples(cells, domains)
+    dense: Cells = {}
+    inner = n_grid
+    for j, d in enumerate(domains):
+        inner //= len(d)
+        values = np.empty(len(d), dtype=object)
+        values[:] = list(d)
+        if inner > 1:
+            values = np.repeat(values, inner)
+        outer = n_grid // len(values)
+        dense[keys[j]] = np.tile(values, outer) if outer > 1 else values
+    for col, values in cells.items():
+        if col in keys:
+            continue
+        if values.dtype.kind in "iuf":
+            out = np.zeros(n_grid, dtype=values.dtype)
+        else:
+            out = np.empty(n_grid, dtype=object)
+        out[found] = values[positions[found]]
+        dense[col] = out
+    return dense, take(cells, ~inside) if n else cells
+
+
+def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells | None]:
+    """densify by matching key tuples one by one (repeated domain values or keys)."""
     keys = [f"__g{j}" for j in range(len(domains))]
     present = list(zip(*[cells[k].tolist() for k in keys])) if size(cells) else []
     index = {key: i for i, key in enumerate(present)}
@@ -129,6 +189,13 @@ def _nth(values, i: int) -> float:
     if isinstance(values, (list, tuple, np.ndarray)) and len(values) > i and values[i] is not None:
         return float(values[i])
     return 0.0
+
+
+def _tops(tops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The largest and second largest contributions of every cell (0 where absent)."""
+    n = len(tops)
+    return (np.fromiter((_nth(t, 0) for t in tops), dtype=float, count=n),
+            np.fromiter((_nth(t, 1) for t in tops), dtype=float, count=n))
 
 
 def nullable(values: np.ndarray, null: np.ndarray) -> np.ndarray:
@@ -166,9 +233,8 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
             continue
         sums = number(cells, f"__s{j}")
         nonnull = number(cells, f"__c{j}", np.int64)
-        tops = cells.get(f"__t{j}", np.full(len(n), None, dtype=object))
-        top1 = np.array([_nth(t, 0) for t in tops], dtype=float)
-        top2 = np.array([_nth(t, 1) for t in tops], dtype=float)
+        tops = cells.get(f"__t{j}")
+        top1, top2 = _tops(tops) if tops is not None else (np.zeros(len(n)), np.zeros(len(n)))
         total_abs = number(cells, f"__ta{j}") if f"__ta{j}" in cells else np.abs(sums)
         if agg.cls in ("sensitive_measure", "derived_sensitive"):
             dom = dominated(total_abs, top1, top2, nk_n=nk_n, nk_k=nk_k, p_percent=p_percent)
