@@ -118,6 +118,9 @@ class Role:
     can_review_audit: bool
     can_read_reports: bool
     can_start_server: bool
+    # threshold mode's condition-influence rule (disclosure.condition_influence) applies
+    # to this role's queries; off only for a service running reviewed, fixed queries
+    condition_influence: bool = True
 
 
 @dataclass(frozen=True)
@@ -164,6 +167,8 @@ class Disclosure:
     perturbation: Perturbation
     dp: DP
     alerts: Alerts
+    # threshold mode: every condition must change who is counted by >= k contributors
+    condition_influence: bool = True
 
 
 @dataclass(frozen=True)
@@ -484,7 +489,7 @@ def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
             raise c.fail(key, f"unknown role (expected one of {', '.join(ROLE_NAMES)})")
         spec = c.mapping(spec, key, allowed={"views", "modes", "default_mode", "can_ingest",
                                              "can_review_audit", "can_read_reports",
-                                             "can_start_server"})
+                                             "can_start_server", "condition_influence"})
         vnode = spec.get("views", [])
         if vnode == "all":
             vs = tuple(views)
@@ -507,7 +512,9 @@ def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
             default = modes[0]
         flags = {f: c.boolean(spec.get(f, False), f"{key}.{f}")
                  for f in ("can_ingest", "can_review_audit", "can_read_reports", "can_start_server")}
-        out[name] = Role(name=name, views=vs, modes=modes, default_mode=default, **flags)
+        influence = c.boolean(spec.get("condition_influence", True), f"{key}.condition_influence")
+        out[name] = Role(name=name, views=vs, modes=modes, default_mode=default, condition_influence=influence,
+                         **flags)
     for required in ROLE_NAMES:
         if required not in out:
             raise c.fail(f"roles.{required}", "required role is missing")
@@ -515,7 +522,8 @@ def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
 
 
 def _disclosure(c: _Checker, node: Any) -> Disclosure:
-    node = c.mapping(node, "disclosure", allowed={"k", "dominance", "perturbation", "dp", "alerts"},
+    node = c.mapping(node, "disclosure", allowed={"k", "dominance", "perturbation", "dp", "alerts",
+                                                  "condition_influence"},
                      required={"k", "dominance", "perturbation", "dp", "alerts"})
     k = c.integer(node["k"], "disclosure.k", minimum=2)
     dom = c.mapping(node["dominance"], "disclosure.dominance", allowed={"nk_n", "nk_k", "p_percent"},
@@ -561,7 +569,9 @@ def _disclosure(c: _Checker, node: Any) -> Disclosure:
                   required={"bulk_cells_per_hour", "near_duplicate_burst", "near_duplicate_window_s",
                             "refusal_burst", "refusal_window_s"})
     alerts = Alerts(**{f: c.integer(a[f], f"{ak}.{f}", minimum=1) for f in a})
-    return Disclosure(k=k, dominance=dominance, perturbation=perturbation, dp=dp, alerts=alerts)
+    influence = c.boolean(node.get("condition_influence", True), "disclosure.condition_influence")
+    return Disclosure(k=k, dominance=dominance, perturbation=perturbation, dp=dp, alerts=alerts,
+                      condition_influence=influence)
 
 
 def _purposes(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, str]:

@@ -63,8 +63,12 @@ def padding(chome: str) -> str:
 def differencing_attack(guard, inst, user="ana", **mode):
     """The attacker knows each target's chome and age (unique) and wants the target's sex."""
     hits = raw_hits = total = female_hidden = 0
+    diffs = []
     for chome, age, sex in unique_targets(inst):
-        p = f"chome_code IN {padding(chome)} AND sex = '女'"
+        # P: all women; the target is excluded by what the attacker knows (chome and age).
+        # (A P holding just about k women of the target's chome would put the exclusion at
+        # the k boundary, where any noisy threshold leaks a little — see the guard's README.)
+        p = "sex = '女'"
         q1 = f"SELECT COUNT(*) AS n FROM residents WHERE {p}"
         q2 = f"SELECT COUNT(*) AS n FROM residents WHERE {p} AND NOT (chome_code = '{chome}' AND age = {age})"
         try:
@@ -73,27 +77,66 @@ def differencing_attack(guard, inst, user="ana", **mode):
             continue
         raw = truth(inst, q1.replace("AS n", ""))[0][0] - truth(inst, q2.replace("AS n", ""))[0][0]
         total += 1
+        diffs.append((diff, sex))
         hits += (diff >= 1) == (sex == "女")
         raw_hits += (raw >= 1) == (sex == "女")
         female_hidden += sex == "女" and diff == 0
-    return hits, raw_hits, total, female_hidden
+    return hits, raw_hits, total, female_hidden, diffs
 
 
-def test_differencing_is_blurred_by_perturbation(guard, inst):
-    """Threshold mode (consistent cell-key perturbation): the same contributors always get
-    the same answer, so when the target is *not* in P the two answers are equal; when the
-    target is in P they differ by 1 + (e1 - e2). The attack is therefore better than a
-    coin flip (about 0.8 expected with D=2, V=1) but not certain: some targets in P give
-    equal answers too. This is the documented residual risk of threshold mode; DP mode
-    (next test) is the defence for analyses that need it."""
-    before = len(list(inst.audit.entries(type="alert", user="ana")))
-    hits, raw_hits, total, female_hidden = differencing_attack(guard, inst)
-    alerts = list(inst.audit.entries(type="alert", user="ana"))[before:]
-    assert any(a["details"]["alert"] == "differencing" for a in alerts)  # flagged for review
+def test_differencing_one_person_reveals_nothing_in_threshold_mode(guard, inst):
+    """COUNT(P) - COUNT(P AND NOT <target>): the excluding condition changes who is counted
+    by one person (target in P) or nobody (target not in P) — fewer than k either way — so
+    the guard leaves it out and answers both queries alike (condition-influence rule). The
+    difference is 0 whatever the target's sex: the attacker learns nothing, and the answer
+    says which condition was not applied."""
+    hits, raw_hits, total, female_hidden, diffs = differencing_attack(guard, inst)
     assert total >= 30
     assert raw_hits == total                 # the attack is perfect on raw counts ...
-    assert hits / total < 0.95               # ... not through the guard
-    assert female_hidden >= 1                # a difference of 0 does not prove absence
+    assert {d for d, _ in diffs} == {0}      # ... through the guard the answers never differ
+    females = sum(sex == "女" for _, sex in diffs)
+    assert 0 < females < total               # both cases occur among the targets
+    assert hits == total - females           # so "guessing" is just the base rate
+    chome, age, _ = unique_targets(inst)[0]
+    r = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '女' "
+                    f"AND NOT (chome_code = '{chome}' AND age = {age})", user="ana")
+    assert r.summary["conditions_left_out"]
+    assert any("適用していません" in note for note in r.summary["notes_ja"])
+
+
+def test_grouping_out_one_person_reveals_nothing(guard, inst):
+    """The same attack through GROUP BY: a CASE that puts the target in a group of its own
+    leaves the complement group equal to P minus the target. The CASE condition changes
+    fewer than k persons, so it is left out: every person lands in the ELSE group, and the
+    complement equals the total whether or not the target is in P."""
+    equal = 0
+    targets = unique_targets(inst, limit=20)
+    for chome, age, _ in targets:
+        p = f"chome_code IN {padding(chome)}"
+        total = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE {p}")
+        rows = ask(guard, f"SELECT CASE WHEN chome_code = '{chome}' AND age = {age} THEN 't' ELSE 'rest' END AS g, "
+                          f"COUNT(*) AS n FROM residents WHERE {p} GROUP BY 1")
+        rest = {r["g"]: r["n"] for r in rows}["rest"]
+        equal += rest == total
+    assert equal == len(targets)
+
+
+def test_in_list_element_that_changes_one_person_is_left_out(guard, inst):
+    """x IN (a, b, c): each element is a condition of its own; an element that adds fewer
+    than k persons (here '100+': only the planted lone woman) is dropped, so the query
+    answers as without it."""
+    bands = "'20-24', '25-29', '30-34'"
+    without = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE age_band IN ({bands})")
+    with_extra = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE age_band IN ({bands}, '100+')", user="ana")
+    assert with_extra.table.to_pylist()[0]["n"] == without
+    assert any("'100+'" in c for c in with_extra.summary["conditions_left_out"])
+
+
+def test_conditions_that_change_many_persons_are_applied(guard, inst):
+    r = guard.query("SELECT COUNT(*) AS n FROM residents WHERE age >= 65 AND sex = '女'", user="ana")
+    assert r.summary["conditions_left_out"] == []
+    true_n = truth(inst, "SELECT COUNT(*) FROM residents WHERE age >= 65 AND sex = '女'")[0][0]
+    assert abs(r.table.to_pylist()[0]["n"] - true_n) <= guard.policy.disclosure.perturbation.max_noise
 
 
 def test_differencing_is_a_coin_flip_in_dp_mode(inst):
@@ -101,13 +144,16 @@ def test_differencing_is_a_coin_flip_in_dp_mode(inst):
 
     set_role(inst, "dp_attacker", "analyst")
     g = Guard(inst)
-    hits, raw_hits, total, _ = differencing_attack(g, inst, user="dp_attacker", mode="dp", epsilon=0.08)
+    hits, raw_hits, total, _, _ = differencing_attack(g, inst, user="dp_attacker", mode="dp", epsilon=0.08)
     assert raw_hits == total and total >= 30
     assert hits / total < 0.75
 
 
 # ---- trackers: pad a small set with a large one -----------------------------------------------
-def test_tracker_padding_estimates_are_noisy_and_raise_an_alert(guard, inst):
+def test_tracker_padding_reveals_nothing_and_raises_an_alert(guard, inst):
+    """Pad the lone target with a large tracker set, then subtract the tracker: the target's
+    conditions change who is counted by one person, so they are left out, and every
+    tracker estimates 0 for a true count of 1."""
     estimates = []
     target = "block = '家島' AND age_band = '100+'"  # the planted lone 100+ woman in 家島
     true_n = truth(inst, f"SELECT COUNT(*) FROM residents WHERE {target} AND sex = '女'")[0][0]
@@ -117,8 +163,8 @@ def test_tracker_padding_estimates_are_noisy_and_raise_an_alert(guard, inst):
         both = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE sex = '女' AND (({target}) OR {tracker})")
         pad = count(guard, f"SELECT COUNT(*) AS n FROM residents WHERE sex = '女' AND {tracker}")
         estimates.append(both - pad)
-    assert len(set(estimates)) >= 3                      # each tracker gives an independent noisy answer
-    assert sum(e == true_n for e in estimates) < len(estimates) * 0.6
+    assert true_n == 1
+    assert set(estimates) == {0}                         # the target never shows
     alerts = [e for e in inst.audit.entries(type="alert", user="ana") if e["details"]["alert"] == "near_duplicate"]
     assert alerts, "a burst of same-shape queries is flagged for review"
 

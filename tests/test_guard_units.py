@@ -235,9 +235,11 @@ def test_isolating_one_household_by_features_is_refused(city, guard):
     assert info.value.code == "filter_population_below_k"
 
 
-def test_tracker_through_unit_features_gets_only_consistent_noise(city, guard):
-    """Block total minus (block total without the target household): each answer is the
-    perturbed count of its own set of households, nothing more; repeating gives the same."""
+def test_tracker_through_unit_features_reveals_nothing(city, guard):
+    """Block total minus (block total without the target household): the excluding
+    conditions change who is counted by one household, fewer than k, so they are left
+    out and both queries get the same answer — the perturbed count of the block's
+    households — repeatedly."""
     block, members, oldest, youngest = _unique_household(city)
     unit = (f"(SELECT household_id, {FEATURES} FROM residents WHERE {resident_at(MONTH)} "
             f"GROUP BY household_id) AS h")
@@ -245,11 +247,13 @@ def test_tracker_through_unit_features_gets_only_consistent_noise(city, guard):
     with_target = f"SELECT COUNT(*) AS n FROM {unit} WHERE block = '{block}'"
     without = f"SELECT COUNT(*) AS n FROM {unit} WHERE block = '{block}' AND NOT {target}"
     feats = "MIN(block) AS block, COUNT(*) AS members, MIN(birth_ym) AS oldest, MAX(birth_ym) AS youngest"
-    for sql, where in ((with_target, f"block = '{block}'"), (without, f"block = '{block}' AND NOT {target}")):
+    (n, ck), = unit_cells(city, feats, [], where=f"block = '{block}'").values()
+    expected_answer = int(guard.ptable.perturb_counts([ck], [n])[0])
+    for sql in (with_target, without):
         answers = {guard.query(sql, user=city.analyst).table.to_pylist()[0]["n"] for _ in range(3)}
-        (n, ck), = unit_cells(city, feats, [], where=where).values()
-        assert answers == {int(guard.ptable.perturb_counts([ck], [n])[0])}
-        assert abs(answers.pop() - n) <= guard.policy.disclosure.perturbation.max_noise
+        assert answers == {expected_answer}
+    left_out = guard.query(without, user=city.analyst).summary["conditions_left_out"]
+    assert all(any(f in c for c in left_out) for f in ("members", "oldest", "youngest"))
 
 
 def test_filter_population_is_counted_in_households(city, guard):

@@ -23,6 +23,47 @@ from sekisho.state import set_role
 pytestmark = pytest.mark.slow
 
 
+def guard_without_condition_influence(instance):
+    """The real guard with the policy's condition-influence rule off. The report notebooks
+    run as the ``reports`` role, which the policy exempts (fixed, reviewed queries); in
+    this 4,000-person city many of their conditions change fewer than k persons, so an
+    analyst with the rule on gets them left out (or the household-type query refused) —
+    tested in test_guard_attacks / test_guard_units and in
+    ``test_analyst_with_the_rule_is_told_what_was_left_out`` below. Here the point is
+    the path: kernel -> guard service -> the same protected figures."""
+    import dataclasses
+
+    from sekisho.guard import Guard
+    from sekisho.policy import load_instance_policy
+
+    policy = load_instance_policy(instance)
+    policy = dataclasses.replace(policy, disclosure=dataclasses.replace(policy.disclosure,
+                                                                        condition_influence=False))
+    return Guard(instance, policy=policy)
+
+
+def test_analyst_with_the_rule_is_told_what_was_left_out(published_city):
+    """With the rule on (the real policy), the analyst's households-by-size query at the
+    latest month: "registered by then" holds for everyone, so it changes nobody and is
+    left out — named in the notes — and the figures are those of the reports role."""
+    from sekisho.guard import Guard
+    from sekisho.reports.sql import households_at
+
+    set_role(published_city.instance, "suzuki", "analyst")
+    guard = Guard(published_city.instance)
+    month = published_city.extract.strftime("%Y-%m")
+    sql = f"SELECT members, COUNT(*) AS n FROM {households_at(month)} AS h GROUP BY members ORDER BY members"
+    try:
+        mine = guard.query(sql, user="suzuki")
+        reports = guard.query(sql, user="reports")
+    finally:
+        guard.close()
+    assert any(f"registered_ym\" <= '{month}'" in c for c in mine.summary["conditions_left_out"])
+    assert any("適用していません" in n for n in mine.summary["notes_ja"])
+    assert reports.summary["conditions_left_out"] == []
+    assert mine.table.to_pylist() == reports.table.to_pylist()
+
+
 @pytest.fixture(scope="module")
 def guard_service(published_city):
     instance = published_city.instance
@@ -31,7 +72,8 @@ def guard_service(published_city):
     hub = HubApiDouble().start()
     hub.add_token("tok-analyst-tanaka", "tanaka", [GUARD_SCOPE])
     hub.add_token("tok-manager-sato", "sato", [GUARD_SCOPE, "access:services!service=reports"])
-    service = GuardService(instance, hub_auth=hub_oauth(hub.api_url), workers=2)
+    service = GuardService(instance, hub_auth=hub_oauth(hub.api_url), workers=2,
+                           guard_factory=guard_without_condition_influence)
     thread = ServiceThread(service).start()
     yield thread
     thread.stop()

@@ -34,14 +34,26 @@ Decisions
 Residual risks (honest)
 -----------------------
 * Threshold mode uses *consistent* perturbation: the same contributors always get the same
-  answer. Two queries whose populations differ by one person therefore give equal answers
-  when the person is absent and usually different ones when present — a differencing pair
-  reveals membership with roughly 80 % accuracy (D=2, V=1). Each *different* padding set
-  (tracker) gives a fresh independent draw, so many trackers average out. Bursts of
-  same-shape queries raise ``near_duplicate`` alerts for review; DP mode is the defence
-  when such analyses must be allowed.
-* Identical populations give identical answers, so a condition that removes nobody is
-  visible as "no change" (e.g. an empty age in cumulative counts differences to 0).
+  answer, so two queries whose populations differ by one person would give equal answers
+  when the person is absent and usually different ones when present. The
+  *condition-influence rule* (``sekisho.guard.influence``; policy
+  ``disclosure.condition_influence``) closes the neighbouring-query form of this: every
+  leaf condition (WHERE, JOIN ON, CASE/IF, each IN element, each BETWEEN bound) is
+  replaced by TRUE and by FALSE, and a condition whose neighbour changes who is counted
+  by fewer than k contributors (perturbed count; "nobody" included) is *left out* — the
+  query is answered as that neighbour, the summary and the audit name the condition.
+  ``COUNT(P)`` and ``COUNT(P AND NOT <target>)`` therefore get the same answer whether or
+  not the target is in P; the same holds for a CASE group isolating the target and for
+  an IN element adding one person. Conditions are left out one per round (several at
+  once when that changes fewer than k together), up to 8 rounds, else the query is
+  refused (``condition_influence_below_k``). First run of a new query costs one extra
+  scan per round; the verdict is cached per snapshot.
+  Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
+  trackers across queries that no single-query rule sees; such bursts raise
+  ``near_duplicate``/``differencing`` alerts for review, and DP mode is the defence.
+  Decisions near k leak as any noisy threshold does: a condition changing about k
+  persons may be left out for one population and kept for one differing by a person.
+  The policy exempts the ``reports`` role (reviewed notebooks, fixed queries).
 * A refusal for a small filtered population is decided on a perturbed count, but a run
   of refusals/answers over shifting filters still carries information at the ±D level.
 * Execution errors raised while reading rows (conversion, overflow) are reported without

@@ -68,6 +68,10 @@ REASONS: dict[str, tuple[str, str]] = {
     "budget_exhausted": ("今期のプライバシー予算が足りません", "the privacy budget for this period is exhausted"),
     "filter_population_below_k": ("条件に該当する人数が少なすぎるため集計できません",
                                   "the population selected by the filters is too small to report"),
+    "condition_influence_below_k": ("この条件で対象者がほとんど変わらない（変化が最小度数未満。変化なしを含む）ため集計できません。"
+                                    "条件を外すか、広げてください",
+                                    "this condition changes who is counted by fewer than the minimum number of "
+                                    "persons (or by nobody); remove it or widen it"),
     "reserved_name": ("__ で始まる名前は予約されています", "names starting with __ are reserved by the guard"),
     "unsupported_query": ("この SQL は扱えません", "the guard cannot analyse this query"),
     "too_complex": ("SQL が複雑すぎます", "the query is too complex"),

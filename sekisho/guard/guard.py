@@ -15,6 +15,7 @@ row per person or not) that the policy's description of the view already states.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 import time
@@ -30,9 +31,10 @@ from sekisho.audit import AuditError
 from sekisho.guard import alerts as alert_rules
 from sekisho.guard import budget as ledger
 from sekisho.guard.analyze import analyze
-from sekisho.guard.catalog import Catalog, catalog_for_role
+from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog, catalog_for_role
 from sekisho.guard.cells import Bounding, cells_sql, population_sql
 from sekisho.guard.errors import QueryRefused
+from sekisho.guard.influence import Variant, apply, batch, closest, influence_sql, is_flat, neighbourhood
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dp import DPParams, protect_dp
 from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, cells_from_arrow, number,
@@ -44,12 +46,16 @@ from sekisho.state import role_of
 from sekisho.store import Store, StoreError
 
 PLAN_CACHE_SIZE = 512
+INFLUENCE_CACHE_SIZE = 2048
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
 # (person-unique view; each unit bounded to one row and one cell), so adding or removing
 # them changes one unit's features — it leaves one cell and enters another: at most 2
 # cells change, each by 1 (L1 sensitivity 2), which calibrates both noise and selection.
 UNIT_DP_SENSITIVITY = 2
 MODES = ("threshold", "dp")
+MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence (one scan each)
+MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
+INFLUENCE_ROUNDS = 8   # leaving conditions out can make others small: re-checked up to this often
 
 
 @dataclass
@@ -123,6 +129,9 @@ class Guard:
         self._snapshot: _Snapshot | None = None
         self._catalogs: dict[tuple[str, str], Catalog] = {}
         self._plans: OrderedDict[tuple[str, str, str], Plan] = OrderedDict()
+        # (snapshot, row SQL) -> (row SQL to execute, conditions left out): a deterministic
+        # function of the snapshot (perturbed counts), so it is computed once
+        self._influence: OrderedDict[tuple[str, str], tuple[str, tuple[str, ...]] | QueryRefused] = OrderedDict()
 
     # ---- public API ------------------------------------------------------------
     def views(self, user: str) -> dict[str, Any]:
@@ -178,20 +187,24 @@ class Guard:
             fingerprint, views = plan.fingerprint, list(plan.views)
             if mode == "dp":
                 table, stats, eps_info = self._run_dp(plan, snap, catalog, user, eps)
+                left_out = []
             else:
-                table, stats = self._run_threshold(plan, snap, catalog)
+                table, stats, left_out = self._run_threshold(
+                    plan, snap, catalog, influence=self.policy.disclosure.condition_influence and
+                    role_def.condition_influence)
                 eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
         except QueryRefused as refusal:
             if fingerprint == "unparsed":
                 fingerprint = _best_effort_fingerprint(sql)
             self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
             raise
-        summary = self._summary(mode, table, stats, eps_info, plan)
+        summary = self._summary(mode, table, stats, eps_info, plan, left_out)
         details = {"sql": sql, "fingerprint": fingerprint, "normalized": plan.normalized_sql, "views": views,
                    "mode": mode, "decision": "allowed", "rows": table.num_rows,
                    "cells": summary["cells"], "cells_suppressed": summary["cells_suppressed"],
                    "values_suppressed_dominance": summary["values_suppressed_dominance"],
                    "rows_dropped_below_k": sum(s.rows_dropped for s in stats),
+                   "conditions_left_out": left_out,
                    "epsilon_spent": eps_info["epsilon_spent"],
                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
         if operator:
@@ -248,6 +261,7 @@ class Guard:
                 self._snapshot = _Snapshot(sid, backend)
                 self._catalogs.clear()
                 self._plans.clear()
+                self._influence.clear()
                 # the old connection stays open for queries already running on it
             return self._snapshot
 
@@ -300,21 +314,23 @@ class Guard:
     def _domains(self, bp: BoundaryPlan) -> list:
         return [k.domain for k in bp.group_keys]
 
-    def _run_threshold(self, plan: Plan, snap: _Snapshot, catalog: Catalog):
+    def _run_threshold(self, plan: Plan, snap: _Snapshot, catalog: Catalog, *, influence: bool = True):
         d = self.policy.disclosure
-        protected, stats = {}, []
+        protected, stats, conditions_left_out = {}, [], []
         for bp in plan.boundaries:
             fast = self._fast_path(bp, snap, catalog)
-            cells = self._fetch(snap, cells_sql(bp, person_unique=fast))
-            population = self._check_population(bp, snap, cells, fast) if bp.filtered else None
+            run, left_out = self._neutralise_conditions(bp, snap, catalog, fast) if influence else (bp, ())
+            cells = self._fetch(snap, cells_sql(run, person_unique=fast))
+            population = self._check_population(run, snap, cells, fast) if bp.filtered else None
             frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
             st.population = population
+            conditions_left_out += [c for c in left_out if c not in conditions_left_out]
             protected[bp.name] = self._to_arrow(frame, bp, snap)
             stats.append(st)
-        return self._post_process(plan, protected, snap, catalog), stats
+        return self._post_process(plan, protected, snap, catalog), stats, conditions_left_out
 
     def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> int:
         """Refuse when the filtered population is below k — on a perturbed count, so the
@@ -329,6 +345,87 @@ class Guard:
         if noisy < self.policy.disclosure.k:
             raise QueryRefused("filter_population_below_k")
         return n
+
+    def _neutralise_conditions(self, bp: BoundaryPlan, snap: _Snapshot, catalog: Catalog,
+                               fast: bool) -> tuple[BoundaryPlan, tuple[str, ...]]:
+        """Apply the condition-influence rule (``sekisho.guard.influence``): a condition
+        that changes who is counted by fewer than k contributors (perturbed count) is not
+        applied — the query is answered as its neighbour without it, whether the condition
+        changes nobody or one person, so the answer cannot tell the two apart. Returns the
+        boundary to execute and the conditions left out (for the summary and the audit)."""
+        key = (snap.id, bp.row_sql)
+        with self._lock:
+            verdict = self._influence.get(key)
+        if verdict is None:
+            try:
+                verdict = self._influence_verdict(bp, snap, catalog, fast)
+            except QueryRefused as refusal:
+                verdict = refusal
+            with self._lock:
+                self._influence[key] = verdict
+                while len(self._influence) > INFLUENCE_CACHE_SIZE:
+                    self._influence.popitem(last=False)
+        if isinstance(verdict, QueryRefused):
+            raise QueryRefused(verdict.code, part=verdict.part)
+        row_sql, left_out = verdict
+        if not left_out:
+            return bp, ()
+        return dataclasses.replace(bp, row_sql=row_sql), left_out
+
+    def _influence_verdict(self, bp: BoundaryPlan, snap: _Snapshot, catalog: Catalog,
+                           fast: bool) -> tuple[str, tuple[str, ...]]:
+        identifiers = frozenset(c.name for v in catalog.views.values() for c in v.columns.values()
+                                if c.cls in IDENTIFIER_CLASSES)
+        columns = [f"__g{j}" for j in range(len(bp.group_keys))] + \
+            [f"__a{j}" for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+        k = self.policy.disclosure.k
+        row_sql, left_out = bp.row_sql, []
+        pending = None   # (query before the last batch, its closest single choice, left_out before)
+        for round_ in range(INFLUENCE_ROUNDS + 1):
+            base, neighbours = neighbourhood(row_sql, identifiers)
+            compared = list(neighbours)
+            if pending is not None:
+                # how far the last batch moved the query: it must stay below k as well
+                compared.append(Variant(atom="", index=-1, action="drift", sql=pending[0]))
+            if not compared:
+                break
+            limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
+            if len(compared) > limit:
+                raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
+            sql = influence_sql(base, compared, columns, person_unique=fast and not bp.unit)
+            row = self._fetch(snap, sql)
+            n = [int(number(row, f"__n{i}", np.int64)[0]) for i in range(len(compared))]
+            ck = [int(number(row, f"__ck{i}", np.int64)[0]) for i in range(len(compared))]
+            noisy = [int(v) for v in self.ptable.perturb_counts(ck, n)]
+            if round_ == 0 and bp.filtered and any(v < k for v in noisy):
+                # a query that selects fewer than k is refused as such, before any condition
+                # is left out (which would otherwise widen it into an answer)
+                population = self.ptable.perturb_counts([int(number(row, "__ck", np.int64)[0])],
+                                                        [int(number(row, "__n", np.int64)[0])])[0]
+                if population < k:
+                    raise QueryRefused("filter_population_below_k")
+            if pending is not None:
+                before, single, left_before = pending
+                pending = None
+                if noisy.pop() >= k:
+                    # the batch changed too much together: leave out only the closest one
+                    row_sql, left_out = apply(before, single), left_before + [v.atom for v in single]
+                    continue
+            small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
+            if not small:
+                break
+            if round_ == INFLUENCE_ROUNDS:
+                # still not stable after the rounds allowed: refuse rather than guess
+                raise QueryRefused("condition_influence_below_k", part=min(small, key=lambda o: o[1])[0].atom)
+            chosen = batch(small)
+            if len(chosen) > len(closest(small)):
+                pending = (base, closest(small), list(left_out))
+            row_sql = apply(base, chosen)
+            left_out += [v.atom for v in chosen if v.atom not in left_out]
+        else:
+            if pending is not None:
+                raise QueryRefused("condition_influence_below_k")
+        return (row_sql, tuple(left_out)) if left_out else (bp.row_sql, ())
 
     def _run_dp(self, plan: Plan, snap: _Snapshot, catalog: Catalog, user: str, eps: float):
         dp = self.policy.disclosure.dp
@@ -447,7 +544,8 @@ class Guard:
         return con
 
     # ---- reporting ------------------------------------------------------------------
-    def _summary(self, mode: str, table: pa.Table, stats: list[ProtectionStats], eps_info: dict, plan: Plan) -> dict:
+    def _summary(self, mode: str, table: pa.Table, stats: list[ProtectionStats], eps_info: dict, plan: Plan,
+                 conditions_left_out: list[str] = ()) -> dict:
         p = self.policy.disclosure.perturbation
         cells_suppressed = sum(s.cells_suppressed for s in stats)
         dominance = sum(s.values_suppressed_dominance for s in stats)
@@ -459,6 +557,9 @@ class Guard:
             if any(bp.unit for bp in plan.boundaries):
                 notes.append(f"世帯単位の集計では、{self.policy.disclosure.k}世帯未満のセルを秘匿しています。")
             notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
+            if conditions_left_out:
+                notes.append(f"対象者を{self.policy.disclosure.k}人以上変えない条件は適用していません"
+                             f"（差分による特定の防止）: {'; '.join(conditions_left_out)}")
             if dominance:
                 notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
             if any(not s.densified for s in stats) and any(bp.group_keys for bp in plan.boundaries):
@@ -478,6 +579,7 @@ class Guard:
             "epsilon_spent": eps_info["epsilon_spent"],
             "epsilon_remaining": eps_info["epsilon_remaining"],
             "query_id": None,
+            "conditions_left_out": list(conditions_left_out),
             "notes_ja": notes,
         }
 

@@ -1,0 +1,105 @@
+"""The condition-influence rule's parts (``sekisho.guard.influence``): which conditions
+are atoms, which neighbouring queries they give, and that both ways of counting the
+contributors a neighbour changes (one scan / general) agree with a direct count."""
+
+from __future__ import annotations
+
+import duckdb
+import pytest
+
+from sekisho.guard.influence import Variant, apply, atoms, batch, closest, influence_sql, is_flat, neighbourhood
+
+ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
+       'FROM "residents" AS "r" WHERE {where}')
+
+
+def atom_texts(sql: str) -> list[str]:
+    from sqlglot import parse_one
+
+    return [a.sql(dialect="duckdb") for a in atoms(parse_one(sql, dialect="duckdb"), frozenset({"household_id"}))]
+
+
+def test_atoms_are_the_leaf_conditions():
+    sql = ROW.format(where='"r"."age" >= 65 AND NOT ("r"."sex" = \'女\' OR "r"."is_current")')
+    assert atom_texts(sql) == ['"r"."age" >= 65', '"r"."sex" = \'女\'', '"r"."is_current"']
+
+
+def test_case_conditions_are_atoms_and_join_keys_and_identifiers_are_not():
+    sql = ('SELECT CASE WHEN "r"."age" >= 65 THEN \'a\' ELSE \'b\' END AS "__g0", "r"."person_id" AS "__pid", '
+           '"r"."_rkey" AS "__rkey" FROM "residents" AS "r" JOIN "areas" AS "a" ON "r"."chome_code" = '
+           '"a"."chome_code" AND "a"."block" <> \'家島\' WHERE NOT "r"."household_id" IS NULL')
+    assert atom_texts(sql) == ['"a"."block" <> \'家島\'', '"r"."age" >= 65']
+
+
+def test_in_elements_and_between_bounds_are_neighbours_of_their_own():
+    base, neighbours = neighbourhood(ROW.format(where='"r"."block" IN (\'家島\', \'安富\') AND "r"."age" '
+                                                      'BETWEEN 20 AND 39'))
+    actions = sorted(v.action for v in neighbours)
+    assert actions == ["drop:0", "drop:1", "false", "high", "low", "true"]
+    by = {v.action: v.sql for v in neighbours}
+    assert "IN ('安富')" in by["drop:0"] and "IN ('家島')" in by["drop:1"]
+    assert "BETWEEN" not in by["low"] and '"r"."age" <= 39' in by["low"]
+    assert '"r"."age" >= 20' in by["high"]
+
+
+def test_apply_combines_replacements_of_one_node():
+    base, neighbours = neighbourhood(ROW.format(where='"r"."block" IN (\'家島\', \'安富\', \'灘\')'))
+    drops = [v for v in neighbours if v.action in ("drop:0", "drop:2")]
+    assert "IN ('安富')" in apply(base, drops)
+    everything = [v for v in neighbours if v.action.startswith("drop:")]
+    assert apply(base, everything).endswith("WHERE FALSE")
+
+
+def test_closest_takes_one_condition_and_batch_one_per_condition():
+    a_true = Variant("a", 10, "true", "")
+    a_false = Variant("a", 10, "false", "")
+    b_false = Variant("b", 20, "false", "")
+    in_0, in_1 = Variant("x = 1", 30, "drop:0", ""), Variant("x = 2", 30, "drop:1", "")
+    small = [(a_true, 3), (a_false, 1), (b_false, 0), (in_0, 2), (in_1, 5)]
+    assert closest(small) == [b_false]
+    assert closest([(in_1, 5), (in_0, 2), (a_true, 4)]) == [in_0, in_1]   # all small elements of the IN
+    assert batch(small) == [a_false, b_false, in_0, in_1]
+
+
+@pytest.fixture(scope="module")
+def con():
+    c = duckdb.connect()
+    c.execute("CREATE TABLE residents AS SELECT 'p' || i AS person_id, i % 7 AS _rkey, "
+              "['家島', '安富', '灘'][1 + i % 3] AS block, i % 90 AS age, i % 2 = 0 AS is_current "
+              "FROM range(600) t(i)")
+    c.execute("CREATE TABLE moves AS SELECT 'p' || (i % 200) AS person_id, i % 5 AS _rkey, "
+              "['家島', '安富', '灘'][1 + i % 3] AS block, i % 90 AS age FROM range(600) t(i)")
+    return c
+
+
+def direct_counts(con, base: str, variant: str) -> int:
+    """Persons whose (cell, value) rows differ between the two row SELECTs, counted directly."""
+    def rows(sql):
+        out = {}
+        for pid, g in con.execute(f"SELECT __pid, __g0 FROM ({sql})").fetchall():
+            out.setdefault(pid, []).append(g)
+        return {p: sorted(map(str, v)) for p, v in out.items()}
+    a, b = rows(base), rows(variant)
+    return sum(1 for p in set(a) | set(b) if a.get(p) != b.get(p))
+
+
+@pytest.mark.parametrize("table, unique", [("residents", True), ("moves", False)])
+@pytest.mark.parametrize("where", [
+    '"r"."age" >= 80 AND "r"."block" IN (\'家島\', \'安富\')',
+    'NOT ("r"."age" = 33 AND "r"."block" = \'灘\') AND "r"."age" BETWEEN 10 AND 60',
+])
+def test_one_scan_and_general_counts_agree_with_a_direct_count(con, table, unique, where):
+    row = (f'SELECT CASE WHEN "r"."age" < 18 THEN \'child\' ELSE "r"."block" END AS "__g0", '
+           f'"r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" FROM "{table}" AS "r" WHERE {where}')
+    base, neighbours = neighbourhood(row)
+    assert is_flat(base)
+    flat = con.execute(influence_sql(base, neighbours, ["__g0"], person_unique=unique)).fetchone()
+    # the general form, forced by wrapping the row SELECT in a derived table with a GROUP BY
+    from sekisho.guard.influence import _influence_general
+    general = con.execute(_influence_general(base, neighbours, ["__g0"])).fetchone()
+    for i, v in enumerate(neighbours):
+        expected = direct_counts(con, base, v.sql)
+        assert flat[2 + 2 * i] == expected, v
+        assert general[2 + 2 * i] == expected, v
+    # and both count the query's own population alike
+    assert flat[0] == general[0] == con.execute(f"SELECT COUNT(DISTINCT __pid) FROM ({base})").fetchone()[0]
