@@ -491,10 +491,18 @@ class Guard:
         columns = []
         for f in schema:
             values = frame.get(f.name)
-            values = [None] * rows if values is None else values.tolist()
-            if pa.types.is_integer(f.type):
-                values = [None if v is None else int(v) for v in values]
-            columns.append(pa.array(values, type=f.type))
+            if values is None:
+                columns.append(pa.nulls(rows, type=f.type))
+            elif values.dtype != object:
+                columns.append(pa.array(values, type=f.type))   # numeric: straight from numpy
+            else:
+                try:
+                    columns.append(pa.array(values, type=f.type))   # object: None -> NULL
+                except (pa.ArrowInvalid, pa.ArrowTypeError):
+                    items = values.tolist()
+                    if pa.types.is_integer(f.type):
+                        items = [None if v is None else int(v) for v in items]
+                    columns.append(pa.array(items, type=f.type))
         return pa.Table.from_arrays(columns, schema=schema)
 
     def _empty_protected(self, bp: BoundaryPlan, snap: _Snapshot) -> pa.Table:
@@ -598,12 +606,9 @@ class Guard:
 
     def _alerts(self, user: str, role: str | None, fingerprint: str, *, refused: bool, cells: int,
                 populations: list[int] = ()) -> None:
-        found = alert_rules.record_and_check(self.instance, self.policy.disclosure.alerts, user=user,
-                                             fingerprint=fingerprint, refused=refused, cells=cells)
-        for population in populations:
-            found += alert_rules.record_population(self.instance, self.policy.disclosure.alerts, user=user,
-                                                   population=population, fingerprint=fingerprint,
-                                                   k=self.policy.disclosure.k)
+        found = alert_rules.record_request(self.instance, self.policy.disclosure.alerts, user=user,
+                                           fingerprint=fingerprint, refused=refused, cells=cells,
+                                           populations=populations, k=self.policy.disclosure.k)
         for alert in found:
             self.instance.audit.append("alert", user=user, role=role, outcome="ok",
                                        summary=f"guard alert: {alert['alert']}", details=alert)
