@@ -1,8 +1,9 @@
 """Guard overhead: the same grouped aggregates run raw on DuckDB and through the guard
 (threshold mode, plan cache warm, audit and alerts included), at 530k and 5M residents.
 Prints per-query medians, then each query's first run (cold: the guard's plan cache is
-empty, and both DuckDB connections run the statement for the first time) and, last, the
-median ratio guarded/raw (warm) at the smallest size (target <= 1.25 at 530k).
+empty, and both DuckDB connections run the statement for the first time; the first query
+on a view also pays the guard's one-off check that the view has one row per person) and,
+last, the median ratio guarded/raw (warm) at the smallest size (target <= 1.25 at 530k).
 
 The 5M city is the 530k city's store scaled up x10 (each resident copied with a new
 person_id and a fresh random record key) — synthesising and ingesting 5M persons takes
