@@ -78,7 +78,7 @@ def _traffic(seed: int, n: int):
             now = float(int(now // 60) * 60)   # exactly on a minute boundary
         yield (rng.choice(["ana", "bob"]), rng.choice(["f1", "f2", "f3"]), rng.random() < 0.3,
                rng.choice([0, 10, 120, 400, 900]),
-               [rng.choice([100, 101, 103, 140, 500])] if rng.random() < 0.4 else [], now)
+               [rng.choice([100, 101, 103, 104, 105, 140, 500])] if rng.random() < 0.4 else [], now)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])

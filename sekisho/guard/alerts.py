@@ -16,8 +16,9 @@ An alert is raised when a counter first reaches its threshold inside the window 
 every later request), and audited as type ``alert``.
 
 Cost per request: one transaction (``record_request``) whose reads do not grow with the
-user's traffic: the near-duplicate and refusal counts are index range counts, and the
-cells of the last hour are per-minute sums (``guard_cells``, kept in step with
+user's traffic: the near-duplicate, refusal and close-population counts are index range
+counts (populations: the two ranges just below and above), and the cells of the last hour
+are per-minute sums (``guard_cells``, kept in step with
 ``guard_requests`` in the same transaction) plus the rows of the one minute the window
 starts in. Rows older than twice the longest window, which no counter reads, are purged
 (in whole minutes) at most once a minute per connection.
@@ -47,7 +48,9 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS guard_populations (
         id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
         population INTEGER NOT NULL, fingerprint TEXT NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS guard_populations_user_ts ON guard_populations(user, ts)",
+    # close populations are two index ranges (below and above), never the user's whole window
+    "CREATE INDEX IF NOT EXISTS guard_populations_user_pop_ts ON guard_populations(user, population, ts)",
+    "DROP INDEX IF EXISTS guard_populations_user_ts",
 )
 _COUNTERS = """SELECT
     (SELECT COUNT(*) FROM guard_requests WHERE user = ? AND fingerprint = ? AND ts > ?),
@@ -126,9 +129,13 @@ def _connect(instance: Instance) -> sqlite3.Connection:
 
 
 def _close_count(con: sqlite3.Connection, user: str, since: float, population: int, k: int) -> int:
+    """Recent populations of the user differing from ``population`` by 1..k-1
+    (|q - p| < k and q != p, as the two open ranges p-k < q < p and p < q < p+k)."""
     return con.execute(
-        "SELECT COUNT(*) FROM guard_populations WHERE user = ? AND ts > ? AND population <> ? "
-        "AND ABS(population - ?) < ?", (user, since, population, population, k)).fetchone()[0]
+        "SELECT (SELECT COUNT(*) FROM guard_populations WHERE user = ? AND population > ? AND population < ? "
+        "AND ts > ?) + (SELECT COUNT(*) FROM guard_populations WHERE user = ? AND population > ? "
+        "AND population < ? AND ts > ?)",
+        (user, population - k, population, since, user, population, population + k, since)).fetchone()[0]
 
 
 def _differencing(alerts, fingerprint: str) -> dict:
