@@ -414,3 +414,26 @@ def test_global_aggregate_below_k_is_one_null_row():
                                    table=PerturbationTable(b"k" * 32, max_noise=2, variance=1.0), min_count=3,
                                    nk_n=2, nk_k=0.9, p_percent=0.1)
     assert list(out["__v0"]) == [None] and stats.cells_suppressed == 1
+
+
+def test_integer_group_key_with_null_is_answered_and_audited(guard, inst):
+    """A NULL integer key (CASE without ELSE) reaches the protected table as NULL, not as a
+    conversion error; and any unexpected failure is a refusal that is audited."""
+    r = guard.query("SELECT CASE WHEN age >= 60 THEN age END AS a, COUNT(*) AS n FROM residents GROUP BY 1",
+                    user="ana")
+    rows = r.table.to_pylist()
+    assert any(row["a"] is None and row["n"] for row in rows)
+
+
+def test_unexpected_errors_are_refused_and_audited(inst, monkeypatch):
+    from sekisho.guard import Guard
+
+    g = Guard(inst)
+    monkeypatch.setattr(g, "_to_arrow", lambda *a, **k: (_ for _ in ()).throw(ValueError("value 1234 leaked")))
+    before = len(list(inst.audit.entries(type="query.refused")))
+    with pytest.raises(QueryRefused) as info:
+        g.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana")
+    assert info.value.code == "execution_failed" and "1234" not in str(info.value)
+    after = list(inst.audit.entries(type="query.refused"))
+    assert len(after) == before + 1 and after[-1]["details"]["code"] == "execution_failed"
+    g.close()

@@ -198,6 +198,16 @@ class Guard:
                 fingerprint = _best_effort_fingerprint(sql)
             self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
             raise
+        except AuditError:
+            raise
+        except Exception:
+            # fail closed and audited: an unexpected error releases nothing and is recorded
+            # as a refusal without its message (which could quote a data value)
+            refusal = QueryRefused("execution_failed")
+            if fingerprint == "unparsed":
+                fingerprint = _best_effort_fingerprint(sql)
+            self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
+            raise refusal from None
         summary = self._summary(mode, table, stats, eps_info, plan, left_out)
         details = {"sql": sql, "fingerprint": fingerprint, "normalized": plan.normalized_sql, "views": views,
                    "mode": mode, "decision": "allowed", "rows": table.num_rows,
@@ -494,7 +504,8 @@ class Guard:
             if values is None:
                 columns.append(pa.nulls(rows, type=f.type))
             elif values.dtype != object:
-                columns.append(pa.array(values, type=f.type))   # numeric: straight from numpy
+                # numeric, straight from numpy; NaN is how a NULL key arrives (cells_from_arrow)
+                columns.append(pa.array(values, type=f.type, from_pandas=True))
             else:
                 try:
                     columns.append(pa.array(values, type=f.type))   # object: None -> NULL
