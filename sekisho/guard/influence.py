@@ -31,6 +31,7 @@ from sqlglot.optimizer.merge_subqueries import merge_subqueries
 from sqlglot.optimizer.pushdown_projections import pushdown_projections
 
 from sekisho.guard.analyze import DIALECT
+from sekisho.guard.errors import QueryRefused
 
 PID, RKEY = "__pid", "__rkey"
 CONNECTIVES = (exp.And, exp.Or, exp.Not, exp.Paren, exp.Xor)
@@ -156,6 +157,9 @@ def apply(row_sql: str, chosen: list[Variant]) -> str:
     return tree.sql(dialect=DIALECT)
 
 
+MAX_ATOMS = 256   # more leaf conditions than this: refused as too complex (each costs neighbours)
+
+
 def neighbourhood(row_sql: str, identifiers: frozenset[str] = frozenset()) -> tuple[str, list[Variant]]:
     """The row-level SELECT (simple CASEs written as searched ones) and its neighbours:
     each atom replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound
@@ -172,7 +176,11 @@ def neighbourhood(row_sql: str, identifiers: frozenset[str] = frozenset()) -> tu
         if sql != original and sql not in out:
             out[sql] = Variant(atom=atom_sql, index=index, action=action, sql=sql)
 
-    for atom in atoms(tree, identifiers):
+    found = atoms(tree, identifiers)
+    weight = sum(len(a.expressions) + 1 if isinstance(a, exp.In) else 1 for a in found)
+    if weight > MAX_ATOMS:
+        raise QueryRefused("too_complex", part=f"{weight} conditions (at most {MAX_ATOMS})")
+    for atom in found:
         i = position[id(atom)]
         label = atom.sql(dialect=DIALECT)
         if isinstance(atom, exp.In) and atom.expressions and not atom.args.get("query"):
