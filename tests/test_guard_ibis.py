@@ -123,7 +123,8 @@ def test_dp_budget_is_spent_even_if_the_answer_fails(guard, city, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the debit")
     monkeypatch.setattr(guard_module, "protect_dp", crash)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(QueryRefused) as info:   # an unexpected failure is an audited refusal
         guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user=city.analyst, mode="dp",
                     epsilon=0.5)
+    assert info.value.code == "execution_failed" and "simulated" not in str(info.value)
     assert guard.budget(city.analyst)["spent"] == pytest.approx(before + 0.5)  # no refund
