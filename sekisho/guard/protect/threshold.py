@@ -14,7 +14,8 @@ Per cell (``__n`` true distinct persons, ``__ck`` cell key):
 Residual risks (honest): perturbation is bounded (±D, default 2), so a difference of two
 released counts still carries some signal about one person (differencing works
 statistically over many targets if the attacker can form many *different* contributing
-sets — each is a new independent draw); sums are protected by dominance and a noise of a
+sets — each is a new independent draw; pairs formed by adding or removing one condition
+are answered alike by the guard's condition-influence rule, ``sekisho.guard.influence``); sums are protected by dominance and a noise of a
 fraction of the largest contribution, which hides individual values but not small shifts
 of large totals; densification covers only keys with declared domains, so computed keys
 (CASE bands) leak the existence of groups with >= k persons only (not rare ones); a
