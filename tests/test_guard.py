@@ -356,18 +356,18 @@ def test_refusal_burst_raises_an_alert_that_survives_a_restart(inst):
 
 
 def test_bulk_volume_alert_from_counters(inst):
-    from sekisho.guard.alerts import record_and_check
+    from sekisho.guard.alerts import record_request
     from sekisho.policy import Alerts
 
     rules = Alerts(bulk_cells_per_hour=1000, near_duplicate_burst=10_000, near_duplicate_window_s=60,
                    refusal_burst=10_000, refusal_window_s=60)
     found = []
     for i in range(4):
-        found += record_and_check(inst, rules, user="bulky", fingerprint=f"f{i}", refused=False, cells=300,
-                                  now=1_000_000.0 + i)
+        found += record_request(inst, rules, user="bulky", fingerprint=f"f{i}", refused=False, cells=300,
+                                now=1_000_000.0 + i)
     assert [a["alert"] for a in found] == ["bulk"]       # raised once, when 1,000 cells are crossed
-    later = record_and_check(inst, rules, user="bulky", fingerprint="f9", refused=False, cells=300,
-                             now=1_000_000.0 + 7200)     # an hour later the window is empty again
+    later = record_request(inst, rules, user="bulky", fingerprint="f9", refused=False, cells=300,
+                           now=1_000_000.0 + 7200)     # an hour later the window is empty again
     assert later == []
 
 

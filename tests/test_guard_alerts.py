@@ -94,16 +94,6 @@ def test_alerts_match_the_definition_on_random_traffic(inst, seed) -> None:
     assert raised > 20   # the traffic does trigger every kind of alert now and then
 
 
-def test_the_two_step_calls_give_the_same_alerts(inst) -> None:
-    ref = Reference(RULES, k=5)
-    for user, fp, refused, cells, pops, now in _traffic(7, 400):
-        expected = ref.request(user, fp, refused, cells, pops, now)
-        got = al.record_and_check(inst, RULES, user=user, fingerprint=fp, refused=refused, cells=cells, now=now)
-        for p in pops:
-            got += al.record_population(inst, RULES, user=user, population=p, fingerprint=fp, k=5, now=now)
-        assert got == expected
-
-
 def test_one_transaction_per_request(inst) -> None:
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=1, now=T0)  # connect
     statements: list[str] = []

@@ -147,8 +147,7 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
                    now: float | None = None) -> list[dict]:
     """Record one request and the populations of its filtered parts, in one transaction;
     return the alerts it triggers (each a dict for the audit): the counter alerts, then
-    ``differencing`` for a population that forms the first close pair in the window.
-    The same as ``record_and_check`` followed by ``record_population`` per population."""
+    ``differencing`` for a population that forms the first close pair in the window."""
     now = time.time() if now is None else now
     populations = [int(p) for p in populations]
     if populations and k is None:
@@ -207,37 +206,3 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
         if close == 1:  # the first pair in the window; later ones are part of the same episode
             found.append(_differencing(alerts, fingerprint))
     return found
-
-
-def record_and_check(instance: Instance, alerts, *, user: str, fingerprint: str, refused: bool,
-                     cells: int, now: float | None = None) -> list[dict]:
-    """Record one request; return the alerts it triggers (each a dict for the audit)."""
-    return record_request(instance, alerts, user=user, fingerprint=fingerprint, refused=refused, cells=cells,
-                          now=now)
-
-
-def record_population(instance: Instance, alerts, *, user: str, population: int, fingerprint: str, k: int,
-                      now: float | None = None) -> list[dict]:
-    """Record the population of a filtered query; alert when a recent one differs by 1..k-1."""
-    now = time.time() if now is None else now
-    state = _state(instance)
-    con = state.con
-    purge = state.purge_due("guard_populations", now)
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        close = _close_count(con, user, now - alerts.near_duplicate_window_s, int(population), int(k))
-        con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint) VALUES (?, ?, ?, ?)",
-                    (user, now, int(population), fingerprint))
-        if purge:
-            con.execute("DELETE FROM guard_populations WHERE ts < ?",
-                        (now - 2 * max(3600, alerts.near_duplicate_window_s),))
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    if purge:
-        state.purged_at["guard_populations"] = now
-    if close == 1:  # the first pair in the window; later ones are part of the same episode
-        return [_differencing(alerts, fingerprint)]
-    return []
