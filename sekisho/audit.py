@@ -22,7 +22,9 @@ Each line of ``audit.jsonl`` is a JSON object::
 
 Writers take an exclusive ``flock`` on ``audit.lock``: several processes (CLI, hub,
 guard service, reports service) append concurrently without forking the chain. An entry
-is written and fsync'd before ``append`` returns. A writer keeps the lock, log and head
+is written and fsync'd before ``append`` returns (``durable=False``: written, chained and
+sealed, fsync'd by ``sync`` or the next durable append, the head moved only then — used for
+an outcome whose request already has a durable entry). A writer keeps the lock, log and head
 files open between appends, reopening any that was replaced or removed at its path
 (checked by inode under the lock), and remembers the last seq and hash it wrote for as
 long as the log's size and mtime show nobody else appended; forked children open their
@@ -171,9 +173,17 @@ class AuditLog:
         self._head: _Handle | None = None
         # (size, mtime_ns) of the log after our last append, and its last seq and hash
         self._tail_state: tuple[int, int, int, str] | None = None
+        # (seq, hash, prev) of the last entry written with durable=False and not yet fsync'd
+        self._unsynced: tuple[int, str, str] | None = None
         self._dir_ready = False
 
     def _close_handles(self) -> None:
+        if self._log is not None and getattr(self, "_unsynced", None) is not None:
+            try:
+                os.fsync(self._log.fd)   # entries written with durable=False
+                self._unsynced = None
+            except OSError:
+                pass
         for handle in (self._lock, self._log, self._head):
             if handle is not None:
                 try:
@@ -262,6 +272,9 @@ class AuditLog:
         except FileNotFoundError:
             st = None
         if self._log is not None and (st is None or not self._log.same_file(st)):
+            if self._unsynced is not None:
+                os.fsync(self._log.fd)   # entries written to the file being replaced
+                self._unsynced = None
             os.close(self._log.fd)
             self._log = None
             self._tail_state = None
@@ -273,12 +286,18 @@ class AuditLog:
         return self._log, st
 
     def append(self, type: str, *, user: str, outcome: str, role: str | None = None,
-               summary: str = "", details: dict[str, Any] | None = None) -> dict[str, Any]:
+               summary: str = "", details: dict[str, Any] | None = None,
+               durable: bool = True) -> dict[str, Any]:
         """Append one event and return it (with its seq and hash) once it is durable
         (written and fsync'd).
 
-        Raises AuditError when the entry cannot be made durable; callers treat that
-        as a refusal of the action being recorded (fail closed).
+        ``durable=False`` returns once the entry is written (readable by every process,
+        chained and sealed) but before the fsync; ``sync`` (or any later durable append,
+        by any writer) makes it durable. Only for an entry whose action already has a
+        durable record of its own — the guard's query outcome, after its request entry.
+
+        Raises AuditError when the entry cannot be written (made durable); callers
+        treat that as a refusal of the action being recorded (fail closed).
         """
         try:
             with self._locked():
@@ -296,10 +315,30 @@ class AuditLog:
                                             details=torn)
                 entry_seq, entry_hash_ = self._write(log.fd, seq, prev, type, user=user, role=role,
                                                      outcome=outcome, summary=summary,
-                                                     details=details or {})
+                                                     details=details or {}, durable=durable)
                 return {"seq": entry_seq, "hash": entry_hash_, "type": type}
         except OSError as exc:
             raise AuditError(f"cannot write the audit log at {self.path}: {exc}") from exc
+
+    def sync(self) -> None:
+        """Make the entries this process appended with ``durable=False`` durable, and
+        record the head if the last of them is still the log's last entry."""
+        if self._unsynced is None:
+            return
+        try:
+            with self._locked():
+                pending = self._unsynced
+                if pending is None:
+                    return   # a durable append made them durable meanwhile
+                log, st = self._log_handle()
+                os.fsync(log.fd)
+                self._unsynced = None
+                cached = self._tail_state
+                if cached is not None and cached[2] == pending[0] and cached[0] == st.st_size \
+                        and cached[1] == st.st_mtime_ns:
+                    self._write_head(*pending)
+        except OSError as exc:
+            raise AuditError(f"cannot make the audit log at {self.path} durable: {exc}") from exc
 
     @staticmethod
     def _cut_torn_tail(fd: int, end: int) -> dict[str, Any]:
@@ -310,7 +349,7 @@ class AuditLog:
         return {"bytes": len(torn), "sha256": hashlib.sha256(torn).hexdigest()}
 
     def _write(self, fd: int, seq: int, prev: str, type: str, *, user: str, role: str | None,
-               outcome: str, summary: str, details: dict[str, Any]) -> tuple[int, str]:
+               outcome: str, summary: str, details: dict[str, Any], durable: bool = True) -> tuple[int, str]:
         entry: dict[str, Any] = {
             "seq": seq + 1,
             "ts": now_tokyo().isoformat(timespec="milliseconds"),
@@ -328,7 +367,14 @@ class AuditLog:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
+        if not durable:
+            st = os.fstat(fd)
+            self._tail_state = (st.st_size, st.st_mtime_ns, entry["seq"], entry["hash"])
+            # the head must never be ahead of what is durable: it is recorded by sync()
+            self._unsynced = (entry["seq"], entry["hash"], prev)
+            return entry["seq"], entry["hash"]
         os.fsync(fd)   # durable before append returns: the caller releases the action only then
+        self._unsynced = None   # the fsync covered every earlier write too
         st = os.fstat(fd)
         self._tail_state = (st.st_size, st.st_mtime_ns, entry["seq"], entry["hash"])
         self._write_head(entry["seq"], entry["hash"], prev)

@@ -203,6 +203,41 @@ def test_append_is_durable_fsync_on_the_log_before_append_returns(instance: Inst
     assert lines(instance)[-1].startswith("{") and json.loads(lines(instance)[-1])["seq"] == entry["seq"]
 
 
+def test_a_not_yet_durable_entry_is_readable_and_sync_makes_it_durable_then_heads_it(
+        instance: Instance, monkeypatch) -> None:
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        real_fsync(fd)
+        st = os.fstat(fd)
+        synced.append((st.st_ino, st.st_size))
+
+    monkeypatch.setattr(os, "fsync", spy)
+    head_before = instance.audit._read_head().seq
+    entry = instance.audit.append("query", user="tanaka", outcome="ok", details={"q": 1}, durable=False)
+    st = instance.audit.path.stat()
+    assert (st.st_ino, st.st_size) not in synced                  # written, not yet fsync'd ...
+    assert json.loads(lines(instance)[-1])["seq"] == entry["seq"]  # ... but chained and readable
+    assert instance.audit._read_head().seq == head_before          # the head never runs ahead of the disk
+    assert instance.audit.verify().ok                              # a lagging head is accepted
+    instance.audit.sync()
+    assert (st.st_ino, st.st_size) in synced
+    assert instance.audit._read_head().seq == entry["seq"]
+    synced.clear()
+    instance.audit.sync()                                          # nothing pending: no fsync
+    assert synced == []
+
+
+def test_a_durable_append_also_makes_earlier_undurable_entries_durable(instance: Instance) -> None:
+    first = instance.audit.append("query", user="tanaka", outcome="ok", durable=False)
+    other = AuditLog(instance.audit.dir, key=instance.audit.key)   # another writer (e.g. the CLI)
+    second = other.append("login", user="sato", outcome="ok")
+    instance.audit.sync()   # its pending entry is no longer the tail: the other writer's head stands
+    assert instance.audit._read_head().seq == second["seq"] > first["seq"]
+    assert instance.audit.verify().ok
+
+
 def test_failed_fsync_refuses_the_action_and_the_next_append_recovers(instance: Instance, monkeypatch) -> None:
     from sekisho.audit import AuditError
 
