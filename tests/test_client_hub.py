@@ -292,10 +292,14 @@ def test_guard_service_killed_mid_load_is_restarted_by_the_hub_and_loses_nothing
     assert new_pid != pid
     verify = inst.audit.verify()
     assert verify.ok, [str(p) for p in verify.problems]
-    entries = {e["seq"]: e for e in inst.audit.entries(type="query") if e["seq"] > seq_before}
+    audited = [e for e in inst.audit.entries(type="query") if e["seq"] > seq_before]
+    entries = {e["seq"]: e for e in audited if e["type"] == "query"}
+    requests_ = {e["seq"]: e for e in audited if e["type"] == "query.request"}
     ids = [s["query_id"] for s in answered]
     assert len(ids) == len(set(ids))
     assert all(i in entries and entries[i]["user"] == analyst.name for i in ids)
+    # every answer's request entry came first (durable before the answer left)
+    assert all(requests_[entries[i]["details"]["request"]]["user"] == analyst.name for i in ids)
     audited_dp = sum(e["details"]["epsilon_spent"] for e in entries.values()
                      if e["user"] == analyst.name and e["details"]["mode"] == "dp")
     spent = Guard(inst).budget(analyst.name)["spent"] - spent_before

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pyarrow as pa
 import pytest
@@ -19,6 +20,7 @@ from sekisho.guard.catalog import catalog_for_role
 from sekisho.guard.protect.cellkey import PerturbationTable, noise_distribution
 from sekisho.guard.protect.dominance import nk_fails, p_percent_fails
 from sekisho.policy import load_instance_policy
+from sekisho.store import Store
 
 
 @pytest.fixture(scope="module")
@@ -285,19 +287,52 @@ def test_every_request_is_audited(guard, inst):
     for key in ("sql", "fingerprint", "views", "mode", "decision", "rows", "cells", "cells_suppressed",
                 "epsilon_spent", "duration_ms"):
         assert key in d
+    # the request was recorded before the answer: who asked what of which snapshot
+    request = [e for e in inst.audit.entries(type="query.request") if e["seq"] == d["request"]][0]
+    assert request["seq"] < entry["seq"] and request["user"] == "ana" and request["role"] == "analyst"
+    assert request["details"]["sql"] == d["sql"] and request["details"]["fingerprint"] == d["fingerprint"]
+    assert request["details"]["snapshot"] == Store(inst).current_id()
     refused(guard, "SELECT MIN(age) FROM residents")
     last = list(inst.audit.entries(type="query.refused"))[-1]
     assert last["details"]["code"] == "aggregate_not_allowed" and last["outcome"] == "refused"
 
 
-def test_no_answer_when_audit_fails(inst, monkeypatch):
+@pytest.mark.parametrize("failing", ["query.request", "query"])
+def test_no_answer_when_audit_fails(inst, monkeypatch, failing):
+    """Neither the request entry (written while the query runs) nor the outcome entry
+    can fail without the answer being withheld."""
     g = Guard(inst)
+    append = inst.audit.append
 
-    def broken(*a, **k):
-        raise AuditError("disk full")
+    def broken(type, **k):
+        if type == failing:
+            raise AuditError("disk full")
+        return append(type, **k)
     monkeypatch.setattr(inst.audit, "append", broken)
     with pytest.raises(AuditError):
         g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+    g.close()
+
+
+def test_a_request_refused_while_running_is_recorded_before_its_refusal(inst):
+    g = Guard(inst)
+    with pytest.raises(QueryRefused) as info:
+        g.query("SELECT COUNT(*) AS n FROM residents WHERE block = '家島' AND age_band = '100+'", user="ana")
+    assert info.value.code == "filter_population_below_k"
+    tail = list(inst.audit.entries())[-2:]
+    assert [e["type"] for e in tail] == ["query.request", "query.refused"]
+    assert tail[0]["details"]["sql"] == tail[1]["details"]["sql"]
+    g.close()
+
+
+def test_the_outcome_entry_is_durable_and_sealed_by_the_head_after_flush(inst):
+    g = Guard(inst)
+    r = g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+    g.flush()   # the bookkeeping thread has fsync'd the outcome and recorded the head
+    head = inst.audit._read_head()
+    assert head.seq == r.summary["query_id"]
+    assert inst.audit.verify().ok
+    g.close()
 
 
 def test_near_duplicate_burst_raises_an_alert(inst):
@@ -305,10 +340,46 @@ def test_near_duplicate_burst_raises_an_alert(inst):
     policy = load_instance_policy(inst)
     burst = policy.disclosure.alerts.near_duplicate_burst
     before = len(list(inst.audit.entries(type="alert")))
+    earlier = len([e for e in inst.audit.entries(type="query", user="ana2") if e["type"] == "query"])
     for i in range(burst):
         g.query(f"SELECT COUNT(*) AS n FROM residents WHERE age >= {i}", user="ana2")
+    g.flush()   # alerts are evaluated on the guard's bookkeeping thread, after the answer
     alerts = list(inst.audit.entries(type="alert"))[before:]
-    assert any(a["details"]["alert"] == "near_duplicate" for a in alerts)
+    raised = [a for a in alerts if a["details"]["alert"] == "near_duplicate"]
+    assert len(raised) == 1
+    # the alert names the audit entry of the request that raised it: the burst-th query
+    trigger = [e for e in inst.audit.entries(type="query", user="ana2") if e["type"] == "query"][earlier + burst - 1]
+    assert raised[0]["details"]["raised_by"] == trigger["seq"] and raised[0]["seq"] > trigger["seq"]
+
+
+def test_alert_bookkeeping_failure_is_audited_and_the_answer_stands(inst, monkeypatch):
+    from sekisho.guard import alerts as alert_rules
+
+    def broken(*a, **k):
+        raise RuntimeError("database is locked")
+    monkeypatch.setattr(alert_rules, "record_request", broken)
+    g = Guard(inst)
+    result = g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+    g.close()   # drains the bookkeeping thread
+    failed = list(inst.audit.entries(type="alert.bookkeeping_failed"))[-1]
+    assert failed["details"] == {"raised_by": result.summary["query_id"], "error": "RuntimeError"}
+    assert failed["user"] == "ana" and failed["outcome"] == "failed"
+
+
+def test_close_finishes_pending_alert_bookkeeping(inst):
+    g = Guard(inst)
+    seen = []
+    original = g._record_request
+
+    def slow(**request):
+        time.sleep(0.2)
+        seen.append(request["fingerprint"])
+        return original(**request)
+    g._record_request = slow
+    g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
+    assert not seen                 # the answer did not wait for the bookkeeping ...
+    g.close()
+    assert len(seen) == 1           # ... and closing the guard waited for it
 
 
 # ---- describe -------------------------------------------------------------------------------
@@ -336,7 +407,7 @@ def test_cli_query_and_refusal(inst):
     dp = subprocess.run(base + ["--mode", "dp", "--epsilon", "0.1", "SELECT sex, COUNT(*) AS n FROM residents "
                                 "GROUP BY sex"], capture_output=True, text=True)
     assert dp.returncode == 0 and "ε spent: 0.1" in dp.stdout and "remaining" in dp.stdout
-    entry = list(inst.audit.entries(type="query"))[-1]
+    entry = [e for e in inst.audit.entries(type="query") if e["type"] == "query"][-1]
     assert entry["details"]["operator"] == "root" and entry["user"] == "ana"
 
 
@@ -347,10 +418,13 @@ def test_refusal_burst_raises_an_alert_that_survives_a_restart(inst):
     burst = load_instance_policy(inst).disclosure.alerts.refusal_burst
     half = burst // 2
     for i in range(half):
-        refused(Guard(inst), f"SELECT MIN(age) + {i} FROM residents", user="prober")
+        first = Guard(inst)
+        refused(first, f"SELECT MIN(age) + {i} FROM residents", user="prober")
+        first.close()
     g = Guard(inst)  # a restart: the counters live in state.sqlite
     for i in range(burst - half):
         refused(g, f"SELECT MAX(age) + {i} FROM residents", user="prober")
+    g.flush()
     alerts = [e for e in inst.audit.entries(type="alert", user="prober")]
     assert [a["details"]["alert"] for a in alerts] == ["refusals"]
 

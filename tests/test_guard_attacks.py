@@ -168,6 +168,7 @@ def test_tracker_padding_reveals_nothing_and_raises_an_alert(guard, inst):
         estimates.append(both - pad)
     assert true_n == 1
     assert set(estimates) == {0}                         # the target never shows
+    guard.flush()
     alerts = [e for e in inst.audit.entries(type="alert", user="ana") if e["details"]["alert"] == "near_duplicate"]
     assert alerts, "a burst of same-shape queries is flagged for review"
 

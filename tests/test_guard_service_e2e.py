@@ -228,12 +228,20 @@ def test_kill9_and_restart_mid_load_loses_nothing(inst, hub_api):
         assert sum(unanswered.values()) >= 1, "the kill did not interrupt any request"
         verify = inst.audit.verify()
         assert verify.ok, [str(p) for p in verify.problems]
-        entries = {e["seq"]: e for e in inst.audit.entries(type="query") if e["seq"] > seq_before}
+        audited = [e for e in inst.audit.entries(type="query") if e["seq"] > seq_before]
+        entries = {e["seq"]: e for e in audited if e["type"] == "query"}
+        requests_ = {e["seq"]: e for e in audited if e["type"] == "query.request"}
         ids = [a[1] for a in answered]
         assert len(ids) == len(set(ids)), "a query id was answered twice"
         for user, seq, mode, _ in answered:   # every answered query is in the audit log
             assert seq in entries and entries[seq]["user"] == user
             assert entries[seq]["details"]["mode"] == mode
+            request = requests_[entries[seq]["details"]["request"]]   # ... after its request entry
+            assert request["user"] == user and request["seq"] < seq
+            assert request["details"]["sql"] == entries[seq]["details"]["sql"]
+        # a request the kill interrupted is still on record: at least as many request
+        # entries as answers and refusals together
+        assert len(requests_) >= len(entries)
         for user in ("ana", "ana2"):
             audited_dp = sum(e["details"]["epsilon_spent"] for e in entries.values()
                              if e["user"] == user and e["details"]["mode"] == "dp")

@@ -4,7 +4,13 @@
 boundary row SELECTs and post-processing (``rewrite``) -> [DP: debit budget] -> cells on
 the store (``cells``) -> protection (``protect``) -> post-processing in a separate,
 sealed in-memory DuckDB holding only protected tables and public views -> audit ->
-answer. Any failure before the audit entry is durable releases nothing.
+answer. Audit: once the query is planned, its request entry (``query.request``: user,
+SQL, fingerprint, views, mode, snapshot) is made durable on a helper thread while the
+store executes it; the answer waits for it, then the outcome entry (``query``, linked by
+``request``) is written and the answer leaves, the outcome's fsync and the alert
+bookkeeping following on a second helper thread. Any failure before the request entry is
+durable and the outcome entry written releases nothing; a power cut can lose the outcome
+of the last answers, never their request.
 
 Side channels: refusal texts are fixed per code; execution errors of the store are
 reported as one generic refusal without the engine's message (which could quote a data
@@ -16,10 +22,14 @@ row per person or not) that the policy's description of the view already states.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import logging
 import math
+import os
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,7 +55,10 @@ from sekisho.policy import load_instance_policy
 from sekisho.state import role_of
 from sekisho.store import Store, StoreError
 
+log = logging.getLogger(__name__)
+
 PLAN_CACHE_SIZE = 512
+PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot
 INFLUENCE_CACHE_SIZE = 2048
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
 # (person-unique view; each unit bounded to one row and one cell), so adding or removing
@@ -75,6 +88,19 @@ def _best_effort_fingerprint(sql) -> str:
         return "raw:" + hashlib.sha256(repr(sql).encode()).hexdigest()[:16]
 
 
+def _settle(request: Future | None, *, quiet: bool = False) -> None:
+    """Wait for the request entry before recording how the request ended, so the two
+    stay in order; a request entry that could not be written is an AuditError (nothing
+    is answered), unless one is already being raised (``quiet``)."""
+    if request is None:
+        return
+    try:
+        request.result()
+    except AuditError:
+        if not quiet:
+            raise
+
+
 def _execution_refusal(exc: Exception) -> QueryRefused:
     """Binder errors are decided from the SQL and the schema before any row is read, so
     their message may be shown; anything raised while executing (conversion, overflow,
@@ -93,6 +119,8 @@ class _Snapshot:
         self.backend = backend
         self.con: duckdb.DuckDBPyConnection = backend.con
         self.lock = threading.Lock()
+        self._local = threading.local()   # this thread's cursor and its prepared statements
+        self._names = itertools.count()
         self.types: dict[str, dict[str, str]] = {}
         self.person_unique: dict[str, bool] = {}
         self.public: dict[str, pa.Table] = {}
@@ -102,6 +130,29 @@ class _Snapshot:
 
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
+
+    def execute_prepared(self, sql: str) -> pa.Table:
+        """Run guard-generated ``sql`` as a prepared statement of this thread's cursor, so
+        a query asked again skips DuckDB's parsing, binding and planning (the plan cache
+        one level down; the data is read every time). Only SQL the guard wrote itself,
+        from a cached plan, comes here."""
+        local = self._local
+        cur = getattr(local, "cursor", None)
+        if cur is None:
+            cur = local.cursor = self.con.cursor()
+            local.prepared = OrderedDict()
+        prepared: OrderedDict[str, str] = local.prepared
+        name = prepared.get(sql)
+        if name is None:
+            name = f"__sekisho_p{next(self._names)}"
+            cur.execute(f"PREPARE {name} AS {sql}")
+            prepared[sql] = name
+            while len(prepared) > PREPARED_PER_THREAD:
+                _, old = prepared.popitem(last=False)
+                cur.execute(f"DEALLOCATE {old}")
+        else:
+            prepared.move_to_end(sql)
+        return cur.execute(f"EXECUTE {name}").to_arrow_table()
 
     def is_person_unique(self, view: str, unit: str) -> bool:
         if view not in self.person_unique:
@@ -132,6 +183,9 @@ class Guard:
         # (snapshot, row SQL) -> (row SQL to execute, conditions left out): a deterministic
         # function of the snapshot (perturbed counts), so it is computed once
         self._influence: OrderedDict[tuple[str, str], tuple[str, tuple[str, ...]] | QueryRefused] = OrderedDict()
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pools_pid = os.getpid()
+        self._current_pointer: tuple[tuple, str | None] | None = None
 
     # ---- public API ------------------------------------------------------------
     def views(self, user: str) -> dict[str, Any]:
@@ -174,6 +228,7 @@ class Guard:
         role = None
         fingerprint = "unparsed"
         views: list[str] = []
+        request: Future | None = None   # the request's audit entry, made durable while the query runs
         try:
             role = self._role(user)
             role_def = self.policy.roles[role]
@@ -185,6 +240,7 @@ class Guard:
             catalog = self._catalog(role, snap)
             plan = self._plan(sql, role, catalog)
             fingerprint, views = plan.fingerprint, list(plan.views)
+            request = self._announce(user, role, sql, plan, mode, eps, snap, operator)
             if mode == "dp":
                 table, stats, eps_info = self._run_dp(plan, snap, catalog, user, eps)
                 left_out = []
@@ -193,14 +249,18 @@ class Guard:
                     plan, snap, catalog, influence=self.policy.disclosure.condition_influence and
                     role_def.condition_influence)
                 eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
+            request_seq = request.result()["seq"]   # durable before anything leaves (AuditError: nothing)
         except QueryRefused as refusal:
+            _settle(request)
             if fingerprint == "unparsed":
                 fingerprint = _best_effort_fingerprint(sql)
             self._audit_refusal(user, role, sql, fingerprint, views, mode, refusal, started, operator)
             raise
         except AuditError:
+            _settle(request, quiet=True)
             raise
         except Exception:
+            _settle(request)
             # fail closed and audited: an unexpected error releases nothing and is recorded
             # as a refusal without its message (which could quote a data value)
             refusal = QueryRefused("execution_failed")
@@ -216,18 +276,27 @@ class Guard:
                    "rows_dropped_below_k": sum(s.rows_dropped for s in stats),
                    "conditions_left_out": left_out,
                    "epsilon_spent": eps_info["epsilon_spent"],
-                   "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
+                   "duration_ms": round((time.perf_counter() - started) * 1000, 1),
+                   "request": request_seq}
         if operator:
             details["operator"] = operator
-        entry = self.instance.audit.append("query", user=user, role=role, outcome="ok",
-                                           summary=f"{mode} query on {', '.join(views) or '-'}: "
-                                                   f"{table.num_rows} rows", details=details)
+        # the outcome is written (chained, sealed, readable) before the answer leaves; its
+        # fsync runs on the bookkeeping thread, as the request entry is already durable
+        entry = self._audit_and_alert(
+            dict(type="query", user=user, role=role, outcome="ok",
+                 summary=f"{mode} query on {', '.join(views) or '-'}: {table.num_rows} rows", details=details,
+                 durable=False),
+            dict(user=user, role=role, fingerprint=fingerprint, refused=False, cells=summary["cells"],
+                 populations=[s.population for s in stats if s.population is not None]))
         summary["query_id"] = entry["seq"]
-        self._alerts(user, role, fingerprint, refused=False, cells=summary["cells"],
-                     populations=[s.population for s in stats if s.population is not None])
         return GuardResult(table=table, summary=summary)
 
     def close(self) -> None:
+        with self._lock:
+            pools, self._pools = self._pools, {}
+        if self._pools_pid == os.getpid():
+            for pool in pools.values():
+                pool.shutdown(wait=True)   # pending audit and alert bookkeeping finish first
         with self._lock:
             if self._snapshot is not None:
                 try:
@@ -255,9 +324,24 @@ class Guard:
             raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40])
         return value
 
+    def _current_id(self) -> str | None:
+        """The store's CURRENT, read again only when the file at its path changed (it is
+        replaced with os.replace: a new inode), so a new snapshot is seen at the next query."""
+        try:
+            st = os.stat(self.store.current_path)
+        except FileNotFoundError:
+            return None
+        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._current_pointer
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sid = self.store.current_id()
+        self._current_pointer = (key, sid)
+        return sid
+
     def _current(self) -> _Snapshot:
         try:
-            sid = self.store.current_id()
+            sid = self._current_id()
         except StoreError:
             raise QueryRefused("no_data") from None
         if sid is None:
@@ -315,9 +399,10 @@ class Guard:
             return not bp.has_join      # unit rows are one per linkage key by construction
         return not bp.has_join and person_unique
 
-    def _fetch(self, snap: _Snapshot, sql: str) -> Cells:
+    def _fetch(self, snap: _Snapshot, sql: str, *, prepared: bool = False) -> Cells:
         try:
-            return cells_from_arrow(snap.cursor().execute(sql).to_arrow_table())
+            table = snap.execute_prepared(sql) if prepared else snap.cursor().execute(sql).to_arrow_table()
+            return cells_from_arrow(table)
         except duckdb.Error as exc:
             raise _execution_refusal(exc) from None
 
@@ -330,7 +415,7 @@ class Guard:
         for bp in plan.boundaries:
             fast = self._fast_path(bp, snap, catalog)
             run, left_out = self._neutralise_conditions(bp, snap, catalog, fast) if influence else (bp, ())
-            cells = self._fetch(snap, cells_sql(run, person_unique=fast))
+            cells = self._fetch(snap, cells_sql(run, person_unique=fast), prepared=True)
             population = self._check_population(run, snap, cells, fast) if bp.filtered else None
             frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
@@ -349,7 +434,7 @@ class Guard:
             n = int(number(cells, "__n", np.int64).sum())
             ck = int(number(cells, "__ck", np.int64).sum()) % 256
         else:
-            pop = self._fetch(snap, population_sql(bp))
+            pop = self._fetch(snap, population_sql(bp), prepared=True)
             n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
         noisy = int(self.ptable.perturb_counts([ck], [n])[0])
         if noisy < self.policy.disclosure.k:
@@ -610,19 +695,93 @@ class Guard:
                    "duration_ms": round((time.perf_counter() - started) * 1000, 1)}
         if operator:
             details["operator"] = operator
-        self.instance.audit.append("query.refused", user=str(user), role=role, outcome="refused",
-                                   summary=f"refused: {refusal.code}", details=details)
-        if role is not None:
-            self._alerts(user, role, fingerprint, refused=True, cells=0)
+        self._audit_and_alert(
+            dict(type="query.refused", user=str(user), role=role, outcome="refused",
+                 summary=f"refused: {refusal.code}", details=details),
+            dict(user=user, role=role, fingerprint=fingerprint, refused=True, cells=0)
+            if role is not None else None)
 
-    def _alerts(self, user: str, role: str | None, fingerprint: str, *, refused: bool, cells: int,
-                populations: list[int] = ()) -> None:
-        found = alert_rules.record_request(self.instance, self.policy.disclosure.alerts, user=user,
-                                           fingerprint=fingerprint, refused=refused, cells=cells,
-                                           populations=populations, k=self.policy.disclosure.k)
-        for alert in found:
-            self.instance.audit.append("alert", user=user, role=role, outcome="ok",
-                                       summary=f"guard alert: {alert['alert']}", details=alert)
+    def _announce(self, user: str, role: str, sql: str, plan: Plan, mode: str, eps: float | None,
+                  snap: _Snapshot, operator: str | None) -> Future:
+        """Start writing the request's audit entry (``query.request``: who asked what of
+        which snapshot) on the guard's audit thread, durable, while the query runs on the
+        store. The answer waits for it; so a request is on record even if the guard
+        crashes while executing it, and the fsync overlaps the execution."""
+        details = {"sql": sql, "fingerprint": plan.fingerprint, "normalized": plan.normalized_sql,
+                   "views": list(plan.views), "mode": mode, "snapshot": snap.id}
+        if eps is not None:
+            details["epsilon"] = eps
+        if operator:
+            details["operator"] = operator
+        return self._executor("audit").submit(
+            self.instance.audit.append, "query.request", user=user, role=role, outcome="ok",
+            summary=f"{mode} query on {', '.join(plan.views) or '-'}: received", details=details)
+
+    def _audit_and_alert(self, entry: dict, request: dict | None) -> dict:
+        """Append the request's audit entry (durable before the caller answers), then hand
+        the request to the guard's bookkeeping thread, which updates the alert counters and
+        audits any alert raised. Alerts detect, they do not gate an answer, and their
+        counters are already allowed to lose the last requests on a power cut (sqlite
+        synchronous=NORMAL), so they stay off the answer's path; each alert entry names the
+        entry that raised it (``raised_by``). ``flush`` waits for the thread."""
+        appended = self.instance.audit.append(**entry)
+        if request is not None or not entry.get("durable", True):
+            self._executor("bookkeeping").submit(self._bookkeep, dict(request or {}, raised_by=appended["seq"]))
+        return appended
+
+    def flush(self) -> None:
+        """Wait until every request answered so far is in the alert counters and its
+        alerts are audited."""
+        pool = self._pools.get("bookkeeping") if self._pools_pid == os.getpid() else None
+        if pool is not None:
+            pool.submit(lambda: None).result()
+
+    def _bookkeep(self, request: dict) -> None:
+        seq = request["raised_by"]
+        try:
+            self.instance.audit.sync()   # the outcome entry written just before, first
+        except AuditError:
+            log.exception("the audit entry %s could not be made durable", seq)
+        if "user" not in request:
+            return
+        user, role = request["user"], request["role"]
+        try:
+            found = self._record_request(**{k: v for k, v in request.items() if k != "raised_by"})
+            for alert in found:
+                self.instance.audit.append("alert", user=user, role=role, outcome="ok",
+                                           summary=f"guard alert: {alert['alert']}",
+                                           details=dict(alert, raised_by=seq))
+        except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
+            try:
+                self.instance.audit.append("alert.bookkeeping_failed", user=user, role=role, outcome="failed",
+                                           summary="guard alert bookkeeping failed; alerts for this request "
+                                                   "were not evaluated",
+                                           details={"raised_by": seq, "error": type(exc).__name__})
+            except Exception:
+                log.exception("guard alert bookkeeping failed for audit entry %s and could not be audited", seq)
+
+    def _record_request(self, *, user: str, role: str | None, fingerprint: str, refused: bool, cells: int,
+                        populations: list[int] = ()) -> list[dict]:
+        return alert_rules.record_request(self.instance, self.policy.disclosure.alerts, user=user,
+                                          fingerprint=fingerprint, refused=refused, cells=cells,
+                                          populations=populations, k=self.policy.disclosure.k)
+
+    def _executor(self, kind: str) -> ThreadPoolExecutor:
+        """The guard's helper thread of one kind ("audit": request entries; "bookkeeping":
+        outcome fsync and alerts), one per guard and process (a forked child starts its
+        own). One thread each keeps their work in order."""
+        if self._pools_pid != os.getpid():
+            with self._lock:
+                if self._pools_pid != os.getpid():
+                    self._pools, self._pools_pid = {}, os.getpid()
+        pool = self._pools.get(kind)
+        if pool is None:
+            with self._lock:
+                pool = self._pools.get(kind)
+                if pool is None:
+                    pool = self._pools[kind] = ThreadPoolExecutor(max_workers=1,
+                                                                  thread_name_prefix=f"sekisho-{kind}")
+        return pool
 
 
 __all__ = ["Guard", "GuardResult", "QueryRefused", "AuditError"]

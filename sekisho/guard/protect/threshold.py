@@ -24,6 +24,7 @@ NULL for a domain value reveals "fewer than k (maybe zero)".
 
 from __future__ import annotations
 
+import functools
 import itertools
 from dataclasses import dataclass, field
 
@@ -97,6 +98,8 @@ def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
     if name not in cells:
         return np.zeros(size(cells), dtype=dtype)
     values = cells[name]
+    if values.dtype.kind in "iu":
+        return values.astype(dtype)   # integers are finite; a copy, as below
     if values.dtype == object:
         values = np.array([0 if v is None else v for v in values], dtype=float)
     out = values.astype(float)   # a copy (always through float, as callers have relied on)
@@ -120,14 +123,17 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
         return _densify_by_tuples(cells, domains)
     keys = [f"__g{j}" for j in range(len(domains))]
     n = size(cells)
+    # keyed with the values' types too: (0, 1) and (False, True) are equal tuples
+    grid = _grid(tuple((d, tuple(map(type, d))) for d in domains))
+    if grid is None:   # repeated domain values: the grid has repeated keys
+        return _densify_by_tuples(cells, domains)
+    lookups, key_columns = grid
     # each key's position in its domain (dict lookups: the same equality as matching
     # whole key tuples against the grid), then the row-major position on the grid
     flat = np.zeros(n, dtype=np.int64)
     inside = np.ones(n, dtype=bool)
     for j, d in enumerate(domains):
-        lookup = {v: i for i, v in enumerate(d)}
-        if len(lookup) != len(d):   # repeated domain values: the grid has repeated keys
-            return _densify_by_tuples(cells, domains)
+        lookup = lookups[j]
         code = np.fromiter((lookup.get(v, -1) for v in cells[keys[j]].tolist()), dtype=np.int64, count=n) \
             if n else np.zeros(0, dtype=np.int64)
         inside &= code >= 0
@@ -138,16 +144,7 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     found = positions >= 0
     if int(found.sum()) != len(rows):   # two cells with one key: keep the old tie-break
         return _densify_by_tuples(cells, domains)
-    dense: Cells = {}
-    inner = n_grid
-    for j, d in enumerate(domains):
-        inner //= len(d)
-        values = np.empty(len(d), dtype=object)
-        values[:] = list(d)
-        if inner > 1:
-            values = np.repeat(values, inner)
-        outer = n_grid // len(values)
-        dense[keys[j]] = np.tile(values, outer) if outer > 1 else values
+    dense: Cells = {key: column.copy() for key, column in zip(keys, key_columns)}
     for col, values in cells.items():
         if col in keys:
             continue
@@ -158,6 +155,36 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
         out[found] = values[positions[found]]
         dense[col] = out
     return dense, take(cells, ~inside) if n else cells
+
+
+@functools.lru_cache(maxsize=64)
+def _grid(typed_domains: tuple[tuple[tuple, tuple], ...]) -> tuple[list[dict], list[np.ndarray]] | None:
+    """Per public domain grid (the same few domains are asked again and again): each
+    key's value -> position lookup, and the grid's key columns in row-major order; None
+    when a domain repeats a value."""
+    domains = [d for d, _ in typed_domains]
+    lookups = []
+    for d in domains:
+        lookup = {v: i for i, v in enumerate(d)}
+        if len(lookup) != len(d):
+            return None
+        lookups.append(lookup)
+    n_grid = 1
+    for d in domains:
+        n_grid *= len(d)
+    columns = []
+    inner = n_grid
+    for d in domains:
+        inner //= len(d)
+        values = np.empty(len(d), dtype=object)
+        values[:] = list(d)
+        if inner > 1:
+            values = np.repeat(values, inner)
+        outer = n_grid // len(values)
+        column = np.tile(values, outer) if outer > 1 else values
+        column.flags.writeable = False   # shared between calls: callers get copies
+        columns.append(column)
+    return lookups, columns
 
 
 def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells | None]:
