@@ -37,6 +37,8 @@ PURGE_EVERY_S = 60.0
 BUCKET_S = 60   # guard_cells: cells per user and minute
 
 _connections = threading.local()
+_setup_lock = threading.Lock()
+SETUP_TIMEOUT_S = 30
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS guard_requests (
@@ -96,8 +98,20 @@ def _state(instance: Instance) -> _State:
     if state is not None:
         return state
     new = not path.exists()
-    con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-    con.execute("PRAGMA journal_mode=WAL")
+    # switching a new file to WAL takes an exclusive lock without waiting on the busy
+    # timeout, so threads (and processes) opening the file at once retry here
+    with _setup_lock:
+        deadline = time.monotonic() + SETUP_TIMEOUT_S
+        while True:
+            con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+            try:
+                con.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                con.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
     con.execute("PRAGMA synchronous=NORMAL")
     con.execute("BEGIN IMMEDIATE")
     try:
