@@ -186,25 +186,8 @@ def test_cli_show_filters_exports_csv_and_is_itself_audited(instance: Instance) 
 
 # ---- durability and the in-place head (the writer keeps its files open) -------------------
 
-def test_append_is_durable_fsync_on_the_log_before_append_returns(instance: Instance, monkeypatch) -> None:
-    synced: list[tuple[int, int]] = []  # (inode, size) of every file fsync'd
-    real_fsync = os.fsync
-
-    def spy(fd: int) -> None:
-        real_fsync(fd)
-        st = os.fstat(fd)
-        synced.append((st.st_ino, st.st_size))
-
-    monkeypatch.setattr(os, "fsync", spy)
-    entry = instance.audit.append("query", user="tanaka", outcome="ok", details={"q": 1})
-    st = instance.audit.path.stat()
-    # the log itself, already holding the new entry, was fsync'd before append returned
-    assert (st.st_ino, st.st_size) in synced
-    assert lines(instance)[-1].startswith("{") and json.loads(lines(instance)[-1])["seq"] == entry["seq"]
-
-
-def test_a_not_yet_durable_entry_is_readable_and_sync_makes_it_durable_then_heads_it(
-        instance: Instance, monkeypatch) -> None:
+def spy_fsync(monkeypatch) -> list[tuple[int, int]]:
+    """Record (inode, size) of every file fsync'd from now on."""
     synced: list[tuple[int, int]] = []
     real_fsync = os.fsync
 
@@ -214,6 +197,21 @@ def test_a_not_yet_durable_entry_is_readable_and_sync_makes_it_durable_then_head
         synced.append((st.st_ino, st.st_size))
 
     monkeypatch.setattr(os, "fsync", spy)
+    return synced
+
+
+def test_append_is_durable_fsync_on_the_log_before_append_returns(instance: Instance, monkeypatch) -> None:
+    synced = spy_fsync(monkeypatch)
+    entry = instance.audit.append("query", user="tanaka", outcome="ok", details={"q": 1})
+    st = instance.audit.path.stat()
+    # the log itself, already holding the new entry, was fsync'd before append returned
+    assert (st.st_ino, st.st_size) in synced
+    assert lines(instance)[-1].startswith("{") and json.loads(lines(instance)[-1])["seq"] == entry["seq"]
+
+
+def test_a_not_yet_durable_entry_is_readable_and_sync_makes_it_durable_then_heads_it(
+        instance: Instance, monkeypatch) -> None:
+    synced = spy_fsync(monkeypatch)
     head_before = instance.audit._read_head().seq
     entry = instance.audit.append("query", user="tanaka", outcome="ok", details={"q": 1}, durable=False)
     st = instance.audit.path.stat()
