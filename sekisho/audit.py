@@ -178,7 +178,7 @@ class AuditLog:
         self._dir_ready = False
 
     def _close_handles(self) -> None:
-        if self._log is not None and getattr(self, "_unsynced", None) is not None:
+        if self._log is not None and self._unsynced is not None:
             try:
                 os.fsync(self._log.fd)   # entries written with durable=False
                 self._unsynced = None

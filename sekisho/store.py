@@ -116,6 +116,7 @@ class Store:
             raise StoreError(
                 f"config.yaml: store.backend: unknown backend {backend_name!r} "
                 f"(available: {', '.join(sorted(BACKENDS))})") from None
+        self._pointer: tuple[tuple, str] | None = None   # (identity of CURRENT, its id)
 
     @property
     def snapshots_dir(self) -> Path:
@@ -127,12 +128,22 @@ class Store:
 
     # ---- reading ---------------------------------------------------------------
     def current_id(self) -> str | None:
+        """The current snapshot's id. CURRENT is read again only when the file at its
+        path changed (commits replace it with os.replace: a new inode), so the guard's
+        per-query check costs one stat."""
         try:
-            text = self.current_path.read_text().strip()
+            with open(self.current_path, "rb") as f:
+                st = os.fstat(f.fileno())
+                identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                cached = self._pointer
+                if cached is not None and cached[0] == identity:
+                    return cached[1]
+                text = f.read().decode("utf-8", "replace").strip()
         except FileNotFoundError:
             return None
         if not text or "/" in text or text.startswith("."):
             raise StoreError(f"{self.current_path}: the CURRENT pointer is corrupt")
+        self._pointer = (identity, text)
         return text
 
     def current(self) -> SnapshotInfo | None:

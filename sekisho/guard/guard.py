@@ -185,7 +185,6 @@ class Guard:
         self._influence: OrderedDict[tuple[str, str], tuple[str, tuple[str, ...]] | QueryRefused] = OrderedDict()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pools_pid = os.getpid()
-        self._current_pointer: tuple[tuple, str | None] | None = None
 
     # ---- public API ------------------------------------------------------------
     def views(self, user: str) -> dict[str, Any]:
@@ -324,24 +323,9 @@ class Guard:
             raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40])
         return value
 
-    def _current_id(self) -> str | None:
-        """The store's CURRENT, read again only when the file at its path changed (it is
-        replaced with os.replace: a new inode), so a new snapshot is seen at the next query."""
-        try:
-            st = os.stat(self.store.current_path)
-        except FileNotFoundError:
-            return None
-        key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._current_pointer
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        sid = self.store.current_id()
-        self._current_pointer = (key, sid)
-        return sid
-
     def _current(self) -> _Snapshot:
         try:
-            sid = self._current_id()
+            sid = self.store.current_id()
         except StoreError:
             raise QueryRefused("no_data") from None
         if sid is None:
@@ -725,8 +709,8 @@ class Guard:
         synchronous=NORMAL), so they stay off the answer's path; each alert entry names the
         entry that raised it (``raised_by``). ``flush`` waits for the thread."""
         appended = self.instance.audit.append(**entry)
-        if request is not None or not entry.get("durable", True):
-            self._executor("bookkeeping").submit(self._bookkeep, dict(request or {}, raised_by=appended["seq"]))
+        if request is not None:
+            self._executor("bookkeeping").submit(self._bookkeep, dict(request, raised_by=appended["seq"]))
         return appended
 
     def flush(self) -> None:
@@ -742,8 +726,6 @@ class Guard:
             self.instance.audit.sync()   # the outcome entry written just before, first
         except AuditError:
             log.exception("the audit entry %s could not be made durable", seq)
-        if "user" not in request:
-            return
         user, role = request["user"], request["role"]
         try:
             found = self._record_request(**{k: v for k, v in request.items() if k != "raised_by"})
