@@ -171,6 +171,11 @@ class Instance:
     def state_path(self) -> Path:
         return self.home / "state.sqlite"
 
+    @cached_property
+    def state_file(self) -> str:
+        """``state_path`` as a string: the key of the per-request role lookup's connection."""
+        return str(self.state_path)
+
     @property
     def published_dir(self) -> Path:
         return self.home / "published"

@@ -54,7 +54,7 @@ def _reader(instance: Instance) -> sqlite3.Connection:
     cache = getattr(_readers, "by_path", None)
     if cache is None:
         cache = _readers.by_path = {}
-    key = str(instance.state_path)
+    key = instance.state_file
     con = cache.get(key)
     if con is None:
         with connect(instance):  # creates the file and schema with the right owner

@@ -117,6 +117,7 @@ class Store:
                 f"config.yaml: store.backend: unknown backend {backend_name!r} "
                 f"(available: {', '.join(sorted(BACKENDS))})") from None
         self._pointer: tuple[tuple, str] | None = None   # (identity of CURRENT, its id)
+        self._current_str = str(self.dir / CURRENT_NAME)   # stat on every guard request: no pathlib
 
     @property
     def snapshots_dir(self) -> Path:
@@ -131,13 +132,19 @@ class Store:
         """The current snapshot's id. CURRENT is read again only when the file at its
         path changed (commits replace it with os.replace: a new inode), so the guard's
         per-query check costs one stat."""
+        path = self._current_str
+        cached = self._pointer
+        if cached is not None:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                return None
+            if cached[0] == (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                return cached[1]
         try:
-            with open(self.current_path, "rb") as f:
+            with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
                 identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-                cached = self._pointer
-                if cached is not None and cached[0] == identity:
-                    return cached[1]
                 text = f.read().decode("utf-8", "replace").strip()
         except FileNotFoundError:
             return None

@@ -1,7 +1,9 @@
 """The vectorised helpers of threshold protection (``cells_from_arrow``, ``number``,
 ``densify``, the top-contribution columns) give bit-identical results to the element-wise
 versions they replaced, which are kept here as the reference; so every released cell
-(and its perturbation) is unchanged for the same inputs."""
+(and its perturbation) is unchanged for the same inputs. Group keys now stay Arrow
+arrays (looked up in Arrow's hash kernels where Arrow's equality is Python's): they
+must hold the same Python values as the reference's object arrays."""
 
 from __future__ import annotations
 
@@ -90,12 +92,45 @@ def same_value(a, b) -> bool:
     return a == b
 
 
+def as_reference(a, like: np.ndarray):
+    """Group keys are Arrow arrays now; the reference kept them as object arrays of the
+    same Python values (integer keys with a NULL: floats with NaN)."""
+    if not isinstance(a, pa.Array):
+        return a
+    values = a.to_pylist()
+    if like.dtype.kind == "f":
+        assert pa.types.is_integer(a.type)
+        return np.array([np.nan if v is None else v for v in values], dtype=float)
+    if like.dtype.kind in "iu":
+        assert pa.types.is_integer(a.type) and a.null_count == 0
+        return np.array(values, dtype=like.dtype)
+    out = np.empty(len(a), dtype=object)
+    out[:] = values
+    return out
+
+
 def assert_same_array(a: np.ndarray, b: np.ndarray) -> None:
+    a, b = as_reference(a, b), as_reference(b, a)
     assert a.dtype == b.dtype and a.shape == b.shape
     if a.dtype == object:
         assert all(same_value(x, y) for x, y in zip(a.tolist(), b.tolist()))
     else:
         assert a.tobytes() == b.tobytes()   # bit for bit (NaN payloads and -0.0 included)
+
+
+def key_values(column) -> list:
+    """A group key column as the values it is released as: the reference mixed integer
+    keys from the grid (int) with those outside it (float, NaN for NULL) in one object
+    array, which both became the same int64 Arrow column; Arrow keys are ints and None."""
+    values = column.to_pylist() if isinstance(column, pa.Array) else column.tolist()
+    out = []
+    for v in values:
+        if isinstance(v, float) and np.isnan(v):
+            v = None
+        elif isinstance(v, float) and v.is_integer():
+            v = int(v)
+        out.append(v)
+    return out
 
 
 def assert_same_cells(a: dict | None, b: dict | None) -> None:
@@ -104,7 +139,10 @@ def assert_same_cells(a: dict | None, b: dict | None) -> None:
         return
     assert list(a) == list(b)
     for k in a:
-        assert_same_array(a[k], b[k])
+        if k.startswith("__g") and (isinstance(a[k], pa.Array) or isinstance(b[k], pa.Array)):
+            assert key_values(a[k]) == key_values(b[k]), k
+        else:
+            assert_same_array(a[k], b[k])
 
 
 # ---- random inputs -------------------------------------------------------------------------
@@ -220,3 +258,56 @@ def test_protected_cells_and_their_perturbation_are_unchanged(seed, monkeypatch)
         ref_out, ref_stats = run(ref_cells_from_arrow(table))
     assert_same_cells(new_out, ref_out)
     assert new_stats == ref_stats
+
+
+# ---- group keys as Arrow arrays: the lookups agree with the dict's (Python) equality --------
+def arrow_and_reference(columns: dict[str, pa.Array], n: np.ndarray) -> tuple[dict, dict]:
+    table = pa.table({**columns, "__n": pa.array(n), "__ck": pa.array(n % 256)})
+    return th.cells_from_arrow(table), ref_cells_from_arrow(table)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_densify_of_arrow_keys_matches_the_reference(seed) -> None:
+    rng = random.Random(seed)
+    table = random_table(rng, rng.choice([0, 1, 20, 400]))
+    first = {}
+    for i, key in enumerate(zip(*(table.column(c).to_pylist() for c in ("__g0", "__gl", "__g1", "__g2")))):
+        first.setdefault(key, i)
+    table = table.take(pa.array(sorted(first.values()), type=pa.int64()))
+    keys = table.select(["__g0", "__gl", "__g1", "__g2"]).rename_columns(["__g0", "__g1", "__g2", "__g3"])
+    new_cells = th.cells_from_arrow(pa.table({**{c: keys.column(c) for c in keys.column_names},
+                                              "__n": table.column("__n"), "__ck": table.column("__ck")}))
+    assert all(isinstance(new_cells[f"__g{j}"], pa.Array) for j in range(4))
+    ref_cells = {c: (ref_cells_from_arrow(keys)[c] if c.startswith("__g") else v) for c, v in new_cells.items()}
+    domains = [tuple(BLOCKS), tuple(BANDS[:4]), tuple(range(6)), (0, 1, 2)]
+    for doms in (domains, [domains[0], domains[1], domains[2], (2, 0)], [(), *domains[1:]]):
+        new, ref = th.densify(new_cells, doms), ref_densify(ref_cells, doms)
+        assert_same_cells(new[0], ref[0])
+        assert_same_cells(new[1], ref[1])
+
+
+@pytest.mark.parametrize("keys, domain, found", [
+    # an int8 key cannot hold 300: the lookup falls back to the dict, and still finds 5
+    (pa.array([5, 7, None], type=pa.int8()), (5, 300), [True, False, False]),
+    # "1" is not 1 in Python (nor in the dict): no key of a text column is in an int domain
+    (pa.array(["1", "2"]), (1, 2), [False, False]),
+    # True == 1 in Python: a bool domain against integer keys matches as the dict does
+    (pa.array([1, 0, 2], type=pa.int64()), (False, True), [True, True, False]),
+    # floats (0.0 == -0.0, NaN) always go through the dict
+    (pa.array([-0.0, float("nan"), 2.0]), (0.0, 2), [True, False, True]),
+    (pa.array(["飾磨", None, "外"], type=pa.large_string()), ("飾磨", "外"), [True, False, True]),
+])
+def test_arrow_key_lookups_keep_python_equality(keys, domain, found) -> None:
+    n = np.full(len(keys), 20)
+    new_cells, ref_cells = arrow_and_reference({"__g0": keys}, n)
+    new, ref = th.densify(new_cells, [domain]), ref_densify(ref_cells, [domain])
+    assert_same_cells(new[0], ref[0])
+    assert_same_cells(new[1], ref[1])
+    assert len(new[1]["__n"]) == len(keys) - sum(found)
+
+
+def test_text_and_integer_keys_are_looked_up_in_arrow() -> None:
+    """The common keys (blocks, bands, ages) take Arrow's lookup, not the dict's."""
+    assert th._arrow_domain((tuple(BLOCKS), (str,) * len(BLOCKS)), pa.string()) is not None
+    assert th._arrow_domain((tuple(range(101)), (int,) * 101), pa.int32()) is not None
+    assert th._arrow_domain(((False, True), (bool, bool)), pa.int64()) is None

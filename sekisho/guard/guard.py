@@ -414,9 +414,9 @@ class Guard:
     def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> int:
         """Refuse when the filtered population is below k — on a perturbed count, so the
         decision itself carries the same noise as any released count."""
-        if fast:
-            n = int(number(cells, "__n", np.int64).sum())
-            ck = int(number(cells, "__ck", np.int64).sum()) % 256
+        if fast:   # the cells partition the filtered persons: their counts and keys add up
+            n = int(cells["__n"].sum())
+            ck = int(cells["__ck"].sum()) % 256
         else:
             pop = self._fetch(snap, population_sql(bp), prepared=True)
             n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
@@ -572,8 +572,10 @@ class Guard:
             values = frame.get(f.name)
             if values is None:
                 columns.append(pa.nulls(rows, type=f.type))
+            elif isinstance(values, pa.Array):   # group keys, as the store returned them
+                columns.append(values if values.type == f.type else values.cast(f.type))
             elif values.dtype != object:
-                # numeric, straight from numpy; NaN is how a NULL key arrives (cells_from_arrow)
+                # numeric, straight from numpy; NaN is NULL (a suppressed or absent value)
                 columns.append(pa.array(values, type=f.type, from_pandas=True))
             else:
                 try:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dominance import dominated
@@ -37,9 +38,13 @@ from sekisho.guard.protect.dominance import dominated
 MAX_DENSE_CELLS = 200_000
 COUNT_KINDS = ("count_rows", "count_nonnull", "count_persons", "count_households")
 
-# Cells are plain columns: name -> numpy array (object arrays for strings and lists);
-# NULL is None in object arrays and NaN in float arrays. No pandas on the hot path.
+# Cells are plain columns: name -> numpy array (object arrays for lists and other
+# scalars); NULL is None in object arrays and NaN in float arrays. Group keys (``__g*``)
+# as they come from the store stay Arrow arrays: they go back to Arrow unchanged, and
+# their domain lookups run in Arrow's hash kernels (numpy object keys are accepted too).
+# No pandas on the hot path.
 Cells = dict
+KEY_PREFIX = "__g"
 
 
 @dataclass
@@ -60,25 +65,25 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def cells_from_arrow(table: pa.Table) -> Cells:
-    out = {}
-    for name in table.column_names:
-        col = table.column(name)
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            out[name] = col.to_numpy(zero_copy_only=False).astype(float) if col.null_count else \
-                col.to_numpy(zero_copy_only=False)
-        elif _is_text(col.type):
-            out[name] = col.to_numpy(zero_copy_only=False).astype(object, copy=False)  # str, NULL as None
-        elif pa.types.is_nested(col.type):
-            values = col.to_pylist()
-            arr = np.empty(len(values), dtype=object)
-            for i, v in enumerate(values):  # element-wise: lists must stay list objects
-                arr[i] = v
-            out[name] = arr
-        else:  # scalars (bool, date, decimal, ...) as Python objects
-            arr = np.empty(len(col), dtype=object)
-            arr[:] = col.to_pylist()
-            out[name] = arr
-    return out
+    return {name: table.column(name).combine_chunks() if name.startswith(KEY_PREFIX) else
+            _to_numpy(table.column(name)) for name in table.column_names}
+
+
+def _to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+        return col.to_numpy(zero_copy_only=False).astype(float) if col.null_count else \
+            col.to_numpy(zero_copy_only=False)
+    if _is_text(col.type):
+        return col.to_numpy(zero_copy_only=False).astype(object, copy=False)  # str, NULL as None
+    if pa.types.is_nested(col.type):
+        values = col.to_pylist()
+        arr = np.empty(len(values), dtype=object)
+        for i, v in enumerate(values):  # element-wise: lists must stay list objects
+            arr[i] = v
+        return arr
+    arr = np.empty(len(col), dtype=object)   # scalars (bool, date, decimal, ...) as Python objects
+    arr[:] = col.to_pylist()
+    return arr
 
 
 def size(cells: Cells) -> int:
@@ -86,11 +91,29 @@ def size(cells: Cells) -> int:
 
 
 def take(cells: Cells, mask: np.ndarray) -> Cells:
-    return {k: v[mask] for k, v in cells.items()}
+    """The rows selected by ``mask`` (booleans or positions)."""
+    positions = None
+    out = {}
+    for k, v in cells.items():
+        if isinstance(v, pa.Array):
+            if positions is None:   # Arrow takes positions (a numpy int64 array converts without a copy)
+                positions = pa.array(np.flatnonzero(mask) if mask.dtype == bool else mask.astype(np.int64))
+            out[k] = v.take(positions)
+        else:
+            out[k] = v[mask]
+    return out
+
+
+def _concat_column(a, b):
+    if isinstance(a, pa.Array):
+        return pa.concat_arrays([a, b if b.type == a.type else b.cast(a.type)])
+    if isinstance(b, pa.Array):
+        b = _to_numpy(b)
+    return np.concatenate([a, b.astype(a.dtype) if a.dtype != object else b])
 
 
 def concat(a: Cells, b: Cells) -> Cells:
-    return {k: np.concatenate([a[k], b[k].astype(a[k].dtype) if a[k].dtype != object else b[k]]) for k in a}
+    return {k: _concat_column(a[k], b[k]) for k in a}
 
 
 def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
@@ -99,10 +122,10 @@ def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
         return np.zeros(size(cells), dtype=dtype)
     values = cells[name]
     if values.dtype.kind in "iu":
-        return values.astype(dtype)   # integers are finite; a copy, as below
+        return values.astype(dtype, copy=False)   # integers are finite (callers only read)
     if values.dtype == object:
         values = np.array([0 if v is None else v for v in values], dtype=float)
-    out = values.astype(float)   # a copy (always through float, as callers have relied on)
+    out = values.astype(float)   # a copy: NaN and inf are replaced in place below
     if out.dtype.kind == "f" and not np.isfinite(out).all():
         out = np.nan_to_num(out, nan=0.0, copy=False)   # NaN -> 0, +-inf -> the largest finite
     return out if np.dtype(dtype) == out.dtype else out.astype(dtype)
@@ -124,7 +147,8 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     keys = [f"__g{j}" for j in range(len(domains))]
     n = size(cells)
     # keyed with the values' types too: (0, 1) and (False, True) are equal tuples
-    grid = _grid(tuple((d, tuple(map(type, d))) for d in domains))
+    typed_domains = tuple((d, tuple(map(type, d))) for d in domains)
+    grid = _grid(typed_domains)
     if grid is None:   # repeated domain values: the grid has repeated keys
         return _densify_by_tuples(cells, domains)
     lookups, key_columns = grid
@@ -133,9 +157,7 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     flat = np.zeros(n, dtype=np.int64)
     inside = np.ones(n, dtype=bool)
     for j, d in enumerate(domains):
-        lookup = lookups[j]
-        code = np.fromiter((lookup.get(v, -1) for v in cells[keys[j]].tolist()), dtype=np.int64, count=n) \
-            if n else np.zeros(0, dtype=np.int64)
+        code = _codes(cells[keys[j]], typed_domains[j], lookups[j]) if n else np.zeros(0, dtype=np.int64)
         inside &= code >= 0
         flat = flat * len(d) + code
     rows = np.flatnonzero(inside)
@@ -144,17 +166,95 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     found = positions >= 0
     if int(found.sum()) != len(rows):   # two cells with one key: keep the old tie-break
         return _densify_by_tuples(cells, domains)
-    dense: Cells = {key: column.copy() for key, column in zip(keys, key_columns)}
+    dense: Cells = {key: _grid_keys(cells[key], typed_domains, j, column)
+                    for j, (key, column) in enumerate(zip(keys, key_columns))}
     for col, values in cells.items():
         if col in keys:
             continue
+        if isinstance(values, pa.Array):   # a key column beyond the domains: a value here
+            values = _to_numpy(values)
         if values.dtype.kind in "iuf":
             out = np.zeros(n_grid, dtype=values.dtype)
         else:
             out = np.empty(n_grid, dtype=object)
         out[found] = values[positions[found]]
         dense[col] = out
-    return dense, take(cells, ~inside) if n else cells
+    outside = ~inside
+    return dense, take(cells, outside) if outside.any() else {k: v[:0] for k, v in cells.items()}
+
+
+def _codes(keys, typed_domain: tuple[tuple, tuple], lookup: dict) -> np.ndarray:
+    """Each key's position in ``domain`` (-1: not in it), by Python equality, as the
+    lookup dict has it. Arrow string and integer keys against a domain of the same
+    kind are looked up in Arrow (the same equality for these types); anything else
+    goes through the dict."""
+    if isinstance(keys, pa.Array):
+        table = _integer_table(typed_domain) if pa.types.is_integer(keys.type) else None
+        if table is not None:   # integers: a position table indexed by value (no hashing)
+            lo, positions = table
+            values = keys.to_numpy(zero_copy_only=False)   # float with NaN when a key is NULL
+            if keys.null_count:
+                values = np.where(np.isnan(values), lo - 1, values)
+            offset = values.astype(np.int64) - lo
+            inside = (offset >= 0) & (offset < len(positions))
+            return np.where(inside, positions[np.where(inside, offset, 0)], -1)
+        lookup_options = _arrow_domain(typed_domain, keys.type)
+        if lookup_options is not None:
+            codes = pc.call_function("index_in", [keys], lookup_options)
+            out = codes.to_numpy(zero_copy_only=False)   # NULL (not in the domain) as NaN, if any
+            if codes.null_count:
+                out = np.where(np.isnan(out), -1, out)
+            return out.astype(np.int64)
+        keys = keys.to_pylist()
+    else:
+        keys = keys.tolist()
+    return np.fromiter(map(lookup.get, keys, itertools.repeat(-1)), dtype=np.int64, count=len(keys))
+
+
+@functools.lru_cache(maxsize=256)
+def _integer_table(typed_domain: tuple[tuple, tuple]) -> tuple[int, np.ndarray] | None:
+    """For a domain of (exactly) ints spanning a small range: its smallest value and the
+    position of each value from there (-1: not in the domain); else None."""
+    domain, types = typed_domain
+    if not domain or not all(t is int for t in types):
+        return None
+    lo, hi = min(domain), max(domain)
+    if hi - lo >= 1 << 16 or lo < -(1 << 62) or hi > 1 << 62:
+        return None
+    positions = np.full(hi - lo + 1, -1, dtype=np.int64)
+    positions[np.asarray(domain, dtype=np.int64) - lo] = np.arange(len(domain))
+    return lo, positions
+
+
+@functools.lru_cache(maxsize=256)
+def _arrow_domain(typed_domain: tuple[tuple, tuple], arrow_type: pa.DataType) -> pc.SetLookupOptions | None:
+    """The domain as an Arrow value set of the keys' type, when Arrow's equality is
+    Python's for it; else None."""
+    domain, types = typed_domain
+    is_text = _is_text(arrow_type)
+    if not (is_text or pa.types.is_integer(arrow_type)):
+        return None   # floats (-0.0, NaN), dates, decimals, bools: Python's equality, via the dict
+    wanted = str if is_text else int   # exactly: bool is not int here, nor is a float
+    if not all(t is wanted for t in types):
+        return None
+    try:
+        return pc.SetLookupOptions(value_set=pa.array(list(domain), type=arrow_type))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):   # e.g. 300 for an int8 key
+        return None
+
+
+def _grid_keys(keys, typed_domains: tuple, j: int, grid_column: np.ndarray):
+    """Key column ``j`` of the dense grid, of the same kind as the cells' keys: for Arrow
+    keys an Arrow column of their type (cached), otherwise a copy of the numpy grid
+    column (callers may change it)."""
+    if isinstance(keys, pa.Array):
+        return _arrow_grid_column(typed_domains, j, keys.type)
+    return grid_column.copy()
+
+
+@functools.lru_cache(maxsize=256)
+def _arrow_grid_column(typed_domains: tuple, j: int, arrow_type: pa.DataType) -> pa.Array:
+    return _as_arrow_like(_grid(typed_domains)[1][j], pa.nulls(0, type=arrow_type))
 
 
 @functools.lru_cache(maxsize=64)
@@ -190,7 +290,7 @@ def _grid(typed_domains: tuple[tuple[tuple, tuple], ...]) -> tuple[list[dict], l
 def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells | None]:
     """densify by matching key tuples one by one (repeated domain values or keys)."""
     keys = [f"__g{j}" for j in range(len(domains))]
-    present = list(zip(*[cells[k].tolist() for k in keys])) if size(cells) else []
+    present = list(zip(*[_pylist(cells[k]) for k in keys])) if size(cells) else []
     index = {key: i for i, key in enumerate(present)}
     grid = list(itertools.product(*domains))
     grid_set = set(grid)
@@ -198,10 +298,13 @@ def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells
     found = positions >= 0
     dense: Cells = {}
     for j, k in enumerate(keys):
-        dense[k] = np.array([key[j] for key in grid], dtype=object)
+        column = np.array([key[j] for key in grid], dtype=object)
+        dense[k] = _as_arrow_like(column, cells[k]) if isinstance(cells[k], pa.Array) else column
     for col, values in cells.items():
         if col in keys:
             continue
+        if isinstance(values, pa.Array):
+            values = _to_numpy(values)
         if values.dtype.kind in "iuf":
             out = np.zeros(len(grid), dtype=values.dtype)
         else:
@@ -210,6 +313,17 @@ def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells
         dense[col] = out
     outside_mask = np.array([key not in grid_set for key in present], dtype=bool)
     return dense, take(cells, outside_mask) if size(cells) else cells
+
+
+def _pylist(column) -> list:
+    return column.to_pylist() if isinstance(column, pa.Array) else column.tolist()
+
+
+def _as_arrow_like(values: np.ndarray, like: pa.Array) -> pa.Array:
+    try:
+        return pa.array(values.tolist(), type=like.type)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return pa.array(values.tolist())   # a domain not of the key's type: converted (or refused) on output
 
 
 def _nth(values, i: int) -> float:
@@ -227,8 +341,10 @@ def _tops(tops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def nullable(values: np.ndarray, null: np.ndarray) -> np.ndarray:
-    out = values.astype(object)
-    out[null] = None
+    """A released value column: float, NULL as NaN (the Cells convention for numbers;
+    counts are exact in float64 up to 2**53, far beyond any population)."""
+    out = values.astype(float)
+    out[null] = np.nan
     return out
 
 
