@@ -40,8 +40,9 @@ COUNT_KINDS = ("count_rows", "count_nonnull", "count_persons", "count_households
 
 # Cells are plain columns: name -> numpy array (object arrays for lists and other
 # scalars); NULL is None in object arrays and NaN in float arrays. Group keys (``__g*``)
-# as they come from the store stay Arrow arrays: they go back to Arrow unchanged, and
-# their domain lookups run in Arrow's hash kernels (numpy object keys are accepted too).
+# as they come from the store stay Arrow arrays: they go back to Arrow unchanged and are
+# never converted to Python objects on the common path (text keys are looked up in
+# Arrow's hash kernels, integer keys in a position table; numpy keys are accepted too).
 # No pandas on the hot path.
 Cells = dict
 KEY_PREFIX = "__g"
@@ -152,8 +153,8 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     if grid is None:   # repeated domain values: the grid has repeated keys
         return _densify_by_tuples(cells, domains)
     lookups, key_columns = grid
-    # each key's position in its domain (dict lookups: the same equality as matching
-    # whole key tuples against the grid), then the row-major position on the grid
+    # each key's position in its domain (Python's equality, as matching whole key tuples
+    # against the grid: see _codes), then the row-major position on the grid
     flat = np.zeros(n, dtype=np.int64)
     inside = np.ones(n, dtype=bool)
     for j, d in enumerate(domains):
