@@ -289,6 +289,10 @@ def test_densify_of_arrow_keys_matches_the_reference(seed) -> None:
 @pytest.mark.parametrize("keys, domain, found", [
     # an int8 key cannot hold 300: the lookup falls back to the dict, and still finds 5
     (pa.array([5, 7, None], type=pa.int8()), (5, 300), [True, False, False]),
+    # uint64 keys are not wrapped into int64: 2**64-1 is not -1
+    (pa.array([2**64 - 1, 0], type=pa.uint64()), (-1, 0), [False, True]),
+    # a negative integer domain, NULLs and keys outside its range
+    (pa.array([-3, None, -1, 40, -7], type=pa.int16()), (-1, -3, -2), [True, False, True, False, False]),
     # "1" is not 1 in Python (nor in the dict): no key of a text column is in an int domain
     (pa.array(["1", "2"]), (1, 2), [False, False]),
     # True == 1 in Python: a bool domain against integer keys matches as the dict does

@@ -186,11 +186,13 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
 
 def _codes(keys, typed_domain: tuple[tuple, tuple], lookup: dict) -> np.ndarray:
     """Each key's position in ``domain`` (-1: not in it), by Python equality, as the
-    lookup dict has it. Arrow string and integer keys against a domain of the same
-    kind are looked up in Arrow (the same equality for these types); anything else
-    goes through the dict."""
+    lookup dict has it. Arrow integer keys against a domain of ints use a position
+    table, Arrow text keys against a domain of strings Arrow's hash lookup (the same
+    equality for these types); anything else goes through the dict."""
     if isinstance(keys, pa.Array):
-        table = _integer_table(typed_domain) if pa.types.is_integer(keys.type) else None
+        # (uint64 keys could wrap into a negative domain in int64: they take the paths below)
+        table = _integer_table(typed_domain) if pa.types.is_signed_integer(keys.type) or \
+            (pa.types.is_unsigned_integer(keys.type) and keys.type.bit_width < 64) else None
         if table is not None:   # integers: a position table indexed by value (no hashing)
             lo, positions = table
             values = keys.to_numpy(zero_copy_only=False)   # float with NaN when a key is NULL
@@ -215,12 +217,13 @@ def _codes(keys, typed_domain: tuple[tuple, tuple], lookup: dict) -> np.ndarray:
 @functools.lru_cache(maxsize=256)
 def _integer_table(typed_domain: tuple[tuple, tuple]) -> tuple[int, np.ndarray] | None:
     """For a domain of (exactly) ints spanning a small range: its smallest value and the
-    position of each value from there (-1: not in the domain); else None."""
+    position of each value from there (-1: not in the domain); else None. Values stay
+    within +-2**52, so keys read as floats (a column with a NULL) compare exactly."""
     domain, types = typed_domain
     if not domain or not all(t is int for t in types):
         return None
     lo, hi = min(domain), max(domain)
-    if hi - lo >= 1 << 16 or lo < -(1 << 62) or hi > 1 << 62:
+    if hi - lo >= 1 << 16 or lo < -(1 << 52) or hi > 1 << 52:
         return None
     positions = np.full(hi - lo + 1, -1, dtype=np.int64)
     positions[np.asarray(domain, dtype=np.int64) - lo] = np.arange(len(domain))
