@@ -4,6 +4,8 @@ For each small query of guard_overhead.py, in one process and interleaved with t
 
 * the time of each step of ``Guard.query`` as it runs in the loop (after a DuckDB scan the
   guard's Python runs with cold CPU caches, so these are larger than in a micro-benchmark);
+* the store's part: the raw SQL and the guard's cells SQL (with the hidden contributor
+  count and cell key), both as prepared statements on the raw connection;
 * a lower bound: the same guard with threshold protection replaced by a pass-through of
   the true counts. Measurement only — that guard's answers are never used; it shows how
   much of the ratio protection accounts for, and what is left without it (audit, role
@@ -29,6 +31,7 @@ from guard_overhead import QUERIES  # noqa: E402
 
 import sekisho.guard.guard as guard_module  # noqa: E402
 from sekisho.guard import Guard  # noqa: E402
+from sekisho.guard.cells import cells_sql  # noqa: E402
 from sekisho.guard.protect.threshold import ProtectionStats  # noqa: E402
 
 STEPS = ["_role", "_current", "_plan", "_announce", "_fetch", "_check_population", "_to_arrow",
@@ -73,9 +76,20 @@ def main() -> None:
         if "COUNT(DISTINCT" in sql:
             continue   # the 40-50 ms query: its ratio is near 1 and says little here
         guard.query(sql, user=ANALYST)
+        snap = guard._current()
+        role = guard._role(ANALYST)
+        catalog = guard._catalog(role, snap)
+        boundary = guard._plan(sql, role, catalog).boundaries[0]
+        raw.execute(f"PREPARE bench_raw AS {sql}")
+        raw.execute("PREPARE bench_cells AS "
+                    f"{cells_sql(boundary, person_unique=guard._fast_path(boundary, snap, catalog))}")
         times: dict[str, list[float]] = collections.defaultdict(list)
         steps: dict[str, list[float]] = collections.defaultdict(list)
         for _ in range(args.repeat):
+            for label, statement in (("raw, prepared", "bench_raw"), ("cells SQL, prepared", "bench_cells")):
+                t0 = time.perf_counter()
+                raw.execute(f"EXECUTE {statement}").to_arrow_table()
+                times[label].append(time.perf_counter() - t0)
             for label, fn in (("guarded", protect), ("protection as a pass-through", pass_through)):
                 guard_module.protect_threshold = fn
                 t0 = time.perf_counter()
@@ -92,7 +106,9 @@ def main() -> None:
         guard_module.protect_threshold = protect
         raw_ms = statistics.median(times["raw"]) * 1000
         print(f"-- {sql}")
-        for label in ("raw", "guarded", "protection as a pass-through"):
+        raw.execute("DEALLOCATE bench_raw")
+        raw.execute("DEALLOCATE bench_cells")
+        for label in ("raw", "raw, prepared", "cells SQL, prepared", "guarded", "protection as a pass-through"):
             ms = statistics.median(times[label]) * 1000
             print(f"{label:30s} {ms:8.2f} ms  ratio {ms / raw_ms:5.2f}")
         for step in [*STEPS, "protect_threshold"]:
