@@ -256,7 +256,7 @@ def _grid_keys(keys, typed_domains: tuple, j: int, grid_column: np.ndarray):
     return grid_column.copy()
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=128)   # a column per key of the grids _grid keeps (64)
 def _arrow_grid_column(typed_domains: tuple, j: int, arrow_type: pa.DataType) -> pa.Array:
     return _as_arrow_like(_grid(typed_domains)[1][j], pa.nulls(0, type=arrow_type))
 
