@@ -170,16 +170,8 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
     dense: Cells = {key: _grid_keys(cells[key], typed_domains, j, column)
                     for j, (key, column) in enumerate(zip(keys, key_columns))}
     for col, values in cells.items():
-        if col in keys:
-            continue
-        if isinstance(values, pa.Array):   # a key column beyond the domains: a value here
-            values = _to_numpy(values)
-        if values.dtype.kind in "iuf":
-            out = np.zeros(n_grid, dtype=values.dtype)
-        else:
-            out = np.empty(n_grid, dtype=object)
-        out[found] = values[positions[found]]
-        dense[col] = out
+        if col not in keys:
+            dense[col] = _onto_grid(values, positions, found)
     outside = ~inside
     return dense, take(cells, outside) if outside.any() else {k: v[:0] for k, v in cells.items()}
 
@@ -258,7 +250,7 @@ def _grid_keys(keys, typed_domains: tuple, j: int, grid_column: np.ndarray):
 
 @functools.lru_cache(maxsize=128)   # a column per key of the grids _grid keeps (64)
 def _arrow_grid_column(typed_domains: tuple, j: int, arrow_type: pa.DataType) -> pa.Array:
-    return _as_arrow_like(_grid(typed_domains)[1][j], pa.nulls(0, type=arrow_type))
+    return _as_arrow(_grid(typed_domains)[1][j], arrow_type)
 
 
 @functools.lru_cache(maxsize=64)
@@ -303,29 +295,34 @@ def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells
     dense: Cells = {}
     for j, k in enumerate(keys):
         column = np.array([key[j] for key in grid], dtype=object)
-        dense[k] = _as_arrow_like(column, cells[k]) if isinstance(cells[k], pa.Array) else column
+        dense[k] = _as_arrow(column, cells[k].type) if isinstance(cells[k], pa.Array) else column
     for col, values in cells.items():
-        if col in keys:
-            continue
-        if isinstance(values, pa.Array):
-            values = _to_numpy(values)
-        if values.dtype.kind in "iuf":
-            out = np.zeros(len(grid), dtype=values.dtype)
-        else:
-            out = np.empty(len(grid), dtype=object)
-        out[found] = values[positions[found]]
-        dense[col] = out
+        if col not in keys:
+            dense[col] = _onto_grid(values, positions, found)
     outside_mask = np.array([key not in grid_set for key in present], dtype=bool)
     return dense, take(cells, outside_mask) if size(cells) else cells
+
+
+def _onto_grid(values, positions: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """A value column on the grid: grid cell i takes row ``positions[i]`` where ``found``,
+    else zero (numbers) or None."""
+    if isinstance(values, pa.Array):   # a key column beyond the domains: a value here
+        values = _to_numpy(values)
+    if values.dtype.kind in "iuf":
+        out = np.zeros(len(positions), dtype=values.dtype)
+    else:
+        out = np.empty(len(positions), dtype=object)
+    out[found] = values[positions[found]]
+    return out
 
 
 def _pylist(column) -> list:
     return column.to_pylist() if isinstance(column, pa.Array) else column.tolist()
 
 
-def _as_arrow_like(values: np.ndarray, like: pa.Array) -> pa.Array:
+def _as_arrow(values: np.ndarray, arrow_type: pa.DataType) -> pa.Array:
     try:
-        return pa.array(values.tolist(), type=like.type)
+        return pa.array(values.tolist(), type=arrow_type)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         return pa.array(values.tolist())   # a domain not of the key's type: converted (or refused) on output
 
