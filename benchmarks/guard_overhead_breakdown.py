@@ -32,7 +32,7 @@ from guard_overhead import QUERIES  # noqa: E402
 import sekisho.guard.guard as guard_module  # noqa: E402
 from sekisho.guard import Guard  # noqa: E402
 from sekisho.guard.cells import cells_sql  # noqa: E402
-from sekisho.guard.protect.threshold import ProtectionStats  # noqa: E402
+from sekisho.guard.protect.threshold import ProtectionStats, counted  # noqa: E402
 
 STEPS = ["_role", "_current", "_plan", "_announce", "_fetch", "_check_population", "_to_arrow",
          "_post_process", "_audit_and_alert"]
@@ -41,8 +41,8 @@ STEPS = ["_role", "_current", "_plan", "_announce", "_fetch", "_check_population
 def pass_through(cells, aggregates, domains, **_):
     """The lower bound's 'protection': the true counts, unprotected (measurement only)."""
     out = {name: column for name, column in cells.items() if name.startswith("__g")}
-    for j, _agg in enumerate(aggregates):
-        out[f"__v{j}"] = cells[f"__x{j}"]
+    for j, agg in enumerate(aggregates):
+        out[f"__v{j}"] = counted(cells, j, agg.kind)
     return out, ProtectionStats(cells=len(cells["__n"]))
 
 

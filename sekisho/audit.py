@@ -361,9 +361,12 @@ class AuditLog:
             "details": details,
             "prev": prev,
         }
-        entry["hash"] = entry_hash(entry)
+        # the line is the canonical body with the hash and seal appended: one encoding,
+        # and verify's re-encoding of the parsed line gives the same body back
+        body = _canonical(entry)
+        entry["hash"] = hashlib.sha256(body).hexdigest()
         entry["mac"] = self._mac(entry["hash"])
-        data = (json.dumps(entry, ensure_ascii=False, sort_keys=True, default=str) + "\n").encode("utf-8")
+        data = body[:-1] + f',"hash":"{entry["hash"]}","mac":"{entry["mac"]}"}}\n'.encode()
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]

@@ -48,7 +48,8 @@ def test_intact_chain_verifies(instance: Instance) -> None:
 
 def test_edited_entry_is_found_at_its_line(instance: Instance) -> None:
     ls = lines(instance)
-    ls[3] = ls[3].replace('"rows": 400', '"rows": 401')
+    assert '"rows":400' in ls[3]
+    ls[3] = ls[3].replace('"rows":400', '"rows":401')
     rewrite(instance, ls)
     assert (4, "edited") in kinds(instance)
 

@@ -315,3 +315,24 @@ def test_text_and_integer_keys_are_looked_up_in_arrow() -> None:
     assert th._arrow_domain((tuple(BLOCKS), (str,) * len(BLOCKS)), pa.string()) is not None
     assert th._arrow_domain((tuple(range(101)), (int,) * 101), pa.int32()) is not None
     assert th._arrow_domain(((False, True), (bool, bool)), pa.int64()) is None
+
+
+def test_scalar_perturbation_is_the_vectorised_one() -> None:
+    # the population check perturbs one count with the scalar form: it must be the very
+    # same draw as the vectorised form, small counts, cycling columns and large counts alike
+    ptable = PerturbationTable(b"q" * 32, max_noise=3, variance=2.0)
+    counts = np.array([0, 1, 2, 9, 10, 31, 32, 33, 63, 64, 1000, 530_495, 5_304_950], dtype=np.int64)
+    for key in (0, 1, 17, 128, 255, 256, 511):
+        keys = np.full(len(counts), key, dtype=np.int64)
+        assert [ptable.perturb_count(key, c) for c in counts] == ptable.perturb_counts(keys, counts).tolist()
+
+
+def test_a_missing_count_is_the_contributor_count_only_where_it_must_be() -> None:
+    cells = {"__n": np.array([12, 30]), "__ck": np.array([3, 4])}
+    assert th.counted(cells, 0, "count_rows").tolist() == [12, 30]
+    assert th.counted(cells, 0, "count_persons").tolist() == [12, 30]
+    for kind in ("count_nonnull", "count_households"):
+        with pytest.raises(KeyError):   # never a zero or the person count in its place
+            th.counted(cells, 0, kind)
+    cells["__x0"] = np.array([20, 41])
+    assert th.counted(cells, 0, "count_rows").tolist() == [20, 41]

@@ -6,7 +6,9 @@ Columns of a cell (one row per group):
 * ``__g0..``  group keys
 * ``__n``     distinct persons in the cell (the contributor count for k and partition selection)
 * ``__ck``    cell key: sum of record keys mod 256
-* ``__x<j>``  count-like aggregate j (rows, non-null rows, distinct persons/households)
+* ``__x<j>``  count-like aggregate j (rows, non-null rows, distinct persons/households);
+  absent where it is ``__n`` itself (COUNT(*) or COUNT(DISTINCT person) in a view with
+  one row per person): see ``threshold.counted``
 * ``__s<j>``, ``__c<j>``  sum and non-null count of aggregate j (SUM/AVG)
 * ``__t<j>``  the two largest absolute per-person contributions (list) and ``__ta<j>`` the
   total of absolute per-person contributions — for the dominance rules
@@ -22,6 +24,9 @@ import secrets
 from dataclasses import dataclass
 
 from sekisho.guard.rewrite import PID, RKEY, BoundaryPlan
+
+# in a view with one row per person these count the contributors: the cell's ``__n``
+CONTRIBUTOR_COUNTS = ("count_rows", "count_persons")
 
 
 def q(name: str) -> str:
@@ -71,10 +76,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
         # (wide) identifier column need not be read at all
         select = [*keys, "COUNT(*) AS __n", f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck"]
         for j, agg in enumerate(bp.aggregates):
-            if agg.kind == "count_rows":
-                select.append(f"COUNT(*) AS __x{j}")
-            elif agg.kind == "count_persons":
-                select.append(f"COUNT(*) AS __x{j}")
+            if agg.kind in CONTRIBUTOR_COUNTS:
+                continue   # rows = persons = __n: not fetched and converted twice
             elif agg.kind == "count_nonnull":
                 select.append(f"COUNT({q(f'__a{j}')}) AS __x{j}")
             elif agg.kind == "count_households":

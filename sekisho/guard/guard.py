@@ -383,6 +383,18 @@ class Guard:
             return not bp.has_join      # unit rows are one per linkage key by construction
         return not bp.has_join and person_unique
 
+    @staticmethod
+    def _cells_sql(bp: BoundaryPlan, person_unique: bool) -> str:
+        """The threshold cells SQL of a cached plan's boundary, written once per plan."""
+        memo = getattr(bp, "_cells_sql", None)
+        if memo is None:
+            memo = {}
+            object.__setattr__(bp, "_cells_sql", memo)
+        sql = memo.get(person_unique)
+        if sql is None:
+            sql = memo[person_unique] = cells_sql(bp, person_unique=person_unique)
+        return sql
+
     def _fetch(self, snap: _Snapshot, sql: str, *, prepared: bool = False) -> Cells:
         try:
             table = snap.execute_prepared(sql) if prepared else snap.cursor().execute(sql).to_arrow_table()
@@ -399,7 +411,7 @@ class Guard:
         for bp in plan.boundaries:
             fast = self._fast_path(bp, snap, catalog)
             run, left_out = self._neutralise_conditions(bp, snap, catalog, fast) if influence else (bp, ())
-            cells = self._fetch(snap, cells_sql(run, person_unique=fast), prepared=True)
+            cells = self._fetch(snap, self._cells_sql(run, fast), prepared=True)
             population = self._check_population(run, snap, cells, fast) if bp.filtered else None
             frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
@@ -420,8 +432,7 @@ class Guard:
         else:
             pop = self._fetch(snap, population_sql(bp), prepared=True)
             n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
-        noisy = int(self.ptable.perturb_counts([ck], [n])[0])
-        if noisy < self.policy.disclosure.k:
+        if self.ptable.perturb_count(ck, n) < self.policy.disclosure.k:
             raise QueryRefused("filter_population_below_k")
         return n
 

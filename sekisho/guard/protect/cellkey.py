@@ -84,6 +84,13 @@ class PerturbationTable:
         counts = np.asarray(counts, dtype=np.int64)
         return np.maximum(counts + self.count_noise(cell_keys, counts), 0)
 
+    def perturb_count(self, cell_key: int, count: int) -> int:
+        """``perturb_counts`` for one cell, in plain integers (the population check asks
+        for one value per query: numpy's per-call cost would be most of it)."""
+        count, cell_key = int(count), int(cell_key) % KEY_RANGE
+        column = count if count < SMALL_COLUMNS else SMALL_COLUMNS + count % SMALL_COLUMNS
+        return max(count + int(self.count_table[column, cell_key]), 0)
+
     def perturb_sums(self, cell_keys, sums, top1, salt: int = 0) -> np.ndarray:
         keys = (np.asarray(cell_keys, dtype=np.int64) + 37 * salt) % KEY_RANGE
         sums = np.asarray(sums, dtype=float)

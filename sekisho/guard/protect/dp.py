@@ -26,8 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 from diffprivlib.mechanisms import Geometric, Laplace, Snapping
 
-from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, densify, nullable, number,
-                                             size, take)
+from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, counted, densify, nullable,
+                                             number, size, take)
 
 POPULATION_BOUND = 10_000_000  # |sum| <= this many sensitivities: a public bound on any cell
 
@@ -79,7 +79,7 @@ def protect_dp(cells: Cells, aggregates, domains: list[tuple | None], params: DP
     out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
-            raw = number(cells, f"__x{j}", np.int64)
+            raw = counted(cells, j, agg.kind)
             sensitivity = params.max_rows if agg.kind in ("count_rows", "count_nonnull") else params.max_groups
             out[f"__v{j}"] = nullable(np.maximum(_geometric(raw, eps, sensitivity), 0), np.zeros(count, bool))
             continue

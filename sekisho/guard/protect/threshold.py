@@ -132,6 +132,17 @@ def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
     return out if np.dtype(dtype) == out.dtype else out.astype(dtype)
 
 
+def counted(cells: Cells, j: int, kind: str) -> np.ndarray:
+    """Count-like aggregate ``j``: its own column, or the contributor count ``__n`` where
+    the cells SQL leaves it out as equal to it (``cells.CONTRIBUTOR_COUNTS`` in a view with
+    one row per person). Any other missing count is an error, never a zero."""
+    if f"__x{j}" in cells:
+        return number(cells, f"__x{j}", np.int64)
+    if kind in ("count_rows", "count_persons"):
+        return number(cells, "__n", np.int64)
+    raise KeyError(f"__x{j}")
+
+
 def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | None]:
     """Put cells onto the public domain grid (absent cells: zero persons, no values).
     Returns (cells on the grid, cells whose keys fall outside the domain), or
@@ -370,7 +381,7 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
     out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
-            raw = number(cells, f"__x{j}", np.int64)
+            raw = counted(cells, j, agg.kind)
             value = table.perturb_counts(ck, raw) if perturb else raw
             tiny = (value > 0) & (value < min_count)
             stats.values_suppressed_small += int((tiny & ~small).sum())
