@@ -160,6 +160,44 @@ def test_unknown_user_and_roles_without_views(guard):
         "mode_not_allowed"
 
 
+def test_a_role_change_applies_to_the_very_next_query(inst):
+    # one guard, many requests: a change of role must apply to the next request, with
+    # nothing answered or recorded under the old role (no role is cached across requests)
+    from sekisho.state import remove_user, set_role
+
+    set_role(inst, "mover", "analyst")
+    g = Guard(inst)
+    try:
+        sql = "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"
+        assert g.query(sql, user="mover").table.num_rows == 2
+        before = inst.audit.head()[0]
+        set_role(inst, "mover", "steward")                 # no views any more
+        assert refused(g, sql, user="mover").code == "role_has_no_views"
+        new = [e for e in inst.audit.entries(user="mover") if e["seq"] > before]
+        # (a refusal decided by the role lookup itself records no role, as before)
+        assert [(e["type"], e["details"]["code"]) for e in new] == [("query.refused", "role_has_no_views")]
+        set_role(inst, "mover", "reports")                 # threshold only: DP refused
+        assert refused(g, sql, user="mover", mode="dp", epsilon=0.1).code == "mode_not_allowed"
+        assert g.query(sql, user="mover").summary["mode"] == "threshold"
+        set_role(inst, "mover", "analyst")                 # a refusal under the old role is not kept
+        assert g.query(sql, user="mover", mode="dp", epsilon=0.1).summary["mode"] == "dp"
+        before = inst.audit.head()[0]
+        remove_user(inst, "mover")
+        assert refused(g, sql, user="mover").code == "unknown_user"
+        new = [e for e in inst.audit.entries(user="mover") if e["seq"] > before]
+        assert [(e["type"], e["role"]) for e in new] == [("query.refused", None)]
+        set_role(inst, "mover", "analyst")
+        g.query(sql, user="mover")
+        before = inst.audit.head()[0]
+        set_role(inst, "mover", "reports")                 # answered: recorded under the new role
+        g.query(sql, user="mover")
+        g.flush()
+        new = [e for e in inst.audit.entries(user="mover") if e["seq"] > before]
+        assert {(e["type"], e["role"]) for e in new} == {("query.request", "reports"), ("query", "reports")}
+    finally:
+        g.close()
+
+
 def test_public_views_are_answered_as_is(guard, inst):
     r = guard.query("SELECT facility_id, capacity_1 FROM facilities ORDER BY facility_id", user="ana")
     assert r.table.num_rows == len(truth(inst, "SELECT * FROM facilities"))
