@@ -23,10 +23,8 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from sekisho.guard.protect.threshold import CONTRIBUTOR_COUNTS
 from sekisho.guard.rewrite import PID, RKEY, BoundaryPlan
-
-# in a view with one row per person these count the contributors: the cell's ``__n``
-CONTRIBUTOR_COUNTS = ("count_rows", "count_persons")
 
 
 def q(name: str) -> str:

@@ -37,6 +37,8 @@ from sekisho.guard.protect.dominance import dominated
 
 MAX_DENSE_CELLS = 200_000
 COUNT_KINDS = ("count_rows", "count_nonnull", "count_persons", "count_households")
+# in a view with one row per person these count the contributors: the cell's ``__n``
+CONTRIBUTOR_COUNTS = ("count_rows", "count_persons")
 
 # Cells are plain columns: name -> numpy array (object arrays for lists and other
 # scalars); NULL is None in object arrays and NaN in float arrays. Group keys (``__g*``)
@@ -134,11 +136,11 @@ def number(cells: Cells, name: str, dtype=float) -> np.ndarray:
 
 def counted(cells: Cells, j: int, kind: str) -> np.ndarray:
     """Count-like aggregate ``j``: its own column, or the contributor count ``__n`` where
-    the cells SQL leaves it out as equal to it (``cells.CONTRIBUTOR_COUNTS`` in a view with
-    one row per person). Any other missing count is an error, never a zero."""
+    the cells SQL leaves it out as equal to it (``CONTRIBUTOR_COUNTS`` in a view with one
+    row per person). Any other missing count is an error, never a zero."""
     if f"__x{j}" in cells:
         return number(cells, f"__x{j}", np.int64)
-    if kind in ("count_rows", "count_persons"):
+    if kind in CONTRIBUTOR_COUNTS:
         return number(cells, "__n", np.int64)
     raise KeyError(f"__x{j}")
 
