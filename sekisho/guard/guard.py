@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 
 PLAN_CACHE_SIZE = 512
 PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot
+# Rows per Arrow batch when the guard fetches from DuckDB. DuckDB's default (1,000,000)
+# has every thread set up a batch that size, which costs 0.1-0.3 ms on each small result
+# (benchmarks/guard_overhead.py prints the comparison); one DuckDB vector (2,048 rows) per
+# batch does not, and large results are no slower.
+ARROW_BATCH_ROWS = 2048
 INFLUENCE_CACHE_SIZE = 2048
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
 # (person-unique view; each unit bounded to one row and one cell), so adding or removing
@@ -152,7 +157,7 @@ class _Snapshot:
                 cur.execute(f"DEALLOCATE {old}")
         else:
             prepared.move_to_end(sql)
-        return cur.execute(f"EXECUTE {name}").to_arrow_table()
+        return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
 
     def is_person_unique(self, view: str, unit: str) -> bool:
         if view not in self.person_unique:
@@ -397,7 +402,7 @@ class Guard:
 
     def _fetch(self, snap: _Snapshot, sql: str, *, prepared: bool = False) -> Cells:
         try:
-            table = snap.execute_prepared(sql) if prepared else snap.cursor().execute(sql).to_arrow_table()
+            table = snap.execute_prepared(sql) if prepared else snap.cursor().execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
             return cells_from_arrow(table)
         except duckdb.Error as exc:
             raise _execution_refusal(exc) from None
@@ -622,7 +627,7 @@ class Guard:
                 registered.append(view)
             sql = plan.post_sql if not limit_zero else f"SELECT * FROM ({plan.post_sql}) AS __q LIMIT 0"
             try:
-                return con.execute(sql).to_arrow_table()
+                return con.execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
             except duckdb.Error as exc:
                 raise _execution_refusal(exc) from None
         finally:
