@@ -420,6 +420,54 @@ def test_close_finishes_pending_alert_bookkeeping(inst):
     assert len(seen) == 1           # ... and closing the guard waited for it
 
 
+# ---- fetching --------------------------------------------------------------------------------
+BATCHING_QUERIES = [
+    "SELECT block, age_band, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2, 3",          # densified
+    "SELECT chome_code, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2",                  # rare groups dropped
+    "SELECT age, COUNT(*) AS n FROM residents WHERE block = '飾磨' GROUP BY age",           # population check
+    "SELECT CASE WHEN age >= 65 THEN '65+' ELSE '<65' END AS g, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2",
+    "SELECT block, SUM(taxable_income) AS s, AVG(taxable_income) AS m, COUNT(*) AS n "
+    "FROM resident_tax WHERE tax_year = 2025 GROUP BY block",                              # dominance top lists
+    "SELECT m.idou_type, COUNT(DISTINCT m.person_id) AS n FROM movements m JOIN facilities f "
+    "ON m.block = f.block WHERE f.capacity_1 > 12 GROUP BY 1",                             # population query
+    "SELECT a.block, a.n, b.cap, a.n / b.cap AS ratio FROM (SELECT block, COUNT(*) AS n FROM residents "
+    "GROUP BY block) a JOIN (SELECT block, SUM(capacity_1) AS cap FROM facilities GROUP BY block) b "
+    "ON a.block = b.block ORDER BY a.block",                                                # post-processing
+]
+
+
+def test_answers_do_not_depend_on_how_the_store_batches_its_results(inst, monkeypatch):
+    """The guard fetches in small Arrow batches (ARROW_BATCH_ROWS), so its cells arrive in
+    many chunks: every answer must be the one a single batch gives."""
+    import sekisho.guard.guard as guard_module
+
+    chunks = []
+    execute_prepared = guard_module._Snapshot.execute_prepared
+
+    def counting(self, sql):
+        table = execute_prepared(self, sql)
+        chunks.append(max((c.num_chunks for c in table.columns), default=0))
+        return table
+
+    monkeypatch.setattr(guard_module._Snapshot, "execute_prepared", counting)
+    answers = {}
+    for rows in (1_000_000, 3):
+        monkeypatch.setattr(guard_module, "ARROW_BATCH_ROWS", rows)
+        g = Guard(inst)   # a new guard: its prepared statements and plans are its own
+        try:
+            results = [g.query(sql, user="ana") for sql in BATCHING_QUERIES]
+        finally:
+            g.close()
+        answers[rows] = [(r.table.schema, sorted(map(repr, r.table.to_pylist())), r.summary["cells"],
+                          r.summary["cells_suppressed"], r.summary["values_suppressed_dominance"])
+                         for r in results]
+        if rows == 3:
+            assert max(chunks) > 1   # the small batches did split the cells
+        chunks.clear()
+    for sql, big, small in zip(BATCHING_QUERIES, answers[1_000_000], answers[3]):
+        assert big == small, sql
+
+
 # ---- describe -------------------------------------------------------------------------------
 def test_describe_matches_query_schema(guard):
     sql = ("SELECT block, COUNT(*) AS n, AVG(taxable_income) AS m, COUNT(*) / 2 AS half FROM resident_tax "
