@@ -426,13 +426,13 @@ BATCHING_QUERIES = [
     "SELECT chome_code, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2",                  # rare groups dropped
     "SELECT age, COUNT(*) AS n FROM residents WHERE block = '飾磨' GROUP BY age",           # population check
     "SELECT CASE WHEN age >= 65 THEN '65+' ELSE '<65' END AS g, sex, COUNT(*) AS n FROM residents GROUP BY 1, 2",
-    "SELECT block, SUM(taxable_income) AS s, AVG(taxable_income) AS m, COUNT(*) AS n "
-    "FROM resident_tax WHERE tax_year = 2025 GROUP BY block",                              # dominance top lists
-    "SELECT m.idou_type, COUNT(DISTINCT m.person_id) AS n FROM movements m JOIN facilities f "
-    "ON m.block = f.block WHERE f.capacity_1 > 12 GROUP BY 1",                             # population query
-    "SELECT a.block, a.n, b.cap, a.n / b.cap AS ratio FROM (SELECT block, COUNT(*) AS n FROM residents "
-    "GROUP BY block) a JOIN (SELECT block, SUM(capacity_1) AS cap FROM facilities GROUP BY block) b "
-    "ON a.block = b.block ORDER BY a.block",                                                # post-processing
+    ("SELECT block, SUM(taxable_income) AS s, AVG(taxable_income) AS m, COUNT(*) AS n "
+     "FROM resident_tax WHERE tax_year = 2025 GROUP BY block"),                             # dominance top lists
+    ("SELECT m.idou_type, COUNT(DISTINCT m.person_id) AS n FROM movements m JOIN facilities f "
+     "ON m.block = f.block WHERE f.capacity_1 > 12 GROUP BY 1"),                            # population query
+    ("SELECT a.block, a.n, b.cap, a.n / b.cap AS ratio FROM (SELECT block, COUNT(*) AS n FROM residents "
+     "GROUP BY block) a JOIN (SELECT block, SUM(capacity_1) AS cap FROM facilities GROUP BY block) b "
+     "ON a.block = b.block ORDER BY a.block"),                                               # post-processing
 ]
 
 

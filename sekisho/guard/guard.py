@@ -59,10 +59,11 @@ log = logging.getLogger(__name__)
 
 PLAN_CACHE_SIZE = 512
 PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot
-# Rows per Arrow batch when the guard fetches from DuckDB. DuckDB's default (1,000,000)
-# has every thread set up a batch that size, which costs 0.1-0.3 ms on each small result
-# (benchmarks/guard_overhead.py prints the comparison); one DuckDB vector (2,048 rows) per
-# batch does not, and large results are no slower.
+# Rows per Arrow batch when the guard fetches from DuckDB. With DuckDB's default batch of
+# 1,000,000 rows a small grouped result took 0.1-0.3 ms longer to fetch than with one
+# DuckDB vector (2,048 rows) per batch, and a 150,000-cell result was no faster (measured
+# alternating both on the 530k city; benchmarks/guard_overhead.py prints the raw SQL
+# fetched both ways).
 ARROW_BATCH_ROWS = 2048
 INFLUENCE_CACHE_SIZE = 2048
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
