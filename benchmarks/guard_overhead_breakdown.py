@@ -5,7 +5,8 @@ For each small query of guard_overhead.py, in one process and interleaved with t
 * the time of each step of ``Guard.query`` as it runs in the loop (after a DuckDB scan the
   guard's Python runs with cold CPU caches, so these are larger than in a micro-benchmark);
 * the store's part: the raw SQL and the guard's cells SQL (with the hidden contributor
-  count and cell key), both as prepared statements on the raw connection;
+  count and cell key), both as prepared statements on the raw connection, fetched in the
+  guard's Arrow batches (``ARROW_BATCH_ROWS``), as the guard runs its own;
 * a lower bound: the same guard with threshold protection replaced by a pass-through of
   the true counts. Measurement only — that guard's answers are never used; it shows how
   much of the ratio protection accounts for, and what is left without it (audit, role
@@ -88,7 +89,7 @@ def main() -> None:
         for _ in range(args.repeat):
             for label, statement in (("raw, prepared", "bench_raw"), ("cells SQL, prepared", "bench_cells")):
                 t0 = time.perf_counter()
-                raw.execute(f"EXECUTE {statement}").to_arrow_table()
+                raw.execute(f"EXECUTE {statement}").to_arrow_table(guard_module.ARROW_BATCH_ROWS)
                 times[label].append(time.perf_counter() - t0)
             for label, fn in (("guarded", protect), ("protection as a pass-through", pass_through)):
                 guard_module.protect_threshold = fn
