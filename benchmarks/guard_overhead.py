@@ -133,7 +133,8 @@ def measure(inst: Instance, repeat: int) -> tuple[float, float, int, float]:
         prepared_ratios.append(g / statistics.median(prep_t))
         cold_ratios.append(guard_cold / raw_cold)
         print(f"raw {r * 1000:8.1f} ms  guarded {g * 1000:8.1f} ms (audit append {a * 1000:5.1f} ms)  "
-              f"ratio {g / r:5.2f}  without audit {(g - a) / r:5.2f}  vs raw as the guard runs it {prepared_ratios[-1]:5.2f}  "
+              f"ratio {g / r:5.2f}  without audit {(g - a) / r:5.2f}  "
+              f"vs raw as the guard runs it {prepared_ratios[-1]:5.2f}  "
               f"{sql[:60]}", flush=True)
         print(f"    first run (cold, plan cache empty): raw {raw_cold * 1000:8.1f} ms  "
               f"guarded {guard_cold * 1000:8.1f} ms  ratio {guard_cold / raw_cold:5.2f}", flush=True)

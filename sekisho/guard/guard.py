@@ -62,8 +62,8 @@ PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and sna
 # Rows per Arrow batch when the guard fetches from DuckDB. With DuckDB's default batch of
 # 1,000,000 rows a small grouped result took 0.1-0.3 ms longer to fetch than with one
 # DuckDB vector (2,048 rows) per batch, and a 150,000-cell result was no faster (measured
-# alternating both on the 530k city; benchmarks/guard_overhead.py prints the raw SQL
-# fetched both ways).
+# alternating both on the 530k city; benchmarks/guard_overhead.py compares the guard with
+# the raw SQL fetched DuckDB's default way and, prepared, the guard's way).
 ARROW_BATCH_ROWS = 2048
 INFLUENCE_CACHE_SIZE = 2048
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
@@ -403,7 +403,10 @@ class Guard:
 
     def _fetch(self, snap: _Snapshot, sql: str, *, prepared: bool = False) -> Cells:
         try:
-            table = snap.execute_prepared(sql) if prepared else snap.cursor().execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
+            if prepared:
+                table = snap.execute_prepared(sql)
+            else:
+                table = snap.cursor().execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
             return cells_from_arrow(table)
         except duckdb.Error as exc:
             raise _execution_refusal(exc) from None
