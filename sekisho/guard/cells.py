@@ -23,6 +23,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass
 
+from sekisho.guard.protect.cellkey import cell_key_sql
 from sekisho.guard.protect.threshold import CONTRIBUTOR_COUNTS
 from sekisho.guard.rewrite import PID, RKEY, BoundaryPlan
 
@@ -72,7 +73,7 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
         # one row per person: per-person contributions are the rows themselves
         # the privacy unit is never NULL in a person-level view, so rows = persons and the
         # (wide) identifier column need not be read at all
-        select = [*keys, "COUNT(*) AS __n", f"CAST(SUM({RKEY}) % 256 AS INTEGER) AS __ck"]
+        select = [*keys, "COUNT(*) AS __n", f"{cell_key_sql(f'SUM({RKEY})')} AS __ck"]
         for j, agg in enumerate(bp.aggregates):
             if agg.kind in CONTRIBUTOR_COUNTS:
                 continue   # rows = persons = __n: not fetched and converted twice
@@ -93,7 +94,7 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
     # a person's records are counted once in the cell key (SUM(DISTINCT)), so a join that
     # repeats rows (fan-out) does not change the noise of the same contributing records
     per_person = [*keys, PID, "COUNT(*) AS __r", f"SUM(DISTINCT {RKEY}) AS __k"]
-    outer = [*keys, "COUNT(*) AS __n", "CAST(SUM(__k) % 256 AS INTEGER) AS __ck"]
+    outer = [*keys, "COUNT(*) AS __n", f"{cell_key_sql('SUM(__k)')} AS __ck"]
     for j, agg in enumerate(bp.aggregates):
         if agg.kind == "count_rows":
             outer.append(f"SUM(__r) AS __x{j}")
@@ -133,4 +134,4 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
 def population_sql(bp: BoundaryPlan) -> str:
     """Distinct persons selected by the boundary's filters, with their cell key."""
     return (f"WITH __rows AS ({bp.row_sql}), __pp AS (SELECT {PID}, SUM(DISTINCT {RKEY}) AS __k FROM __rows "
-            f"GROUP BY {PID}) SELECT COUNT(*) AS __n, CAST(SUM(__k) % 256 AS INTEGER) AS __ck FROM __pp")
+            f"GROUP BY {PID}) SELECT COUNT(*) AS __n, {cell_key_sql('SUM(__k)')} AS __ck FROM __pp")

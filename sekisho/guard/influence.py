@@ -32,6 +32,7 @@ from sqlglot.optimizer.pushdown_projections import pushdown_projections
 
 from sekisho.guard.analyze import DIALECT
 from sekisho.guard.errors import QueryRefused
+from sekisho.guard.protect.cellkey import cell_key_sql
 
 PID, RKEY = "__pid", "__rkey"
 CONNECTIVES = (exp.And, exp.Or, exp.Not, exp.Paren, exp.Xor)
@@ -304,19 +305,19 @@ def _influence_flat(base: exp.Select, flats: list[exp.Select], columns: list[str
     pid, rkey = proj0[PID], proj0[RKEY]
     if person_unique:
         select = [f"COUNT(*) FILTER (WHERE {cond0}) AS __n",
-                  f"CAST(COALESCE(SUM({rkey}) FILTER (WHERE {cond0}), 0) % 256 AS INTEGER) AS __ck"]
+                  f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {cond0}), 0)')} AS __ck"]
         for i, d in enumerate(changed):
             select.append(f"COUNT(*) FILTER (WHERE {d}) AS __n{i}")
-            select.append(f"CAST(COALESCE(SUM({rkey}) FILTER (WHERE {d}), 0) % 256 AS INTEGER) AS __ck{i}")
+            select.append(f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {d}), 0)')} AS __ck{i}")
         return f"SELECT {', '.join(select)} {source}"
     inner = [f"{pid} AS __p", f"SUM(DISTINCT {rkey}) AS __k",
              f"bool_or({cond0}) AS __in", f"SUM(DISTINCT {rkey}) FILTER (WHERE {cond0}) AS __kin"] + \
         [f"bool_or({d}) AS __d{i}" for i, d in enumerate(changed)]
     outer = ["COUNT(*) FILTER (WHERE __in) AS __n",
-             "CAST(COALESCE(SUM(__kin) FILTER (WHERE __in), 0) % 256 AS INTEGER) AS __ck"]
+             f"{cell_key_sql('COALESCE(SUM(__kin) FILTER (WHERE __in), 0)')} AS __ck"]
     for i in range(len(changed)):
         outer.append(f"COUNT(*) FILTER (WHERE __d{i}) AS __n{i}")
-        outer.append(f"CAST(COALESCE(SUM(__k) FILTER (WHERE __d{i}), 0) % 256 AS INTEGER) AS __ck{i}")
+        outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __d{i}), 0)')} AS __ck{i}")
     return f"SELECT {', '.join(outer)} FROM (SELECT {', '.join(inner)} {source} GROUP BY {pid}) AS __pp"
 
 
@@ -331,12 +332,12 @@ def _influence_general(row_sql: str, neighbours: list[Variant], columns: list[st
     ctes = [f"__s AS ({rows(row_sql)})",
             f"__base AS (SELECT {_q(PID)}, SUM(DISTINCT {_q(RKEY)}) AS __k FROM __s GROUP BY {_q(PID)})"]
     select = ["(SELECT COUNT(*) FROM __base) AS __n",
-              "(SELECT CAST(COALESCE(SUM(__k), 0) % 256 AS INTEGER) FROM __base) AS __ck"]
+              f"(SELECT {cell_key_sql('COALESCE(SUM(__k), 0)')} FROM __base) AS __ck"]
     for i, v in enumerate(neighbours):
         ctes.append(f"__s{i} AS ({rows(v.sql)})")
         ctes.append(f"__d{i} AS (SELECT {_q(PID)}, SUM(DISTINCT {_q(RKEY)}) AS __k FROM "
                     f"((SELECT * FROM __s EXCEPT SELECT * FROM __s{i}) UNION ALL "
                     f"(SELECT * FROM __s{i} EXCEPT SELECT * FROM __s)) AS __x GROUP BY {_q(PID)})")
         select.append(f"(SELECT COUNT(*) FROM __d{i}) AS __n{i}")
-        select.append(f"(SELECT CAST(COALESCE(SUM(__k), 0) % 256 AS INTEGER) FROM __d{i}) AS __ck{i}")
+        select.append(f"(SELECT {cell_key_sql('COALESCE(SUM(__k), 0)')} FROM __d{i}) AS __ck{i}")
     return f"WITH {', '.join(ctes)} SELECT {', '.join(select)}"
