@@ -37,6 +37,7 @@ from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
 
 from sekisho.guard import Guard  # noqa: E402
 from sekisho.guard.guard import ARROW_BATCH_ROWS  # noqa: E402
+from sekisho.ingest import views  # noqa: E402
 from sekisho.instance import Instance  # noqa: E402
 from sekisho.state import set_role  # noqa: E402
 from sekisho.store import Store  # noqa: E402
@@ -68,7 +69,8 @@ def scaled_instance(base: Instance, factor: int, home: Path) -> Instance:
                     "household_id || '-' || CAST(i AS VARCHAR) AS household_id" if c == "household_id" else
                     "CAST(floor(random() * 256) AS SMALLINT) AS _rkey" if c == "_rkey" else f'"{c}"'
                     for c in cols)
-                con.execute(f"CREATE TABLE residents AS SELECT {proj} FROM src.residents, range({factor}) r(i)")
+                con.execute(f"CREATE TEMP VIEW scaled AS SELECT {proj} FROM src.residents, range({factor}) r(i)")
+                views.write(con, "scaled", "residents")   # as ingest writes a view
             else:
                 con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM src."{name}"')
         con.execute("DETACH src")

@@ -86,6 +86,23 @@ def test_ingest_builds_one_table_per_view_with_exactly_the_policy_columns(city):
     assert 0 <= rk.lo <= rk.hi <= 255
 
 
+def test_record_keys_are_stored_uncompressed(city):
+    """Every guarded query reads ``_rkey`` (views.write): it is the one column stored
+    uncompressed; DuckDB still compresses the others."""
+    inst, src, _ = city
+    _ingest(inst, src)
+    pol = policy_module.load_policy(inst.policy_path)
+    con = Store(inst).connect().con
+    personal = [name for name, view in pol.views.items() if not view.public]
+    assert personal
+    for name in personal:
+        storage = con.execute(f"SELECT column_name, compression FROM pragma_storage_info('{name}') "
+                              "WHERE segment_type <> 'VALIDITY'").fetchall()
+        assert {c for col, c in storage if col == "_rkey"} == {"Uncompressed"}, name
+        assert {c for col, c in storage if col != "_rkey"} - {"Uncompressed"}, name
+    assert con.execute("SELECT typeof(any_value(_rkey)) FROM residents").fetchone() == ("SMALLINT",)
+
+
 def test_raw_identifiers_and_precise_values_never_reach_the_store(city):
     inst, src, data = city
     _ingest(inst, src)

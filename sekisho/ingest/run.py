@@ -239,9 +239,9 @@ class Ingestion:
             store = Store(self.instance)
             with store.writer(policy_version=self.instance.policy_version, user=self.user) as w:
                 w.attach(con, "snap")
-                for view in policy.views:
-                    con.execute(f"CREATE TABLE snap.{view} AS SELECT * FROM view_{view}")
-                    con.execute(f"DROP TABLE view_{view}")
+                for name in policy.views:
+                    views.write(con, f"view_{name}", f"snap.{name}")
+                    con.execute(f"DROP TABLE view_{name}")
                 con.execute("DETACH snap")
                 bar.update()
                 phase("sealing")

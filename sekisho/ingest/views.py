@@ -141,6 +141,19 @@ def build(con, policy: Policy, view: View, extract: date) -> None:
     con.execute(f"DROP VIEW _built_{view.name}")
 
 
+def write(con, source: str, target: str) -> None:
+    """Write the built view ``source`` (a table or view) into the snapshot table
+    ``target``. The record key column is stored uncompressed: every guarded query reads
+    it for the rows its filters select, and DuckDB gathers those from an uncompressed
+    column faster than it unpacks the bit-packed one (0.03-0.10 ms less per query on
+    the 530k city; it costs 0.7 MB)."""
+    columns = con.execute(f"DESCRIBE {source}").fetchall()
+    definitions = ", ".join(f"{ident(name)} {type_}" + (" USING COMPRESSION uncompressed" if name == RKEY else "")
+                            for name, type_, *_ in columns)
+    con.execute(f"CREATE TABLE {target} ({definitions})")
+    con.execute(f"INSERT INTO {target} SELECT * FROM {source}")
+
+
 def check_domains(con, policy: Policy, view: View) -> list[Problem]:
     """Every value of a column with a declared (public) domain must be in it, otherwise
     the guard's densification and DP partition selection would be wrong."""
