@@ -29,7 +29,7 @@ SUM_NOISE_FRACTION = 0.10
 def cell_key_sql(key_sum: str) -> str:
     """SQL for a cell key from ``key_sum`` (a SUM of record keys): mod ``KEY_RANGE`` as
     an INTEGER. DuckDB's SUM of integers is a HUGEINT, and its HUGEINT modulo is a slow
-    long division: on BIGINT the cell keys of a 949-cell result cost 0.25 ms less (the
+    long division: on BIGINT the cell keys of an 892-cell result cost 0.25 ms less (the
     cast cannot overflow: that would take 3.6e16 records)."""
     return f"CAST(CAST({key_sum} AS BIGINT) % {KEY_RANGE} AS INTEGER)"
 
