@@ -594,6 +594,15 @@ class Guard:
                 columns.append(pa.nulls(rows, type=f.type))
             elif isinstance(values, pa.Array):   # group keys, as the store returned them
                 columns.append(values if values.type == f.type else values.cast(f.type))
+            elif values.dtype.kind == "f" and pa.types.is_int64(f.type):
+                # a count: whole numbers, NaN for NULL (suppressed or absent), built from an
+                # int64 buffer and a null mask rather than by Arrow's float-to-int cast; with
+                # cells_from_arrow reading single arrays, the answer path no longer runs
+                # Arrow's pandas-style conversions at all (0.01-0.02 off the overhead ratio,
+                # alternating both in one process; either change alone did not show)
+                null = np.isnan(values)
+                columns.append(pa.array(np.where(null, 0, values).astype(np.int64), type=f.type,
+                                        mask=null if null.any() else None))
             elif values.dtype != object:
                 # numeric, straight from numpy; NaN is NULL (a suppressed or absent value)
                 columns.append(pa.array(values, type=f.type, from_pandas=True))

@@ -68,11 +68,20 @@ def _is_text(t: pa.DataType) -> bool:
 
 
 def cells_from_arrow(table: pa.Table) -> Cells:
-    return {name: table.column(name).combine_chunks() if name.startswith(KEY_PREFIX) else
-            _to_numpy(table.column(name)) for name in table.column_names}
+    return {name: _one_array(column) if name.startswith(KEY_PREFIX) else _to_numpy(column)
+            for name, column in zip(table.column_names, table.columns)}
+
+
+def _one_array(col: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """One Arrow array; a small result comes in one chunk, taken as it is (converting
+    a ChunkedArray goes through Arrow's heavier pandas-style path)."""
+    if isinstance(col, pa.ChunkedArray):
+        return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+    return col
 
 
 def _to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    col = _one_array(col)
     if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
         return col.to_numpy(zero_copy_only=False).astype(float) if col.null_count else \
             col.to_numpy(zero_copy_only=False)
