@@ -437,7 +437,7 @@ class Guard:
         decision itself carries the same noise as any released count."""
         if fast:   # the cells partition the filtered persons: their counts and keys add up
             n = int(cells["__n"].sum())
-            ck = int(cells["__ck"].sum()) % 256
+            ck = int(cells["__ck"].sum())   # perturb_count takes it mod KEY_RANGE
         else:
             pop = self._fetch(snap, population_sql(bp), prepared=True)
             n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
