@@ -1,5 +1,18 @@
 """``sekisho query``: run one SQL query through the guard and print the protected table
-and its disclosure summary. A refusal prints the reason to stderr and exits 3."""
+and its disclosure summary. A refusal prints the reason to stderr and exits 3.
+
+The SQL comes from a file (``--file PATH``) or standard input (``-``, or no argument when
+standard input is not a terminal)::
+
+    sekisho query --file q.sql
+    sekisho query - <<'SQL'
+    SELECT block, COUNT(*) AS n FROM residents GROUP BY block
+    SQL
+
+A command line is readable by every local user (``/proc/<pid>/cmdline``, ``ps``), and the
+SQL says what an analyst is looking at; the positional SQL argument is kept for
+compatibility but warns.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +23,40 @@ from pathlib import Path
 import click
 
 from sekisho.cli.common import EXIT_REFUSED, as_option, home_option, open_instance, resolve_caller
+
+CMDLINE_WARNING = ("警告: コマンドラインの SQL は同じサーバーの他のユーザーから見えます。--file か標準入力を"
+                   "使ってください / warning: command lines are visible to other local users; pass the SQL "
+                   "with --file PATH or on standard input (-)")
+
+
+def _read_sql(sql: str | None, sql_file: Path | None) -> str:
+    """The query's SQL from ``--file``, standard input or (with a warning) the argument."""
+    if sql_file is not None and sql is not None:
+        raise click.UsageError("give the SQL once: --file PATH or an argument, not both "
+                               "/ SQL は --file か引数のどちらか一方で指定してください")
+    if sql_file is not None:
+        try:
+            data = sql_file.read_bytes()
+        except OSError as exc:
+            raise click.ClickException(f"SQL ファイルを読めません / cannot read the SQL file "
+                                       f"'{sql_file}': {exc.strerror or exc}") from None
+        source = f"'{sql_file}'"
+    elif sql == "-" or (sql is None and sys.stdin is not None and not sys.stdin.isatty()):
+        data = sys.stdin.buffer.read() if sys.stdin is not None else b""
+        source = "standard input"
+    elif sql is None:
+        raise click.UsageError("no SQL: give --file PATH, or '-' with the SQL on standard input "
+                               "/ SQL を --file か標準入力（-）で指定してください")
+    else:
+        click.echo(CMDLINE_WARNING, err=True)
+        return sql
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise click.ClickException(f"SQL は UTF-8 で書いてください / the SQL in {source} is not UTF-8") from None
+    if not text.strip():
+        raise click.UsageError(f"SQL が空です / the SQL in {source} is empty")
+    return text
 
 
 def _format_table(table, fmt: str) -> str:
@@ -42,13 +89,21 @@ def _summary_lines(summary: dict) -> list[str]:
               help="Protection mode (default: the role's default mode).")
 @click.option("--epsilon", type=float, default=None, help="Privacy loss for DP mode (at most the policy cap).")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table")
-@click.argument("sql")
+@click.option("--file", "sql_file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="PATH", help="Read the SQL from PATH (UTF-8).")
+@click.argument("sql", required=False, metavar="[-|SQL]")
 def query(home: Path | None, as_user: str | None, mode: str | None, epsilon: float | None, fmt: str,
-          sql: str) -> None:
-    """Run SQL through the guard (aggregate-only, protected)."""
+          sql_file: Path | None, sql: str | None) -> None:
+    """Run SQL through the guard (aggregate-only, protected).
+
+    The SQL is read from --file PATH, or from standard input with '-' (or with no
+    argument when standard input is not a terminal). SQL given as an argument still
+    works but is visible to other local users (ps, /proc) and prints a warning.
+    """
     from sekisho.audit import AuditError
     from sekisho.guard import Guard, QueryRefused
 
+    sql = _read_sql(sql, sql_file)
     inst = open_instance(home)
     user, operator = resolve_caller(as_user)
     guard = Guard(inst)
