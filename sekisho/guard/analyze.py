@@ -55,6 +55,7 @@ from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from sekisho.guard.catalog import DIMENSION, LINKAGE, MEASURE, PRIVACY_UNIT, SENSITIVE, Catalog, ColumnInfo
 from sekisho.guard.errors import QueryRefused, refuse
+from sekisho.guard.language import ColumnFacts, RowLanguage, check_limits, column_facts, widen_operands
 
 DIALECT = "duckdb"
 MAX_SQL_CHARS = 100_000
@@ -116,6 +117,7 @@ class Lineage:
     column passed through, else a derived class."""
     cls: str
     base: ColumnInfo | None = None
+    facts: ColumnFacts | None = None   # type and interval of a derived row-level value
 
 
 @dataclass
@@ -123,8 +125,9 @@ class AggregateSpec:
     node: exp.Expression            # the aggregate call inside the boundary SELECT
     kind: str                       # count_rows | count_nonnull | count_persons | count_households | sum | avg
     arg: exp.Expression | None      # argument evaluated per row (None for COUNT(*))
-    cls: str | None = None          # measure | sensitive_measure | derived_* for sum/avg
+    cls: str | None = None          # measure | sensitive_measure for sum/avg
     bounds: tuple[float, float] | None = None
+    measure: str | None = None      # view.column summed (sum/avg): what the aggregate measures
 
 
 @dataclass
@@ -268,14 +271,30 @@ def inline_ctes(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
         for i, cte in enumerate(ctes):
             name = cte.alias_or_name
             body = cte.this
+            # a CTE used twice by a CTE used twice ... doubles at each level: every body
+            # (with what was inlined into it) is bounded like a parsed query, before it
+            # is copied anywhere
+            size, copied = sum(1 for _ in body.walk()), 0
             for target in [c.this for c in ctes[i + 1:]] + [owner]:
                 for table in list(target.find_all(exp.Table)):
                     if table.name == name and not table.args.get("db"):
+                        copied += size
+                        if copied > MAX_NODES:
+                            raise QueryRefused("too_complex", part=f"WITH {name}")
                         alias = table.alias_or_name
                         table.replace(exp.Subquery(
                             this=body.copy(),
                             alias=exp.TableAlias(this=exp.to_identifier(alias, quoted=True))))
     raise QueryRefused("too_complex", part="WITH")
+
+
+def parenthesise_integer_division(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """``a // b`` in parentheses: DuckDB binds ``//`` more loosely than a comparison, so
+    ``x // 12 < 15`` written back without them would run as ``x // (12 < 15)``."""
+    for node in list(tree.find_all(exp.IntDiv)):
+        if not isinstance(node.parent, exp.Paren):
+            node.replace(exp.Paren(this=node.copy()))
+    return tree
 
 
 PASSES = (
@@ -284,6 +303,7 @@ PASSES = (
     check_tables,
     qualify_columns,
     inline_ctes,
+    parenthesise_integer_division,
 )
 
 
@@ -424,6 +444,14 @@ def _own_nodes(select: exp.Select):
         yield node
 
 
+def _facts_of_column(info: ColumnInfo) -> ColumnFacts:
+    return column_facts(info.sql_type, info.domain, month=info.format == "YYYY-MM")
+
+
+def _facts_of_value(value) -> ColumnFacts:
+    return ColumnFacts(value.kind, value.lo, value.hi, integral=value.integral)
+
+
 class _Classifier:
     def __init__(self, catalog: Catalog):
         self.catalog = catalog
@@ -443,7 +471,8 @@ class _Classifier:
                     raise refuse("unknown_view", source)
                 if view.public:
                     # public data joined to person rows behaves like a dimension
-                    env[alias] = {c: Lineage(DERIVED_DIMENSION) for c in view.columns}
+                    env[alias] = {c: Lineage(DERIVED_DIMENSION, facts=_facts_of_column(info))
+                                  for c, info in view.columns.items()}
                     sources.append((alias, PUBLIC, source))
                 else:
                     env[alias] = {c: Lineage(info.cls, info) for c, info in view.columns.items()}
@@ -511,13 +540,16 @@ class _Classifier:
         self._check_row_clauses(expression, env)
         if aggregate:
             self.levels[key] = BOUNDARY
+            self._widen(expression, env)
             self.boundaries.append(self._boundary(expression, env, view))
             self.outputs[key] = {sel.alias_or_name: Lineage(AGGREGATED) for sel in expression.expressions}
         else:
             self._check_row_scope(expression, env)
             self.levels[key] = ROW
-            self.outputs[key] = {sel.alias_or_name: _lineage_of_expression(sel, env)
-                                 for sel in expression.expressions}
+            self.outputs[key] = {sel.alias_or_name: self._row_output(
+                sel.this if isinstance(sel, exp.Alias) else sel, _lineage_of_expression(sel, env), env)
+                for sel in expression.expressions}
+            self._widen(expression, env)
 
     # -- unit rows: one row per linkage key (household), features aggregated over members
     def _unit_scope(self, select: exp.Select, env) -> dict[str, Lineage]:
@@ -533,7 +565,7 @@ class _Classifier:
                 raise refuse("unit_scope_not_allowed", select.args[clause])
         where = select.args.get("where")
         if where is not None:
-            self._dimension_only(where.this, env, where)
+            self._condition(where.this, env)
         for node in _own_nodes(select):
             if isinstance(node, (exp.Window, exp.Qualify)):
                 raise refuse("window_below_boundary", node)
@@ -546,7 +578,13 @@ class _Classifier:
                 outputs[projection.alias_or_name] = _column_lineage(inner, env)
                 continue
             _check_unit_feature(inner, env, projection)
-            outputs[projection.alias_or_name] = Lineage(DERIVED_DIMENSION)
+            check_limits(inner, projection)
+
+            def outside_aggregate(col: exp.Column, part=projection) -> ColumnFacts:
+                raise refuse("unit_scope_not_allowed", part)   # every member column sits inside an aggregate
+            value = RowLanguage(outside_aggregate, unit_resolve=self._resolver(env)).value(inner)
+            outputs[projection.alias_or_name] = Lineage(DERIVED_DIMENSION, facts=_facts_of_value(value))
+        self._widen(select, env)
         return outputs
 
     def _classify_over_units(self, select: exp.Select, env, sources, aggregate: bool) -> None:
@@ -581,6 +619,7 @@ class _Classifier:
             for node in select.find_all(exp.AggFunc):
                 if _owned_by(node, select) and not _unit_count(node, env):
                     raise refuse("unit_aggregate_not_allowed", node)
+            self._widen(select, env)
             spec = self._boundary(select, env, view)
             spec.unit = True
             self.levels[key] = BOUNDARY
@@ -598,7 +637,8 @@ class _Classifier:
             lineage = _lineage_of_expression(inner, env)
             if lineage.cls == "identifier_expression":
                 raise refuse("linkage_key_output", projection)
-            outputs[projection.alias_or_name] = lineage
+            outputs[projection.alias_or_name] = self._row_output(inner, lineage, env)
+        self._widen(select, env)
         self.levels[key] = UNIT_ROW
         self.outputs[key] = outputs
 
@@ -619,16 +659,16 @@ class _Classifier:
             on = join.args.get("on")  # qualify turns USING into ON
             if on is None:
                 raise refuse("join_not_allowed", join)
-            self._dimension_only(on, env, join)
+            self._condition(on, env)
 
     def _check_row_clauses(self, select: exp.Select, env) -> None:
         where = select.args.get("where")
         if where is not None:
-            self._dimension_only(where.this, env, where)
+            self._condition(where.this, env)
         group = select.args.get("group")
         if group is not None:
             for item in group.expressions:
-                self._dimension_only(item, env, item)
+                self._value(item, env)
         for node in _own_nodes(select):
             if isinstance(node, exp.Window):
                 raise refuse("window_below_boundary", node)
@@ -637,13 +677,50 @@ class _Classifier:
             if isinstance(node, exp.Qualify):
                 raise refuse("window_below_boundary", node)
 
-    def _dimension_only(self, clause: exp.Expression, env, part: exp.Expression) -> None:
-        for col in clause.find_all(exp.Column):
+    # -- the row-level language (sekisho.guard.language)
+    def _resolver(self, env):
+        """Facts of a column as a row-level operand: dimensions only (identifiers and
+        measures may not decide whether a row counts or where it lands)."""
+        def resolve(col: exp.Column) -> ColumnFacts:
             lineage = _column_lineage(col, env)
-            if lineage.cls in (PRIVACY_UNIT, LINKAGE, "identifier_expression"):
-                raise refuse("privacy_unit_in_filter", part)
+            if lineage.cls in IDENTIFIER_CLASSES:
+                raise refuse("privacy_unit_in_filter", col)
             if lineage.cls in (MEASURE, SENSITIVE, DERIVED_MEASURE, DERIVED_SENSITIVE, "mixed"):
-                raise refuse("measure_in_filter", part)
+                raise refuse("measure_in_filter", col)
+            if lineage.cls == AGGREGATED:
+                raise refuse("nested_aggregation", col)
+            if lineage.facts is not None:
+                return lineage.facts
+            if lineage.base is not None:
+                return _facts_of_column(lineage.base)
+            return ColumnFacts("unknown")
+        return resolve
+
+    def _condition(self, node: exp.Expression, env) -> None:
+        check_limits(node)
+        RowLanguage(self._resolver(env)).condition(node)
+
+    def _value(self, node: exp.Expression, env):
+        check_limits(node)
+        return RowLanguage(self._resolver(env)).value(node)
+
+    def _row_output(self, inner: exp.Expression, lineage: Lineage, env) -> Lineage:
+        """A row-level projection: a bare column passes through with its class (an
+        identifier for COUNT(DISTINCT), a measure for SUM/AVG above); anything else is a
+        value of the language, over dimensions only."""
+        if isinstance(inner, exp.Column):
+            return lineage
+        return Lineage(DERIVED_DIMENSION, facts=_facts_of_value(self._value(inner, env)))
+
+    def _widen(self, select: exp.Select, env) -> None:
+        resolve = self._resolver(env)
+
+        def facts_of(col: exp.Column) -> ColumnFacts | None:
+            try:
+                return resolve(col)
+            except QueryRefused:
+                return None
+        widen_operands(_own_nodes(select), facts_of)
 
     def _check_row_scope(self, select: exp.Select, env) -> None:
         if select.args.get("distinct"):
@@ -658,6 +735,8 @@ class _Classifier:
                 raise refuse("privacy_unit_in_expression", projection)
             if lineage.cls == "mixed":
                 raise refuse("measure_mixed_with_dimension", projection)
+            if lineage.cls in (DERIVED_MEASURE, DERIVED_SENSITIVE):
+                raise refuse("measure_arithmetic", projection)
 
     # -- the boundary
     def _boundary(self, select: exp.Select, env, view: str) -> BoundarySpec:
@@ -690,6 +769,7 @@ class _Classifier:
                             aggregates=aggregates, filtered=filtered)
 
     def _aggregate(self, node: exp.AggFunc, env) -> AggregateSpec:
+        """The aggregates of the row-level language (see ``sekisho.guard.language``)."""
         if not isinstance(node, BOUNDARY_AGGREGATES):
             raise refuse("aggregate_not_allowed", node)
         for inner in node.find_all(exp.AggFunc):
@@ -711,21 +791,59 @@ class _Classifier:
                 if lineage.cls == LINKAGE:
                     return AggregateSpec(node, "count_households", values[0])
                 raise refuse("aggregate_argument_not_allowed", node)
-            lineage = _lineage_of_expression(arg, env)
-            if lineage.cls in (DIMENSION, DERIVED_DIMENSION, CONSTANT, PRIVACY_UNIT):
-                return AggregateSpec(node, "count_nonnull", arg)
-            raise refuse("aggregate_argument_not_allowed", node)
-        # SUM / AVG
+            if isinstance(arg, exp.Literal) and not isinstance(arg, exp.Null):
+                return AggregateSpec(node, "count_rows", None)
+            if isinstance(arg, exp.Column):
+                if _column_lineage(arg, env).cls not in (PRIVACY_UNIT, LINKAGE):
+                    self._resolver(env)(arg)
+                # COUNT(column) counts the rows where the column is not NULL: written as
+                # that condition, so condition influence sees it like any other
+                counted = exp.Case(ifs=[exp.If(this=exp.Not(this=exp.Is(this=arg.copy(), expression=exp.Null())),
+                                               true=exp.Literal.number(1))])
+                arg.replace(counted)
+                return AggregateSpec(node, "count_nonnull", node.this)
+            self._conditional(arg, env, node, measure=False)
+            return AggregateSpec(node, "count_nonnull", arg)
+        # SUM / AVG: of a bare measure, or of a measure under conditions
         if arg is None or isinstance(arg, (exp.Distinct, exp.Star)):
             raise refuse("aggregate_argument_not_allowed", node)
-        lineage = _lineage_of_expression(arg, env)
-        if lineage.cls not in (MEASURE, SENSITIVE, DERIVED_MEASURE, DERIVED_SENSITIVE):
+        if not isinstance(arg, (exp.Column, exp.Case, exp.If)) and any(
+                _column_lineage(c, env).cls in (MEASURE, SENSITIVE) for c in arg.find_all(exp.Column)):
+            raise refuse("measure_arithmetic", arg)
+        measure = arg if isinstance(arg, exp.Column) else self._conditional(arg, env, node, measure=True)
+        lineage = _column_lineage(measure, env)
+        if lineage.cls not in (MEASURE, SENSITIVE) or lineage.base is None:
             # SUM(CASE WHEN dimension ... THEN 1 END) is a count of a subgroup that escapes
-            # the per-cell threshold (one-hot then mean); count it with GROUP BY instead
+            # the per-cell threshold (one-hot then mean); arithmetic on a measure can
+            # extract its digits: count with GROUP BY, sum a bare measure
             raise refuse("aggregate_argument_not_allowed", node)
         kind = "sum" if isinstance(node, exp.Sum) else "avg"
-        bounds = lineage.base.bounds if lineage.base is not None else None
-        return AggregateSpec(node, kind, arg, cls=lineage.cls, bounds=bounds)
+        return AggregateSpec(node, kind, arg, cls=lineage.cls, bounds=lineage.base.bounds,
+                             measure=f"{lineage.base.view}.{lineage.base.name}")
+
+    def _conditional(self, arg: exp.Expression, env, node: exp.AggFunc, *, measure: bool) -> exp.Column | None:
+        """``CASE WHEN <condition> THEN <result> [ELSE NULL] END`` (or ``IF``) as an aggregate
+        argument: exactly a filter on the aggregate. A count's results are non-NULL
+        literals (or NULL); a sum's result is one bare measure column. Returns that column."""
+        if isinstance(arg, exp.If):
+            branches, default = [arg], arg.args.get("false")
+        elif isinstance(arg, exp.Case) and arg.this is None:
+            branches, default = list(arg.args.get("ifs") or []), arg.args.get("default")
+        else:
+            raise refuse("aggregate_argument_not_allowed", node)
+        if default is not None and not isinstance(default, exp.Null):
+            raise refuse("aggregate_argument_not_allowed", default)
+        found = None
+        for branch in branches:
+            self._condition(branch.this, env)
+            result = branch.args.get("true")
+            if measure:
+                if not isinstance(result, exp.Column) or (found is not None and result != found):
+                    raise refuse("aggregate_argument_not_allowed", result if result is not None else node)
+                found = result
+            elif not (isinstance(result, (exp.Literal, exp.Boolean)) and not isinstance(result, exp.Null)):
+                raise refuse("aggregate_argument_not_allowed", result if result is not None else node)
+        return found
 
 
 def find_boundaries(tree: exp.Expression, catalog: Catalog) -> Analysis:

@@ -28,6 +28,7 @@ class ColumnInfo:
     sql_type: str
     domain: tuple | None = None
     bounds: tuple[float, float] | None = None
+    format: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,8 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
                 sql_type = store_types[vname][c.name]
             cols[c.name] = ColumnInfo(view=vname, name=c.name, cls=c.cls, sql_type=sql_type,
                                       domain=tuple(c.domain) if c.domain else None,
-                                      bounds=tuple(c.bounds) if c.bounds else None)
+                                      bounds=tuple(c.bounds) if c.bounds else None,
+                                      format=getattr(c, "format", None))
         unit = next((c.name for c in view.columns.values() if c.cls == PRIVACY_UNIT), None)
         cat.views[vname] = ViewInfo(name=vname, public=bool(view.public), columns=cols, privacy_unit=unit)
     return cat

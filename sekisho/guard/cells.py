@@ -12,6 +12,10 @@ Columns of a cell (one row per group):
 * ``__s<j>``, ``__c<j>``  sum and non-null count of aggregate j (SUM/AVG)
 * ``__t<j>``  the two largest absolute per-person contributions (list) and ``__ta<j>`` the
   total of absolute per-person contributions — for the dominance rules
+* ``__xn<j>``, ``__xk<j>`` (conditional counts) and ``__sn<j>``, ``__sk<j>`` (conditional
+  sums and means): the aggregate's *own* contributors — the persons its condition selects
+  — and their cell key, so that ``COUNT(CASE WHEN c THEN 1 END)`` is protected exactly
+  like the cell ``WHERE c`` (k applies to them, the noise is theirs)
 
 In DP mode the rows are first bounded per person: at most ``max_groups`` groups (chosen
 by a salted hash of the group keys) and ``max_rows`` rows (chosen at random) per person;
@@ -37,6 +41,19 @@ class Bounding:
     max_groups: int
     max_rows: int
     clamp: dict[int, tuple[float, float]]   # aggregate index -> (lo, hi)
+
+
+def conditional(agg) -> bool:
+    """An aggregate whose own contributors may be fewer than the cell's: a count of a
+    condition, or a sum/mean under a condition (its argument is not a bare column)."""
+    return agg.kind == "count_nonnull" or (agg.kind in ("sum", "avg") and agg.arg is not None
+                                           and agg.arg.key != "column")
+
+
+def _own_key(j: int) -> str:
+    """Cell key of the rows where aggregate ``j``'s argument is not NULL (one row per person)."""
+    counted = q(f"__a{j}")
+    return cell_key_sql(f"COALESCE(SUM({RKEY}) FILTER (WHERE {counted} IS NOT NULL), 0)")
 
 
 def _num(value: float) -> str:
@@ -79,11 +96,15 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
                 continue   # rows = persons = __n: not fetched and converted twice
             elif agg.kind == "count_nonnull":
                 select.append(f"COUNT({q(f'__a{j}')}) AS __x{j}")
+                select.append(f"{_own_key(j)} AS __xk{j}")
             elif agg.kind == "count_households":
                 select.append(f"COUNT(DISTINCT {q(f'__a{j}')}) AS __x{j}")
             else:
                 select.append(f"SUM({arg(j)}) AS __s{j}")
                 select.append(f"COUNT({q(f'__a{j}')}) AS __c{j}")
+                if conditional(agg):
+                    select.append(f"COUNT({q(f'__a{j}')}) AS __sn{j}")
+                    select.append(f"{_own_key(j)} AS __sk{j}")
                 if dominance:
                     select.append(f"max(abs({arg(j)}), 2) AS __t{j}")
                     select.append(f"SUM(abs({arg(j)})) AS __ta{j}")
@@ -101,6 +122,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
         elif agg.kind == "count_nonnull":
             per_person.append(f"COUNT({q(f'__a{j}')}) AS __p{j}")
             outer.append(f"SUM(__p{j}) AS __x{j}")
+            outer.append(f"COUNT(*) FILTER (WHERE __p{j} > 0) AS __xn{j}")
+            outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __p{j} > 0), 0)')} AS __xk{j}")
         elif agg.kind == "count_persons":
             outer.append(f"COUNT(*) AS __x{j}")
         elif agg.kind == "count_households":
@@ -111,6 +134,9 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
             per_person.append(f"COUNT({q(f'__a{j}')}) AS __pc{j}")
             outer.append(f"SUM(__p{j}) AS __s{j}")
             outer.append(f"SUM(__pc{j}) AS __c{j}")
+            if conditional(agg):
+                outer.append(f"COUNT(*) FILTER (WHERE __pc{j} > 0) AS __sn{j}")
+                outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __pc{j} > 0), 0)')} AS __sk{j}")
             if dominance:
                 outer.append(f"max(abs(__p{j}), 2) AS __t{j}")
                 outer.append(f"SUM(abs(__p{j})) AS __ta{j}")

@@ -58,6 +58,8 @@ def _condition_slot(node: exp.Expression) -> bool:
     parent = node.parent
     if parent is None:
         return False
+    if isinstance(parent, exp.Paren):
+        return _condition_slot(parent)   # parentheses take the place of what they hold
     if isinstance(parent, CONNECTIVES):
         return True
     if isinstance(parent, (exp.Where, exp.Having)):
@@ -158,7 +160,7 @@ def apply(row_sql: str, chosen: list[Variant]) -> str:
     return tree.sql(dialect=DIALECT)
 
 
-MAX_ATOMS = 256   # more leaf conditions than this: refused as too complex (each costs neighbours)
+MAX_ATOMS = 64   # more leaf conditions than this: refused as too complex (each costs neighbours)
 
 
 def neighbourhood(row_sql: str, identifiers: frozenset[str] = frozenset()) -> tuple[str, list[Variant]]:
@@ -168,12 +170,21 @@ def neighbourhood(row_sql: str, identifiers: frozenset[str] = frozenset()) -> tu
     # indices refer to the tree parsed from ``original``, as ``apply`` will parse it
     original = _parse(row_sql).sql(dialect=DIALECT)
     tree = _parse(original)
-    position = {id(node): i for i, node in enumerate(tree.walk())}
+    nodes = list(tree.walk())
+    position = {id(node): i for i, node in enumerate(nodes)}
     out: dict[str, Variant] = {}
 
     def add(atom_sql: str, index: int, action: str) -> None:
-        variant = Variant(atom=atom_sql, index=index, action=action, sql="")
-        sql = apply(original, [variant])
+        # what ``apply(original, [variant])`` gives, without parsing ``original`` again:
+        # the replacement is put in place, the tree written, and the node put back
+        node = nodes[index]
+        new = _replacement(node, {action})
+        if node is tree:
+            sql = new.sql(dialect=DIALECT)
+        else:
+            node.replace(new)
+            sql = tree.sql(dialect=DIALECT)
+            new.replace(node)
         if sql != original and sql not in out:
             out[sql] = Variant(atom=atom_sql, index=index, action=action, sql=sql)
 

@@ -156,12 +156,18 @@ def write(con, source: str, target: str) -> None:
 
 def check_domains(con, policy: Policy, view: View) -> list[Problem]:
     """Every value of a column with a declared (public) domain must be in it, otherwise
-    the guard's densification and DP partition selection would be wrong."""
-    items = [c for c in view.columns.values() if c.domain is not None]
+    the guard's densification and DP partition selection would be wrong; every value of a
+    column with a declared format must have it (the guard's row-level language computes
+    on both: intervals from domains, year and month parts of ``YYYY-MM`` columns)."""
+    items = [c for c in view.columns.values() if c.domain is not None or getattr(c, "format", None)]
     if not items:
         return []
     conds = []
     for c in items:
+        if c.domain is None:
+            conds.append(f"count(*) FILTER (WHERE {ident(c.name)} IS NOT NULL AND NOT "
+                         f"regexp_full_match({ident(c.name)}, '[0-9]{{4}}-(0[1-9]|1[0-2])'))")
+            continue
         values = ", ".join(lit(v) if isinstance(v, str) else
                            ("TRUE" if v is True else "FALSE" if v is False else str(v))
                            for v in c.domain)
@@ -169,6 +175,6 @@ def check_domains(con, policy: Policy, view: View) -> list[Problem]:
                      f"AND {ident(c.name)} NOT IN ({values}))")
     row = con.execute(f"SELECT {', '.join(conds)} FROM view_{view.name}").fetchone()
     return [Problem(view.name, None, c.name,
-                    f"{n} value(s) outside the domain the policy declares for views.{view.name}."
-                    f"{c.name}", count=1)
+                    f"{n} value(s) outside the {'domain' if c.domain is not None else 'format'} the policy "
+                    f"declares for views.{view.name}.{c.name}", count=1)
             for c, n in zip(items, row) if n]

@@ -1,0 +1,315 @@
+"""Attacks on the row-level language (issue 15, classes 1, 2, 3 and 5), each run twice: against
+a pass-through oracle (the same SQL on the raw snapshot, ``attack_oracle.RawOracle``), where it
+must succeed — so it is a real attack — and against the guard, where it must not do better
+than a constant guess (attribute accuracy below base + 0.10, or not significant at 1%) and
+recover fewer than 20% of exact incomes or suppressed counts.
+
+Every variant of a class is a different *spelling* of the same idea; the guard stops them
+by what it accepts (an allow-list it can analyse), not by recognising the spelling.
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+from scipy.stats import binomtest
+
+from attack_oracle import RawOracle
+from guard_fixtures import BLOCKS, make_instance, truth
+from sekisho.guard import Guard, QueryRefused
+from sekisho.state import set_role
+
+TARGETS = 36
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory):
+    return make_instance(tmp_path_factory.mktemp("language-attacks") / "inst")
+
+
+@pytest.fixture(scope="module")
+def guard(inst):
+    g = Guard(inst)
+    yield g
+    g.close()
+
+
+@pytest.fixture(scope="module")
+def raw(inst):
+    return RawOracle(inst)
+
+
+_users = iter(range(10_000))
+
+
+def fresh_analyst(inst) -> str:
+    """A new analyst per attack, so one attack's alerts (and holds) do not decide another's."""
+    name = f"lang{next(_users)}"
+    set_role(inst, name, "analyst")
+    return name
+
+
+def targets(inst, limit=TARGETS):
+    """Persons unique on (chome_code, age) among all residents: the attacker knows where
+    they live and how old they are, and wants their sex."""
+    return truth(inst, "SELECT chome_code, age, any_value(sex) FROM residents GROUP BY 1, 2 "
+                       f"HAVING COUNT(*) = 1 ORDER BY 1, 2 LIMIT {limit}")
+
+
+def first_value(oracle, sql, user, **kw):
+    rows = oracle.query(sql, user=user, **kw).table.to_pylist()
+    return list(rows[0].values())[0] if rows else None
+
+
+def accuracy_attack(oracle, inst, guess_of) -> tuple[int, int, int]:
+    """Run ``guess_of(oracle, user, chome, age)`` -> '女' / '男' / None (no idea: the
+    attacker guesses the more common sex) for every target; returns (hits, base hits, n)."""
+    user = fresh_analyst(inst)
+    found = targets(inst)
+    common = statistics.mode(sex for _, _, sex in found)
+    hits = base = 0
+    for chome, age, sex in found:
+        try:
+            guess = guess_of(oracle, user, chome, age)
+        except QueryRefused:
+            guess = None
+        hits += (guess or common) == sex
+        base += common == sex
+    return hits, base, len(found)
+
+
+def assert_no_better_than_base(hits, base, n):
+    assert n >= 30
+    p = base / n
+    significant = binomtest(hits, n, p, alternative="greater").pvalue < 0.01
+    assert hits / n < p + 0.10 or not significant, (hits, base, n)
+
+
+def assert_real_attack(hits, n):
+    assert n >= 30 and hits / n >= 0.95, (hits, n)
+
+
+def target(chome, age) -> str:
+    return f"(chome_code = '{chome}' AND age = {age})"
+
+
+# ---- class 1: expressions that are not written as conditions still act as conditions ----------
+def null_trick(oracle, user, chome, age):
+    # COUNT(x) counts non-NULL x: NULLIF turns the target into a NULL
+    n = first_value(oracle, "SELECT COUNT(*) - COUNT(NULLIF(chome_code || '/' || CAST(age AS VARCHAR), "
+                            f"'{chome}/{age}')) AS d FROM residents WHERE sex = '女'", user)
+    return "女" if n else "男"
+
+
+def string_function_key(oracle, user, chome, age):
+    # a group key built with string functions: the target's group differs from everyone's
+    rows = oracle.query(f"SELECT strpos(chome_code || '/' || CAST(age AS VARCHAR) || '#', '{chome}/{age}#') AS g, "
+                        "COUNT(*) AS n FROM residents WHERE sex = '女' GROUP BY 1", user=user).table.to_pylist()
+    total = first_value(oracle, "SELECT COUNT(*) AS n FROM residents WHERE sex = '女'", user)
+    rest = sum(r["n"] or 0 for r in rows if r["g"] == 0)
+    return "女" if total is not None and total - rest >= 1 else "男"
+
+
+def arithmetic_key(oracle, user, chome, age):
+    # arithmetic that is zero only for the target, as a group key and as a count argument
+    rows = oracle.query(f"SELECT LEAST(ABS(age - {age}) + ABS(CAST(chome_code AS BIGINT) - {int(chome)}), 1) AS g, "
+                        "COUNT(*) AS n FROM residents WHERE sex = '女' GROUP BY 1", user=user).table.to_pylist()
+    return "女" if any(r["g"] == 0 and r["n"] for r in rows) else "男"
+
+
+def case_inside_count(oracle, user, chome, age):
+    # a conditional count of exactly the target: the count's own contributors are < k
+    n = first_value(oracle, f"SELECT COUNT(CASE WHEN sex = '女' AND {target(chome, age)} THEN 1 END) AS n "
+                            "FROM residents", user)
+    return None if n is None else "女" if n >= 1 else "男"
+
+
+def unit_feature(oracle, user, chome, age):
+    # a household feature that marks the target's household, counted above the unit scope
+    n = first_value(oracle, "SELECT COUNT(*) AS n FROM (SELECT household_id, "
+                            f"COUNT_IF(sex = '女' AND {target(chome, age)}) AS t, COUNT(*) AS m FROM residents "
+                            "GROUP BY household_id) AS h WHERE t = 0", user)
+    total = first_value(oracle, "SELECT COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS m FROM residents "
+                                "GROUP BY household_id) AS h", user)
+    return None if n is None or total is None else "女" if total - n >= 1 else "男"
+
+
+CLASS_1 = [null_trick, string_function_key, arithmetic_key, case_inside_count, unit_feature]
+
+
+@pytest.mark.parametrize("attack", CLASS_1, ids=lambda f: f.__name__)
+def test_expressions_that_act_as_conditions_reveal_nothing(attack, guard, raw, inst):
+    assert_real_attack(*accuracy_attack(raw, inst, attack)[::2])
+    assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
+
+
+# ---- class 2: arithmetic on a sensitive measure ------------------------------------------------------------
+def unique_taxpayers(inst, limit=TARGETS):
+    """Taxpayers unique on (block, age band, sex) in 2025, with their income_levy."""
+    return truth(inst, "SELECT block, age_band, sex, any_value(income_levy) FROM resident_tax WHERE tax_year = 2025 "
+                       f"GROUP BY 1, 2, 3 HAVING COUNT(*) = 1 ORDER BY 1, 2, 3 LIMIT {limit}")
+
+
+def income_recovery(oracle, inst, spell) -> tuple[int, int]:
+    user = fresh_analyst(inst)
+    found = unique_taxpayers(inst)
+    exact = 0
+    for block, band, sex, levy in found:
+        try:
+            value = spell(oracle, user, f"block = '{block}' AND age_band = '{band}' AND sex = '{sex}'")
+        except QueryRefused:
+            value = None
+        exact += value is not None and abs(value - levy) < 1
+    return exact, len(found)
+
+
+def digits(oracle, user, who):
+    # each decimal digit of the target's income as a sum of small values over a large cell
+    value = 0
+    for place in (1, 10, 100, 1000, 10_000, 100_000, 1_000_000, 10_000_000):
+        d = first_value(oracle, f"SELECT SUM(CASE WHEN {who} THEN income_levy // {place} % 10 ELSE 0 END) AS s "
+                                "FROM resident_tax WHERE tax_year = 2025", user)
+        value += round(d or 0) * place
+    return value
+
+
+def conditional_sum(oracle, user, who):
+    return first_value(oracle, f"SELECT SUM(CASE WHEN {who} THEN income_levy END) AS s FROM resident_tax "
+                               "WHERE tax_year = 2025", user)
+
+
+def threshold_bits(oracle, user, who):
+    # binary search on "income exceeds x" counted over a large population
+    lo, hi = 0, 20_000_000
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        n = first_value(oracle, f"SELECT SUM(CASE WHEN {who} AND income_levy >= {mid} THEN 1 ELSE 0 END) AS s "
+                                "FROM resident_tax WHERE tax_year = 2025", user)
+        if n is None:
+            return None
+        lo, hi = (mid, hi) if n >= 1 else (lo, mid)
+    return lo
+
+
+@pytest.mark.parametrize("spell", [digits, conditional_sum, threshold_bits], ids=lambda f: f.__name__)
+def test_arithmetic_on_measures_does_not_give_incomes(spell, guard, raw, inst):
+    exact, n = income_recovery(raw, inst, spell)
+    assert n >= 30 and exact == n
+    exact, n = income_recovery(guard, inst, spell)
+    assert exact / n < 0.20
+
+
+def test_measures_are_summed_only_as_they_are(guard, inst):
+    user = fresh_analyst(inst)
+    for sql in ["SELECT SUM(income_levy % 10) FROM resident_tax",
+                "SELECT SUM(income_levy // 1000) FROM resident_tax",
+                "SELECT AVG(income_levy * 1.0) FROM resident_tax",
+                "SELECT SUM(CASE WHEN income_levy > 100000 THEN 1 ELSE 0 END) FROM resident_tax",
+                "SELECT block, COUNT(*) FROM resident_tax GROUP BY block HAVING SUM(income_levy) > 0 AND "
+                "COUNT(CASE WHEN income_levy > 5 THEN 1 END) > 0",
+                "SELECT SUM(CASE WHEN block = '灘' THEN income_levy ELSE 0 END) FROM resident_tax",
+                "SELECT SUM(CASE WHEN block = '灘' THEN taxable_income ELSE income_levy END) FROM resident_tax"]:
+        with pytest.raises(QueryRefused) as info:
+            guard.query(sql, user=user)
+        assert info.value.code in ("measure_arithmetic", "measure_in_filter", "aggregate_argument_not_allowed"), sql
+
+
+# ---- class 3: noise that varies with position or repetition --------------------------------------------------------
+def test_repeated_aggregates_get_the_same_noise(guard, inst):
+    """The same aggregate written many times in one query (and its equivalent spellings)
+    gets one noise: averaging them gives nothing more than one of them."""
+    user = fresh_analyst(inst)
+    sums = ", ".join(f"SUM(income_levy) AS s{i}" for i in range(40))
+    rows = guard.query(f"SELECT block, {sums}, AVG(income_levy) AS a FROM resident_tax WHERE tax_year = 2025 "
+                       "GROUP BY block", user=user).table.to_pylist()
+    for row in rows:
+        assert len({row[f"s{i}"] for i in range(40)}) == 1
+    counts = guard.query("SELECT block, COUNT(*) AS a, COUNT(1) AS b, COUNT(person_id) AS c, "
+                         "COUNT(DISTINCT person_id) AS d, COUNT(CASE WHEN TRUE THEN 1 END) AS e, "
+                         "COUNT(CASE WHEN block = block THEN 'x' END) AS f FROM residents GROUP BY block",
+                         user=user).table.to_pylist()
+    for row in counts:
+        assert len({row[c] for c in "abcdef"}) == 1, row
+
+
+def averaged_count(oracle, user, where):
+    values = []
+    for spelling in ("COUNT(*)", "COUNT(1)", "COUNT(person_id)", "COUNT(DISTINCT person_id)",
+                     "COUNT(CASE WHEN TRUE THEN 1 END)", "COUNT(CASE WHEN sex IS NOT NULL THEN 1 END)"):
+        columns = ", ".join(f"{spelling} AS c{i}" for i in range(8))
+        row = oracle.query(f"SELECT {columns} FROM residents WHERE {where}", user=user).table.to_pylist()[0]
+        values += [v for v in row.values() if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def test_averaging_spellings_and_positions_does_not_give_exact_counts(guard, raw, inst):
+    """Exact counts of blurred cells (the perturbation's job) by averaging one query's
+    repeated and respelled aggregates: exact on raw data, one noisy draw through the guard."""
+    user, exact_raw, exact_guard, n = fresh_analyst(inst), 0, 0, 0
+    for block in BLOCKS:
+        for band in ("0-4", "5-9", "10-14", "15-19", "20-24", "25-29", "30-34", "35-39", "40-44", "45-49"):
+            where = f"block = '{block}' AND age_band = '{band}'"
+            true = truth(inst, f"SELECT COUNT(*) FROM residents WHERE {where}")[0][0]
+            if true < 15:   # well above k: the filter's population check passes
+                continue
+            n += 1
+            exact_raw += averaged_count(raw, user, where) == true
+            released = averaged_count(guard, user, where)
+            # one draw's exact hits happen (noise 0); averaging must not add any
+            single = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE {where}", user=user).table["n"][0].as_py()
+            exact_guard += released == true and single != true
+    assert n >= 30 and exact_raw == n
+    assert exact_guard == 0
+
+
+# ---- class 5: functions that fail for one value are a one-bit oracle ---------------------------------------------
+def overflow(oracle, user, chome, age, **mode):
+    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND {target(chome, age)} "
+           "THEN 9223372036854775807 ELSE 0 END) + age > 0")
+    try:
+        oracle.query(sql, user=user, **mode)
+    except QueryRefused as refusal:
+        if refusal.code == "execution_failed":
+            return "女"
+        raise
+    except Exception:   # the raw engine's error: the attacker sees it
+        return "女"
+    return "男"
+
+
+def bad_cast(oracle, user, chome, age, **mode):
+    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE CAST(CASE WHEN sex = '女' AND {target(chome, age)} "
+           "THEN 'x' ELSE '1' END AS INTEGER) = 1")
+    try:
+        oracle.query(sql, user=user, **mode)
+    except QueryRefused as refusal:
+        if refusal.code == "execution_failed":
+            return "女"
+        raise
+    except Exception:
+        return "女"
+    return "男"
+
+
+def text_number_comparison(oracle, user, chome, age, **mode):
+    # comparing text with a number converts every row's text: it fails on the first non-number
+    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND {target(chome, age)} "
+           "THEN 'x' ELSE '1' END) = 1")
+    try:
+        oracle.query(sql, user=user, **mode)
+    except QueryRefused as refusal:
+        if refusal.code == "execution_failed":
+            return "女"
+        raise
+    except Exception:
+        return "女"
+    return "男"
+
+
+@pytest.mark.parametrize("attack", [overflow, bad_cast, text_number_comparison], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("mode", ["threshold", "dp"])
+def test_errors_that_depend_on_one_row_are_not_an_oracle(attack, mode, guard, raw, inst):
+    kw = {"mode": "dp", "epsilon": 0.001} if mode == "dp" else {}
+    assert_real_attack(*accuracy_attack(raw, inst, lambda o, u, c, a: attack(o, u, c, a, **kw))[::2])
+    assert_no_better_than_base(*accuracy_attack(guard, inst, lambda o, u, c, a: attack(o, u, c, a, **kw)))
