@@ -80,7 +80,7 @@ def main() -> None:
         snap = guard._current()
         role = guard._role(ANALYST)
         catalog = guard._catalog(role, snap)
-        boundary = guard._plan(sql, role, catalog).boundaries[0]
+        boundary = guard._plan(sql, ANALYST, role, snap, catalog).boundaries[0]
         raw.execute(f"PREPARE bench_raw AS {sql}")
         raw.execute("PREPARE bench_cells AS "
                     f"{cells_sql(boundary, person_unique=guard._fast_path(boundary, snap, catalog))}")

@@ -15,6 +15,7 @@ The rules named in ``sources.*.columns.*.rule`` are implemented one per unit in
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ import yaml
 
 COLUMN_CLASSES = ("privacy_unit", "linkage", "dimension", "measure", "sensitive_measure")
 VIEW_TYPES = ("string", "integer", "boolean", "float")
+COLUMN_FORMATS = ("YYYY-MM",)   # formats the ingest guarantees for every non-NULL value
 SOURCE_TYPES = ("code", "text", "date", "integer", "decimal")
 # rule name -> parameters it accepts (name -> required?)
 RULES: dict[str, dict[str, bool]] = {
@@ -41,6 +43,11 @@ RULES: dict[str, dict[str, bool]] = {
 }
 MODES = ("threshold", "dp")
 PERIODS = ("month",)
+# lowest disclosure.dp.epsilon_per_query_min a policy may set: a query's ε is split between
+# its aggregates, and a share near the float limits breaks the DP mechanisms (diffprivlib's
+# Snapping refuses ε <= 2 machine epsilons, Geometric noise overflows int64 near 1e-16);
+# 1e-6 leaves room for millions of shares
+EPSILON_FLOOR = 1e-6
 ROLE_NAMES = ("steward", "analyst", "admin", "manager", "reports")
 
 
@@ -92,6 +99,7 @@ class Column:
     description_ja: str
     domain: tuple | None = None
     bounds: tuple[float, float] | None = None
+    format: str | None = None       # "YYYY-MM": a month; its year and month parts are row-level values
 
 
 @dataclass(frozen=True)
@@ -121,6 +129,8 @@ class Role:
     # threshold mode's condition-influence rule (disclosure.condition_influence) applies
     # to this role's queries; off only for a service running reviewed, fixed queries
     condition_influence: bool = True
+    # alerts in disclosure.alerts.pause_on put this role's users on hold; off likewise
+    alert_holds: bool = True
 
 
 @dataclass(frozen=True)
@@ -149,6 +159,9 @@ class DP:
     max_rows_per_person: int
     max_groups_per_person: int
     delta: float
+    # smallest ε one query may ask for; below it diffprivlib's mechanisms fail (or the
+    # noise is meaningless), so the guard refuses it before the ledger is touched
+    epsilon_per_query_min: float = 0.001
 
 
 @dataclass(frozen=True)
@@ -158,6 +171,15 @@ class Alerts:
     near_duplicate_window_s: int
     refusal_burst: int
     refusal_window_s: int
+    # one population (same contributors) released under this many distinct query shapes
+    # within the window: averaging over its decompositions (sekisho.guard.alerts)
+    decomposition_burst: int = 12
+    decomposition_window_s: int = 3600
+    # alerts that put the user on hold until an admin resumes them (`sekisho users resume`)
+    pause_on: tuple[str, ...] = ()
+
+
+ALERT_NAMES = ("bulk", "near_duplicate", "refusals", "differencing", "decomposition")
 
 
 @dataclass(frozen=True)
@@ -438,10 +460,13 @@ def _views(c: _Checker, node: Any, sources: dict[str, Source]) -> dict[str, View
 
 
 def _view_column(c: _Checker, key: str, name: str, spec: Any) -> Column:
-    spec = c.mapping(spec, key, allowed={"type", "class", "description_ja", "domain", "bounds"},
+    spec = c.mapping(spec, key, allowed={"type", "class", "description_ja", "domain", "bounds", "format"},
                      required={"type", "class", "description_ja"})
     ctype = c.string(spec["type"], f"{key}.type", choices=VIEW_TYPES)
     cls = c.string(spec["class"], f"{key}.class", choices=COLUMN_CLASSES)
+    fmt = c.string(spec["format"], f"{key}.format", choices=COLUMN_FORMATS) if "format" in spec else None
+    if fmt is not None and (ctype != "string" or cls != "dimension"):
+        raise c.fail(f"{key}.format", "only string dimension columns declare a format")
     domain = None
     if "domain" in spec:
         d = spec["domain"]
@@ -477,7 +502,7 @@ def _view_column(c: _Checker, key: str, name: str, spec: Any) -> Column:
         raise c.fail(f"{key}.bounds", "only measures declare bounds")
     return Column(name=name, type=ctype, cls=cls,
                   description_ja=c.string(spec["description_ja"], f"{key}.description_ja"),
-                  domain=domain, bounds=bounds)
+                  domain=domain, bounds=bounds, format=fmt)
 
 
 def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
@@ -489,7 +514,7 @@ def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
             raise c.fail(key, f"unknown role (expected one of {', '.join(ROLE_NAMES)})")
         spec = c.mapping(spec, key, allowed={"views", "modes", "default_mode", "can_ingest",
                                              "can_review_audit", "can_read_reports",
-                                             "can_start_server", "condition_influence"})
+                                             "can_start_server", "condition_influence", "alert_holds"})
         vnode = spec.get("views", [])
         if vnode == "all":
             vs = tuple(views)
@@ -513,8 +538,9 @@ def _roles(c: _Checker, node: Any, views: dict[str, View]) -> dict[str, Role]:
         flags = {f: c.boolean(spec.get(f, False), f"{key}.{f}")
                  for f in ("can_ingest", "can_review_audit", "can_read_reports", "can_start_server")}
         influence = c.boolean(spec.get("condition_influence", True), f"{key}.condition_influence")
+        holds = c.boolean(spec.get("alert_holds", True), f"{key}.alert_holds")
         out[name] = Role(name=name, views=vs, modes=modes, default_mode=default, condition_influence=influence,
-                         **flags)
+                         alert_holds=holds, **flags)
     for required in ROLE_NAMES:
         if required not in out:
             raise c.fail(f"roles.{required}", "required role is missing")
@@ -547,8 +573,8 @@ def _disclosure(c: _Checker, node: Any) -> Disclosure:
     if perturbation.key_range != 256:
         raise c.fail(f"{pk}.key_range", "record keys are stored as 0..255, so key_range must be 256")
     dk = "disclosure.dp"
-    d = c.mapping(node["dp"], dk, allowed={"epsilon_per_query_max", "budget_per_period", "period",
-                                           "max_rows_per_person", "max_groups_per_person", "delta"},
+    d = c.mapping(node["dp"], dk, allowed={"epsilon_per_query_max", "epsilon_per_query_min", "budget_per_period",
+                                           "period", "max_rows_per_person", "max_groups_per_person", "delta"},
                   required={"epsilon_per_query_max", "budget_per_period", "period",
                             "max_rows_per_person", "max_groups_per_person", "delta"})
     dp = DP(
@@ -559,16 +585,31 @@ def _disclosure(c: _Checker, node: Any) -> Disclosure:
         max_rows_per_person=c.integer(d["max_rows_per_person"], f"{dk}.max_rows_per_person", minimum=1),
         max_groups_per_person=c.integer(d["max_groups_per_person"], f"{dk}.max_groups_per_person",
                                         minimum=1),
-        delta=c.number(d["delta"], f"{dk}.delta", positive=True, maximum=0.01))
+        delta=c.number(d["delta"], f"{dk}.delta", positive=True, maximum=0.01),
+        epsilon_per_query_min=c.number(d.get("epsilon_per_query_min", DP.epsilon_per_query_min),
+                                       f"{dk}.epsilon_per_query_min", positive=True))
+    if not math.isfinite(dp.epsilon_per_query_max):
+        raise c.fail(f"{dk}.epsilon_per_query_max", "must be finite")
     if dp.epsilon_per_query_max > dp.budget_per_period:
         raise c.fail(f"{dk}.epsilon_per_query_max", "exceeds budget_per_period")
+    if dp.epsilon_per_query_min < EPSILON_FLOOR:
+        raise c.fail(f"{dk}.epsilon_per_query_min", f"must be >= {EPSILON_FLOOR}")
+    if dp.epsilon_per_query_min > dp.epsilon_per_query_max:
+        raise c.fail(f"{dk}.epsilon_per_query_min", "exceeds epsilon_per_query_max")
     ak = "disclosure.alerts"
     a = c.mapping(node["alerts"], ak,
                   allowed={"bulk_cells_per_hour", "near_duplicate_burst", "near_duplicate_window_s",
-                           "refusal_burst", "refusal_window_s"},
+                           "refusal_burst", "refusal_window_s", "decomposition_burst",
+                           "decomposition_window_s", "pause_on"},
                   required={"bulk_cells_per_hour", "near_duplicate_burst", "near_duplicate_window_s",
                             "refusal_burst", "refusal_window_s"})
-    alerts = Alerts(**{f: c.integer(a[f], f"{ak}.{f}", minimum=1) for f in a})
+    pause_on = c.string_list(a.get("pause_on", []), f"{ak}.pause_on", allow_empty=True)
+    for i, name in enumerate(pause_on):
+        c.string(name, f"{ak}.pause_on[{i}]", choices=ALERT_NAMES)
+    alerts = Alerts(**{f: c.integer(a[f], f"{ak}.{f}", minimum=1) for f in a if f != "pause_on"},
+                    pause_on=pause_on)
+    if alerts.decomposition_burst < 2:
+        raise c.fail(f"{ak}.decomposition_burst", "must be >= 2 (one shape is no decomposition)")
     influence = c.boolean(node.get("condition_influence", True), "disclosure.condition_influence")
     return Disclosure(k=k, dominance=dominance, perturbation=perturbation, dp=dp, alerts=alerts,
                       condition_influence=influence)

@@ -145,6 +145,19 @@ class TestAuditReviewService(AsyncHTTPTestCase):
         assert 'data-user="tanaka"' in page
         assert "0.750" in page  # 0.5 + 0.25
 
+    def test_analysts_on_hold_are_listed(self):
+        from sekisho.guard import alerts
+
+        assert "照会停止中の利用者はいません" in self.get("", "t-admin").body.decode()
+        alerts.put_hold(self.inst, "tanaka", alert="decomposition", raised_by=3)
+        try:
+            page = self.get("", "t-admin").body.decode()
+            assert "照会停止中の利用者（1 人）" in page
+            assert '<tr class="hold" data-user="tanaka">' in page and "decomposition" in page
+            assert "sekisho users resume" in page
+        finally:
+            alerts.resume(self.inst, "tanaka")
+
     def test_acknowledging_an_alert_closes_it_and_is_audited(self):
         alert = self.inst.audit.append("alert", user="tanaka", role="analyst", outcome="ok",
                                        summary="guard alert: near_duplicate_burst", details={"alert": "x"})

@@ -306,9 +306,12 @@ def test_dp_debits_before_answer_and_persists(inst):
     assert g2.budget("ana2")["spent"] == pytest.approx(before + 1.5)
 
 
-def test_dp_sum_of_derived_measure_refused(guard):
+def test_sum_of_derived_measure_refused_in_both_modes(guard):
+    # arithmetic on a measure is refused by the row-level language before any mode applies
+    # (it was dp_derived_measure in DP mode only; threshold mode summed it)
     assert refused(guard, "SELECT SUM(taxable_income * 2) FROM resident_tax", mode="dp", epsilon=0.1).code == \
-        "dp_derived_measure"
+        "measure_arithmetic"
+    assert refused(guard, "SELECT SUM(taxable_income % 1000) FROM resident_tax").code == "measure_arithmetic"
 
 
 def test_dp_public_domains_are_densified(guard):
@@ -444,8 +447,8 @@ def test_answers_do_not_depend_on_how_the_store_batches_its_results(inst, monkey
     chunks = []
     execute_prepared = guard_module._Snapshot.execute_prepared
 
-    def counting(self, sql):
-        table = execute_prepared(self, sql)
+    def counting(self, sql, user):
+        table = execute_prepared(self, sql, user)
         chunks.append(max((c.num_chunks for c in table.columns), default=0))
         return table
 
@@ -483,15 +486,16 @@ def test_cli_query_and_refusal(inst):
 
     if os.geteuid() != 0:
         pytest.skip("--as needs root")
+    # the SQL goes in on standard input, never on the command line (readable by all local users)
     base = [sys.executable, "-m", "sekisho.cli", "query", "--home", str(inst.home), "--as", "ana"]
-    ok = subprocess.run(base + ["--format", "json", "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"],
+    ok = subprocess.run(base + ["--format", "json", "-"], input="SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex",
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert {row["sex"] for row in json.loads(ok.stdout)} == {"男", "女"}
-    bad = subprocess.run(base + ["SELECT * FROM residents"], capture_output=True, text=True)
+    bad = subprocess.run(base + ["-"], input="SELECT * FROM residents", capture_output=True, text=True)
     assert bad.returncode == 3 and "row_level_output" in bad.stderr and not bad.stdout
-    dp = subprocess.run(base + ["--mode", "dp", "--epsilon", "0.1", "SELECT sex, COUNT(*) AS n FROM residents "
-                                "GROUP BY sex"], capture_output=True, text=True)
+    dp = subprocess.run(base + ["--mode", "dp", "--epsilon", "0.1"], input="SELECT sex, COUNT(*) AS n FROM residents "
+                        "GROUP BY sex", capture_output=True, text=True)
     assert dp.returncode == 0 and "ε spent: 0.1" in dp.stdout and "remaining" in dp.stdout
     entry = [e for e in inst.audit.entries(type="query") if e["type"] == "query"][-1]
     assert entry["details"]["operator"] == "root" and entry["user"] == "ana"

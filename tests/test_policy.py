@@ -28,6 +28,7 @@ def test_himeji_policy_loads_with_the_agreed_settings():
     assert p.disclosure.k == 10
     assert (p.disclosure.dominance.nk_n, p.disclosure.dominance.nk_k) == (2, 0.9)
     assert p.disclosure.dp.epsilon_per_query_max == 1.0 and p.disclosure.dp.budget_per_period == 10.0
+    assert p.disclosure.dp.epsilon_per_query_min == 0.001
     assert p.roles["steward"].can_ingest and p.roles["steward"].views == ()
     assert p.roles["analyst"].modes == ("threshold", "dp") and p.roles["analyst"].default_mode == "threshold"
     assert p.roles["reports"].modes == ("threshold",)
@@ -55,6 +56,14 @@ def test_policy_objects_are_frozen():
         p.disclosure.k = 1  # type: ignore[misc]
 
 
+def test_epsilon_minimum_is_optional(tmp_path, himeji_doc):
+    doc = copy.deepcopy(himeji_doc)
+    del doc["disclosure"]["dp"]["epsilon_per_query_min"]
+    path = tmp_path / "no-min.yaml"
+    path.write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert load_policy(path).disclosure.dp.epsilon_per_query_min == 0.001
+
+
 def _mutations():
     """(description, mutate(doc), expected key path, expected words in the problem)."""
     def set_(path, value):
@@ -78,6 +87,14 @@ def _mutations():
         ("k not an integer", set_(["disclosure", "k"], "ten"), "disclosure.k", "must be an integer"),
         ("epsilon cap not positive", set_(["disclosure", "dp", "epsilon_per_query_max"], 0),
          "disclosure.dp.epsilon_per_query_max", "must be positive"),
+        ("epsilon minimum below the floor", set_(["disclosure", "dp", "epsilon_per_query_min"], 1e-300),
+         "disclosure.dp.epsilon_per_query_min", "must be >="),
+        ("epsilon minimum above the cap", set_(["disclosure", "dp", "epsilon_per_query_min"], 2.0),
+         "disclosure.dp.epsilon_per_query_min", "exceeds epsilon_per_query_max"),
+        ("epsilon minimum not a number", set_(["disclosure", "dp", "epsilon_per_query_min"], "0.01"),
+         "disclosure.dp.epsilon_per_query_min", "must be a number"),
+        ("epsilon cap infinite", set_(["disclosure", "dp", "epsilon_per_query_max"], float("inf")),
+         "disclosure.dp.epsilon_per_query_max", "must be finite"),
         ("budget negative", set_(["disclosure", "dp", "budget_per_period"], -1),
          "disclosure.dp.budget_per_period", "must be positive"),
         ("bounds reversed", set_(["views", "resident_tax", "columns", "income_levy", "bounds"], [10, 5]),

@@ -3,7 +3,9 @@
 Each person has a system user (PAM login to the hub; their JupyterLab server runs as
 that user, home 0700) and one role in the instance's registry. Every change is
 audited (``users.add``, ``users.remove``, ``users.set-role``). Root only: creating
-system users and writing the service account's registry need it.
+system users and writing the service account's registry need it. ``resume`` (lift a
+guard hold after review, audited as ``guard.resume``) is also open to Sekisho admins
+acting through the service account (``sudo -u sekisho``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import click
 
 from sekisho.audit import AuditError
-from sekisho.cli.common import home_option, open_instance, os_user_name
+from sekisho.cli.common import home_option, open_instance, os_user_name, resolve_caller
 from sekisho.instance import SERVICE_ACCOUNT, Instance
 from sekisho.state import HUMAN_ROLES, UnknownUser, list_users, remove_user, role_of, set_role
 
@@ -215,3 +217,33 @@ def reset_password(home: Path | None, name: str) -> None:
         raise click.ClickException(f"the password of {name} was reset but could not be audited: {exc}; "
                                    "reset it again once the audit trail is writable") from None
     click.echo(f"new password for {name}: {password}")
+
+
+@users.command()
+@home_option
+@click.argument("name")
+def resume(home: Path | None, name: str) -> None:
+    """Lift the guard's hold on NAME after reviewing the alert that paused them (root or admin)."""
+    from datetime import datetime
+
+    from sekisho.guard import alerts
+    from sekisho.instance import TOKYO
+
+    inst = open_instance(home)
+    if os.geteuid() != 0:
+        caller, _ = resolve_caller(None)
+        if role_of(inst, caller) != "admin":
+            raise click.ClickException(f"{caller} may not resume users; root or an admin may "
+                                       "/ 照会の再開は管理者のみ可能です")
+    hold = alerts.resume(inst, name)
+    if hold is None:
+        click.echo(f"{name} is not on hold")
+        return
+    since = datetime.fromtimestamp(hold["since"], TOKYO).isoformat(timespec="seconds")
+    try:
+        _audit(inst, "guard.resume", name=name, summary=f"{name} resumed after review of a {hold['alert']} alert",
+               details={"resumed": name, "alert": hold["alert"], "since": since, "raised_by": hold["raised_by"]})
+    except AuditError as exc:
+        alerts.put_hold(inst, name, alert=hold["alert"], raised_by=hold["raised_by"], since=hold["since"])
+        raise click.ClickException(f"{name} not resumed: {exc}") from None
+    click.echo(f"{name} resumed (on hold since {since}, alert {hold['alert']})")

@@ -47,18 +47,46 @@ Residual risks (honest)
   an IN element adding one person. Conditions are left out one per round (several at
   once when that changes fewer than k together), up to 8 rounds, else the query is
   refused (``condition_influence_below_k``). First run of a new query costs one extra
-  scan per round; the verdict is cached per snapshot.
+  scan per round; the verdict is cached per snapshot and user.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
-  trackers across queries that no single-query rule sees; such bursts raise
-  ``near_duplicate``/``differencing`` alerts for review, and DP mode is the defence.
+  trackers across queries that no single-query rule sees, and averaging over the many
+  *decompositions* of one population into large parts (by sex, by relationship, by cut
+  points ...) removes consistent noise. Decision (issue 15): detection that stops the
+  analyst — a ``differencing`` or ``decomposition`` alert (``sekisho.guard.alerts``;
+  policy ``disclosure.alerts.pause_on``) puts them on hold: every query is refused
+  (``paused_for_review``) until an admin runs ``sekisho users resume``. A differencing
+  pair is preselected by size and verified on the store (the two populations' contributors
+  differ by 1..k-1), so unrelated populations of nearly equal size do not raise it. Cost:
+  bursts of exploratory tables over one population, or overlapping populations a few
+  persons apart, can pause an honest analyst. Residual: a slow attacker under the thresholds;
+  detection, not prevention — DP mode is the formal defence.
   Decisions near k leak as any noisy threshold does: a condition changing about k
   persons may be left out for one population and kept for one differing by a person.
   The policy exempts the ``reports`` role (reviewed notebooks, fixed queries).
+* Data updates (issue 15): the perturbation table is *per snapshot* (instance secret +
+  snapshot id), so consistency holds within a snapshot only. With one table for every
+  snapshot, the releases before and after an upload were a differencing pair: the
+  record keys are permanent, so every cell the upload left unchanged kept its exact
+  answer and only the newcomers' cells moved (red team: a newcomer's sex 0.89-0.92 vs
+  base 0.5; tests/test_guard_uploads.py). Now every cell gets a fresh draw per upload.
+  Record keys stay permanent: they never leave the service, and the table alone decides
+  the noise. Not closed: (a) a newcomer is still a +1 in one cell under two independent
+  draws: the padded before/after query guesses a binary attribute with ~0.69 (theory
+  0.686 at D=2, V=1; measured 0.66-0.72 over 240 newcomers) against 0.5 — the level of
+  any two releases whose populations differ by one person; closing it needs a variance
+  near 4 or a rule that keeps a cell's previous answer until k of its contributors
+  changed. (b) The same population asked on every snapshot gives one fresh draw per
+  upload, so averaging over uploads converges; monthly uploads bound that to 12 draws a
+  year (a steward re-uploading the same data many times would give more). (c) Releases
+  on one snapshot can still be averaged over different decompositions of a population
+  (a separate class), and an average per snapshot would then difference exactly.
 * A refusal for a small filtered population is decided on a perturbed count, but a run
   of refusals/answers over shifting filters still carries information at the ±D level.
 * Execution errors raised while reading rows (conversion, overflow) are reported without
   the engine's message, yet "error vs no error" is one data-dependent bit; row-level CASTs
-  are rewritten to TRY_CAST to remove the common case. Timing is not equalised.
+  are rewritten to TRY_CAST to remove the common case. Timing is not equalised, but the
+  caches that make a repeated query faster (plans, influence verdicts, DuckDB prepared
+  statements) are per user: another analyst's earlier query makes no answer faster.
 * Densification covers group keys with a declared public domain; other keys drop groups
   below k (their existence above k is visible). With a WHERE on a densified key, the other
   domain values appear as suppressed (NULL) rows.

@@ -8,20 +8,54 @@ restarts and are shared by every process serving queries.
 * ``refusals``: refusals within ``refusal_window_s`` reaching ``refusal_burst``.
 
 * ``differencing``: two filtered queries by the same user within
-  ``near_duplicate_window_s`` whose populations differ by fewer than k persons (but not 0)
-  — the signature of a differencing pair; the analyst sees no difference in the answer
-  (the populations are kept in ``state.sqlite`` only, never returned).
+  ``near_duplicate_window_s`` whose populations differ by 1..k-1 contributors — the
+  signature of a differencing pair (``P AND age >= 40`` / ``>= 41``); the analyst sees
+  no difference in the answer. Sizes only preselect: a population is recorded with its
+  definition (snapshot id, the boundary's row SQL as executed), and the bookkeeping
+  thread verifies the ``MAX_PAIRS`` closest pairs whose sizes are 1..k-1 apart on the
+  store (symmetric difference of their ``__pid`` sets, each on its own snapshot), after
+  this module's transaction; only a verified pair raises the alert
+  (``confirm_differencing``, once per episode: none of the user's populations in the
+  window was in a verified pair before). Unrelated populations of nearly equal size do
+  not. Populations recorded without a definition are compared by size only.
+* ``decomposition``: one population *identity* (true size n and cell key: the same
+  contributors, however the SQL is written) released under ``decomposition_burst``
+  distinct shapes within ``decomposition_window_s``. A shape is the fingerprint plus the
+  boundary's group keys and aggregates with their literals: each split of a population
+  into parts is a fresh draw of consistent noise, and averaging enough of them gives the
+  exact count (of a suppressed cell too, as the difference of two padded populations).
 
 An alert is raised when a counter first reaches its threshold inside the window (not on
 every later request), and audited as type ``alert``.
 
+Holds (decision of issue 15): in threshold mode consistent noise cannot stop averaging
+over decompositions or range pairs (``P AND age >= 40`` / ``>= 41``) spread over many
+queries, so detection has to *stop* the analyst. An alert named in ``pause_on`` (Himeji:
+differencing, decomposition) puts the user on hold (``guard_holds``: since, alert, the
+audit seq that raised it; written in the same transaction); ``Guard.query`` then refuses
+them (``paused_for_review``, one primary-key read before any data is read) until an admin
+runs ``sekisho users resume NAME`` (``guard.resume``), which also forgets the user's
+recorded populations so that a continued attack pauses again. Roles with
+``alert_holds: false`` (the reports service) are never held. The bookkeeping runs after
+the answer, so a hold applies from the next query once recorded.
+Cost: a burst of exploratory queries over one population (12+ tables of it within an
+hour), or two overlapping populations differing by a few persons within 10 minutes,
+pause an honest analyst until an admin resumes them. Residual risk: detection, not
+prevention — an attacker who stays under the thresholds (fewer shapes, pairs spread
+beyond the window) still sharpens estimates, and the hold itself is one data-dependent bit per review. DP mode is the formal defence.
+
 Cost per request: one transaction (``record_request``) whose reads do not grow with the
 user's traffic: the near-duplicate, refusal and close-population counts are index range
-counts (populations: the two ranges just below and above), and the cells of the last hour
-are per-minute sums (``guard_cells``, kept in step with
+counts (populations: the two ranges just below and above, read up to ``MAX_PAIRS``
+rows each when populations carry a definition; decompositions: one key
+lookup and a range count capped at the burst, one row per identity and shape), and the
+cells of the last hour are per-minute sums (``guard_cells``, kept in step with
 ``guard_requests`` in the same transaction) plus the rows of the one minute the window
 starts in. Rows older than twice the longest window, which no counter reads, are purged
-(in whole minutes) at most once a minute per connection.
+(in whole minutes) at most once a minute per connection (the populations' row SQL with
+them: it is in the audit trail anyway, and ``state.sqlite`` is 0600, service-owned).
+Verifying a pair costs one query on the store per pair (at most ``MAX_PAIRS`` per
+request, only when sizes are close), on the bookkeeping thread.
 """
 
 from __future__ import annotations
@@ -30,6 +64,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from sekisho.instance import Instance, secure
 
@@ -47,18 +82,43 @@ _SCHEMA = (
     "CREATE INDEX IF NOT EXISTS guard_requests_user_ts ON guard_requests(user, ts)",
     "CREATE INDEX IF NOT EXISTS guard_requests_user_fp_ts ON guard_requests(user, fingerprint, ts)",
     "CREATE INDEX IF NOT EXISTS guard_requests_refused ON guard_requests(user, ts) WHERE refused = 1",
+    # snapshot, row_sql: what defines the population (differencing pairs are verified on
+    # the store); paired: part of a verified differencing pair (one alert per episode)
     """CREATE TABLE IF NOT EXISTS guard_populations (
         id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
-        population INTEGER NOT NULL, fingerprint TEXT NOT NULL)""",
+        population INTEGER NOT NULL, fingerprint TEXT NOT NULL,
+        snapshot TEXT, row_sql TEXT, paired INTEGER NOT NULL DEFAULT 0)""",
     # close populations are two index ranges (below and above), never the user's whole window
     "CREATE INDEX IF NOT EXISTS guard_populations_user_pop_ts ON guard_populations(user, population, ts)",
     "DROP INDEX IF EXISTS guard_populations_user_ts",
+    # decomposition: one row per (user, population identity, query shape), the last time
+    # that shape released it; the shapes of one identity in the window are an index range
+    """CREATE TABLE IF NOT EXISTS guard_decompositions (
+        user TEXT NOT NULL, population INTEGER NOT NULL, pkey INTEGER NOT NULL, shape TEXT NOT NULL,
+        ts REAL NOT NULL, PRIMARY KEY (user, population, pkey, shape)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS guard_decompositions_identity_ts ON guard_decompositions(user, population, pkey, ts)",
+    # users on hold: read (by primary key) before every query of the user
+    """CREATE TABLE IF NOT EXISTS guard_holds (
+        user TEXT PRIMARY KEY, since REAL NOT NULL, alert TEXT NOT NULL, raised_by INTEGER) WITHOUT ROWID""",
 )
 _COUNTERS = """SELECT
     (SELECT COUNT(*) FROM guard_requests WHERE user = ? AND fingerprint = ? AND ts > ?),
     (SELECT COUNT(*) FROM guard_requests WHERE user = ? AND refused = 1 AND ts > ?),
     (SELECT COALESCE(SUM(cells), 0) FROM guard_cells WHERE user = ? AND minute > ?)
     + (SELECT COALESCE(SUM(cells), 0) FROM guard_requests WHERE user = ? AND ts > ? AND ts < ?)"""
+# shapes that released one population identity within the window, counted up to the burst
+_SHAPES = """SELECT COUNT(*) FROM (SELECT 1 FROM guard_decompositions
+    WHERE user = ? AND population = ? AND pkey = ? AND ts > ? LIMIT ?)"""
+_POPULATION_COLUMNS = (("snapshot", "TEXT"), ("row_sql", "TEXT"), ("paired", "INTEGER NOT NULL DEFAULT 0"))
+# the closest recorded populations (with a definition) just below and above a size, in
+# index order (user, population, ts): at most ``limit`` rows read per side
+_CANDIDATES = """SELECT * FROM (SELECT id, population, snapshot, row_sql FROM guard_populations
+    WHERE user = ? AND population > ? AND population < ? AND ts > ? AND row_sql IS NOT NULL
+    ORDER BY population DESC, ts DESC LIMIT ?)
+    UNION ALL SELECT * FROM (SELECT id, population, snapshot, row_sql FROM guard_populations
+    WHERE user = ? AND population > ? AND population < ? AND ts > ? AND row_sql IS NOT NULL
+    ORDER BY population, ts LIMIT ?)"""
+MAX_PAIRS = 4   # close pairs verified on the store per request (the closest sizes)
 _CELLS_TABLE = """CREATE TABLE guard_cells (
     user TEXT NOT NULL, minute INTEGER NOT NULL, cells INTEGER NOT NULL,
     PRIMARY KEY (user, minute)) WITHOUT ROWID"""
@@ -117,6 +177,12 @@ def _state(instance: Instance) -> _State:
     try:
         for statement in _SCHEMA:
             con.execute(statement)
+        have = {row[1] for row in con.execute("PRAGMA table_info(guard_populations)").fetchall()}
+        for column, decl in _POPULATION_COLUMNS:   # a state file from before the definitions
+            if column not in have:
+                con.execute(f"ALTER TABLE guard_populations ADD COLUMN {column} {decl}")
+        con.execute("CREATE INDEX IF NOT EXISTS guard_populations_paired ON guard_populations(user, ts) "
+                    "WHERE paired = 1")
         if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'guard_cells'").fetchone() is None:
             # a state file from before the per-minute sums: build them from the rows kept
             con.execute(_CELLS_TABLE)
@@ -156,14 +222,78 @@ def _differencing(alerts, fingerprint: str) -> dict:
     return {"alert": "differencing", "window_s": alerts.near_duplicate_window_s, "fingerprint": fingerprint}
 
 
+class Definition(NamedTuple):
+    """A recorded population: its row in ``guard_populations``, the snapshot it was
+    released on and the boundary's row-level SQL as executed (projects ``__pid``)."""
+    id: int
+    snapshot: str
+    sql: str
+
+
+class Pair(NamedTuple):
+    """Two recorded populations of one user, sizes 1..k-1 apart (``gap``): a differencing
+    pair if their contributors differ by 1..k-1 on the store (``confirm_differencing``)."""
+    gap: int
+    new: Definition
+    old: Definition
+
+
+class Found(list):
+    """The alerts of a request (a list of dicts) and ``pairs``: the close pairs that
+    decide ``differencing`` once verified on the store (at most ``MAX_PAIRS``)."""
+    pairs: list[Pair]
+
+    def __init__(self, alerts=(), pairs=()):
+        super().__init__(alerts)
+        self.pairs = list(pairs)
+
+
+def _identities(populations, fingerprint: str) -> tuple[list[int], list[tuple[int, int, str]],
+                                                        list[tuple[str, str] | None]]:
+    """Sizes (for ``differencing``), for populations given as ``(n, key[, shape])``,
+    identities with the shape they were released under (for ``decomposition``; the shape
+    defaults to the request's fingerprint), and for ``(n, key, shape, snapshot, row_sql)``
+    the definition (else None: compared by size only)."""
+    sizes, identities, definitions = [], [], []
+    for p in populations:
+        definition = None
+        if isinstance(p, (tuple, list)):
+            n, key = int(p[0]), int(p[1])
+            identities.append((n, key, str(p[2]) if len(p) > 2 else fingerprint))
+            if len(p) > 4:
+                definition = (str(p[3]), str(p[4]))
+        else:
+            n = int(p)
+        sizes.append(n)
+        definitions.append(definition)
+    return sizes, identities, definitions
+
+
+def _candidates(con: sqlite3.Connection, user: str, since: float, population: int, k: int) -> list[tuple]:
+    """The recorded populations (with a definition) closest in size to ``population``,
+    1..k-1 apart: up to ``MAX_PAIRS`` on each side, as (gap, Definition)."""
+    rows = con.execute(_CANDIDATES, (user, population - k, population, since, MAX_PAIRS,
+                                     user, population, population + k, since, MAX_PAIRS)).fetchall()
+    return [(abs(q - population), Definition(i, snap, sql)) for i, q, snap, sql in rows]
+
+
 def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, refused: bool, cells: int,
-                   populations: Iterable[int] = (), k: int | None = None,
-                   now: float | None = None) -> list[dict]:
+                   populations: Iterable = (), k: int | None = None,
+                   now: float | None = None, raised_by: int | None = None, pause: bool = True) -> Found:
     """Record one request and the populations of its filtered parts, in one transaction;
     return the alerts it triggers (each a dict for the audit): the counter alerts, then
-    ``differencing`` for a population that forms the first close pair in the window."""
+    ``differencing`` for a population that forms the first close pair in the window, then
+    ``decomposition`` for a population identity reaching ``decomposition_burst`` shapes.
+    A population is its size n, or ``(n, cell key[, shape])`` to count decompositions, or
+    ``(n, cell key, shape, snapshot, row_sql)``: then it is recorded with its definition
+    and ``differencing`` is not decided here: the close pairs it forms (the ``MAX_PAIRS``
+    closest sizes of the request) are returned as ``Found.pairs``, for the caller to
+    verify on the store outside this transaction (``confirm_differencing``).
+    With ``pause`` (the user's role may be held), an alert named in ``alerts.pause_on``
+    also puts the user on hold, in the same transaction (``raised_by``: the audit entry of
+    the request; the alert says ``pause``)."""
     now = time.time() if now is None else now
-    populations = [int(p) for p in populations]
+    populations, identities, definitions = _identities(populations, fingerprint)
     if populations and k is None:
         raise ValueError("populations need k")
     state = _state(instance)
@@ -172,7 +302,11 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
     pop_horizon = max(3600, alerts.near_duplicate_window_s)
     purge_requests = state.purge_due("guard_requests", now)
     purge_populations = bool(populations) and state.purge_due("guard_populations", now)
+    purge_decompositions = bool(identities) and state.purge_due("guard_decompositions", now)
     close_counts: list[int] = []
+    pairs: list[Pair] = []
+    decomposed = 0
+    found: list[dict] = []
     con.execute("BEGIN IMMEDIATE")
     try:
         con.execute("INSERT INTO guard_requests(user, ts, fingerprint, refused, cells) VALUES (?, ?, ?, ?, ?)",
@@ -187,10 +321,29 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
         dup, ref, bulk = con.execute(_COUNTERS, (
             user, fingerprint, now - alerts.near_duplicate_window_s, user, now - alerts.refusal_window_s,
             user, first, user, start, (first + 1) * BUCKET_S)).fetchone()
-        for population in populations:
-            close_counts.append(_close_count(con, user, now - alerts.near_duplicate_window_s, population, int(k)))
-            con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint) VALUES (?, ?, ?, ?)",
-                        (user, now, population, fingerprint))
+        for population, definition in zip(populations, definitions):
+            window = now - alerts.near_duplicate_window_s
+            if definition is None:   # compared by size only
+                close_counts.append(_close_count(con, user, window, population, int(k)))
+                candidates = []
+            else:
+                candidates = _candidates(con, user, window, population, int(k))
+            row = con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint, snapshot, row_sql) "
+                              "VALUES (?, ?, ?, ?, ?, ?)", (user, now, population, fingerprint,
+                                                            *(definition or (None, None))))
+            if candidates:
+                new = Definition(row.lastrowid, *definition)
+                pairs += [Pair(gap, new, old) for gap, old in candidates]
+        since = now - alerts.decomposition_window_s
+        for population, key, shape in identities:
+            seen = con.execute("SELECT ts FROM guard_decompositions WHERE user = ? AND population = ? "
+                               "AND pkey = ? AND shape = ?", (user, population, key, shape)).fetchone()
+            if seen is None or seen[0] <= since:   # a shape new in the window
+                others = con.execute(_SHAPES, (user, population, key, since, alerts.decomposition_burst)).fetchone()[0]
+                decomposed += others + 1 == alerts.decomposition_burst
+            con.execute("INSERT INTO guard_decompositions(user, population, pkey, shape, ts) VALUES (?, ?, ?, ?, ?) "
+                        "ON CONFLICT(user, population, pkey, shape) DO UPDATE SET ts = MAX(ts, excluded.ts)",
+                        (user, population, key, shape, now))
         # keep the tables small: nothing older than the longest window is ever counted
         if purge_requests:   # whole minutes, so guard_cells keeps summing exactly the rows kept
             cutoff = _minute(now - 2 * horizon)
@@ -198,6 +351,15 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
             con.execute("DELETE FROM guard_cells WHERE minute < ?", (cutoff,))
         if purge_populations:
             con.execute("DELETE FROM guard_populations WHERE ts < ?", (now - 2 * pop_horizon,))
+        if purge_decompositions:
+            con.execute("DELETE FROM guard_decompositions WHERE ts < ?", (now - 2 * alerts.decomposition_window_s,))
+        found = _found(alerts, fingerprint, refused, cells, dup, ref, bulk, close_counts, decomposed)
+        pausing = [a for a in found if a["alert"] in alerts.pause_on] if pause else []
+        if pausing:   # the first alert of a hold stays its reason until an admin resumes the user
+            con.execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(user) DO NOTHING", (user, now, pausing[0]["alert"], raised_by))
+            for alert in pausing:
+                alert["pause"] = True
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:
@@ -207,6 +369,59 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
         state.purged_at["guard_requests"] = now
     if purge_populations:
         state.purged_at["guard_populations"] = now
+    if purge_decompositions:
+        state.purged_at["guard_decompositions"] = now
+    return Found(found, _closest(pairs))
+
+
+def _closest(pairs: list[Pair]) -> list[Pair]:
+    """The ``MAX_PAIRS`` closest sizes (the most recent first), each pair of definitions once."""
+    chosen, seen = [], set()
+    for pair in sorted(pairs, key=lambda p: (p.gap, -p.old.id)):
+        key = (pair.new.snapshot, pair.new.sql, pair.old.snapshot, pair.old.sql)
+        if key not in seen and len(chosen) < MAX_PAIRS:
+            seen.add(key)
+            chosen.append(pair)
+    return chosen
+
+
+def confirm_differencing(instance: Instance, alerts, *, user: str, fingerprint: str, pairs: Iterable[Pair],
+                         now: float | None = None, raised_by: int | None = None,
+                         pause: bool = True) -> list[dict]:
+    """Record ``pairs``, verified on the store (contributors differing by 1..k-1), as
+    differencing pairs; return ``[differencing]`` when they open an episode (no population
+    of the user in the window is part of an earlier verified pair), else ``[]``. Like
+    ``record_request``, an alert in ``pause_on`` puts the user on hold in the same
+    transaction (at most a few rows are written; reads: one index range, stopping at the
+    first row)."""
+    pairs = list(pairs)
+    if not pairs:
+        return []
+    now = time.time() if now is None else now
+    con = _connect(instance)
+    found: list[dict] = []
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        episode = con.execute("SELECT 1 FROM guard_populations WHERE user = ? AND paired = 1 AND ts > ? LIMIT 1",
+                              (user, now - alerts.near_duplicate_window_s)).fetchone()
+        ids = sorted({i for pair in pairs for i in (pair.new.id, pair.old.id)})
+        con.execute(f"UPDATE guard_populations SET paired = 1 WHERE id IN ({', '.join('?' * len(ids))})", ids)
+        if episode is None:
+            found.append(_differencing(alerts, fingerprint))
+            if pause and "differencing" in alerts.pause_on:
+                con.execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
+                            "ON CONFLICT(user) DO NOTHING", (user, now, "differencing", raised_by))
+                found[0]["pause"] = True
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    return found
+
+
+def _found(alerts, fingerprint: str, refused: bool, cells: int, dup: int, ref: int, bulk: int,
+           close_counts: list[int], decomposed: int) -> list[dict]:
     bulk_before = bulk - int(cells)
     found: list[dict] = []
     if dup == alerts.near_duplicate_burst:
@@ -219,4 +434,57 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
     for close in close_counts:
         if close == 1:  # the first pair in the window; later ones are part of the same episode
             found.append(_differencing(alerts, fingerprint))
+    for _ in range(decomposed):
+        found.append({"alert": "decomposition", "shapes": alerts.decomposition_burst,
+                      "window_s": alerts.decomposition_window_s, "fingerprint": fingerprint})
     return found
+
+
+# ---- holds -----------------------------------------------------------------------------
+def _hold(row) -> dict:
+    user, since, alert, raised_by = row
+    return {"user": user, "since": since, "alert": alert, "raised_by": raised_by}
+
+
+def hold_of(instance: Instance, user: str) -> dict | None:
+    """``user``'s hold (since, alert, raised_by) or None: one primary-key read, made
+    before every query of the user."""
+    row = _connect(instance).execute("SELECT user, since, alert, raised_by FROM guard_holds WHERE user = ?",
+                                     (user,)).fetchone()
+    return None if row is None else _hold(row)
+
+
+def holds(instance: Instance) -> list[dict]:
+    """Every user on hold, oldest first."""
+    return [_hold(r) for r in _connect(instance).execute(
+        "SELECT user, since, alert, raised_by FROM guard_holds ORDER BY since, user").fetchall()]
+
+
+def put_hold(instance: Instance, user: str, *, alert: str, raised_by: int | None = None,
+             since: float | None = None) -> None:
+    """Put ``user`` on hold (keeps an existing hold; used to undo a resume that could not
+    be audited)."""
+    _connect(instance).execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT(user) DO NOTHING",
+                               (user, time.time() if since is None else since, alert, raised_by))
+
+
+def resume(instance: Instance, user: str) -> dict | None:
+    """Lift ``user``'s hold and return it (None if there was none). The populations and
+    decompositions recorded for the user are forgotten with it: the reviewed episode is
+    closed, and an attack that goes on raises its alert (and the hold) again."""
+    con = _connect(instance)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        row = con.execute("SELECT user, since, alert, raised_by FROM guard_holds WHERE user = ?",
+                          (user,)).fetchone()
+        if row is not None:
+            con.execute("DELETE FROM guard_holds WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_populations WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_decompositions WHERE user = ?", (user,))
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+    return None if row is None else _hold(row)

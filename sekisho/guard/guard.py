@@ -15,16 +15,23 @@ of the last answers, never their request.
 Side channels: refusal texts are fixed per code; execution errors of the store are
 reported as one generic refusal without the engine's message (which could quote a data
 value); the only data-dependent refusals are ``filter_population_below_k``, decided on a
-perturbed count, and ``unit_view_not_person_unique``, a property of a whole view (one
-row per person or not) that the policy's description of the view already states. Timing is not equalised (residual risk, see the README of the guard).
+perturbed count, ``unit_view_not_person_unique``, a property of a whole view (one
+row per person or not) that the policy's description of the view already states, and
+``paused_for_review`` (a hold raised by a differencing/decomposition alert: one bit per
+admin review, see ``sekisho.guard.alerts``). Timing is not equalised (residual risk, see the README of the guard);
+the caches that make a repeated query faster (plans, condition-influence verdicts, DuckDB
+prepared statements) are per user, so nothing one analyst asks makes another's faster.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import itertools
 import logging
 import math
+import numbers
 import os
 import threading
 import time
@@ -45,7 +52,7 @@ from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog, catalog_for_role
 from sekisho.guard.cells import Bounding, cells_sql, population_sql
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.influence import Variant, apply, batch, closest, influence_sql, is_flat, neighbourhood
-from sekisho.guard.protect.cellkey import PerturbationTable
+from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable
 from sekisho.guard.protect.dp import DPParams, protect_dp
 from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, cells_from_arrow, number,
                                              protect_threshold)
@@ -58,7 +65,7 @@ from sekisho.store import Store, StoreError
 log = logging.getLogger(__name__)
 
 PLAN_CACHE_SIZE = 512
-PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot
+PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot (all users)
 # Rows per Arrow batch when the guard fetches from DuckDB. With DuckDB's default batch of
 # 1,000,000 rows a small grouped result took 0.1-0.3 ms longer to fetch than with one
 # DuckDB vector (2,048 rows) per batch, and a 150,000-cell result was no faster (measured
@@ -75,6 +82,9 @@ MODES = ("threshold", "dp")
 MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence (one scan each)
 MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
 INFLUENCE_ROUNDS = 8   # leaving conditions out can make others small: re-checked up to this often
+# a snapshot the bookkeeping opens to verify a differencing pair (not the guard's current one)
+VERIFY_MEMORY_LIMIT = "512MB"
+VERIFY_THREADS = 1
 
 
 @dataclass
@@ -107,6 +117,19 @@ def _settle(request: Future | None, *, quiet: bool = False) -> None:
             raise
 
 
+def _shape(fingerprint: str, bp: BoundaryPlan) -> str:
+    """The shape a boundary releases its population under (``decomposition`` alert): the
+    query's fingerprint plus the boundary's group keys and aggregates *with* their
+    literals, so moving a cut point (``GROUP BY age < 40`` / ``< 41``) or putting several
+    decompositions in one query makes new shapes. Memoised on the cached plan."""
+    memo = getattr(bp, "_shape_sql", None)
+    if memo is None:
+        memo = "|".join([k.expr.sql(dialect="duckdb") for k in bp.group_keys] +
+                        [a.node.sql(dialect="duckdb") if a.node is not None else a.kind for a in bp.aggregates])
+        object.__setattr__(bp, "_shape_sql", memo)
+    return hashlib.sha256(f"{fingerprint}\x00{memo}".encode()).hexdigest()[:16]
+
+
 def _execution_refusal(exc: Exception) -> QueryRefused:
     """Binder errors are decided from the SQL and the schema before any row is read, so
     their message may be shown; anything raised while executing (conversion, overflow,
@@ -120,9 +143,13 @@ def _execution_refusal(exc: Exception) -> QueryRefused:
 class _Snapshot:
     """The read-only connection to one snapshot plus what the guard caches about it."""
 
-    def __init__(self, sid: str, backend):
+    def __init__(self, sid: str, backend, ptable: PerturbationTable):
         self.id = sid
         self.backend = backend
+        # this snapshot's own cell-key table: every threshold answer, population check and
+        # condition-influence verdict on this snapshot uses it (consistent within the
+        # snapshot, a fresh draw after an upload; see sekisho.guard.protect.cellkey)
+        self.ptable = ptable
         self.con: duckdb.DuckDBPyConnection = backend.con
         self.lock = threading.Lock()
         self._local = threading.local()   # this thread's cursor and its prepared statements
@@ -137,27 +164,30 @@ class _Snapshot:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
-    def execute_prepared(self, sql: str) -> pa.Table:
+    def execute_prepared(self, sql: str, user: str) -> pa.Table:
         """Run guard-generated ``sql`` as a prepared statement of this thread's cursor, so
         a query asked again skips DuckDB's parsing, binding and planning (the plan cache
         one level down; the data is read every time). Only SQL the guard wrote itself,
-        from a cached plan, comes here."""
+        from a cached plan, comes here. Statements are ``user``'s own (keyed by user and
+        SQL): another user's identical query prepares its own, so it is not faster for
+        what someone else asked (a timing channel)."""
         local = self._local
         cur = getattr(local, "cursor", None)
         if cur is None:
             cur = local.cursor = self.con.cursor()
             local.prepared = OrderedDict()
-        prepared: OrderedDict[str, str] = local.prepared
-        name = prepared.get(sql)
+        prepared: OrderedDict[tuple[str, str], str] = local.prepared
+        key = (user, sql)
+        name = prepared.get(key)
         if name is None:
             name = f"__sekisho_p{next(self._names)}"
             cur.execute(f"PREPARE {name} AS {sql}")
-            prepared[sql] = name
+            prepared[key] = name
             while len(prepared) > PREPARED_PER_THREAD:
                 _, old = prepared.popitem(last=False)
                 cur.execute(f"DEALLOCATE {old}")
         else:
-            prepared.move_to_end(sql)
+            prepared.move_to_end(key)
         return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
 
     def is_person_unique(self, view: str, unit: str) -> bool:
@@ -177,18 +207,19 @@ class Guard:
     def __init__(self, instance: Instance, *, policy=None):
         self.instance = instance
         self.policy = policy or load_instance_policy(instance)
-        d = self.policy.disclosure
-        self.ptable = PerturbationTable(instance.secret, max_noise=d.perturbation.max_noise,
-                                        variance=d.perturbation.variance, label=d.perturbation.seed)
         self.store = Store(instance)
         self._lock = threading.Lock()
         self._local = threading.local()
         self._snapshot: _Snapshot | None = None
         self._catalogs: dict[tuple[str, str], Catalog] = {}
-        self._plans: OrderedDict[tuple[str, str, str], Plan] = OrderedDict()
-        # (snapshot, row SQL) -> (row SQL to execute, conditions left out): a deterministic
-        # function of the snapshot (perturbed counts), so it is computed once
-        self._influence: OrderedDict[tuple[str, str], tuple[str, tuple[str, ...]] | QueryRefused] = OrderedDict()
+        # Caches that make a repeated query faster are per user (a shared one is a timing
+        # channel: a query another analyst asked before would answer faster), bounded LRU.
+        # (user, role, snapshot, SQL) -> plan
+        self._plans: OrderedDict[tuple[str, str, str, str], Plan] = OrderedDict()
+        # (user, snapshot, row SQL) -> (row SQL to execute, conditions left out): a
+        # deterministic function of the snapshot (perturbed counts), computed once per user
+        self._influence: OrderedDict[tuple[str, str, str], tuple[str, tuple[str, ...]] | QueryRefused] = \
+            OrderedDict()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pools_pid = os.getpid()
 
@@ -212,6 +243,7 @@ class Guard:
         spent = ledger.spent(self.instance, user, period)
         return {"period": period, "total": dp.budget_per_period, "spent": spent,
                 "remaining": max(dp.budget_per_period - spent, 0.0),
+                "epsilon_per_query_min": dp.epsilon_per_query_min,
                 "epsilon_per_query_max": dp.epsilon_per_query_max}
 
     def describe(self, sql: str, *, user: str) -> pa.Schema:
@@ -221,7 +253,7 @@ class Guard:
         role = self._role(user)
         snap = self._current()
         catalog = self._catalog(role, snap)
-        plan = self._plan(sql, role, catalog)
+        plan = self._plan(sql, user, role, snap, catalog)
         protected = {bp.name: self._empty_protected(bp, snap) for bp in plan.boundaries}
         table = self._post_process(plan, protected, snap, catalog, limit_zero=True)
         return table.schema
@@ -236,6 +268,8 @@ class Guard:
         request: Future | None = None   # the request's audit entry, made durable while the query runs
         try:
             role = self._role(user)
+            if alert_rules.hold_of(self.instance, user) is not None:   # one primary-key read, no data
+                raise QueryRefused("paused_for_review")
             role_def = self.policy.roles[role]
             mode = mode or role_def.default_mode
             if mode not in MODES or mode not in role_def.modes:
@@ -243,15 +277,15 @@ class Guard:
             eps = self._check_epsilon(epsilon) if mode == "dp" else None
             snap = self._current()
             catalog = self._catalog(role, snap)
-            plan = self._plan(sql, role, catalog)
+            plan = self._plan(sql, user, role, snap, catalog)
             fingerprint, views = plan.fingerprint, list(plan.views)
             request = self._announce(user, role, sql, plan, mode, eps, snap, operator)
             if mode == "dp":
                 table, stats, eps_info = self._run_dp(plan, snap, catalog, user, eps)
-                left_out = []
+                left_out, defined = [], [None] * len(stats)
             else:
-                table, stats, left_out = self._run_threshold(
-                    plan, snap, catalog, influence=self.policy.disclosure.condition_influence and
+                table, stats, left_out, defined = self._run_threshold(
+                    plan, snap, catalog, user, influence=self.policy.disclosure.condition_influence and
                     role_def.condition_influence)
                 eps_info = {"epsilon_spent": 0.0, "epsilon_remaining": None}
             request_seq = request.result()["seq"]   # durable before anything leaves (AuditError: nothing)
@@ -292,7 +326,8 @@ class Guard:
                  summary=f"{mode} query on {', '.join(views) or '-'}: {table.num_rows} rows", details=details,
                  durable=False),
             dict(user=user, role=role, fingerprint=fingerprint, refused=False, cells=summary["cells"],
-                 populations=[s.population for s in stats if s.population is not None]))
+                 populations=[(*s.population, _shape(fingerprint, bp), *(d or ()))
+                              for s, bp, d in zip(stats, plan.boundaries, defined) if s.population is not None]))
         summary["query_id"] = entry["seq"]
         return GuardResult(table=table, summary=summary)
 
@@ -320,13 +355,19 @@ class Guard:
         return role
 
     def _check_epsilon(self, epsilon) -> float:
-        cap = self.policy.disclosure.dp.epsilon_per_query_max
+        """ε as a float in the policy's [epsilon_per_query_min, epsilon_per_query_max],
+        else ``epsilon_invalid`` — decided here, before the ledger is touched, so that no
+        ε that passes fails later in the DP mechanisms (tiny or subnormal values do)."""
+        dp = self.policy.disclosure.dp
+        refused = QueryRefused("epsilon_invalid", part=repr(epsilon)[:40])
+        if isinstance(epsilon, (bool, np.bool_)) or not isinstance(epsilon, numbers.Real):
+            raise refused   # bools, strings, None, complex, Decimal: not a number of ours
         try:
             value = float(epsilon)
-        except (TypeError, ValueError):
-            raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40]) from None
-        if isinstance(epsilon, bool) or not math.isfinite(value) or value <= 0 or value > cap:
-            raise QueryRefused("epsilon_invalid", part=repr(epsilon)[:40])
+        except (TypeError, ValueError, OverflowError):
+            raise refused from None
+        if not (math.isfinite(value) and dp.epsilon_per_query_min <= value <= dp.epsilon_per_query_max):
+            raise refused   # NaN, ±inf, 0, -0.0, subnormal, below the minimum, above the cap
         return value
 
     def _current(self) -> _Snapshot:
@@ -342,12 +383,26 @@ class Guard:
                     backend = self.store.connect(sid)
                 except StoreError:
                     raise QueryRefused("no_data") from None
-                self._snapshot = _Snapshot(sid, backend)
+                self._snapshot = _Snapshot(sid, backend, self._perturbation_table(sid))
                 self._catalogs.clear()
                 self._plans.clear()
                 self._influence.clear()
                 # the old connection stays open for queries already running on it
             return self._snapshot
+
+    def _perturbation_table(self, sid: str) -> PerturbationTable:
+        """The cell-key table of snapshot ``sid``, seeded by the instance secret and the
+        snapshot id: after an upload every cell's noise is a fresh draw, so the cells the
+        upload left unchanged move as well and the newcomers' cells do not stand out."""
+        p = self.policy.disclosure.perturbation
+        return PerturbationTable(self.instance.secret, max_noise=p.max_noise, variance=p.variance,
+                                 label=p.seed, snapshot=sid)
+
+    @property
+    def ptable(self) -> PerturbationTable:
+        """The perturbation table of the current snapshot (for tests and tools; a query
+        uses the table of the snapshot it runs on)."""
+        return self._current().ptable
 
     def _catalog(self, role: str, snap: _Snapshot) -> Catalog:
         key = (role, snap.id)
@@ -357,8 +412,10 @@ class Guard:
             self._catalogs[key] = cat
         return cat
 
-    def _plan(self, sql: str, role: str, catalog: Catalog) -> Plan:
-        key = (role, self._snapshot.id if self._snapshot else "", sql)
+    def _plan(self, sql: str, user: str, role: str, snap: _Snapshot, catalog: Catalog) -> Plan:
+        """``sql``'s plan against ``catalog`` (the catalog of ``snap``, the snapshot the
+        query runs on — not whichever is current by now), cached per user."""
+        key = (user, role, snap.id, sql)
         with self._lock:
             cached = self._plans.get(key)
             if cached is not None:
@@ -401,10 +458,12 @@ class Guard:
             sql = memo[person_unique] = cells_sql(bp, person_unique=person_unique)
         return sql
 
-    def _fetch(self, snap: _Snapshot, sql: str, *, prepared: bool = False) -> Cells:
+    def _fetch(self, snap: _Snapshot, sql: str, *, prepared_for: str | None = None) -> Cells:
+        """Run ``sql`` on ``snap``; with ``prepared_for`` (a user), as that user's
+        prepared statement."""
         try:
-            if prepared:
-                table = snap.execute_prepared(sql)
+            if prepared_for is not None:
+                table = snap.execute_prepared(sql, prepared_for)
             else:
                 table = snap.cursor().execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
             return cells_from_arrow(table)
@@ -414,15 +473,18 @@ class Guard:
     def _domains(self, bp: BoundaryPlan) -> list:
         return [k.domain for k in bp.group_keys]
 
-    def _run_threshold(self, plan: Plan, snap: _Snapshot, catalog: Catalog, *, influence: bool = True):
+    def _run_threshold(self, plan: Plan, snap: _Snapshot, catalog: Catalog, user: str, *,
+                       influence: bool = True):
+        """Answer ``plan`` in threshold mode: (table, stats, conditions left out, and per
+        boundary what defines its population: (snapshot id, row SQL as executed))."""
         d = self.policy.disclosure
-        protected, stats, conditions_left_out = {}, [], []
+        protected, stats, conditions_left_out, defined = {}, [], [], []
         for bp in plan.boundaries:
             fast = self._fast_path(bp, snap, catalog)
-            run, left_out = self._neutralise_conditions(bp, snap, catalog, fast) if influence else (bp, ())
-            cells = self._fetch(snap, self._cells_sql(run, fast), prepared=True)
-            population = self._check_population(run, snap, cells, fast) if bp.filtered else None
-            frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=self.ptable,
+            run, left_out = self._neutralise_conditions(bp, snap, catalog, fast, user) if influence else (bp, ())
+            cells = self._fetch(snap, self._cells_sql(run, fast), prepared_for=user)
+            population = self._check_population(run, snap, cells, fast, user) if bp.filtered else None
+            frame, st = protect_threshold(cells, bp.aggregates, self._domains(bp), k=d.k, table=snap.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
@@ -430,29 +492,34 @@ class Guard:
             conditions_left_out += [c for c in left_out if c not in conditions_left_out]
             protected[bp.name] = self._to_arrow(frame, bp, snap)
             stats.append(st)
-        return self._post_process(plan, protected, snap, catalog), stats, conditions_left_out
+            defined.append((snap.id, run.row_sql))
+        return self._post_process(plan, protected, snap, catalog), stats, conditions_left_out, defined
 
-    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool) -> int:
+    def _check_population(self, bp: BoundaryPlan, snap: _Snapshot, cells: Cells, fast: bool,
+                          user: str) -> tuple[int, int]:
         """Refuse when the filtered population is below k — on a perturbed count, so the
-        decision itself carries the same noise as any released count."""
+        decision itself carries the same noise as any released count. Returns the
+        population's true size and cell key (for the differencing/decomposition alerts)."""
         if fast:   # the cells partition the filtered persons: their counts and keys add up
             n = int(cells["__n"].sum())
-            ck = int(cells["__ck"].sum())   # perturb_count takes it mod KEY_RANGE
+            # perturb_count takes it mod KEY_RANGE; an empty population's key is NULL (NaN)
+            ck = int(np.nansum(cells["__ck"]))
         else:
-            pop = self._fetch(snap, population_sql(bp), prepared=True)
+            pop = self._fetch(snap, population_sql(bp), prepared_for=user)
             n, ck = int(number(pop, "__n", np.int64)[0]), int(number(pop, "__ck", np.int64)[0])
-        if self.ptable.perturb_count(ck, n) < self.policy.disclosure.k:
+        if snap.ptable.perturb_count(ck, n) < self.policy.disclosure.k:
             raise QueryRefused("filter_population_below_k")
-        return n
+        return n, ck % KEY_RANGE   # the population's identity: same contributors, same (n, key)
 
     def _neutralise_conditions(self, bp: BoundaryPlan, snap: _Snapshot, catalog: Catalog,
-                               fast: bool) -> tuple[BoundaryPlan, tuple[str, ...]]:
+                               fast: bool, user: str) -> tuple[BoundaryPlan, tuple[str, ...]]:
         """Apply the condition-influence rule (``sekisho.guard.influence``): a condition
         that changes who is counted by fewer than k contributors (perturbed count) is not
         applied — the query is answered as its neighbour without it, whether the condition
         changes nobody or one person, so the answer cannot tell the two apart. Returns the
-        boundary to execute and the conditions left out (for the summary and the audit)."""
-        key = (snap.id, bp.row_sql)
+        boundary to execute and the conditions left out (for the summary and the audit).
+        The verdict is cached per user (``user``'s own queries only)."""
+        key = (user, snap.id, bp.row_sql)
         with self._lock:
             verdict = self._influence.get(key)
         if verdict is None:
@@ -495,11 +562,11 @@ class Guard:
             row = self._fetch(snap, sql)
             n = [int(number(row, f"__n{i}", np.int64)[0]) for i in range(len(compared))]
             ck = [int(number(row, f"__ck{i}", np.int64)[0]) for i in range(len(compared))]
-            noisy = [int(v) for v in self.ptable.perturb_counts(ck, n)]
+            noisy = [int(v) for v in snap.ptable.perturb_counts(ck, n)]
             if round_ == 0 and bp.filtered and any(v < k for v in noisy):
                 # a query that selects fewer than k is refused as such, before any condition
                 # is left out (which would otherwise widen it into an answer)
-                population = self.ptable.perturb_counts([int(number(row, "__ck", np.int64)[0])],
+                population = snap.ptable.perturb_counts([int(number(row, "__ck", np.int64)[0])],
                                                         [int(number(row, "__n", np.int64)[0])])[0]
                 if population < k:
                     raise QueryRefused("filter_population_below_k")
@@ -759,25 +826,106 @@ class Guard:
             log.exception("the audit entry %s could not be made durable", seq)
         user, role = request["user"], request["role"]
         try:
-            found = self._record_request(**{k: v for k, v in request.items() if k != "raised_by"})
-            for alert in found:
-                self.instance.audit.append("alert", user=user, role=role, outcome="ok",
-                                           summary=f"guard alert: {alert['alert']}",
-                                           details=dict(alert, raised_by=seq))
+            found = self._record_request(**request)
+            self._audit_alerts(found, user, role, seq)
+            pairs = getattr(found, "pairs", ())
+            if pairs:   # differencing: close sizes, verified on the store after the transaction
+                verified, failure = self._verify_pairs(pairs)
+                if verified:
+                    self._audit_alerts(alert_rules.confirm_differencing(
+                        self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
+                        pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
+                if failure is not None:
+                    self._bookkeeping_failed(user, role, seq, failure, check="differencing")
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
+            self._bookkeeping_failed(user, role, seq, exc)
+
+    def _audit_alerts(self, found: list[dict], user: str, role: str | None, seq: int) -> None:
+        for alert in found:
+            self.instance.audit.append("alert", user=user, role=role, outcome="ok",
+                                       summary=f"guard alert: {alert['alert']}", details=dict(alert, raised_by=seq))
+
+    def _bookkeeping_failed(self, user: str, role: str | None, seq: int, exc: Exception, *,
+                            check: str | None = None) -> None:
+        summary = ("guard alert bookkeeping failed; alerts for this request were not evaluated" if check is None
+                   else f"guard alert bookkeeping failed; {check} pairs of this request were not all verified")
+        details = {"raised_by": seq, "error": type(exc).__name__}
+        if check is not None:
+            details["check"] = check
+        try:
+            self.instance.audit.append("alert.bookkeeping_failed", user=user, role=role, outcome="failed",
+                                       summary=summary, details=details)
+        except Exception:
+            log.exception("guard alert bookkeeping failed for audit entry %s and could not be audited", seq)
+
+    def _verify_pairs(self, pairs) -> tuple[list, Exception | None]:
+        """The close pairs whose contributors really differ by 1..k-1 (symmetric difference
+        of their ``__pid`` sets on the store), and the first error met (a pair that could
+        not be verified raises no alert; the caller audits the error)."""
+        k = self.policy.disclosure.k
+        verified, failure = [], None
+        for pair in pairs:
             try:
-                self.instance.audit.append("alert.bookkeeping_failed", user=user, role=role, outcome="failed",
-                                           summary="guard alert bookkeeping failed; alerts for this request "
-                                                   "were not evaluated",
-                                           details={"raised_by": seq, "error": type(exc).__name__})
-            except Exception:
-                log.exception("guard alert bookkeeping failed for audit entry %s and could not be audited", seq)
+                if 1 <= self._symmetric_difference(pair.new, pair.old, k) < k:
+                    verified.append(pair)
+            except Exception as exc:   # store errors (a pruned snapshot, ...): audited, not raised
+                failure = failure or exc
+        return verified, failure
+
+    def _symmetric_difference(self, new, old, k: int) -> int:
+        """Contributors in exactly one of two recorded populations, counted up to k: one
+        query on their snapshot, or across an upload the older population's ``__pid`` set
+        fetched from its snapshot (if it still exists) and compared on the newer one."""
+        distinct = "SELECT DISTINCT __pid FROM ({}) AS __r"
+        other = distinct.format(old.sql)
+        table = None
+        if old.snapshot != new.snapshot:
+            with self._verification_cursor(old.snapshot) as cur:
+                table = cur.execute(other).to_arrow_table()
+            other = "SELECT __pid FROM __sekisho_old"
+        sql = (f"WITH __a AS ({distinct.format(new.sql)}), __b AS ({other}) SELECT COUNT(*) FROM ("
+               "(SELECT __pid FROM __a EXCEPT SELECT __pid FROM __b) UNION ALL "
+               f"(SELECT __pid FROM __b EXCEPT SELECT __pid FROM __a) LIMIT {int(k)}) AS __d")
+        with self._verification_cursor(new.snapshot) as cur:
+            if table is not None:
+                cur.register("__sekisho_old", table)
+            return int(cur.execute(sql).fetchone()[0])
+
+    @contextlib.contextmanager
+    def _verification_cursor(self, sid: str):
+        """A cursor on snapshot ``sid``: the guard's open connection if it is the current
+        one, else the snapshot opened read-only through the store (StoreError if it is
+        gone), with DuckDB's memory and threads limited; closed afterwards."""
+        snap = self._snapshot
+        if snap is not None and snap.id == sid:
+            cur = snap.cursor()
+            try:
+                yield cur
+            finally:
+                cur.close()
+            return
+        con = self.store.connect(sid).con
+        try:
+            con.execute(f"SET memory_limit = '{VERIFY_MEMORY_LIMIT}'")
+            con.execute(f"SET threads = {VERIFY_THREADS}")
+            yield con
+        finally:
+            con.close()
 
     def _record_request(self, *, user: str, role: str | None, fingerprint: str, refused: bool, cells: int,
-                        populations: list[int] = ()) -> list[dict]:
+                        populations: list[tuple[int, int, str]] = (), raised_by: int | None = None) -> list[dict]:
+        """Update the alert counters; an alert the policy pauses on puts ``user`` on hold
+        (``raised_by``: the request's audit entry), from their next query on. Returns the
+        alerts and (``.pairs``) the close populations ``_bookkeep`` verifies on the store
+        before it raises ``differencing``."""
         return alert_rules.record_request(self.instance, self.policy.disclosure.alerts, user=user,
                                           fingerprint=fingerprint, refused=refused, cells=cells,
-                                          populations=populations, k=self.policy.disclosure.k)
+                                          populations=populations, k=self.policy.disclosure.k,
+                                          raised_by=raised_by, pause=self._holds_apply(role))
+
+    def _holds_apply(self, role: str | None) -> bool:
+        role_def = self.policy.roles.get(role) if role else None
+        return role_def is None or role_def.alert_holds
 
     def _executor(self, kind: str) -> ThreadPoolExecutor:
         """The guard's helper thread of one kind ("audit": request entries; "bookkeeping":

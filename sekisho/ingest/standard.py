@@ -113,7 +113,7 @@ def render(policy: Policy) -> str:
         f"分散 {d.perturbation.variance}, {d.perturbation.min_count} 未満の非ゼロ値は秘匿",
         f"- 条件の影響度チェック: {'有効' if d.condition_influence else '無効'}"
         f"(集計条件の一つ一つが対象者を k 人以上変えない問い合わせは拒否。差分攻撃の防止)",
-        f"- 差分プライバシー: 1問い合わせあたり ε ≤ {d.dp.epsilon_per_query_max}, "
+        f"- 差分プライバシー: 1問い合わせあたり {d.dp.epsilon_per_query_min} ≤ ε ≤ {d.dp.epsilon_per_query_max}, "
         f"予算 {d.dp.budget_per_period} / {d.dp.period}, 1人あたり最大 {d.dp.max_rows_per_person} 行・"
         f"{d.dp.max_groups_per_person} グループ, δ = {d.dp.delta}",
         "",

@@ -5,7 +5,8 @@
   through ``ibis.sekisho.connect(home=..., user="reports")``, i.e. through the guard.
 * In an analyst's kernel neither is set: ``ibis.sekisho.connect()`` reaches the hub's
   guard service with the analyst's own hub token, so the analyst gets what the guard
-  gives *them* — the same protected figures, as the protection is consistent.
+  gives *them* — the same protected figures, as the protection is consistent (within
+  one data snapshot: the guard redraws the perturbation for every snapshot).
 
 Every query runs in threshold mode: cells below k come back missing (shown as 秘匿),
 the others carry the guard's consistent perturbation.

@@ -5,7 +5,8 @@ policy; "admins" — who are *not* hub admins). Pages, server-rendered in Japane
 no external assets (LGWAN has no internet):
 
 * ``/services/audit/``          events with filters (person, type, outcome, period), the
-                                chain's verification status, open alerts;
+                                chain's verification status, open alerts, analysts on hold
+                                (paused by an alert; lifted with ``sekisho users resume``);
 * ``/services/audit/people``    activity per person: sessions (login time, duration),
                                 servers, queries, refusals, epsilon spent;
 * ``/services/audit/export.csv`` the filtered events as CSV;
@@ -35,7 +36,8 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 
 from sekisho.audit import AuditError, to_csv
-from sekisho.instance import Instance
+from sekisho.guard import alerts as guard_alerts
+from sekisho.instance import TOKYO, Instance
 from sekisho.services.hubauth import (
     AUDIT_REVIEW_SCOPE,
     AUDIT_SERVICE,
@@ -57,6 +59,7 @@ TYPE_LABELS = {
     "alert": "警告",
     "alert.bookkeeping_failed": "警告判定の失敗",
     "alert.ack": "警告の確認",
+    "guard.resume": "照会の再開",
     "login": "ログイン",
     "login.failed": "ログイン失敗",
     "logout": "ログアウト",
@@ -355,6 +358,8 @@ class IndexHandler(ReviewHandler):
         self.record_read("events", filters, len(shown))
         self.render("index.html", page="events", filters=filters, entries=shown, total=len(entries),
                     chain=self.settings["chain"].get(), alerts=open_alerts(everything),
+                    holds=[dict(h, since=datetime.fromtimestamp(h["since"], TOKYO))
+                           for h in guard_alerts.holds(self.instance)],
                     known_users=sorted({e.get("user") or "-" for e in everything}),
                     known_types=sorted({e["type"] for e in everything} | set(TYPE_LABELS)))
 

@@ -8,6 +8,14 @@ same cell key, whatever query produced the cell. The perturbation table maps
 cannot rebuild it, and the same cell therefore always gets the same noise: averaging
 repeated or rephrased queries does not converge to the true value.
 
+The guard builds one table per *snapshot* (``snapshot=``: the instance secret and the
+snapshot id seed it): consistent within a snapshot, a fresh independent draw for every
+cell after a data update. With one table for all snapshots, every cell an upload leaves
+unchanged would keep its exact answer and only the cells of the persons who arrived (or
+left) would move, which names their cell (issue 15). The record keys themselves stay
+permanent: they never leave the service, and a fresh table alone makes the noise of an
+unchanged cell independent across snapshots.
+
 Magnitudes (sums) are perturbed by ``SUM_NOISE_FRACTION`` x the largest per-person
 contribution x a keyed multiplier in ±[0.5, 1] chosen by the cell key, so the largest
 contributor is always masked by at least half that fraction of their value.
@@ -59,9 +67,15 @@ def noise_distribution(max_noise: int, variance: float) -> dict[int, float]:
 
 
 class PerturbationTable:
-    def __init__(self, secret: bytes, *, max_noise: int, variance: float, label: str = "sekisho"):
-        seed = hmac.new(secret, f"sekisho.ptable.v1:{label}:{max_noise}:{variance}".encode(),
-                        hashlib.sha256).digest()
+    def __init__(self, secret: bytes, *, max_noise: int, variance: float, label: str = "sekisho",
+                 snapshot: str | None = None):
+        """``snapshot``: the id of the snapshot the table perturbs (the guard always gives
+        it: one table per snapshot); ``None`` gives one table whatever the data, for tests
+        of the method alone."""
+        message = f"sekisho.ptable.v1:{label}:{max_noise}:{variance}"
+        if snapshot is not None:
+            message = f"sekisho.ptable.v2:{label}:{max_noise}:{variance}:snapshot={snapshot}"
+        seed = hmac.new(secret, message.encode(), hashlib.sha256).digest()
         rng = np.random.Generator(np.random.PCG64(int.from_bytes(seed, "big")))
         dist = noise_distribution(max_noise, variance)
         # each column holds exactly the distribution's frequencies over 256 keys

@@ -25,6 +25,7 @@ NULL for a domain value reveals "fewer than k (maybe zero)".
 from __future__ import annotations
 
 import functools
+import zlib
 import itertools
 from dataclasses import dataclass, field
 
@@ -58,7 +59,8 @@ class ProtectionStats:
     values_suppressed_small: int = 0
     densified: bool = False
     rows_dropped: int = 0
-    population: int | None = None   # filtered population (internal: for the differencing alert)
+    # filtered population's (true size, cell key) (internal: differencing/decomposition alerts)
+    population: tuple[int, int] | None = None
     notes: list[str] = field(default_factory=list)
 
 
@@ -371,6 +373,12 @@ def nullable(values: np.ndarray, null: np.ndarray) -> np.ndarray:
     return out
 
 
+def measure_salt(agg) -> int:
+    """The sum-noise salt of an aggregate: a function of the measure it sums alone."""
+    name = getattr(agg, "measure", None) or ""
+    return zlib.crc32(name.encode()) % 251 + 1
+
+
 def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, k: int,
                       table: PerturbationTable, min_count: int, nk_n: int, nk_k: float,
                       p_percent: float, perturb: bool = True) -> tuple[Cells, ProtectionStats]:
@@ -393,10 +401,15 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
             raw = counted(cells, j, agg.kind)
-            value = table.perturb_counts(ck, raw) if perturb else raw
+            # a conditional count is its own cell: its contributors' key and their number
+            key = number(cells, f"__xk{j}", np.int64) if f"__xk{j}" in cells else ck
+            few = small | (number(cells, f"__xn{j}", np.int64) < k) if f"__xn{j}" in cells else small
+            if f"__xk{j}" in cells and f"__xn{j}" not in cells:
+                few = small | (raw < k)   # one row per person: the count is its contributors
+            value = table.perturb_counts(key, raw) if perturb else raw
             tiny = (value > 0) & (value < min_count)
             stats.values_suppressed_small += int((tiny & ~small).sum())
-            out[f"__v{j}"] = nullable(value, small | tiny)
+            out[f"__v{j}"] = nullable(value, few | tiny)
             continue
         sums = number(cells, f"__s{j}")
         nonnull = number(cells, f"__c{j}", np.int64)
@@ -408,14 +421,21 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
         else:
             dom = np.zeros(len(n), dtype=bool)
         stats.values_suppressed_dominance += int((dom & ~small).sum())
-        psum = table.perturb_sums(ck, sums, top1, salt=j + 1) if perturb else sums
+        # the noise of a sum depends on its contributors and on what it measures, never on
+        # where the aggregate stands in the query (a salt per position could be averaged)
+        key = number(cells, f"__sk{j}", np.int64) if f"__sk{j}" in cells else ck
+        if f"__sn{j}" in cells:
+            small_j = small | (number(cells, f"__sn{j}", np.int64) < k)
+        else:
+            small_j = small
+        psum = table.perturb_sums(key, sums, top1, salt=measure_salt(agg)) if perturb else sums
         if agg.kind == "sum":
             value = psum
         else:
-            pcount = table.perturb_counts(ck, nonnull) if perturb else nonnull
+            pcount = table.perturb_counts(key, nonnull) if perturb else nonnull
             with np.errstate(divide="ignore", invalid="ignore"):
                 value = np.where(pcount > 0, psum / np.maximum(pcount, 1), np.nan)
-        out[f"__v{j}"] = nullable(value, small | dom | (nonnull == 0) | np.isnan(value))
+        out[f"__v{j}"] = nullable(value, small_j | dom | (nonnull == 0) | np.isnan(value))
     stats.cells = len(n)
     # without densification the number of dropped groups would itself reveal how many
     # rare groups exist, so it is kept for the audit trail only (rows_dropped)

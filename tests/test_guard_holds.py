@@ -1,0 +1,508 @@
+"""Holds (issue 15, class 4): in threshold mode consistent noise cannot stop averaging
+over the many decompositions of one population, nor a range pair (``P AND age >= a`` /
+``>= a+1``) across queries; the defence is detection that *stops* the analyst. An alert
+named in ``disclosure.alerts.pause_on`` (Himeji: differencing, decomposition) puts the
+user on hold: every query is refused (``paused_for_review``) until an admin runs
+``sekisho users resume NAME``. Each attack is run against a pass-through oracle (it
+works) and against the guard (the analyst is paused before it does).
+
+Alerts are recorded on the guard's bookkeeping thread after the answer, so a hold applies
+from the next query once recorded; the attacks call ``guard.flush()`` after each query
+(an attacker who is faster gets the few answers the thread is behind, no more)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import statistics
+from collections import Counter
+
+import duckdb
+import pytest
+from click.testing import CliRunner
+
+from attack_oracle import RawOracle, RawResult
+from guard_fixtures import make_instance, truth
+from sekisho.cli.common import os_user_name
+from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import alerts as guard_alerts
+from sekisho.policy import PolicyError, load_instance_policy, load_policy
+from sekisho.state import set_role
+
+GUESS = 5   # the attacker's guess for a cell it could not estimate (middle of 1..9)
+
+
+@pytest.fixture()
+def inst(tmp_path):
+    return make_instance(tmp_path / "inst", holds=True)   # the Himeji policy: pause_on differencing, decomposition
+
+
+@pytest.fixture()
+def guard(inst):
+    g = Guard(inst)
+    yield g
+    g.close()
+
+
+def alerts_of(inst, user):
+    return [e for e in inst.audit.entries(type="alert") if e["type"] == "alert" and e["user"] == user]
+
+
+def refused_code(guard, sql, user):
+    with pytest.raises(QueryRefused) as info:
+        guard.query(sql, user=user)
+    return info.value.code
+
+
+# ---- (a) averaging over decompositions ---------------------------------------------------------
+def small_cells(inst, per_count=4):
+    """(sex, age) cells of 1..9 persons (suppressed if asked directly), at most
+    ``per_count`` of each true count, so no constant guess gets more than a few right."""
+    rows = truth(inst, "SELECT sex, age, COUNT(*) FROM residents WHERE age BETWEEN 50 AND 98 "
+                       "GROUP BY sex, age HAVING COUNT(*) BETWEEN 1 AND 9 ORDER BY sex, age")
+    taken, cells = Counter(), []
+    for sex, age, n in rows:
+        if taken[n] < per_count:
+            taken[n] += 1
+            cells.append((sex, age, n))
+    return cells
+
+
+def decompositions(age: int) -> list[str]:
+    """Group keys that split ``sex = S AND age >= age`` into large parts, each a fresh
+    noise draw: attributes, residues of the age and cut points."""
+    keys = ["", "relationship", "block", "age_band", "age % 2, relationship", "age % 3, relationship"]
+    keys += [f"age % {m}" for m in range(2, 8)]
+    return keys + [f"age < {b}" for b in range(age + 3, min(age + 19, 99))]
+
+
+class OneConnectionOracle(RawOracle):
+    """The pass-through oracle on one read-only connection (thousands of queries)."""
+
+    def __init__(self, instance):
+        super().__init__(instance)
+        path = self.store.snapshots_dir / self.store.current_id() / "data.duckdb"
+        self.con = duckdb.connect(str(path), read_only=True)
+
+    def query(self, sql, *, user="", **_ignored):
+        return RawResult(self.con.execute(sql).to_arrow_table())
+
+    def close(self):
+        self.con.close()
+
+
+class Attacker:
+    """Asks one decomposition at a time; once paused, it can ask nothing more."""
+
+    def __init__(self, oracle, user="ana"):
+        self.oracle, self.user, self.paused = oracle, user, False
+
+    def parts(self, where, keys):
+        """The released parts of one decomposition {group: count}, or None if refused."""
+        if self.paused:
+            return None
+        select = f"{keys}, " if keys else ""
+        group = f" GROUP BY {keys}" if keys else ""
+        try:
+            table = self.oracle.query(f"SELECT {select}COUNT(*) AS n FROM residents WHERE {where}{group}",
+                                      user=self.user).table
+        except QueryRefused as refusal:
+            self.paused = refusal.code == "paused_for_review"
+            return None
+        finally:
+            getattr(self.oracle, "flush", lambda: None)()
+        return {tuple(v for k, v in row.items() if k != "n"): row["n"] for row in table.to_pylist()
+                if row["n"] is not None}
+
+
+def decomposition_attack(oracle, cells, user="ana"):
+    """For each cell (sex S, age a): the cell is the difference of the padded population
+    ``sex = S AND age >= a`` and the same without it (``age >= a + 1``). Parts that do
+    not hold the cell are the same contributors in both (same noise, they cancel); the
+    others differ by independent noise, which averaging over decompositions removes.
+    Returns the share of cells whose count came out exact."""
+    attacker, hits = Attacker(oracle, user), 0
+    for sex, age, n in cells:
+        keys = decompositions(age)
+        with_cell = [attacker.parts(f"sex = '{sex}' AND age >= {age}", k) for k in keys]
+        without = [attacker.parts(f"sex = '{sex}' AND age >= {age + 1}", k) for k in keys]
+        diffs = [sum(w.values()) - sum(o.values()) for w, o in zip(with_cell, without)
+                 if w is not None and o is not None and w.keys() == o.keys()]
+        estimate = round(statistics.mean(diffs)) if diffs else GUESS
+        hits += estimate == n
+    return hits / len(cells)
+
+
+def test_averaging_over_decompositions_pauses_the_analyst(inst, guard):
+    cells = small_cells(inst)
+    assert len(cells) >= 30 and max(Counter(n for _, _, n in cells).values()) <= 4
+    raw = OneConnectionOracle(inst)
+    assert decomposition_attack(raw, cells) >= 0.8   # the attack is real
+    raw.close()
+    exact = decomposition_attack(guard, cells)
+    assert exact < 0.2
+    hold = guard_alerts.hold_of(inst, "ana")
+    assert hold is not None and hold["alert"] == "decomposition"
+    raised = [a for a in alerts_of(inst, "ana") if a["details"]["alert"] == "decomposition"]
+    burst = load_instance_policy(inst).disclosure.alerts.decomposition_burst
+    assert len(raised) == 1 and raised[0]["details"]["pause"] is True
+    # the burst-th shape of the first population raised it: that many answers, then refusals
+    answered = [e for e in inst.audit.entries(type="query", user="ana") if e["type"] == "query"]
+    assert len(answered) == burst and raised[0]["details"]["raised_by"] == answered[-1]["seq"] == hold["raised_by"]
+    refused = [e for e in inst.audit.entries(type="query.refused", user="ana")]
+    assert [e["details"]["code"] for e in refused] == ["paused_for_review"]
+
+
+def test_a_new_cut_point_or_several_decompositions_in_one_query_are_new_shapes(inst, guard):
+    """Shapes keep the literals of the group keys: moving a cut point (same fingerprint)
+    is a new decomposition, and so is each boundary of a query holding several."""
+    burst = load_instance_policy(inst).disclosure.alerts.decomposition_burst
+    for b in range(60, 60 + burst):
+        guard.query(f"SELECT age < {b} AS y, COUNT(*) AS n FROM residents WHERE age >= 50 GROUP BY age < {b}",
+                    user="ana")
+    many = " UNION ALL ".join(f"SELECT {m} AS m, COUNT(*) AS n FROM residents WHERE age >= 50 GROUP BY age % {m}"
+                              for m in range(2, 2 + burst))
+    guard.query(f"SELECT m, SUM(n) AS n FROM ({many}) GROUP BY m", user="ana2")
+    guard.flush()
+    for user in ("ana", "ana2"):
+        assert guard_alerts.hold_of(inst, user)["alert"] == "decomposition"
+
+
+def test_decomposition_counter(tmp_path):
+    """The rule as defined: an identity (n, key) reaching ``decomposition_burst`` distinct
+    shapes within the window raises once per episode, in the request's transaction,
+    with the hold."""
+    from types import SimpleNamespace
+
+    from sekisho.policy import Alerts
+
+    state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=60,
+                   refusal_burst=10**9, refusal_window_s=60, decomposition_burst=3, decomposition_window_s=100,
+                   pause_on=("decomposition",))
+
+    def release(shape, now, identity=(200, 7)):
+        found = guard_alerts.record_request(state, rules, user="u", fingerprint="f", refused=False, cells=1,
+                                            populations=[(*identity, shape)], k=10, now=now, raised_by=int(now))
+        return [(a["alert"], a.get("pause")) for a in found]
+
+    assert release("a", 0) == release("a", 1) == []        # the same shape again is no new draw
+    assert release("b", 2) == release("a", 3, (500, 7)) == release("a", 4, (200, 8)) == []   # other identities
+    assert guard_alerts.hold_of(state, "u") is None
+    assert release("c", 5) == [("decomposition", True)]
+    assert guard_alerts.hold_of(state, "u") == {"user": "u", "since": 5, "alert": "decomposition", "raised_by": 5}
+    assert release("d", 6) == []                            # once per episode
+    # shapes older than the window no longer count; a new episode raises again
+    assert release("e", 200) == release("a", 201) == []
+    assert release("f", 202) == [("decomposition", True)]
+    assert guard_alerts.hold_of(state, "u")["since"] == 5   # the first reason of the hold stays
+    # a resume forgets the episode: two more shapes are not yet a burst
+    assert guard_alerts.resume(state, "u")["raised_by"] == 5 and guard_alerts.hold_of(state, "u") is None
+    assert release("g", 203) == release("h", 204) == []
+    assert release("i", 205) == [("decomposition", True)]
+
+
+# ---- (b) a range pair differing by one person ----------------------------------------------------
+def test_range_pair_differing_by_one_person_pauses_the_analyst(inst, guard):
+    sex, age = truth(inst, "SELECT sex, age FROM residents WHERE age BETWEEN 50 AND 98 GROUP BY sex, age "
+                           "HAVING COUNT(*) = 1 ORDER BY sex, age LIMIT 1")[0]
+    first = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age}", user="ana")
+    guard.flush()
+    second = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age + 1}",
+                         user="ana")
+    guard.flush()
+    # detection, not prevention: the pair itself was answered ...
+    assert first.table.num_rows == second.table.num_rows == 1
+    # ... and the analyst can ask nothing more until reviewed
+    hold = guard_alerts.hold_of(inst, "ana")
+    assert hold is not None and hold["alert"] == "differencing" and hold["raised_by"] == second.summary["query_id"]
+    assert refused_code(guard, f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age + 2}",
+                        "ana") == "paused_for_review"
+
+
+# ---- (c) the hold --------------------------------------------------------------------------------
+def pause_by_differencing(guard, user):
+    for age in (70, 71):   # a range pair: the populations differ by fewer than k
+        guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '女' AND age >= {age}", user=user)
+        guard.flush()
+
+
+def resume_cli(inst, name, monkeypatch, *, euid=None):
+    from sekisho.cli.users import users
+
+    monkeypatch.delenv("SUDO_USER", raising=False)
+    if euid is not None:
+        monkeypatch.setattr(os, "geteuid", lambda: euid)
+    return CliRunner().invoke(users, ["resume", name, "--home", str(inst.home)])
+
+
+def test_hold_refuses_only_that_analyst_until_an_admin_resumes(inst, guard, monkeypatch):
+    sql = "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"
+    pause_by_differencing(guard, "ana")
+    hold = guard_alerts.hold_of(inst, "ana")
+    assert hold["alert"] == "differencing"
+    alert = [a for a in alerts_of(inst, "ana") if a["details"]["alert"] == "differencing"][0]
+    assert alert["details"]["pause"] is True and alert["details"]["raised_by"] == hold["raised_by"]
+
+    assert refused_code(guard, sql, "ana") == "paused_for_review"
+    refusal = list(inst.audit.entries(type="query.refused", user="ana"))[-1]
+    assert refusal["details"]["code"] == "paused_for_review" and refusal["outcome"] == "refused"
+    assert "管理者" in refusal["details"]["reason"]
+    # reading no data stays open; the other analyst is not affected
+    assert "residents" in guard.views("ana") and guard.budget("ana")["period"]
+    assert guard.describe(sql, user="ana").names == ["sex", "n"]
+    assert guard.query(sql, user="ana2").table.num_rows == 2
+    # the hold is in state.sqlite: a restarted guard still refuses
+    again = Guard(inst)
+    assert refused_code(again, sql, "ana") == "paused_for_review"
+    again.close()
+
+    # an analyst may not resume anyone (themselves included)
+    set_role(inst, os_user_name(), "analyst")
+    denied = resume_cli(inst, "ana", monkeypatch, euid=1000)
+    assert denied.exit_code != 0 and guard_alerts.hold_of(inst, "ana") is not None
+    # an admin (or root) may
+    set_role(inst, os_user_name(), "admin")
+    done = resume_cli(inst, "ana", monkeypatch, euid=1000)
+    assert done.exit_code == 0, done.output
+    assert guard_alerts.hold_of(inst, "ana") is None
+    resumed = list(inst.audit.entries(type="guard.resume"))[-1]
+    assert resumed["user"] == os_user_name()
+    assert {k: resumed["details"][k] for k in ("name", "resumed", "alert", "raised_by")} == {
+        "name": "ana", "resumed": "ana", "alert": "differencing", "raised_by": hold["raised_by"]}
+    assert guard.query(sql, user="ana").table.num_rows == 2
+    assert inst.audit.verify().ok
+    # the reviewed episode is closed: the same attack again pauses again
+    pause_by_differencing(guard, "ana")
+    assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+    assert "not on hold" in resume_cli(inst, "ana2", monkeypatch).output
+
+
+def test_no_hold_without_pause_on(inst):
+    """Alerts that are not in ``pause_on`` are only audited (the policy decides)."""
+    policy = load_instance_policy(inst)
+    policy = dataclasses.replace(policy, disclosure=dataclasses.replace(
+        policy.disclosure, alerts=dataclasses.replace(policy.disclosure.alerts, pause_on=())))
+    g = Guard(inst, policy=policy)
+    pause_by_differencing(g, "ana")
+    assert [a["details"]["alert"] for a in alerts_of(inst, "ana")] == ["differencing"]
+    assert "pause" not in alerts_of(inst, "ana")[0]["details"]
+    assert guard_alerts.hold_of(inst, "ana") is None
+    g.close()
+
+
+def test_policy_keys(tmp_path, inst):
+    """``pause_on`` names known alerts (default: none); the reports role is never held."""
+    import yaml
+
+    text = inst.policy_path.read_text(encoding="utf-8")
+    policy = load_policy(inst.policy_path)
+    assert policy.disclosure.alerts.pause_on == ("differencing", "decomposition")
+    assert (policy.disclosure.alerts.decomposition_burst, policy.disclosure.alerts.decomposition_window_s) == (12, 3600)
+    assert policy.roles["analyst"].alert_holds and not policy.roles["reports"].alert_holds
+    doc = yaml.safe_load(text)
+    for value, problem in ((["differencing", "typo"], r"pause_on\[1\]"), ("differencing", "must be a list")):
+        doc["disclosure"]["alerts"]["pause_on"] = value
+        (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+        with pytest.raises(PolicyError, match=problem):
+            load_policy(tmp_path / "p.yaml")
+    for key in ("pause_on", "decomposition_burst", "decomposition_window_s"):
+        del doc["disclosure"]["alerts"][key]
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
+    assert load_policy(tmp_path / "p.yaml").disclosure.alerts.pause_on == ()
+
+
+def test_reports_role_is_not_held(inst, guard):
+    pause_by_differencing(guard, "rep")
+    assert [a["details"]["alert"] for a in alerts_of(inst, "rep")] == ["differencing"]
+    assert guard_alerts.hold_of(inst, "rep") is None
+
+
+# ---- (d) normal use does not pause ---------------------------------------------------------------
+def test_ordinary_analysis_does_not_pause(inst, guard):
+    """30 ordinary queries: city-wide tables, then a few populations each looked at under
+    a few tables (one of them under 7)."""
+    shapes = ["", "sex", "age_band", "relationship", "sex, age_band"]
+    sqls = [f"SELECT {k}, COUNT(*) AS n FROM residents GROUP BY {k}" for k in ("sex", "age_band", "block")]
+    for where in ("age >= 65", "age < 15", "block IN ('灘', '東部')", "age BETWEEN 20 AND 39"):
+        sqls += [f"SELECT {k + ', ' if k else ''}COUNT(*) AS n FROM residents WHERE {where}"
+                 f"{' GROUP BY ' + k if k else ''}" for k in shapes]
+    sqls += [f"SELECT {k}, COUNT(*) AS n FROM residents WHERE block = '飾磨' GROUP BY {k}"
+             for k in ("sex", "age_band", "relationship", "chome_code", "sex, age_band", "sex, relationship",
+                       "age_band, relationship")]
+    assert len(sqls) == 30
+    for sql in sqls:
+        guard.query(sql, user="ana")
+    guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is None
+    assert not [a for a in alerts_of(inst, "ana") if a["details"]["alert"] in ("differencing", "decomposition")]
+
+
+# ---- (e) differencing is verified on the store ---------------------------------------------------
+def differencing_alerts(inst, user):
+    return [a for a in alerts_of(inst, user) if a["details"]["alert"] == "differencing"]
+
+
+def bookkeeping_failures(inst, user):
+    return [e for e in inst.audit.entries(type="alert.bookkeeping_failed") if e["user"] == user]
+
+
+def block_sizes(inst) -> dict[str, int]:
+    return dict(truth(inst, "SELECT block, COUNT(*) FROM residents GROUP BY block"))
+
+
+def count_in(block: str) -> str:
+    return f"SELECT COUNT(*) AS n FROM residents WHERE block = '{block}'"
+
+
+def test_unrelated_populations_of_nearly_equal_size_do_not_pause(inst, guard):
+    """Every block, from the smallest to the largest, back to back: neighbours in size are
+    often 1..k-1 apart (the size rule alone paused here), but share nobody."""
+    k = load_instance_policy(inst).disclosure.k
+    sizes = block_sizes(inst)
+    blocks = sorted(sizes, key=lambda b: (sizes[b], b))
+    assert sum(1 <= sizes[b] - sizes[a] < k for a, b in zip(blocks, blocks[1:])) >= 3
+    for block in blocks:
+        assert guard.query(count_in(block), user="ana").table.num_rows == 1
+        guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is None
+    assert differencing_alerts(inst, "ana") == [] and bookkeeping_failures(inst, "ana") == []
+
+
+def shifted_ranges(inst, k):
+    """``sex = S AND age BETWEEN a AND b`` and the range shifted by one year: sizes 1..k-1
+    apart, contributors k+2 apart (the ages a and b+1)."""
+    counts = {(s, a): n for s, a, n in truth(inst, "SELECT sex, age, COUNT(*) FROM residents GROUP BY 1, 2")}
+    for (sex, a), low in sorted(counts.items()):
+        for width in range(8, 16):
+            high = counts.get((sex, a + width + 1), 0)
+            if 20 <= a <= 60 and low + high == k + 2 and 1 <= abs(low - high) < k:
+                return sex, a, a + width
+    raise AssertionError("no shifted range pair in the fixture")
+
+
+def test_overlapping_populations_k_plus_2_apart_do_not_alert(inst, guard):
+    k = load_instance_policy(inst).disclosure.k
+    sex, a, b = shifted_ranges(inst, k)
+    where = [f"sex = '{sex}' AND age BETWEEN {a} AND {b}", f"sex = '{sex}' AND age BETWEEN {a + 1} AND {b + 1}"]
+    sizes = [truth(inst, f"SELECT COUNT(*) FROM residents WHERE {w}")[0][0] for w in where]
+    assert 1 <= abs(sizes[0] - sizes[1]) < k   # close in size ...
+    a_only, b_only = (f"SELECT person_id FROM residents WHERE {w} EXCEPT SELECT person_id FROM residents "
+                      f"WHERE {v}" for w, v in (where, where[::-1]))
+    assert truth(inst, f"SELECT COUNT(*) FROM (({a_only}) UNION ALL ({b_only}))")[0][0] == k + 2   # ... but k+2 apart
+    for w in where:
+        assert guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE {w}", user="ana").summary[
+            "conditions_left_out"] == []
+        guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is None
+    assert differencing_alerts(inst, "ana") == [] and bookkeeping_failures(inst, "ana") == []
+
+
+def test_differencing_across_a_snapshot_switch(inst, guard):
+    """Pairs across an upload are compared each on its own snapshot (the old one opened
+    read-only through the store): the range pair still pauses, two unrelated blocks do
+    not; a pair whose old snapshot was pruned is audited as a bookkeeping failure."""
+    from guard_fixtures import add_snapshot, band
+
+    from sekisho.store import Store
+
+    k = load_instance_policy(inst).disclosure.k
+    sex, age = truth(inst, "SELECT sex, age FROM residents WHERE age BETWEEN 50 AND 98 GROUP BY sex, age "
+                           "HAVING COUNT(*) = 1 ORDER BY sex, age LIMIT 1")[0]
+    sizes = block_sizes(inst)
+    x, y = next((a, b) for a in sorted(sizes) for b in sorted(sizes) if 1 <= sizes[a] - sizes[b] < k)
+    other = next(b for b in sorted(sizes) if b not in (x, y))
+    store = Store(inst)
+    first = store.current_id()
+    guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age}", user="ana")
+    guard.query(count_in(x), user="ana2")
+    guard.query(count_in(x), user="rep")
+    guard.flush()
+    # an upload: one newcomer, in neither block nor the range pair's population
+    add_snapshot(inst, [("p_new", "h_new", "男" if sex == "女" else "女", 30, band(30), "子", "2820140000", other,
+                         True, 5)])
+    assert store.current_id() != first
+    guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age + 1}", user="ana")
+    guard.query(count_in(y), user="ana2")
+    guard.flush()
+    assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+    assert guard_alerts.hold_of(inst, "ana2") is None and differencing_alerts(inst, "ana2") == []
+    assert bookkeeping_failures(inst, "ana") == bookkeeping_failures(inst, "ana2") == []
+    # the first snapshot is pruned: its population can no longer be compared
+    assert store.prune(keep=1) == [first]
+    guard.query(count_in(y), user="rep")
+    guard.flush()
+    failed = bookkeeping_failures(inst, "rep")
+    assert len(failed) == 1 and failed[0]["details"]["check"] == "differencing"
+    assert differencing_alerts(inst, "rep") == []
+    assert guard.query(count_in(other), user="rep").table.num_rows == 1   # the guard goes on
+
+
+def test_close_pairs_are_returned_for_verification_and_confirmed_once_per_episode(tmp_path):
+    """``record_request`` returns the closest pairs (sizes 1..k-1 apart, at most
+    MAX_PAIRS, each pair of definitions once) and raises no differencing itself;
+    ``confirm_differencing`` raises it (with the hold) once per episode."""
+    from types import SimpleNamespace
+
+    from sekisho.policy import Alerts
+
+    state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+                   refusal_burst=10**9, refusal_window_s=60, pause_on=("differencing",))
+
+    def release(n, sql, now, snapshot="s1"):
+        return guard_alerts.record_request(state, rules, user="u", fingerprint="f", refused=False, cells=1,
+                                           populations=[(n, 0, sql, snapshot, sql)], k=10, now=now, raised_by=now)
+
+    assert release(200, "A", 0) == [] and release(200, "A", 1).pairs == []   # the same size is no pair
+    for i, n in enumerate((195, 205, 190, 203, 203)):
+        release(n, f"B{i}", 2 + i)
+    statements: list[str] = []
+    guard_alerts._connect(state).set_trace_callback(statements.append)
+    found = release(201, "C", 10)
+    guard_alerts._connect(state).set_trace_callback(None)
+    # still one transaction, as many statements as without a definition (the candidates
+    # replace the close count): 7 as in test_guard_alerts, plus 3 for the decomposition
+    assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+    assert sum(s.startswith("BEGIN") for s in statements) == 1
+    assert len([s for s in statements if not s.startswith("DELETE")]) == 10
+    assert found == [] and len(found.pairs) == guard_alerts.MAX_PAIRS
+    assert [(p.gap, p.old.sql) for p in found.pairs] == [(1, "A"), (2, "B4"), (2, "B3"), (4, "B1")]
+    assert {p.new.sql for p in found.pairs} == {"C"} and found.pairs[0].new.snapshot == "s1"
+    assert guard_alerts.hold_of(state, "u") is None
+    confirmed = guard_alerts.confirm_differencing(state, rules, user="u", fingerprint="f", pairs=found.pairs[:1],
+                                                  now=11, raised_by=10)
+    assert confirmed == [{"alert": "differencing", "window_s": 100, "fingerprint": "f", "pause": True}]
+    assert guard_alerts.hold_of(state, "u")["raised_by"] == 10
+    again = release(202, "D", 12)
+    assert guard_alerts.confirm_differencing(state, rules, user="u", fingerprint="f", pairs=again.pairs[:1],
+                                             now=13) == []   # the same episode
+    # outside the window (and after a resume) a verified pair opens a new episode
+    guard_alerts.resume(state, "u")
+    release(300, "E", 500)
+    late = release(305, "F", 501)
+    assert [p.old.sql for p in late.pairs] == ["E"]
+    assert [a["alert"] for a in guard_alerts.confirm_differencing(
+        state, rules, user="u", fingerprint="f", pairs=late.pairs, now=502)] == ["differencing"]
+
+
+def test_a_state_file_without_population_definitions_is_upgraded(tmp_path):
+    import sqlite3
+    from types import SimpleNamespace
+
+    from sekisho.policy import Alerts
+
+    path = tmp_path / "state.sqlite"
+    con = sqlite3.connect(path)
+    con.execute("""CREATE TABLE guard_populations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
+        population INTEGER NOT NULL, fingerprint TEXT NOT NULL)""")
+    con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint) VALUES ('u', 0, 100, 'f')")
+    con.commit()
+    con.close()
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+                   refusal_burst=10**9, refusal_window_s=60)
+    found = guard_alerts.record_request(SimpleNamespace(state_path=path), rules, user="u", fingerprint="f",
+                                        refused=False, cells=1, populations=[(101, 0, "s", "snap", "SQL")], k=10,
+                                        now=1)
+    assert found == [] and found.pairs == []   # an old row without a definition is no candidate
