@@ -189,11 +189,20 @@ def test_isolating_filters_are_refused(guard):
 @pytest.mark.parametrize("sql", [
     "SELECT AVG(CASE WHEN sex = '女' THEN 1 ELSE 0 END) FROM residents WHERE block = '家島'",
     "SELECT SUM(CASE WHEN chome_code = '2820149999' THEN 1 ELSE 0 END) FROM residents",
-    "SELECT AVG(CASE WHEN block = '安富' THEN taxable_income END) FROM resident_tax",
     "SELECT block, SUM(age) FROM residents GROUP BY 1",
 ])
 def test_one_hot_then_mean_is_refused(guard, sql):
     assert code_of(guard, sql) in ("aggregate_argument_not_allowed", "measure_mixed_with_dimension")
+
+
+def test_conditional_mean_is_its_where_form(guard):
+    """AVG(CASE WHEN c THEN measure END) was refused as one-hot-then-mean; it is now a
+    conditional mean protected as its own cell: the same contributors as WHERE c, so the
+    same released value (same cell key, same noise), and k applies to them (a sum of one
+    person's measure: tests/test_guard_language_attacks.py::conditional_sum)."""
+    conditional = ask(guard, "SELECT AVG(CASE WHEN block = '安富' THEN taxable_income END) AS m FROM resident_tax")
+    filtered = ask(guard, "SELECT AVG(taxable_income) AS m FROM resident_tax WHERE block = '安富'")
+    assert conditional == filtered and conditional[0]["m"] is not None
 
 
 # ---- mean with one row removed / duplicated; record replication vs dominance --------------------
@@ -441,9 +450,10 @@ def test_refusal_text_does_not_depend_on_data(guard):
     a = code_of(guard, "SELECT COUNT(*) FROM residents WHERE chome_code = '2820149999'")       # 1 person
     b = code_of(guard, "SELECT COUNT(*) FROM residents WHERE chome_code = 'no-such-place'")    # 0 persons
     assert a == b == "filter_population_below_k"
-    # a cast that would fail on some value cannot make the engine quote the value
-    rows = ask(guard, "SELECT COUNT(*) AS n FROM residents WHERE CAST(block AS INTEGER) IS NULL")
-    assert rows[0]["n"] is not None
+    # a cast that would fail on some value is not accepted at all (it was rewritten to
+    # TRY_CAST, whose NULLs acted as a hidden condition): refused before anything runs
+    assert code_of(guard, "SELECT COUNT(*) AS n FROM residents WHERE CAST(block AS INTEGER) IS NULL") == \
+        "expression_not_allowed"
 
 
 def test_budget_debit_does_not_depend_on_data(inst):

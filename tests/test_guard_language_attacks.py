@@ -264,9 +264,8 @@ def test_averaging_spellings_and_positions_does_not_give_exact_counts(guard, raw
 
 
 # ---- class 5: functions that fail for one value are a one-bit oracle ---------------------------------------------
-def overflow(oracle, user, chome, age, **mode):
-    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND {target(chome, age)} "
-           "THEN 9223372036854775807 ELSE 0 END) + age > 0")
+def fails_for_target(oracle, user, sql, **mode) -> str:
+    """'女' when the query fails (the error is the attacker's bit), else '男'."""
     try:
         oracle.query(sql, user=user, **mode)
     except QueryRefused as refusal:
@@ -278,33 +277,20 @@ def overflow(oracle, user, chome, age, **mode):
     return "男"
 
 
+def overflow(oracle, user, chome, age, **mode):
+    return fails_for_target(oracle, user, f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND "
+                                          f"{target(chome, age)} THEN 9223372036854775807 ELSE 0 END) + age > 0", **mode)
+
+
 def bad_cast(oracle, user, chome, age, **mode):
-    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE CAST(CASE WHEN sex = '女' AND {target(chome, age)} "
-           "THEN 'x' ELSE '1' END AS INTEGER) = 1")
-    try:
-        oracle.query(sql, user=user, **mode)
-    except QueryRefused as refusal:
-        if refusal.code == "execution_failed":
-            return "女"
-        raise
-    except Exception:
-        return "女"
-    return "男"
+    return fails_for_target(oracle, user, f"SELECT COUNT(*) AS n FROM residents WHERE CAST(CASE WHEN sex = '女' AND "
+                                          f"{target(chome, age)} THEN 'x' ELSE '1' END AS INTEGER) = 1", **mode)
 
 
 def text_number_comparison(oracle, user, chome, age, **mode):
     # comparing text with a number converts every row's text: it fails on the first non-number
-    sql = (f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND {target(chome, age)} "
-           "THEN 'x' ELSE '1' END) = 1")
-    try:
-        oracle.query(sql, user=user, **mode)
-    except QueryRefused as refusal:
-        if refusal.code == "execution_failed":
-            return "女"
-        raise
-    except Exception:
-        return "女"
-    return "男"
+    return fails_for_target(oracle, user, f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND "
+                                          f"{target(chome, age)} THEN 'x' ELSE '1' END) = 1", **mode)
 
 
 @pytest.mark.parametrize("attack", [overflow, bad_cast, text_number_comparison], ids=lambda f: f.__name__)

@@ -14,8 +14,20 @@ in a sealed in-memory DuckDB holding only the protected tables and public views 
 
 Decisions
 ---------
-* Measures never appear in WHERE/JOIN/GROUP BY (isolation); SUM/AVG take measures only
-  (a SUM of a CASE over dimensions is a subgroup count escaping the threshold).
+* Below the aggregation boundary only the *row-level language* is accepted
+  (``sekisho.guard.language``, docs/guard-language.md): an allow-list of forms the guard
+  can analyse, not a deny-list of spellings. Anything that decides whether a row counts
+  or where it lands (string functions, NULLIF, arithmetic that is zero for one person)
+  must be a visible condition, so condition influence sees it wherever it appears; every
+  accepted form is total over the values its columns may take (static intervals from
+  declared domains and stored types, literal non-zero divisors, same-typed comparisons,
+  YYYY-MM formats enforced by ingest), so no error depends on one row — in either mode.
+  Conditional counts and sums are their own cells (k and cell key of their own
+  contributors). Sum noise depends on the contributors and the measure, never on the
+  aggregate's position. Cost: analysts rewrite string manipulation as CASE/LIKE/IN over
+  the column, and arithmetic on measures is not available (bands are a later issue).
+* Measures never appear in WHERE/JOIN/GROUP BY (isolation); SUM/AVG take a bare measure
+  only (arithmetic on a measure could extract its digits).
 * One person-level view per boundary; joins only to public views, INNER or LEFT with the
   person-level view on the left. Several boundaries may be combined above (post-processing).
 * ``describe`` is not audited: it reads no data and reveals only names and types.
@@ -82,9 +94,10 @@ Residual risks (honest)
   (a separate class), and an average per snapshot would then difference exactly.
 * A refusal for a small filtered population is decided on a perturbed count, but a run
   of refusals/answers over shifting filters still carries information at the ±D level.
-* Execution errors raised while reading rows (conversion, overflow) are reported without
-  the engine's message, yet "error vs no error" is one data-dependent bit; row-level CASTs
-  are rewritten to TRY_CAST to remove the common case. Timing is not equalised, but the
+* Execution errors raised while reading rows are reported without the engine's message;
+  the row-level language makes them impossible for accepted queries (tested over extreme
+  values), so a remaining one would be a guard bug, not an oracle the analyst can aim.
+  Timing is not equalised, but the
   caches that make a repeated query faster (plans, influence verdicts, DuckDB prepared
   statements) are per user: another analyst's earlier query makes no answer faster.
 * Densification covers group keys with a declared public domain; other keys drop groups
