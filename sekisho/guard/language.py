@@ -54,7 +54,7 @@ from sekisho.guard.errors import QueryRefused, refuse
 
 SAFE_MAGNITUDE = 2.0 ** 53        # every intermediate value stays exactly representable and far from overflow
 MAX_DEPTH = 24                    # nesting of one row-level expression
-MAX_ARITHMETIC = 16               # arithmetic operators in one row-level expression
+MAX_ARITHMETIC = 16               # operators in one arithmetic expression (a CASE's branches count on their own)
 MAX_IN_LIST = 63                  # elements of one IN list (with the IN itself: 64 conditions, influence.MAX_ATOMS)
 COUNT_BOUND = 1.0e8               # a public bound on any count of members of a unit
 
@@ -122,8 +122,22 @@ def check_limits(node: exp.Expression, part: exp.Expression | None = None) -> No
     """Depth and arithmetic size of one row-level expression, checked before anything runs."""
     if _depth(node) > MAX_DEPTH:
         raise refuse("too_complex", part if part is not None else node)
-    if sum(1 for n in node.walk() if isinstance(n, ARITHMETIC)) > MAX_ARITHMETIC:
-        raise refuse("too_complex", part if part is not None else node)
+    for root in node.walk():
+        if not isinstance(root, ARITHMETIC) or _arithmetic_parent(root):
+            continue
+        # one arithmetic expression: the operators reachable without leaving arithmetic
+        # (a CASE inside it holds expressions of its own, counted on their own)
+        size = sum(1 for n in root.walk(prune=lambda n: isinstance(n, (exp.Case, exp.If)))
+                   if isinstance(n, ARITHMETIC))
+        if size > MAX_ARITHMETIC:
+            raise refuse("too_complex", root)
+
+
+def _arithmetic_parent(node: exp.Expression) -> bool:
+    parent = node.parent
+    while isinstance(parent, exp.Paren):
+        parent = parent.parent
+    return isinstance(parent, (*ARITHMETIC, exp.Neg))
 
 
 def _literal(node: exp.Expression) -> Value | None:
