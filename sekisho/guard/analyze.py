@@ -374,10 +374,9 @@ def _owned_by(node: exp.Expression, select: exp.Select) -> bool:
 
 
 def _check_unit_feature(expression: exp.Expression, env, part: exp.Expression) -> None:
-    """A unit feature: allowed aggregates (COUNT, SUM, MIN, MAX, COUNT_IF, BOOL_OR,
-    BOOL_AND) over dimension-only arguments, COUNT(*) and COUNT(DISTINCT person id),
-    combined by scalar functions and constants; every column sits inside an aggregate."""
-    inside: set[int] = set()
+    """The shape of a unit feature: only unit aggregates (COUNT, SUM, MIN, MAX, COUNT_IF,
+    BOOL_OR, BOOL_AND), none nested or windowed. Their arguments and what combines them
+    are checked by the row-level language (``RowLanguage`` with ``unit_resolve``)."""
     for node in expression.walk():
         if not isinstance(node, exp.AggFunc):
             continue
@@ -386,26 +385,6 @@ def _check_unit_feature(expression: exp.Expression, env, part: exp.Expression) -
         for inner in node.find_all(exp.AggFunc):
             if inner is not node:
                 raise refuse("unit_scope_not_allowed", node)
-        inside.update(id(c) for c in node.find_all(exp.Column))
-        arg = node.this
-        if isinstance(node, exp.Count) and (arg is None or isinstance(arg, exp.Star)):
-            continue
-        if isinstance(arg, exp.Distinct):
-            values = arg.expressions
-            if len(values) != 1 or not isinstance(values[0], exp.Column):
-                raise refuse("unit_scope_not_allowed", node)
-            if _column_lineage(values[0], env).cls in (PRIVACY_UNIT, DIMENSION, DERIVED_DIMENSION):
-                continue
-            raise refuse("unit_scope_not_allowed", node)
-        arguments = [arg] + list(node.expressions or [])
-        for argument in arguments:
-            if argument is None:
-                continue
-            if _lineage_of_expression(argument, env).cls not in (DIMENSION, DERIVED_DIMENSION, CONSTANT):
-                raise refuse("unit_scope_not_allowed", node)
-    for col in expression.find_all(exp.Column):
-        if id(col) not in inside:
-            raise refuse("unit_scope_not_allowed", part)
 
 
 def _column_lineage(col: exp.Column, env: dict[str, dict[str, Lineage]]) -> Lineage:
@@ -582,7 +561,13 @@ class _Classifier:
 
             def outside_aggregate(col: exp.Column, part=projection) -> ColumnFacts:
                 raise refuse("unit_scope_not_allowed", part)   # every member column sits inside an aggregate
-            value = RowLanguage(outside_aggregate, unit_resolve=self._resolver(env)).value(inner)
+            try:
+                value = RowLanguage(outside_aggregate, unit_resolve=self._resolver(env)).value(inner)
+            except QueryRefused as refusal:
+                if refusal.code in ("privacy_unit_in_filter", "measure_in_filter"):
+                    # an identifier or measure inside a feature: the feature's shape is wrong
+                    raise refuse("unit_scope_not_allowed", projection) from None
+                raise
             outputs[projection.alias_or_name] = Lineage(DERIVED_DIMENSION, facts=_facts_of_value(value))
         self._widen(select, env)
         return outputs
