@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
 
 from sekisho.guard import Guard  # noqa: E402
-from sekisho.guard.guard import ARROW_BATCH_ROWS  # noqa: E402
+from sekisho.guard.execution import ARROW_BATCH_ROWS  # noqa: E402
 from sekisho.ingest import views  # noqa: E402
 from sekisho.instance import Instance  # noqa: E402
 from sekisho.state import set_role  # noqa: E402
@@ -110,7 +110,7 @@ def measure(inst: Instance, repeat: int) -> tuple[float, float, int, float]:
     print(f"-- {n} residents", flush=True)
     # open the snapshot once (a service does it at its first query), so that the first
     # run of each query below times an empty plan cache rather than opening the store
-    guard._current()
+    guard.snapshots.current()
     ratios, ratios_no_audit, cold_ratios, prepared_ratios = [], [], [], []
     for number, sql in enumerate(QUERIES):
         prepared.execute(f"PREPARE bench{number} AS {sql}")

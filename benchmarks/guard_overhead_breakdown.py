@@ -30,13 +30,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
 from guard_overhead import QUERIES  # noqa: E402
 
-import sekisho.guard.guard as guard_module  # noqa: E402
+import sekisho.guard.protection as protection  # noqa: E402
+import sekisho.guard.session as session  # noqa: E402
 from sekisho.guard import Guard  # noqa: E402
 from sekisho.guard.cells import cells_sql  # noqa: E402
 from sekisho.guard.protect.threshold import ProtectionStats, counted  # noqa: E402
 
-STEPS = ["_role", "_current", "_plan", "_announce", "_fetch", "_check_population", "_to_arrow",
-         "_post_process", "_audit_and_alert"]
+from sekisho.guard.execution import ARROW_BATCH_ROWS  # noqa: E402
+from sekisho.guard.protection import one_row_per_contributor  # noqa: E402
+
+
+def steps(guard: Guard) -> list[tuple[object, str, str]]:
+    """(owner, attribute, label) of each stage timed: the pipeline's stages and the
+    protection's own steps."""
+    return [(session, "open_session", "session"), (guard.snapshots, "current", "snapshot"),
+            (guard.plans, "plan", "planning"), (guard.recorder, "announce", "request entry"),
+            (protection, "fetch", "execution"), (protection.ThresholdProtection, "_check_population", "population"),
+            (protection, "to_arrow", "to Arrow"), (guard.post, "run", "post-processing"),
+            (guard.recorder, "_audit_and_alert", "outcome entry")]
 
 
 def pass_through(cells, aggregates, domains, **_):
@@ -56,9 +67,14 @@ def instrument(guard: Guard, spent: dict) -> None:
             finally:
                 spent[label] += time.perf_counter() - t0
         return wrapper
-    for step in STEPS:
-        setattr(guard, step, timed(getattr(guard, step), step))
-    guard_module.protect_threshold = timed(guard_module.protect_threshold, "protect_threshold")
+    for owner, attribute, label in steps(guard):
+        original = getattr(owner, attribute)
+        if isinstance(owner, type):
+            original = staticmethod(timed(original, label))
+            setattr(owner, attribute, original)
+        else:
+            setattr(owner, attribute, timed(original, label))
+    protection.protect_threshold = timed(protection.protect_threshold, "protect_threshold")
 
 
 def main() -> None:
@@ -72,27 +88,27 @@ def main() -> None:
     guard = Guard(inst)
     spent: dict[str, float] = collections.defaultdict(float)
     instrument(guard, spent)
-    protect = guard_module.protect_threshold
+    protect = protection.protect_threshold
     for sql in QUERIES:
         if "COUNT(DISTINCT" in sql:
             continue   # the 40-50 ms query: its ratio is near 1 and says little here
         guard.query(sql, user=ANALYST)
-        snap = guard._current()
-        role = guard._role(ANALYST)
-        catalog = guard._catalog(role, snap)
-        boundary = guard._plan(sql, ANALYST, role, snap, catalog).boundaries[0]
+        snap = guard.snapshots.current()
+        catalog = guard._catalog("analyst", snap)
+        boundary = guard.plans.plan(sql, user=ANALYST, role="analyst", snapshot=snap.id,
+                                    catalog=catalog).boundaries[0]
         raw.execute(f"PREPARE bench_raw AS {sql}")
         raw.execute("PREPARE bench_cells AS "
-                    f"{cells_sql(boundary, person_unique=guard._fast_path(boundary, snap, catalog))}")
+                    f"{cells_sql(boundary, person_unique=one_row_per_contributor(boundary, snap, catalog))}")
         times: dict[str, list[float]] = collections.defaultdict(list)
-        steps: dict[str, list[float]] = collections.defaultdict(list)
+        per_step: dict[str, list[float]] = collections.defaultdict(list)
         for _ in range(args.repeat):
             for label, statement in (("raw, prepared", "bench_raw"), ("cells SQL, prepared", "bench_cells")):
                 t0 = time.perf_counter()
-                raw.execute(f"EXECUTE {statement}").to_arrow_table(guard_module.ARROW_BATCH_ROWS)
+                raw.execute(f"EXECUTE {statement}").to_arrow_table(ARROW_BATCH_ROWS)
                 times[label].append(time.perf_counter() - t0)
             for label, fn in (("guarded", protect), ("protection as a pass-through", pass_through)):
-                guard_module.protect_threshold = fn
+                protection.protect_threshold = fn
                 t0 = time.perf_counter()
                 raw.execute(sql).to_arrow_table()
                 times["raw"].append(time.perf_counter() - t0)
@@ -102,9 +118,9 @@ def main() -> None:
                 times[label].append(time.perf_counter() - t0)
                 if fn is protect:
                     for step, seconds in spent.items():
-                        steps[step].append(seconds)
+                        per_step[step].append(seconds)
                 guard.flush()   # the after-answer work is not charged to the next raw run
-        guard_module.protect_threshold = protect
+        protection.protect_threshold = protect
         raw_ms = statistics.median(times["raw"]) * 1000
         print(f"-- {sql}")
         raw.execute("DEALLOCATE bench_raw")
@@ -112,9 +128,9 @@ def main() -> None:
         for label in ("raw", "raw, prepared", "cells SQL, prepared", "guarded", "protection as a pass-through"):
             ms = statistics.median(times[label]) * 1000
             print(f"{label:30s} {ms:8.2f} ms  ratio {ms / raw_ms:5.2f}")
-        for step in [*STEPS, "protect_threshold"]:
-            if step in steps:
-                print(f"    {step:26s} {statistics.median(steps[step]) * 1000:6.3f} ms")
+        for step in [*(label for _, _, label in steps(guard)), "protect_threshold"]:
+            if step in per_step:
+                print(f"    {step:26s} {statistics.median(per_step[step]) * 1000:6.3f} ms")
     guard.close()
     raw.close()
 

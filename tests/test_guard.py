@@ -410,13 +410,13 @@ def test_alert_bookkeeping_failure_is_audited_and_the_answer_stands(inst, monkey
 def test_close_finishes_pending_alert_bookkeeping(inst):
     g = Guard(inst)
     seen = []
-    original = g._record_request
+    original = g.recorder._record_request
 
     def slow(**request):
         time.sleep(0.2)
         seen.append(request["fingerprint"])
         return original(**request)
-    g._record_request = slow
+    g.recorder._record_request = slow
     g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
     assert not seen                 # the answer did not wait for the bookkeeping ...
     g.close()
@@ -442,20 +442,20 @@ BATCHING_QUERIES = [
 def test_answers_do_not_depend_on_how_the_store_batches_its_results(inst, monkeypatch):
     """The guard fetches in small Arrow batches (ARROW_BATCH_ROWS), so its cells arrive in
     many chunks: every answer must be the one a single batch gives."""
-    import sekisho.guard.guard as guard_module
+    import sekisho.guard.execution as execution
 
     chunks = []
-    execute_prepared = guard_module._Snapshot.execute_prepared
+    execute_prepared = execution.Snapshot.execute_prepared
 
     def counting(self, sql, user):
         table = execute_prepared(self, sql, user)
         chunks.append(max((c.num_chunks for c in table.columns), default=0))
         return table
 
-    monkeypatch.setattr(guard_module._Snapshot, "execute_prepared", counting)
+    monkeypatch.setattr(execution.Snapshot, "execute_prepared", counting)
     answers = {}
     for rows in (1_000_000, 3):
-        monkeypatch.setattr(guard_module, "ARROW_BATCH_ROWS", rows)
+        monkeypatch.setattr(execution, "ARROW_BATCH_ROWS", rows)
         g = Guard(inst)   # a new guard: its prepared statements and plans are its own
         try:
             results = [g.query(sql, user="ana") for sql in BATCHING_QUERIES]
@@ -589,15 +589,22 @@ def test_integer_group_key_with_null_is_answered_and_audited(guard, inst):
     assert any(row["a"] is None and row["n"] for row in rows)
 
 
-def test_unexpected_errors_are_refused_and_audited(inst, monkeypatch):
+def test_unexpected_errors_are_refused_audited_and_logged(inst, monkeypatch, caplog):
+    """A bug becomes the refusal ``execution_failed`` without its message (which could
+    quote a data value), audited; the service's log keeps the traceback and the audit seq."""
+    import sekisho.guard.protection as protection
     from sekisho.guard import Guard
 
     g = Guard(inst)
-    monkeypatch.setattr(g, "_to_arrow", lambda *a, **k: (_ for _ in ()).throw(ValueError("value 1234 leaked")))
+    monkeypatch.setattr(protection, "to_arrow", lambda *a, **k: (_ for _ in ()).throw(ValueError("value 1234 leaked")))
     before = len(list(inst.audit.entries(type="query.refused")))
-    with pytest.raises(QueryRefused) as info:
-        g.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana")
+    with caplog.at_level("ERROR", logger="sekisho.guard.recording"):
+        with pytest.raises(QueryRefused) as info:
+            g.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block", user="ana")
     assert info.value.code == "execution_failed" and "1234" not in str(info.value)
     after = list(inst.audit.entries(type="query.refused"))
     assert len(after) == before + 1 and after[-1]["details"]["code"] == "execution_failed"
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and isinstance(logged[-1].exc_info[1], ValueError)
+    assert f"audit seq {after[-1]['seq']}" in logged[-1].getMessage()
     g.close()

@@ -353,10 +353,11 @@ def test_min_max_and_range_are_refused(guard, sql):
 
 # ---- multiple rows per person / join fan-out inflating DP sensitivity ----------------------------
 def test_dp_bounding_caps_rows_and_groups_per_person(guard, inst):
-    snap = guard._current()
+    snap = guard.snapshots.current()
     catalog = guard._catalog("analyst", snap)
-    plan = guard._plan("SELECT m.idou_type, COUNT(*) AS n FROM movements m JOIN facilities f "
-                       "ON m.block = f.block GROUP BY 1", "ana", "analyst", snap, catalog)
+    plan = guard.plans.plan("SELECT m.idou_type, COUNT(*) AS n FROM movements m JOIN facilities f "
+                       "ON m.block = f.block GROUP BY 1", user="ana", role="analyst", snapshot=snap.id,
+                       catalog=catalog)
     bp = plan.boundaries[0]
     sql = cells_sql(bp, person_unique=False, bounding=Bounding(max_groups=1, max_rows=1, clamp={}), dominance=False)
     cells = snap.cursor().execute(sql).fetchall()

@@ -116,13 +116,13 @@ def test_exactly_cells_below_k_suppressed_on_real_data(guard, city, sql, truth_s
 
 
 def test_dp_budget_is_spent_even_if_the_answer_fails(guard, city, monkeypatch):
-    import sekisho.guard.guard as guard_module
+    import sekisho.guard.protection as protection
 
     before = guard.budget(city.analyst)["spent"]
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the debit")
-    monkeypatch.setattr(guard_module, "protect_dp", crash)
+    monkeypatch.setattr(protection, "protect_dp", crash)
     with pytest.raises(QueryRefused) as info:   # an unexpected failure is an audited refusal
         guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user=city.analyst, mode="dp",
                     epsilon=0.5)

@@ -1,21 +1,27 @@
-"""The condition-influence rule's parts (``sekisho.guard.influence``): which conditions
-are atoms, which neighbouring queries they give, and that both ways of counting the
-contributors a neighbour changes (one scan / general) agree with a direct count."""
+"""The condition-influence rule's parts (``sekisho.guard.neighbours``,
+``sekisho.guard.influence``): which conditions are atoms, which neighbouring queries they
+give, and that both ways of counting the contributors a neighbour changes (one scan /
+general) agree with a direct count. No ``Guard`` is constructed here."""
 
 from __future__ import annotations
 
 import duckdb
 import pytest
 
-from sekisho.guard.influence import Variant, apply, atoms, batch, closest, influence_sql, is_flat, neighbourhood
+from sqlglot import parse_one
+
+from sekisho.guard.influence import _influence_general, influence_sql, is_flat
+from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
        'FROM "residents" AS "r" WHERE {where}')
 
 
-def atom_texts(sql: str) -> list[str]:
-    from sqlglot import parse_one
+def tree(sql: str):
+    return parse_one(sql, dialect="duckdb")
 
+
+def atom_texts(sql: str) -> list[str]:
     return [a.sql(dialect="duckdb") for a in atoms(parse_one(sql, dialect="duckdb"), frozenset({"household_id"}))]
 
 
@@ -32,8 +38,8 @@ def test_case_conditions_are_atoms_and_join_keys_and_identifiers_are_not():
 
 
 def test_in_elements_and_between_bounds_are_neighbours_of_their_own():
-    base, neighbours = neighbourhood(ROW.format(where='"r"."block" IN (\'家島\', \'安富\') AND "r"."age" '
-                                                      'BETWEEN 20 AND 39'))
+    _, _, neighbours = neighbourhood(tree(ROW.format(where='"r"."block" IN (\'家島\', \'安富\') AND "r"."age" '
+                                                          'BETWEEN 20 AND 39')))
     actions = sorted(v.action for v in neighbours)
     assert actions == ["drop:0", "drop:1", "false", "high", "low", "true"]
     by = {v.action: v.sql for v in neighbours}
@@ -43,11 +49,12 @@ def test_in_elements_and_between_bounds_are_neighbours_of_their_own():
 
 
 def test_apply_combines_replacements_of_one_node():
-    base, neighbours = neighbourhood(ROW.format(where='"r"."block" IN (\'家島\', \'安富\', \'灘\')'))
+    base, _, neighbours = neighbourhood(tree(ROW.format(where='"r"."block" IN (\'家島\', \'安富\', \'灘\')')))
     drops = [v for v in neighbours if v.action in ("drop:0", "drop:2")]
-    assert "IN ('安富')" in apply(base, drops)
+    assert "IN ('安富')" in apply(base, drops).sql(dialect="duckdb")
     everything = [v for v in neighbours if v.action.startswith("drop:")]
-    assert apply(base, everything).endswith("WHERE FALSE")
+    assert apply(base, everything).sql(dialect="duckdb").endswith("WHERE FALSE")
+    assert "'灘'" in base.sql(dialect="duckdb")   # the base tree itself is left as it was
 
 
 def test_closest_takes_one_condition_and_batch_one_per_condition():
@@ -91,11 +98,10 @@ def direct_counts(con, base: str, variant: str) -> int:
 def test_one_scan_and_general_counts_agree_with_a_direct_count(con, table, unique, where):
     row = (f'SELECT CASE WHEN "r"."age" < 18 THEN \'child\' ELSE "r"."block" END AS "__g0", '
            f'"r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" FROM "{table}" AS "r" WHERE {where}')
-    base, neighbours = neighbourhood(row)
-    assert is_flat(base)
-    flat = con.execute(influence_sql(base, neighbours, ["__g0"], person_unique=unique)).fetchone()
-    # the general form, forced by wrapping the row SELECT in a derived table with a GROUP BY
-    from sekisho.guard.influence import _influence_general
+    base_tree, base, neighbours = neighbourhood(tree(row))
+    assert is_flat(base_tree)
+    flat = con.execute(influence_sql(base_tree, neighbours, ["__g0"], person_unique=unique)).fetchone()
+    # the general form (what joins and unit scopes get), on the same neighbours
     general = con.execute(_influence_general(base, neighbours, ["__g0"])).fetchone()
     for i, v in enumerate(neighbours):
         expected = direct_counts(con, base, v.sql)

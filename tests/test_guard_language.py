@@ -16,7 +16,7 @@ import pytest
 from sekisho.guard import Guard, QueryRefused
 from sekisho.guard.analyze import MAX_NODES, analyze
 from sekisho.guard.catalog import Catalog, ColumnInfo, ViewInfo
-from sekisho.guard.influence import MAX_ATOMS
+from sekisho.guard.neighbours import MAX_ATOMS
 from sekisho.guard.language import MAX_ARITHMETIC, MAX_DEPTH, MAX_IN_LIST
 from sekisho.guard.rewrite import plan as make_plan
 from sekisho.state import set_role

@@ -14,7 +14,8 @@ import math
 
 import pytest
 
-import sekisho.guard.guard as guard_module
+import sekisho.guard.influence as influence
+import sekisho.guard.planning as planning
 from guard_fixtures import add_snapshot, make_instance
 from sekisho.guard import Guard, QueryRefused
 
@@ -48,8 +49,8 @@ def counting(monkeypatch, owner, name):
 
 # ---- caches are per user -----------------------------------------------------------------
 def test_a_query_another_user_asked_is_planned_anew(guard, monkeypatch):
-    analyses = counting(monkeypatch, guard_module, "analyze")
-    plans = counting(monkeypatch, guard_module, "make_plan")
+    analyses = counting(monkeypatch, planning, "analyze")
+    plans = counting(monkeypatch, planning, "make_plan")
     guard.query(SQL, user="ana")
     guard.query(SQL, user="ana")          # the user's own repeat is cached
     assert (len(analyses), len(plans)) == (1, 1)
@@ -57,22 +58,22 @@ def test_a_query_another_user_asked_is_planned_anew(guard, monkeypatch):
     assert (len(analyses), len(plans)) == (2, 2)
     guard.describe(SQL, user="ana2")      # describe shares the user's own cache
     assert len(plans) == 2
-    assert {key[0] for key in guard._plans} == {"ana", "ana2"}
+    assert {key[0] for key in guard.plans.keys()} == {"ana", "ana2"}
 
 
 def test_no_influence_verdict_from_another_users_query(guard, monkeypatch):
-    verdicts = counting(monkeypatch, guard, "_influence_verdict")
+    verdicts = counting(monkeypatch, influence, "decide")
     guard.query(SQL, user="ana")
     guard.query(SQL, user="ana")
     assert len(verdicts) == 1
     guard.query(SQL, user="ana2")
     assert len(verdicts) == 2
-    assert {key[0] for key in guard._influence} == {"ana", "ana2"}
+    assert {key[0] for key in guard.verdicts.keys()} == {"ana", "ana2"}
 
 
 def test_no_prepared_statement_from_another_users_query(guard):
     guard.query(SQL, user="ana")
-    snap = guard._snapshot
+    snap = guard.snapshots.snapshot
     prepared = dict(snap._local.prepared)   # this thread's statements (the query ran here)
     assert prepared and {user for user, _ in prepared} == {"ana"}
     guard.query(SQL, user="ana")
@@ -92,8 +93,8 @@ def test_a_plan_is_filed_under_the_snapshot_the_query_ran_on(inst, monkeypatch):
     g = Guard(inst)
     try:
         g.query(SQL, user="ana")   # opens the current snapshot
-        old = g._snapshot.id
-        plans = counting(monkeypatch, guard_module, "make_plan")
+        old = g.snapshots.snapshot.id
+        plans = counting(monkeypatch, planning, "make_plan")
         catalog = g._catalog
         switched = []
 
@@ -102,13 +103,13 @@ def test_a_plan_is_filed_under_the_snapshot_the_query_ran_on(inst, monkeypatch):
             if not switched:
                 switched.append(True)
                 add_snapshot(inst, [])   # a data update lands in between
-                g._current()
+                g.snapshots.current()
             return result
 
         monkeypatch.setattr(g, "_catalog", catalog_then_switch)
         g.query("SELECT COUNT(*) AS n FROM residents", user="ana")   # runs on the old snapshot
-        assert g._snapshot.id != old
-        assert [key[2] for key in g._plans] == [old]
+        assert g.snapshots.snapshot.id != old
+        assert [key[2] for key in g.plans.keys()] == [old]
         g.query("SELECT COUNT(*) AS n FROM residents", user="ana")   # the new snapshot: planned anew
         assert len(plans) == 2
     finally:
@@ -163,7 +164,7 @@ def test_dp_mechanisms_construct_for_every_epsilon_that_passes(inst):
     with every sensitivity and bound ``sekisho.guard.protect.dp`` uses for this policy."""
     from diffprivlib.mechanisms import Geometric, Laplace, Snapping
 
-    from sekisho.guard.guard import UNIT_DP_SENSITIVITY
+    from sekisho.guard.protection import UNIT_DP_SENSITIVITY
     from sekisho.guard.protect.dp import POPULATION_BOUND, _geometric, _snapped_sum, partition_threshold
 
     import numpy as np

@@ -24,228 +24,132 @@ flagged by the differencing alert and defeated only by DP mode.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+import threading
 
+import numpy as np
 from sqlglot import exp
 from sqlglot.optimizer.merge_subqueries import merge_subqueries
-from sqlglot.optimizer.pushdown_projections import pushdown_projections
 
+from sekisho.guard import hidden
 from sekisho.guard.analyze import DIALECT
 from sekisho.guard.errors import QueryRefused
-from sekisho.guard.protect.cellkey import cell_key_sql
+from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.neighbours import Variant, apply, batch, closest, neighbourhood
+from sekisho.guard.protect.cellkey import PerturbationTable, cell_key_sql
+from sekisho.guard.protect.threshold import Cells, number
 
-PID, RKEY = "__pid", "__rkey"
-CONNECTIVES = (exp.And, exp.Or, exp.Not, exp.Paren, exp.Xor)
+MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence in the general form
+MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
+INFLUENCE_ROUNDS = 8   # leaving conditions out can make others small: re-checked up to this often
+CACHE_SIZE = 2048
 
 
 @dataclass(frozen=True)
-class Variant:
-    atom: str        # the atom as SQL (named in notes and refusals)
-    index: int       # position of the atom's node in the row tree's walk order
-    action: str      # "true", "false", "drop:<j>" (IN element), "low" / "high" (BETWEEN bound := TRUE)
-    sql: str         # the row-level SELECT with this one replacement
+class Verdict:
+    """The rule's decision for one boundary: the conditions left out and the row SELECT
+    without them (``None``, nothing left out: the query runs as written)."""
+    row_sql: str | None = None
+    left_out: tuple[str, ...] = ()
 
 
-def _is_structural(node: exp.Expression, identifiers: frozenset[str]) -> bool:
-    """A condition on an identifier (privacy unit, linkage key, __pid) is the guard's own
-    (e.g. a unit scope's ``NOT household_id IS NULL``): the analysis refuses identifiers in
-    an analyst's conditions, so such an atom cannot come from the query text."""
-    return any(col.name in identifiers for col in node.find_all(exp.Column))
-
-
-def _condition_slot(node: exp.Expression) -> bool:
-    """``node`` sits where a condition is expected (its value decides rows or branches)."""
-    parent = node.parent
-    if parent is None:
-        return False
-    if isinstance(parent, exp.Paren):
-        return _condition_slot(parent)   # parentheses take the place of what they hold
-    if isinstance(parent, CONNECTIVES):
-        return True
-    if isinstance(parent, (exp.Where, exp.Having)):
-        return True
-    if isinstance(parent, exp.Join) and node.arg_key == "on":
-        return True
-    if isinstance(parent, exp.If) and node.arg_key == "this":
-        return True
-    return False
-
-
-def _equi_join_key(node: exp.Expression) -> bool:
-    """``a.x = b.y`` between two sources in an ON clause: the join's structure, not a filter."""
-    if not isinstance(node, exp.EQ):
-        return False
-    left, right = node.this, node.expression
-    if not (isinstance(left, exp.Column) and isinstance(right, exp.Column)) or left.table == right.table:
-        return False
-    return node.find_ancestor(exp.Join) is not None
-
-
-def atoms(tree: exp.Expression, identifiers: frozenset[str] = frozenset()) -> list[exp.Expression]:
-    """The leaf conditions of ``tree`` in a stable (walk) order."""
-    found = []
-    identifiers = identifiers | {PID}
-    for node in tree.walk():
-        if isinstance(node, (*CONNECTIVES, exp.Boolean)) or (isinstance(node, exp.Predicate) or
-                                                              _condition_slot(node)) \
-                and _is_structural(node, identifiers):
-            continue   # TRUE/FALSE: a condition already replaced (or written so by the analyst)
-        if isinstance(node, exp.Predicate):
-            inside = node.parent
-            while isinstance(inside, CONNECTIVES):
-                inside = inside.parent
-            if isinstance(inside, exp.Predicate):
-                continue  # a predicate nested in a predicate, e.g. (a > 1) = TRUE: the outer one is the atom
-            if _equi_join_key(node):
+def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
+           person_unique: bool, ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> Verdict:
+    """Apply the rule to one boundary's row SELECT: a condition that changes who is
+    counted by fewer than k contributors (perturbed count) is not applied — the query is
+    answered as its neighbour without it, whether the condition changes nobody or one
+    person, so the answer cannot tell the two apart. ``fetch`` runs one counting SQL on
+    the snapshot; ``ptable`` is that snapshot's cell-key table."""
+    current, left_out = row, []
+    pending = None   # (query before the last batch, its closest single choice, left_out before)
+    for round_ in range(INFLUENCE_ROUNDS + 1):
+        base, _, neighbours = neighbourhood(current, identifiers)
+        compared = list(neighbours)
+        if pending is not None:
+            # how far the last batch moved the query: it must stay below k as well
+            before = pending[0]
+            compared.append(Variant(atom="", index=-1, action="drift", sql=before.sql(dialect=DIALECT),
+                                    tree=before))
+        if not compared:
+            break
+        limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
+        if len(compared) > limit:
+            raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
+        counts = fetch(influence_sql(base, compared, columns, person_unique=person_unique))
+        n = [int(number(counts, f"{hidden.CONTRIBUTORS}{i}", np.int64)[0]) for i in range(len(compared))]
+        ck = [int(number(counts, f"{hidden.CELL_KEY}{i}", np.int64)[0]) for i in range(len(compared))]
+        noisy = [int(v) for v in ptable.perturb_counts(ck, n)]
+        if round_ == 0 and filtered and any(v < k for v in noisy):
+            # a query that selects fewer than k is refused as such, before any condition
+            # is left out (which would otherwise widen it into an answer)
+            population = ptable.perturb_counts([int(number(counts, hidden.CELL_KEY, np.int64)[0])],
+                                               [int(number(counts, hidden.CONTRIBUTORS, np.int64)[0])])[0]
+            if population < k:
+                raise QueryRefused("filter_population_below_k")
+        if pending is not None:
+            before, single, left_before = pending
+            pending = None
+            if noisy.pop() >= k:
+                # the batch changed too much together: leave out only the closest one
+                current, left_out = apply(before, single), left_before + [v.atom for v in single]
                 continue
-            found.append(node)
-        elif _condition_slot(node) and not isinstance(node, exp.Select):
-            found.append(node)   # a boolean column or function used as a condition
-    return found
+        small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
+        if not small:
+            break
+        if round_ == INFLUENCE_ROUNDS:
+            # still not stable after the rounds allowed: refuse rather than guess
+            raise QueryRefused("condition_influence_below_k", part=min(small, key=lambda o: o[1])[0].atom)
+        chosen = batch(small)
+        if len(chosen) > len(closest(small)):
+            pending = (base, closest(small), list(left_out))
+        current = apply(base, chosen)
+        left_out += [v.atom for v in chosen if v.atom not in left_out]
+    else:
+        if pending is not None:
+            raise QueryRefused("condition_influence_below_k")
+    return Verdict(current.sql(dialect=DIALECT), tuple(left_out)) if left_out else Verdict()
 
 
-def _true() -> exp.Expression:
-    return exp.Boolean(this=True)
+class VerdictCache:
+    """Verdicts per (user, snapshot, row SQL), bounded LRU. Per user: a shared cache would
+    answer a query another analyst asked before faster (a timing channel). A refusal is
+    cached as well (it is as deterministic as a verdict on one snapshot)."""
 
+    def __init__(self, size: int = CACHE_SIZE):
+        self._size = size
+        self._items: OrderedDict[tuple[str, str, str], Verdict | QueryRefused] = OrderedDict()
+        self._lock = threading.Lock()
 
-def _false() -> exp.Expression:
-    return exp.Boolean(this=False)
+    def verdict(self, key: tuple[str, str, str], decide_now: Callable[[], Verdict]) -> Verdict:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+        if found is None:
+            try:
+                found = decide_now()
+            except QueryRefused as refusal:
+                found = refusal
+            with self._lock:
+                self._items[key] = found
+                while len(self._items) > self._size:
+                    self._items.popitem(last=False)
+        if isinstance(found, QueryRefused):
+            raise QueryRefused(found.code, part=found.part)
+        return found
 
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
 
-def _parse(row_sql: str) -> exp.Expression:
-    """The row SELECT without the derived tables' unused columns (sqlglot's
-    pushdown_projections: a condition in a column nobody reads cannot change the answer,
-    and would only be "left out" for nothing) and with simple CASEs made searched."""
-    from sqlglot import parse_one
+    def keys(self) -> list[tuple[str, str, str]]:
+        with self._lock:
+            return list(self._items)
 
-    tree = parse_one(row_sql, dialect=DIALECT)
-    try:
-        tree = pushdown_projections(tree.copy())
-    except Exception:  # pruning is an optimisation: without it every condition is still checked
-        tree = parse_one(row_sql, dialect=DIALECT)
-    return tree.transform(_searched_case)
-
-
-def _replacement(node: exp.Expression, actions: set[str]) -> exp.Expression:
-    """What ``node`` becomes when the given neighbour replacements are all applied."""
-    if "true" in actions:
-        return _true()
-    if "false" in actions:
-        return _false()
-    if isinstance(node, exp.Between):
-        if {"low", "high"} <= actions:
-            return _true()
-        if "low" in actions:      # the lower bound always holds: only the upper one is left
-            return exp.LTE(this=node.this.copy(), expression=node.args["high"].copy())
-        return exp.GTE(this=node.this.copy(), expression=node.args["low"].copy())
-    dropped = {int(a.split(":", 1)[1]) for a in actions if a.startswith("drop:")}
-    rest = [e.copy() for j, e in enumerate(node.expressions) if j not in dropped]
-    return node.__class__(this=node.this.copy(), expressions=rest) if rest else _false()
-
-
-def apply(row_sql: str, chosen: list[Variant]) -> str:
-    """``row_sql`` with all ``chosen`` replacements applied (indices refer to ``row_sql``
-    as returned by ``neighbourhood``)."""
-    tree = _parse(row_sql)
-    nodes = list(tree.walk())
-    by_node: dict[int, set[str]] = {}
-    for v in chosen:
-        by_node.setdefault(v.index, set()).add(v.action)
-    for index, actions in by_node.items():
-        node = nodes[index]
-        new = _replacement(node, actions)
-        if node is tree:
-            return new.sql(dialect=DIALECT)
-        node.replace(new)
-    return tree.sql(dialect=DIALECT)
-
-
-MAX_ATOMS = 64   # more leaf conditions than this: refused as too complex (each costs neighbours)
-
-
-def neighbourhood(row_sql: str, identifiers: frozenset[str] = frozenset()) -> tuple[str, list[Variant]]:
-    """The row-level SELECT (simple CASEs written as searched ones) and its neighbours:
-    each atom replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound
-    dropped)."""
-    # indices refer to the tree parsed from ``original``, as ``apply`` will parse it
-    original = _parse(row_sql).sql(dialect=DIALECT)
-    tree = _parse(original)
-    nodes = list(tree.walk())
-    position = {id(node): i for i, node in enumerate(nodes)}
-    out: dict[str, Variant] = {}
-
-    def add(atom_sql: str, index: int, action: str) -> None:
-        # what ``apply(original, [variant])`` gives, without parsing ``original`` again:
-        # the replacement is put in place, the tree written, and the node put back
-        node = nodes[index]
-        new = _replacement(node, {action})
-        if node is tree:
-            sql = new.sql(dialect=DIALECT)
-        else:
-            node.replace(new)
-            sql = tree.sql(dialect=DIALECT)
-            new.replace(node)
-        if sql != original and sql not in out:
-            out[sql] = Variant(atom=atom_sql, index=index, action=action, sql=sql)
-
-    found = atoms(tree, identifiers)
-    weight = sum(len(a.expressions) + 1 if isinstance(a, exp.In) else 1 for a in found)
-    if weight > MAX_ATOMS:
-        raise QueryRefused("too_complex", part=f"{weight} conditions (at most {MAX_ATOMS})")
-    for atom in found:
-        i = position[id(atom)]
-        label = atom.sql(dialect=DIALECT)
-        if isinstance(atom, exp.In) and atom.expressions and not atom.args.get("query"):
-            # x IN (a, b, c) is a OR of equalities: each element is its own atom
-            add(label, i, "true")
-            for j, item in enumerate(atom.expressions):
-                add(f"{atom.this.sql(dialect=DIALECT)} = {item.sql(dialect=DIALECT)}", i, f"drop:{j}")
-        elif isinstance(atom, exp.Between):
-            subject = atom.this.sql(dialect=DIALECT)
-            add(f"{subject} >= {atom.args['low'].sql(dialect=DIALECT)}", i, "low")
-            add(f"{subject} <= {atom.args['high'].sql(dialect=DIALECT)}", i, "high")
-            add(label, i, "false")
-        else:
-            add(label, i, "true")
-            add(label, i, "false")
-    return original, list(out.values())
-
-
-def closest(small: list[tuple[Variant, int]]) -> list[Variant]:
-    """The one neighbour (given with its perturbed count) closest to the query (ties: first
-    condition in the query); for an IN element, every element changing fewer than k goes
-    with it (elements are disjoint values, so their effects simply add up)."""
-    ranked = sorted(small, key=lambda o: (o[1], o[0].index, o[0].action))
-    best = ranked[0][0]
-    if best.action.startswith("drop:"):
-        return [v for v, _ in ranked if v.index == best.index and v.action.startswith("drop:")]
-    return [best]
-
-
-def batch(small: list[tuple[Variant, int]]) -> list[Variant]:
-    """Every condition changing fewer than k at once: per condition its closest neighbour
-    (all small elements of an IN list). Overlapping conditions (``a OR b`` with both
-    redundant) can together change far more than each alone, so the caller checks the
-    batch and falls back to ``closest``."""
-    by_node: dict[int, list[tuple[Variant, int]]] = {}
-    for variant, value in small:
-        by_node.setdefault(variant.index, []).append((variant, value))
-    chosen = []
-    for options in by_node.values():
-        chosen += closest(options)
-    return chosen
-
-
-def _searched_case(node: exp.Expression) -> exp.Expression:
-    """``CASE x WHEN v THEN ...`` -> ``CASE WHEN x = v THEN ...``, so each branch has a
-    condition that can be replaced (the two forms are equivalent)."""
-    if isinstance(node, exp.Case) and node.this is not None:
-        subject = node.this
-        ifs = [exp.If(this=exp.EQ(this=subject.copy(), expression=branch.this.copy()),
-                      true=branch.args["true"].copy()) for branch in node.args.get("ifs") or []]
-        default = node.args.get("default")
-        return exp.Case(ifs=ifs, default=default.copy() if default is not None else None)
-    return node
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 # ---- counting the contributors a neighbour changes --------------------------------------------
@@ -253,12 +157,10 @@ def _q(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _flat(sql: str) -> exp.Select | None:
-    """The row SELECT merged into one SELECT over one table, or None."""
-    from sqlglot import parse_one
-
+def _flat(row: exp.Expression) -> exp.Select | None:
+    """The row SELECT merged into one SELECT over one table (a copy), or None."""
     try:
-        tree = merge_subqueries(parse_one(sql, dialect=DIALECT))
+        tree = merge_subqueries(row.copy())
     except Exception:
         return None
     if not isinstance(tree, exp.Select) or tree.args.get("joins") or tree.args.get("group") \
@@ -279,22 +181,22 @@ def _parts(select: exp.Select) -> tuple[str, dict[str, str]]:
                   p.sql(dialect=DIALECT) for p in select.expressions}
 
 
-def is_flat(row_sql: str) -> bool:
-    """Whether the neighbours of ``row_sql`` can all be counted in one scan."""
-    return _flat(row_sql) is not None
+def is_flat(row: exp.Expression) -> bool:
+    """Whether the neighbours of ``row`` can all be counted in one scan."""
+    return _flat(row) is not None
 
 
-def influence_sql(row_sql: str, neighbours: list[Variant], columns: list[str], *,
+def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str], *,
                   person_unique: bool) -> str:
     """One SQL returning ``__n<i>`` (contributors changed by neighbour i) and ``__ck<i>``
     (their cell key), and ``__n``/``__ck`` for the contributors the query itself selects.
     ``columns``: the row SELECT's cell and value columns (__g*, __a*)."""
-    base = _flat(row_sql)
-    flats = [_flat(v.sql) for v in neighbours] if base is not None else []
+    base = _flat(row)
+    flats = [_flat(v.tree) if v.tree is not None else None for v in neighbours] if base is not None else []
     if base is not None and all(f is not None and f.args["from_"].sql(dialect=DIALECT) ==
                                 base.args["from_"].sql(dialect=DIALECT) for f in flats):
         return _influence_flat(base, flats, columns, person_unique=person_unique)
-    return _influence_general(row_sql, neighbours, columns)
+    return _influence_general(row.sql(dialect=DIALECT), neighbours, columns)
 
 
 def _influence_flat(base: exp.Select, flats: list[exp.Select], columns: list[str], *,

@@ -55,7 +55,7 @@ from sekisho.guard.errors import QueryRefused, refuse
 SAFE_MAGNITUDE = 2.0 ** 53        # every intermediate value stays exactly representable and far from overflow
 MAX_DEPTH = 24                    # nesting of one row-level expression
 MAX_ARITHMETIC = 16               # operators in one arithmetic expression (a CASE's branches count on their own)
-MAX_IN_LIST = 63                  # elements of one IN list (with the IN itself: 64 conditions, influence.MAX_ATOMS)
+MAX_IN_LIST = 63                  # elements of one IN list (with the IN itself: 64 conditions, neighbours.MAX_ATOMS)
 COUNT_BOUND = 1.0e8               # a public bound on any count of members of a unit
 
 NUM, STR, BOOL, NULL = "num", "str", "bool", "null"

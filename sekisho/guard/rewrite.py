@@ -19,28 +19,28 @@ everything above the boundary.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from sqlglot import exp
 
+from sekisho.guard import hidden
 from sekisho.guard.analyze import DIALECT, ROW, UNIT, UNIT_ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import refuse
-
-PID, RKEY = "__pid", "__rkey"
+from sekisho.guard.hidden import PID, RKEY
 
 
 @dataclass(frozen=True)
 class BoundaryPlan:
     name: str                       # table name of the protected result in post-processing
-    row_sql: str                    # row-level SELECT to run on the store
+    row_sql: str                    # row-level SELECT to run on the store (``row`` rendered once)
     personal_view: str
     group_keys: tuple[GroupKeySpec, ...]
     aggregates: tuple[AggregateSpec, ...]
     filtered: bool
-    group_labels: tuple[str, ...]
     has_join: bool = False
     unit: bool = False              # rows are units: __pid = linkage key, __rkey = unit key
+    row: exp.Select | None = field(default=None, compare=False, repr=False)   # the row SELECT as a tree
 
 
 @dataclass(frozen=True)
@@ -115,14 +115,14 @@ def _carry_unit(select: exp.Select, analysis: Analysis, catalog: Catalog) -> Non
 
 def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalog: Catalog) -> BoundaryPlan:
     select = spec.select
-    name = f"__b{index}"
+    name = hidden.boundary_table(index)
     pid, rkey = _carry(select, analysis, catalog, append=False)
 
     row = exp.Select()
-    projections = [exp.alias_(k.expr.copy(), f"__g{j}", quoted=True) for j, k in enumerate(spec.group_keys)]
+    projections = [exp.alias_(k.expr.copy(), hidden.group_key(j), quoted=True) for j, k in enumerate(spec.group_keys)]
     for j, agg in enumerate(spec.aggregates):
         if agg.arg is not None:
-            projections.append(exp.alias_(agg.arg.copy(), f"__a{j}", quoted=True))
+            projections.append(exp.alias_(agg.arg.copy(), hidden.argument(j), quoted=True))
     projections += [exp.alias_(pid, PID, quoted=True), exp.alias_(rkey, RKEY, quoted=True)]
     row.set("expressions", projections)
     row.set("from_", select.args["from_"].copy())
@@ -141,8 +141,8 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
 
     # the boundary becomes post-processing over the protected table
     for j, agg in enumerate(spec.aggregates):
-        agg.node.replace(_col(f"__v{j}", name))
-    keys = [(k.expr, f"__g{j}") for j, k in enumerate(spec.group_keys)]
+        agg.node.replace(_col(hidden.protected_value(j), name))
+    keys = [(k.expr, hidden.group_key(j)) for j, k in enumerate(spec.group_keys)]
 
     def to_keys(node: exp.Expression) -> exp.Expression:
         for expr, col in keys:
@@ -175,8 +175,7 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
             raise refuse("ungrouped_column", col)
     return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
                         group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
-                        filtered=filtered, group_labels=tuple(k.label for k in spec.group_keys),
-                        has_join=has_join, unit=spec.unit)
+                        filtered=filtered, has_join=has_join, unit=spec.unit, row=row)
 
 
 def plan(analysis: Analysis, catalog: Catalog) -> Plan:

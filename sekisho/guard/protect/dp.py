@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 from diffprivlib.mechanisms import Geometric, Laplace, Snapping
 
+from sekisho.guard import hidden
 from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, counted, densify, nullable,
                                              number, size, take)
 
@@ -73,25 +74,25 @@ def protect_dp(cells: Cells, aggregates, domains: list[tuple | None], params: DP
         cells = dense  # values outside the public domain are never released in DP mode
     if needs_selection and size(cells):
         lap = Laplace(epsilon=eps, sensitivity=params.max_groups)
-        noisy_n = np.array([lap.randomise(float(v)) for v in number(cells, "__n")])
+        noisy_n = np.array([lap.randomise(float(v)) for v in number(cells, hidden.CONTRIBUTORS)])
         cells = take(cells, noisy_n > partition_threshold(eps, params.delta, params.max_groups))
     count = size(cells)
-    out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
+    out: Cells = {hidden.group_key(j): cells[hidden.group_key(j)] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
             raw = counted(cells, j, agg.kind)
             sensitivity = params.max_rows if agg.kind in ("count_rows", "count_nonnull") else params.max_groups
-            out[f"__v{j}"] = nullable(np.maximum(_geometric(raw, eps, sensitivity), 0), np.zeros(count, bool))
+            out[hidden.protected_value(j)] = nullable(np.maximum(_geometric(raw, eps, sensitivity), 0), np.zeros(count, bool))
             continue
         lo, hi = sum_bounds[j]
         sensitivity = params.max_rows * max(abs(lo), abs(hi))
-        noisy_sum = _snapped_sum(number(cells, f"__s{j}"), eps, sensitivity)
+        noisy_sum = _snapped_sum(number(cells, hidden.total(j)), eps, sensitivity)
         if agg.kind == "sum":
-            out[f"__v{j}"] = nullable(noisy_sum, np.zeros(count, bool))
+            out[hidden.protected_value(j)] = nullable(noisy_sum, np.zeros(count, bool))
         else:
-            noisy_count = _geometric(number(cells, f"__c{j}", np.int64), eps, params.max_rows)
+            noisy_count = _geometric(number(cells, hidden.nonnull(j), np.int64), eps, params.max_rows)
             with np.errstate(divide="ignore", invalid="ignore"):
                 mean = np.where(noisy_count > 0, noisy_sum / np.maximum(noisy_count, 1), np.nan)
-            out[f"__v{j}"] = nullable(np.clip(mean, lo, hi), noisy_count <= 0)
+            out[hidden.protected_value(j)] = nullable(np.clip(mean, lo, hi), noisy_count <= 0)
     stats.cells = count
     return out, stats

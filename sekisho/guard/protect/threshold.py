@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sekisho.guard import hidden
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.dominance import dominated
 
@@ -48,7 +49,7 @@ CONTRIBUTOR_COUNTS = ("count_rows", "count_persons")
 # Arrow's hash kernels, integer keys in a position table; numpy keys are accepted too).
 # No pandas on the hot path.
 Cells = dict
-KEY_PREFIX = "__g"
+KEY_PREFIX = hidden.GROUP_KEY_PREFIX
 
 
 @dataclass
@@ -101,7 +102,7 @@ def _to_numpy(col: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 def size(cells: Cells) -> int:
-    return len(cells["__n"]) if "__n" in cells else 0
+    return len(cells[hidden.CONTRIBUTORS]) if hidden.CONTRIBUTORS in cells else 0
 
 
 def take(cells: Cells, mask: np.ndarray) -> Cells:
@@ -149,11 +150,11 @@ def counted(cells: Cells, j: int, kind: str) -> np.ndarray:
     """Count-like aggregate ``j``: its own column, or the contributor count ``__n`` where
     the cells SQL leaves it out as equal to it (``CONTRIBUTOR_COUNTS`` in a view with one
     row per person). Any other missing count is an error, never a zero."""
-    if f"__x{j}" in cells:
-        return number(cells, f"__x{j}", np.int64)
+    if hidden.count(j) in cells:
+        return number(cells, hidden.count(j), np.int64)
     if kind in CONTRIBUTOR_COUNTS:
-        return number(cells, "__n", np.int64)
-    raise KeyError(f"__x{j}")
+        return number(cells, hidden.CONTRIBUTORS, np.int64)
+    raise KeyError(hidden.count(j))
 
 
 def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | None]:
@@ -169,7 +170,7 @@ def densify(cells: Cells, domains: list[tuple | None]) -> tuple[Cells, Cells | N
         return cells, None
     if n_grid == 0:
         return _densify_by_tuples(cells, domains)
-    keys = [f"__g{j}" for j in range(len(domains))]
+    keys = [hidden.group_key(j) for j in range(len(domains))]
     n = size(cells)
     # keyed with the values' types too: (0, 1) and (False, True) are equal tuples
     typed_domains = tuple((d, tuple(map(type, d))) for d in domains)
@@ -309,7 +310,7 @@ def _grid(typed_domains: tuple[tuple[tuple, tuple], ...]) -> tuple[list[dict], l
 
 def _densify_by_tuples(cells: Cells, domains: list[tuple]) -> tuple[Cells, Cells | None]:
     """densify by matching key tuples one by one (repeated domain values or keys)."""
-    keys = [f"__g{j}" for j in range(len(domains))]
+    keys = [hidden.group_key(j) for j in range(len(domains))]
     present = list(zip(*[_pylist(cells[k]) for k in keys])) if size(cells) else []
     index = {key: i for i, key in enumerate(present)}
     grid = list(itertools.product(*domains))
@@ -390,32 +391,32 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
     if outside is not None:
         stats.densified = True
         # values outside the declared domain (e.g. NULL keys) are released only when not small
-        keep = number(outside, "__n", np.int64) >= k
+        keep = number(outside, hidden.CONTRIBUTORS, np.int64) >= k
         stats.rows_dropped += int((~keep).sum())
         if keep.any():
             cells = concat(cells, take(outside, keep))
-    n = number(cells, "__n", np.int64)
-    ck = number(cells, "__ck", np.int64)
+    n = number(cells, hidden.CONTRIBUTORS, np.int64)
+    ck = number(cells, hidden.CELL_KEY, np.int64)
     small = n < k
-    out: Cells = {f"__g{j}": cells[f"__g{j}"] for j in range(n_keys)}
+    out: Cells = {hidden.group_key(j): cells[hidden.group_key(j)] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
         if agg.kind in COUNT_KINDS:
             raw = counted(cells, j, agg.kind)
             # a conditional count is its own cell: its contributors' key and their number
-            key = number(cells, f"__xk{j}", np.int64) if f"__xk{j}" in cells else ck
-            few = small | (number(cells, f"__xn{j}", np.int64) < k) if f"__xn{j}" in cells else small
-            if f"__xk{j}" in cells and f"__xn{j}" not in cells:
+            key = number(cells, hidden.own_contributors(j, "count")[1], np.int64) if hidden.own_contributors(j, "count")[1] in cells else ck
+            few = small | (number(cells, hidden.own_contributors(j, "count")[0], np.int64) < k) if hidden.own_contributors(j, "count")[0] in cells else small
+            if hidden.own_contributors(j, "count")[1] in cells and hidden.own_contributors(j, "count")[0] not in cells:
                 few = small | (raw < k)   # one row per person: the count is its contributors
             value = table.perturb_counts(key, raw) if perturb else raw
             tiny = (value > 0) & (value < min_count)
             stats.values_suppressed_small += int((tiny & ~small).sum())
-            out[f"__v{j}"] = nullable(value, few | tiny)
+            out[hidden.protected_value(j)] = nullable(value, few | tiny)
             continue
-        sums = number(cells, f"__s{j}")
-        nonnull = number(cells, f"__c{j}", np.int64)
-        tops = cells.get(f"__t{j}")
+        sums = number(cells, hidden.total(j))
+        nonnull = number(cells, hidden.nonnull(j), np.int64)
+        tops = cells.get(hidden.largest(j))
         top1, top2 = _tops(tops) if tops is not None else (np.zeros(len(n)), np.zeros(len(n)))
-        total_abs = number(cells, f"__ta{j}") if f"__ta{j}" in cells else np.abs(sums)
+        total_abs = number(cells, hidden.absolute_total(j)) if hidden.absolute_total(j) in cells else np.abs(sums)
         if agg.cls in ("sensitive_measure", "derived_sensitive"):
             dom = dominated(total_abs, top1, top2, nk_n=nk_n, nk_k=nk_k, p_percent=p_percent)
         else:
@@ -423,9 +424,9 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
         stats.values_suppressed_dominance += int((dom & ~small).sum())
         # the noise of a sum depends on its contributors and on what it measures, never on
         # where the aggregate stands in the query (a salt per position could be averaged)
-        key = number(cells, f"__sk{j}", np.int64) if f"__sk{j}" in cells else ck
-        if f"__sn{j}" in cells:
-            small_j = small | (number(cells, f"__sn{j}", np.int64) < k)
+        key = number(cells, hidden.own_contributors(j, "sum")[1], np.int64) if hidden.own_contributors(j, "sum")[1] in cells else ck
+        if hidden.own_contributors(j, "sum")[0] in cells:
+            small_j = small | (number(cells, hidden.own_contributors(j, "sum")[0], np.int64) < k)
         else:
             small_j = small
         psum = table.perturb_sums(key, sums, top1, salt=measure_salt(agg)) if perturb else sums
@@ -435,7 +436,7 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
             pcount = table.perturb_counts(key, nonnull) if perturb else nonnull
             with np.errstate(divide="ignore", invalid="ignore"):
                 value = np.where(pcount > 0, psum / np.maximum(pcount, 1), np.nan)
-        out[f"__v{j}"] = nullable(value, small_j | dom | (nonnull == 0) | np.isnan(value))
+        out[hidden.protected_value(j)] = nullable(value, small_j | dom | (nonnull == 0) | np.isnan(value))
     stats.cells = len(n)
     # without densification the number of dropped groups would itself reveal how many
     # rare groups exist, so it is kept for the audit trail only (rows_dropped)

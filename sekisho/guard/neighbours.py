@@ -1,0 +1,230 @@
+"""The neighbours of a row-level SELECT for the condition-influence rule
+(``sekisho.guard.influence``): its *atoms* (leaf conditions) and, for each, the queries
+an analyst could ask instead — the atom replaced by TRUE and by FALSE, an IN element
+dropped, a BETWEEN bound dropped.
+
+Pure functions over ``sqlglot`` trees: nothing here parses SQL. A neighbour is the row
+tree with one replacement; it is rendered once (its SQL names it and is what runs) and
+kept as a tree for the one-scan count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from sqlglot import exp
+from sqlglot.optimizer.pushdown_projections import pushdown_projections
+
+from sekisho.guard.analyze import DIALECT
+from sekisho.guard.errors import QueryRefused
+from sekisho.guard.hidden import PID
+
+CONNECTIVES = (exp.And, exp.Or, exp.Not, exp.Paren, exp.Xor)
+
+
+@dataclass(frozen=True)
+class Variant:
+    atom: str        # the atom as SQL (named in notes and refusals)
+    index: int       # position of the atom's node in the row tree's walk order
+    action: str      # "true", "false", "drop:<j>" (IN element), "low" / "high" (BETWEEN bound := TRUE)
+    sql: str         # the row-level SELECT with this one replacement
+    tree: exp.Expression | None = field(default=None, compare=False, repr=False)   # ... as a tree
+
+
+def _is_structural(node: exp.Expression, identifiers: frozenset[str]) -> bool:
+    """A condition on an identifier (privacy unit, linkage key, __pid) is the guard's own
+    (e.g. a unit scope's ``NOT household_id IS NULL``): the analysis refuses identifiers in
+    an analyst's conditions, so such an atom cannot come from the query text."""
+    return any(col.name in identifiers for col in node.find_all(exp.Column))
+
+
+def _condition_slot(node: exp.Expression) -> bool:
+    """``node`` sits where a condition is expected (its value decides rows or branches)."""
+    parent = node.parent
+    if parent is None:
+        return False
+    if isinstance(parent, exp.Paren):
+        return _condition_slot(parent)   # parentheses take the place of what they hold
+    if isinstance(parent, CONNECTIVES):
+        return True
+    if isinstance(parent, (exp.Where, exp.Having)):
+        return True
+    if isinstance(parent, exp.Join) and node.arg_key == "on":
+        return True
+    if isinstance(parent, exp.If) and node.arg_key == "this":
+        return True
+    return False
+
+
+def _equi_join_key(node: exp.Expression) -> bool:
+    """``a.x = b.y`` between two sources in an ON clause: the join's structure, not a filter."""
+    if not isinstance(node, exp.EQ):
+        return False
+    left, right = node.this, node.expression
+    if not (isinstance(left, exp.Column) and isinstance(right, exp.Column)) or left.table == right.table:
+        return False
+    return node.find_ancestor(exp.Join) is not None
+
+
+def atoms(tree: exp.Expression, identifiers: frozenset[str] = frozenset()) -> list[exp.Expression]:
+    """The leaf conditions of ``tree`` in a stable (walk) order."""
+    found = []
+    identifiers = identifiers | {PID}
+    for node in tree.walk():
+        if isinstance(node, (*CONNECTIVES, exp.Boolean)) or (isinstance(node, exp.Predicate) or
+                                                              _condition_slot(node)) \
+                and _is_structural(node, identifiers):
+            continue   # TRUE/FALSE: a condition already replaced (or written so by the analyst)
+        if isinstance(node, exp.Predicate):
+            inside = node.parent
+            while isinstance(inside, CONNECTIVES):
+                inside = inside.parent
+            if isinstance(inside, exp.Predicate):
+                continue  # a predicate nested in a predicate, e.g. (a > 1) = TRUE: the outer one is the atom
+            if _equi_join_key(node):
+                continue
+            found.append(node)
+        elif _condition_slot(node) and not isinstance(node, exp.Select):
+            found.append(node)   # a boolean column or function used as a condition
+    return found
+
+
+def _true() -> exp.Expression:
+    return exp.Boolean(this=True)
+
+
+def _false() -> exp.Expression:
+    return exp.Boolean(this=False)
+
+
+def prepare(row: exp.Expression) -> exp.Expression:
+    """A copy of the row SELECT without the derived tables' unused columns (sqlglot's
+    pushdown_projections: a condition in a column nobody reads cannot change the answer,
+    and would only be "left out" for nothing) and with simple CASEs made searched."""
+    try:
+        tree = pushdown_projections(row.copy())
+    except Exception:  # pruning is an optimisation: without it every condition is still checked
+        tree = row.copy()
+    return tree.transform(_searched_case)
+
+
+def _replacement(node: exp.Expression, actions: set[str]) -> exp.Expression:
+    """What ``node`` becomes when the given neighbour replacements are all applied."""
+    if "true" in actions:
+        return _true()
+    if "false" in actions:
+        return _false()
+    if isinstance(node, exp.Between):
+        if {"low", "high"} <= actions:
+            return _true()
+        if "low" in actions:      # the lower bound always holds: only the upper one is left
+            return exp.LTE(this=node.this.copy(), expression=node.args["high"].copy())
+        return exp.GTE(this=node.this.copy(), expression=node.args["low"].copy())
+    dropped = {int(a.split(":", 1)[1]) for a in actions if a.startswith("drop:")}
+    rest = [e.copy() for j, e in enumerate(node.expressions) if j not in dropped]
+    return node.__class__(this=node.this.copy(), expressions=rest) if rest else _false()
+
+
+def apply(base: exp.Expression, chosen: list[Variant]) -> exp.Expression:
+    """A copy of ``base`` (the tree ``neighbourhood`` returned) with all ``chosen``
+    replacements applied (a copy walks in the same order, so the indices hold)."""
+    tree = base.copy()
+    nodes = list(tree.walk())
+    by_node: dict[int, set[str]] = {}
+    for v in chosen:
+        by_node.setdefault(v.index, set()).add(v.action)
+    for index, actions in by_node.items():
+        node = nodes[index]
+        new = _replacement(node, actions)
+        if node is tree:
+            return new
+        node.replace(new)
+    return tree
+
+
+MAX_ATOMS = 64   # more leaf conditions than this: refused as too complex (each costs neighbours)
+
+
+def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset()
+                  ) -> tuple[exp.Expression, str, list[Variant]]:
+    """The row-level SELECT prepared (``prepare``), its SQL, and its neighbours: each atom
+    replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound dropped).
+    Variant indices refer to the returned tree, as ``apply`` expects."""
+    tree = prepare(row)
+    original = tree.sql(dialect=DIALECT)
+    nodes = list(tree.walk())
+    position = {id(node): i for i, node in enumerate(nodes)}
+    out: dict[str, Variant] = {}
+
+    def add(atom_sql: str, index: int, action: str) -> None:
+        # the replacement is put in place, the tree written and copied, and the node put back
+        node = nodes[index]
+        new = _replacement(node, {action})
+        if node is tree:
+            sql, copy = new.sql(dialect=DIALECT), new
+        else:
+            node.replace(new)
+            sql = tree.sql(dialect=DIALECT)
+            copy = tree.copy() if sql != original and sql not in out else None
+            new.replace(node)
+        if sql != original and sql not in out:
+            out[sql] = Variant(atom=atom_sql, index=index, action=action, sql=sql, tree=copy)
+
+    found = atoms(tree, identifiers)
+    weight = sum(len(a.expressions) + 1 if isinstance(a, exp.In) else 1 for a in found)
+    if weight > MAX_ATOMS:
+        raise QueryRefused("too_complex", part=f"{weight} conditions (at most {MAX_ATOMS})")
+    for atom in found:
+        i = position[id(atom)]
+        label = atom.sql(dialect=DIALECT)
+        if isinstance(atom, exp.In) and atom.expressions and not atom.args.get("query"):
+            # x IN (a, b, c) is a OR of equalities: each element is its own atom
+            add(label, i, "true")
+            for j, item in enumerate(atom.expressions):
+                add(f"{atom.this.sql(dialect=DIALECT)} = {item.sql(dialect=DIALECT)}", i, f"drop:{j}")
+        elif isinstance(atom, exp.Between):
+            subject = atom.this.sql(dialect=DIALECT)
+            add(f"{subject} >= {atom.args['low'].sql(dialect=DIALECT)}", i, "low")
+            add(f"{subject} <= {atom.args['high'].sql(dialect=DIALECT)}", i, "high")
+            add(label, i, "false")
+        else:
+            add(label, i, "true")
+            add(label, i, "false")
+    return tree, original, list(out.values())
+
+
+def closest(small: list[tuple[Variant, int]]) -> list[Variant]:
+    """The one neighbour (given with its perturbed count) closest to the query (ties: first
+    condition in the query); for an IN element, every element changing fewer than k goes
+    with it (elements are disjoint values, so their effects simply add up)."""
+    ranked = sorted(small, key=lambda o: (o[1], o[0].index, o[0].action))
+    best = ranked[0][0]
+    if best.action.startswith("drop:"):
+        return [v for v, _ in ranked if v.index == best.index and v.action.startswith("drop:")]
+    return [best]
+
+
+def batch(small: list[tuple[Variant, int]]) -> list[Variant]:
+    """Every condition changing fewer than k at once: per condition its closest neighbour
+    (all small elements of an IN list). Overlapping conditions (``a OR b`` with both
+    redundant) can together change far more than each alone, so the caller checks the
+    batch and falls back to ``closest``."""
+    by_node: dict[int, list[tuple[Variant, int]]] = {}
+    for variant, value in small:
+        by_node.setdefault(variant.index, []).append((variant, value))
+    chosen = []
+    for options in by_node.values():
+        chosen += closest(options)
+    return chosen
+
+
+def _searched_case(node: exp.Expression) -> exp.Expression:
+    """``CASE x WHEN v THEN ...`` -> ``CASE WHEN x = v THEN ...``, so each branch has a
+    condition that can be replaced (the two forms are equivalent)."""
+    if isinstance(node, exp.Case) and node.this is not None:
+        subject = node.this
+        ifs = [exp.If(this=exp.EQ(this=subject.copy(), expression=branch.this.copy()),
+                      true=branch.args["true"].copy()) for branch in node.args.get("ifs") or []]
+        default = node.args.get("default")
+        return exp.Case(ifs=ifs, default=default.copy() if default is not None else None)
+    return node

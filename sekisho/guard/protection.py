@@ -1,0 +1,263 @@
+"""Stage 4 of a query: protection — one implementation per mode, registered by name.
+
+A ``Protection`` turns a plan into released tables: it owns its cells SQL (``cells``),
+its protection of them (``protect``), the post-processing call and its notes for the
+reader. ``PROTECTIONS`` maps the policy's mode names to them:
+
+* ``threshold`` — condition influence (``influence``), cells with contributor counts and
+  cell keys, k-thresholds after perturbation, dominance rules, consistent cell-key noise;
+* ``dp`` — the budget debited first (``budget``), contributions bounded per person,
+  geometric / snapping-Laplace noise and partition selection (``protect.dp``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from sekisho.guard import budget as ledger
+from sekisho.guard import hidden, influence
+from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
+from sekisho.guard.cells import Bounding, cells_sql, population_sql
+from sekisho.guard.errors import QueryRefused
+from sekisho.guard.execution import PostProcessor, Snapshot, fetch, to_arrow
+from sekisho.guard.protect.cellkey import KEY_RANGE
+from sekisho.guard.protect.dp import DPParams, protect_dp
+from sekisho.guard.protect.threshold import Cells, ProtectionStats, number, protect_threshold
+from sekisho.guard.rewrite import BoundaryPlan, Plan
+from sekisho.guard.session import Session
+from sekisho.instance import Instance
+from sekisho.policy import Policy
+
+# DP on unit rows, privacy unit still the person: a person is in exactly one unit row
+# (person-unique view; each unit bounded to one row and one cell), so adding or removing
+# them changes one unit's features — it leaves one cell and enters another: at most 2
+# cells change, each by 1 (L1 sensitivity 2), which calibrates both noise and selection.
+UNIT_DP_SENSITIVITY = 2
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a protection needs to answer one plan."""
+    policy: Policy
+    instance: Instance
+    session: Session
+    plan: Plan
+    snap: Snapshot
+    catalog: Catalog
+    post: PostProcessor
+    verdicts: influence.VerdictCache
+
+
+@dataclass
+class Released:
+    table: pa.Table
+    stats: list[ProtectionStats]
+    left_out: list[str] = field(default_factory=list)      # conditions the influence rule left out
+    # per boundary what defines its population: (snapshot id, row SQL as executed), or None
+    defined: list[tuple[str, str] | None] = field(default_factory=list)
+    epsilon_spent: float = 0.0
+    epsilon_remaining: float | None = None
+
+
+class Protection(Protocol):
+    name: str
+
+    def release(self, ctx: Context) -> Released: ...
+
+    def notes(self, policy: Policy, plan: Plan, released: Released) -> list[str]: ...
+
+    def perturbation(self, policy: Policy) -> dict | None: ...
+
+
+def one_row_per_contributor(bp: BoundaryPlan, snap: Snapshot, catalog: Catalog) -> bool:
+    """Whether the boundary's rows are its contributors (a person-unique view, no join):
+    then cells are counted in one pass without grouping by person."""
+    unit = catalog.views[bp.personal_view].privacy_unit
+    person_unique = snap.is_person_unique(bp.personal_view, unit)
+    if bp.unit:
+        # k units imply k persons only when each person is in exactly one unit row
+        if not person_unique:
+            raise QueryRefused("unit_view_not_person_unique", part=bp.personal_view)
+        return not bp.has_join      # unit rows are one per linkage key by construction
+    return not bp.has_join and person_unique
+
+
+def _domains(bp: BoundaryPlan) -> list:
+    return [k.domain for k in bp.group_keys]
+
+
+class ThresholdProtection:
+    name = "threshold"
+
+    def release(self, ctx: Context) -> Released:
+        d = ctx.policy.disclosure
+        protected, released = {}, Released(table=None, stats=[])
+        for bp in ctx.plan.boundaries:
+            fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
+            run, left_out = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence else (bp, ())
+            cells = fetch(ctx.snap, self._cells_sql(run, fast), prepared_for=ctx.session.user)
+            population = self._check_population(ctx, run, cells, fast) if bp.filtered else None
+            frame, st = protect_threshold(cells, bp.aggregates, _domains(bp), k=d.k, table=ctx.snap.ptable,
+                                          min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
+                                          nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
+                                          perturb=d.perturbation.enabled)
+            st.population = population
+            released.left_out += [c for c in left_out if c not in released.left_out]
+            protected[bp.name] = to_arrow(frame, bp, ctx.snap)
+            released.stats.append(st)
+            released.defined.append((ctx.snap.id, run.row_sql))
+        released.table = ctx.post.run(ctx.plan, protected, ctx.snap, ctx.catalog)
+        return released
+
+    @staticmethod
+    def _cells_sql(bp: BoundaryPlan, person_unique: bool) -> str:
+        """The cells SQL of a cached plan's boundary, written once per plan."""
+        memo = getattr(bp, "_cells_sql", None)
+        if memo is None:
+            memo = {}
+            object.__setattr__(bp, "_cells_sql", memo)
+        sql = memo.get(person_unique)
+        if sql is None:
+            sql = memo[person_unique] = cells_sql(bp, person_unique=person_unique)
+        return sql
+
+    @staticmethod
+    def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool) -> tuple[BoundaryPlan, tuple[str, ...]]:
+        """The boundary as the condition-influence rule lets it run (``influence.decide``,
+        cached per user and snapshot) and the conditions it left out."""
+        identifiers = frozenset(c.name for v in ctx.catalog.views.values() for c in v.columns.values()
+                                if c.cls in IDENTIFIER_CLASSES)
+        columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+            [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+        verdict = ctx.verdicts.verdict(
+            (ctx.session.user, ctx.snap.id, bp.row_sql),
+            lambda: influence.decide(bp.row, columns=columns, identifiers=identifiers, k=ctx.policy.disclosure.k,
+                                     filtered=bp.filtered, person_unique=fast and not bp.unit,
+                                     ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql)))
+        if not verdict.left_out:
+            return bp, ()
+        return dataclasses.replace(bp, row_sql=verdict.row_sql), verdict.left_out
+
+    @staticmethod
+    def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool) -> tuple[int, int]:
+        """Refuse when the filtered population is below k — on a perturbed count, so the
+        decision itself carries the same noise as any released count. Returns the
+        population's true size and cell key (for the differencing/decomposition alerts)."""
+        if fast:   # the cells partition the filtered persons: their counts and keys add up
+            n = int(cells[hidden.CONTRIBUTORS].sum())
+            # perturb_count takes it mod KEY_RANGE; an empty population's key is NULL (NaN)
+            ck = int(np.nansum(cells[hidden.CELL_KEY]))
+        else:
+            pop = fetch(ctx.snap, population_sql(bp), prepared_for=ctx.session.user)
+            n = int(number(pop, hidden.CONTRIBUTORS, np.int64)[0])
+            ck = int(number(pop, hidden.CELL_KEY, np.int64)[0])
+        if ctx.snap.ptable.perturb_count(ck, n) < ctx.policy.disclosure.k:
+            raise QueryRefused("filter_population_below_k")
+        return n, ck % KEY_RANGE   # the population's identity: same contributors, same (n, key)
+
+    def notes(self, policy: Policy, plan: Plan, released: Released) -> list[str]:
+        k, p = policy.disclosure.k, policy.disclosure.perturbation
+        notes = [f"{k}人未満のセルは秘匿（空欄）しています。"]
+        if any(bp.unit for bp in plan.boundaries):
+            notes.append(f"世帯単位の集計では、{k}世帯未満のセルを秘匿しています。")
+        notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
+        if released.left_out:
+            notes.append(f"対象者を{k}人以上変えない条件は適用していません"
+                         f"（差分による特定の防止）: {'; '.join(released.left_out)}")
+        if any(s.values_suppressed_dominance for s in released.stats):
+            notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
+        if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
+            notes.append("公開された値域のない区分では、秘匿対象の区分は表示されません。")
+        return notes
+
+    def perturbation(self, policy: Policy) -> dict | None:
+        p = policy.disclosure.perturbation
+        return {"method": "cell-key", "max_noise": p.max_noise, "variance": p.variance} if p.enabled else None
+
+
+class DPProtection:
+    name = "dp"
+
+    def release(self, ctx: Context) -> Released:
+        dp, plan = ctx.policy.disclosure.dp, ctx.plan
+        eps = ctx.session.epsilon
+        clamps = [self._clamps(bp, ctx) for bp in plan.boundaries]   # refusals before any debit
+        period = ledger.current_period(dp.period)
+        spent = eps if plan.boundaries else 0.0
+        if spent:
+            try:
+                remaining = ledger.debit(ctx.instance, ctx.session.user, period, spent, dp.budget_per_period,
+                                         plan.fingerprint)
+            except ledger.BudgetExceeded:
+                raise QueryRefused("budget_exhausted") from None
+        else:
+            remaining = max(dp.budget_per_period - ledger.spent(ctx.instance, ctx.session.user, period), 0.0)
+        protected, stats = {}, []
+        share = eps / max(len(plan.boundaries), 1)
+        for bp, clamp in zip(plan.boundaries, clamps):
+            fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
+            if bp.unit:
+                bounding, params = Bounding(max_groups=1, max_rows=1, clamp={}), DPParams(
+                    epsilon=share, delta=dp.delta, max_rows=UNIT_DP_SENSITIVITY, max_groups=UNIT_DP_SENSITIVITY)
+            else:
+                bounding = Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person,
+                                    clamp=clamp)
+                params = DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
+                                  max_groups=dp.max_groups_per_person)
+            cells = fetch(ctx.snap, cells_sql(bp, person_unique=fast, bounding=bounding, dominance=False))
+            frame, st = protect_dp(cells, bp.aggregates, _domains(bp), params, clamp)
+            protected[bp.name] = to_arrow(frame, bp, ctx.snap)
+            stats.append(st)
+        table = ctx.post.run(plan, protected, ctx.snap, ctx.catalog)
+        return Released(table=table, stats=stats, defined=[None] * len(stats), epsilon_spent=spent,
+                        epsilon_remaining=remaining)
+
+    @staticmethod
+    def _clamps(bp: BoundaryPlan, ctx: Context) -> dict[int, tuple[float, float]]:
+        """Clamping bounds per SUM/AVG from the policy (never from data)."""
+        if bp.unit:
+            one_row_per_contributor(bp, ctx.snap, ctx.catalog)   # refuses a view that is not person-unique
+        clamp = {}
+        for j, agg in enumerate(bp.aggregates):
+            if agg.kind in ("sum", "avg"):
+                if agg.bounds is None or agg.cls not in ("measure", "sensitive_measure"):
+                    raise QueryRefused("dp_derived_measure", part=agg.node.sql("duckdb") if agg.node else "")
+                clamp[j] = agg.bounds
+        return clamp
+
+    def notes(self, policy: Policy, plan: Plan, released: Released) -> list[str]:
+        return [f"差分プライバシーのノイズを加えています（ε = {released.epsilon_spent:g}）。"]
+
+    def perturbation(self, policy: Policy) -> dict | None:
+        return {"method": "dp", "count": "geometric", "sum": "snapping-laplace"}
+
+
+PROTECTIONS: dict[str, Protection] = {p.name: p for p in (ThresholdProtection(), DPProtection())}
+
+
+def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
+    """The answer's summary: counts of cells and suppressions, the method, ε, notes."""
+    protection = PROTECTIONS[mode]
+    if plan.public_only:
+        notes = ["公開情報のみの集計です（保護処理は不要）。"]
+    else:
+        notes = protection.notes(policy, plan, released)
+    stats = released.stats
+    return {
+        "mode": mode,
+        "cells": int(sum(s.cells for s in stats)),
+        "rows": released.table.num_rows,
+        "cells_suppressed": int(sum(s.cells_suppressed for s in stats)),
+        "values_suppressed_dominance": int(sum(s.values_suppressed_dominance for s in stats)),
+        "perturbation": None if plan.public_only else protection.perturbation(policy),
+        "epsilon_spent": released.epsilon_spent,
+        "epsilon_remaining": released.epsilon_remaining,
+        "query_id": None,
+        "conditions_left_out": list(released.left_out),
+        "notes_ja": notes,
+    }

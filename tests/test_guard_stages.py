@@ -1,0 +1,134 @@
+"""The guard's stages on their own (issue 16): session and planning are tested without
+constructing ``Guard``; and a query is parsed once, whatever the number of conditions
+condition influence examines (trees travel between the stages, not SQL strings)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import sqlglot.parser
+
+from guard_fixtures import make_instance
+from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import planning, session
+from sekisho.guard.catalog import catalog_for_role
+from sekisho.guard.execution import Snapshots
+from sekisho.guard.protection import PROTECTIONS
+from sekisho.policy import load_instance_policy
+from sekisho.state import set_role
+from sekisho.store import Store
+
+SQL = ("SELECT sex, COUNT(*) AS n FROM residents WHERE age >= 30 AND age < 60 AND is_current "
+       "AND block IN ('灘', '姫路', '網干', '広畑') GROUP BY sex")
+
+
+@pytest.fixture(scope="module")
+def inst(tmp_path_factory):
+    return make_instance(tmp_path_factory.mktemp("stages") / "inst", persons=3000, seed=16)
+
+
+@pytest.fixture(scope="module")
+def policy(inst):
+    return load_instance_policy(inst)
+
+
+# ---- session ---------------------------------------------------------------------------------
+def test_a_session_is_the_role_mode_and_epsilon(inst, policy):
+    s = session.open_session(inst, policy, "ana")
+    assert (s.user, s.role, s.mode, s.epsilon) == ("ana", "analyst", policy.roles["analyst"].default_mode, None)
+    dp = session.open_session(inst, policy, "ana", mode="dp", epsilon=0.25)
+    assert dp.mode == "dp" and dp.epsilon == 0.25
+    assert session.open_session(inst, policy, "rep").holds is False   # the reports identity is never held
+
+
+@pytest.mark.parametrize("user, kwargs, code", [
+    ("nobody", {}, "unknown_user"),
+    ("", {}, "unknown_user"),
+    (None, {}, "unknown_user"),
+    ("stew", {}, "role_has_no_views"),
+    ("ana", {"mode": "raw"}, "mode_not_allowed"),
+    ("ana", {"mode": "dp", "epsilon": math.nan}, "epsilon_invalid"),
+    ("ana", {"mode": "dp", "epsilon": True}, "epsilon_invalid"),
+    ("ana", {"mode": "dp", "epsilon": 5e-324}, "epsilon_invalid"),
+    ("ana", {"mode": "dp", "epsilon": "0.5"}, "epsilon_invalid"),
+    ("ana", {"mode": "dp", "epsilon": 1e9}, "epsilon_invalid"),
+])
+def test_a_session_refuses_before_any_sql_is_read(inst, policy, user, kwargs, code):
+    with pytest.raises(QueryRefused) as info:
+        session.open_session(inst, policy, user, **kwargs)
+    assert info.value.code == code
+
+
+def test_a_user_on_hold_gets_no_session(inst, policy):
+    from sekisho.guard import alerts
+
+    set_role(inst, "held", "analyst")
+    alerts.put_hold(inst, "held", alert="differencing")
+    try:
+        with pytest.raises(QueryRefused) as info:
+            session.open_session(inst, policy, "held")
+        assert info.value.code == "paused_for_review"
+    finally:
+        alerts.resume(inst, "held")
+    assert session.open_session(inst, policy, "held").role == "analyst"
+
+
+# ---- planning ----------------------------------------------------------------------------------
+def catalog(inst, policy):
+    snaps = Snapshots(Store(inst), policy, inst.secret)
+    try:
+        return snaps.current().id, catalog_for_role(policy, "analyst", snaps.current().types)
+    finally:
+        snaps.close()
+
+
+def test_plans_are_cached_per_user_and_snapshot(inst, policy):
+    sid, cat = catalog(inst, policy)
+    cache = planning.PlanCache(size=2)
+    first = cache.plan(SQL, user="ana", role="analyst", snapshot=sid, catalog=cat)
+    assert cache.plan(SQL, user="ana", role="analyst", snapshot=sid, catalog=cat) is first
+    assert cache.plan(SQL, user="ana2", role="analyst", snapshot=sid, catalog=cat) is not first
+    cache.plan(SQL, user="ana", role="analyst", snapshot="other", catalog=cat)
+    assert len(cache) == 2 and [k[0] for k in cache.keys()] == ["ana2", "ana"]   # bounded, LRU
+
+
+def test_planning_fails_closed(inst, policy):
+    _, cat = catalog(inst, policy)
+    with pytest.raises(QueryRefused) as info:
+        planning.make_plan("SELECT person_id FROM residents", cat)
+    assert info.value.code not in ("execution_failed",)
+    assert planning.refused_fingerprint("SELECT 1 +") .startswith("raw:")
+    assert planning.refused_fingerprint("SELECT age FROM residents WHERE age = 3") == \
+        planning.refused_fingerprint("SELECT age FROM residents WHERE age = 4")   # literals masked
+
+
+def test_protections_are_registered_by_mode_name(policy):
+    assert set(PROTECTIONS) == {"threshold", "dp"}
+    for role in policy.roles.values():
+        assert set(role.modes) <= set(PROTECTIONS)
+
+
+# ---- parsed once ---------------------------------------------------------------------------------
+def test_a_query_is_parsed_at_most_twice(inst, monkeypatch):
+    """Three filters and a 4-element IN: condition influence examines 7 atoms and ~14
+    neighbours, yet the query's SQL is parsed once (the plan cache is empty: a new query)."""
+    g = Guard(inst)
+    try:
+        g.query("SELECT COUNT(*) AS n FROM residents", user="ana")   # the snapshot is open
+        parses = []
+        original = sqlglot.parser.Parser.parse
+
+        def counting(self, *args, **kwargs):
+            parses.append(1)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(sqlglot.parser.Parser, "parse", counting)
+        result = g.query(SQL, user="ana")
+        assert result.table.num_rows == 2
+        assert len(parses) <= 2, len(parses)
+        parses.clear()
+        g.query(SQL.replace("'灘', ", ""), user="ana2")   # another user, another query: parsed anew
+        assert 1 <= len(parses) <= 2
+    finally:
+        g.close()
