@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 import sqlglot
 from sqlglot import exp
 from sqlglot.errors import ErrorLevel, OptimizeError, ParseError, SqlglotError
+from sqlglot.optimizer.normalize_identifiers import normalize_identifiers
 from sqlglot.optimizer.qualify import qualify
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
@@ -245,9 +246,17 @@ def check_tables(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
 
 def qualify_columns(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
     """Qualify every column against the role's visible schema (``_rkey`` is never in it),
-    expanding stars and positional GROUP BY / ORDER BY references."""
+    expanding stars and positional GROUP BY / ORDER BY references.
+
+    ``qualify`` folds every identifier to lower case (DuckDB resolves names without
+    regard to case, quoted or not), which is how names are resolved here too; but DuckDB
+    *keeps* the spelling of the names a query defines in its result columns
+    (``AS "N"``, ``AS Total``). So the spelling of every output name the analyst wrote is
+    put back afterwards (``_restore_output_names``); names of views, their columns and
+    table aliases stay folded."""
+    _remember_output_names(tree)
     try:
-        return qualify(tree, schema=catalog.schema(), dialect=DIALECT, validate_qualify_columns=True,
+        tree = qualify(tree, schema=catalog.schema(), dialect=DIALECT, validate_qualify_columns=True,
                        identify=True, quote_identifiers=True, isolate_tables=False)
     except OptimizeError as exc:
         message = str(exc)
@@ -255,6 +264,100 @@ def qualify_columns(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
         raise QueryRefused(code, part=message[:200]) from None
     except (SqlglotError, RecursionError, KeyError, ValueError, TypeError, AttributeError, IndexError) as exc:
         raise QueryRefused("syntax_not_allowed", part=str(exc)[:200]) from None
+    try:
+        _restore_output_names(tree)
+    except (OptimizeError, SqlglotError, RecursionError, KeyError, AttributeError, ValueError) as exc:
+        raise QueryRefused("syntax_not_allowed", part=str(exc)[:200]) from None
+    return tree
+
+
+# meta keys: an alias as the analyst spelled it; a derived table's column list (AS s(a, b))
+_SPELLING, _COLUMN_LIST = "sekisho_spelling", "sekisho_column_list"
+
+
+def _branches(body: exp.Expression):
+    """The SELECTs whose projections name the columns of ``body`` (every branch of a
+    set operation: ``qualify`` pushes a column list into each of them)."""
+    while isinstance(body, exp.Subquery):
+        body = body.this
+    if isinstance(body, exp.SetOperation):
+        yield from _branches(body.this)
+        yield from _branches(body.expression)
+    elif isinstance(body, exp.Select):
+        yield body
+
+
+def _remember_output_names(tree: exp.Expression) -> None:
+    """Before ``qualify`` folds them: note how the analyst spelled each alias, and each
+    column list of a derived table or CTE (which ``qualify`` moves into its SELECTs)."""
+    for node in tree.walk():
+        if isinstance(node, exp.Alias):
+            ident = node.args.get("alias")
+            if isinstance(ident, exp.Identifier):
+                ident.meta[_SPELLING] = ident.name
+        elif isinstance(node, exp.TableAlias) and node.columns and isinstance(node.parent, (exp.Subquery, exp.CTE)):
+            names = [c.name for c in node.columns]
+            for select in _branches(node.parent.this):
+                select.meta[_COLUMN_LIST] = names
+
+
+def _restore_output_names(tree: exp.Expression) -> None:
+    """Spell every output name of every scope as DuckDB names the result column: an
+    alias (or column list entry) as written; a column passed up from a derived table or
+    CTE as that source spelled it; a view column as the view declares it. References
+    to such names (``s.total``, ``ORDER BY TOTAL``) take the same spelling, so the
+    classifier and the rewrite, which compare names exactly, see one name. When two
+    outputs differ only in case, a reference means the first, as in DuckDB."""
+    spelled: dict[int, dict[str, str]] = {}     # scope expression -> folded name -> spelling
+    for scope in traverse_scope(tree):
+        expression = scope.expression
+        if isinstance(expression, exp.SetOperation):
+            left = next(_branches(expression), None)
+            names = spelled.get(id(left), {}) if left is not None else {}
+            spelled[id(expression)] = names
+            order = expression.args.get("order")
+            if order is not None:
+                _respell_references(order, {}, names)
+            continue
+        if not isinstance(expression, exp.Select):
+            continue
+        provided: dict[str, dict[str, str]] = {}  # source alias -> folded name -> spelling
+        for alias, (_, source) in scope.selected_sources.items():
+            if isinstance(source, Scope):
+                provided[alias] = spelled.get(id(source.expression), {})
+        column_list = expression.meta.get(_COLUMN_LIST) or []
+        names: dict[str, str] = {}
+        for i, projection in enumerate(expression.expressions):
+            ident = projection.args.get("alias") if isinstance(projection, exp.Alias) else None
+            if not isinstance(ident, exp.Identifier):
+                continue
+            folded, spelling = ident.name, ident.meta.get(_SPELLING)
+            if i < len(column_list):
+                spelling = column_list[i]
+            elif spelling is None and isinstance(projection.this, exp.Column):
+                spelling = provided.get(projection.this.table, {}).get(projection.this.name)
+            if spelling is not None:
+                ident.set("this", spelling)
+            names.setdefault(folded, ident.name)
+        spelled[id(expression)] = names
+        for projection in expression.expressions:
+            _respell_references(projection.this if isinstance(projection, exp.Alias) else projection, provided, {})
+        for clause in ("joins", "where", "group", "having", "qualify", "order", "windows"):
+            part = expression.args.get(clause)
+            for item in (part if isinstance(part, list) else [part] if part is not None else []):
+                _respell_references(item, provided, names)
+
+
+def _respell_references(part: exp.Expression, provided: dict[str, dict[str, str]], own: dict[str, str]) -> None:
+    """Spell the columns of ``part`` (not those of nested SELECTs) as their sources do:
+    ``s.x`` as derived table ``s`` spelled its output, a bare ``x`` (an ORDER BY
+    reference to an output) as this scope spelled it."""
+    for node in part.walk(prune=lambda n: isinstance(n, (exp.Select, exp.Subquery, exp.SetOperation))):
+        if not isinstance(node, exp.Column) or not isinstance(node.this, exp.Identifier):
+            continue
+        names = provided.get(node.table) if node.table else own
+        if names and node.name in names:
+            node.this.set("this", names[node.name])
 
 
 def inline_ctes(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
@@ -846,18 +949,22 @@ def find_boundaries(tree: exp.Expression, catalog: Catalog) -> Analysis:
         raise refuse("row_level_output", root.expression.expressions[0] if isinstance(root.expression, exp.Select) else root.expression)
     views = sorted({t.name for t in tree.find_all(exp.Table) if t.name in catalog.views})
     public_only = all(catalog.views[v].public for v in views)
-    normalized, digest = fingerprint(tree)
+    normalized, digest = fingerprint(tree, fold_case=True)
     return Analysis(expression=tree, boundaries=classifier.boundaries, views=views,
                     public_only=public_only, fingerprint=digest, normalized_sql=normalized,
                     levels=classifier.levels)
 
 
-def fingerprint(tree: exp.Expression) -> tuple[str, str]:
+def fingerprint(tree: exp.Expression, *, fold_case: bool = False) -> tuple[str, str]:
     """sqlglot-normalised SQL with literals masked, and its digest: near-identical queries
-    (same shape, different constants) share a fingerprint."""
+    (same shape, different constants) share a fingerprint. ``fold_case``: identifiers in
+    lower case, as DuckDB resolves them — for a qualified tree, whose output names keep
+    the analyst's spelling, so ``AS Total`` and ``AS total`` share a fingerprint."""
     masked = tree.copy()
     for literal in list(masked.find_all(exp.Literal)):
         literal.replace(exp.Placeholder())
+    if fold_case:
+        masked = normalize_identifiers(masked, dialect=DIALECT)
     text = masked.sql(dialect=DIALECT, normalize=True)
     return text, hashlib.sha256(text.encode()).hexdigest()[:16]
 
