@@ -230,7 +230,7 @@ def test_a_failed_notebook_keeps_the_previous_publication(published_city, tmp_pa
     before = json.loads((instance.published_dir / "index.json").read_text(encoding="utf-8"))
     original = next(nb for nb in notebooks() if nb.name == "07_教育保育")
     nb = nbformat.read(original.path, as_version=4)
-    nb.cells.append(nbformat.v4.new_code_cell("q('SELECT person_id FROM residents')"))
+    nb.cells.append(nbformat.v4.new_code_cell("query('SELECT person_id FROM residents')"))
     broken_dir = tmp_path / "reports"
     broken_dir.mkdir()
     nbformat.write(nb, broken_dir / original.path.name)
