@@ -51,7 +51,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from sekisho.instance import TOKYO, now_tokyo, secure
+from sekisho.errors import SekishoError
+from sekisho.system import TOKYO, now_tokyo, secure
 
 GENESIS = "0" * 64
 LOG_NAME = "audit.jsonl"
@@ -60,7 +61,7 @@ LOCK_NAME = "audit.lock"
 CSV_FIELDS = ("seq", "ts", "type", "user", "role", "outcome", "summary", "details", "hash")
 
 
-class AuditError(Exception):
+class AuditError(SekishoError):
     """The audit log could not be written; the action it records must not proceed."""
 
 

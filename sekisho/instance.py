@@ -18,7 +18,6 @@ tests rely on that.
 
 from __future__ import annotations
 
-import grp
 import hashlib
 import os
 import pwd
@@ -26,19 +25,21 @@ import secrets
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 from typing import Any
-from zoneinfo import ZoneInfo
 
 import yaml
 
+from sekisho.audit import AuditLog
+from sekisho.errors import SekishoError
 from sekisho.resources import resource_dir
+# the service account, private files and the clock live below the audit log (which uses
+# them too); this module is where the rest of Sekisho imports them from
+from sekisho.system import (SERVICE_ACCOUNT, TOKYO, now_tokyo, secure, secure_tree,  # noqa: F401
+                            service_account_ids)
 
-SERVICE_ACCOUNT = "sekisho"
 DEFAULT_HOME = "/var/lib/sekisho"
-TOKYO = ZoneInfo("Asia/Tokyo")
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "store": {"backend": "duckdb"},
@@ -47,25 +48,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
-class InstanceError(Exception):
+class InstanceError(SekishoError):
     """The instance is missing, incomplete or not usable."""
-
-
-def now_tokyo() -> datetime:
-    return datetime.now(TOKYO)
 
 
 def default_home() -> Path:
     return Path(os.environ.get("SEKISHO_HOME") or DEFAULT_HOME)
-
-
-def service_account_ids() -> tuple[int, int] | None:
-    """(uid, gid) of the service account, or None when it does not exist."""
-    try:
-        entry = pwd.getpwnam(SERVICE_ACCOUNT)
-    except KeyError:
-        return None
-    return entry.pw_uid, entry.pw_gid
 
 
 def ensure_service_account() -> tuple[int, int] | None:
@@ -79,28 +67,6 @@ def ensure_service_account() -> tuple[int, int] | None:
         check=True, capture_output=True,
     )
     return service_account_ids()
-
-
-def secure(path: str | os.PathLike) -> None:
-    """Give ``path`` to the service account with private permissions.
-
-    Directories become 0700, files 0600. A no-op for ownership unless we are root
-    (a process already running as the service account creates its files as itself).
-    Every module that creates a file inside an instance calls this.
-    """
-    p = Path(path)
-    os.chmod(p, 0o700 if p.is_dir() else 0o600)
-    ids = service_account_ids()
-    if ids is not None and os.geteuid() == 0:
-        os.chown(p, *ids)
-
-
-def secure_tree(root: str | os.PathLike) -> None:
-    root = Path(root)
-    secure(root)
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            secure(Path(dirpath) / name)
 
 
 def drop_to_service_account() -> None:
@@ -239,9 +205,7 @@ class Instance:
         return bytes.fromhex(self.audit_key_path.read_text().strip())
 
     @cached_property
-    def audit(self):
-        from sekisho.audit import AuditLog
-
+    def audit(self) -> AuditLog:
         return AuditLog(self.audit_dir, key=self.audit_key)
 
     @property
@@ -258,11 +222,3 @@ def _caller_name() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except KeyError:
         return str(os.getuid())
-
-
-def group_exists(name: str) -> bool:
-    try:
-        grp.getgrnam(name)
-        return True
-    except KeyError:
-        return False

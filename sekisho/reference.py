@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 # --- the city -----------------------------------------------------------------------
 
@@ -82,16 +83,12 @@ def age_bands(ages: Any) -> np.ndarray:
 
     Returns a numpy object array of band labels; nulls (pyarrow) or negative ages give None.
     """
-    try:  # pyarrow arrays/chunked arrays: keep nulls as nulls
-        import pyarrow as pa
-        if isinstance(ages, (pa.Array, pa.ChunkedArray)):
-            mask = np.asarray(ages.is_null())
-            values = np.asarray(ages.fill_null(0), dtype=np.int64)
-            out = age_bands(values)
-            out[mask] = None
-            return out
-    except ImportError:  # pragma: no cover - pyarrow is a hard dependency
-        pass
+    if isinstance(ages, (pa.Array, pa.ChunkedArray)):  # keep nulls as nulls
+        mask = np.asarray(ages.is_null())
+        values = np.asarray(ages.fill_null(0), dtype=np.int64)
+        out = age_bands(values)
+        out[mask] = None
+        return out
     values = np.asarray(ages, dtype=np.int64)
     index = np.minimum(values // 5, len(AGE_BANDS) - 1)
     out = _AGE_BANDS_ARRAY[np.clip(index, 0, None)].copy()

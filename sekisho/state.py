@@ -14,14 +14,13 @@ from contextlib import contextmanager
 from collections.abc import Iterator
 from pathlib import Path
 
+from sekisho.access import ROLES
+from sekisho.errors import SekishoError
 from sekisho.instance import Instance, now_tokyo, secure
 
-ROLES = ("steward", "analyst", "admin", "manager", "reports")
-HUMAN_ROLES = ("steward", "analyst", "admin", "manager")
 
-
-class UnknownUser(LookupError):
-    pass
+class UnknownUser(SekishoError, LookupError):
+    """No such user in the registry."""
 
 
 _SCHEMA = """CREATE TABLE IF NOT EXISTS users (

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sekisho.errors import SekishoError
 from sekisho.instance import Instance, now_tokyo, secure
 
 CURRENT_NAME = "CURRENT"
@@ -41,7 +42,7 @@ LOCK_NAME = "writer.lock"
 DEFAULT_KEEP = 3
 
 
-class StoreError(Exception):
+class StoreError(SekishoError):
     """The store cannot be used as asked (no snapshot, unknown backend, corrupt pointer...)."""
 
 
@@ -59,7 +60,8 @@ class SnapshotInfo:
 
 
 class DuckDBSnapshotBackend:
-    """One DuckDB file per snapshot, opened read-only through ibis."""
+    """One DuckDB file per snapshot, opened read-only through ibis. Its engine is imported
+    when used, so a store configured with another backend never loads DuckDB."""
 
     name = "duckdb"
     data_file = "data.duckdb"

@@ -159,7 +159,7 @@ class ServiceThread(_LoopThread):
     """A ``GuardService`` on a loopback port (the same application ``main`` serves)."""
 
     def __init__(self, service: Any) -> None:
-        from sekisho.services.guard import MAX_BODY_BYTES
+        from sekisho.protocol import MAX_BODY_BYTES
 
         self.service = service
         super().__init__(service.make_app, max_body_size=MAX_BODY_BYTES)

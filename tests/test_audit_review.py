@@ -27,7 +27,8 @@ from sekisho.services.audit_review import (
     parse_filters,
     person_activity,
 )
-from sekisho.services.hubauth import AUDIT_REVIEW_SCOPE, make_app
+from sekisho.access import AUDIT_REVIEW_SCOPE
+from sekisho.services.hubauth import make_app
 from sekisho.state import set_role
 
 PREFIX = "/services/audit/"

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import sekisho.client as client
-from sekisho.client import GuardError, QueryRefused, ReadOnlyError, guard_url_from_env
+from sekisho.client import GuardError, GuardRefusal, ReadOnlyError, guard_url_from_env
 from sekisho.instance import Instance
 from sekisho.services.guard import GuardService
 from sekisho.state import set_role
@@ -94,7 +94,7 @@ def test_sql_runs_as_written_with_schema_from_describe(con, served):
 
 
 def test_refusal_raises_query_refused_with_guard_fields(con):
-    with pytest.raises(QueryRefused) as info:
+    with pytest.raises(GuardRefusal) as info:
         con.table("residents").execute()      # SELECT * FROM residents
     assert info.value.code == "row_level_output"
     assert info.value.part == "SELECT *"
@@ -102,7 +102,7 @@ def test_refusal_raises_query_refused_with_guard_fields(con):
 
 
 def test_describe_refusal_raises_query_refused(con):
-    with pytest.raises(QueryRefused):
+    with pytest.raises(GuardRefusal):
         con.sql("SELECT * FROM residents")
 
 

@@ -140,11 +140,11 @@ def test_kernel_greets_and_a_grouped_count_comes_back_protected(kernel, hub, ana
 
 def test_select_star_raises_the_guards_refusal_in_the_kernel(kernel):
     out, reply = kernel.run(
-        "from sekisho.client import QueryRefused\n"
+        "from sekisho.client import GuardRefusal\n"
         "try:\n"
         "    con.sql('SELECT * FROM residents').execute()\n"
         "    print('NOT REFUSED')\n"
-        "except QueryRefused as e:\n"
+        "except GuardRefusal as e:\n"
         "    print('REFUSED', e.code)\n")
     assert reply["status"] == "ok", out
     assert "NOT REFUSED" not in out

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pytest
 import requests
 
-from sekisho.client import QueryRefused
+from sekisho.client import GuardRefusal
 from sekisho.guard import Guard
 from sekisho.services.guard import GuardService
 from sekisho.store import Store
@@ -81,12 +81,34 @@ def test_ibis_expression_through_the_service(served):
 
 def test_row_level_query_is_refused_with_the_guards_code(served):
     con = connect(served)
-    with pytest.raises(QueryRefused) as info:
+    with pytest.raises(GuardRefusal) as info:
         con.sql("SELECT * FROM residents").execute()
     assert info.value.code in ("row_level_output", "privacy_unit_in_expression")
-    with pytest.raises(QueryRefused) as info:
+    with pytest.raises(GuardRefusal) as info:
         con.table("residents").execute()
     assert info.value.code in ("row_level_output", "privacy_unit_in_expression")
+
+
+@pytest.mark.parametrize("payload,code", [
+    ({"sql": "  "}, "empty_query"),
+    ({"sql": "x" * 100_001}, "too_complex"),
+    ({"sql": GROUPED, "mode": "raw"}, "mode_not_allowed"),
+    ({"sql": GROUPED, "mode": "dp", "epsilon": -1}, "epsilon_invalid"),
+    ({"sql": GROUPED, "mode": "dp", "epsilon": 1e9}, "epsilon_invalid"),
+])
+def test_the_guard_judges_the_values_once_and_refuses_with_422(served, inst, payload, code):
+    """The service passes a well-formed request's values to the guard, which validates them
+    for every entry point alike: a refusal (audited), 422 like any other."""
+    r = requests.post(served.url + "api/query", json=payload, timeout=60,
+                      headers={"Authorization": f"token {TOKENS['ana']}"})
+    assert r.status_code == 422, r.text
+    assert r.json()["code"] == code
+    assert [e for e in inst.audit.entries(type="query.refused") if e["details"].get("code") == code]
+    if payload["sql"] == GROUPED:   # in-process (reports, CLI): the same guard, the same refusal
+        with pytest.raises(GuardRefusal) as info:
+            ibis.sekisho.connect(home=inst.home, user="ana").sql(GROUPED).execute(
+                mode=payload["mode"], epsilon=payload.get("epsilon"))
+        assert info.value.code == code
 
 
 def test_dp_query_debits_the_callers_budget(served, inst):

@@ -15,14 +15,9 @@ import pytest
 import yaml
 from traitlets.config import Config, PyFileConfigLoader
 
+from sekisho.access import human_capabilities
 from sekisho.hub.config import HubConfigError, hub_settings
-from sekisho.hub.roles import (
-    BASE_USER_SCOPES,
-    capabilities_from_policy,
-    hub_roles,
-    role_from_groups,
-    server_token_scopes,
-)
+from sekisho.hub.roles import BASE_USER_SCOPES, hub_roles, role_from_groups, server_token_scopes
 from sekisho.instance import Instance, secure
 from sekisho.policy import load_policy
 from sekisho.resources import resource_dir
@@ -34,7 +29,7 @@ ALL_SERVICES = ["guard", "audit", "reports"]
 
 @pytest.fixture(scope="module")
 def caps():
-    return capabilities_from_policy(load_policy(resource_dir("policies") / "himeji.yaml"))
+    return human_capabilities(load_policy(resource_dir("policies") / "himeji.yaml"))
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import yaml
 from tornado.testing import AsyncHTTPTestCase
 
 from hubauth_doubles import FixedHubOAuth
@@ -34,7 +35,7 @@ class WhoAmI(ServiceHandler):
 
 class AdminsOnly(ServiceHandler):
     api = True
-    allowed_roles = frozenset({"admin"})
+    required_capability = "can_review_audit"   # the policy gives it to admins
     required_scopes = frozenset({ACCESS, "custom:sekisho:audit-review"})
 
     def get(self):
@@ -66,6 +67,7 @@ class TestServiceHandler(AsyncHTTPTestCase):
     def get_app(self):
         FixedHubOAuth.known = {
             "t-ana": user("ana", ACCESS),
+            "t-ana-custom": user("ana", ACCESS, "custom:sekisho:audit-review"),
             "t-ana-noscope": user("ana", "read:users!user=ana"),
             "t-stranger": user("stranger", ACCESS),
             "t-adm": user("adm", ACCESS, "custom:sekisho:audit-review"),
@@ -112,6 +114,20 @@ class TestServiceHandler(AsyncHTTPTestCase):
     def test_role_restriction(self):
         assert self.call("admins", "t-ana").code == 403
         assert self.call("admins", "t-adm").code == 200
+
+    def test_a_policy_change_takes_effect_at_the_next_request(self):
+        # the capability is read from the policy in force at each request (no restart)
+        path = self.inst.policy_path
+        original = path.read_text(encoding="utf-8")
+        policy = yaml.safe_load(original)
+        policy["roles"]["analyst"]["can_review_audit"] = True
+        try:
+            assert self.call("admins", "t-ana-custom").code == 403
+            path.write_text(yaml.safe_dump(policy, allow_unicode=True, sort_keys=False), encoding="utf-8")
+            assert self.call("admins", "t-ana-custom").code == 200
+        finally:
+            path.write_text(original, encoding="utf-8")
+        assert self.call("admins", "t-ana-custom").code == 403
 
     def test_custom_scope_is_checked_even_for_the_right_role(self):
         assert self.call("admins", "t-adm-nocustom").code == 403

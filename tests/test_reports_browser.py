@@ -13,7 +13,7 @@ from urllib.parse import quote, urlparse
 import pytest
 
 from client_fixtures import HubApiDouble, _LoopThread, hub_oauth
-from sekisho.services.hubauth import REPORTS_READ_SCOPE
+from sekisho.access import REPORTS_READ_SCOPE
 from sekisho.services.reports import ReportsService
 from sekisho.state import set_role
 

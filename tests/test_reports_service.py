@@ -13,10 +13,10 @@ import pytest
 import requests
 
 from client_fixtures import _LoopThread, hub_api, hub_oauth  # noqa: F401 (hub_api is a fixture)
+from sekisho.access import REPORTS_READ_SCOPE, ROLES, capabilities, load_policy_cached
 from sekisho.instance import Instance
 from sekisho.reports.index import write_index
-from sekisho.services.hubauth import REPORTS_READ_SCOPE
-from sekisho.services.reports import REPORT_CSP, ReportsService, reader_roles
+from sekisho.services.reports import REPORT_CSP, ReportsService
 from sekisho.state import set_role
 
 ACCESS = "access:services!service=reports"
@@ -65,6 +65,11 @@ def get(service, path, token="tok-manager"):
 def views(instance, outcome=None):
     return [e for e in instance.audit.entries(type="report.view")
             if outcome is None or e["outcome"] == outcome]
+
+
+def reader_roles(instance):
+    policy = load_policy_cached(instance.policy_path)
+    return {role for role in ROLES if capabilities(policy, role).can_read_reports}
 
 
 def test_reader_roles_come_from_the_policy(instance):

@@ -20,28 +20,39 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import pwd
 import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import click
+
+from sekisho.access import (ADMIN, ANALYST, AUDIT_SERVICE, MANAGER, REPORTS_SERVICE, SERVICES, STEWARD,
+                            role_label)
+from sekisho.cli import COMMANDS
+from sekisho.errors import SekishoError
+from sekisho.hub.config import DEFAULT_SERVICE_PORTS, hub_settings, update_hub_config
+from sekisho.instance import Instance
+from sekisho.state import role_of
+from sekisho.store import Store
 
 DEFAULT_HOME = Path("/var/lib/sekisho-demo")
 DEFAULT_POPULATION = 530_000
 DEMO_SEED = 20261031
 DEMO_ROLES = (  # (role, what they do, in Japanese)
-    ("analyst", "分析者: JupyterLab で集計・分析"),
-    ("admin", "監査者: 監査ログの確認"),
-    ("manager", "管理職: 公表レポートの閲覧"),
-    ("steward", "データ管理者: データ登録（ハブでは操作なし）"),
+    (ANALYST, f"{role_label(ANALYST)}: JupyterLab で集計・分析"),
+    (ADMIN, f"{role_label(ADMIN)}: 監査ログの確認"),
+    (MANAGER, f"{role_label(MANAGER)}: 公表レポートの閲覧"),
+    (STEWARD, f"{role_label(STEWARD)}: データ登録（ハブでは操作なし）"),
 )
 
 
-class StepFailed(click.ClickException):
+class StepFailed(SekishoError, click.ClickException):
     def __init__(self, step: str, detail: str):
         super().__init__(f"demo step '{step}' failed / デモの手順「{step}」が失敗しました:\n{detail.strip()}")
 
@@ -64,8 +75,6 @@ def say(ja: str, en: str) -> None:
 
 
 def command_available(name: str) -> bool:
-    from sekisho.cli import COMMANDS
-
     target = COMMANDS.get(name)
     return target is not None and importlib.util.find_spec(target.split(":")[0]) is not None
 
@@ -104,13 +113,8 @@ def ensure_instance(home: Path) -> None:
 
 def ensure_person(home: Path, name: str, role: str) -> str:
     """Register the demo person (creating their system user) and return a fresh password."""
-    from sekisho.instance import Instance
-    from sekisho.state import role_of
-
     registered = role_of(Instance.open(home), name)
     if registered is None:
-        import pwd
-
         try:
             pwd.getpwnam(name)
             exists = True
@@ -131,9 +135,6 @@ def ensure_person(home: Path, name: str, role: str) -> str:
 
 
 def ensure_data(home: Path, population: int, steward: str, reingest: bool) -> None:
-    from sekisho.instance import Instance
-    from sekisho.store import Store
-
     current = Store(Instance.open(home)).current()
     if current is not None and not reingest:
         rows = current.tables.get("residents", "?") if isinstance(current.tables, dict) else "?"
@@ -171,8 +172,6 @@ def publish_reports(home: Path, publisher: str) -> bool:
     if not command_available("reports"):
         say("レポート公表コマンドがないため省略します", "skipping reports: `sekisho reports` is not installed")
         return False
-    from sekisho.instance import Instance
-
     published = Instance.open(home).published_dir
     if published.exists() and any(published.iterdir()):
         say("公表済みのレポートを使います", "reusing the published reports")
@@ -196,9 +195,6 @@ def free_port() -> int:
 
 def ensure_hub_ports(home: Path, port: int) -> None:
     """Keep the hub's internal ports (hub API, proxy API, services) clear of other programs."""
-    from sekisho.hub.config import DEFAULT_SERVICE_PORTS, hub_settings, update_hub_config
-    from sekisho.instance import Instance
-
     inst = Instance.open(home)
     settings = hub_settings(inst)
     wanted = {"hub_port": settings.hub_port, "proxy_api_port": settings.proxy_api_port,
@@ -227,8 +223,6 @@ def start_hub(home: Path, ip: str, port: int) -> tuple[subprocess.Popen, Path]:
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([*sekisho_cmd(), "hub", "--home", str(home), "--ip", ip, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT)
-    import urllib.request
-
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -248,7 +242,7 @@ def start_hub(home: Path, ip: str, port: int) -> tuple[subprocess.Popen, Path]:
 def print_welcome(ip: str, port: int, people: dict[str, str], passwords: dict[str, str], reports: bool) -> None:
     url = f"http://{ip}:{port}/"
     width = max(len(n) for n in passwords)
-    analyst, admin, manager = people["analyst"], people["admin"], people["manager"]
+    analyst, admin, manager = people[ANALYST], people[ADMIN], people[MANAGER]
     click.echo("")
     click.echo("=" * 78)
     click.echo("関所（Sekisho）デモ環境の準備ができました / The Sekisho demo is ready")
@@ -262,9 +256,9 @@ def print_welcome(ip: str, port: int, people: dict[str, str], passwords: dict[st
     click.echo(f"  {analyst}: JupyterLab が開きます。カーネル「Sekisho（安全な分析環境）」で例:")
     click.echo("      con.sql(\"SELECT block, COUNT(*) AS n FROM residents GROUP BY block\").to_pandas()")
     click.echo("      JupyterLab opens; in the Sekisho kernel, `con` queries the guard as above.")
-    click.echo(f"  {admin}: 監査ログ / audit review   {url}services/audit/")
+    click.echo(f"  {admin}: 監査ログ / audit review   {url}{SERVICES[AUDIT_SERVICE].path.lstrip('/')}")
     if reports:
-        click.echo(f"  {manager}: 公表レポート / reports   {url}services/reports/")
+        click.echo(f"  {manager}: 公表レポート / reports   {url}{SERVICES[REPORTS_SERVICE].path.lstrip('/')}")
     click.echo("")
     click.echo("停止は Ctrl-C / stop with Ctrl-C")
     click.echo("=" * 78)
@@ -296,8 +290,8 @@ def demo(home: Path, population: int, port: int, ip: str, reingest: bool, no_rep
     for role, name in people.items():
         say(f"利用者 {name}（{role}）を準備します", f"preparing {name} ({role})")
         passwords[name] = ensure_person(home, name, role)
-    ensure_data(home, population, people["steward"], reingest)
-    reports = False if no_reports else publish_reports(home, people["admin"])
+    ensure_data(home, population, people[STEWARD], reingest)
+    reports = False if no_reports else publish_reports(home, people[ADMIN])
     if no_hub:
         print_welcome(ip, port, people, passwords, reports)
         click.echo(f"(--no-hub) start it with: sekisho hub --home {home} --ip {ip} --port {port}")

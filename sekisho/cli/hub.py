@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from sekisho.cli.common import home_option, open_instance
+from sekisho.hub.config import HubConfigError, analyst_python, hub_settings
 from sekisho.resources import resource_dir
 
 
@@ -35,15 +36,12 @@ def hub(home: Path | None, ip: str | None, port: int | None, config_file: Path |
         raise click.ClickException("sekisho hub must run as root: it starts each person's server as their "
                                    "own system user and the services as the sekisho service account")
     inst = open_instance(home)
-    # validate the configuration here, so mistakes are reported before JupyterHub starts
-    from sekisho.hub.config import HubConfigError, analyst_python, hub_settings
-
     env = dict(os.environ, SEKISHO_HOME=str(inst.home))
     if ip:
         env["SEKISHO_HUB_IP"] = ip
     if port:
         env["SEKISHO_HUB_PORT"] = str(port)
-    try:
+    try:  # validate the configuration here, so mistakes are reported before JupyterHub starts
         settings = hub_settings(inst, env)
         analyst_python()
     except HubConfigError as exc:

@@ -8,6 +8,9 @@ from pathlib import Path
 import click
 
 from sekisho.cli.common import as_option, home_option, open_instance, resolve_caller
+from sekisho.ingest import IngestError, IngestRefused, Ingestion
+from sekisho.instance import drop_to_service_account
+from sekisho.policy import PolicyError
 
 
 @click.command()
@@ -28,10 +31,6 @@ def ingest(source_dir: Path, as_user: str | None, encoding: str, extract_date, q
     The previous snapshot stays current until the new one is complete; any error leaves
     the store unchanged. Every attempt is audited.
     """
-    from sekisho.ingest import IngestError, IngestRefused, Ingestion
-    from sekisho.instance import drop_to_service_account
-    from sekisho.policy import PolicyError
-
     inst = open_instance(home)
     user, operator = resolve_caller(as_user)
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import click
 
+from sekisho.audit import AuditError
 from sekisho.cli.common import EXIT_REFUSED, as_option, home_option, open_instance, resolve_caller
+from sekisho.guard import Guard, QueryRefused
 
 CMDLINE_WARNING = ("警告: コマンドラインの SQL は同じサーバーの他のユーザーから見えます。--file か標準入力を"
                    "使ってください / warning: command lines are visible to other local users; pass the SQL "
@@ -100,9 +102,6 @@ def query(home: Path | None, as_user: str | None, mode: str | None, epsilon: flo
     argument when standard input is not a terminal). SQL given as an argument still
     works but is visible to other local users (ps, /proc) and prints a warning.
     """
-    from sekisho.audit import AuditError
-    from sekisho.guard import Guard, QueryRefused
-
     sql = _read_sql(sql, sql_file)
     inst = open_instance(home)
     user, operator = resolve_caller(as_user)

@@ -6,10 +6,14 @@ import sys
 
 import click
 
+from sekisho.access import current_capabilities
 from sekisho.cli.common import as_option, home_option, open_instance, resolve_caller
-
-#: who may publish (besides root): people who run the instance
-PUBLISHER_ROLES = ("admin", "steward")
+from sekisho.instance import drop_to_service_account
+from sekisho.reports.catalog import select
+from sekisho.reports.index import entries
+from sekisho.reports.publish import PublishError
+from sekisho.reports.publish import publish as run_publish
+from sekisho.state import role_of
 
 
 @click.group()
@@ -37,16 +41,12 @@ def publish(home, as_user, base_month, compare_month, period, area_level, worker
     A notebook that fails keeps its previously published version; the exit status is 1
     if any failed.
     """
-    from sekisho.instance import drop_to_service_account
-    from sekisho.reports.catalog import select
-    from sekisho.reports.publish import PublishError
-    from sekisho.reports.publish import publish as run_publish
-    from sekisho.state import role_of
-
     caller, operator = resolve_caller(as_user)
     instance = open_instance(home)
     role = role_of(instance, caller)
-    if operator is None and caller != "root" and role not in PUBLISHER_ROLES:
+    # besides root: the people who run the instance (sekisho.access: can_publish_reports)
+    if operator is None and caller != "root" and not current_capabilities(instance.policy_path,
+                                                                           role).can_publish_reports:
         raise click.ClickException(
             f"{caller} (role {role or 'none'}) may not publish reports; an admin or steward may "
             "/ レポートを公開する権限がありません")
@@ -84,8 +84,6 @@ def publish(home, as_user, base_month, compare_month, period, area_level, worker
 @home_option
 def list_reports(home) -> None:
     """List published reports: title, 基準年月, published at, data snapshot."""
-    from sekisho.reports.index import entries
-
     instance = open_instance(home)
     rows = entries(instance.published_dir)
     if not rows:

@@ -4,8 +4,9 @@ Each person has a system user (PAM login to the hub; their JupyterLab server run
 that user, home 0700) and one role in the instance's registry. Every change is
 audited (``users.add``, ``users.remove``, ``users.set-role``). Root only: creating
 system users and writing the service account's registry need it. ``resume`` (lift a
-guard hold after review, audited as ``guard.resume``) is also open to Sekisho admins
-acting through the service account (``sudo -u sekisho``).
+guard hold after review, audited as ``guard.resume``) is also open to the people who
+review the audit trail (admins: ``can_review_audit``) acting through the service account
+(``sudo -u sekisho``).
 """
 
 from __future__ import annotations
@@ -15,18 +16,20 @@ import pwd
 import re
 import secrets
 import subprocess
+from datetime import datetime
 from pathlib import Path
 
 import click
 
+from sekisho.access import HUMAN_ROLES, REPORTS_USER, current_capabilities
 from sekisho.audit import AuditError
 from sekisho.cli.common import home_option, open_instance, os_user_name, resolve_caller
-from sekisho.instance import SERVICE_ACCOUNT, Instance
-from sekisho.state import HUMAN_ROLES, UnknownUser, list_users, remove_user, role_of, set_role
+from sekisho.instance import SERVICE_ACCOUNT, TOKYO, Instance
+from sekisho.state import UnknownUser, list_users, remove_user, role_of, set_role
 
 # POSIX portable user names, lower case (the hub lower-cases names; they must match)
 NAME_PATTERN = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
-RESERVED = frozenset({"root", SERVICE_ACCOUNT, "reports", "nobody", "daemon", "bin", "sys"})
+RESERVED = frozenset({"root", SERVICE_ACCOUNT, REPORTS_USER, "nobody", "daemon", "bin", "sys"})
 PASSWORD_BYTES = 12  # token_urlsafe(12): 16 characters, 96 bits
 
 
@@ -223,16 +226,16 @@ def reset_password(home: Path | None, name: str) -> None:
 @home_option
 @click.argument("name")
 def resume(home: Path | None, name: str) -> None:
-    """Lift the guard's hold on NAME after reviewing the alert that paused them (root or admin)."""
-    from datetime import datetime
-
+    """Lift the guard's hold on NAME after reviewing the alert that paused them (root, or a
+    person whose role reviews the audit trail: an admin)."""
+    # here, not at the top: importing sekisho.guard loads the whole guard (DuckDB,
+    # diffprivlib), which the other users commands do not need
     from sekisho.guard import alerts
-    from sekisho.instance import TOKYO
 
     inst = open_instance(home)
     if os.geteuid() != 0:
         caller, _ = resolve_caller(None)
-        if role_of(inst, caller) != "admin":
+        if not current_capabilities(inst.policy_path, role_of(inst, caller)).can_review_audit:
             raise click.ClickException(f"{caller} may not resume users; root or an admin may "
                                        "/ 照会の再開は管理者のみ可能です")
     hold = alerts.resume(inst, name)

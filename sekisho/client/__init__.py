@@ -23,8 +23,8 @@ account or root): ``ibis.sekisho.connect(home=PATH, user="reports")`` calls
 
 from __future__ import annotations
 
-import json
 import os
+from importlib.metadata import version as package_version
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import ibis
@@ -35,9 +35,12 @@ import pyarrow as pa
 from ibis.backends import NoExampleLoader, NoUrl
 from ibis.backends.sql import SQLBackend
 from ibis.backends.sql.compilers.duckdb import compiler as duckdb_compiler
+from ibis.backends.sql.datatypes import DuckDBType
 
-from sekisho.client.transport import (GuardError, HttpTransport, InProcessTransport, QueryRefused,
+from sekisho.access import REPORTS_USER
+from sekisho.client.transport import (GuardError, GuardRefusal, HttpTransport, InProcessTransport,
                                       guard_url_from_env)
+from sekisho.errors import SekishoError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -45,10 +48,14 @@ if TYPE_CHECKING:
     import ibis.expr.types as ir
     import pandas as pd
 
-__all__ = ["Backend", "QueryRefused", "GuardError", "ReadOnlyError", "guard_url_from_env"]
+__all__ = ["Backend", "GuardRefusal", "QueryRefused", "GuardError", "ReadOnlyError", "guard_url_from_env"]
+
+#: the name this exception had before the guard's own ``QueryRefused`` and the client's
+#: were told apart; published notebooks and ``sekisho.reports.data`` still catch it by it
+QueryRefused = GuardRefusal
 
 
-class ReadOnlyError(exc.IbisError):
+class ReadOnlyError(SekishoError, exc.IbisError):
     """The Sekisho backend is read-only and aggregate-only."""
 
 
@@ -94,7 +101,7 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
                 raise ValueError("pass either url/token (service) or home/user (in-process), not both")
             if not user:
                 raise ValueError("in-process mode needs user=, e.g. "
-                                 "ibis.sekisho.connect(home=PATH, user='reports')")
+                                 f"ibis.sekisho.connect(home=PATH, user={REPORTS_USER!r})")
             self._transport = InProcessTransport(home, user)
         else:
             url = url or guard_url_from_env()
@@ -118,9 +125,7 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
 
     @property
     def version(self) -> str:
-        from importlib.metadata import version
-
-        return version("sekisho")
+        return package_version("sekisho")
 
     # ---- catalog -----------------------------------------------------------
     @property
@@ -195,7 +200,7 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
 
         A DataFrame result carries the disclosure summary in ``df.attrs["sekisho"]``;
         the summary of the last query is also ``con.last_summary``. A refused query raises
-        ``sekisho.client.QueryRefused`` (``code``, ``reason``, ``part``).
+        ``sekisho.client.GuardRefusal`` (``code``, ``reason``, ``part``).
         """
         table = self.to_pyarrow(expr, params=params, limit=limit, mode=mode, epsilon=epsilon, **kwargs)
         df = table.to_pandas()
@@ -265,8 +270,6 @@ def _dtype(spec: Any) -> Any:
 
     Accepts ibis type strings (``int64``, ``!string``) and DuckDB ones (``VARCHAR``).
     """
-    from ibis.backends.sql.datatypes import DuckDBType
-
     type_name = spec.get("type") if isinstance(spec, dict) else spec
     if not isinstance(type_name, str):
         raise GuardError(f"the guard described a column without a type: {spec!r}")

@@ -16,17 +16,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import ibis
+from jupyter_client.kernelspec import KernelSpecManager
+
+from sekisho.access import role_label
+from sekisho.resources import resource_dir
+
 KERNEL_NAME = "sekisho"
 DISPLAY_NAME = "Sekisho（安全な分析環境）"
-
-ROLE_JA = {"analyst": "分析者", "steward": "データ管理者", "admin": "監査者",
-           "manager": "管理職", "reports": "定型報告"}
 
 
 def greeting(con: Any) -> str:
     """What the analyst reads first: role, views, remaining budget (Japanese)."""
     lines = ["関所（安全な分析環境）に接続しました。",
-             f"利用者: {con.user}（役割: {ROLE_JA.get(con.role, con.role)}）"]
+             f"利用者: {con.user}（役割: {role_label(con.role)}）"]
     views = con.views
     if views:
         lines.append("利用できるビュー（表）:")
@@ -56,8 +59,6 @@ def start() -> Any:
     Returns the connection, or ``None`` (with the reason shown at the first cell) when the
     guard cannot be reached — the kernel still starts, so the analyst can read the message.
     """
-    import ibis
-
     try:
         con = ibis.sekisho.connect()
         message = greeting(con)
@@ -89,16 +90,12 @@ def _show_at_first_cell(message: str) -> None:
 
 
 def spec_dir() -> Path:
-    from sekisho.resources import resource_dir
-
     return resource_dir("kernels") / KERNEL_NAME
 
 
 def install_kernelspec(prefix: str | os.PathLike | None = None, *, user: bool = False) -> str:
     """Install the kernelspec under ``prefix`` (default: this Python's prefix, so
     ``/opt/sekisho/venv/share/jupyter/kernels/sekisho``). Returns the installed path."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
     return KernelSpecManager().install_kernel_spec(
         str(spec_dir()), kernel_name=KERNEL_NAME, user=user,
         prefix=None if user else str(prefix or sys.prefix), replace=None)

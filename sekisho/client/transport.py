@@ -1,20 +1,33 @@
-"""How the ibis backend reaches the guard: over HTTP (analysts) or in-process (reports)."""
+"""How the ibis backend reaches the guard: over HTTP (analysts) or in-process (reports).
+
+Both transports give the backend the same things — views, budget, a result schema, a
+protected table with its disclosure summary — and the same two failures: a
+:class:`GuardRefusal` (the guard said no; ``code``, ``reason``, ``part``) or a
+:class:`GuardError` (the guard could not be asked). The wire format is
+``sekisho.protocol``, shared with the guard service.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
+import ibis
 import ibis.common.exceptions as exc
 import ibis.expr.schema as sch
 import pyarrow as pa
+import requests
 
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
-SUMMARY_METADATA_KEY = b"sekisho.summary"
+from sekisho.access import GUARD_SERVICE, service_path
+from sekisho.errors import SekishoError
+from sekisho.instance import Instance
+from sekisho.protocol import (ARROW_STREAM, BUDGET_PATH, DESCRIBE_PATH, QUERY_PATH, REFUSAL_STATUS,
+                              SUMMARY_METADATA_KEY, VIEWS_PATH, DescribeRequest, ErrorEnvelope, QueryRequest,
+                              decode_summary)
+from sekisho.state import role_of
 
 
-class GuardError(exc.IbisError):
+class GuardError(SekishoError, exc.IbisError):
     """The guard could not be reached or did not accept the request (not a refusal)."""
 
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
@@ -22,8 +35,13 @@ class GuardError(exc.IbisError):
         self.status, self.code = status, code
 
 
-class QueryRefused(exc.IbisError):
-    """The guard refused the query. ``code`` is stable, ``reason`` bilingual, ``part`` the SQL at fault."""
+class GuardRefusal(SekishoError, exc.IbisError):
+    """The guard refused the query. ``code`` is stable, ``reason`` bilingual, ``part`` the SQL at fault.
+
+    The client-side form of the guard's ``sekisho.guard.QueryRefused`` (which the client
+    never imports: kernels do not load the guard), and an ibis error like the others an
+    ibis user handles.
+    """
 
     def __init__(self, code: str, reason: str, part: str | None = None):
         super().__init__(f"[{code}] {reason}" + (f" — {part}" if part else ""))
@@ -44,12 +62,10 @@ def guard_url_from_env() -> str:
         if base.endswith(suffix):
             base = base[: -len(suffix)]
             break
-    return base + "/services/guard/"
+    return base + service_path(GUARD_SERVICE)
 
 
 def _schema_from_columns(columns: list[dict[str, Any]]) -> sch.Schema:
-    import ibis
-
     fields = {}
     for col in columns:
         try:
@@ -63,8 +79,7 @@ def _schema_from_columns(columns: list[dict[str, Any]]) -> sch.Schema:
 def split_summary(table: pa.Table) -> tuple[pa.Table, dict[str, Any]]:
     """Take the disclosure summary out of an Arrow result's schema metadata."""
     meta = dict(table.schema.metadata or {})
-    raw = meta.pop(SUMMARY_METADATA_KEY, None)
-    summary = json.loads(raw.decode("utf-8")) if raw else {}
+    summary = decode_summary(meta.pop(SUMMARY_METADATA_KEY, None))
     return table.replace_schema_metadata(meta or None), summary
 
 
@@ -72,8 +87,6 @@ class HttpTransport:
     """The guard service, authenticated with the caller's hub token."""
 
     def __init__(self, url: str, token: str, *, timeout: float = 120.0):
-        import requests
-
         self.url = url if url.endswith("/") else url + "/"
         self.timeout = timeout
         self.session = requests.Session()
@@ -87,8 +100,6 @@ class HttpTransport:
         self.session.close()
 
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
-        import requests
-
         try:
             response = self.session.request(method, self.url + path, json=payload, timeout=self.timeout)
         except requests.RequestException as e:
@@ -99,31 +110,27 @@ class HttpTransport:
         try:
             body = response.json()
         except ValueError:
-            body = {}
-        code = body.get("code") if isinstance(body, dict) else None
-        reason = body.get("reason") if isinstance(body, dict) else None
-        if response.status_code == 422:
-            raise QueryRefused(code or "refused", reason or "refused by the guard / 照会は拒否されました",
-                               body.get("part"))
-        raise GuardError(f"guard answered {response.status_code} {code or ''}: "
-                         f"{reason or response.text[:300]}", status=response.status_code, code=code)
+            body = None
+        error = ErrorEnvelope.from_json(body, response.status_code)
+        if response.status_code == REFUSAL_STATUS:
+            raise GuardRefusal(error.code, error.reason, error.part)
+        detail = error.reason if isinstance(body, dict) and "reason" in body else response.text[:300]
+        raise GuardError(f"guard answered {response.status_code} {error.code}: {detail}",
+                         status=response.status_code, code=error.code)
 
     def views(self) -> dict[str, Any]:
-        return self._request("GET", "api/views").json()
+        return self._request("GET", VIEWS_PATH).json()
 
     def budget(self) -> dict[str, Any]:
-        return self._request("GET", "api/budget").json()
+        return self._request("GET", BUDGET_PATH).json()
 
     def describe(self, sql: str) -> sch.Schema:
-        return _schema_from_columns(self._request("POST", "api/describe", {"sql": sql}).json()["columns"])
+        response = self._request("POST", DESCRIBE_PATH, DescribeRequest(sql).to_json())
+        return _schema_from_columns(response.json()["columns"])
 
     def query(self, sql: str, *, mode: str | None, epsilon: float | None) -> tuple[pa.Table, dict[str, Any]]:
-        payload: dict[str, Any] = {"sql": sql, "format": "arrow"}
-        if mode is not None:
-            payload["mode"] = mode
-        if epsilon is not None:
-            payload["epsilon"] = epsilon
-        response = self._request("POST", "api/query", payload)
+        request = QueryRequest(sql=sql, mode=mode, epsilon=epsilon, format="arrow")
+        response = self._request("POST", QUERY_PATH, request.to_json())
         if not response.headers.get("Content-Type", "").startswith(ARROW_STREAM):
             raise GuardError(f"the guard answered {response.headers.get('Content-Type')!r}, not Arrow")
         with pa.ipc.open_stream(response.content) as reader:
@@ -132,35 +139,33 @@ class HttpTransport:
 
 
 class InProcessTransport:
-    """``sekisho.guard.Guard`` in this process (reports; needs read access to the instance)."""
+    """``sekisho.guard.Guard`` in this process (reports; needs read access to the instance).
+
+    The guard is imported here, not at the top: analysts' kernels use the HTTP transport
+    only and never load the guard and its store engine.
+    """
 
     def __init__(self, home: str | os.PathLike | None, user: str):
-        from sekisho.guard import Guard
-        from sekisho.instance import Instance
+        from sekisho.guard import Guard, QueryRefused
 
         self.instance = Instance.open(home)
         self.user = user
         self.guard = Guard(self.instance)
+        self._refused = QueryRefused
 
     def describe_target(self) -> str:
         return f"in-process guard of {self.instance.home}"
 
     def close(self) -> None:
-        close = getattr(self.guard, "close", None)
-        if callable(close):
-            close()
+        self.guard.close()
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        from sekisho.guard import QueryRefused as GuardRefused
-
         try:
             return getattr(self.guard, method)(*args, **kwargs)
-        except GuardRefused as e:
-            raise QueryRefused(e.code, e.reason, e.part) from None
+        except self._refused as e:
+            raise GuardRefusal(e.code, e.reason, e.part) from None
 
     def views(self) -> dict[str, Any]:
-        from sekisho.state import role_of
-
         return {"user": self.user, "role": role_of(self.instance, self.user),
                 "views": self._call("views", self.user)}
 

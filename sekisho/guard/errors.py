@@ -3,6 +3,8 @@ part; its text is a function of the query and the policy only, never of the data
 
 from __future__ import annotations
 
+from sekisho.errors import SekishoError
+
 # code -> (Japanese, English). Reasons are fixed strings: they never carry values
 # computed from the data (no counts, no sums), so a refusal is not a side channel.
 REASONS: dict[str, tuple[str, str]] = {
@@ -84,6 +86,8 @@ REASONS: dict[str, tuple[str, str]] = {
                       "values of different types cannot be compared (compare text with text, numbers with numbers)"),
     "measure_arithmetic": ("測定値（金額等）に計算を加えることはできません。列のまま SUM/AVG してください",
                            "a measure may not be transformed; SUM or AVG the column as it is"),
+    "duplicate_output_name": ("副問合せ・CTE の出力列名が重複しています（大文字・小文字の違いだけの重複を含む）",
+                              "a subquery or CTE outputs the same column name twice (also when only the case differs)"),
     "reserved_name": ("__ で始まる名前は予約されています", "names starting with __ are reserved by the guard"),
     "unsupported_query": ("この SQL は扱えません", "the guard cannot analyse this query"),
     "too_complex": ("SQL が複雑すぎます", "the query is too complex"),
@@ -94,10 +98,16 @@ REASONS: dict[str, tuple[str, str]] = {
                           "your queries raised an alert and are paused until an administrator has reviewed them"),
     "audit_unavailable": ("監査ログに記録できないため回答できません",
                           "the audit trail could not be written, so no answer is released"),
+    "result_too_large": ("集計結果のセル数の見込みが上限を超えるため実行しません。区分を減らしてください",
+                         "the estimated number of cells exceeds the limit; group by fewer or coarser keys"),
+    "resource_limit": ("処理時間またはメモリの上限に達したため中止しました。条件や区分を減らしてください",
+                       "the query reached the time or memory limit and was stopped; simplify it"),
+    "guard_busy": ("混み合っているため実行できませんでした。しばらくしてから再度実行してください",
+                   "the guard is busy with other queries; try again shortly"),
 }
 
 
-class QueryRefused(Exception):
+class QueryRefused(SekishoError):
     """The guard refused a query. ``code`` is stable, ``reason`` bilingual, ``part`` the
     offending SQL fragment (possibly empty)."""
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
 from typing import Any
 
 from jupyterhub.auth import Authenticator, PAMAuthenticator
@@ -31,10 +30,11 @@ from jupyterhub.handlers.login import LogoutHandler
 from jupyterhub.utils import maybe_future
 from traitlets import Dict, Enum, Int, Unicode
 
+from sekisho.access import HUB_GROUPS, HUMAN_ROLES
 from sekisho.audit import AuditError
-from sekisho.hub.roles import GROUP_OF_ROLE, role_from_groups
+from sekisho.hub.roles import role_from_groups
 from sekisho.instance import Instance
-from sekisho.state import HUMAN_ROLES, role_of, set_role
+from sekisho.state import role_of, set_role
 
 MAX_LOGGED_NAME = 64  # attempted user names are attacker input; keep the trail tidy
 
@@ -70,9 +70,8 @@ class SekishoAuthMixin(Authenticator):
 
     group_roles = Dict(
         key_trait=Unicode(), value_trait=Unicode(), config=True,
-        help="""Identity-provider group -> Sekisho role (analyst, admin, manager,
-        steward), for role_source = "groups". A person whose groups map to two
-        different roles is refused.""")
+        help=f"""Identity-provider group -> Sekisho role ({', '.join(HUMAN_ROLES)}), for
+        role_source = "groups". A person whose groups map to two different roles is refused.""")
 
     failed_login_alert_threshold = Int(
         5, config=True,
@@ -162,11 +161,11 @@ class SekishoAuthMixin(Authenticator):
             self.audit_event("login", user=name, role=role, outcome="ok",
                              summary=f"{name} logged in to the hub as {role}",
                              details={"remote_ip": ip, "authenticator": type(self).__name__,
-                                      "group": GROUP_OF_ROLE[role]})
+                                      "group": HUB_GROUPS[role]})
         except AuditError as exc:
             self.log.error("login of %s refused: the audit trail cannot be written: %s", name, exc)
             return None
-        result["groups"] = [GROUP_OF_ROLE[role]]
+        result["groups"] = [HUB_GROUPS[role]]
         result["admin"] = False
         return result
 
@@ -213,7 +212,7 @@ class SekishoAuthMixin(Authenticator):
         role = role_of(self.instance, user.name)
         if role not in HUMAN_ROLES:
             return False
-        return {"name": user.name, "groups": [GROUP_OF_ROLE[role]]}
+        return {"name": user.name, "groups": [HUB_GROUPS[role]]}
 
     # ---- logout ------------------------------------------------------------
     def get_handlers(self, app):
@@ -244,7 +243,3 @@ def groups_from_ldap_auth_state(auth_model: dict[str, Any]) -> list[str]:
     member_of = (state.get("user_attributes") or {}).get("memberOf") or []
     groups += [member_of] if isinstance(member_of, str) else list(member_of)
     return groups
-
-
-def normalise_groups(groups: Iterable[Any]) -> list[str]:
-    return [str(g) for g in groups if g is not None]

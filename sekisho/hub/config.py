@@ -28,37 +28,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from sekisho.access import CUSTOM_SCOPES, GUARD_SERVICE, SERVICES, Capabilities
+from sekisho.errors import SekishoError
 from sekisho.hub.auth import SekishoPAMAuthenticator
-from sekisho.hub.roles import (
-    CUSTOM_SCOPES,
-    Capabilities,
-    default_url_for,
-    hub_roles,
-    load_capabilities,
-    server_token_scopes,
-    service_oauth_scopes,
-)
+from sekisho.hub.roles import default_url_for, hub_roles, load_capabilities, server_token_scopes
 from sekisho.hub.spawner import SekishoSpawner
 from sekisho.instance import SERVICE_ACCOUNT, Instance, default_home, secure
 from sekisho.resources import resource_dir
-from sekisho.services.hubauth import AUDIT_SERVICE, GUARD_SERVICE, REPORTS_SERVICE
 from sekisho.state import role_of
 
-# hub service name -> python module run as ``python -m``
-SERVICE_MODULES = {
-    GUARD_SERVICE: "sekisho.services.guard",
-    AUDIT_SERVICE: "sekisho.services.audit_review",
-    REPORTS_SERVICE: "sekisho.services.reports",
-}
-SERVICE_TITLES = {
-    GUARD_SERVICE: "集計照会 (guard)",
-    AUDIT_SERVICE: "監査ログ (audit)",
-    REPORTS_SERVICE: "公表レポート (reports)",
-}
-DEFAULT_SERVICE_PORTS = {GUARD_SERVICE: 8091, AUDIT_SERVICE: 8092, REPORTS_SERVICE: 8093}
+DEFAULT_SERVICE_PORTS = {name: service.default_port for name, service in SERVICES.items()}
 
 
-class HubConfigError(Exception):
+class HubConfigError(SekishoError):
     """The instance cannot be served by the hub as configured."""
 
 
@@ -95,14 +79,14 @@ def hub_settings(instance: Instance, environ: dict[str, str] | None = None) -> H
     if unknown:
         raise HubConfigError(f"{instance.config_path}: hub: unknown key(s) {', '.join(sorted(unknown))}")
     ports = {**DEFAULT_SERVICE_PORTS, **(raw.get("service_ports") or {})}
-    bad = set(ports) - set(SERVICE_MODULES)
+    bad = set(ports) - set(SERVICES)
     if bad:
         raise HubConfigError(f"{instance.config_path}: hub.service_ports: unknown service(s) {', '.join(sorted(bad))}")
     services = raw.get("services")
     if services is not None:
-        if not isinstance(services, list) or set(services) - set(SERVICE_MODULES):
+        if not isinstance(services, list) or set(services) - set(SERVICES):
             raise HubConfigError(f"{instance.config_path}: hub.services: expected a list drawn from "
-                                 f"{', '.join(SERVICE_MODULES)}, got {services!r}")
+                                 f"{', '.join(SERVICES)}, got {services!r}")
         services = tuple(services)
     try:
         return HubSettings(
@@ -121,8 +105,6 @@ def hub_settings(instance: Instance, environ: dict[str, str] | None = None) -> H
 
 def update_hub_config(instance: Instance, **values: Any) -> Instance:
     """Change keys of the instance's ``hub:`` section (config.yaml), atomically; return it reopened."""
-    import yaml
-
     path = instance.config_path
     config = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     config["hub"] = {**(config.get("hub") or {}), **values}
@@ -137,11 +119,11 @@ def update_hub_config(instance: Instance, **values: Any) -> Instance:
 
 def available_services(wanted: tuple[str, ...] | None = None) -> list[str]:
     """The services to run: those asked for (all by default) whose module is installed."""
-    names = SERVICE_MODULES if wanted is None else wanted
-    missing = [n for n in names if wanted is not None and importlib.util.find_spec(SERVICE_MODULES[n]) is None]
+    names = SERVICES if wanted is None else wanted
+    missing = [n for n in names if wanted is not None and importlib.util.find_spec(SERVICES[n].module) is None]
     if missing:
         raise HubConfigError(f"hub.services asks for {', '.join(missing)} but the module is not installed")
-    return [n for n in names if importlib.util.find_spec(SERVICE_MODULES[n]) is not None]
+    return [n for n in names if importlib.util.find_spec(SERVICES[n].module) is not None]
 
 
 def analyst_python() -> Path:
@@ -159,22 +141,22 @@ def services_config(settings: HubSettings, services: list[str], python: Path) ->
     return [{
         "name": name,
         "url": settings.service_url(name),
-        "command": [str(python / "bin" / "python"), "-m", SERVICE_MODULES[name]],
+        "command": [str(python / "bin" / "python"), "-m", SERVICES[name].module],
         "user": SERVICE_ACCOUNT,
         "cwd": str(settings.home),
         "environment": {"SEKISHO_HOME": str(settings.home), "LANG": "C.UTF-8",
                         "PATH": f"{python / 'bin'}:/usr/local/bin:/usr/bin:/bin"},
         "oauth_no_confirm": True,
-        "oauth_client_allowed_scopes": service_oauth_scopes(name),
-        "display": name != GUARD_SERVICE,  # the guard is an API, not a page
-        "info": {"title": SERVICE_TITLES[name]},
+        "oauth_client_allowed_scopes": SERVICES[name].oauth_scopes,
+        "display": SERVICES[name].page,  # the guard is an API, not a page
+        "info": {"title": SERVICES[name].title_ja},
     } for name in services]
 
 
 def server_environment(settings: HubSettings, services: list[str], python: Path) -> dict[str, str]:
     env = {"PATH": f"{python / 'bin'}:/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}
     if GUARD_SERVICE in services:
-        env["SEKISHO_GUARD_URL"] = f"{settings.service_url(GUARD_SERVICE)}/services/{GUARD_SERVICE}/"
+        env["SEKISHO_GUARD_URL"] = settings.service_url(GUARD_SERVICE) + SERVICES[GUARD_SERVICE].path
     try:
         kernels = resource_dir("kernels")
     except FileNotFoundError:

@@ -21,71 +21,29 @@ one or reaches a service merely by being a hub user. Nobody is a hub admin: Seki
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 
-from sekisho.services.hubauth import (
-    AUDIT_REVIEW_SCOPE,
+from sekisho.access import (
     AUDIT_SERVICE,
     GUARD_SERVICE,
-    REPORTS_READ_SCOPE,
+    HUB_ADMIN_ROLE,
+    HUMAN_ROLES,
     REPORTS_SERVICE,
+    SERVICES,
+    Capabilities,
+    human_capabilities,
+    load_policy_cached,
     service_access_scope,
 )
-from sekisho.state import HUMAN_ROLES
-
-# Sekisho role -> hub group (plural, as people say it) and hub role (prefixed so that
-# Sekisho's "admin" can never be confused with the hub's built-in "admin" role).
-GROUP_OF_ROLE = {"analyst": "analysts", "admin": "admins", "manager": "managers", "steward": "stewards"}
-ROLE_OF_GROUP = {group: role for role, group in GROUP_OF_ROLE.items()}
-HUB_ROLE_PREFIX = "sekisho-"
+from sekisho.instance import Instance
 
 # What every logged-in hub user may do: see themselves, report activity, manage their
 # own tokens (which can never exceed their own scopes). No servers, no sharing.
 BASE_USER_SCOPES = ("read:users!user", "users:activity!user", "tokens!user")
 
-CUSTOM_SCOPES = {
-    AUDIT_REVIEW_SCOPE: {"description": "Sekisho: review the audit trail (監査ログの閲覧)"},
-    REPORTS_READ_SCOPE: {"description": "Sekisho: read published reports (公表レポートの閲覧)"},
-}
 
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a Sekisho role may do in the analysis environment."""
-
-    role: str
-    can_query: bool
-    can_start_server: bool
-    can_review_audit: bool
-    can_read_reports: bool
-
-    @property
-    def group(self) -> str:
-        return GROUP_OF_ROLE[self.role]
-
-    @property
-    def hub_role(self) -> str:
-        return HUB_ROLE_PREFIX + self.role
-
-
-def capabilities_from_policy(policy) -> dict[str, Capabilities]:
-    """Capabilities of each human role defined in a loaded ``sekisho.policy.Policy``."""
-    caps = {}
-    for name in HUMAN_ROLES:
-        role = policy.roles.get(name)
-        if role is None:
-            continue  # a role the policy does not define gets no group and no scopes
-        caps[name] = Capabilities(role=name, can_query=bool(role.views),
-                                  can_start_server=role.can_start_server,
-                                  can_review_audit=role.can_review_audit,
-                                  can_read_reports=role.can_read_reports)
-    return caps
-
-
-def load_capabilities(instance) -> dict[str, Capabilities]:
-    from sekisho.policy import load_policy
-
-    return capabilities_from_policy(load_policy(instance.policy_path))
+def load_capabilities(instance: Instance) -> dict[str, Capabilities]:
+    """Capabilities of each human role under the instance's policy in force."""
+    return human_capabilities(load_policy_cached(instance.policy_path))
 
 
 def scopes_for(cap: Capabilities, services: Iterable[str]) -> list[str]:
@@ -94,12 +52,11 @@ def scopes_for(cap: Capabilities, services: Iterable[str]) -> list[str]:
     scopes: list[str] = []
     if cap.can_start_server:
         scopes += ["servers!user", "access:servers!user"]
-    if cap.can_query and GUARD_SERVICE in running:
-        scopes.append(service_access_scope(GUARD_SERVICE))
-    if cap.can_review_audit and AUDIT_SERVICE in running:
-        scopes += [service_access_scope(AUDIT_SERVICE), AUDIT_REVIEW_SCOPE]
-    if cap.can_read_reports and REPORTS_SERVICE in running:
-        scopes += [service_access_scope(REPORTS_SERVICE), REPORTS_READ_SCOPE]
+    granted = {GUARD_SERVICE: cap.can_query, AUDIT_SERVICE: cap.can_review_audit,
+               REPORTS_SERVICE: cap.can_read_reports}
+    for name, allowed in granted.items():
+        if allowed and name in running:
+            scopes += SERVICES[name].oauth_scopes   # access to the service, and its custom scope
     return scopes
 
 
@@ -113,11 +70,11 @@ def hub_roles(caps: Mapping[str, Capabilities], services: Iterable[str]) -> list
             "name": cap.hub_role,
             "description": f"Sekisho role {cap.role}",
             "scopes": scopes_for(cap, services),
-            "groups": [cap.group],
+            "groups": [cap.hub_group],
         })
     # Nobody holds the hub's admin role (an empty list also revokes it from anyone who
     # was made admin through the API earlier).
-    roles.append({"name": "admin", "users": [], "groups": [], "services": []})
+    roles.append({"name": HUB_ADMIN_ROLE, "users": [], "groups": [], "services": []})
     return roles
 
 
@@ -131,12 +88,6 @@ def server_token_scopes() -> list[str]:
     return ["users:activity!user", "access:servers!server", service_access_scope(GUARD_SERVICE)]
 
 
-def service_oauth_scopes(service: str) -> list[str]:
-    """Scopes a service's OAuth tokens may carry (what the service checks explicitly)."""
-    extra = {AUDIT_SERVICE: [AUDIT_REVIEW_SCOPE], REPORTS_SERVICE: [REPORTS_READ_SCOPE]}.get(service, [])
-    return [service_access_scope(service), *extra]
-
-
 def default_url_for(role: str | None, caps: Mapping[str, Capabilities], services: Iterable[str],
                     base_url: str = "/") -> str:
     """Where a person lands after login: their server, the audit pages, the reports."""
@@ -147,9 +98,9 @@ def default_url_for(role: str | None, caps: Mapping[str, Capabilities], services
     if cap.can_start_server:
         return base_url + "hub/spawn"
     if cap.can_review_audit and AUDIT_SERVICE in running:
-        return base_url + f"services/{AUDIT_SERVICE}/"
+        return base_url + SERVICES[AUDIT_SERVICE].path.lstrip("/")
     if cap.can_read_reports and REPORTS_SERVICE in running:
-        return base_url + f"services/{REPORTS_SERVICE}/"
+        return base_url + SERVICES[REPORTS_SERVICE].path.lstrip("/")
     return base_url + "hub/home"
 
 

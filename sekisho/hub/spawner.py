@@ -21,8 +21,8 @@ from jupyterhub.spawner import LocalProcessSpawner
 from tornado import web
 from traitlets import Unicode
 
+from sekisho.access import current_capabilities
 from sekisho.audit import AuditError
-from sekisho.hub.roles import load_capabilities
 from sekisho.instance import Instance
 from sekisho.state import role_of
 
@@ -53,8 +53,7 @@ class SekishoSpawner(LocalProcessSpawner):
 
     def _may_start(self) -> tuple[bool, str | None]:
         role = role_of(self.instance, self.user.name)
-        cap = load_capabilities(self.instance).get(role or "")
-        return bool(cap and cap.can_start_server), role
+        return current_capabilities(self.instance.policy_path, role).can_start_server, role
 
     async def start(self):
         allowed, role = self._may_start()

@@ -29,23 +29,20 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from html import escape
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 from tornado import web
 from tornado.httpserver import HTTPServer
 
+from sekisho.access import AUDIT_SERVICE, ROLE_LABELS_JA, SERVICES, role_label
 from sekisho.audit import AuditError, to_csv
+from sekisho.errors import SekishoError
 from sekisho.guard import alerts as guard_alerts
 from sekisho.instance import TOKYO, Instance
-from sekisho.services.hubauth import (
-    AUDIT_REVIEW_SCOPE,
-    AUDIT_SERVICE,
-    ServiceHandler,
-    make_app,
-    serve,
-    service_access_scope,
-)
+from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
 TEMPLATES = Path(__file__).parent / "templates" / "audit_review"
 
@@ -77,8 +74,6 @@ TYPE_LABELS = {
 }
 OUTCOME_LABELS = {"ok": "成功", "refused": "拒否", "denied": "不許可", "failed": "失敗"}
 SESSION_END_LABELS = {"logout": "ログアウト", "login": "次のログイン", "server.stop": "サーバー停止"}
-ROLE_LABELS = {"analyst": "分析者", "admin": "監査者", "manager": "管理職", "steward": "データ管理者",
-               "reports": "レポート"}
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 5000
 # any name that can appear in the trail (failed logins record what was typed); no control characters
@@ -86,7 +81,7 @@ NAME_FILTER = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
 TYPE_FILTER = re.compile(r"^[a-z][a-z.-]{0,39}$")
 
 
-class FilterError(ValueError):
+class FilterError(SekishoError, ValueError):
     def __init__(self, param: str, message: str):
         super().__init__(f"{param}: {message}")
         self.param = param
@@ -109,8 +104,6 @@ class Filters:
                 "until": self.until.isoformat() if self.until else None}
 
     def query_string(self) -> str:
-        from urllib.parse import urlencode
-
         return urlencode({k: v for k, v in self.as_dict().items() if v})
 
 
@@ -295,11 +288,8 @@ def details_text(details: dict[str, Any]) -> str:
 # ---- handlers -----------------------------------------------------------------------------
 
 class ReviewHandler(ServiceHandler):
-    required_scopes = frozenset({service_access_scope(AUDIT_SERVICE), AUDIT_REVIEW_SCOPE})
-
-    @property
-    def allowed_roles(self) -> frozenset[str]:
-        return self.settings["reviewer_roles"]
+    required_scopes = frozenset(SERVICES[AUDIT_SERVICE].oauth_scopes)
+    required_capability = "can_review_audit"
 
     def on_denied(self, model, code, message, role):
         super().on_denied(model, code, message, role)
@@ -329,9 +319,9 @@ class ReviewHandler(ServiceHandler):
             raise web.HTTPError(503, f"the audit trail cannot be written: {exc}") from None
 
     def render(self, template: str, **kwargs: Any) -> None:
-        super().render(template, user=self.hub_user, role_label=ROLE_LABELS.get(self.sekisho_role, ""),
+        super().render(template, user=self.hub_user, role_label=role_label(self.sekisho_role),
                        prefix=self.settings["service_prefix"], type_labels=TYPE_LABELS,
-                       outcome_labels=OUTCOME_LABELS, role_labels=ROLE_LABELS, fmt_ts=fmt_ts,
+                       outcome_labels=OUTCOME_LABELS, role_labels=ROLE_LABELS_JA, fmt_ts=fmt_ts,
                        fmt_duration=fmt_duration, details_text=details_text,
                        end_labels=SESSION_END_LABELS, **kwargs)
 
@@ -339,8 +329,6 @@ class ReviewHandler(ServiceHandler):
         if status_code == 400:
             exc = kwargs.get("exc_info", (None, None, None))[1]
             self.set_header("Content-Type", "text/html; charset=UTF-8")
-            from html import escape
-
             self.finish("<!doctype html><html lang=\"ja\"><head><meta charset=\"utf-8\"><title>入力エラー</title>"
                         "</head><body><h1>入力エラー</h1><p>検索条件が正しくありません: "
                         f"{escape(getattr(exc, 'log_message', '') or '')}</p>"
@@ -402,12 +390,6 @@ class AckHandler(ReviewHandler):
         self.redirect(self.settings["service_prefix"] + "#alerts")
 
 
-def reviewer_roles(instance: Instance) -> frozenset[str]:
-    from sekisho.hub.roles import load_capabilities
-
-    return frozenset(role for role, cap in load_capabilities(instance).items() if cap.can_review_audit)
-
-
 ROUTES = [
     ("", IndexHandler),
     ("people", PeopleHandler),
@@ -417,8 +399,8 @@ ROUTES = [
 
 
 def app_settings(instance: Instance, prefix: str) -> dict[str, Any]:
-    return {"template_path": str(TEMPLATES), "reviewer_roles": reviewer_roles(instance),
-            "chain": ChainStatus(instance), "service_prefix": prefix if prefix.endswith("/") else prefix + "/"}
+    return {"template_path": str(TEMPLATES), "chain": ChainStatus(instance),
+            "service_prefix": prefix if prefix.endswith("/") else prefix + "/"}
 
 
 def main() -> None:

@@ -16,9 +16,13 @@ guard itself. Guard calls run in a thread pool over one shared ``Guard``, which 
 store's ``CURRENT`` pointer: a new ingest becomes visible at the next query while
 in-flight queries keep the snapshot they started on.
 
-Arrow responses carry the disclosure summary twice: in the Arrow schema metadata under
-``sekisho.summary`` (UTF-8 JSON — the authoritative copy) and in the ``X-Sekisho-Summary``
-header (ASCII JSON, for clients that do not parse Arrow metadata).
+What travels on the wire — endpoints, content types, the summary's two copies (Arrow
+schema metadata and the ``X-Sekisho-Summary`` header), the request envelope, the error
+body and the HTTP status of every code — is ``sekisho.protocol``, shared with the ibis
+client. This module parses the envelope only: the guard validates the SQL, the mode and
+ε itself (for every entry point alike) and refuses with its own codes. A failure that is
+not Sekisho's own (a bug) is logged here with its traceback and answered
+``internal_error``, without details.
 """
 
 from __future__ import annotations
@@ -26,164 +30,38 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import math
 import os
 import re
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import date, datetime, time
-from decimal import Decimal
-from pathlib import Path
 from typing import Any, Callable
 
+import ibis.expr.datatypes as dt
 import pyarrow as pa
 from tornado import web
 from tornado.httpserver import HTTPServer
 
+from sekisho.access import GUARD_SERVICE, SERVICES
+from sekisho.audit import AuditError
+from sekisho.guard import Guard, QueryRefused
 from sekisho.instance import Instance
+from sekisho.protocol import (ARROW_STREAM, BUDGET_PATH, DESCRIBE_PATH, JSON_CONTENT, MAX_BODY_BYTES,
+                              OPENAPI_PATH, QUERY_PATH, SUMMARY_HEADER, SUMMARY_METADATA_KEY, VIEWS_PATH,
+                              DescribeRequest, ErrorEnvelope, QueryRequest, RequestError, encode_summary,
+                              jsonable, summary_header)
 from sekisho.resources import resource_dir
-from sekisho.services.hubauth import GUARD_SERVICE, ServiceHandler, make_app, serve
+from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
 log = logging.getLogger("sekisho.services.guard")
 
-ARROW_STREAM = "application/vnd.apache.arrow.stream"
-SUMMARY_METADATA_KEY = b"sekisho.summary"
-SUMMARY_HEADER = "X-Sekisho-Summary"
-MAX_SQL_CHARS = 100_000
-MAX_BODY_BYTES = 2_000_000  # a maximal sql (100k chars) even when every char is JSON-escaped
-MODES = ("threshold", "dp")
-FORMATS = ("arrow", "json")
-QUERY_KEYS = {"sql", "mode", "epsilon", "format"}
-DESCRIBE_KEYS = {"sql"}
 # Hub tokens are URL-safe; anything else cannot be a token and is refused before the hub sees it.
 TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~+/=-]{8,512}")
 AUTH_HEADER_PATTERN = re.compile(r"(?:token|bearer)\s+(\S+)\s*", re.IGNORECASE)
-OPENAPI_PATH = resource_dir("hub") / "guard-openapi.yaml"
-
-
-# ---------------------------------------------------------------------------
-# Errors as HTTP responses
-
-
-class ApiError(Exception):
-    """An error answered as ``status`` with body ``{code, reason, part}``."""
-
-    def __init__(self, status: int, code: str, reason: str, part: str | None = None):
-        super().__init__(reason)
-        self.status, self.code, self.reason, self.part = status, code, reason, part
-
-    def body(self) -> dict[str, Any]:
-        return {"code": self.code, "reason": self.reason, "part": self.part}
-
-
-def bad_request(reason: str, part: str | None = None) -> ApiError:
-    return ApiError(400, "bad_request", reason, part)
-
-
-# ---------------------------------------------------------------------------
-# Request validation (explicit, so every wrong input gets a message naming the key)
-
-
-@dataclass(frozen=True)
-class QueryRequest:
-    sql: str
-    mode: str | None
-    epsilon: float | None
-    format: str
-
-
-def _parse_json_object(body: bytes) -> dict[str, Any]:
-    if not body:
-        raise bad_request("request body is empty; expected a JSON object / 本文が空です")
-    try:
-        data = json.loads(body.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise bad_request(f"request body is not UTF-8 (byte {e.start}) / 本文が UTF-8 ではありません") from None
-    except json.JSONDecodeError as e:
-        raise bad_request(f"request body is not valid JSON: {e.msg} at line {e.lineno}, "
-                          f"column {e.colno} / JSON として読めません") from None
-    if not isinstance(data, dict):
-        raise bad_request(f"request body must be a JSON object, got {type(data).__name__} "
-                          "/ JSON オブジェクトを送ってください")
-    return data
-
-
-def _check_keys(data: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise bad_request(f"unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
-                          f"{', '.join(sorted(allowed))} / 不明なキーがあります", unknown[0])
-
-
-def _parse_sql(data: dict[str, Any]) -> str:
-    sql = data.get("sql")
-    if not isinstance(sql, str):
-        got = "missing" if "sql" not in data else type(sql).__name__
-        raise bad_request(f"key 'sql' must be a string (got {got}) / sql には文字列が必要です", "sql")
-    if not sql.strip():
-        raise bad_request("key 'sql' is empty / sql が空です", "sql")
-    if len(sql) > MAX_SQL_CHARS:
-        raise bad_request(f"key 'sql' is longer than {MAX_SQL_CHARS} characters / sql が長すぎます", "sql")
-    if "\x00" in sql:
-        raise bad_request("key 'sql' contains a NUL character / sql に NUL 文字があります", "sql")
-    return sql
-
-
-def parse_query_request(body: bytes) -> QueryRequest:
-    data = _parse_json_object(body)
-    _check_keys(data, QUERY_KEYS)
-    sql = _parse_sql(data)
-    mode = data.get("mode")
-    if mode is not None and mode not in MODES:
-        raise bad_request(f"key 'mode' must be one of {', '.join(MODES)} (got {mode!r}) "
-                          "/ mode は threshold か dp です", "mode")
-    epsilon = data.get("epsilon")
-    if epsilon is not None:
-        if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
-            raise bad_request(f"key 'epsilon' must be a number (got {type(epsilon).__name__}) "
-                              "/ epsilon は数値です", "epsilon")
-        epsilon = float(epsilon)
-        if not math.isfinite(epsilon) or epsilon <= 0:
-            raise bad_request(f"key 'epsilon' must be a positive finite number (got {epsilon}) "
-                              "/ epsilon は正の数です", "epsilon")
-        if mode != "dp":
-            raise bad_request("key 'epsilon' is only meaningful with mode 'dp' "
-                              "/ epsilon は mode=dp のときだけ指定できます", "epsilon")
-    fmt = data.get("format", "arrow")
-    if fmt not in FORMATS:
-        raise bad_request(f"key 'format' must be one of {', '.join(FORMATS)} (got {fmt!r}) "
-                          "/ format は arrow か json です", "format")
-    return QueryRequest(sql=sql, mode=mode, epsilon=epsilon, format=fmt)
-
-
-def parse_describe_request(body: bytes) -> str:
-    data = _parse_json_object(body)
-    _check_keys(data, DESCRIBE_KEYS)
-    return _parse_sql(data)
+OPENAPI_FILE = resource_dir("hub") / "guard-openapi.yaml"
 
 
 # ---------------------------------------------------------------------------
 # Encoding results
-
-
-def jsonable(value: Any) -> Any:
-    """A JSON-safe form of one cell or summary value (NaN/inf become null)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, Decimal):
-        return float(value) if value.is_finite() else None
-    if isinstance(value, (datetime, date, time)):
-        return value.isoformat()
-    if isinstance(value, dict):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [jsonable(v) for v in value]
-    if hasattr(value, "item"):  # numpy scalars
-        return jsonable(value.item())
-    return str(value)
 
 
 def schema_json(schema: pa.Schema) -> list[dict[str, str]]:
@@ -191,8 +69,6 @@ def schema_json(schema: pa.Schema) -> list[dict[str, str]]:
 
     ``type`` is an ibis dtype string (parse with ``ibis.dtype``), ``arrow_type`` the Arrow one.
     """
-    import ibis.expr.datatypes as dt
-
     columns = []
     for field in schema:
         try:
@@ -205,7 +81,7 @@ def schema_json(schema: pa.Schema) -> list[dict[str, str]]:
 
 def arrow_stream(table: pa.Table, summary: dict[str, Any]) -> bytes:
     meta = dict(table.schema.metadata or {})
-    meta[SUMMARY_METADATA_KEY] = json.dumps(jsonable(summary), ensure_ascii=False).encode("utf-8")
+    meta[SUMMARY_METADATA_KEY] = encode_summary(summary)
     table = table.replace_schema_metadata(meta)
     sink = pa.BufferOutputStream()
     with pa.ipc.new_stream(sink, table.schema) as writer:
@@ -230,10 +106,10 @@ class GuardPool:
     next query while queries already running keep the snapshot they started on.
     """
 
-    def __init__(self, instance: Instance, guard_factory: Callable[[Instance], Any] | None = None,
+    def __init__(self, instance: Instance, guard_factory: Callable[[Instance], Any],
                  workers: int | None = None):
         self.instance = instance
-        self._factory = guard_factory or _default_guard_factory
+        self._factory = guard_factory
         self._guard: Any = None
         self._guard_lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=workers or min(8, (os.cpu_count() or 2) * 2),
@@ -261,36 +137,8 @@ class GuardPool:
             close()
 
 
-def _default_guard_factory(instance: Instance) -> Any:
-    from sekisho.guard import Guard
-
-    return Guard(instance)
-
-
-def _guard_refusal_types() -> tuple[type[BaseException], ...]:
-    from sekisho.guard import QueryRefused
-
-    return (QueryRefused,)
-
-
 # ---------------------------------------------------------------------------
 # Authorization (authentication and the explicit scope check are sekisho.services.hubauth's)
-
-
-def policy_role_views(instance: Instance, role: str) -> tuple[str, ...]:
-    """Views the role may query, from the policy in force."""
-    from sekisho.policy import load_policy
-
-    path = instance.policy_path
-    key = (path, path.stat().st_mtime_ns)
-    policy = _policy_cache.get(key)
-    if policy is None:
-        policy = _policy_cache[key] = load_policy(path)
-    spec = policy.roles.get(role)
-    return tuple(spec.views) if spec is not None else ()
-
-
-_policy_cache: dict[tuple[Path, int], Any] = {}
 
 
 def audit_denial(instance: Instance, user: str | None, role: str | None, endpoint: str,
@@ -305,12 +153,15 @@ def audit_denial(instance: Instance, user: str | None, role: str | None, endpoin
 # ---------------------------------------------------------------------------
 # Handlers
 
+INTERNAL_ERROR = ErrorEnvelope("internal_error", "the guard failed; see the service log / 関所の内部エラーです")
+
 
 class ApiHandler(ServiceHandler):
-    """Authenticated (hub token + explicit scope + Sekisho role with views), JSON errors."""
+    """Authenticated (hub token + explicit scope + a Sekisho role that may query), JSON errors."""
 
     api = True
     endpoint = "?"
+    required_capability = "can_query"
 
     @property
     def service(self) -> "GuardService":
@@ -331,11 +182,6 @@ class ApiHandler(ServiceHandler):
             if e.status_code == 401 and header is not None:
                 self._invalid_token("the hub did not accept the token")
             raise
-        if self._finished:
-            return
-        if not policy_role_views(self.instance, self.sekisho_role):
-            self._deny(self.hub_user_model, "role_not_allowed",
-                       f"role {self.sekisho_role!r} has no views", role=self.sekisho_role)
 
     def _invalid_token(self, why: str) -> None:
         self.denied_code = "invalid_token"
@@ -352,6 +198,8 @@ class ApiHandler(ServiceHandler):
         except Exception as e:  # the request is refused either way; say so in the service log
             log.error("cannot audit a denial (%s %s): %s", user, code, e)
 
+    # errors tornado raises (body too large, no such method ...) -> the code that names them;
+    # sekisho.protocol.status_for maps each code back to the same status
     ERRORS = {
         400: ("bad_request", "bad request / リクエストが正しくありません"),
         401: ("unauthenticated", "missing 'Authorization: token <hub token>' header "
@@ -371,90 +219,102 @@ class ApiHandler(ServiceHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        code, reason = self.ERRORS.get(status_code, ("internal_error", "internal error / 内部エラー"))
+        code, reason = self.ERRORS.get(status_code, (INTERNAL_ERROR.code, INTERNAL_ERROR.reason))
         denied = getattr(self, "denied_code", None)
         if status_code == 403 and denied:
             detail = exc.log_message.split(": ", 1)[-1] if isinstance(exc, web.HTTPError) and exc.log_message else denied
             code, reason = denied, f"{detail} / {self.DENIAL_TEXT_JA.get(denied, '権限がありません')}"
         elif isinstance(exc, web.HTTPError) and exc.log_message and status_code < 500:
             reason = f"{exc.log_message} / {reason.split(' / ')[-1]}"
-        self.send_api_error(ApiError(status_code, code, reason))
+        # the status tornado chose (it may be one the protocol has no code for, e.g. 411)
+        self.send_error_envelope(ErrorEnvelope(code, reason), status=status_code)
 
-    def send_api_error(self, e: ApiError) -> None:
-        self.clear_header("X-Sekisho-Summary")
-        self.set_status(e.status)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps(e.body(), ensure_ascii=False))
+    def send_error_envelope(self, error: ErrorEnvelope, status: int | None = None) -> None:
+        self.clear_header(SUMMARY_HEADER)
+        self.set_status(status or error.status)
+        self.set_header("Content-Type", JSON_CONTENT)
+        self.finish(json.dumps(error.to_json(), ensure_ascii=False))
 
     def send_json(self, data: Any) -> None:
-        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.set_header("Content-Type", JSON_CONTENT)
         self.finish(json.dumps(jsonable(data), ensure_ascii=False))
 
     async def guarded(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        """Call the guard in the pool; a refusal is answered 422 and ``None`` returned."""
-        from sekisho.audit import AuditError
-
-        refused = self.service.refusal_types
+        """Call the guard in the pool. A refusal, an audit failure or a bug is answered here
+        (its status from ``sekisho.protocol``) and ``None`` returned."""
         try:
             return await self.service.pool.call(method, *args, **kwargs)
-        except refused as e:
-            self.send_api_error(ApiError(422, str(getattr(e, "code", "refused")),
-                                         str(getattr(e, "reason", e)),
-                                         _part(getattr(e, "part", None))))
+        except self.service.refusal_types as e:
+            part = getattr(e, "part", None)
+            self.send_error_envelope(ErrorEnvelope(str(getattr(e, "code", "refused")), str(getattr(e, "reason", e)),
+                                                   None if part is None else str(part)))
         except AuditError:
-            self.send_api_error(ApiError(503, "audit_unavailable",
-                                         "the audit log cannot be written; nothing was done "
-                                         "/ 監査ログに書き込めないため処理しません"))
+            self.send_error_envelope(ErrorEnvelope(
+                "audit_unavailable", "the audit log cannot be written; nothing was done "
+                                     "/ 監査ログに書き込めないため処理しません"))
         except Exception:
-            log.exception("guard call %s failed", method)
-            self.send_api_error(ApiError(500, "internal_error",
-                                         "the guard failed; see the service log / 関所の内部エラーです"))
+            # a bug: the guard records what it audited itself; no answer seq exists yet
+            log.exception("guard.%s for %s failed (%s; no audit seq is known)", method, self.hub_user, self.endpoint)
+            self.send_error_envelope(INTERNAL_ERROR)
         return None
 
-
-def _part(part: Any) -> str | None:
-    return None if part is None else str(part)
+    async def encoded(self, what: str, audit_seq: Any, encode: Callable[..., Any], *args: Any) -> Any:
+        """``encode(*args)`` in the pool; a failure (a bug: the answer was already audited)
+        is logged with its traceback and the answer's audit seq, answered ``internal_error``
+        and ``None`` returned."""
+        try:
+            return await self.service.pool.run(encode, *args)
+        except Exception:
+            log.exception("encoding %s for %s failed (audit seq %s)", what, self.hub_user, audit_seq)
+            self.send_error_envelope(INTERNAL_ERROR)
+            return None
 
 
 class QueryHandler(ApiHandler):
-    endpoint = "api/query"
+    endpoint = QUERY_PATH
 
     async def post(self) -> None:
         try:
-            req = parse_query_request(self.request.body)
-        except ApiError as e:
-            return self.send_api_error(e)
+            request = QueryRequest.from_body(self.request.body)
+        except RequestError as e:
+            return self.send_error_envelope(e.envelope())
         kwargs: dict[str, Any] = {"user": self.hub_user}
-        if req.mode is not None:  # omitted: the guard applies the role's default mode
-            kwargs["mode"] = req.mode
-        if req.epsilon is not None:
-            kwargs["epsilon"] = req.epsilon
-        result = await self.guarded("query", req.sql, **kwargs)
+        if request.mode is not None:  # omitted: the guard applies the role's default mode
+            kwargs["mode"] = request.mode
+        if request.epsilon is not None:
+            kwargs["epsilon"] = request.epsilon
+        result = await self.guarded("query", request.sql, **kwargs)
         if result is None:
             return
-        if req.format == "json":
-            return self.send_json(json_result(result.table, result.summary))
-        body = await self.service.pool.run(arrow_stream, result.table, result.summary)
+        seq = result.summary.get("query_id")
+        if request.format == "json":
+            body = await self.encoded("a JSON result", seq, json_result, result.table, result.summary)
+            if body is not None:
+                self.send_json(body)
+            return
+        body = await self.encoded("an Arrow result", seq, arrow_stream, result.table, result.summary)
+        if body is None:
+            return
         self.set_header("Content-Type", ARROW_STREAM)
-        self.set_header(SUMMARY_HEADER, json.dumps(jsonable(result.summary), ensure_ascii=True))
+        self.set_header(SUMMARY_HEADER, summary_header(result.summary))
         self.finish(body)
 
 
 class DescribeHandler(ApiHandler):
-    endpoint = "api/describe"
+    endpoint = DESCRIBE_PATH
 
     async def post(self) -> None:
         try:
-            sql = parse_describe_request(self.request.body)
-        except ApiError as e:
-            return self.send_api_error(e)
-        schema = await self.guarded("describe", sql, user=self.hub_user)
+            request = DescribeRequest.from_body(self.request.body)
+        except RequestError as e:
+            return self.send_error_envelope(e.envelope())
+        schema = await self.guarded("describe", request.sql, user=self.hub_user)
         if schema is not None:
             self.send_json({"columns": schema_json(schema)})
 
 
 class ViewsHandler(ApiHandler):
-    endpoint = "api/views"
+    endpoint = VIEWS_PATH
 
     async def get(self) -> None:
         views = await self.guarded("views", self.hub_user)
@@ -463,7 +323,7 @@ class ViewsHandler(ApiHandler):
 
 
 class BudgetHandler(ApiHandler):
-    endpoint = "api/budget"
+    endpoint = BUDGET_PATH
 
     async def get(self) -> None:
         budget = await self.guarded("budget", self.hub_user)
@@ -476,15 +336,15 @@ class OpenApiHandler(web.RequestHandler):
 
     def get(self) -> None:
         self.set_header("Content-Type", "application/yaml; charset=utf-8")
-        self.finish(OPENAPI_PATH.read_bytes())
+        self.finish(OPENAPI_FILE.read_bytes())
 
 
 class NotFoundHandler(web.RequestHandler):
     def prepare(self) -> None:
-        self.set_status(404)
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(json.dumps({"code": "not_found", "reason": "no such endpoint "
-                                "/ そのような API はありません", "part": None}))
+        error = ErrorEnvelope("not_found", "no such endpoint / そのような API はありません")
+        self.set_status(error.status)
+        self.set_header("Content-Type", JSON_CONTENT)
+        self.finish(json.dumps(error.to_json(), ensure_ascii=False))
 
 
 # ---------------------------------------------------------------------------
@@ -494,26 +354,26 @@ class NotFoundHandler(web.RequestHandler):
 class GuardService:
     """The instance, the guard pool and the tornado application."""
 
-    def __init__(self, instance: Instance, *, hub_auth: Any = None, prefix: str = "/services/guard/",
+    def __init__(self, instance: Instance, *, hub_auth: Any = None, prefix: str = SERVICES[GUARD_SERVICE].path,
                  service_name: str = GUARD_SERVICE,
                  guard_factory: Callable[[Instance], Any] | None = None, workers: int | None = None,
-                 refusal_types: tuple[type[BaseException], ...] | None = None):
+                 refusal_types: tuple[type[BaseException], ...] = (QueryRefused,)):
         """``guard_factory``/``refusal_types`` default to the real guard; unit tests of the
         HTTP layer substitute a test double."""
         self.instance = instance
-        self.refusal_types = refusal_types or _guard_refusal_types()
+        self.refusal_types = refusal_types
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.service_name = service_name
         self.hub_auth = hub_auth
-        self.pool = GuardPool(instance, guard_factory, workers)
+        self.pool = GuardPool(instance, guard_factory or Guard, workers)
 
     def make_app(self) -> web.Application:
         routes = [
-            (r"api/query", QueryHandler),
-            (r"api/describe", DescribeHandler),
-            (r"api/views", ViewsHandler),
-            (r"api/budget", BudgetHandler),
-            (r"api/openapi\.yaml", OpenApiHandler),
+            (re.escape(QUERY_PATH), QueryHandler),
+            (re.escape(DESCRIBE_PATH), DescribeHandler),
+            (re.escape(VIEWS_PATH), ViewsHandler),
+            (re.escape(BUDGET_PATH), BudgetHandler),
+            (re.escape(OPENAPI_PATH), OpenApiHandler),
         ]
         return make_app(self.service_name, routes, instance=self.instance, prefix=self.prefix,
                         hub_auth=self.hub_auth, guard_service=self,

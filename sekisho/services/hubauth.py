@@ -11,24 +11,28 @@ to authenticate and authorise a request:
    handler's ``required_scopes`` — ``HubOAuth.user_for_token`` alone only says who
    the token belongs to, not what it may do.
 3. **As what**: the hub user name is mapped to their Sekisho role with
-   ``sekisho.state.role_of``; a handler may restrict ``allowed_roles``. A person
-   without a role is refused (fail closed).
+   ``sekisho.state.role_of``, and a handler may require a capability of that role
+   (``required_capability``, a flag of ``sekisho.access.Capabilities``), read from the
+   policy in force at each request. A person without a role is refused (fail closed).
 
 Usage (a service module)::
 
-    from sekisho.services.hubauth import ServiceHandler, run_service
+    from sekisho.access import AUDIT_REVIEW_SCOPE, AUDIT_SERVICE
+    from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
     class Index(ServiceHandler):
-        allowed_roles = frozenset({"admin"})
+        required_capability = "can_review_audit"
         required_scopes = frozenset({AUDIT_REVIEW_SCOPE})
 
         def get(self):
             self.write(f"hello {self.hub_user} ({self.sekisho_role})")
 
     def main():
-        run_service("audit", [("", Index)], template_path=...)
+        serve(AUDIT_SERVICE, lambda instance, env, address, port: HTTPServer(
+            make_app(env["name"], [("", Index)], instance=instance, prefix=env["prefix"])
+        ).listen(port, address))
 
-``run_service`` reads the environment the hub gives a managed service:
+``serve`` reads the environment the hub gives a managed service:
 ``JUPYTERHUB_SERVICE_NAME``, ``JUPYTERHUB_SERVICE_URL`` (where to listen),
 ``JUPYTERHUB_SERVICE_PREFIX`` (the URL prefix, e.g. ``/services/audit/``),
 ``JUPYTERHUB_API_TOKEN`` (read by HubOAuth itself) and ``SEKISHO_HOME``.
@@ -41,33 +45,20 @@ import logging
 import os
 import secrets
 from collections.abc import Callable, Iterable, Sequence
+from html import escape
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import urlparse
 
 from jupyterhub.services.auth import HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated, check_scopes
 from jupyterhub.utils import url_path_join
-from tornado import httpserver, ioloop, web
+from tornado import ioloop, web
 
+from sekisho.access import Capabilities, current_capabilities, service_access_scope, service_path
 from sekisho.instance import Instance, drop_to_service_account
 from sekisho.state import role_of
 
 log = logging.getLogger("sekisho.services")
-
-# Service names as registered in the hub (also the URL segment /services/<name>/).
-GUARD_SERVICE = "guard"
-AUDIT_SERVICE = "audit"
-REPORTS_SERVICE = "reports"
-
-# Custom hub scopes (defined in hub/jupyterhub_config.py through sekisho.hub.roles):
-# holding them is what makes a hub user an audit reviewer / a reader of reports.
-AUDIT_REVIEW_SCOPE = "custom:sekisho:audit-review"
-REPORTS_READ_SCOPE = "custom:sekisho:reports-read"
-
-
-def service_access_scope(service: str) -> str:
-    """The hub scope that lets a token reach ``/services/<service>/``."""
-    return f"access:services!service={service}"
 
 
 class ServiceHandler(HubOAuthenticated, web.RequestHandler):
@@ -77,7 +68,8 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
 
     * ``required_scopes``: every scope listed must be held (default: access to this
       service, ``access:services!service=<name>``);
-    * ``allowed_roles``: Sekisho roles that may use the handler (``None``: any role);
+    * ``required_capability``: a flag of ``sekisho.access.Capabilities`` the person's role
+      must have under the policy in force (``None``: any role);
     * ``api``: ``True`` for JSON endpoints (401/403 as JSON, never a login redirect).
 
     After ``prepare`` the handler has ``hub_user`` (name), ``hub_user_model`` (the
@@ -85,12 +77,19 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     """
 
     required_scopes: frozenset[str] | None = None
-    allowed_roles: frozenset[str] | None = None
+    required_capability: str | None = None
     api: bool = False
 
     hub_user: str
     hub_user_model: dict[str, Any]
     sekisho_role: str
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # a misspelt capability would refuse everyone at request time; say so at import
+        super().__init_subclass__(**kwargs)
+        if cls.required_capability is not None and not hasattr(Capabilities, cls.required_capability):
+            raise TypeError(f"{cls.__name__}.required_capability: {cls.required_capability!r} is not "
+                            "a flag of sekisho.access.Capabilities")
 
     # ---- wiring ------------------------------------------------------------
     @property
@@ -153,8 +152,9 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         role = role_of(self.instance, name)
         if role is None:
             self._deny(model, "no_role", "no Sekisho role is registered for this user")
-        if self.allowed_roles is not None and role not in self.allowed_roles:
-            self._deny(model, "role_not_allowed", f"role {role!r} may not use this page", role=role)
+        capability = self.required_capability
+        if capability is not None and not getattr(current_capabilities(self.instance.policy_path, role), capability):
+            self._deny(model, "role_not_allowed", f"role {role!r} may not use this page ({capability})", role=role)
         self.hub_user = name
         self.hub_user_model = model
         self.sekisho_role = role
@@ -194,8 +194,6 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
 
 
 def _error_page(status: int, ja: str, detail: str) -> str:
-    from html import escape
-
     return (
         "<!doctype html><html lang=\"ja\"><head><meta charset=\"utf-8\">"
         f"<title>{status} — 関所</title></head><body style=\"font-family: sans-serif; margin: 2em\">"
@@ -260,7 +258,7 @@ def service_environment(service: str | None = None) -> dict[str, str]:
     return {
         "name": name,
         "url": os.environ["JUPYTERHUB_SERVICE_URL"],
-        "prefix": os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or f"/services/{name}/",
+        "prefix": os.environ.get("JUPYTERHUB_SERVICE_PREFIX") or service_path(name),
         "home": os.environ.get("SEKISHO_HOME", ""),
     }
 
@@ -278,15 +276,6 @@ def serve(service: str, start: Callable[[Instance, dict[str, str], str, int], An
     log.info("%s service listening on %s (prefix %s, instance %s, pid %d)", env["name"], env["url"],
              env["prefix"], instance.home, os.getpid())
     ioloop.IOLoop.current().start()
-
-
-def run_service(service: str, routes: Sequence[Route], **settings: Any) -> None:
-    """Serve ``routes`` as ``service`` (for services that are just an app)."""
-    def start(instance: Instance, env: dict[str, str], address: str, port: int) -> None:
-        app = make_app(env["name"], routes, instance=instance, prefix=env["prefix"], **settings)
-        httpserver.HTTPServer(app, xheaders=True).listen(port, address)
-
-    serve(service, start)
 
 
 def scopes_of(model: dict[str, Any]) -> set[str]:

@@ -30,11 +30,11 @@ from urllib.parse import quote
 from tornado import web
 from tornado.httpserver import HTTPServer
 
+from sekisho.access import REPORTS_SERVICE, SERVICES
 from sekisho.instance import Instance
 from sekisho.reports.index import entries, read_index, report_file
 from sekisho.reports.periods import label_ja
-from sekisho.services.hubauth import (REPORTS_READ_SCOPE, REPORTS_SERVICE, ServiceHandler,
-                                      make_app, serve, service_access_scope)
+from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
 log = logging.getLogger("sekisho.services.reports")
 
@@ -47,20 +47,9 @@ INDEX_CSP = ("default-src 'none'; style-src 'unsafe-inline'; img-src data:; base
              "form-action 'none'; frame-ancestors 'self'")
 
 
-def reader_roles(instance: Instance) -> frozenset[str]:
-    """Sekisho roles whose policy says ``can_read_reports``."""
-    from sekisho.policy import load_policy
-
-    policy = load_policy(instance.policy_path)
-    return frozenset(name for name, role in policy.roles.items() if role.can_read_reports)
-
-
 class ReportsHandler(ServiceHandler):
-    required_scopes = frozenset({service_access_scope(REPORTS_SERVICE), REPORTS_READ_SCOPE})
-
-    @property
-    def allowed_roles(self) -> frozenset[str]:  # type: ignore[override]
-        return self.settings["reader_roles"]
+    required_scopes = frozenset(SERVICES[REPORTS_SERVICE].oauth_scopes)
+    required_capability = "can_read_reports"
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Security-Policy", INDEX_CSP)
@@ -155,13 +144,12 @@ p.note {{ color: #555; font-size: .85em; }}
 class ReportsService:
     """The instance and the tornado application of the reports service."""
 
-    def __init__(self, instance: Instance, *, hub_auth=None, prefix: str = "/services/reports/",
+    def __init__(self, instance: Instance, *, hub_auth=None, prefix: str = SERVICES[REPORTS_SERVICE].path,
                  service_name: str = REPORTS_SERVICE) -> None:
         self.instance = instance
         self.hub_auth = hub_auth
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.service_name = service_name
-        self.reader_roles = reader_roles(instance)
 
     def make_app(self) -> web.Application:
         # tornado matches the percent-encoded path; the name is then looked up in the index
@@ -174,7 +162,7 @@ class ReportsService:
             (rf"r/{name}/(tables/[0-9A-Za-z_\-]+\.(?:json|csv))", ReportPage),
         ]
         return make_app(self.service_name, routes, instance=self.instance, prefix=self.prefix,
-                        hub_auth=self.hub_auth, reader_roles=self.reader_roles)
+                        hub_auth=self.hub_auth)
 
     def listen(self, port: int, address: str = "127.0.0.1") -> HTTPServer:
         server = HTTPServer(self.make_app(), xheaders=True)

@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from sekisho.errors import SekishoError
 from sekisho.reference import (BLOCKS, CERT_TYPES, CITY_NAME, FACILITY_TYPES, IDOU_TYPES, MUNICIPALITIES,
                                PREF_NAME, RELATIONSHIPS, REMOVAL_REASONS, SEX)
 from sekisho.synth import params as P
@@ -43,7 +44,7 @@ STREAM_FACILITIES, STREAM_CHUNKS = 1, 2
 ADDRESS_PREFIX = PREF_NAME + CITY_NAME
 
 
-class SynthError(ValueError):
+class SynthError(SekishoError, ValueError):
     """Bad parameters for the generator (message names the parameter)."""
 
 
