@@ -193,6 +193,34 @@ def test_rule_registry_matches_the_policy_vocabulary():
     assert set(rules.RULES) == set(policy_module.RULES)
 
 
+def test_derivation_registry_matches_the_policy_vocabulary():
+    from sekisho.ingest import derivations
+
+    assert set(derivations.DERIVATIONS) == set(policy_module.DERIVATIONS)
+
+
+def test_each_rule_stages_exactly_the_values_the_policy_says_it_releases():
+    """The loader checks views against ``rule_releases``; the staging tables the views
+    are built from must hold exactly those values (plus internal ``_`` columns)."""
+    import re
+    from datetime import date
+
+    from sekisho.resources import resource_dir
+
+    pol = policy_module.load_policy(resource_dir("policies") / "himeji.yaml")
+    seen = set()
+    for src in pol.sources.values():
+        ctx = rules.RuleContext(source=src, extract_date=date(2026, 10, 31))
+        for col in src.columns.values():
+            selected = rules.RULES[col.rule](col, ctx).select
+            staged = [re.search(r' AS "?([^" ]+)"?$', item).group(1) for item in selected]
+            assert {n for n in staged if not n.startswith("_")} == set(policy_module.rule_releases(col)), col
+            if col.rule in policy_module.EXACT_VALUE_RULES:
+                assert rules.exact_column(col.name, col.rule).strip('"') in staged, col
+            seen.add(col.rule)
+    assert seen == set(policy_module.RULES), "the Himeji policy exercises every rule"
+
+
 def test_age_band_sql():
     import duckdb
 
@@ -451,7 +479,9 @@ def test_rules_are_selected_and_parametrised_by_the_policy(tmp_path):
     assert res[res.person_id == pid].sex.item() == "女"
 
 
-def test_a_view_column_no_rule_produces_is_refused(tmp_path):
+def test_a_view_column_no_rule_produces_is_refused_before_anything_is_read(tmp_path):
+    """A view may only use values the rules release: dropping a column a view uses makes
+    the policy invalid, refused (and audited) before the upload reads a file."""
     src = tmp_path / "export"
     write_mini_city(src)
 
@@ -459,10 +489,13 @@ def test_a_view_column_no_rule_produces_is_refused(tmp_path):
         doc["sources"]["residents"]["columns"]["removal_reason"]["rule"] = "drop"
 
     inst = _instance_with_policy(tmp_path, drop_reason)
-    with pytest.raises(IngestError, match=r"himeji.yaml \[views.residents.columns.removal_reason\]: "
-                                          "declared in the policy but not produced"):
+    with pytest.raises(policy_module.PolicyError) as exc:
         _ingest(inst, src)
+    assert exc.value.key == "views.residents.columns.removal_reason"
+    assert "rule 'drop', which releases nothing" in exc.value.problem
     assert Store(inst).current() is None and inst.audit.verify().ok
+    last = list(inst.audit.entries())[-1]
+    assert last["type"] == "ingest.failed" and "views.residents.columns.removal_reason" in last["details"]["reason"]
 
 
 def test_unexpected_engine_error_is_audited_without_quoted_values(city, monkeypatch):

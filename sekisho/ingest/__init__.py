@@ -4,7 +4,9 @@
 its audited steps (authorize, open, run) so the CLI can drop privileges in between.
 Modules: ``reading`` (files, encodings, CSV), ``validate`` (policy checks),
 ``rules`` (one unit per abstraction rule), ``keys`` (bulk keyed IDs), ``views`` (the
-store tables), ``standard`` (the processing standard document generated from the policy).
+generic builder of the store tables from the policy's view definitions),
+``derivations`` (one unit per derivation a view column may name), ``standard`` (the
+processing standard document generated from the policy).
 
 Names are imported lazily so that ``sekisho.ingest.keys`` (loaded by the helper process
 that computes digests) does not pull in DuckDB and pyarrow.

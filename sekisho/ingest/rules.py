@@ -8,9 +8,10 @@ other values (a person's exact birth date to compute the age at an event, a reco
 identity to derive its record key) and can never reach the store, because a view table
 is written with exactly the columns its policy declares (checked in ``views``).
 
-Also here: the SQL building blocks the view builders share (age at a date, top-coding,
-e-Stat age bands, record keys) and the two lookup tables rules join to: keyed-ID maps
-and the geocoded address master.
+Also here: the SQL building blocks the view builder and its derivations share (age at
+a date, top-coding, bands, record keys), the names of the staging columns they read
+(``exact_column``, ``join_column``, ``seed_column``), and the two lookup tables rules
+join to: keyed-ID maps and the geocoded address master.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from sekisho.ingest import keys
-from sekisho.policy import Policy, Source, SourceColumn
+from sekisho.policy import MESH_NAMES, Policy, Source, SourceColumn
 
 
 @dataclass
@@ -66,10 +67,20 @@ def topcoded_age(birth: str, on: str, top: int) -> str:
     return f"least(greatest({age_at(birth, on)}, 0), {int(top)})"
 
 
+def band(value: str, width: int, top: int) -> str:
+    """Fixed-width bands labelled ``lo-hi``, the last one open (``top+``). Bands are of
+    non-negative values: a negative one is labelled ``<0`` (integer division would put
+    it in the first band), which no declared domain lists, so the upload is refused."""
+    w, t = int(width), int(top)
+    return (f"CASE WHEN {value} IS NULL THEN NULL WHEN {value} >= {t} THEN '{t}+' "
+            f"WHEN {value} < 0 THEN '<0' "
+            f"ELSE CAST(({value} // {w}) * {w} AS VARCHAR) || '-' || "
+            f"CAST(({value} // {w}) * {w} + {w - 1} AS VARCHAR) END")
+
+
 def age_band(age: str, top: int) -> str:
     """e-Stat five-year bands, the last one open: 0-4, ..., 95-99, 100+."""
-    return (f"CASE WHEN {age} IS NULL THEN NULL WHEN {age} >= {int(top)} THEN '{int(top)}+' "
-            f"ELSE CAST(({age} // 5) * 5 AS VARCHAR) || '-' || CAST(({age} // 5) * 5 + 4 AS VARCHAR) END")
+    return band(age, 5, top)
 
 
 def topcoded_birth_ym(birth: str, ref: date, top: int) -> str:
@@ -99,17 +110,46 @@ def event_rkey(seed: str, table: str, record: str) -> str:
             f"CAST({record} AS VARCHAR)), 1, 2)) AS SMALLINT)")
 
 
+# ---- staging columns the view builder reads ---------------------------------------------
+
+
+def exact_column(column: str, rule: str) -> str:
+    """The staging column that holds raw column ``column``'s exact value after its rule
+    (one of ``sekisho.policy.EXACT_VALUE_RULES``): the kept value itself, or the internal
+    ``_`` column the rule leaves for derivations."""
+    return {"keep": column, "year_month": "_" + column, "birth_topcoded": "_" + column,
+            "record_key": "_record_" + column}[rule]
+
+
+def join_column(col: SourceColumn) -> str:
+    """The staging column a join matches on: a kept value, or for a keyed identifier the
+    dense integer of its keymap (equal raw values, equal integers; cheaper than the hex)."""
+    return ident(col.name) if col.rule == "keep" else ident("_n_" + col.params["as"])
+
+
+def seed_column(keyed_name: str) -> str:
+    """The staging column with the secret record-key seed of keyed identifier ``keyed_name``."""
+    return ident("_seed_" + keyed_name)
+
+
+def unit_namespaces(policy: Policy) -> set[str]:
+    """The keyed-ID namespaces of the views' privacy units: the ones whose keymaps carry
+    a record-key seed."""
+    out = set()
+    for view in policy.views.values():
+        unit = view.privacy_unit
+        if unit is not None:
+            origin = view.columns[unit].origin     # a keyed_id value of the view's source
+            out.add(policy.sources[view.source].columns[origin.released.column].params["namespace"])
+    return out
+
+
 # ---- keyed identifiers ----------------------------------------------------------------
 
 
 def keyed_id(secret: bytes, namespace: str, value: str) -> str:
     """HMAC-SHA256 of a raw identifier under the instance secret, hex (the stored ID)."""
     return hmac.digest(secret, f"{namespace}:{value}".encode(), "sha256").hex()
-
-
-def rkey_seed(secret: bytes, namespace: str, value: str) -> str:
-    """A second, independent HMAC from which record keys are derived (never stored)."""
-    return hmac.digest(secret, f"rkey:{namespace}:{value}".encode(), "sha256").hex()
 
 
 def _digests(secret: bytes, prefix: bytes, values: list[str], pool=None) -> pa.Array:
@@ -123,16 +163,12 @@ def build_keymaps(con, policy: Policy, secret: bytes, pool=None) -> dict[str, in
     (hex), a dense integer ``n`` used for joins inside the working database, and, for the
     namespace of the privacy unit, the secret record-key ``seed``. HMAC runs in Python
     once per distinct identifier, not once per row."""
-    units = {c.name for v in policy.views.values() for c in v.columns.values() if c.cls == "privacy_unit"}
+    seeded = unit_namespaces(policy)
     columns: dict[str, list[tuple[str, str]]] = {}
-    seeded: set[str] = set()
     for sname, src in policy.sources.items():
         for col in src.columns.values():
             if col.rule == "keyed_id":
-                ns = col.params["namespace"]
-                columns.setdefault(ns, []).append((sname, col.name))
-                if col.params["as"] in units:
-                    seeded.add(ns)
+                columns.setdefault(col.params["namespace"], []).append((sname, col.name))
     sizes = {}
     for ns, cols in columns.items():
         union = " UNION ".join(f"SELECT {ident(c)} AS v FROM raw_{s} WHERE {ident(c)} IS NOT NULL"
@@ -154,32 +190,41 @@ def build_keymaps(con, policy: Policy, secret: bytes, pool=None) -> dict[str, in
 
 # ---- geocoded address master ------------------------------------------------------------
 
-MESH_LEVELS = {"mesh1km": 3, "mesh500m": 4, "mesh250m": 5}   # JIS X 0410 levels in jismesh
+MESH_LEVELS = dict(zip(MESH_NAMES, (3, 4, 5)))   # JIS X 0410 levels in jismesh: 1km, 500m, 250m
+
+
+def address_masters(policy: Policy) -> list[Source]:
+    """The sources some locate rule's reference points to (``SourceColumn.locate_via``)."""
+    names = {col.locate_via.source for src in policy.sources.values() for col in src.columns.values()
+             if col.rule == "locate"}
+    return [policy.sources[name] for name in sorted(names)]
 
 
 def build_geo(con, policy: Policy) -> int:
-    """``geo``: one row per (chome_code, gaiku) of the address master with its 町丁目 name,
-    地域ブロック and JIS X 0410 mesh codes computed from the gaiku's representative point."""
+    """``geo_<master>`` for every address master: its rows with their kept columns (the
+    keys locate joins on, the names it carries) and the JIS X 0410 mesh codes of each
+    row's representative point (its ``position`` columns, by axis). Returns the rows."""
     import jismesh.utils as ju
 
-    master = next((s for s in policy.sources.values()
-                   if any(c.rule == "position" for c in s.columns.values())), None)
-    if master is None:
-        return 0
-    t = con.execute(f"""
-        SELECT chome_code, gaiku, chome_name, block,
-               CAST(lat AS DOUBLE) AS lat, CAST(lon AS DOUBLE) AS lon
-        FROM raw_{master.name}""").to_arrow_table()
-    lat = t.column("lat").to_numpy()
-    lon = t.column("lon").to_numpy()
-    meshes = {name: pa.array(np.asarray(ju.to_meshcode(lat, lon, level)).astype(np.int64).astype(str))
-              for name, level in MESH_LEVELS.items()}
-    geo = pa.table({"chome_code": t.column("chome_code"), "gaiku": t.column("gaiku"),
-                    "chome_name": t.column("chome_name"), "block": t.column("block"), **meshes})
-    con.register("_geo_arrow", geo)
-    con.execute("CREATE TABLE geo AS SELECT * FROM _geo_arrow")
-    con.unregister("_geo_arrow")
-    return geo.num_rows
+    rows = 0
+    for master in address_masters(policy):
+        axis = {c.params["axis"]: c.name for c in master.columns.values() if c.rule == "position"}
+        kept = [c.name for c in master.columns.values() if c.rule == "keep"]
+        t = con.execute(f"""
+            SELECT {', '.join(ident(c) for c in kept)},
+                   CAST({ident(axis['latitude'])} AS DOUBLE) AS _latitude,
+                   CAST({ident(axis['longitude'])} AS DOUBLE) AS _longitude
+            FROM raw_{master.name}""").to_arrow_table()
+        lat = t.column("_latitude").to_numpy()
+        lon = t.column("_longitude").to_numpy()
+        meshes = {name: pa.array(np.asarray(ju.to_meshcode(lat, lon, level)).astype(np.int64).astype(str))
+                  for name, level in MESH_LEVELS.items()}
+        geo = pa.table({**{c: t.column(c) for c in kept}, **meshes})
+        con.register("_geo_arrow", geo)
+        con.execute(f"CREATE TABLE geo_{master.name} AS SELECT * FROM _geo_arrow")
+        con.unregister("_geo_arrow")
+        rows += geo.num_rows
+    return rows
 
 
 # ---- the rules --------------------------------------------------------------------------
@@ -237,16 +282,17 @@ def code_label(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
 
 
 def locate(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
-    """A 街区 (block inside a 町丁目) replaced by the 町丁目 name, 地域ブロック and
+    """A 街区 (block inside a 町丁目) replaced by what the address master says of it —
+    the columns it ``carry``s (e.g. the 町丁目 name, the 地域ブロック) and the
     1km/500m/250m mesh codes of its representative point; the 街区 itself is dropped."""
-    prefix = col.params.get("prefix", "")
-    alias = f"g_{col.name}"
+    prefix, via = col.params.get("prefix", ""), col.locate_via
+    alias = ident(f"g_{col.name}")
+    on = " AND ".join(f"{alias}.{ident(theirs)} = r.{ident(mine)}" for mine, theirs in zip(via.columns, via.target))
     return RuleOutput(
-        [f"{alias}.chome_name AS {ident(prefix + 'area_name')}",
-         f"{alias}.block AS {ident(prefix + 'block')}"]
+        [f"{alias}.{ident(master_column)} AS {ident(prefix + name)}"
+         for name, master_column in col.params["carry"].items()]
         + [f"{alias}.{m} AS {ident(prefix + m)}" for m in MESH_LEVELS],
-        [f"LEFT JOIN geo {alias} ON {alias}.chome_code = r.{ident(col.params['chome'])} "
-         f"AND {alias}.gaiku = r.{ident(col.name)}"])
+        [f"LEFT JOIN geo_{via.source} {alias} ON {on}"])
 
 
 def position(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
@@ -256,7 +302,7 @@ def position(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
 
 def record_key(col: SourceColumn, ctx: RuleContext) -> RuleOutput:
     """A record identity used only to derive the record key; not kept."""
-    return RuleOutput([f"r.{ident(col.name)} AS _record"])
+    return RuleOutput([f"r.{ident(col.name)} AS {ident(exact_column(col.name, 'record_key'))}"])
 
 
 RULES = {

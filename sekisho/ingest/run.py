@@ -31,9 +31,6 @@ from sekisho.policy import Policy, PolicyError, load_policy
 from sekisho.state import role_of
 from sekisho.store import Store
 
-# sources whose dates bound the extract (validity/usage periods may lie in the future)
-EXTRACT_DATE_SOURCES = ("residents", "movements")
-
 
 @dataclass
 class IngestResult:
@@ -227,10 +224,11 @@ class Ingestion:
             phase("building views")
             problems = []
             for view in policy.views.values():
-                views.build(con, policy, view, extract)
+                problems += views.check_merged_rows(con, policy, view)
+                views.build(con, policy, view)
                 problems += views.check_domains(con, policy, view)
             if problems:
-                raise IngestError(problems, summary="values outside the policy's declared domains")
+                raise IngestError(problems, summary="values outside what the policy declares for the views")
             for name in policy.sources:     # free memory before writing
                 con.execute(f"DROP TABLE stg_{name}")
             bar.update()
@@ -278,14 +276,11 @@ class Ingestion:
                             audit_seq=entry["seq"], pruned=pruned, timings=self.timings)
 
     def _infer_extract_date(self, con) -> date:
-        """The last day of the month of the latest register or movement date."""
-        parts = []
-        for name in EXTRACT_DATE_SOURCES:
-            src = self.policy.sources.get(name)
-            if src is None:
-                continue
-            parts += [f"SELECT max({rules.ident(c.name)}) AS d FROM raw_{name}"
-                      for c in src.columns.values() if c.type == "date" and c.rule != "birth_topcoded"]
+        """The last day of the month of the latest date in the columns the policy marks
+        ``sets_extract_date`` (others, such as validity periods, may lie in the future)."""
+        parts = [f"SELECT max({rules.ident(c.name)}) AS d FROM raw_{src.name}"
+                 for src in self.policy.sources.values() for c in src.columns.values()
+                 if c.sets_extract_date]
         latest = con.execute(f"SELECT max(d) FROM ({' UNION ALL '.join(parts)})").fetchone()[0] \
             if parts else None
         if latest is None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sekisho.policy import Policy, SourceColumn, load_policy
+from sekisho.policy import (DayOfYear, Derivation, ExactValue, Policy, SourceColumn, Value, View,
+                            load_policy, rule_releases)
 
 RULE_TEXT = {
     "drop": "削除",
@@ -33,22 +34,56 @@ TYPE_TEXT = {"code": "コード", "text": "文字列", "date": "日付", "intege
 
 
 def _outputs(col: SourceColumn) -> str:
-    p = col.params
-    if col.rule == "keyed_id":
-        return f"`{p['as']}`"
-    if col.rule == "year_month":
-        return f"`{p['as']}`"
+    """The values the column's rule releases to the views (``sekisho.policy.rule_releases``)."""
+    names = ", ".join(f"`{name}`" for name in rule_releases(col))
+    if not names:
+        return "—"
     if col.rule == "birth_topcoded":
-        return f"`birth_ym`, `birth_year`, `age`, `age_band`(上限 {p['top_age']} 歳)"
+        names += f"(上限 {col.params['top_age']} 歳)"
     if col.rule == "code_label":
-        labels = ", ".join(f"{k}→{v}" for k, v in p["labels"].items())
-        return f"`{p.get('as', col.name)}` ({labels})"
-    if col.rule == "locate":
-        pre = p.get("prefix", "")
-        return ", ".join(f"`{pre}{x}`" for x in ("block", "mesh1km", "mesh500m", "mesh250m"))
-    if col.rule == "keep":
-        return f"`{col.name}`"
-    return "—"
+        names += " (" + ", ".join(f"{k}→{v}" for k, v in col.params["labels"].items()) + ")"
+    return names
+
+
+def origin_text(op) -> str:
+    """A view column's origin in a compact notation: ``person.sex``,
+    ``band(age(born=person.birth_date, at=idou_date, top=100), width=5, top=100)``."""
+    if isinstance(op, (Value, ExactValue)):
+        return str(op)
+    if isinstance(op, DayOfYear):
+        return f"{origin_text(op.year)}-{op.month:02d}-{op.day:02d}"
+    if isinstance(op, Derivation):
+        parts = []
+        for name, value in op.params.items():
+            if value is None:
+                continue
+            if name == "when":
+                tested, values = value
+                parts.append(f"when {origin_text(tested)} in [{', '.join(map(str, values))}]")
+            elif name == "of" and isinstance(value, tuple):
+                parts += [origin_text(v) for v in value]
+            elif name == "of":
+                parts.append(origin_text(value))
+            else:
+                parts.append(f"{name}={origin_text(value)}")
+        return f"{op.name}({', '.join(parts)})"
+    return str(op)
+
+
+def _view_lines(policy: Policy, view: View) -> list[str]:
+    """Where a view's rows come from: its source, joins and record key."""
+    source = policy.sources[view.source]
+    lines = [f"元データ: {source.title_ja} `{source.file}`(1行 = 1記録)"]
+    for join in view.joins.values():
+        joined = policy.sources[join.source]
+        on = ", ".join(f"{mine} → {theirs}" for mine, theirs in join.on)
+        lines.append(f"結合 `{join.alias}`: {joined.title_ja} `{joined.file}` ({on})")
+    if view.record_key is not None:
+        lines.append("記録キー `_rkey`: " + ("個人ごと(1人1記録)" if view.record_key.record is None
+                                           else f"記録ごと(個人 + `{view.record_key.record.column}`)"))
+    if view.one_row_per:
+        lines.append(f"集約: {', '.join(f'`{c}`' for c in view.one_row_per)} ごとに1行")
+    return [f"{line}  " for line in lines[:-1]] + lines[-1:]
 
 
 def _cell(text: str) -> str:
@@ -78,6 +113,9 @@ def render(policy: Policy) -> str:
         for ref in src.references:
             out.append(f"参照: {', '.join(ref.columns)} → `{policy.sources[ref.source].file}` "
                        f"({', '.join(ref.target)})")
+        dated = [c.name for c in src.columns.values() if c.sets_extract_date]
+        if dated:
+            out.append(f"抽出日の基準(指定がなければ最新の日付の月末): {', '.join(f'`{c}`' for c in dated)}")
         out += ["", "| 列 | 型 | 必須 | 加工 | 出力 | 理由 |", "|---|---|---|---|---|---|"]
         for col in src.columns.values():
             typ = TYPE_TEXT[col.type] + (f"({col.length}桁)" if col.length else "")
@@ -88,11 +126,14 @@ def render(policy: Policy) -> str:
         out.append("")
     out += ["全ての人単位の記録には、鍵付きハッシュから導いた永続的な記録キー `_rkey`(0〜255)を付与する。"
             "分析者には見えず、一貫した摂動(セルキー法)にのみ使う。", "",
-            "## 2. 分析用ビュー (views analysts may query)", ""]
+            "## 2. 分析用ビュー (views analysts may query)", "",
+            "各ビューは上の加工で出力された値のみから作る。由来の列: 出力の名前(`結合名.名前` は結合先の出力)、"
+            "または導出(`first_of` 最初の空でない値、`is_empty` 空か、`year`/`month`/`fiscal_year` 年月の年・月・年度、"
+            "`band` 階級、`age` 正確な日付から取込内部で計算した満年齢(上限あり)、`case` 条件による選択)。", ""]
     for view in policy.views.values():
         out += [f"### `{view.name}` {view.title_ja}" + (" (公開情報)" if view.public else ""), "",
-                f"利用目的: {view.purpose}", "",
-                "| 列 | 型 | 分類 | 説明 | 値の範囲 |", "|---|---|---|---|---|"]
+                f"利用目的: {view.purpose}", "", *_view_lines(policy, view), "",
+                "| 列 | 型 | 分類 | 説明 | 値の範囲 | 由来 |", "|---|---|---|---|---|---|"]
         for c in view.columns.values():
             rng = ""
             if c.domain is not None:
@@ -101,7 +142,7 @@ def render(policy: Policy) -> str:
             elif c.bounds is not None:
                 rng = f"{c.bounds[0]:,.0f} 〜 {c.bounds[1]:,.0f}"
             out.append(f"| `{c.name}` | {c.type} | {CLASS_TEXT[c.cls]} | {_cell(c.description_ja)} | "
-                       f"{_cell(rng)} |")
+                       f"{_cell(rng)} | `{_cell(origin_text(c.origin))}` |")
         out.append("")
     d = policy.disclosure
     out += [
