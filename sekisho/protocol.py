@@ -68,6 +68,7 @@ STATUS_OF_CODE: dict[str, int] = {
     "too_large": 413,
     "internal_error": 500,           # a bug; logged with its traceback by the service
     "audit_unavailable": 503,        # the audit trail cannot be written: nothing was done
+    "guard_busy": 503,               # no execution slot within the query's time: load, not the query
 }
 REFUSAL_STATUS = 422
 
@@ -173,8 +174,9 @@ def _fields(data: dict[str, Any], fields: dict[str, tuple[type, ...]], required:
 
 @dataclass(frozen=True)
 class QueryRequest:
-    """``POST api/query``. ``mode`` None: the role's default; ``epsilon`` only with mode
-    ``dp``; ``format`` how the protected table comes back (``arrow`` or ``json``)."""
+    """``POST api/query``. ``mode`` None: the role's default; ``epsilon`` for DP only (the
+    guard refuses it with another mode: validated once, there); ``format`` how the
+    protected table comes back (``arrow`` or ``json``)."""
 
     sql: str
     mode: str | None = None
@@ -193,9 +195,6 @@ class QueryRequest:
             raise RequestError(f"key 'format' must be one of {', '.join(FORMATS)} (got {fmt!r}) "
                                "/ format は arrow か json です", "format")
         # ε is part of a DP request only: sent with another mode it would be silently unused
-        if data.get("epsilon") is not None and data.get("mode") != "dp":
-            raise RequestError("key 'epsilon' is only meaningful with mode 'dp' "
-                               "/ epsilon は mode=dp のときだけ指定できます", "epsilon")
         return cls(sql=data["sql"], mode=data.get("mode"), epsilon=data.get("epsilon"), format=fmt)
 
     def to_json(self) -> dict[str, Any]:

@@ -447,8 +447,8 @@ def test_answers_do_not_depend_on_how_the_store_batches_its_results(inst, monkey
     chunks = []
     execute_prepared = execution.Snapshot.execute_prepared
 
-    def counting(self, sql, user):
-        table = execute_prepared(self, sql, user)
+    def counting(self, sql, user, deadline=None):
+        table = execute_prepared(self, sql, user, deadline)
         chunks.append(max((c.num_chunks for c in table.columns), default=0))
         return table
 

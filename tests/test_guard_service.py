@@ -204,7 +204,6 @@ def test_describe(service):
     (json.dumps({"sql": SQL, "mode": 3}).encode(), "mode"),
     (json.dumps({"sql": SQL, "mode": "dp", "epsilon": "1"}).encode(), "epsilon"),
     (json.dumps({"sql": SQL, "mode": "dp", "epsilon": True}).encode(), "epsilon"),
-    (json.dumps({"sql": SQL, "epsilon": 1}).encode(), "epsilon"),
     (json.dumps({"sql": SQL, "format": "csv"}).encode(), "format"),
     (json.dumps({"sql": SQL, "user": "suzuki"}).encode(), "user"),   # cannot act as someone else
 ])

@@ -95,6 +95,7 @@ def test_row_level_query_is_refused_with_the_guards_code(served):
     ({"sql": GROUPED, "mode": "raw"}, "mode_not_allowed"),
     ({"sql": GROUPED, "mode": "dp", "epsilon": -1}, "epsilon_invalid"),
     ({"sql": GROUPED, "mode": "dp", "epsilon": 1e9}, "epsilon_invalid"),
+    ({"sql": GROUPED, "mode": "threshold", "epsilon": 0.5}, "epsilon_invalid"),
 ])
 def test_the_guard_judges_the_values_once_and_refuses_with_422(served, inst, payload, code):
     """The service passes a well-formed request's values to the guard, which validates them

@@ -14,6 +14,7 @@ from sekisho.guard import Guard, QueryRefused
 from sekisho.guard import planning, session
 from sekisho.guard.catalog import catalog_for_role
 from sekisho.guard.execution import Snapshots
+from sekisho.guard.limits import Limits
 from sekisho.guard.protection import PROTECTIONS
 from sekisho.policy import load_instance_policy
 from sekisho.state import set_role
@@ -53,6 +54,7 @@ def test_a_session_is_the_role_mode_and_epsilon(inst, policy):
     ("ana", {"mode": "dp", "epsilon": 5e-324}, "epsilon_invalid"),
     ("ana", {"mode": "dp", "epsilon": "0.5"}, "epsilon_invalid"),
     ("ana", {"mode": "dp", "epsilon": 1e9}, "epsilon_invalid"),
+    ("ana", {"mode": "threshold", "epsilon": 0.5}, "epsilon_invalid"),   # ε is refused, not ignored
 ])
 def test_a_session_refuses_before_any_sql_is_read(inst, policy, user, kwargs, code):
     with pytest.raises(QueryRefused) as info:
@@ -76,7 +78,7 @@ def test_a_user_on_hold_gets_no_session(inst, policy):
 
 # ---- planning ----------------------------------------------------------------------------------
 def catalog(inst, policy):
-    snaps = Snapshots(Store(inst), policy, inst.secret)
+    snaps = Snapshots(Store(inst), policy, inst.secret, Limits())
     try:
         return snaps.current().id, catalog_for_role(policy, "analyst", snaps.current().types)
     finally:
@@ -130,5 +132,28 @@ def test_a_query_is_parsed_at_most_twice(inst, monkeypatch):
         parses.clear()
         g.query(SQL.replace("'灘', ", ""), user="ana2")   # another user, another query: parsed anew
         assert 1 <= len(parses) <= 2
+    finally:
+        g.close()
+
+
+# ---- the policy in force ---------------------------------------------------------------------------
+def test_the_guard_follows_an_edited_policy(tmp_path):
+    """The services read the policy per request (``access.load_policy_cached``); the guard
+    does too, so after an edit both apply the same k (before: the guard kept the policy
+    it was started with)."""
+    import re
+
+    inst = make_instance(tmp_path / "inst", persons=1500, seed=3)
+    g = Guard(inst)
+    try:
+        sql = "SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex"
+        assert g.query(sql, user="ana").summary["notes_ja"][0].startswith("10人未満")
+        text = inst.policy_path.read_text(encoding="utf-8")
+        inst.policy_path.write_text(re.sub(r"(?m)^(  k:) 10\b", r"\1 15", text), encoding="utf-8")
+        assert g.query(sql, user="ana").summary["notes_ja"][0].startswith("15人未満")
+        inst.policy_path.write_text("disclosure: [", encoding="utf-8")    # a broken edit: refused, logged
+        with pytest.raises(QueryRefused) as info:
+            g.query(sql, user="ana")
+        assert info.value.code == "execution_failed"
     finally:
         g.close()

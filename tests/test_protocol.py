@@ -44,7 +44,6 @@ def test_query_request_defaults_and_round_trip():
     (body(sql="SELECT 1", mode=1), "mode"),
     (body(sql="SELECT 1", mode="dp", epsilon="1"), "epsilon"),
     (body(sql="SELECT 1", mode="dp", epsilon=True), "epsilon"),
-    (body(sql="SELECT 1", epsilon=1), "epsilon"),       # ε belongs to a DP request
     (body(sql="SELECT 1", format="csv"), "format"),
     (body(sql="SELECT 1", user="suzuki"), "user"),     # nobody asks as someone else
 ])
@@ -58,6 +57,7 @@ def test_a_malformed_envelope_is_bad_request_naming_the_key(raw, part):
 @pytest.mark.parametrize("data", [
     {"sql": "  "}, {"sql": "x" * 100_001}, {"sql": "SELECT 1", "mode": "raw"},
     {"sql": "SELECT 1", "mode": "dp", "epsilon": -1}, {"sql": "SELECT 1", "mode": "dp", "epsilon": 1e9},
+    {"sql": "SELECT 1", "epsilon": 1.0},    # ε without DP: the guard refuses it (epsilon_invalid)
 ])
 def test_values_pass_the_envelope_for_the_guard_to_judge(data):
     request = QueryRequest.from_body(json.dumps(data).encode())

@@ -48,11 +48,7 @@ if TYPE_CHECKING:
     import ibis.expr.types as ir
     import pandas as pd
 
-__all__ = ["Backend", "GuardRefusal", "QueryRefused", "GuardError", "ReadOnlyError", "guard_url_from_env"]
-
-#: the name this exception had before the guard's own ``QueryRefused`` and the client's
-#: were told apart; published notebooks and ``sekisho.reports.data`` still catch it by it
-QueryRefused = GuardRefusal
+__all__ = ["Backend", "GuardRefusal", "GuardError", "ReadOnlyError", "guard_url_from_env"]
 
 
 class ReadOnlyError(SekishoError, exc.IbisError):
@@ -188,8 +184,10 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         self._run_pre_execute_hooks(expr)
         limit = None if limit == "default" else limit
         sql = self._sql_for(expr, params, limit)
-        table, summary = self._transport.query(sql, mode=mode or self.default_mode,
-                                               epsilon=epsilon if epsilon is not None else self.default_epsilon)
+        mode = mode or self.default_mode
+        if epsilon is None and mode != "threshold":
+            epsilon = self.default_epsilon   # the default ε goes with DP queries only
+        table, summary = self._transport.query(sql, mode=mode, epsilon=epsilon)
         self.last_summary = summary
         return table
 

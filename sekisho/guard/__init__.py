@@ -3,14 +3,16 @@
 ``Guard(instance).query(sql, user=..., mode="threshold"|"dp", epsilon=None)`` returns a
 ``GuardResult`` (protected Arrow table + disclosure summary) or raises ``QueryRefused``.
 
-Pipeline (one small unit each): ``analyze`` (parse, a tuple of named passes, scope
-classification into public / row / boundary / post-processing) -> ``rewrite`` (row-level
-SELECT per boundary carrying ``__pid``/``__rkey``; post-processing SQL over protected
-tables) -> ``cells`` (cell SQL with hidden contributor count and cell key; DP contribution
-bounding) -> ``protect`` (``threshold``: k, cell-key perturbation, dominance,
-densification; ``dp``: geometric/snapping noise, partition selection) -> post-processing
-in a sealed in-memory DuckDB holding only the protected tables and public views ->
-``audit`` entry (no entry, no answer) -> ``alerts``. ``budget`` is the ε ledger.
+Pipeline (``Guard.query``; one module per stage, see ``guard.py``): ``session`` (who,
+role, hold, mode, ε) -> ``planning`` (parse once; ``analyze``'s named passes; ``rewrite``
+into boundary row SELECTs carrying ``__pid``/``__rkey`` and post-processing over
+protected tables) -> ``limits`` (cells estimated from the policy; admission; deadline)
+-> ``recording`` (request entry) -> ``protection`` (``threshold``: condition influence,
+``cells``, k, cell-key perturbation, dominance, densification; ``dp``: ``budget`` debit,
+contribution bounding, geometric/snapping noise, partition selection) with
+``execution`` (the snapshot, post-processing in a sealed in-memory DuckDB holding only
+the protected tables and public views) -> ``recording`` (outcome entry: no entry, no
+answer; ``alerts`` after it). Hidden column names: ``hidden``.
 
 Decisions
 ---------
@@ -107,6 +109,15 @@ Residual risks (honest)
   groupable; a cell of >= k households may still show that *all* of them share a
   feature (attribute disclosure at household level, as for persons). Rows whose
   linkage key is NULL belong to no household and are left out of unit scopes.
+* Resource limits (``limits``): a statement still running at the query's deadline is
+  interrupted and DuckDB's out-of-memory error is caught; both are the one refusal
+  ``resource_limit``, raised after the DP debit, audited and alerted. Whether a query
+  hits a limit can depend on the data (a filter that selects many rows runs longer), so
+  each such refusal is one bit an analyst could aim; the accepted language and the cell
+  estimate (``result_too_large``, from the policy only) keep ordinary queries far inside
+  the limits, so hitting one takes a deliberately heavy query, and every hit is in the
+  alert list admins review. Waiting for a slot past the deadline is ``guard_busy``, a
+  matter of load.
 * DP noise is calibrated to the policy's contribution bounds (max rows/groups per person,
   measure bounds); wide bounds give very noisy sums — by design, never narrowed from data.
 """

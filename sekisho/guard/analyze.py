@@ -208,6 +208,15 @@ def check_forbidden_syntax(tree: exp.Expression, catalog: Catalog) -> exp.Expres
         if isinstance(node, exp.Group) and (node.args.get("all") or node.args.get("totals")):
             if node.args.get("totals"):
                 raise refuse("grouping_sets", node)
+        if isinstance(node, exp.Select) and node.find_ancestor(exp.Subquery, exp.CTE) is not None:
+            # a reference to a name a derived table outputs twice is resolved by DuckDB to
+            # the first and could be read otherwise by the analysis: refused, not guessed
+            seen: set[str] = set()
+            for projection in node.expressions:
+                name = projection.alias_or_name.lower() if not isinstance(projection, exp.Star) else ""
+                if name and name != "*" and name in seen:
+                    raise refuse("duplicate_output_name", projection)
+                seen.add(name)
     return tree
 
 

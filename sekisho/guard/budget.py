@@ -13,13 +13,14 @@ import math
 import sqlite3
 from contextlib import closing
 
+from sekisho.errors import SekishoError
 from sekisho.instance import Instance, now_tokyo, secure
 
 MICRO = 1_000_000
 
 
-class BudgetExceeded(Exception):
-    pass
+class BudgetExceeded(SekishoError):
+    """A debit would take the user past the period's budget (nothing was debited)."""
 
 
 def _connect(instance: Instance) -> sqlite3.Connection:

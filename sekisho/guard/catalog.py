@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sekisho.access import capabilities
+
 # policy view types -> DuckDB types used to qualify columns and describe results
 SQL_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "boolean": "BOOLEAN", "float": "DOUBLE"}
 
@@ -47,18 +49,12 @@ class Catalog:
         """The sqlglot schema of visible columns only (``_rkey`` is never visible)."""
         return {v.name: {c.name: c.sql_type for c in v.columns.values()} for v in self.views.values()}
 
-    def is_public(self, view: str) -> bool:
-        return self.views[view].public
-
 
 def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, str]] | None = None) -> Catalog:
     """The views ``role_name`` may query. ``store_types`` (view -> column -> DuckDB type),
     when given, refines column types with what the snapshot actually stores."""
-    role = policy.roles.get(role_name)
     cat = Catalog()
-    if role is None:
-        return cat
-    for vname in role.views:
+    for vname in capabilities(policy, role_name).views:
         view = policy.views[vname]
         cols = {}
         for c in view.columns.values():

@@ -25,6 +25,7 @@ import pyarrow as pa
 from sekisho.guard import hidden
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import QueryRefused
+from sekisho.guard.limits import WATCHDOG, Limits, configure
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, cells_from_arrow
 from sekisho.guard.rewrite import BoundaryPlan, Plan
@@ -41,6 +42,8 @@ def execution_refusal(exc: Exception) -> QueryRefused:
     """Binder errors are decided from the SQL and the schema before any row is read, so
     their message may be shown; anything raised while executing (conversion, overflow,
     ...) may quote a data value and is withheld."""
+    if isinstance(exc, (duckdb.InterruptException, duckdb.OutOfMemoryException)):
+        return QueryRefused("resource_limit")   # time or memory: one code whatever the cause
     if isinstance(exc, (duckdb.BinderException, duckdb.ParserException, duckdb.CatalogException)):
         first = str(exc).splitlines()[0] if str(exc) else ""
         return QueryRefused("execution_failed", part=first[:200])
@@ -50,7 +53,7 @@ def execution_refusal(exc: Exception) -> QueryRefused:
 class Snapshot:
     """The read-only connection to one snapshot plus what the guard caches about it."""
 
-    def __init__(self, sid: str, backend, ptable: PerturbationTable):
+    def __init__(self, sid: str, backend, ptable: PerturbationTable, limits: Limits):
         self.id = sid
         self.backend = backend
         # this snapshot's own cell-key table: every threshold answer, population check and
@@ -58,6 +61,7 @@ class Snapshot:
         # snapshot, a fresh draw after an upload; see sekisho.guard.protect.cellkey)
         self.ptable = ptable
         self.con: duckdb.DuckDBPyConnection = backend.con
+        configure(self.con, limits)   # cursors share the database's settings
         self.lock = threading.Lock()
         self._local = threading.local()   # this thread's cursor and its prepared statements
         self._names = itertools.count()
@@ -71,7 +75,7 @@ class Snapshot:
     def cursor(self) -> duckdb.DuckDBPyConnection:
         return self.con.cursor()
 
-    def execute_prepared(self, sql: str, user: str) -> pa.Table:
+    def execute_prepared(self, sql: str, user: str, deadline: float | None = None) -> pa.Table:
         """Run guard-generated ``sql`` as a prepared statement of this thread's cursor, so
         a query asked again skips DuckDB's parsing, binding and planning (the plan cache
         one level down; the data is read every time). Only SQL the guard wrote itself,
@@ -95,7 +99,8 @@ class Snapshot:
                 cur.execute(f"DEALLOCATE {old}")
         else:
             prepared.move_to_end(key)
-        return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
+        with WATCHDOG.watch(cur, deadline):
+            return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
 
     def is_person_unique(self, view: str, unit: str) -> bool:
         if view not in self.person_unique:
@@ -113,8 +118,9 @@ class Snapshot:
 class Snapshots:
     """The snapshot queries run on: the store's current one, connected once."""
 
-    def __init__(self, store: Store, policy: Policy, secret: bytes, on_switch=None):
+    def __init__(self, store: Store, policy: Policy, secret: bytes, limits: Limits, on_switch=None):
         self.store = store
+        self.limits = limits
         self.policy = policy
         self.secret = secret
         self._on_switch = on_switch   # called (under the lock) when a new snapshot becomes current
@@ -134,7 +140,7 @@ class Snapshots:
                     backend = self.store.connect(sid)
                 except StoreError:
                     raise QueryRefused("no_data") from None
-                self.snapshot = Snapshot(sid, backend, self.perturbation_table(sid))
+                self.snapshot = Snapshot(sid, backend, self.perturbation_table(sid), self.limits)
                 if self._on_switch is not None:
                     self._on_switch()
                 # the old connection stays open for queries already running on it
@@ -148,6 +154,12 @@ class Snapshots:
         return PerturbationTable(self.secret, max_noise=p.max_noise, variance=p.variance,
                                  label=p.seed, snapshot=sid)
 
+    def reopen(self) -> None:
+        """Open the current snapshot afresh at the next ``current`` (the policy changed:
+        its perturbation table may have); queries running on the old one keep it."""
+        with self._lock:
+            self.snapshot = None
+
     def close(self) -> None:
         with self._lock:
             if self.snapshot is not None:
@@ -158,14 +170,19 @@ class Snapshots:
                 self.snapshot = None
 
 
-def fetch(snap: Snapshot, sql: str, *, prepared_for: str | None = None) -> Cells:
+def fetch(snap: Snapshot, sql: str, *, prepared_for: str | None = None, deadline: float | None = None) -> Cells:
     """Run guard-written ``sql`` on ``snap``; with ``prepared_for`` (a user), as that
-    user's prepared statement."""
+    user's prepared statement; interrupted at ``deadline`` (``time.monotonic``)."""
     try:
         if prepared_for is not None:
-            table = snap.execute_prepared(sql, prepared_for)
+            table = snap.execute_prepared(sql, prepared_for, deadline)
         else:
-            table = snap.cursor().execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
+            cur = snap.cursor()
+            try:
+                with WATCHDOG.watch(cur, deadline):
+                    table = cur.execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
+            finally:
+                cur.close()
         return cells_from_arrow(table)
     except duckdb.Error as exc:
         raise execution_refusal(exc) from None
@@ -223,20 +240,22 @@ class PostProcessor:
     configuration locked, no storage; it only ever holds the protected tables of the query
     being answered (registered, then unregistered)."""
 
-    def __init__(self):
+    def __init__(self, limits: Limits):
         self._local = threading.local()
+        self.limits = limits
 
     def connection(self) -> duckdb.DuckDBPyConnection:
         con = getattr(self._local, "post", None)
         if con is None:
             con = duckdb.connect(":memory:", config={"enable_external_access": False, "lock_configuration": True,
-                                                     "threads": 1, "autoload_known_extensions": False,
+                                                     "threads": 1, "memory_limit": self.limits.memory_limit,
+                                                     "autoload_known_extensions": False,
                                                      "autoinstall_known_extensions": False})
             self._local.post = con
         return con
 
     def run(self, plan: Plan, protected: dict[str, pa.Table], snap: Snapshot, catalog: Catalog, *,
-            limit_zero: bool = False) -> pa.Table:
+            limit_zero: bool = False, deadline: float | None = None) -> pa.Table:
         """Everything above the boundaries, on the protected tables (and public views)."""
         if plan.passthrough is not None and not plan.public_views:
             table = protected[plan.boundaries[0].name]
@@ -255,7 +274,8 @@ class PostProcessor:
                 registered.append(view)
             sql = plan.post_sql if not limit_zero else f"SELECT * FROM ({plan.post_sql}) AS __q LIMIT 0"
             try:
-                return con.execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
+                with WATCHDOG.watch(con, deadline):
+                    return con.execute(sql).to_arrow_table(ARROW_BATCH_ROWS)
             except duckdb.Error as exc:
                 raise execution_refusal(exc) from None
         finally:

@@ -5,11 +5,13 @@
 1. ``session``    who is asking: role, hold, mode, ε (no data read);
 2. ``planning``   parse once, analysis passes, rewrite into boundary row SELECTs and
                   post-processing (cached per user and snapshot);
-3. ``recording``  the request's audit entry, made durable while the query runs;
-4. ``protection`` the mode's protection (``PROTECTIONS``: threshold with condition
+3. ``limits``     the cells the plan can produce, estimated from the policy, under the cap;
+4. ``recording``  the request's audit entry, made durable while the query runs;
+5. ``limits``     admission to execution (fair share between users) and a deadline;
+6. ``protection`` the mode's protection (``PROTECTIONS``: threshold with condition
                   influence, or DP with the budget debited first), which runs cells SQL
                   on the snapshot (``execution``) and post-processing on protected tables;
-5. ``recording``  the outcome entry before the answer leaves; alerts after it.
+7. ``recording``  the outcome entry before the answer leaves; alerts after it.
 
 Side channels: refusal texts are fixed per code; execution errors of the store are
 reported as one generic refusal without the engine's message (which could quote a data
@@ -25,11 +27,13 @@ nothing one analyst asks makes another's faster.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
+from sekisho.access import capabilities, load_policy_cached
 from sekisho.audit import AuditError
 from sekisho.guard import budget as ledger
 from sekisho.guard import session as sessions
@@ -37,12 +41,13 @@ from sekisho.guard.catalog import Catalog, catalog_for_role
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.execution import PostProcessor, Snapshot, Snapshots, protected_schema
 from sekisho.guard.influence import VerdictCache
+from sekisho.guard.limits import Admission, Limits, check_cells
 from sekisho.guard.planning import PlanCache
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protection import PROTECTIONS, Context, summary
 from sekisho.guard.recording import Recorder
 from sekisho.instance import Instance
-from sekisho.policy import load_instance_policy
+from sekisho.policy import Policy
 from sekisho.store import Store
 
 
@@ -53,32 +58,40 @@ class GuardResult:
 
 
 class Guard:
-    def __init__(self, instance: Instance, *, policy=None):
+    def __init__(self, instance: Instance, *, policy: Policy | None = None):
         self.instance = instance
-        self.policy = policy or load_instance_policy(instance)
+        self._fixed_policy = policy   # given: used as is; else the instance's, reloaded when it changes
+        self.policy = policy or load_policy_cached(instance.policy_path)
         self.store = Store(instance)
+        self.limits = Limits.from_config(instance.config)
+        self.admission = Admission(self.limits.max_running, self.limits.max_running_per_user)
         self.plans = PlanCache()
         self.verdicts = VerdictCache()
         self._catalogs: dict[tuple[str, str], Catalog] = {}
-        self.snapshots = Snapshots(self.store, self.policy, instance.secret, on_switch=self._forget_snapshot)
-        self.post = PostProcessor()
+        self.snapshots = Snapshots(self.store, self.policy, instance.secret, self.limits,
+                                   on_switch=self._forget_snapshot)
+        self.post = PostProcessor(self.limits)
         self.recorder = Recorder(instance, self.policy, self.store, lambda: self.snapshots.snapshot)
 
     def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None,
               operator: str | None = None) -> GuardResult:
         """Answer ``sql`` for ``user`` (``operator``: who acts for them, e.g. root with --as)."""
         with self.recorder.attempt(sql, user, mode, operator) as attempt:
-            session = sessions.open_session(self.instance, self.policy, user, mode=mode, epsilon=epsilon,
+            policy = self._policy_in_force()
+            session = sessions.open_session(self.instance, policy, user, mode=mode, epsilon=epsilon,
                                             operator=operator)
             attempt.session(session)
             snap = self.snapshots.current()
             catalog = self._catalog(session.role, snap)
             plan = self.plans.plan(sql, user=user, role=session.role, snapshot=snap.id, catalog=catalog)
             attempt.planned(plan)
+            check_cells(plan, catalog, self.limits)
             attempt.request = self.recorder.announce(session, sql, plan, snap.id)
-            released = PROTECTIONS[session.mode].release(
-                Context(self.policy, self.instance, session, plan, snap, catalog, self.post, self.verdicts))
-            answer = summary(self.policy, session.mode, plan, released)
+            deadline = time.monotonic() + self.limits.query_seconds
+            with self.admission.slot(user, deadline):
+                released = PROTECTIONS[session.mode].release(Context(
+                    policy, self.instance, session, plan, snap, catalog, self.post, self.verdicts, deadline))
+            answer = summary(policy, session.mode, plan, released)
             answer["query_id"] = self.recorder.answered(attempt, session, plan, released, answer)
         return GuardResult(table=released.table, summary=answer)
 
@@ -86,7 +99,7 @@ class Guard:
         """Result schema of ``sql`` without reading data or spending budget. Not audited:
         it reveals only what ``views`` already shows (names and types), and refusals
         here are the same static decisions ``query`` would audit."""
-        role = sessions.role(self.instance, self.policy, user)
+        role = sessions.role(self.instance, self._policy_in_force(), user)
         snap = self.snapshots.current()
         catalog = self._catalog(role, snap)
         plan = self.plans.plan(sql, user=user, role=role, snapshot=snap.id, catalog=catalog)
@@ -94,10 +107,11 @@ class Guard:
         return self.post.run(plan, protected, snap, catalog, limit_zero=True).schema
 
     def views(self, user: str) -> dict[str, Any]:
-        role = sessions.role(self.instance, self.policy, user)
+        policy = self._policy_in_force()
+        role = sessions.role(self.instance, policy, user)
         out = {}
-        for vname in self.policy.roles[role].views:
-            view = self.policy.views[vname]
+        for vname in capabilities(policy, role).views:
+            view = policy.views[vname]
             out[vname] = {"title": view.title_ja, "purpose": view.purpose, "public": view.public,
                           "columns": {c.name: {"type": c.type, "class": c.cls, "description": c.description_ja,
                                                **({"domain": list(c.domain)} if c.domain else {}),
@@ -106,8 +120,9 @@ class Guard:
         return out
 
     def budget(self, user: str) -> dict[str, Any]:
-        sessions.role(self.instance, self.policy, user)
-        dp = self.policy.disclosure.dp
+        policy = self._policy_in_force()
+        sessions.role(self.instance, policy, user)
+        dp = policy.disclosure.dp
         period = ledger.current_period(dp.period)
         spent = ledger.spent(self.instance, user, period)
         return {"period": period, "total": dp.budget_per_period, "spent": spent,
@@ -136,6 +151,20 @@ class Guard:
         if cat is None:
             cat = self._catalogs[key] = catalog_for_role(self.policy, role, snap.types)
         return cat
+
+    def _policy_in_force(self) -> Policy:
+        """The instance's policy as the file now says (one ``stat`` per call): after an
+        edit the guard agrees with the services at the next query. A changed policy
+        drops what was derived from the old one (catalogs, plans, verdicts, the
+        snapshot's perturbation table)."""
+        if self._fixed_policy is not None:
+            return self._fixed_policy
+        policy = load_policy_cached(self.instance.policy_path)
+        if policy is not self.policy:
+            self.policy = self.snapshots.policy = self.recorder.policy = policy
+            self.snapshots.reopen()
+            self._forget_snapshot()
+        return policy
 
     def _forget_snapshot(self) -> None:
         """A new snapshot is current: what was cached about the old one goes."""

@@ -51,6 +51,7 @@ class Context:
     catalog: Catalog
     post: PostProcessor
     verdicts: influence.VerdictCache
+    deadline: float | None = None   # time.monotonic() by which every statement must be done
 
 
 @dataclass
@@ -100,7 +101,7 @@ class ThresholdProtection:
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
             run, left_out = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence else (bp, ())
-            cells = fetch(ctx.snap, self._cells_sql(run, fast), prepared_for=ctx.session.user)
+            cells = fetch(ctx.snap, self._cells_sql(run, fast), prepared_for=ctx.session.user, deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, fast) if bp.filtered else None
             frame, st = protect_threshold(cells, bp.aggregates, _domains(bp), k=d.k, table=ctx.snap.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
@@ -111,7 +112,7 @@ class ThresholdProtection:
             protected[bp.name] = to_arrow(frame, bp, ctx.snap)
             released.stats.append(st)
             released.defined.append((ctx.snap.id, run.row_sql))
-        released.table = ctx.post.run(ctx.plan, protected, ctx.snap, ctx.catalog)
+        released.table = ctx.post.run(ctx.plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline)
         return released
 
     @staticmethod
@@ -138,7 +139,7 @@ class ThresholdProtection:
             (ctx.session.user, ctx.snap.id, bp.row_sql),
             lambda: influence.decide(bp.row, columns=columns, identifiers=identifiers, k=ctx.policy.disclosure.k,
                                      filtered=bp.filtered, person_unique=fast and not bp.unit,
-                                     ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql)))
+                                     ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
         if not verdict.left_out:
             return bp, ()
         return dataclasses.replace(bp, row_sql=verdict.row_sql), verdict.left_out
@@ -153,7 +154,7 @@ class ThresholdProtection:
             # perturb_count takes it mod KEY_RANGE; an empty population's key is NULL (NaN)
             ck = int(np.nansum(cells[hidden.CELL_KEY]))
         else:
-            pop = fetch(ctx.snap, population_sql(bp), prepared_for=ctx.session.user)
+            pop = fetch(ctx.snap, population_sql(bp), prepared_for=ctx.session.user, deadline=ctx.deadline)
             n = int(number(pop, hidden.CONTRIBUTORS, np.int64)[0])
             ck = int(number(pop, hidden.CELL_KEY, np.int64)[0])
         if ctx.snap.ptable.perturb_count(ck, n) < ctx.policy.disclosure.k:
@@ -209,11 +210,12 @@ class DPProtection:
                                     clamp=clamp)
                 params = DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
                                   max_groups=dp.max_groups_per_person)
-            cells = fetch(ctx.snap, cells_sql(bp, person_unique=fast, bounding=bounding, dominance=False))
+            cells = fetch(ctx.snap, cells_sql(bp, person_unique=fast, bounding=bounding, dominance=False),
+                          deadline=ctx.deadline)
             frame, st = protect_dp(cells, bp.aggregates, _domains(bp), params, clamp)
             protected[bp.name] = to_arrow(frame, bp, ctx.snap)
             stats.append(st)
-        table = ctx.post.run(plan, protected, ctx.snap, ctx.catalog)
+        table = ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline)
         return Released(table=table, stats=stats, defined=[None] * len(stats), epsilon_spent=spent,
                         epsilon_remaining=remaining)
 

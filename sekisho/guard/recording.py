@@ -156,6 +156,12 @@ class Recorder:
                  summary=f"refused: {refusal.code}", details=details),
             dict(user=attempt.user, role=attempt.role, fingerprint=attempt.fingerprint, refused=True, cells=0)
             if attempt.role is not None else None)
+        if refusal.code == "resource_limit":
+            # a stop on time or memory can depend on the data: admins see every one
+            self.instance.audit.append("alert", user=str(attempt.user), role=attempt.role, outcome="ok",
+                                       summary="guard alert: resource_limit",
+                                       details={"alert": "resource_limit", "fingerprint": attempt.fingerprint,
+                                                "duration_ms": attempt.elapsed_ms(), "raised_by": entry.get("seq")})
         return entry.get("seq")
 
     def answered(self, attempt: Attempt, session: Session, plan: Plan, released, summary: dict) -> int:

@@ -4,7 +4,9 @@ Everything here is decided from the policy and the instance's role table before 
 is parsed or data read, so a refusal at this stage says nothing about the data:
 ``unknown_user``, ``role_has_no_views``, ``paused_for_review`` (one primary-key read of
 the holds table), ``mode_not_allowed`` and ``epsilon_invalid`` (checked fully here,
-before the DP ledger is touched, so no ε that passes can fail later in the mechanisms).
+before the DP ledger is touched, so no ε that passes can fail later in the mechanisms;
+an ε given for a mode that takes none is refused rather than ignored). What a role may
+do comes from ``sekisho.access.capabilities``.
 """
 
 from __future__ import annotations
@@ -15,13 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sekisho.access import capabilities
 from sekisho.guard import alerts
 from sekisho.guard.errors import QueryRefused
 from sekisho.instance import Instance
-from sekisho.policy import Policy
+from sekisho.policy import MODES, Policy
 from sekisho.state import role_of
-
-MODES = ("threshold", "dp")
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ def role(instance: Instance, policy: Policy, user: object) -> str:
     name = role_of(instance, user) if isinstance(user, str) and user else None
     if name is None or name not in policy.roles:
         raise QueryRefused("unknown_user", part=str(user)[:64])
-    if not policy.roles[name].views:
+    if not capabilities(policy, name).can_query:
         raise QueryRefused("role_has_no_views", part=name)
     return name
 
@@ -68,17 +69,20 @@ def open_session(instance: Instance, policy: Policy, user: object, *, mode: str 
     name = role(instance, policy, user)
     if alerts.hold_of(instance, user) is not None:
         raise QueryRefused("paused_for_review")
-    role_def = policy.roles[name]
-    mode = mode or role_def.default_mode
-    if mode not in MODES or mode not in role_def.modes:
+    may = capabilities(policy, name)
+    mode = mode or may.default_mode
+    if mode not in MODES or mode not in may.modes:
         raise QueryRefused("mode_not_allowed", part=str(mode))
+    if mode != "dp" and epsilon is not None:
+        raise QueryRefused("epsilon_invalid", part=f"ε with mode {mode}")
     eps = check_epsilon(policy, epsilon) if mode == "dp" else None
     return Session(user=user, role=name, mode=mode, epsilon=eps,
-                   condition_influence=policy.disclosure.condition_influence and role_def.condition_influence,
-                   holds=role_def.alert_holds, operator=operator)
+                   condition_influence=policy.disclosure.condition_influence and may.condition_influence,
+                   holds=may.alert_holds, operator=operator)
 
 
 def holds_apply(policy: Policy, role_name: str | None) -> bool:
     """Whether alerts may put a user of ``role_name`` on hold (unknown roles: yes)."""
-    role_def = policy.roles.get(role_name) if role_name else None
-    return role_def is None or role_def.alert_holds
+    if not role_name or role_name not in policy.roles:
+        return True
+    return capabilities(policy, role_name).alert_holds

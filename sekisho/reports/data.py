@@ -19,6 +19,8 @@ from functools import lru_cache
 
 import pandas as pd
 
+from sekisho.client import GuardRefusal
+
 MODE = "threshold"
 #: refusals that mean "nothing may be shown for this selection", not a faulty query
 NOTHING_TO_REPORT = frozenset({"filter_population_below_k"})
@@ -36,13 +38,12 @@ class GuardConnection:
         self.summaries: list[dict] = []
 
     def sql(self, query: str) -> pd.DataFrame:
-        from sekisho.client import QueryRefused
 
         # con.sql(...) sends this exact SQL to the guard (no ibis rewriting)
         expr = self.backend.sql(query)
         try:
             table = expr.to_pyarrow(mode=MODE)
-        except QueryRefused as refused:
+        except GuardRefusal as refused:
             if refused.code not in NOTHING_TO_REPORT:
                 raise
             # too few people in the selection: every cell of this table is withheld

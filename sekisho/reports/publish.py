@@ -30,18 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from sekisho.access import REPORTS, REPORTS_USER
+from sekisho.errors import SekishoError
 from sekisho.instance import Instance, now_tokyo, secure, secure_tree
 from sekisho.reports.catalog import ReportNotebook
 from sekisho.reports.index import read_index, write_index
 from sekisho.reports.periods import check_month, label_ja
+from sekisho.state import role_of, set_role
+from sekisho.store import Store
 
-REPORTS_USER = "reports"
 KERNEL = "python3"
 KEEP_PUBLICATIONS = 2  # current + previous, per report
 
 
-class PublishError(Exception):
-    pass
+class PublishError(SekishoError):
+    """A publication cannot be made (no data, the identity ``reports`` misassigned, ...)."""
 
 
 @dataclass
@@ -57,8 +60,6 @@ class Outcome:
 
 
 def _snapshot(instance: Instance):
-    from sekisho.store import Store
-
     current = Store(instance).current()
     if current is None:
         raise PublishError("the store has no snapshot yet (run `sekisho ingest` first) "
@@ -67,16 +68,14 @@ def _snapshot(instance: Instance):
 
 
 def _ensure_reports_identity(instance: Instance) -> None:
-    from sekisho.state import role_of, set_role
-
     role = role_of(instance, REPORTS_USER)
     if role is None:
-        set_role(instance, REPORTS_USER, "reports")
+        set_role(instance, REPORTS_USER, REPORTS)
         instance.audit.append("users.add", user="system", role=None, outcome="ok",
                               summary="registered the report service identity 'reports'",
-                              details={"name": REPORTS_USER, "role": "reports"})
-    elif role != "reports":
-        raise PublishError(f"user {REPORTS_USER!r} has role {role!r}, expected 'reports'")
+                              details={"name": REPORTS_USER, "role": REPORTS})
+    elif role != REPORTS:
+        raise PublishError(f"user {REPORTS_USER!r} has role {role!r}, expected {REPORTS!r}")
 
 
 def _publishing_environment(instance: Instance, scratch: Path) -> dict[str, str]:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import math
 
 import numpy as np
 
@@ -118,7 +117,3 @@ class PerturbationTable:
         sums = np.asarray(sums, dtype=float)
         top1 = np.abs(np.asarray(top1, dtype=float))
         return sums + SUM_NOISE_FRACTION * top1 * self.sum_multiplier[keys]
-
-
-def rounded(value: float) -> float:
-    return float(value) if math.isfinite(value) else value
