@@ -11,7 +11,7 @@ import pytest
 from sqlglot import parse_one
 
 from sekisho.guard.influence import _influence_general, influence_sql, is_flat
-from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood
+from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, variant_sql
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
        'FROM "residents" AS "r" WHERE {where}')
@@ -38,11 +38,11 @@ def test_case_conditions_are_atoms_and_join_keys_and_identifiers_are_not():
 
 
 def test_in_elements_and_between_bounds_are_neighbours_of_their_own():
-    _, _, neighbours = neighbourhood(tree(ROW.format(where='"r"."block" IN (\'家島\', \'安富\') AND "r"."age" '
-                                                          'BETWEEN 20 AND 39')))
+    base, _, neighbours = neighbourhood(tree(ROW.format(where='"r"."block" IN (\'家島\', \'安富\') AND "r"."age" '
+                                                             'BETWEEN 20 AND 39')))
     actions = sorted(v.action for v in neighbours)
     assert actions == ["drop:0", "drop:1", "false", "high", "low", "true"]
-    by = {v.action: v.sql for v in neighbours}
+    by = {v.action: variant_sql(base, v) for v in neighbours}
     assert "IN ('安富')" in by["drop:0"] and "IN ('家島')" in by["drop:1"]
     assert "BETWEEN" not in by["low"] and '"r"."age" <= 39' in by["low"]
     assert '"r"."age" >= 20' in by["high"]
@@ -102,10 +102,47 @@ def test_one_scan_and_general_counts_agree_with_a_direct_count(con, table, uniqu
     assert is_flat(base_tree)
     flat = con.execute(influence_sql(base_tree, neighbours, ["__g0"], person_unique=unique)).fetchone()
     # the general form (what joins and unit scopes get), on the same neighbours
-    general = con.execute(_influence_general(base, neighbours, ["__g0"])).fetchone()
+    general = con.execute(_influence_general(base, [variant_sql(base_tree, v) for v in neighbours],
+                                             ["__g0"])).fetchone()
     for i, v in enumerate(neighbours):
-        expected = direct_counts(con, base, v.sql)
+        expected = direct_counts(con, base, variant_sql(base_tree, v))
         assert flat[2 + 2 * i] == expected, v
         assert general[2 + 2 * i] == expected, v
     # and both count the query's own population alike
     assert flat[0] == general[0] == con.execute(f"SELECT COUNT(DISTINCT __pid) FROM ({base})").fetchone()[0]
+
+
+# ---- a query over one unit scope: every neighbour in one scan ---------------------------------------
+ROW_UNIT = ('SELECT CASE WHEN "h"."n" >= 3 THEN \'big\' ELSE \'small\' END AS "__g0", "h"."__pid" AS "__pid", '
+            '"h"."__rkey" AS "__rkey" FROM (SELECT "r"."household_id" AS "household_id", COUNT(*) AS "n", '
+            'COUNT_IF("r"."relationship" IN (\'子\', \'孫\')) AS "kids", "r"."household_id" AS "__pid", '
+            'TRY_CAST(SUM("r"."_rkey") % 256 AS INT) AS "__rkey" FROM "people" AS "r" '
+            'WHERE {inner} AND NOT "r"."household_id" IS NULL GROUP BY "r"."household_id") AS "h" WHERE {outer}')
+
+
+@pytest.fixture(scope="module")
+def people():
+    c = duckdb.connect()
+    c.execute("CREATE TABLE people AS SELECT 'p' || i AS person_id, "
+              "CASE WHEN i % 17 = 0 THEN NULL ELSE 'h' || (i // 3) END AS household_id, "
+              "['世帯主', '妻', '子', '孫', '父'][1 + i % 5] AS relationship, i % 90 AS age, "
+              "(i * 37) % 256 AS _rkey FROM range(900) t(i)")
+    return c
+
+
+@pytest.mark.parametrize("inner, outer", [
+    ('"r"."age" >= 10', '"h"."kids" > 0'),
+    ('"r"."age" BETWEEN 5 AND 70 AND "r"."relationship" <> \'父\'', '"h"."kids" > 0 OR "h"."n" = 1'),
+])
+def test_one_scan_over_a_unit_scope_counts_what_the_general_form_counts(people, inner, outer):
+    base_tree, base, neighbours = neighbourhood(tree(ROW_UNIT.format(inner=inner, outer=outer)),
+                                                frozenset({"household_id"}))
+    assert len(neighbours) >= 8 and is_flat(base_tree)
+    one_scan = influence_sql(base_tree, neighbours, ["__g0"], person_unique=False)
+    assert one_scan.count("FROM \"people\"") == 1      # one scan of the view, whatever the neighbours
+    assert base_tree.sql(dialect="duckdb") == base       # the base tree was left as it was
+    units = people.execute(one_scan).fetchone()
+    general = people.execute(_influence_general(base, [variant_sql(base_tree, v) for v in neighbours],
+                                                ["__g0"])).fetchone()
+    assert units == general           # contributors changed and their cell keys, neighbour by neighbour
+    assert any(units[2 + 2 * i] for i in range(len(neighbours)))   # some neighbours do change units

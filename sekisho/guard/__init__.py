@@ -61,7 +61,8 @@ Residual risks (honest)
   an IN element adding one person. Conditions are left out one per round (several at
   once when that changes fewer than k together), up to 8 rounds, else the query is
   refused (``condition_influence_below_k``). First run of a new query costs one extra
-  scan per round; the verdict is cached per snapshot and user.
+  scan per round (all neighbours of a round in one scan when the row SELECT is over one
+  table or one household scope); the verdict is cached per snapshot and user.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
   trackers across queries that no single-query rule sees, and averaging over the many
   *decompositions* of one population into large parts (by sex, by relationship, by cut
@@ -70,9 +71,12 @@ Residual risks (honest)
   policy ``disclosure.alerts.pause_on``) puts them on hold: every query is refused
   (``paused_for_review``) until an admin runs ``sekisho users resume``. A differencing
   pair is preselected by size and verified on the store (the two populations' contributors
-  differ by 1..k-1), so unrelated populations of nearly equal size do not raise it. Cost:
-  bursts of exploratory tables over one population, or overlapping populations a few
-  persons apart, can pause an honest analyst. Residual: a slow attacker under the thresholds;
+  differ by 1..k-1), so unrelated populations of nearly equal size do not raise it; a
+  decomposition alert needs *two* close populations each tabulated many ways (one
+  population in many tables — every report notebook's current residents — is ordinary
+  analysis: the seven notebooks run as an analyst raise no hold, tested). Cost:
+  overlapping populations a few persons apart, queried within minutes or tabulated
+  many ways each, can pause an honest analyst. Residual: a slow attacker under the thresholds;
   detection, not prevention — DP mode is the formal defence.
   Decisions near k leak as any noisy threshold does: a condition changing about k
   persons may be left out for one population and kept for one differing by a person.

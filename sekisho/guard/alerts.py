@@ -18,12 +18,17 @@ restarts and are shared by every process serving queries.
   (``confirm_differencing``, once per episode: none of the user's populations in the
   window was in a verified pair before). Unrelated populations of nearly equal size do
   not. Populations recorded without a definition are compared by size only.
-* ``decomposition``: one population *identity* (true size n and cell key: the same
-  contributors, however the SQL is written) released under ``decomposition_burst``
-  distinct shapes within ``decomposition_window_s``. A shape is the fingerprint plus the
-  boundary's group keys and aggregates with their literals: each split of a population
-  into parts is a fresh draw of consistent noise, and averaging enough of them gives the
-  exact count (of a suppressed cell too, as the difference of two padded populations).
+* ``decomposition``: two close population *identities* (true size n and cell key: the
+  same contributors, however the SQL is written; sizes within k - 1 of each other) each
+  released under many distinct shapes within ``decomposition_window_s`` — one under
+  ``decomposition_burst``, the other under at least half as many. A shape is the
+  fingerprint plus the boundary's group keys and aggregates with their literals: each
+  split of a population into parts is a fresh draw of consistent noise, and averaging
+  enough of them gives the exact count; the exact counts of *two* populations that
+  differ by a few persons give those persons' cell (a suppressed cell too, as the
+  difference of two padded populations). One population tabulated in many ways — what
+  every report notebook does with the current residents — is not an alert by itself:
+  its exact size alone is a count of k or more persons.
 
 An alert is raised when a counter first reaches its threshold inside the window (not on
 every later request), and audited as type ``alert``.
@@ -38,9 +43,9 @@ runs ``sekisho users resume NAME`` (``guard.resume``), which also forgets the us
 recorded populations so that a continued attack pauses again. Roles with
 ``alert_holds: false`` (the reports service) are never held. The bookkeeping runs after
 the answer, so a hold applies from the next query once recorded.
-Cost: a burst of exploratory queries over one population (12+ tables of it within an
-hour), or two overlapping populations differing by a few persons within 10 minutes,
-pause an honest analyst until an admin resumes them. Residual risk: detection, not
+Cost: two overlapping populations differing by a few persons, queried within 10
+minutes or each tabulated in many ways within an hour, pause an honest analyst until an
+admin resumes them (one population in many tables does not). Residual risk: detection, not
 prevention — an attacker who stays under the thresholds (fewer shapes, pairs spread
 beyond the window) still sharpens estimates, and the hold itself is one data-dependent bit per review. DP mode is the formal defence.
 
@@ -109,6 +114,10 @@ _COUNTERS = """SELECT
 # shapes that released one population identity within the window, counted up to the burst
 _SHAPES = """SELECT COUNT(*) FROM (SELECT 1 FROM guard_decompositions
     WHERE user = ? AND population = ? AND pkey = ? AND ts > ? LIMIT ?)"""
+# another identity of a size within k - 1 released under at least ? shapes in the window
+_CLOSE_DECOMPOSED = """SELECT 1 FROM guard_decompositions
+    WHERE user = ? AND ts > ? AND population > ? AND population < ? AND NOT (population = ? AND pkey = ?)
+    GROUP BY population, pkey HAVING COUNT(*) >= ? LIMIT 1"""
 _POPULATION_COLUMNS = (("snapshot", "TEXT"), ("row_sql", "TEXT"), ("paired", "INTEGER NOT NULL DEFAULT 0"))
 # the closest recorded populations (with a definition) just below and above a size, in
 # index order (user, population, ts): at most ``limit`` rows read per side
@@ -335,12 +344,20 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
                 new = Definition(row.lastrowid, *definition)
                 pairs += [Pair(gap, new, old) for gap, old in candidates]
         since = now - alerts.decomposition_window_s
+        burst = alerts.decomposition_burst
+        half = max(burst // 2, 1)
         for population, key, shape in identities:
             seen = con.execute("SELECT ts FROM guard_decompositions WHERE user = ? AND population = ? "
                                "AND pkey = ? AND shape = ?", (user, population, key, shape)).fetchone()
             if seen is None or seen[0] <= since:   # a shape new in the window
-                others = con.execute(_SHAPES, (user, population, key, since, alerts.decomposition_burst)).fetchone()[0]
-                decomposed += others + 1 == alerts.decomposition_burst
+                shapes = con.execute(_SHAPES, (user, population, key, since, burst)).fetchone()[0] + 1
+                # the pair becomes decomposed when this identity reaches half the burst
+                # while a close one has the burst, or reaches the burst while one has half
+                other = burst if shapes == half else half if shapes == burst else None
+                if other is not None and k is not None:
+                    close = con.execute(_CLOSE_DECOMPOSED, (user, since, population - int(k), population + int(k),
+                                                            population, key, other)).fetchone()
+                    decomposed += close is not None
             con.execute("INSERT INTO guard_decompositions(user, population, pkey, shape, ts) VALUES (?, ?, ?, ?, ?) "
                         "ON CONFLICT(user, population, pkey, shape) DO UPDATE SET ts = MAX(ts, excluded.ts)",
                         (user, population, key, shape, now))

@@ -4,8 +4,9 @@ an analyst could ask instead — the atom replaced by TRUE and by FALSE, an IN e
 dropped, a BETWEEN bound dropped.
 
 Pure functions over ``sqlglot`` trees: nothing here parses SQL. A neighbour is the row
-tree with one replacement; it is rendered once (its SQL names it and is what runs) and
-kept as a tree for the one-scan count.
+tree with one node replaced: a ``Variant`` keeps the node's position and its
+replacement, so the one-scan counts render only the part of the query that changed
+(``influence``); ``apply`` builds the whole neighbour when one is needed.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class Variant:
     atom: str        # the atom as SQL (named in notes and refusals)
     index: int       # position of the atom's node in the row tree's walk order
     action: str      # "true", "false", "drop:<j>" (IN element), "low" / "high" (BETWEEN bound := TRUE)
-    sql: str         # the row-level SELECT with this one replacement
-    tree: exp.Expression | None = field(default=None, compare=False, repr=False)   # ... as a tree
+    sql: str | None = None   # the row-level SELECT with this replacement, when rendered
+    tree: exp.Expression | None = field(default=None, compare=False, repr=False)   # ... as a tree, when built
+    replacement: exp.Expression | None = field(default=None, compare=False, repr=False)   # the new node
 
 
 def _is_structural(node: exp.Expression, identifiers: frozenset[str]) -> bool:
@@ -127,7 +129,10 @@ def _replacement(node: exp.Expression, actions: set[str]) -> exp.Expression:
 
 def apply(base: exp.Expression, chosen: list[Variant]) -> exp.Expression:
     """A copy of ``base`` (the tree ``neighbourhood`` returned) with all ``chosen``
-    replacements applied (a copy walks in the same order, so the indices hold)."""
+    replacements applied (a copy walks in the same order, so the indices hold). A
+    variant built elsewhere (``tree`` given, no position) is its own tree."""
+    if len(chosen) == 1 and chosen[0].index < 0 and chosen[0].tree is not None:
+        return chosen[0].tree
     tree = base.copy()
     nodes = list(tree.walk())
     by_node: dict[int, set[str]] = {}
@@ -143,9 +148,12 @@ def apply(base: exp.Expression, chosen: list[Variant]) -> exp.Expression:
 
 
 MAX_ATOMS = 64   # more leaf conditions than this: refused as too complex (each costs neighbours)
+# ... in a query over one unit scope, whose neighbours are all counted in one scan of the
+# view (influence._influence_units): the households' 家族類型 takes 68
+MAX_ATOMS_UNIT_SCOPE = 96
 
 
-def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset()
+def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset(), max_atoms: int = MAX_ATOMS
                   ) -> tuple[exp.Expression, str, list[Variant]]:
     """The row-level SELECT prepared (``prepare``), its SQL, and its neighbours: each atom
     replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound dropped).
@@ -154,26 +162,21 @@ def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset()
     original = tree.sql(dialect=DIALECT)
     nodes = list(tree.walk())
     position = {id(node): i for i, node in enumerate(nodes)}
-    out: dict[str, Variant] = {}
+    out: dict[tuple[int, str], Variant] = {}
 
     def add(atom_sql: str, index: int, action: str) -> None:
-        # the replacement is put in place, the tree written and copied, and the node put back
+        # one neighbour per distinct replacement of a node (an IN of one element dropped
+        # is FALSE, as the atom replaced by FALSE); none that leaves the node as it is
         node = nodes[index]
         new = _replacement(node, {action})
-        if node is tree:
-            sql, copy = new.sql(dialect=DIALECT), new
-        else:
-            node.replace(new)
-            sql = tree.sql(dialect=DIALECT)
-            copy = tree.copy() if sql != original and sql not in out else None
-            new.replace(node)
-        if sql != original and sql not in out:
-            out[sql] = Variant(atom=atom_sql, index=index, action=action, sql=sql, tree=copy)
+        key = (index, new.sql(dialect=DIALECT))
+        if key[1] != node.sql(dialect=DIALECT) and key not in out:
+            out[key] = Variant(atom=atom_sql, index=index, action=action, replacement=new)
 
     found = atoms(tree, identifiers)
     weight = sum(len(a.expressions) + 1 if isinstance(a, exp.In) else 1 for a in found)
-    if weight > MAX_ATOMS:
-        raise QueryRefused("too_complex", part=f"{weight} conditions (at most {MAX_ATOMS})")
+    if weight > max_atoms:
+        raise QueryRefused("too_complex", part=f"{weight} conditions (at most {max_atoms})")
     for atom in found:
         i = position[id(atom)]
         label = atom.sql(dialect=DIALECT)
@@ -191,6 +194,20 @@ def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset()
             add(label, i, "true")
             add(label, i, "false")
     return tree, original, list(out.values())
+
+
+def variant_tree(base: exp.Expression, variant: Variant) -> exp.Expression:
+    """The whole neighbour as a tree (built once, kept on the variant's ``tree``)."""
+    if variant.tree is None:
+        object.__setattr__(variant, "tree", apply(base, [variant]))
+    return variant.tree
+
+
+def variant_sql(base: exp.Expression, variant: Variant) -> str:
+    """The whole neighbour's SQL (rendered once, kept on the variant's ``sql``)."""
+    if variant.sql is None:
+        object.__setattr__(variant, "sql", variant_tree(base, variant).sql(dialect=DIALECT))
+    return variant.sql
 
 
 def closest(small: list[tuple[Variant, int]]) -> list[Variant]:

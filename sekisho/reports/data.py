@@ -22,8 +22,10 @@ import pandas as pd
 from sekisho.client import GuardRefusal
 
 MODE = "threshold"
-#: refusals that mean "nothing may be shown for this selection", not a faulty query
-NOTHING_TO_REPORT = frozenset({"filter_population_below_k"})
+#: refusals that mean "nothing may be shown for this selection", not a faulty query: too
+#: few persons selected, or (for an analyst, whose queries the condition-influence rule
+#: checks) conditions that change too few persons to settle on an answer
+NOTHING_TO_REPORT = frozenset({"filter_population_below_k", "condition_influence_below_k"})
 
 
 def _empty(schema) -> pd.DataFrame:
