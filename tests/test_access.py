@@ -42,7 +42,7 @@ def test_no_other_module_spells_a_human_role_name():
     for path in sorted(PACKAGE.rglob("*.py")):
         if path.name == "access.py" and path.parent == PACKAGE:
             continue
-        if path == PACKAGE / "policy.py":
+        if path == PACKAGE / "policy" / "vocabulary.py":
             continue   # the loader's own vocabulary, kept equal by the test above
         tree = ast.parse(path.read_text(encoding="utf-8"))
         keys = {id(node.slice) for node in ast.walk(tree) if isinstance(node, ast.Subscript)}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sekisho.errors import SekishoError
+
 
 @dataclass(frozen=True)
 class Problem:
@@ -27,7 +29,7 @@ class Problem:
                 "message": self.message, "count": self.count}
 
 
-class IngestError(Exception):
+class IngestError(SekishoError):
     """The upload was refused; nothing was changed. ``problems`` lists what is wrong."""
 
     def __init__(self, problems: list[Problem] | Problem, *, summary: str | None = None):
@@ -41,5 +43,5 @@ class IngestError(Exception):
         super().__init__("\n".join(lines))
 
 
-class IngestRefused(Exception):
+class IngestRefused(SekishoError):
     """The caller may not ingest (not a steward)."""

@@ -17,31 +17,31 @@ scope ``custom:sekisho:audit-review`` (checked explicitly), and the person's Sek
 role must be allowed to review. Every read is itself audited (``audit.read``), refusals
 too (``audit.read`` with outcome ``denied``).
 
+This module is the tornado side (handlers, templates' helpers, routes); what the pages
+select and compute lives in ``sekisho.services.audit_filters`` (the validated filters)
+and ``sekisho.services.audit_activity`` (per-person activity, open alerts).
+
 Run by the hub: ``python -m sekisho.services.audit_review``.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import threading
-from collections import Counter
-from collections.abc import Iterable
-from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta
+from datetime import datetime, timedelta
 from html import escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
 
 from tornado import web
 from tornado.httpserver import HTTPServer
 
 from sekisho.access import AUDIT_SERVICE, ROLE_LABELS_JA, SERVICES, role_label
 from sekisho.audit import AuditError, to_csv
-from sekisho.errors import SekishoError
 from sekisho.guard import alerts as guard_alerts
 from sekisho.instance import TOKYO, Instance
+from sekisho.services.audit_activity import open_alerts, person_activity
+from sekisho.services.audit_filters import OUTCOME_LABELS, FilterError, Filters, parse_filters, select
 from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
 TEMPLATES = Path(__file__).parent / "templates" / "audit_review"
@@ -72,158 +72,7 @@ TYPE_LABELS = {
     "users.set-role": "ロール変更",
     "users.set-password": "パスワード再設定",
 }
-OUTCOME_LABELS = {"ok": "成功", "refused": "拒否", "denied": "不許可", "failed": "失敗"}
 SESSION_END_LABELS = {"logout": "ログアウト", "login": "次のログイン", "server.stop": "サーバー停止"}
-DEFAULT_LIMIT = 200
-MAX_LIMIT = 5000
-# any name that can appear in the trail (failed logins record what was typed); no control characters
-NAME_FILTER = re.compile(r"^[^\x00-\x1f\x7f]{1,64}$")
-TYPE_FILTER = re.compile(r"^[a-z][a-z.-]{0,39}$")
-
-
-class FilterError(SekishoError, ValueError):
-    def __init__(self, param: str, message: str):
-        super().__init__(f"{param}: {message}")
-        self.param = param
-
-
-# ---- filters -------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Filters:
-    user: str | None = None
-    type: str | None = None
-    outcome: str | None = None
-    since: date | None = None
-    until: date | None = None
-    limit: int = DEFAULT_LIMIT
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"user": self.user, "type": self.type, "outcome": self.outcome,
-                "since": self.since.isoformat() if self.since else None,
-                "until": self.until.isoformat() if self.until else None}
-
-    def query_string(self) -> str:
-        return urlencode({k: v for k, v in self.as_dict().items() if v})
-
-
-def _date(param: str, value: str) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise FilterError(param, f"expected a date YYYY-MM-DD, got {value[:20]!r}") from None
-
-
-def parse_filters(args: dict[str, str]) -> Filters:
-    """Validate the query parameters; a bad one raises FilterError naming it."""
-    user = (args.get("user") or "").strip() or None
-    if user is not None and not NAME_FILTER.match(user):
-        raise FilterError("user", "at most 64 characters, no control characters")
-    type_ = (args.get("type") or "").strip() or None
-    if type_ is not None and not TYPE_FILTER.match(type_):
-        raise FilterError("type", f"not an event type: {type_[:40]!r}")
-    outcome = (args.get("outcome") or "").strip() or None
-    if outcome is not None and outcome not in OUTCOME_LABELS:
-        raise FilterError("outcome", f"expected one of {', '.join(OUTCOME_LABELS)}")
-    since, until = _date("since", args.get("since", "")), _date("until", args.get("until", ""))
-    if since and until and since > until:
-        raise FilterError("since", "the period starts after it ends")
-    raw_limit = args.get("limit") or str(DEFAULT_LIMIT)
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_LIMIT:
-        raise FilterError("limit", f"expected a number from 1 to {MAX_LIMIT}")
-    return Filters(user=user, type=type_, outcome=outcome, since=since, until=until, limit=int(raw_limit))
-
-
-def select(instance: Instance, filters: Filters) -> list[dict[str, Any]]:
-    return list(instance.audit.entries(user=filters.user, type=filters.type, outcome=filters.outcome,
-                                       since=filters.since, until=filters.until))
-
-
-# ---- per-person activity ---------------------------------------------------------------
-
-@dataclass
-class Session:
-    start: datetime
-    end: datetime | None = None
-    end_type: str | None = None   # logout / a later login / server.stop
-
-    @property
-    def duration(self) -> timedelta | None:
-        return self.end - self.start if self.end else None
-
-
-@dataclass
-class PersonActivity:
-    user: str
-    role: str | None = None
-    logins: list[Session] = field(default_factory=list)
-    servers: list[Session] = field(default_factory=list)
-    failed_logins: int = 0
-    queries: int = 0
-    refusals: int = 0
-    alerts: int = 0
-    epsilon_spent: float = 0.0
-    views: Counter = field(default_factory=Counter)
-    last_seen: datetime | None = None
-
-    @property
-    def session_time(self) -> timedelta:
-        return sum((s.duration for s in self.logins if s.duration), timedelta())
-
-
-def person_activity(entries: Iterable[dict[str, Any]]) -> list[PersonActivity]:
-    """Fold audit entries into one activity record per person (people first by name)."""
-    people: dict[str, PersonActivity] = {}
-
-    def person(name: str) -> PersonActivity:
-        if name not in people:
-            people[name] = PersonActivity(user=name)
-        return people[name]
-
-    for e in entries:
-        name, kind = e.get("user") or "-", e["type"]
-        ts = datetime.fromisoformat(e["ts"])
-        details = e.get("details") or {}
-        p = person(name)
-        if e.get("role"):
-            p.role = e["role"]
-        p.last_seen = ts
-        if kind == "login" and e["outcome"] == "ok":
-            if p.logins and p.logins[-1].end is None:
-                p.logins[-1].end, p.logins[-1].end_type = ts, "login"
-            p.logins.append(Session(start=ts))
-        elif kind == "logout":
-            if p.logins and p.logins[-1].end is None:
-                p.logins[-1].end, p.logins[-1].end_type = ts, "logout"
-        elif kind == "login.failed":
-            p.failed_logins += 1
-        elif kind == "server.start" and e["outcome"] == "ok":
-            p.servers.append(Session(start=ts))
-        elif kind == "server.stop":
-            if p.servers and p.servers[-1].end is None:
-                p.servers[-1].end, p.servers[-1].end_type = ts, "server.stop"
-        elif kind == "query":
-            p.queries += 1
-            p.epsilon_spent += float(details.get("epsilon_spent") or 0.0)
-            p.views.update(details.get("views") or [])
-        elif kind == "query.refused":
-            p.refusals += 1
-        elif kind == "alert":
-            p.alerts += 1
-    return [people[k] for k in sorted(people)]
-
-
-def open_alerts(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Alerts (type ``alert``) that no ``alert.ack`` entry has answered yet, newest first."""
-    alerts, acked = [], set()
-    for e in entries:
-        if e["type"] == "alert":
-            alerts.append(e)
-        elif e["type"] == "alert.ack":
-            acked.add((e.get("details") or {}).get("alert_seq"))
-    return [a for a in reversed(alerts) if a["seq"] not in acked]
 
 
 # ---- chain status (cached: verifying walks the whole log) -------------------------------

@@ -29,13 +29,14 @@ from sekisho.reference import (BLOCKS, CERT_TYPES, CITY_NAME, FACILITY_TYPES, ID
 from sekisho.synth import params as P
 from sekisho.synth.childcare import Facilities, build_facilities, certifications
 from sekisho.synth.dates import NEVER, add_years, from_days, to_days, ymd
+from sekisho.synth.events import current_address, derive_events, registered_dates
 from sekisho.synth.geography import Geography, build_geography
 from sekisho.synth.names import NAMES
 from sekisho.synth.output import COLUMNS, CsvSink
-from sekisho.synth.population import (REASON_DEATH, REASON_OUT, AddressSampler, Households, People, Window,
-                                      _concat, children_who_left, current_address, current_households,
-                                      deaths, departing_households, derive_events, registered_dates)
+from sekisho.synth.population import children_who_left, current_households, deaths, departing_households
+from sekisho.synth.records import REASON_DEATH, REASON_OUT, Households, People, Window, _concat
 from sekisho.synth.tax import resident_tax
+from sekisho.synth.timelines import AddressSampler
 
 GENERATOR_VERSION = 1
 DEFAULT_EXTRACT_DATE = dt.date(2026, 10, 31)
