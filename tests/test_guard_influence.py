@@ -10,7 +10,7 @@ import pytest
 
 from sqlglot import parse_one
 
-from sekisho.guard.influence import _influence_general, influence_sql, is_flat
+from sekisho.guard.neighbour_counts import _influence_general, influence_sql, is_flat
 from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, variant_sql
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from sekisho.guard.protect import densify as densify_module
 from sekisho.guard.protect import threshold as th
 from sekisho.guard.protect.cellkey import PerturbationTable
 
@@ -312,9 +313,9 @@ def test_arrow_key_lookups_keep_python_equality(keys, domain, found) -> None:
 
 def test_text_and_integer_keys_are_looked_up_in_arrow() -> None:
     """The common keys (blocks, bands, ages) take Arrow's lookup, not the dict's."""
-    assert th._arrow_domain((tuple(BLOCKS), (str,) * len(BLOCKS)), pa.string()) is not None
-    assert th._arrow_domain((tuple(range(101)), (int,) * 101), pa.int32()) is not None
-    assert th._arrow_domain(((False, True), (bool, bool)), pa.int64()) is None
+    assert densify_module._arrow_domain((tuple(BLOCKS), (str,) * len(BLOCKS)), pa.string()) is not None
+    assert densify_module._arrow_domain((tuple(range(101)), (int,) * 101), pa.int32()) is not None
+    assert densify_module._arrow_domain(((False, True), (bool, bool)), pa.int64()) is None
 
 
 def test_scalar_perturbation_is_the_vectorised_one() -> None:

@@ -1,0 +1,323 @@
+"""SQL that counts the contributors each neighbouring query changes, for the
+condition-influence rule (``sekisho.guard.influence``).
+
+One statement per round returns ``__n<i>``/``__ck<i>`` (contributors changed by
+neighbour i and their cell key) and ``__n``/``__ck`` (the query's own contributors).
+Three forms, chosen by the row SELECT's shape, agree on counts and cell keys
+(tests/test_guard_influence.py): one scan of one table (``_influence_flat``), one scan
+of the view under one household scope (``_influence_units``), and, for other shapes
+(joins, nested derived tables), a comparison of each neighbour's row set with the
+query's (``_influence_general``). The one-scan forms render only the part of the query
+a neighbour changes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from sqlglot import exp
+from sqlglot.optimizer.merge_subqueries import merge_subqueries
+
+from sekisho.guard.analyze import DIALECT
+from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
+from sekisho.guard.protect.cellkey import cell_key_sql
+
+
+def _q(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _flat(row: exp.Expression) -> exp.Select | None:
+    """The row SELECT merged into one SELECT over one table (a copy), or None."""
+    try:
+        tree = merge_subqueries(row.copy())
+    except Exception:
+        return None
+    if not isinstance(tree, exp.Select) or tree.args.get("joins") or tree.args.get("group") \
+            or tree.args.get("having") or tree.args.get("distinct") or tree.args.get("with_"):
+        return None
+    from_ = tree.args.get("from_")
+    if from_ is None or not isinstance(from_.this, exp.Table):
+        return None
+    if sum(1 for _ in tree.find_all(exp.Select)) != 1:
+        return None
+    return tree
+
+
+def _parts(select: exp.Select) -> tuple[str, dict[str, str]]:
+    where = select.args.get("where")
+    cond = f"COALESCE(({where.this.sql(dialect=DIALECT)}), FALSE)" if where is not None else "TRUE"
+    return cond, {p.alias_or_name: p.this.sql(dialect=DIALECT) if isinstance(p, exp.Alias) else
+                  p.sql(dialect=DIALECT) for p in select.expressions}
+
+
+def unit_scope_shape(row: exp.Expression) -> tuple[exp.Select, exp.Select] | None:
+    """(outer, unit scope) when ``row`` is a SELECT over one unit scope — a derived table
+    ``SELECT <linkage key>, <features> FROM <view> [WHERE ...] GROUP BY <linkage key>``
+    — or None."""
+    if not isinstance(row, exp.Select) or any(row.args.get(a) for a in
+                                              ("joins", "group", "having", "distinct", "with_")):
+        return None
+    from_ = row.args.get("from_")
+    if from_ is None or not isinstance(from_.this, exp.Subquery) or not isinstance(from_.this.this, exp.Select):
+        return None
+    inner = from_.this.this
+    group = inner.args.get("group")
+    if any(inner.args.get(a) for a in ("joins", "having", "distinct", "with_", "order", "limit", "offset")) \
+            or group is None or len(group.expressions) != 1 or not isinstance(inner.args["from_"].this, exp.Table):
+        return None
+    if sum(1 for _ in inner.find_all(exp.Select)) != 1 or sum(1 for _ in row.find_all(exp.Select)) != 2:
+        return None
+    return row, inner
+
+
+def is_flat(row: exp.Expression) -> bool:
+    """Whether the neighbours of ``row`` can all be counted in one scan."""
+    return _flat(row) is not None or unit_scope_shape(row) is not None
+
+
+def _simple(row: exp.Expression) -> bool:
+    """One SELECT over one table, nothing to merge: its parts are its own."""
+    return isinstance(row, exp.Select) and sum(1 for _ in row.find_all(exp.Select)) == 1 and \
+        _flat(row) is not None
+
+
+@contextlib.contextmanager
+def _replaced(nodes: list[exp.Expression], variant: Variant):
+    """``variant``'s replacement put in place in the base tree for the block, then undone."""
+    node = nodes[variant.index]
+    new = variant.replacement
+    node.replace(new)
+    try:
+        yield
+    finally:
+        new.replace(node)
+
+
+def _part_of(roots: dict[tuple, exp.Expression]) -> dict[int, tuple]:
+    """id(node) -> the key of the part (a projection, a WHERE) it belongs to."""
+    return {id(n): key for key, root in roots.items() for n in root.walk()}
+
+
+def _local(variant: Variant, nodes: list[exp.Expression], part_of: dict[int, tuple]) -> tuple | None:
+    """The part a variant changes, when it is one replacement at a known position."""
+    if variant.index < 0 or variant.replacement is None or variant.tree is not None:
+        return None
+    return part_of.get(id(nodes[variant.index]))
+
+
+def _cond(where: exp.Expression | None) -> str:
+    return f"COALESCE(({where.sql(dialect=DIALECT)}), FALSE)" if where is not None else "TRUE"
+
+
+def _value(projection: exp.Expression) -> exp.Expression:
+    return projection.this if isinstance(projection, exp.Alias) else projection
+
+
+def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str], *,
+                  person_unique: bool) -> str:
+    """One SQL returning ``__n<i>`` (contributors changed by neighbour i) and ``__ck<i>``
+    (their cell key), and ``__n``/``__ck`` for the contributors the query itself selects.
+    ``row`` is the tree ``neighbourhood`` returned (the variants' positions refer to it);
+    ``columns``: the row SELECT's cell and value columns (__g*, __a*)."""
+    nodes = list(row.walk())
+    if _simple(row):
+        return _influence_flat(_flat_worlds(row, nodes, neighbours), row.args["from_"].sql(dialect=DIALECT),
+                               columns, person_unique=person_unique)
+    base = _flat(row)
+    if base is not None:   # derived tables that merge into one SELECT over one table
+        flats = [_flat(variant_tree(row, v)) for v in neighbours]
+        source = base.args["from_"].sql(dialect=DIALECT)
+        if all(f is not None and f.args["from_"].sql(dialect=DIALECT) == source for f in flats):
+            return _influence_flat([_parts(base)] + [_parts(f) for f in flats], source, columns,
+                                   person_unique=person_unique)
+    if unit_scope_shape(row) is not None:
+        unit_sql = _influence_units(row, nodes, neighbours, columns)
+        if unit_sql is not None:
+            return unit_sql
+    return _influence_general(row.sql(dialect=DIALECT), [variant_sql(row, v) for v in neighbours], columns)
+
+
+def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]) -> list[tuple[str, dict[str, str]]]:
+    """(condition, projections) of the query and of each neighbour; a neighbour's
+    unchanged parts are the query's, rendered once."""
+    roots = {(p.alias_or_name,): _value(p) for p in row.expressions}
+    where = row.args.get("where")
+    if where is not None:
+        roots[("where",)] = where.this
+    part_of = _part_of(roots)
+    base = _parts(row)
+    worlds = [base]
+    for v in neighbours:
+        key = _local(v, nodes, part_of)
+        if key is None:
+            worlds.append(_parts(variant_tree(row, v)))
+            continue
+        with _replaced(nodes, v):
+            if key == ("where",):
+                worlds.append((_cond(row.args["where"].this), base[1]))
+            else:
+                projections = dict(base[1])
+                projections[key[0]] = _value(next(p for p in row.expressions if p.alias_or_name == key[0])
+                                             ).sql(dialect=DIALECT)
+                worlds.append((base[0], projections))
+    return worlds
+
+
+def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: list[Variant],
+                     columns: list[str]) -> str | None:
+    """All neighbours of a query over one unit scope in one scan of its view.
+
+    World 0 is the query, world i its neighbour i; they share the view and the linkage
+    key and differ in the unit scope's WHERE or features, or in the outer part. The unit
+    scope is computed once for every world at the same time: each world's features are
+    its aggregates restricted to its own rows (``FILTER (WHERE <its WHERE>)``), and a
+    unit exists in a world when one of its rows passes that world's WHERE. The outer
+    part is then evaluated per world on that world's features, and a unit is a changed
+    contributor of neighbour i when its (inclusion, cell and value columns, unit key)
+    differ from world 0's — what ``_influence_general`` counts by comparing the two row
+    sets, with the same cell key (the distinct unit keys of the differing rows). A
+    neighbour's unchanged parts are the query's, rendered once."""
+    outer, inner = unit_scope_shape(row)
+    table = inner.args["from_"].this.sql(dialect=DIALECT)
+    key = inner.args["group"].expressions[0]
+    scope = outer.args["from_"].this.alias_or_name
+    items: dict[str, str] = {}       # expression SQL -> its column in the combined scope
+
+    def column(sql: str) -> str:
+        if sql not in items:
+            items[sql] = f"__w{len(items)}"
+        return items[sql]
+
+    def restricted(projection: exp.Expression, rows: exp.Expression) -> str:
+        only = exp.Where(this=exp.Coalesce(this=rows.copy(), expressions=[exp.false()]))
+        return _value(projection).transform(
+            lambda n: exp.Filter(this=n.copy(), expression=only.copy())
+            if isinstance(n, exp.AggFunc) and not isinstance(n.parent, exp.Filter) else n).sql(dialect=DIALECT)
+
+    def unit_scope(inner_select: exp.Select) -> tuple[str, dict[str, str]]:
+        """(presence column, feature name -> column) of one world's unit scope."""
+        where = inner_select.args.get("where")
+        rows = where.this if where is not None else exp.true()
+        present = column(f"COUNT(*) FILTER (WHERE {_cond(rows)})")
+        return present, {p.alias_or_name: column(restricted(p, rows)) for p in inner_select.expressions}
+
+    def outer_parts(outer_select: exp.Select, features: dict[str, str]) -> tuple[str | None, dict[str, str]]:
+        def in_world(node):
+            if isinstance(node, exp.Column) and node.table == scope and node.name in features:
+                return exp.column(features[node.name], quoted=True)
+            return node
+        where = outer_select.args.get("where")
+        cond = _cond(where.this.transform(in_world)) if where is not None else "TRUE"
+        return cond, {p.alias_or_name: _value(p).transform(in_world).sql(dialect=DIALECT)
+                      for p in outer_select.expressions}
+
+    roots: dict[tuple, exp.Expression] = {("inner", p.alias_or_name): _value(p) for p in inner.expressions}
+    if inner.args.get("where") is not None:
+        roots[("inner_where",)] = inner.args["where"].this
+    roots.update({("outer", p.alias_or_name): _value(p) for p in outer.expressions})
+    if outer.args.get("where") is not None:
+        roots[("outer_where",)] = outer.args["where"].this
+    part_of = _part_of(roots)
+
+    present0, features0 = unit_scope(inner)
+    cond0, proj0 = outer_parts(outer, features0)
+    worlds = [(present0, cond0, proj0)]
+    for v in neighbours:
+        part = _local(v, nodes, part_of)
+        if part is None:   # a variant built elsewhere: all its parts
+            shape = unit_scope_shape(variant_tree(row, v))
+            if shape is None or shape[1].args["from_"].this.sql(dialect=DIALECT) != table \
+                    or shape[1].args["group"].expressions[0] != key:
+                return None
+            present, features = unit_scope(shape[1])
+            worlds.append((present, *outer_parts(shape[0], features)))
+            continue
+        with _replaced(nodes, v):
+            if part == ("inner_where",):
+                present, features = unit_scope(inner)
+                worlds.append((present, *outer_parts(outer, features)))
+            elif part[0] == "inner":
+                changed = next(p for p in inner.expressions if p.alias_or_name == part[1])
+                rows = inner.args["where"].this if inner.args.get("where") is not None else exp.true()
+                features = dict(features0, **{part[1]: column(restricted(changed, rows))})
+                worlds.append((present0, *outer_parts(outer, features)))
+            else:   # the outer part: the query's unit scope
+                worlds.append((present0, *outer_parts(outer, features0)))
+
+    inner_items = [f"{key.sql(dialect=DIALECT)} AS __u"] + [f"{sql} AS {_q(name)}" for sql, name in items.items()]
+    scope_sql = f"SELECT {', '.join(inner_items)} FROM {table} GROUP BY {key.sql(dialect=DIALECT)}"
+
+    def included(present: str, cond: str) -> str:
+        return f"({_q(present)} > 0 AND {cond})"
+
+    in0 = included(present0, cond0)
+    rkey0 = proj0[RKEY]
+    select = [f"COUNT(*) FILTER (WHERE {in0}) AS __n",
+              f"{cell_key_sql(f'COALESCE(SUM({rkey0}) FILTER (WHERE {in0}), 0)')} AS __ck"]
+    for i, (present, cond, proj_i) in enumerate(worlds[1:]):
+        in_i, rkey_i = included(present, cond), proj_i[RKEY]
+        differs = " OR ".join(f"({proj0[c]}) IS DISTINCT FROM ({proj_i[c]})" for c in [*columns, RKEY])
+        changed = f"(({in0}) <> ({in_i}) OR (({in0}) AND ({in_i}) AND ({differs})))"
+        distinct_keys = (f"(CASE WHEN {in0} THEN {rkey0} ELSE 0 END + CASE WHEN {in_i} AND (NOT {in0} OR "
+                         f"({rkey_i}) IS DISTINCT FROM ({rkey0})) THEN {rkey_i} ELSE 0 END)")
+        select.append(f"COUNT(*) FILTER (WHERE {changed}) AS __n{i}")
+        select.append(f"{cell_key_sql(f'COALESCE(SUM({distinct_keys}) FILTER (WHERE {changed}), 0)')} AS __ck{i}")
+    return f"SELECT {', '.join(select)} FROM ({scope_sql}) AS __units"
+
+
+def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,
+                    person_unique: bool) -> str:
+    """All neighbours in one scan of ``source`` (world 0: the query's condition and
+    projections; world i: neighbour i's): a row differs if its inclusion differs, or it
+    is included by both with different cell or value columns."""
+    cond0, proj0 = worlds[0]
+    changed = []
+    for cond, proj in worlds[1:]:
+        terms = []
+        if cond != cond0:
+            terms.append(f"({cond0}) <> ({cond})")
+        differs = [f"({proj0[c]}) IS DISTINCT FROM ({proj[c]})" for c in columns if proj0[c] != proj[c]]
+        if differs:
+            terms.append(f"(({cond0}) AND ({' OR '.join(differs)}))")
+        changed.append(" OR ".join(terms) if terms else "FALSE")
+    pid, rkey = proj0[PID], proj0[RKEY]
+    if person_unique:
+        select = [f"COUNT(*) FILTER (WHERE {cond0}) AS __n",
+                  f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {cond0}), 0)')} AS __ck"]
+        for i, d in enumerate(changed):
+            select.append(f"COUNT(*) FILTER (WHERE {d}) AS __n{i}")
+            select.append(f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {d}), 0)')} AS __ck{i}")
+        return f"SELECT {', '.join(select)} {source}"
+    inner = [f"{pid} AS __p", f"SUM(DISTINCT {rkey}) AS __k",
+             f"bool_or({cond0}) AS __in", f"SUM(DISTINCT {rkey}) FILTER (WHERE {cond0}) AS __kin"] + \
+        [f"bool_or({d}) AS __d{i}" for i, d in enumerate(changed)]
+    outer = ["COUNT(*) FILTER (WHERE __in) AS __n",
+             f"{cell_key_sql('COALESCE(SUM(__kin) FILTER (WHERE __in), 0)')} AS __ck"]
+    for i in range(len(changed)):
+        outer.append(f"COUNT(*) FILTER (WHERE __d{i}) AS __n{i}")
+        outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __d{i}), 0)')} AS __ck{i}")
+    return f"SELECT {', '.join(outer)} FROM (SELECT {', '.join(inner)} {source} GROUP BY {pid}) AS __pp"
+
+
+def _influence_general(row_sql: str, neighbours: list[str], columns: list[str]) -> str:
+    """Any row SELECT (joins, nested derived tables, ...): compare each contributor's rows
+    as a multiset of (cell, values) between the query and each neighbour (given as SQL)."""
+    cols = ", ".join([_q(PID), _q(RKEY), *(_q(c) for c in columns)])
+
+    def rows(sql: str) -> str:
+        return f"SELECT {cols}, COUNT(*) AS __m FROM ({sql}) AS __r GROUP BY ALL"
+
+    ctes = [f"__s AS ({rows(row_sql)})",
+            f"__base AS (SELECT {_q(PID)}, SUM(DISTINCT {_q(RKEY)}) AS __k FROM __s GROUP BY {_q(PID)})"]
+    select = ["(SELECT COUNT(*) FROM __base) AS __n",
+              f"(SELECT {cell_key_sql('COALESCE(SUM(__k), 0)')} FROM __base) AS __ck"]
+    for i, neighbour_sql in enumerate(neighbours):
+        ctes.append(f"__s{i} AS ({rows(neighbour_sql)})")
+        ctes.append(f"__d{i} AS (SELECT {_q(PID)}, SUM(DISTINCT {_q(RKEY)}) AS __k FROM "
+                    f"((SELECT * FROM __s EXCEPT SELECT * FROM __s{i}) UNION ALL "
+                    f"(SELECT * FROM __s{i} EXCEPT SELECT * FROM __s)) AS __x GROUP BY {_q(PID)})")
+        select.append(f"(SELECT COUNT(*) FROM __d{i}) AS __n{i}")
+        select.append(f"(SELECT {cell_key_sql('COALESCE(SUM(__k), 0)')} FROM __d{i}) AS __ck{i}")
+    return f"WITH {', '.join(ctes)} SELECT {', '.join(select)}"
