@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from sekisho.guard import alert_state
 from sekisho.guard import alerts as al
 from sekisho.policy import Alerts
 
@@ -24,9 +25,9 @@ T0 = 1_795_000_000.0
 
 def _forget_connections() -> None:
     """What a restart does to this process's state: every connection is gone."""
-    for state in getattr(al._connections, "by_path", {}).values():
+    for state in getattr(alert_state._connections, "by_path", {}).values():
         state.con.close()
-    al._connections.by_path = {}
+    alert_state._connections.by_path = {}
 
 
 @pytest.fixture()
@@ -97,10 +98,10 @@ def test_alerts_match_the_definition_on_random_traffic(inst, seed) -> None:
 def test_one_transaction_per_request(inst) -> None:
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=1, now=T0)  # connect
     statements: list[str] = []
-    al._connect(inst).set_trace_callback(statements.append)
+    alert_state.connect(inst).set_trace_callback(statements.append)
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=1, populations=[120],
                       k=5, now=T0 + 1)
-    al._connect(inst).set_trace_callback(None)
+    alert_state.connect(inst).set_trace_callback(None)
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
     assert sum(s.startswith("BEGIN") for s in statements) == 1
     assert len([s for s in statements if not s.startswith("DELETE")]) == 7
@@ -160,21 +161,21 @@ def test_minute_buckets_are_exact_at_their_edges() -> None:
     # a row belongs to minute m exactly when m*60 <= ts < (m+1)*60, the ranges the counters select
     for m in (1, 29_916_666, 29_916_667, 10**9):
         edge = float(m * 60)
-        assert al._minute(edge) == m
-        assert al._minute(math.nextafter(edge, 0.0)) == m - 1
-        assert al._minute(math.nextafter(edge + 60, 0.0)) == m
+        assert alert_state.minute_of(edge) == m
+        assert alert_state.minute_of(math.nextafter(edge, 0.0)) == m - 1
+        assert alert_state.minute_of(math.nextafter(edge + 60, 0.0)) == m
 
 
 def test_old_rows_are_purged_and_still_counted_exactly(inst) -> None:
-    m = al._minute(T0) + 10
+    m = alert_state.minute_of(T0) + 10
     later = m * 60 + 30 + 7200   # purges everything before minute m (its own cutoff lies inside m)
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=1_500, now=T0)
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=7, now=m * 60 + 20.0)
     al.record_request(inst, RULES, user="ana", fingerprint="f", refused=False, cells=1, now=float(later))
-    con = al._connect(inst)
+    con = alert_state.connect(inst)
     assert [c for (c,) in con.execute("SELECT cells FROM guard_requests ORDER BY ts")] == [7, 1]
     # the sums per minute always equal the rows kept
     sums: dict = {}
     for u, ts, c in con.execute("SELECT user, ts, cells FROM guard_requests").fetchall():
-        sums[(u, al._minute(ts))] = sums.get((u, al._minute(ts)), 0) + c
+        sums[(u, alert_state.minute_of(ts))] = sums.get((u, alert_state.minute_of(ts)), 0) + c
     assert {(u, m): c for u, m, c in con.execute("SELECT user, minute, cells FROM guard_cells")} == sums

@@ -25,6 +25,7 @@ from attack_oracle import RawOracle, RawResult
 from guard_fixtures import make_instance, truth
 from sekisho.cli.common import os_user_name
 from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import alert_state
 from sekisho.guard import alerts as guard_alerts
 from sekisho.policy import PolicyError, load_instance_policy, load_policy
 from sekisho.state import set_role
@@ -486,9 +487,9 @@ def test_close_pairs_are_returned_for_verification_and_confirmed_once_per_episod
     for i, n in enumerate((195, 205, 190, 203, 203)):
         release(n, f"B{i}", 2 + i)
     statements: list[str] = []
-    guard_alerts._connect(state).set_trace_callback(statements.append)
+    alert_state.connect(state).set_trace_callback(statements.append)
     found = release(201, "C", 10)
-    guard_alerts._connect(state).set_trace_callback(None)
+    alert_state.connect(state).set_trace_callback(None)
     # still one transaction, as many statements as without a definition (the candidates
     # replace the close count): 7 as in test_guard_alerts, plus 3 for the decomposition
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"

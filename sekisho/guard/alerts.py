@@ -66,46 +66,15 @@ request, only when sizes are close), on the bookkeeping thread.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from sekisho.instance import Instance, secure
+from sekisho.guard.alert_state import BUCKET_S, connect as _connect, minute_of as _minute, state_of as _state
+# the holds alerts put users on: one API with the alerts (``sekisho.guard.holds``)
+from sekisho.guard.holds import hold_of, holds, put_hold, resume  # noqa: F401
+from sekisho.instance import Instance
 
-PURGE_EVERY_S = 60.0
-BUCKET_S = 60   # guard_cells: cells per user and minute
-
-_connections = threading.local()
-_setup_lock = threading.Lock()
-SETUP_TIMEOUT_S = 30
-
-_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS guard_requests (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
-        fingerprint TEXT NOT NULL, refused INTEGER NOT NULL, cells INTEGER NOT NULL)""",
-    "CREATE INDEX IF NOT EXISTS guard_requests_user_ts ON guard_requests(user, ts)",
-    "CREATE INDEX IF NOT EXISTS guard_requests_user_fp_ts ON guard_requests(user, fingerprint, ts)",
-    "CREATE INDEX IF NOT EXISTS guard_requests_refused ON guard_requests(user, ts) WHERE refused = 1",
-    # snapshot, row_sql: what defines the population (differencing pairs are verified on
-    # the store); paired: part of a verified differencing pair (one alert per episode)
-    """CREATE TABLE IF NOT EXISTS guard_populations (
-        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
-        population INTEGER NOT NULL, fingerprint TEXT NOT NULL,
-        snapshot TEXT, row_sql TEXT, paired INTEGER NOT NULL DEFAULT 0)""",
-    # close populations are two index ranges (below and above), never the user's whole window
-    "CREATE INDEX IF NOT EXISTS guard_populations_user_pop_ts ON guard_populations(user, population, ts)",
-    "DROP INDEX IF EXISTS guard_populations_user_ts",
-    # decomposition: one row per (user, population identity, query shape), the last time
-    # that shape released it; the shapes of one identity in the window are an index range
-    """CREATE TABLE IF NOT EXISTS guard_decompositions (
-        user TEXT NOT NULL, population INTEGER NOT NULL, pkey INTEGER NOT NULL, shape TEXT NOT NULL,
-        ts REAL NOT NULL, PRIMARY KEY (user, population, pkey, shape)) WITHOUT ROWID""",
-    "CREATE INDEX IF NOT EXISTS guard_decompositions_identity_ts ON guard_decompositions(user, population, pkey, ts)",
-    # users on hold: read (by primary key) before every query of the user
-    """CREATE TABLE IF NOT EXISTS guard_holds (
-        user TEXT PRIMARY KEY, since REAL NOT NULL, alert TEXT NOT NULL, raised_by INTEGER) WITHOUT ROWID""",
-)
 _COUNTERS = """SELECT
     (SELECT COUNT(*) FROM guard_requests WHERE user = ? AND fingerprint = ? AND ts > ?),
     (SELECT COUNT(*) FROM guard_requests WHERE user = ? AND refused = 1 AND ts > ?),
@@ -118,7 +87,6 @@ _SHAPES = """SELECT COUNT(*) FROM (SELECT 1 FROM guard_decompositions
 _CLOSE_DECOMPOSED = """SELECT 1 FROM guard_decompositions
     WHERE user = ? AND ts > ? AND population > ? AND population < ? AND NOT (population = ? AND pkey = ?)
     GROUP BY population, pkey HAVING COUNT(*) >= ? LIMIT 1"""
-_POPULATION_COLUMNS = (("snapshot", "TEXT"), ("row_sql", "TEXT"), ("paired", "INTEGER NOT NULL DEFAULT 0"))
 # the closest recorded populations (with a definition) just below and above a size, in
 # index order (user, population, ts): at most ``limit`` rows read per side
 _CANDIDATES = """SELECT * FROM (SELECT id, population, snapshot, row_sql FROM guard_populations
@@ -128,94 +96,6 @@ _CANDIDATES = """SELECT * FROM (SELECT id, population, snapshot, row_sql FROM gu
     WHERE user = ? AND population > ? AND population < ? AND ts > ? AND row_sql IS NOT NULL
     ORDER BY population, ts LIMIT ?)"""
 MAX_PAIRS = 4   # close pairs verified on the store per request (the closest sizes)
-_CELLS_TABLE = """CREATE TABLE guard_cells (
-    user TEXT NOT NULL, minute INTEGER NOT NULL, cells INTEGER NOT NULL,
-    PRIMARY KEY (user, minute)) WITHOUT ROWID"""
-
-
-def _minute(ts: float) -> int:
-    """The bucket m with m*60 <= ts < (m+1)*60, decided by exact comparisons (m*60 is an
-    exact float), so a bucket holds exactly the rows a ``ts`` range selects."""
-    m = int(ts // BUCKET_S)
-    if m * BUCKET_S > ts:
-        m -= 1
-    elif (m + 1) * BUCKET_S <= ts:
-        m += 1
-    return m
-
-
-class _State:
-    """This thread's connection to one state file, and when it last purged each table."""
-
-    def __init__(self, con: sqlite3.Connection):
-        self.con = con
-        self.purged_at: dict[str, float] = {}
-
-    def purge_due(self, table: str, now: float) -> bool:
-        last = self.purged_at.get(table)
-        return last is None or abs(now - last) >= PURGE_EVERY_S
-
-
-def _state(instance: Instance) -> _State:
-    """One connection per thread and state file (counters need no per-request fsync:
-    synchronous=NORMAL in WAL mode loses at most the last requests on power failure)."""
-    cache = getattr(_connections, "by_path", None)
-    if cache is None:
-        cache = _connections.by_path = {}
-    path = instance.state_path
-    state = cache.get(str(path))
-    if state is not None:
-        return state
-    new = not path.exists()
-    # switching a new file to WAL takes an exclusive lock without waiting on the busy
-    # timeout, so threads (and processes) opening the file at once retry here
-    with _setup_lock:
-        deadline = time.monotonic() + SETUP_TIMEOUT_S
-        while True:
-            con = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-            try:
-                con.execute("PRAGMA journal_mode=WAL")
-                break
-            except sqlite3.OperationalError as exc:
-                con.close()
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-    con.execute("PRAGMA synchronous=NORMAL")
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        for statement in _SCHEMA:
-            con.execute(statement)
-        have = {row[1] for row in con.execute("PRAGMA table_info(guard_populations)").fetchall()}
-        for column, decl in _POPULATION_COLUMNS:   # a state file from before the definitions
-            if column not in have:
-                con.execute(f"ALTER TABLE guard_populations ADD COLUMN {column} {decl}")
-        con.execute("CREATE INDEX IF NOT EXISTS guard_populations_paired ON guard_populations(user, ts) "
-                    "WHERE paired = 1")
-        if con.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'guard_cells'").fetchone() is None:
-            # a state file from before the per-minute sums: build them from the rows kept
-            con.execute(_CELLS_TABLE)
-            sums: dict[tuple[str, int], int] = {}
-            for user, ts, cells in con.execute("SELECT user, ts, cells FROM guard_requests").fetchall():
-                key = (user, _minute(ts))
-                sums[key] = sums.get(key, 0) + int(cells)
-            con.executemany("INSERT INTO guard_cells(user, minute, cells) VALUES (?, ?, ?)",
-                            [(u, m, c) for (u, m), c in sums.items()])
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        con.close()
-        raise
-    if new:
-        secure(path)
-    state = cache[str(path)] = _State(con)
-    return state
-
-
-def _connect(instance: Instance) -> sqlite3.Connection:
-    return _state(instance).con
-
 
 def _close_count(con: sqlite3.Connection, user: str, since: float, population: int, k: int) -> int:
     """Recent populations of the user differing from ``population`` by 1..k-1
@@ -455,53 +335,3 @@ def _found(alerts, fingerprint: str, refused: bool, cells: int, dup: int, ref: i
         found.append({"alert": "decomposition", "shapes": alerts.decomposition_burst,
                       "window_s": alerts.decomposition_window_s, "fingerprint": fingerprint})
     return found
-
-
-# ---- holds -----------------------------------------------------------------------------
-def _hold(row) -> dict:
-    user, since, alert, raised_by = row
-    return {"user": user, "since": since, "alert": alert, "raised_by": raised_by}
-
-
-def hold_of(instance: Instance, user: str) -> dict | None:
-    """``user``'s hold (since, alert, raised_by) or None: one primary-key read, made
-    before every query of the user."""
-    row = _connect(instance).execute("SELECT user, since, alert, raised_by FROM guard_holds WHERE user = ?",
-                                     (user,)).fetchone()
-    return None if row is None else _hold(row)
-
-
-def holds(instance: Instance) -> list[dict]:
-    """Every user on hold, oldest first."""
-    return [_hold(r) for r in _connect(instance).execute(
-        "SELECT user, since, alert, raised_by FROM guard_holds ORDER BY since, user").fetchall()]
-
-
-def put_hold(instance: Instance, user: str, *, alert: str, raised_by: int | None = None,
-             since: float | None = None) -> None:
-    """Put ``user`` on hold (keeps an existing hold; used to undo a resume that could not
-    be audited)."""
-    _connect(instance).execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
-                               "ON CONFLICT(user) DO NOTHING",
-                               (user, time.time() if since is None else since, alert, raised_by))
-
-
-def resume(instance: Instance, user: str) -> dict | None:
-    """Lift ``user``'s hold and return it (None if there was none). The populations and
-    decompositions recorded for the user are forgotten with it: the reviewed episode is
-    closed, and an attack that goes on raises its alert (and the hold) again."""
-    con = _connect(instance)
-    con.execute("BEGIN IMMEDIATE")
-    try:
-        row = con.execute("SELECT user, since, alert, raised_by FROM guard_holds WHERE user = ?",
-                          (user,)).fetchone()
-        if row is not None:
-            con.execute("DELETE FROM guard_holds WHERE user = ?", (user,))
-            con.execute("DELETE FROM guard_populations WHERE user = ?", (user,))
-            con.execute("DELETE FROM guard_decompositions WHERE user = ?", (user,))
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
-    return None if row is None else _hold(row)

@@ -123,8 +123,8 @@ def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[
     ``columns``: the row SELECT's cell and value columns (__g*, __a*)."""
     nodes = list(row.walk())
     if _simple(row):
-        return _influence_flat(_flat_worlds(row, nodes, neighbours), row.args["from_"].sql(dialect=DIALECT),
-                               columns, person_unique=person_unique)
+        worlds, source = _flat_worlds(row, nodes, neighbours)
+        return _influence_flat(worlds, source, columns, person_unique=person_unique)
     base = _flat(row)
     if base is not None:   # derived tables that merge into one SELECT over one table
         flats = [_flat(variant_tree(row, v)) for v in neighbours]
@@ -139,30 +139,64 @@ def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[
     return _influence_general(row.sql(dialect=DIALECT), [variant_sql(row, v) for v in neighbours], columns)
 
 
-def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]) -> list[tuple[str, dict[str, str]]]:
-    """(condition, projections) of the query and of each neighbour; a neighbour's
-    unchanged parts are the query's, rendered once."""
+def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
+                 ) -> tuple[list[tuple[str, dict[str, str]]], str]:
+    """(condition, projections) of the query and of each neighbour, and the source they
+    are evaluated on.
+
+    Each atom a neighbour replaces is computed once per row, as a boolean column of the
+    source (``__atom<j>``), and the query's parts are written over those columns: a
+    neighbour's CASE or WHERE then differs from the query's in one boolean, instead of
+    re-evaluating every comparison (an age from a birth month in 22 bands is 22
+    comparisons of arithmetic, per neighbour). A neighbour's unchanged parts are the
+    query's, rendered once. The base tree is left as it was."""
     roots = {(p.alias_or_name,): _value(p) for p in row.expressions}
     where = row.args.get("where")
     if where is not None:
         roots[("where",)] = where.this
     part_of = _part_of(roots)
-    base = _parts(row)
-    worlds = [base]
-    for v in neighbours:
-        key = _local(v, nodes, part_of)
-        if key is None:
-            worlds.append(_parts(variant_tree(row, v)))
-            continue
-        with _replaced(nodes, v):
-            if key == ("where",):
-                worlds.append((_cond(row.args["where"].this), base[1]))
-            else:
-                projections = dict(base[1])
-                projections[key[0]] = _value(next(p for p in row.expressions if p.alias_or_name == key[0])
-                                             ).sql(dialect=DIALECT)
-                worlds.append((base[0], projections))
-    return worlds
+    positions = sorted({v.index for v in neighbours if _local(v, nodes, part_of) is not None})
+    columns = {i: exp.column(f"__atom{j}", quoted=True) for j, i in enumerate(positions)}
+    atom_sql = [nodes[i].sql(dialect=DIALECT) for i in positions]
+    table = row.args["from_"].this
+    alias = table.alias_or_name
+    if atom_sql:
+        extra = ", ".join(f"{sql} AS {_q(f'__atom{j}')}" for j, sql in enumerate(atom_sql))
+        source = f"FROM (SELECT *, {extra} FROM {table.sql(dialect=DIALECT)}) AS {_q(alias)}"
+    else:
+        source = row.args["from_"].sql(dialect=DIALECT)
+    for i in positions:
+        nodes[i].replace(columns[i])
+    try:
+        base = _parts(row)
+        worlds = [base]
+        for v in neighbours:
+            key = _local(v, nodes, part_of)
+            if key is None:
+                for i in positions:   # a variant built elsewhere: written in full
+                    columns[i].replace(nodes[i])
+                try:
+                    worlds.append(_parts(variant_tree(row, v)))
+                finally:
+                    for i in positions:
+                        nodes[i].replace(columns[i])
+                continue
+            column, new = columns[v.index], v.replacement
+            column.replace(new)
+            try:
+                if key == ("where",):
+                    worlds.append((_cond(row.args["where"].this), base[1]))
+                else:
+                    projections = dict(base[1])
+                    projections[key[0]] = _value(next(p for p in row.expressions if p.alias_or_name == key[0])
+                                                 ).sql(dialect=DIALECT)
+                    worlds.append((base[0], projections))
+            finally:
+                new.replace(column)
+    finally:
+        for i in positions:
+            columns[i].replace(nodes[i])
+    return worlds, source
 
 
 def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: list[Variant],
