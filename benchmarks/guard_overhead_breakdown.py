@@ -12,13 +12,28 @@ For each small query of guard_overhead.py, in one process and interleaved with t
   much of the ratio protection accounts for, and what is left without it (audit, role
   lookup, the cell key in the store's query).
 
-    python benchmarks/guard_overhead_breakdown.py [--home DIR] [--repeat 40]
+Cold queries (``--cold N``, the distinct new queries of guard_overhead.py, each run once
+on a new guard, as analysts type them): where a query's first run goes — planning
+(parse, analysis passes, rewrite), condition influence (its neighbours' preparation in
+Python and its counting scan in DuckDB), the cells scan, the protected schema, the
+one-off check per view (one row per person?), protection, post-processing, recording —
+as medians over the queries, the engine's share apart; then the cold ratio of the same
+queries on a guard whose policy has condition influence off (measurement only: what the
+rule's own scan costs a new query). Each query's first run is repeated as ``--cold-runs``
+new users (users ``bench_analyst_cold<i>``; a plan, verdict or prepared statement is per
+user, so each is a first run): their minimum shows the work without the noise of a busy
+machine, beside the benchmark's single first run.
+
+    python benchmarks/guard_overhead_breakdown.py [--home DIR] [--repeat 40] [--cold 24]
+        [--cold-runs 5] [--no-warm]
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import statistics
 import sys
 import time
@@ -28,8 +43,11 @@ import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
-from guard_overhead import QUERIES  # noqa: E402
+from guard_overhead import QUERIES, cold_queries  # noqa: E402
 
+import sekisho.guard.execution as execution  # noqa: E402
+import sekisho.guard.influence as influence  # noqa: E402
+import sekisho.guard.planning as planning  # noqa: E402
 import sekisho.guard.protection as protection  # noqa: E402
 import sekisho.guard.session as session  # noqa: E402
 from sekisho.guard import Guard  # noqa: E402
@@ -38,6 +56,7 @@ from sekisho.guard.protect.threshold import ProtectionStats, counted  # noqa: E4
 
 from sekisho.guard.execution import ARROW_BATCH_ROWS  # noqa: E402
 from sekisho.guard.protection import one_row_per_contributor  # noqa: E402
+from sekisho.state import set_role  # noqa: E402
 
 
 def steps(guard: Guard) -> list[tuple[object, str, str]]:
@@ -77,13 +96,151 @@ def instrument(guard: Guard, spent: dict) -> None:
     protection.protect_threshold = timed(protection.protect_threshold, "protect_threshold")
 
 
+COLD_STEPS = ("planning", "influence: neighbours (Python)", "influence: scan (DuckDB)", "cells scan (DuckDB)",
+              "protected schema (DuckDB LIMIT 0)", "view check, once per view (DuckDB)", "protection",
+              "post-processing", "recording", "rest")
+
+
+@contextlib.contextmanager
+def cold_instrumented(guard: Guard, spent: dict):
+    """Time a cold query's stages (see COLD_STEPS); the originals are put back after."""
+    inside_influence = [False]
+    patches = []
+
+    def patch(owner, attribute, wrapper):
+        original = getattr(owner, attribute)
+        patches.append((owner, attribute, original))
+        setattr(owner, attribute, wrapper(original))
+
+    def timed(label):
+        def wrapper(fn):
+            def call(*args, **kwargs):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*args, **kwargs)
+                finally:
+                    spent[label] += time.perf_counter() - t0
+            return call
+        return wrapper
+
+    def fetch_wrapper(fn):
+        def call(*args, **kwargs):
+            label = "influence: scan (DuckDB)" if inside_influence[0] else "cells scan (DuckDB)"
+            return timed(label)(fn)(*args, **kwargs)
+        return call
+
+    def decide_wrapper(fn):
+        def call(*args, **kwargs):
+            inside_influence[0] = True
+            t0 = time.perf_counter()
+            scans = spent["influence: scan (DuckDB)"]
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                inside_influence[0] = False
+                spent["influence: neighbours (Python)"] += (time.perf_counter() - t0) - \
+                    (spent["influence: scan (DuckDB)"] - scans)
+        return call
+
+    patch(planning, "make_plan", timed("planning"))
+    patch(protection, "fetch", fetch_wrapper)
+    patch(influence, "decide", decide_wrapper)
+    patch(execution, "protected_schema", timed("protected schema (DuckDB LIMIT 0)"))
+    patch(execution.Snapshot, "is_person_unique", timed("view check, once per view (DuckDB)"))
+    patch(protection, "protect_threshold", timed("protection"))
+    patch(guard.post, "run", timed("post-processing"))
+    patch(guard.recorder, "announce", timed("recording"))
+    patch(guard.recorder, "answered", timed("recording"))
+    try:
+        yield
+    finally:
+        for owner, attribute, original in reversed(patches):
+            setattr(owner, attribute, original)
+
+
+def cold(inst, count: int, reps: int) -> None:
+    """Where a new query's first run goes (module docstring). Each query runs ``reps``
+    times, each time as a user who has not asked it (the plan cache, verdicts and
+    prepared statements are per user, so every run is a first run): the first run is
+    the benchmark's; the minimum over the runs is what the work costs on a machine that
+    is otherwise busy (other processes only ever add time)."""
+    queries = cold_queries(count)
+    users = [ANALYST] + [f"{ANALYST}_cold{r}" for r in range(1, reps)]
+    for user in users[1:]:
+        set_role(inst, user, "analyst")
+    raw = duckdb.connect(str(snapshot_path(inst)), read_only=True)
+    for view in ("residents", "resident_tax", "movements"):   # the data in DuckDB's buffers, untimed
+        raw.execute(f'SELECT * FROM "{view}"').to_arrow_table()
+
+    def series(guard: Guard) -> tuple[list[list[float]], list[list[float]], list[list[dict]]]:
+        """[query][run] raw and guarded times and step times."""
+        guard.snapshots.current()
+        raws = [[] for _ in queries]
+        totals = [[] for _ in queries]
+        steps = [[] for _ in queries]
+        for user in users:
+            for i, sql in enumerate(queries):
+                raws[i].append(timed_run(lambda: raw.execute(sql).to_arrow_table()))
+                spent: dict[str, float] = collections.defaultdict(float)
+                with cold_instrumented(guard, spent):
+                    totals[i].append(timed_run(lambda: guard.query(sql, user=user)))
+                guard.flush()
+                spent["rest"] = totals[i][-1] - sum(spent.values())
+                steps[i].append(spent)
+        guard.close()
+        return raws, totals, steps
+
+    guard = Guard(inst)
+    policy = guard.policy
+    raws, totals, steps = series(guard)
+    first = statistics.median(t[0] / r[0] for t, r in zip(totals, raws))
+    best = statistics.median(min(t) / min(r) for t, r in zip(totals, raws))
+    print(f"-- cold: first run of {len(queries)} distinct new queries (medians over the queries); "
+          f"right: the minimum of {len(users)} first runs (new users)")
+    print(f"{'raw DuckDB':40s} {statistics.median(r[0] for r in raws) * 1000:8.2f} ms   "
+          f"{statistics.median(min(r) for r in raws) * 1000:8.2f} ms")
+    print(f"{'guarded':40s} {statistics.median(t[0] for t in totals) * 1000:8.2f} ms   "
+          f"{statistics.median(min(t) for t in totals) * 1000:8.2f} ms   ratio {first:5.2f} / {best:5.2f}")
+    for step in COLD_STEPS:
+        print(f"    {step:36s} {statistics.median(s[0].get(step, 0.0) for s in steps) * 1000:8.2f} ms   "
+              f"{statistics.median(min(run.get(step, 0.0) for run in s) for s in steps) * 1000:8.2f} ms")
+    engine = [[sum(v for k, v in run.items() if "DuckDB" in k) for run in s] for s in steps]
+    python = [[t - e for t, e in zip(ts, es)] for ts, es in zip(totals, engine)]
+    print(f"    {'engine (the DuckDB steps above)':36s} {statistics.median(e[0] for e in engine) * 1000:8.2f} ms   "
+          f"{statistics.median(min(e) for e in engine) * 1000:8.2f} ms")
+    print(f"    {'python and the rest':36s} {statistics.median(p[0] for p in python) * 1000:8.2f} ms   "
+          f"{statistics.median(min(p) for p in python) * 1000:8.2f} ms")
+    # lower bound: the same queries on a new guard whose policy has condition influence off
+    off = dataclasses.replace(policy, disclosure=dataclasses.replace(policy.disclosure, condition_influence=False))
+    raws, totals, _ = series(Guard(inst, policy=off))
+    raw.close()
+    print(f"cold median ratio guarded/raw {first:.2f} (minimum of {len(users)} first runs: {best:.2f}); "
+          f"with condition influence off (measurement only) "
+          f"{statistics.median(t[0] / r[0] for t, r in zip(totals, raws)):.2f} "
+          f"({statistics.median(min(t) / min(r) for t, r in zip(totals, raws)):.2f})")
+
+
+def timed_run(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--home", type=Path, default=None)
     ap.add_argument("--persons", type=int, default=530_495)
     ap.add_argument("--repeat", type=int, default=40)
+    ap.add_argument("--cold", type=int, default=24, help="distinct new queries for the cold breakdown (0: skip)")
+    ap.add_argument("--cold-runs", type=int, default=5, help="first runs of each cold query, as new users")
+    ap.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                    help="the warm breakdown of the guard_overhead queries")
     args = ap.parse_args()
     inst = city_instance(args.home, args.persons)
+    if args.cold:
+        cold(inst, args.cold, max(args.cold_runs, 1))
+    if not args.warm:
+        return
     raw = duckdb.connect(str(snapshot_path(inst)), read_only=True)
     guard = Guard(inst)
     spent: dict[str, float] = collections.defaultdict(float)

@@ -136,6 +136,10 @@ class GroupKeySpec:
     expr: exp.Expression
     domain: tuple | None            # public domain when the key is a bare dimension declaring one
     label: str
+    # the view column when the key is one passed through unchanged (a bare column of the
+    # person-level view, also via derived tables): the key's type is that column's stored
+    # type (``catalog.arrow_type``), known without asking the engine
+    column: ColumnInfo | None = None
 
 
 @dataclass
@@ -265,7 +269,7 @@ def qualify_columns(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
     table aliases stay folded."""
     _remember_output_names(tree)
     try:
-        tree = qualify(tree, schema=catalog.schema(), dialect=DIALECT, validate_qualify_columns=True,
+        tree = qualify(tree, schema=catalog.sqlglot_schema(DIALECT), dialect=DIALECT, validate_qualify_columns=True,
                        identify=True, quote_identifiers=True, isolate_tables=False)
     except OptimizeError as exc:
         message = str(exc)
@@ -845,10 +849,12 @@ class _Classifier:
                 raise refuse("syntax_not_allowed", group)
             for item in group.expressions:
                 lineage = _lineage_of_expression(item, env)
-                domain = None
-                if isinstance(item, exp.Column) and lineage.base is not None and lineage.cls == DIMENSION:
-                    domain = lineage.base.domain
-                keys.append(GroupKeySpec(expr=item, domain=domain, label=item.sql(DIALECT)))
+                domain, column = None, None
+                if isinstance(item, exp.Column) and lineage.base is not None:
+                    column = lineage.base
+                    if lineage.cls == DIMENSION:
+                        domain = lineage.base.domain
+                keys.append(GroupKeySpec(expr=item, domain=domain, label=item.sql(DIALECT), column=column))
         aggregates: list[AggregateSpec] = []
         scan = list(select.expressions)
         if select.args.get("having") is not None:

@@ -8,10 +8,28 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+from sqlglot.schema import MappingSchema
+
 from sekisho.access import capabilities
 
 # policy view types -> DuckDB types used to qualify columns and describe results
 SQL_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "boolean": "BOOLEAN", "float": "DOUBLE"}
+# DuckDB types (as DESCRIBE names them) -> the Arrow types DuckDB returns for them
+# (``to_arrow_table`` with default settings; tests/test_guard_cold.py checks each one)
+ARROW_TYPES = {
+    "VARCHAR": pa.string(), "BOOLEAN": pa.bool_(), "DOUBLE": pa.float64(), "FLOAT": pa.float32(),
+    "BIGINT": pa.int64(), "INTEGER": pa.int32(), "SMALLINT": pa.int16(), "TINYINT": pa.int8(),
+    "UBIGINT": pa.uint64(), "UINTEGER": pa.uint32(), "USMALLINT": pa.uint16(), "UTINYINT": pa.uint8(),
+    "DATE": pa.date32(),
+}
+
+
+def arrow_type(sql_type: str | None) -> pa.DataType | None:
+    """The Arrow type DuckDB returns for a column of ``sql_type``, or None when it is not
+    one of the plain types above (then only the engine can say)."""
+    return ARROW_TYPES.get((sql_type or "").upper())
+
 
 PRIVACY_UNIT = "privacy_unit"
 LINKAGE = "linkage"
@@ -41,13 +59,35 @@ class ViewInfo:
     privacy_unit: str | None = None
 
 
+# a cached sqlglot schema is rebuilt after this many queries: its lookup caches (keyed by
+# the table expressions of the queries it saw) stay bounded
+SCHEMA_USES = 256
+
+
 @dataclass
 class Catalog:
     views: dict[str, ViewInfo] = field(default_factory=dict)
+    # [the schema() mapping it was built from, dialect, its sqlglot MappingSchema, uses left]
+    _sqlglot: list | None = field(default=None, init=False, repr=False, compare=False)
 
     def schema(self) -> dict[str, dict[str, str]]:
         """The sqlglot schema of visible columns only (``_rkey`` is never visible)."""
         return {v.name: {c.name: c.sql_type for c in v.columns.values()} for v in self.views.values()}
+
+    def sqlglot_schema(self, dialect: str) -> MappingSchema:
+        """``schema()`` as sqlglot's ``MappingSchema`` for ``qualify``, built once per catalog
+        rather than per query (building it normalises every view and column name). It is
+        rebuilt whenever ``schema()`` no longer says what it was built from (the catalog
+        was changed), and after ``SCHEMA_USES`` queries, so that the lookup caches
+        sqlglot keeps in it stay bounded."""
+        mapping = self.schema()
+        cached = self._sqlglot
+        if cached is not None and cached[0] == mapping and cached[1] == dialect and cached[3] > 0:
+            cached[3] -= 1   # (a race between threads only rebuilds earlier)
+            return cached[2]
+        built = MappingSchema(mapping, dialect=dialect)
+        self._sqlglot = [mapping, dialect, built, SCHEMA_USES - 1]
+        return built
 
 
 def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, str]] | None = None) -> Catalog:

@@ -125,11 +125,15 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
             projections.append(exp.alias_(agg.arg.copy(), hidden.argument(j), quoted=True))
     projections += [exp.alias_(pid, PID, quoted=True), exp.alias_(rkey, RKEY, quoted=True)]
     row.set("expressions", projections)
-    row.set("from_", select.args["from_"].copy())
-    if select.args.get("joins"):
-        row.set("joins", [j.copy() for j in select.args["joins"]])
-    if select.args.get("where") is not None:
-        row.set("where", select.args["where"].copy())
+    # FROM, JOINs and WHERE move into the row SELECT rather than being copied: the
+    # boundary SELECT gives them up below (it reads the protected table instead), so they
+    # are the row SELECT's alone (a copy of a large FROM, e.g. inlined CTEs, is not free)
+    joins, where = select.args.get("joins"), select.args.get("where")
+    row.set("from_", select.args["from_"])
+    if joins:
+        row.set("joins", list(joins))
+    if where is not None:
+        row.set("where", where)
     # a failed CAST would make the engine quote the offending value: row-level casts
     # become TRY_CAST (NULL on failure), so errors cannot carry data
     row = row.transform(lambda n: exp.TryCast(this=n.this, to=n.args.get("to"))
