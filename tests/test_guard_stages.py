@@ -157,3 +157,24 @@ def test_the_guard_follows_an_edited_policy(tmp_path):
         assert info.value.code == "execution_failed"
     finally:
         g.close()
+
+
+# ---- what the ingest recorded -------------------------------------------------------------------
+def test_one_row_per_person_is_recorded_by_the_ingest_and_read_by_the_guard(ingested_instance):
+    """The guard's first query on a view used to count it (COUNT DISTINCT of the privacy
+    unit, 150-250 ms at 530k); the ingest records the answer in the snapshot's metadata."""
+    inst = ingested_instance.instance
+    recorded = Store(inst).current().details["person_unique"]
+    assert recorded["residents"] is True and recorded["movements"] is False
+    policy = load_instance_policy(inst)
+    snaps = Snapshots(Store(inst), policy, inst.secret, Limits())
+    try:
+        snap = snaps.current()
+        assert snap.person_unique == recorded          # known before any query reads the view
+        for view, unique in recorded.items():
+            unit = next(c.name for c in policy.views[view].columns.values() if c.cls == "privacy_unit")
+            rows, persons = snap.cursor().execute(
+                f'SELECT COUNT(*), COUNT(DISTINCT "{unit}") FROM "{view}"').fetchone()
+            assert unique == (rows == persons)
+    finally:
+        snaps.close()

@@ -103,7 +103,7 @@ class Guard:
         snap = self.snapshots.current()
         catalog = self._catalog(role, snap)
         plan = self.plans.plan(sql, user=user, role=role, snapshot=snap.id, catalog=catalog)
-        protected = {bp.name: protected_schema(bp, snap).empty_table() for bp in plan.boundaries}
+        protected = {bp.name: protected_schema(bp, snap, probe=True).empty_table() for bp in plan.boundaries}
         return self.post.run(plan, protected, snap, catalog, limit_zero=True).schema
 
     def views(self, user: str) -> dict[str, Any]:

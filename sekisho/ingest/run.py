@@ -229,6 +229,7 @@ class Ingestion:
                 problems += views.check_domains(con, policy, view)
             if problems:
                 raise IngestError(problems, summary="values outside what the policy declares for the views")
+            person_unique = _person_unique(con, policy)
             for name in policy.sources:     # free memory before writing
                 con.execute(f"DROP TABLE stg_{name}")
             bar.update()
@@ -243,7 +244,8 @@ class Ingestion:
                 con.execute("DETACH snap")
                 bar.update()
                 phase("sealing")
-                info = w.prepare({"extract_date": extract.isoformat(), "policy": policy.version})
+                info = w.prepare({"extract_date": extract.isoformat(), "policy": policy.version,
+                                  "person_unique": person_unique})
                 phase(None)
                 seconds = round(time.monotonic() - self.started, 3)
                 files = self._file_details()
@@ -298,3 +300,17 @@ def ingest(instance: Instance, source_dir: str | os.PathLike, *, user: str,
     job.authorize()
     job.open(source_dir)
     return job.run()
+
+
+def _person_unique(con, policy) -> dict[str, bool]:
+    """Per person-level view: one row per person or not. Recorded in the snapshot's
+    metadata so the guard need not count the view at its first query on it (a COUNT
+    DISTINCT of the privacy unit: 150-250 ms at 530k)."""
+    out = {}
+    for name, view in policy.views.items():
+        unit = next((c.name for c in view.columns.values() if c.cls == "privacy_unit"), None)
+        if unit is None or view.public:
+            continue
+        rows, persons = con.execute(f'SELECT COUNT(*), COUNT(DISTINCT "{unit}") FROM view_{name}').fetchone()
+        out[name] = bool(rows == persons)
+    return out
