@@ -22,6 +22,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -59,6 +60,12 @@ class SnapshotInfo:
 # ---- backends ------------------------------------------------------------------
 
 
+# DuckDB's default memory limit is 80% of RAM *per database*: every connection the
+# store opens gets these unless config.yaml says otherwise (store.memory_limit, store.threads)
+DEFAULT_MEMORY_LIMIT = "2GB"
+DEFAULT_THREADS = 2
+
+
 class DuckDBSnapshotBackend:
     """One DuckDB file per snapshot, opened read-only through ibis. Its engine is imported
     when used, so a store configured with another backend never loads DuckDB."""
@@ -66,20 +73,33 @@ class DuckDBSnapshotBackend:
     name = "duckdb"
     data_file = "data.duckdb"
 
+    def __init__(self, memory_limit: str = DEFAULT_MEMORY_LIMIT, threads: int = DEFAULT_THREADS):
+        self.settings = {"memory_limit": memory_limit, "threads": int(threads)}
+
     def connect(self, snapshot_dir: Path):
         import ibis
 
         path = snapshot_dir / self.data_file
         if not path.exists():
             raise StoreError(f"snapshot {snapshot_dir.name} has no data file")
-        return ibis.duckdb.connect(str(path), read_only=True)
+        backend = ibis.duckdb.connect(str(path), read_only=True)
+        self.limit(backend.con)
+        return backend
 
     def open_for_writing(self, building_dir: Path):
         import duckdb
 
         path = building_dir / self.data_file
         con = duckdb.connect(str(path))
+        self.limit(con)
         return con
+
+    def limit(self, con) -> None:
+        """Set the memory limit and threads on an open connection. Set, not passed as
+        connect-time configuration: DuckDB refuses a second connection to a file with a
+        different configuration in the same process (a reader beside the guard's)."""
+        con.execute(f"SET memory_limit = '{_sql_str(self.settings['memory_limit'])}'")
+        con.execute(f"SET threads = {int(self.settings['threads'])}")
 
     def attach(self, con, building_dir: Path, alias: str) -> None:
         """Attach the snapshot being built to another DuckDB connection (the ingest's
@@ -91,6 +111,7 @@ class DuckDBSnapshotBackend:
         import duckdb
 
         with duckdb.connect(str(building_dir / self.data_file), read_only=True) as con:
+            self.limit(con)
             names = [r[0] for r in con.execute(
                 "SELECT table_name FROM information_schema.tables "
                 "WHERE table_schema = 'main' ORDER BY table_name").fetchall()]
@@ -111,13 +132,23 @@ class Store:
     def __init__(self, instance: Instance):
         self.instance = instance
         self.dir = Path(instance.store_dir)
-        backend_name = (instance.config.get("store") or {}).get("backend", "duckdb")
+        section = instance.config.get("store") or {}
+        backend_name = section.get("backend", "duckdb")
         try:
-            self.backend = BACKENDS[backend_name]()
+            backend_class = BACKENDS[backend_name]
         except KeyError:
             raise StoreError(
                 f"config.yaml: store.backend: unknown backend {backend_name!r} "
                 f"(available: {', '.join(sorted(BACKENDS))})") from None
+        memory_limit = section.get("memory_limit", DEFAULT_MEMORY_LIMIT)
+        threads = section.get("threads", DEFAULT_THREADS)
+        if not isinstance(memory_limit, str) or not re.fullmatch(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)",
+                                                                 memory_limit.strip()):
+            raise StoreError(f"config.yaml: store.memory_limit: {memory_limit!r} is not a size such as '2GB'")
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise StoreError(f"config.yaml: store.threads: {threads!r} must be a positive integer")
+        self.backend = backend_class(memory_limit=memory_limit.strip(), threads=threads)
+        self.connection_settings = dict(self.backend.settings)
         self._pointer: tuple[tuple, str] | None = None   # (identity of CURRENT, its id)
         self._current_str = str(self.dir / CURRENT_NAME)   # stat on every guard request: no pathlib
 

@@ -139,3 +139,43 @@ def test_snapshot_files_are_private(inst):
         assert p.stat().st_mode & 0o077 == 0, p
     assert duckdb.connect(str(store.snapshots_dir / info.id / "data.duckdb"), read_only=True) \
         .execute("SELECT count(*) FROM t").fetchone() == (1,)
+
+
+def _configured(inst, **store):
+    cfg = yaml.safe_load(inst.config_path.read_text())
+    cfg["store"] = {"backend": "duckdb", **store}
+    inst.config_path.write_text(yaml.safe_dump(cfg))
+    return Instance.open(inst.home)
+
+
+def _settings(con) -> tuple[str, int]:
+    memory, threads = con.execute("SELECT current_setting('memory_limit'), current_setting('threads')").fetchone()
+    return memory.replace(" ", "").upper(), threads
+
+
+def test_every_store_connection_has_a_memory_limit_and_threads(inst):
+    """DuckDB's default is 80% of RAM per database: the store's connections (readers,
+    the writer) carry the configured limit, 2 GB and 2 threads unless config.yaml says."""
+    store = Store(inst)
+    _snapshot(store, 10)
+    reader = store.connect(store.current_id()).con
+    assert _settings(reader)[1] == 2 and _settings(reader)[0] in ("1.8GIB", "2.0GB", "1.9GIB", "1862.6MIB")
+    reader.close()
+    store = Store(_configured(inst, memory_limit="300MB", threads=1))
+    with store.writer(policy_version="test") as w:
+        writer = w.connect()
+        assert _settings(writer) in (("286.1MIB", 1), ("300.0MB", 1))
+        writer.close()
+    reader = store.connect(store.current_id()).con
+    assert _settings(reader) in (("286.1MIB", 1), ("300.0MB", 1))
+    reader.close()
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"memory_limit": 5}, "store.memory_limit: 5 is not a size"),
+    ({"threads": 0}, "store.threads: 0 must be a positive integer"),
+    ({"threads": "2"}, "store.threads: '2' must be a positive integer"),
+])
+def test_bad_store_limits_name_their_key(inst, section, message):
+    with pytest.raises(StoreError, match=message):
+        Store(_configured(inst, **section))

@@ -158,8 +158,10 @@ class Ingestion:
         import duckdb
 
         policy = self.policy
+        # the store's memory limit and threads (config.yaml store.*): beyond it DuckDB spills
+        limits = Store(self.instance).connection_settings
         con = duckdb.connect(":memory:", config={"temp_directory": str(workdir / "spill"),
-                                                 "preserve_insertion_order": True})
+                                                 "preserve_insertion_order": True, **limits})
         from sekisho.ingest.keys import DigestPool
 
         pool = DigestPool()     # its helper process starts while the files are read
