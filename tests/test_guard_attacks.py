@@ -15,7 +15,7 @@ import pytest
 from guard_fixtures import BLOCKS, add_snapshot, make_instance, truth
 from sekisho.guard import Guard, QueryRefused
 from sekisho.guard.cells import Bounding, cells_sql
-from sekisho.guard.protect.dp import _snapped_sum
+from sekisho.guard.protect.dp import _fixed_point_sum, fixed_point_unit
 from sekisho.policy import load_instance_policy
 
 
@@ -468,14 +468,17 @@ def test_budget_debit_does_not_depend_on_data(inst):
 
 
 # ---- floating-point attacks on Laplace ------------------------------------------------------------
-def test_dp_sums_are_snapped_to_a_lattice():
+def test_dp_sums_are_released_on_a_fixed_point_lattice():
+    # issue 18: the sum is rounded to a power-of-two unit u (2^-20 of the sensitivity),
+    # integer discrete Laplace noise is added, and the result is that integer times u:
+    # every output is an exact multiple of u, so low-order bits carry nothing about the
+    # input (the floating-point defence Snapping gave, without its grid of ~Λ >= noise scale)
     eps, sens = 0.5, 1000.0
-    out = _snapped_sum(np.full(400, 123456.789), eps, sens) / sens
-    # Snapping rounds to a power-of-two grid Λ, so low-order bits carry nothing about the input
-    steps = {abs(x - y) for x, y in zip(out, out[1:]) if x != y}
-    lam = min(steps)
-    assert math.log2(lam) == int(math.log2(lam))
-    assert all(abs(v / lam - round(v / lam)) < 1e-9 for v in out)
+    unit = fixed_point_unit(sens)
+    assert math.log2(unit) == int(math.log2(unit)) and sens / 2 ** 21 < unit <= sens / 2 ** 20
+    out = _fixed_point_sum(np.full(400, 123456.789), eps, sens)
+    assert all(v / unit == round(v / unit) for v in out)
+    assert len(set(out)) > 100   # not collapsed onto a coarse grid
 
 
 # ---- differencing across data updates -------------------------------------------------------------

@@ -9,7 +9,7 @@ into boundary row SELECTs carrying ``__pid``/``__rkey`` and post-processing over
 protected tables) -> ``limits`` (cells estimated from the policy; admission; deadline)
 -> ``recording`` (request entry) -> ``protection`` (``threshold``: condition influence,
 ``cells``, k, cell-key perturbation, dominance, densification; ``dp``: ``budget`` debit,
-contribution bounding, geometric/snapping noise, partition selection) with
+contribution bounds from the policy's declarations, discrete Laplace noise drawn in integers, partition selection) with
 ``execution`` (the snapshot, post-processing in a sealed in-memory DuckDB holding only
 the protected tables and public views) -> ``recording`` (outcome entry: no entry, no
 answer; ``alerts`` after it). Hidden column names: ``hidden``.

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from sqlglot import exp
+from sqlglot.optimizer.merge_subqueries import merge_subqueries
 from sqlglot.optimizer.pushdown_projections import pushdown_projections
 
 from sekisho.guard.analyze import DIALECT
@@ -102,12 +103,35 @@ def _false() -> exp.Expression:
 def prepare(row: exp.Expression) -> exp.Expression:
     """A copy of the row SELECT without the derived tables' unused columns (sqlglot's
     pushdown_projections: a condition in a column nobody reads cannot change the answer,
-    and would only be "left out" for nothing) and with simple CASEs made searched."""
+    and would only be "left out" for nothing), merged into one SELECT over one table when
+    that keeps every condition one node (``_merged``), and with simple CASEs made
+    searched."""
     try:
         tree = pushdown_projections(row.copy())
     except Exception:  # pruning is an optimisation: without it every condition is still checked
         tree = row.copy()
-    return tree.transform(_searched_case)
+    return _merged(tree).transform(_searched_case)
+
+
+def _merged(tree: exp.Expression) -> exp.Expression:
+    """``tree`` with its derived tables merged (sqlglot's merge_subqueries) when the result
+    is one SELECT over one table and holds exactly the conditions ``tree`` holds: a derived
+    column read twice above would copy its conditions, and replacing one copy is not the
+    neighbour the analyst could ask. Merged, the neighbours are counted in one scan with
+    each condition computed once per row (``neighbour_counts``)."""
+    if not isinstance(tree, exp.Select) or sum(1 for _ in tree.find_all(exp.Select)) == 1:
+        return tree
+    try:
+        merged = merge_subqueries(tree.copy())
+    except Exception:
+        return tree
+    if not isinstance(merged, exp.Select) or sum(1 for _ in merged.find_all(exp.Select)) != 1 \
+            or any(merged.args.get(a) for a in ("joins", "group", "having", "distinct", "with_")) \
+            or not isinstance(merged.args.get("from_") and merged.args["from_"].this, exp.Table):
+        return tree
+    if len(atoms(merged)) != len(atoms(tree)):
+        return tree
+    return merged
 
 
 def _replacement(node: exp.Expression, actions: set[str]) -> exp.Expression:
