@@ -92,6 +92,17 @@ def one_row_per_contributor(bp: BoundaryPlan, snap: Snapshot, catalog: Catalog) 
     return not bp.has_join and person_unique
 
 
+def _memo_on_plan(bp: BoundaryPlan, attribute: str, key, build):
+    """SQL written once per cached plan's boundary (and ``key``), kept on the boundary."""
+    memo = getattr(bp, attribute, None)
+    if memo is None:
+        memo = {}
+        object.__setattr__(bp, attribute, memo)
+    if key not in memo:
+        memo[key] = build()
+    return memo[key]
+
+
 def _domains(bp: BoundaryPlan) -> list:
     return [k.domain for k in bp.group_keys]
 
@@ -121,15 +132,7 @@ class ThresholdProtection:
 
     @staticmethod
     def _cells_sql(bp: BoundaryPlan, person_unique: bool) -> str:
-        """The cells SQL of a cached plan's boundary, written once per plan."""
-        memo = getattr(bp, "_cells_sql", None)
-        if memo is None:
-            memo = {}
-            object.__setattr__(bp, "_cells_sql", memo)
-        sql = memo.get(person_unique)
-        if sql is None:
-            sql = memo[person_unique] = cells_sql(bp, person_unique=person_unique)
-        return sql
+        return _memo_on_plan(bp, "_cells_sql", person_unique, lambda: cells_sql(bp, person_unique=person_unique))
 
     @staticmethod
     def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool) -> tuple[BoundaryPlan, tuple[str, ...]]:
@@ -328,16 +331,9 @@ class DPProtection:
 
     @staticmethod
     def _cells_sql(bp: BoundaryPlan, bounding: Bounding) -> str:
-        """The cells SQL of a cached plan's boundary whose rows are one per contributor."""
-        memo = getattr(bp, "_dp_cells_sql", None)
-        if memo is None:
-            memo = {}
-            object.__setattr__(bp, "_dp_cells_sql", memo)
-        key = tuple(sorted(bounding.clamp.items()))
-        sql = memo.get(key)
-        if sql is None:
-            sql = memo[key] = cells_sql(bp, person_unique=True, bounding=bounding, dominance=False)
-        return sql
+        """The cells SQL of a boundary whose rows are one per contributor."""
+        return _memo_on_plan(bp, "_dp_cells_sql", tuple(sorted(bounding.clamp.items())),
+                             lambda: cells_sql(bp, person_unique=True, bounding=bounding, dominance=False))
 
     @staticmethod
     def _bounds(ctx: Context, bp: BoundaryPlan, clamp: dict, share: float) -> tuple[bool, Bounding, DPParams]:
