@@ -254,7 +254,7 @@ def test_the_store_only_chooses_the_sql_never_the_bound(guard, inst, monkeypatch
     ctx = SimpleNamespace(policy=guard.policy, snap=snap, catalog=catalog, deadline=None)
     fast, bounding, params = DPProtection._bounds(ctx, bp, clamp, 1.0)
     assert fast and (params.max_rows, params.max_groups) == (1, 1)
-    monkeypatch.setattr(protection, "_unique_in_store", lambda *a, **k: False)
+    monkeypatch.setattr(protection, "unique_in_store", lambda *a, **k: False)
     slow, bounding2, params2 = DPProtection._bounds(ctx, bp, clamp, 1.0)
     assert not slow and params2 == params and bounding2 == bounding == Bounding(1, 1, clamp)
 

@@ -1,5 +1,9 @@
 """Static analysis of a query: a tuple of small named passes (sqlglot optimizer style).
 
+(Over 400 lines on purpose: the passes and the scope classifier share one walk of the
+qualified tree and the classifier's environment; split, they would pass private state
+between modules. A split of the classifier into its own module is the next step.)
+
 Each pass is a function ``(expression, catalog) -> expression`` that either returns the
 (possibly rewritten) expression or raises ``QueryRefused``; ``analyze`` applies them in
 order and finishes with ``find_boundaries``, which classifies every scope and returns

@@ -1,5 +1,8 @@
 """The row-level language: what the guard accepts below an aggregation boundary.
 
+(Over 400 lines on purpose: the allow-list is one reviewable place — every accepted form
+with its static interval rule — so that what the guard accepts can be read in one file.)
+
 Every expression that decides whether a row counts or where it lands — a filter, a join
 condition, a group key, an aggregate's argument, a household (unit) feature — must be one
 the guard can fully analyse, because the condition-influence rule

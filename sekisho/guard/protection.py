@@ -7,7 +7,7 @@ reader. ``PROTECTIONS`` maps the policy's mode names to them:
 * ``threshold`` — condition influence (``influence``), cells with contributor counts and
   cell keys, k-thresholds after perturbation, dominance rules, consistent cell-key noise;
 * ``dp`` — the budget debited first (``budget``), contributions bounded per person
-  (bounds from the policy's declarations and the query text: ``declared_row_identity``),
+  (bounds from the policy's declarations and the query text: ``dp_bounds``),
   exact discrete Laplace noise on counts and fixed-point sums, partition selection
   (``protect.dp``).
 """
@@ -15,18 +15,17 @@ reader. ``PROTECTIONS`` maps the policy's mode names to them:
 from __future__ import annotations
 
 import dataclasses
-import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
-from sqlglot import exp
 
 from sekisho.guard import budget as ledger
 from sekisho.guard import hidden, influence
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql
+from sekisho.guard.dp_bounds import unique_in_store, declared_row_identity
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.execution import PostProcessor, Snapshot, fetch, to_arrow
 from sekisho.guard.protect.cellkey import KEY_RANGE
@@ -35,7 +34,7 @@ from sekisho.guard.protect.threshold import Cells, ProtectionStats, number, prot
 from sekisho.guard.rewrite import BoundaryPlan, Plan
 from sekisho.guard.session import Session
 from sekisho.instance import Instance
-from sekisho.policy import Policy, Value
+from sekisho.policy import Policy
 
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
 # (person-unique view; each unit bounded to one row and one cell), so adding or removing
@@ -188,110 +187,6 @@ class ThresholdProtection:
         return {"method": "cell-key", "max_noise": p.max_noise, "variance": p.variance} if p.enabled else None
 
 
-def _conjuncts(node: exp.Expression):
-    if isinstance(node, exp.Paren):
-        yield from _conjuncts(node.this)
-    elif isinstance(node, exp.And):
-        yield from _conjuncts(node.this)
-        yield from _conjuncts(node.expression)
-    else:
-        yield node
-
-
-def _is_column(node: exp.Expression, table: str, column: str) -> bool:
-    return isinstance(node, exp.Column) and node.name == column and node.table in ("", table)
-
-
-def _fixes(condition: exp.Expression, table: str, column: str) -> bool:
-    """``column = <literal>`` (either side) or ``column IN (<one literal>)``: the rows
-    that pass hold one value of the column."""
-    if isinstance(condition, exp.EQ):
-        a, b = condition.this, condition.expression
-        return (_is_column(a, table, column) and isinstance(b, exp.Literal)) or \
-            (_is_column(b, table, column) and isinstance(a, exp.Literal))
-    if isinstance(condition, exp.In) and not condition.args.get("query") and not condition.args.get("unnest"):
-        values = condition.expressions
-        return _is_column(condition.this, table, column) and len(values) == 1 and isinstance(values[0], exp.Literal)
-    return False
-
-
-def _row_query_fixes(select: exp.Expression | None, view: str, column: str) -> bool:
-    """Whether every row of the boundary's row SELECT comes from a row of ``view`` whose
-    ``column`` the query text fixes to one literal (a top-level AND conjunct of the WHERE
-    reading the view directly), through row-level SELECTs of one source each (no join,
-    no grouping below the boundary, so no row is repeated)."""
-    while isinstance(select, exp.Select):
-        if select.args.get("joins") or select.args.get("laterals") or select.args.get("group"):
-            return False
-        from_ = select.args.get("from_") or select.args.get("from")
-        source = from_.this if from_ is not None else None
-        if isinstance(source, exp.Table):
-            if source.name != view or source.args.get("db"):
-                return False
-            where = select.args.get("where")
-            alias = source.alias_or_name
-            return where is not None and any(_fixes(c, alias, column) for c in _conjuncts(where.this))
-        if not isinstance(source, exp.Subquery):
-            return False
-        select = source.this
-    return False
-
-
-def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] | None:
-    """The view columns that identify one of the boundary's rows with its person, by the
-    policy's declaration and the query text alone — never the data: ``(unit,)`` on a
-    view declared ``record_key: person`` (its source's unique key is the person, checked
-    on every upload); ``(unit, C)`` on a view declared ``record_key: {record: C}`` (unique
-    key within (person, C)) when the query fixes ``C`` to one literal (``resident_tax``
-    ``WHERE tax_year = 2026``). Then each person has at most one row, in one group.
-    None elsewhere: joins (bounds of a join from its parts are not derived yet), unit
-    scopes, views without a record key."""
-    if bp.unit or bp.has_join:
-        return None
-    view = policy.views.get(bp.personal_view)
-    if view is None or view.public or view.record_key is None or view.privacy_unit is None:
-        return None
-    record = view.record_key.record
-    if record is None:
-        return (view.privacy_unit,)
-    if record.join is not None:
-        return None
-    # the view column holding the record column's raw value unchanged (rule keep)
-    for col in view.columns.values():
-        origin = col.origin
-        if isinstance(origin, Value) and origin.join is None and origin.released.rule == "keep" \
-                and origin.released.column == record.column and origin.released.name == record.column:
-            if _row_query_fixes(bp.row, bp.personal_view, col.name):
-                return (view.privacy_unit, col.name)
-    return None
-
-
-_UNIQUE_IN_STORE: dict[tuple[str, str, tuple[str, ...]], bool] = {}
-_UNIQUE_LOCK = threading.Lock()
-
-
-def _unique_in_store(snap: Snapshot, view: str, columns: tuple[str, ...], deadline: float | None) -> bool:
-    """Whether the snapshot holds at most one row of ``view`` per ``columns`` (cached per
-    snapshot): the integrity of the declaration the bounds rest on. It only chooses the
-    SQL that enforces the declared bound (no per-person bounding needed when true); the
-    bound and the noise never depend on it."""
-    key = (snap.id, view, columns)
-    with _UNIQUE_LOCK:
-        known = _UNIQUE_IN_STORE.get(key)
-    if known is not None:
-        return known
-    cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
-    name = '"' + view.replace('"', '""') + '"'
-    cells = fetch(snap, f"SELECT COUNT(*) AS __n FROM (SELECT 1 FROM {name} GROUP BY {cols} "
-                        f"HAVING COUNT(*) > 1 LIMIT 1)", deadline=deadline)
-    unique = int(number(cells, hidden.CONTRIBUTORS, np.int64)[0]) == 0
-    with _UNIQUE_LOCK:
-        if len(_UNIQUE_IN_STORE) > 256:
-            _UNIQUE_IN_STORE.clear()
-        _UNIQUE_IN_STORE[key] = unique
-    return unique
-
-
 class DPProtection:
     name = "dp"
 
@@ -353,7 +248,7 @@ class DPProtection:
             if len(identity) == 1:
                 unique = fast
             else:
-                unique = _unique_in_store(ctx.snap, bp.personal_view, identity, ctx.deadline)
+                unique = unique_in_store(ctx.snap, bp.personal_view, identity, ctx.deadline)
             return unique, Bounding(max_groups=1, max_rows=1, clamp=clamp), DPParams(
                 epsilon=share, delta=dp.delta, max_rows=1, max_groups=1, rows_are_contributors=True)
         return fast, Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person,

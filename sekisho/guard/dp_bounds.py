@@ -1,0 +1,121 @@
+"""What the policy and the query text say about a person's rows (DP contribution
+bounds, ``protection.DPProtection``): a view declared one record per person, or one per
+(person, C) queried with C fixed to one literal, gives one row and one group per person.
+Decided from declarations and SQL only; the store is asked only which SQL enforces it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from sqlglot import exp
+
+from sekisho.guard import hidden
+from sekisho.guard.execution import Snapshot, fetch
+from sekisho.guard.protect.threshold import number
+from sekisho.guard.rewrite import BoundaryPlan
+from sekisho.policy import Policy, Value
+
+def _conjuncts(node: exp.Expression):
+    if isinstance(node, exp.Paren):
+        yield from _conjuncts(node.this)
+    elif isinstance(node, exp.And):
+        yield from _conjuncts(node.this)
+        yield from _conjuncts(node.expression)
+    else:
+        yield node
+
+
+def _is_column(node: exp.Expression, table: str, column: str) -> bool:
+    return isinstance(node, exp.Column) and node.name == column and node.table in ("", table)
+
+
+def _fixes(condition: exp.Expression, table: str, column: str) -> bool:
+    """``column = <literal>`` (either side) or ``column IN (<one literal>)``: the rows
+    that pass hold one value of the column."""
+    if isinstance(condition, exp.EQ):
+        a, b = condition.this, condition.expression
+        return (_is_column(a, table, column) and isinstance(b, exp.Literal)) or \
+            (_is_column(b, table, column) and isinstance(a, exp.Literal))
+    if isinstance(condition, exp.In) and not condition.args.get("query") and not condition.args.get("unnest"):
+        values = condition.expressions
+        return _is_column(condition.this, table, column) and len(values) == 1 and isinstance(values[0], exp.Literal)
+    return False
+
+
+def _row_query_fixes(select: exp.Expression | None, view: str, column: str) -> bool:
+    """Whether every row of the boundary's row SELECT comes from a row of ``view`` whose
+    ``column`` the query text fixes to one literal (a top-level AND conjunct of the WHERE
+    reading the view directly), through row-level SELECTs of one source each (no join,
+    no grouping below the boundary, so no row is repeated)."""
+    while isinstance(select, exp.Select):
+        if select.args.get("joins") or select.args.get("laterals") or select.args.get("group"):
+            return False
+        from_ = select.args.get("from_") or select.args.get("from")
+        source = from_.this if from_ is not None else None
+        if isinstance(source, exp.Table):
+            if source.name != view or source.args.get("db"):
+                return False
+            where = select.args.get("where")
+            alias = source.alias_or_name
+            return where is not None and any(_fixes(c, alias, column) for c in _conjuncts(where.this))
+        if not isinstance(source, exp.Subquery):
+            return False
+        select = source.this
+    return False
+
+
+def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] | None:
+    """The view columns that identify one of the boundary's rows with its person, by the
+    policy's declaration and the query text alone — never the data: ``(unit,)`` on a
+    view declared ``record_key: person`` (its source's unique key is the person, checked
+    on every upload); ``(unit, C)`` on a view declared ``record_key: {record: C}`` (unique
+    key within (person, C)) when the query fixes ``C`` to one literal (``resident_tax``
+    ``WHERE tax_year = 2026``). Then each person has at most one row, in one group.
+    None elsewhere: joins (bounds of a join from its parts are not derived yet), unit
+    scopes, views without a record key."""
+    if bp.unit or bp.has_join:
+        return None
+    view = policy.views.get(bp.personal_view)
+    if view is None or view.public or view.record_key is None or view.privacy_unit is None:
+        return None
+    record = view.record_key.record
+    if record is None:
+        return (view.privacy_unit,)
+    if record.join is not None:
+        return None
+    # the view column holding the record column's raw value unchanged (rule keep)
+    for col in view.columns.values():
+        origin = col.origin
+        if isinstance(origin, Value) and origin.join is None and origin.released.rule == "keep" \
+                and origin.released.column == record.column and origin.released.name == record.column:
+            if _row_query_fixes(bp.row, bp.personal_view, col.name):
+                return (view.privacy_unit, col.name)
+    return None
+
+
+_UNIQUE_IN_STORE: dict[tuple[str, str, tuple[str, ...]], bool] = {}
+_UNIQUE_LOCK = threading.Lock()
+
+
+def unique_in_store(snap: Snapshot, view: str, columns: tuple[str, ...], deadline: float | None) -> bool:
+    """Whether the snapshot holds at most one row of ``view`` per ``columns`` (cached per
+    snapshot): the integrity of the declaration the bounds rest on. It only chooses the
+    SQL that enforces the declared bound (no per-person bounding needed when true); the
+    bound and the noise never depend on it."""
+    key = (snap.id, view, columns)
+    with _UNIQUE_LOCK:
+        known = _UNIQUE_IN_STORE.get(key)
+    if known is not None:
+        return known
+    cols = ", ".join('"' + c.replace('"', '""') + '"' for c in columns)
+    name = '"' + view.replace('"', '""') + '"'
+    cells = fetch(snap, f"SELECT COUNT(*) AS __n FROM (SELECT 1 FROM {name} GROUP BY {cols} "
+                        f"HAVING COUNT(*) > 1 LIMIT 1)", deadline=deadline)
+    unique = int(number(cells, hidden.CONTRIBUTORS, np.int64)[0]) == 0
+    with _UNIQUE_LOCK:
+        if len(_UNIQUE_IN_STORE) > 256:
+            _UNIQUE_IN_STORE.clear()
+        _UNIQUE_IN_STORE[key] = unique
+    return unique
