@@ -72,10 +72,20 @@ STATUS_OF_CODE: dict[str, int] = {
 }
 REFUSAL_STATUS = 422
 
+#: refusals of the guard (audited as such) answered with another status than 422: a
+#: matter of load, not of the query, which clients show as refusals all the same
+REFUSALS_WITH_OWN_STATUS = frozenset({"guard_busy"})
+
 
 def status_for(code: str) -> int:
     """The HTTP status that answers ``code``: the table above, else 422 (a guard refusal)."""
     return STATUS_OF_CODE.get(code, REFUSAL_STATUS)
+
+
+def is_refusal(status: int, code: str) -> bool:
+    """Whether an error answered with ``status`` and ``code`` is the guard's refusal (the
+    client's ``GuardRefusal``) rather than a failure to ask it (``GuardError``)."""
+    return status == REFUSAL_STATUS or (code in REFUSALS_WITH_OWN_STATUS and status == status_for(code))
 
 
 @dataclass(frozen=True)

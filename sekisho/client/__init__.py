@@ -38,7 +38,7 @@ from ibis.backends.sql.compilers.duckdb import compiler as duckdb_compiler
 from ibis.backends.sql.datatypes import DuckDBType
 
 from sekisho.access import REPORTS_USER
-from sekisho.client.transport import (GuardError, GuardRefusal, HttpTransport, InProcessTransport,
+from sekisho.client.transport import (GuardError, GuardRefusal, GuardTimeout, HttpTransport, InProcessTransport,
                                       guard_url_from_env)
 from sekisho.errors import SekishoError
 
@@ -48,7 +48,7 @@ if TYPE_CHECKING:
     import ibis.expr.types as ir
     import pandas as pd
 
-__all__ = ["Backend", "GuardRefusal", "GuardError", "ReadOnlyError", "guard_url_from_env"]
+__all__ = ["Backend", "GuardRefusal", "GuardError", "GuardTimeout", "ReadOnlyError", "guard_url_from_env"]
 
 
 class ReadOnlyError(SekishoError, exc.IbisError):
@@ -90,7 +90,10 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
             Defaults for every query of this connection (``"threshold"`` or ``"dp"``);
             override per query with ``expr.execute(mode=..., epsilon=...)``.
         timeout
-            Seconds to wait for the guard service.
+            Seconds to wait for each answer of the guard service; a query still running
+            then raises ``GuardTimeout`` ("the query took longer than N s"). The guard's
+            own time limit (config ``guard.query_seconds``) stops a query first, as the
+            refusal ``resource_limit``.
         """
         if home is not None or user is not None:
             if url is not None or token is not None:

@@ -2,8 +2,10 @@
 
 Both transports give the backend the same things — views, budget, a result schema, a
 protected table with its disclosure summary — and the same two failures: a
-:class:`GuardRefusal` (the guard said no; ``code``, ``reason``, ``part``) or a
-:class:`GuardError` (the guard could not be asked). The wire format is
+:class:`GuardRefusal` (the guard said no; ``code``, ``reason``, ``part``; also when it
+stopped a query at its time or memory limit, ``resource_limit``, or was too busy to start
+it, ``guard_busy``) or a :class:`GuardError` (the guard could not be asked; its subclass
+:class:`GuardTimeout` when it did not answer within the client's timeout). The wire format is
 ``sekisho.protocol``, shared with the guard service.
 """
 
@@ -21,9 +23,8 @@ import requests
 from sekisho.access import GUARD_SERVICE, service_path
 from sekisho.errors import SekishoError
 from sekisho.instance import Instance
-from sekisho.protocol import (ARROW_STREAM, BUDGET_PATH, DESCRIBE_PATH, QUERY_PATH, REFUSAL_STATUS,
-                              SUMMARY_METADATA_KEY, VIEWS_PATH, DescribeRequest, ErrorEnvelope, QueryRequest,
-                              decode_summary)
+from sekisho.protocol import (ARROW_STREAM, BUDGET_PATH, DESCRIBE_PATH, QUERY_PATH, SUMMARY_METADATA_KEY,
+                              VIEWS_PATH, DescribeRequest, ErrorEnvelope, QueryRequest, decode_summary, is_refusal)
 from sekisho.state import role_of
 
 
@@ -33,6 +34,17 @@ class GuardError(SekishoError, exc.IbisError):
     def __init__(self, message: str, *, status: int | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.code = status, code
+
+
+class GuardTimeout(GuardError):
+    """The guard did not answer within the client's timeout (``timeout`` seconds).
+
+    Not a refusal and not an unreachable guard: the request arrived and the guard may still
+    be working on it (a query runs on within the guard's own time limit, and is audited)."""
+
+    def __init__(self, message: str, *, timeout: float):
+        super().__init__(message, code="client_timeout")
+        self.timeout = timeout
 
 
 class GuardRefusal(SekishoError, exc.IbisError):
@@ -102,6 +114,9 @@ class HttpTransport:
     def _request(self, method: str, path: str, payload: dict[str, Any] | None = None) -> Any:
         try:
             response = self.session.request(method, self.url + path, json=payload, timeout=self.timeout)
+        except requests.ReadTimeout:
+            # connected and sent: the guard is working on it, it did not answer in time
+            raise self._timed_out(path) from None
         except requests.RequestException as e:
             raise GuardError(f"cannot reach the guard at {self.url}: {e} "
                              "/ 関所サービスに接続できません") from None
@@ -112,11 +127,23 @@ class HttpTransport:
         except ValueError:
             body = None
         error = ErrorEnvelope.from_json(body, response.status_code)
-        if response.status_code == REFUSAL_STATUS:
+        if is_refusal(response.status_code, error.code):
             raise GuardRefusal(error.code, error.reason, error.part)
         detail = error.reason if isinstance(body, dict) and "reason" in body else response.text[:300]
         raise GuardError(f"guard answered {response.status_code} {error.code}: {detail}",
                          status=response.status_code, code=error.code)
+
+    def _timed_out(self, path: str) -> GuardTimeout:
+        n = f"{self.timeout:g}"
+        if path == QUERY_PATH:
+            return GuardTimeout(
+                f"照会に {n} 秒以上かかったため、結果を待つのをやめました（関所はその照会を上限時間まで"
+                f"処理し、記録します）。条件や区分を減らすか、ibis.sekisho.connect(timeout=...) で待ち時間を"
+                f"延ばしてください / the query took longer than {n} s, so the client stopped waiting (the "
+                f"guard goes on with it up to its own time limit, and audits it). Narrow the query, or "
+                f"wait longer with ibis.sekisho.connect(timeout=...)", timeout=self.timeout)
+        return GuardTimeout(f"関所サービスが {n} 秒以内に応答しませんでした / the guard did not answer "
+                            f"within {n} s ({path})", timeout=self.timeout)
 
     def views(self) -> dict[str, Any]:
         return self._request("GET", VIEWS_PATH).json()
