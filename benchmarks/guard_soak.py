@@ -24,7 +24,6 @@ failures: must be 0), and the service's RSS at start / middle / end and its peak
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import threading
@@ -243,6 +242,7 @@ def main() -> None:
 
     from _city import city_instance
     from client_fixtures import GUARD_SCOPE, HubApiDouble, ServiceProcess
+    from service import resume_held
     from sekisho.client.transport import GuardError, GuardRefusal, HttpTransport
     from sekisho.state import set_role
 
@@ -293,6 +293,7 @@ def main() -> None:
     for u in users:
         set_role(inst, u, "analyst")
         hub.add_token(f"tok-soak-{u}", u, [GUARD_SCOPE])
+    print(f"{resume_held(inst.home, users)} soak users on hold from earlier runs resumed", flush=True)
     service = ServiceProcess(inst.home, hub.api_url).start(timeout=180)
     proc = psutil.Process(service.proc.pid)
     rss: dict[str, float] = {}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import resource
 import statistics
 import sys
@@ -99,6 +98,22 @@ class DistinctQueries:
                 if sql not in self.seen:
                     self.seen.add(sql)
                     return sql
+
+
+def resume_held(home: Path, users: list[str]) -> int:
+    """Lift the guard's holds on the benchmark's users (``sekisho users resume``, audited as
+    an admin's action): the same distinct queries of an earlier run on this instance can
+    have paused them, and a paused user's queries would all be refused. Returns how many."""
+    import contextlib
+    import io
+
+    from sekisho.cli.users import resume
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for name in users:
+            resume.main(["--home", str(home), name], standalone_mode=False)
+    return out.getvalue().count(" resumed (")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -190,10 +205,12 @@ def main() -> None:
     for name in users:
         set_role(inst, name, "analyst")
         hub.add_token(f"tok-bench-{name}", name, [GUARD_SCOPE])
+    resumed = resume_held(home, users)
     limits = Limits.from_config(inst.config)
     policy = load_policy_cached(inst.policy_path)
     print(f"policy: k={policy.disclosure.k}, condition_influence={policy.disclosure.condition_influence}, "
-          f"alerts.pause_on={list(policy.disclosure.alerts.pause_on)}", flush=True)
+          f"alerts.pause_on={list(policy.disclosure.alerts.pause_on)} ({resumed} benchmark users on hold from "
+          f"earlier runs resumed)", flush=True)
     print(f"instance {home}; {len(users)} analyst users {users[0]}..{users[-1]}; guard limits "
           f"(config.yaml guard:): max_running={limits.max_running}, max_running_per_user="
           f"{limits.max_running_per_user}, threads={limits.threads}, memory_limit={limits.memory_limit}, "
