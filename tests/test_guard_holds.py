@@ -1,7 +1,7 @@
 """Holds (issue 15, class 4): in threshold mode consistent noise cannot stop averaging
 over the many decompositions of one population, nor a range pair (``P AND age >= a`` /
 ``>= a+1``) across queries; the defence is detection that *stops* the analyst. An alert
-named in ``disclosure.alerts.pause_on`` (Himeji: differencing, decomposition) puts the
+named in ``disclosure.alerts.pause_on`` (Himeji: differencing, decomposition, upload_differencing) puts the
 user on hold: every query is refused (``paused_for_review``) until an admin runs
 ``sekisho users resume NAME``. Each attack is run against a pass-through oracle (it
 works) and against the guard (the analyst is paused before it does).
@@ -326,7 +326,7 @@ def test_policy_keys(tmp_path, inst):
 
     text = inst.policy_path.read_text(encoding="utf-8")
     policy = load_policy(inst.policy_path)
-    assert policy.disclosure.alerts.pause_on == ("differencing", "decomposition")
+    assert policy.disclosure.alerts.pause_on == ("differencing", "decomposition", "upload_differencing")
     assert (policy.disclosure.alerts.decomposition_burst, policy.disclosure.alerts.decomposition_window_s) == (12, 3600)
     assert policy.roles["analyst"].alert_holds and not policy.roles["reports"].alert_holds
     doc = yaml.safe_load(text)
@@ -491,10 +491,12 @@ def test_close_pairs_are_returned_for_verification_and_confirmed_once_per_episod
     found = release(201, "C", 10)
     alert_state.connect(state).set_trace_callback(None)
     # still one transaction, as many statements as without a definition (the candidates
-    # replace the close count): 7 as in test_guard_alerts, plus 3 for the decomposition
+    # replace the close count): 7 as in test_guard_alerts, plus 3 for the decomposition,
+    # plus 2 for upload_differencing (the population kept for the window, its candidates)
     assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
     assert sum(s.startswith("BEGIN") for s in statements) == 1
-    assert len([s for s in statements if not s.startswith("DELETE")]) == 10
+    assert len([s for s in statements if not s.startswith("DELETE")]) == 12
+    assert found.upload_pairs == []   # one snapshot: no pair across an upload
     assert found == [] and len(found.pairs) == guard_alerts.MAX_PAIRS
     assert [(p.gap, p.old.sql) for p in found.pairs] == [(1, "A"), (2, "B4"), (2, "B3"), (4, "B1")]
     assert {p.new.sql for p in found.pairs} == {"C"} and found.pairs[0].new.snapshot == "s1"
@@ -535,3 +537,46 @@ def test_a_state_file_without_population_definitions_is_upgraded(tmp_path):
                                         refused=False, cells=1, populations=[(101, 0, "s", "snap", "SQL")], k=10,
                                         now=1)
     assert found == [] and found.pairs == []   # an old row without a definition is no candidate
+
+
+def test_upload_pairs_are_counted_per_user_and_raise_once_at_the_burst(tmp_path):
+    """``record_request`` returns populations on *other* snapshots within k - 1 (the same
+    row SQL first) as ``upload_pairs``; ``confirm_upload_differencing`` raises the alert
+    (with the hold) when the user's verified pairs reach the burst, once; a resume forgets
+    the pairs, not the populations."""
+    from types import SimpleNamespace
+
+    from sekisho.policy import Alerts
+
+    state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+                   refusal_burst=10**9, refusal_window_s=60, upload_differencing_burst=3,
+                   upload_differencing_window_s=10**6, pause_on=("upload_differencing",))
+
+    def release(n, sql, now, snapshot):
+        return guard_alerts.record_request(state, rules, user="u", fingerprint="f", refused=False, cells=1,
+                                           populations=[(n, 0, sql, snapshot, sql)], k=10, now=now, raised_by=now)
+
+    for i in range(4):
+        assert release(80 + i, f"Q{i}", i, "s1").upload_pairs == []
+    release(500, "far", 4, "s1")
+    # after the upload (ts far outside the differencing window): the same SQL is the first candidate
+    found = [release(81 + i, f"Q{i}", 1000 + i, "s2") for i in range(4)]
+    assert [f.upload_pairs[0].old.sql for f in found] == ["Q0", "Q1", "Q2", "Q3"]
+    assert all(p.old.snapshot == "s1" and p.new.snapshot == "s2" for f in found for p in f.upload_pairs)
+    assert all(p.old.sql != "far" for f in found for p in f.upload_pairs)   # 419 apart: no pair
+    raised = [guard_alerts.confirm_upload_differencing(state, rules, user="u", fingerprint="f",
+                                                       pairs=f.upload_pairs[:1], now=1010 + i, raised_by=i)
+              for i, f in enumerate(found)]
+    assert [len(r) for r in raised] == [0, 0, 1, 0]   # at the burst, once
+    assert raised[2][0]["alert"] == "upload_differencing" and raised[2][0]["pause"] is True
+    assert guard_alerts.hold_of(state, "u")["alert"] == "upload_differencing"
+    # the same pair confirmed again counts once
+    assert guard_alerts.confirm_upload_differencing(state, rules, user="u", fingerprint="f",
+                                                    pairs=found[0].upload_pairs[:1], now=1020) == []
+    guard_alerts.resume(state, "u")
+    assert guard_alerts.hold_of(state, "u") is None
+    again = release(84, "Q3", 1030, "s3")   # a third snapshot: the populations were kept
+    assert {p.old.snapshot for p in again.upload_pairs} == {"s1", "s2"}
+    assert guard_alerts.confirm_upload_differencing(state, rules, user="u", fingerprint="f",
+                                                    pairs=again.upload_pairs[:2], now=1031) == []   # 2 < 3

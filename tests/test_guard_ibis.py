@@ -73,7 +73,7 @@ def test_ibis_counts_match_truth_within_perturbation(guard, city):
     true = dict(truth(city.instance, "SELECT block, COUNT(*) FROM residents GROUP BY 1"))
     for block, n in got.items():
         if true.get(block, 0) >= 10:
-            assert abs(n - true[block]) <= 2
+            assert abs(n - true[block]) <= guard.ptable.max_noise
         else:
             assert n is None
 

@@ -6,7 +6,9 @@ where nobody arrived, so every cell passes k) before and after the upload and gu
 newcomer's sex from the cell that moved. With one perturbation table for every snapshot
 the cells the upload left unchanged kept their exact answers and only the newcomer's
 cell moved; the guard now draws a fresh table per snapshot, so every cell moves and
-what is left to the attacker is a +1 in one cell under two independent noise draws.
+what is left to the attacker is a +1 in one cell under two independent noise draws,
+which the policy's noise keeps near chance for one pair; averaging many pairs pauses the
+analyst (``upload_differencing``).
 
 The same attack runs against the raw store (``RawOracle``: the same SQL, no
 protection), where it must succeed, so it is a real attack.
@@ -24,7 +26,9 @@ from scipy.stats import binomtest
 from attack_oracle import RawOracle
 from guard_fixtures import BLOCKS, add_snapshot, band, make_instance, truth
 from sekisho.guard import Guard, QueryRefused
+from sekisho.guard.holds import resume
 from sekisho.guard.protect.cellkey import PerturbationTable
+from sekisho.policy import load_policy
 
 CHOMES = [f"282014{j:04d}" for j in range(150)]
 SEXES = ("男", "女")
@@ -141,22 +145,23 @@ def test_the_attack_succeeds_against_the_raw_store(attack):
 def test_cells_an_upload_leaves_unchanged_get_a_fresh_draw(attack):
     """With one table for every snapshot all of them kept their answers (share 1.0) and the
     ``moved`` rule read the newcomer's cell off (~0.9); now they are identical only when
-    two independent draws happen to agree (~0.27 at D=2, V=1)."""
+    two independent draws happen to agree (~0.1 at the policy's D=5, V=9)."""
     assert attack["guard"]["unchanged_identical"] < 0.5, attack
     assert attack["guard"]["rules"]["moved"] < 0.75, attack
 
 
 def test_the_guard_leaks_no_more_than_two_fresh_draws_allow(attack):
     """What is left is a +1 in one cell under two independent draws: the attacker's
-    accuracy stays within 4 standard errors of what that allows (0.69 at D=2, V=1)."""
+    accuracy stays within 4 standard errors of what that allows (0.56 at the policy's
+    D=5, V=9)."""
     expected, n = attack["fresh_draw_accuracy"], attack["n"]
     assert attack["guard"]["accuracy"] <= expected + 4 * math.sqrt(expected * (1 - expected) / n), attack
 
 
-@pytest.mark.xfail(strict=True, reason="issue 15 residual: a +1 under two fresh draws of the policy's noise "
-                                       "(max_noise 2, variance 1) is still guessed ~0.69 vs base 0.5; "
-                                       "closing it needs variance ~4 or a cross-snapshot influence rule")
 def test_newcomers_attributes_stay_near_the_base_rate(attack):
+    """The issue's bar: below base + 0.10 or not significant. The policy's noise (D=5,
+    V=9) makes one pair worth ~0.56; at D=2, V=1 it was ~0.69."""
+    assert attack["fresh_draw_accuracy"] < attack["base"] + 0.10
     g, base = attack["guard"], attack["base"]
     assert g["accuracy"] < base + 0.10 or g["p_value"] >= 0.01, attack
 
@@ -237,3 +242,161 @@ def test_population_check_uses_the_snapshot_table(tmp_path):
     finally:
         g.close()
     assert any(len(d) == 2 for d in decisions.values())   # some decisions differ between snapshots
+
+
+# ---- averaging pairs across an upload: the analyst is paused -------------------------------
+
+def averaged_upload_attack(inst, oracle, *, newcomers: int = 40, pads_per_target: int = 12,
+                           seed: int = 33, snapshot: bool = True) -> dict:
+    """For each newcomer, ``pads_per_target`` padded queries (other pads each time: each a
+    fresh, independent draw of the noise) asked before and after the upload; the newcomer's
+    sex is guessed from the cell whose change, summed over the pads, is larger. This
+    averages away the two draws one pair leaves. Once refused (paused), the attacker
+    guesses at random. Returns the accuracy, the base rate, whether the user was paused
+    and how many queries after the upload were answered. Without ``snapshot`` the newest
+    snapshot already holds the newcomers (a second oracle on the same instance) and the
+    "before" answers come from the one before it."""
+    rng = random.Random(seed)
+    homes = rng.sample(range(len(CHOMES)), newcomers)
+    pool = [j for j in range(len(CHOMES)) if j not in homes]
+    values = [SEXES[i % 2] for i in range(newcomers)]
+    rng.shuffle(values)
+    queries = []
+    for home in homes:
+        per_target = []
+        for _ in range(pads_per_target):
+            chomes = sorted([CHOMES[home]] + [CHOMES[j] for j in rng.sample(pool, 3)])
+            per_target.append("SELECT sex, COUNT(*) AS n FROM residents WHERE chome_code IN ("
+                              + ", ".join(f"'{c}'" for c in chomes) + ") GROUP BY sex")
+        queries.append(per_target)
+    paused = False
+
+    def ask(sql):
+        nonlocal paused
+        if paused:
+            return None
+        try:
+            return _cells(oracle, sql, "sex")
+        except QueryRefused as refusal:
+            paused = paused or refusal.code == "paused_for_review"
+            return None
+        finally:
+            getattr(oracle, "flush", lambda: None)()
+
+    keys = [rng.randrange(256) for _ in homes]
+    if snapshot:
+        before = [[ask(q) for q in per_target] for per_target in queries]
+        add_snapshot(inst, [(f"avg{i}", f"havg{i}", sex, 30 + i, band(30 + i), "世帯主", CHOMES[home], BLOCKS[0],
+                             True, key) for i, (home, sex, key) in enumerate(zip(homes, values, keys))])
+    else:   # the raw store: the newcomers are the rows added last; the same sets without them
+        before = [[_cells_without_newcomers(oracle, q) for q in per_target] for per_target in queries]
+    answered = [0]
+
+    def ask_after(sql):
+        cells = ask(sql)
+        answered[0] += cells is not None
+        return cells
+
+    after = [[ask_after(q) for q in per_target] for per_target in queries]
+    correct = 0
+    for b_list, a_list, value in zip(before, after, values):
+        change = {s: 0 for s in SEXES}
+        usable = 0
+        for b, a in zip(b_list, a_list):
+            if b is None or a is None or any(b.get(s) is None or a.get(s) is None for s in SEXES):
+                continue
+            usable += 1
+            for s in SEXES:
+                change[s] += a[s] - b[s]
+        if usable:
+            top = max(change.values())
+            guess = rng.choice(sorted(s for s in SEXES if change[s] == top))
+        else:
+            guess = rng.choice(SEXES)
+        correct += guess == value
+    n = len(values)
+    base = max(values.count(s) for s in SEXES) / n
+    return {"n": n, "base": base, "accuracy": correct / n, "paused": paused, "answered_after": answered[0],
+            "p_value": binomtest(correct, n, base, alternative="greater").pvalue}
+
+
+def _cells_without_newcomers(raw, sql: str) -> dict:
+    """The raw answer on the snapshot before the averaging attack's upload (its rows are
+    the ``avg*`` persons)."""
+    return _cells(raw, sql.replace("WHERE ", "WHERE person_id NOT LIKE 'avg%' AND "), "sex")
+
+
+@pytest.fixture(scope="module")
+def averaged(tmp_path_factory):
+    """The averaging attack on one instance whose policy pauses on nothing (alerts are
+    still audited), against the raw store and the guard."""
+    inst = make_instance(tmp_path_factory.mktemp("averaged") / "inst", persons=3000, seed=23, planted=False)
+    raw, guard = RawOracle(inst), Guard(inst)
+    try:
+        result = {"guard": averaged_upload_attack(inst, guard)}
+        result["raw"] = averaged_upload_attack(inst, raw, snapshot=False)   # the same newcomers
+    finally:
+        guard.close()
+    result["alerts"] = [e["details"] for e in inst.audit.entries(type="alert")
+                        if e["details"].get("alert") == "upload_differencing"]
+    return result
+
+
+def test_averaging_pairs_across_an_upload_is_a_real_attack(averaged):
+    """Against the raw store the newcomer's sex is read off; against the guard without
+    holds, averaging twelve pairs per newcomer beats one pair's ~0.56: the noise alone
+    does not stop it, the hold must — and the alert is raised (audited) regardless."""
+    raw, guard = averaged["raw"], averaged["guard"]
+    assert not raw["paused"] and not guard["paused"]
+    assert raw["accuracy"] >= 0.97, raw
+    assert guard["accuracy"] >= guard["base"] + 0.10 and guard["p_value"] < 0.01, guard
+    assert len(averaged["alerts"]) == 1 and "pause" not in averaged["alerts"][0], averaged["alerts"]
+
+
+def test_averaging_pairs_across_an_upload_pauses_the_analyst(tmp_path):
+    inst = make_instance(tmp_path / "held", persons=3000, seed=23, planted=False, holds=True)
+    guard = Guard(inst)
+    try:
+        result = averaged_upload_attack(inst, guard, newcomers=30)
+    finally:
+        guard.close()
+    assert result["paused"], result
+    assert result["accuracy"] < result["base"] + 0.10 or result["p_value"] >= 0.01, result
+    alerts = [e for e in inst.audit.entries(type="alert") if e["details"].get("alert") == "upload_differencing"]
+    assert len(alerts) == 1 and alerts[0]["details"]["pause"] is True, alerts
+    burst = load_policy(inst.policy_path).disclosure.alerts.upload_differencing_burst
+    assert alerts[0]["details"]["pairs"] >= burst
+    # paused within the first newcomers' pairs: the hold applies from the next query
+    assert result["answered_after"] <= burst + 4, result
+    # an admin's resume forgets the pairs (not the populations): the analyst can go on,
+    # and a continued attack pairs again
+    assert resume(inst, "ana")["alert"] == "upload_differencing"
+    guard = Guard(inst)
+    try:
+        assert guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana").table.num_rows == 2
+    finally:
+        guard.close()
+
+
+def test_monthly_reruns_of_large_populations_do_not_alert(tmp_path):
+    """An analyst re-running block-level tabulations after an upload (populations that
+    change by k or more persons, or not at all) is not an upload differencing pair."""
+    inst = make_instance(tmp_path / "honest", persons=3000, seed=24, planted=False, holds=True)
+    queries = [f"SELECT age_band, sex, COUNT(*) AS n FROM residents WHERE block = '{b}' GROUP BY age_band, sex"
+               for b in BLOCKS] + ["SELECT sex, COUNT(*) AS n FROM residents WHERE age >= 65 GROUP BY sex"]
+    guard = Guard(inst)
+    try:
+        for sql in queries:
+            guard.query(sql, user="ana")
+        rng = random.Random(5)
+        # a month of a real city: every block gains k or more (Himeji: ~1,200 転入 a month)
+        add_snapshot(inst, [(f"m{i}", f"hm{i}", rng.choice(SEXES), 30, band(30), "世帯主", CHOMES[i % 150],
+                             BLOCKS[i % len(BLOCKS)], True, rng.randrange(256)) for i in range(13 * 10)]
+                     + [(f"o{i}", f"ho{i}", "女", 70, band(70), "世帯主", CHOMES[i], BLOCKS[0], True,
+                         rng.randrange(256)) for i in range(12)])
+        for sql in queries:
+            guard.query(sql, user="ana")
+        guard.flush()
+    finally:
+        guard.close()
+    assert not [e for e in inst.audit.entries(type="alert") if e["details"].get("alert") == "upload_differencing"]

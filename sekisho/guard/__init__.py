@@ -88,16 +88,25 @@ Residual risks (honest)
   answer and only the newcomers' cells moved (red team: a newcomer's sex 0.89-0.92 vs
   base 0.5; tests/test_guard_uploads.py). Now every cell gets a fresh draw per upload.
   Record keys stay permanent: they never leave the service, and the table alone decides
-  the noise. Not closed: (a) a newcomer is still a +1 in one cell under two independent
-  draws: the padded before/after query guesses a binary attribute with ~0.69 (theory
-  0.686 at D=2, V=1; measured 0.66-0.72 over 240 newcomers) against 0.5 — the level of
-  any two releases whose populations differ by one person; closing it needs a variance
-  near 4 or a rule that keeps a cell's previous answer until k of its contributors
-  changed. (b) The same population asked on every snapshot gives one fresh draw per
-  upload, so averaging over uploads converges; monthly uploads bound that to 12 draws a
-  year (a steward re-uploading the same data many times would give more). (c) Releases
-  on one snapshot can still be averaged over different decompositions of a population
-  (a separate class), and an average per snapshot would then difference exactly.
+  the noise. A newcomer is then a +1 in one cell under two independent draws; the
+  decision (issue 15, class 6) is noise large enough that one such pair says little, and
+  a hold on the averaging of many pairs: (a) the policy's noise is D=5, V=9 (sd 3), so
+  the padded before/after query guesses a binary attribute with ~0.56 against 0.5
+  (theory 0.564; it was 0.69 at D=2, V=1); cost to analysts: ±5 instead of ±2 on every
+  count (block x age band x sex at 530k: median relative error still well under 1%,
+  release share unchanged); (b) pairs of an analyst's populations on two snapshots whose
+  contributors differ by 1..k-1, verified on the store, are counted; 8 within 62 days
+  raise ``upload_differencing`` and pause the analyst (twelve pads per newcomer reach
+  ~0.72 without it). Cost: an analyst who re-runs, after an upload, 8 or more filtered
+  queries over populations that changed by fewer than k persons (single 町丁目, the
+  oldest ages of one area) waits for an admin; block- and city-level re-runs change by
+  hundreds of persons a month and are not pairs. Not closed: (c) unfiltered tabulations
+  are not recorded as populations, so averaging a newcomer's cell over many different
+  GROUP BY decompositions across an upload is not detected; nor are the published
+  monthly reports (the ``reports`` role is never held), where each fixed cell gives one
+  pair per month and overlapping tables a few more. (d) The same population asked on
+  every snapshot gives one fresh draw per upload (12 a year). DP mode is the formal
+  defence.
 * A refusal for a small filtered population is decided on a perturbed count, but a run
   of refusals/answers over shifting filters still carries information at the ±D level.
 * Execution errors raised while reading rows are reported without the engine's message;

@@ -43,6 +43,19 @@ _SCHEMA = (
         user TEXT NOT NULL, population INTEGER NOT NULL, pkey INTEGER NOT NULL, shape TEXT NOT NULL,
         ts REAL NOT NULL, PRIMARY KEY (user, population, pkey, shape)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS guard_decompositions_identity_ts ON guard_decompositions(user, population, pkey, ts)",
+    # upload_differencing: the user's populations with their definition, one row per
+    # (snapshot, row SQL), kept for the alert's window (an upload cycle, not an hour) ...
+    """CREATE TABLE IF NOT EXISTS guard_upload_populations (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, ts REAL NOT NULL,
+        population INTEGER NOT NULL, snapshot TEXT NOT NULL, row_sql TEXT NOT NULL)""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS guard_upload_populations_definition "
+    "ON guard_upload_populations(user, snapshot, row_sql)",
+    "CREATE INDEX IF NOT EXISTS guard_upload_populations_user_pop ON guard_upload_populations(user, population)",
+    # ... and the pairs across snapshots verified on the store (counted per user in the window)
+    """CREATE TABLE IF NOT EXISTS guard_upload_pairs (
+        user TEXT NOT NULL, new_id INTEGER NOT NULL, old_id INTEGER NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (user, new_id, old_id)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS guard_upload_pairs_user_ts ON guard_upload_pairs(user, ts)",
     # users on hold: read (by primary key) before every query of the user
     """CREATE TABLE IF NOT EXISTS guard_holds (
         user TEXT PRIMARY KEY, since REAL NOT NULL, alert TEXT NOT NULL, raised_by INTEGER) WITHOUT ROWID""",

@@ -29,6 +29,17 @@ restarts and are shared by every process serving queries.
   difference of two padded populations). One population tabulated in many ways — what
   every report notebook does with the current residents — is not an alert by itself:
   its exact size alone is a count of k or more persons.
+* ``upload_differencing``: populations of one user on two *different* snapshots whose
+  contributors differ by 1..k-1 (the same filter asked before and after an upload: only
+  the few persons who arrived or left are in one and not the other), verified on the
+  store like ``differencing``; ``upload_differencing_burst`` verified pairs within
+  ``upload_differencing_window_s`` (an upload cycle, not minutes: uploads are monthly).
+  One such pair is what a fresh noise draw per snapshot leaves to an attacker (the
+  newcomer's cell moved by one more than the others, under two draws of the noise:
+  D=5, V=9 make it the largest change ~56% of the time against 50%); averaging over many
+  pairs (other pads around the newcomer's area, rephrasings) is what this stops.
+  Populations are kept per (snapshot, row SQL) for the window, candidates are the
+  ``MAX_PAIRS`` closest sizes on other snapshots.
 
 An alert is raised when a counter first reaches its threshold inside the window (not on
 every later request), and audited as type ``alert``.
@@ -65,6 +76,7 @@ request, only when sizes are close), on the bookkeeping thread.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -96,6 +108,12 @@ _CANDIDATES = """SELECT * FROM (SELECT id, population, snapshot, row_sql FROM gu
     WHERE user = ? AND population > ? AND population < ? AND ts > ? AND row_sql IS NOT NULL
     ORDER BY population, ts LIMIT ?)"""
 MAX_PAIRS = 4   # close pairs verified on the store per request (the closest sizes)
+# the user's populations on other snapshots whose size is within k - 1 (equal included: one
+# arrival and one departure keep the size): the same row SQL first (the same question asked
+# again), then the closest sizes (a rephrasing)
+_UPLOAD_CANDIDATES = """SELECT id, population, snapshot, row_sql FROM guard_upload_populations
+    WHERE user = ? AND population > ? AND population < ? AND snapshot != ? AND ts > ?
+    ORDER BY row_sql != ?, ABS(population - ?), ts DESC LIMIT ?"""
 
 def _close_count(con: sqlite3.Connection, user: str, since: float, population: int, k: int) -> int:
     """Recent populations of the user differing from ``population`` by 1..k-1
@@ -128,13 +146,17 @@ class Pair(NamedTuple):
 
 
 class Found(list):
-    """The alerts of a request (a list of dicts) and ``pairs``: the close pairs that
-    decide ``differencing`` once verified on the store (at most ``MAX_PAIRS``)."""
+    """The alerts of a request (a list of dicts), ``pairs``: the close pairs that decide
+    ``differencing`` once verified on the store (at most ``MAX_PAIRS``), and
+    ``upload_pairs``: the close pairs across snapshots that count towards
+    ``upload_differencing`` once verified."""
     pairs: list[Pair]
+    upload_pairs: list[Pair]
 
-    def __init__(self, alerts=(), pairs=()):
+    def __init__(self, alerts=(), pairs=(), upload_pairs=()):
         super().__init__(alerts)
         self.pairs = list(pairs)
+        self.upload_pairs = list(upload_pairs)
 
 
 def _identities(populations, fingerprint: str) -> tuple[list[int], list[tuple[int, int, str]],
@@ -194,6 +216,8 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
     purge_decompositions = bool(identities) and state.purge_due("guard_decompositions", now)
     close_counts: list[int] = []
     pairs: list[Pair] = []
+    upload_pairs: list[Pair] = []
+    upload_since = now - alerts.upload_differencing_window_s
     decomposed = 0
     found: list[dict] = []
     con.execute("BEGIN IMMEDIATE")
@@ -223,6 +247,8 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
             if candidates:
                 new = Definition(row.lastrowid, *definition)
                 pairs += [Pair(gap, new, old) for gap, old in candidates]
+            if definition is not None:
+                upload_pairs += _upload_candidates(con, user, upload_since, population, int(k), definition, now)
         since = now - alerts.decomposition_window_s
         burst = alerts.decomposition_burst
         half = max(burst // 2, 1)
@@ -250,6 +276,9 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
             con.execute("DELETE FROM guard_populations WHERE ts < ?", (now - 2 * pop_horizon,))
         if purge_decompositions:
             con.execute("DELETE FROM guard_decompositions WHERE ts < ?", (now - 2 * alerts.decomposition_window_s,))
+        if purge_populations:
+            con.execute("DELETE FROM guard_upload_populations WHERE ts < ?", (upload_since,))
+            con.execute("DELETE FROM guard_upload_pairs WHERE ts < ?", (upload_since,))
         found = _found(alerts, fingerprint, refused, cells, dup, ref, bulk, close_counts, decomposed)
         pausing = [a for a in found if a["alert"] in alerts.pause_on] if pause else []
         if pausing:   # the first alert of a hold stays its reason until an admin resumes the user
@@ -268,7 +297,76 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
         state.purged_at["guard_populations"] = now
     if purge_decompositions:
         state.purged_at["guard_decompositions"] = now
-    return Found(found, _closest(pairs))
+    pairs = _closest(pairs)
+    # a pair the window's differencing check verifies already is not counted twice
+    checked = {(p.new.sql, p.old.snapshot, p.old.sql) for p in pairs}
+    upload_pairs = [p for p in upload_pairs if (p.new.sql, p.old.snapshot, p.old.sql) not in checked]
+    return Found(found, pairs, upload_pairs[:MAX_PAIRS])
+
+
+def _upload_candidates(con: sqlite3.Connection, user: str, since: float, population: int, k: int,
+                       definition: tuple[str, str], now: float) -> list[Pair]:
+    """Record the population for ``upload_differencing`` (once per snapshot and row SQL;
+    a repeat refreshes its time) and return its close pairs on other snapshots."""
+    snapshot, sql = definition
+    row = con.execute("INSERT INTO guard_upload_populations(user, ts, population, snapshot, row_sql) "
+                      "VALUES (?, ?, ?, ?, ?) ON CONFLICT(user, snapshot, row_sql) DO UPDATE SET ts = excluded.ts "
+                      "RETURNING id", (user, now, population, snapshot, sql)).fetchone()
+    new = Definition(row[0], snapshot, sql)
+    rows = con.execute(_UPLOAD_CANDIDATES, (user, population - k, population + k, snapshot, since,
+                                            sql, population, MAX_PAIRS)).fetchall()
+    return [Pair(abs(q - population), new, Definition(i, snap, old_sql)) for i, q, snap, old_sql in rows]
+
+
+def confirm_upload_differencing(instance: Instance, alerts, *, user: str, fingerprint: str,
+                                pairs: Iterable[Pair], now: float | None = None, raised_by: int | None = None,
+                                pause: bool = True) -> list[dict]:
+    """Record ``pairs`` (verified on the store: contributors differing by 1..k-1 across
+    snapshots); return ``[upload_differencing]`` when the user's verified pairs in the
+    window reach ``upload_differencing_burst`` with these (once per episode: an admin's
+    resume forgets the pairs), holding the user if the policy pauses on it."""
+    pairs = list(pairs)
+    if not pairs:
+        return []
+    now = time.time() if now is None else now
+    con = _connect(instance)
+    since = now - alerts.upload_differencing_window_s
+    burst = alerts.upload_differencing_burst
+    found: list[dict] = []
+    with _transaction(con):
+        count = "SELECT COUNT(*) FROM guard_upload_pairs WHERE user = ? AND ts > ?"
+        before = con.execute(count, (user, since)).fetchone()[0]
+        con.executemany("INSERT INTO guard_upload_pairs(user, new_id, old_id, ts) VALUES (?, ?, ?, ?) "
+                        "ON CONFLICT(user, new_id, old_id) DO NOTHING",
+                        [(user, p.new.id, p.old.id, now) for p in pairs])
+        after = con.execute(count, (user, since)).fetchone()[0]
+        if before < burst <= after:
+            found.append({"alert": "upload_differencing", "pairs": after, "burst": burst,
+                          "window_s": alerts.upload_differencing_window_s, "fingerprint": fingerprint})
+            _pause(con, alerts, found[0], user=user, now=now, raised_by=raised_by, pause=pause)
+    return found
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection):
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+        con.execute("COMMIT")
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
+
+
+def _pause(con: sqlite3.Connection, alerts, alert: dict, *, user: str, now: float, raised_by: int | None,
+           pause: bool) -> None:
+    """Inside the caller's transaction: hold ``user`` if the policy pauses on ``alert``
+    (an existing hold keeps its first reason)."""
+    if pause and alert["alert"] in alerts.pause_on:
+        con.execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(user) DO NOTHING", (user, now, alert["alert"], raised_by))
+        alert["pause"] = True
 
 
 def _closest(pairs: list[Pair]) -> list[Pair]:
@@ -297,23 +395,14 @@ def confirm_differencing(instance: Instance, alerts, *, user: str, fingerprint: 
     now = time.time() if now is None else now
     con = _connect(instance)
     found: list[dict] = []
-    con.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(con):
         episode = con.execute("SELECT 1 FROM guard_populations WHERE user = ? AND paired = 1 AND ts > ? LIMIT 1",
                               (user, now - alerts.near_duplicate_window_s)).fetchone()
         ids = sorted({i for pair in pairs for i in (pair.new.id, pair.old.id)})
         con.execute(f"UPDATE guard_populations SET paired = 1 WHERE id IN ({', '.join('?' * len(ids))})", ids)
         if episode is None:
             found.append(_differencing(alerts, fingerprint))
-            if pause and "differencing" in alerts.pause_on:
-                con.execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT(user) DO NOTHING", (user, now, "differencing", raised_by))
-                found[0]["pause"] = True
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
+            _pause(con, alerts, found[0], user=user, now=now, raised_by=raised_by, pause=pause)
     return found
 
 

@@ -228,6 +228,15 @@ class Recorder:
                         pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
                 if failure is not None:
                     self._bookkeeping_failed(user, role, seq, failure, check="differencing")
+            upload_pairs = getattr(found, "upload_pairs", ())
+            if upload_pairs:   # the same across snapshots (an old snapshot may be gone: audited)
+                verified, failure = self._verify_pairs(upload_pairs)
+                if verified:
+                    self._audit_alerts(alert_rules.confirm_upload_differencing(
+                        self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
+                        pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
+                if failure is not None:
+                    self._bookkeeping_failed(user, role, seq, failure, check="upload_differencing")
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
             self._bookkeeping_failed(user, role, seq, exc)
 

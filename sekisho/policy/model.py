@@ -278,6 +278,11 @@ class Alerts:
     # within the window: averaging over its decompositions (sekisho.guard.alerts)
     decomposition_burst: int = 12
     decomposition_window_s: int = 3600
+    # pairs of one user's populations on two snapshots whose contributors differ by 1..k-1
+    # (the same filter asked before and after an upload), verified on the store; this many
+    # within the window: releases across uploads averaged (sekisho.guard.alerts)
+    upload_differencing_burst: int = 8
+    upload_differencing_window_s: int = 62 * 86400
     # alerts that put the user on hold until an admin resumes them (`sekisho users resume`)
     pause_on: tuple[str, ...] = ()
 
