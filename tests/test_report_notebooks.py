@@ -96,9 +96,9 @@ def notebooks() -> dict[str, nbformat.NotebookNode]:
     return {path.stem: read(path) for path in NOTEBOOKS}
 
 
-def test_the_seven_report_notebooks_are_the_catalogue():
+def test_the_eight_report_notebooks_are_the_catalogue():
     assert [path.stem for path in NOTEBOOKS] == [nb.name for nb in catalog.notebooks()]
-    assert len(NOTEBOOKS) == 7
+    assert len(NOTEBOOKS) == 8
 
 
 def test_each_notebook_opens_with_its_title(notebooks):
@@ -148,7 +148,7 @@ def test_the_setup_cell_comes_third_and_is_shared(notebooks):
         assert "query = data.sql" in cell.source, (name, "data only through the guard helper")
         cells[name] = cell.source
     assert len(set(cells.values())) == 1, (
-        "the set-up cell differs between notebooks; change it in all seven: "
+        "the set-up cell differs between notebooks; change it in all of them: "
         + ", ".join(sorted(cells)))
 
 

@@ -76,7 +76,7 @@ def test_manager_opens_index_and_a_report_with_maps_and_charts_offline(service, 
 
     page.goto(service.url)
     assert "公開レポート一覧" in page.content()
-    assert page.locator("table tbody tr").count() == 7
+    assert page.locator("table tbody tr").count() == 8
     page.screenshot(path="/tmp/sekisho-report-index.png", full_page=True)
 
     page.goto(service.url + f"r/{quote('01_人口')}/", wait_until="load")

@@ -21,13 +21,14 @@ from sekisho.reports.sql import resident_at
 
 # ---- catalogue ---------------------------------------------------------------------
 
-def test_the_catalogue_covers_items_1_to_37_once():
+def test_the_catalogue_covers_items_1_to_41_once():
     numbers = [n for nb in catalog.notebooks() for n, _ in nb.items]
-    assert sorted(numbers) == list(range(1, 38))
+    assert sorted(numbers) == list(range(1, 42))
     headings = {n: h for nb in catalog.notebooks() for n, h in nb.items}
     assert headings[1] == "人口状況" and headings[5] == "人口メッシュ地図 250m"
     assert headings[36] == "世帯構成毎の世帯件数の推移（5年間）"
     assert headings[37] == "教育・保育施設利用状況【概要】"
+    assert headings[38] == "認定区分・世帯所得階層・地域ブロック別の児童数"
 
 
 def test_every_notebook_has_a_papermill_parameters_cell():

@@ -2,9 +2,11 @@
 
 The policy loader (``sekisho.policy.DERIVATIONS``) has already resolved every operand and
 checked its type, so a unit here only writes SQL: it receives the derivation's
-parameters and ``sql``, which renders an operand (a released value, an exact raw value
-kept inside the ingest, a day of the year, or a nested derivation) as an expression over
-the view's staging tables. A test keeps this registry equal to the policy's vocabulary.
+parameters and ``sql`` (``sekisho.ingest.views.Renderer``), which renders an operand (a
+released value, an exact raw value kept inside the ingest, a key, a day of the year, or a
+nested derivation) as an expression over the view's staging tables, and knows the
+upload's extract month and the totals joined for lookups. A test keeps this registry
+equal to the policy's vocabulary.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 from sekisho.ingest.rules import band as band_sql
-from sekisho.ingest.rules import lit, topcoded_age
+from sekisho.ingest.rules import ident, lit, topcoded_age
+from sekisho.policy import BAND_OUTSIDE
 
 Render = Callable[[Any], str]
 
@@ -65,6 +68,31 @@ def case(params: dict, sql: Render) -> str:
     return f"CASE WHEN {sql(tested)} IN ({listed}) THEN {sql(params['then'])}{otherwise} END"
 
 
+def extract_month(params: dict, sql: Render) -> str:
+    """The upload's extract month, YYYY-MM (the snapshot's 基準年月)."""
+    return lit(sql.extract_month)
+
+
+def total(params: dict, sql: Render) -> str:
+    """The total looked up on the row's keys: a column of its joined table (NULL where no
+    record of the total's source holds these keys)."""
+    keys = tuple((name, sql(op)) for name, op in params["at"])
+    return f"{sql.total_join(params['total'], keys)}.{ident('total')}"
+
+
+def bands(params: dict, sql: Render) -> str:
+    """The label of the class holding the value (from <= value < below), the scheme's
+    ``missing`` label (or NULL) for no value, and BAND_OUTSIDE below the first class
+    (outside every domain: the upload is refused)."""
+    value, scheme = sql(params["of"]), params["bands"]
+    missing = lit(scheme.missing) if scheme.missing else "NULL"
+    whens = [f"WHEN {value} IS NULL THEN {missing}"]
+    for cls in scheme.classes:
+        test = f"{value} >= {_literal(cls.lo)}" + (f" AND {value} < {_literal(cls.hi)}" if cls.hi is not None else "")
+        whens.append(f"WHEN {test} THEN {lit(cls.label)}")
+    return f"CASE {' '.join(whens)} ELSE {lit(BAND_OUTSIDE)} END"
+
+
 def _literal(value: Any) -> str:
     if isinstance(value, bool):
         return "TRUE" if value else "FALSE"
@@ -80,4 +108,7 @@ DERIVATIONS: dict[str, Callable[[dict, Render], str]] = {
     "band": band,
     "age": age,
     "case": case,
+    "extract_month": extract_month,
+    "total": total,
+    "bands": bands,
 }

@@ -222,18 +222,22 @@ class Ingestion:
             for ns in keyed:                # raw identifiers are no longer needed
                 con.execute(f"DROP TABLE keymap_{ns}")
             bar.update()
-            # 6. one table per view
+            # 6. one table per view (after the totals some of them look up)
             phase("building views")
+            for total in policy.totals.values():
+                views.build_total(con, policy, total)
             problems = []
             for view in policy.views.values():
                 problems += views.check_merged_rows(con, policy, view)
-                views.build(con, policy, view)
+                views.build(con, policy, view, extract)
                 problems += views.check_domains(con, policy, view)
             if problems:
                 raise IngestError(problems, summary="values outside what the policy declares for the views")
             person_unique = _person_unique(con, policy)
             for name in policy.sources:     # free memory before writing
                 con.execute(f"DROP TABLE stg_{name}")
+            for name in policy.totals:
+                con.execute(f"DROP TABLE total_{name}")
             bar.update()
             # 7. write the snapshot, audit, switch
             phase("writing")

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from sekisho.policy import (DayOfYear, Derivation, ExactValue, Policy, SourceColumn, Value, View,
-                            load_policy, rule_releases)
+from sekisho.policy import (Bands, DayOfYear, Derivation, ExactValue, KeyValue, Policy, SourceColumn, Value,
+                            View, load_policy, rule_releases)
 
 RULE_TEXT = {
     "drop": "削除",
@@ -48,8 +48,10 @@ def _outputs(col: SourceColumn) -> str:
 def origin_text(op) -> str:
     """A view column's origin in a compact notation: ``person.sex``,
     ``band(age(born=person.birth_date, at=idou_date, top=100), width=5, top=100)``."""
-    if isinstance(op, (Value, ExactValue)):
+    if isinstance(op, (Value, ExactValue, KeyValue)):
         return str(op)
+    if isinstance(op, Bands):
+        return op.name
     if isinstance(op, DayOfYear):
         return f"{origin_text(op.year)}-{op.month:02d}-{op.day:02d}"
     if isinstance(op, Derivation):
@@ -60,6 +62,8 @@ def origin_text(op) -> str:
             if name == "when":
                 tested, values = value
                 parts.append(f"when {origin_text(tested)} in [{', '.join(map(str, values))}]")
+            elif name == "at" and isinstance(value, tuple):
+                parts.append("at(" + ", ".join(f"{k}={origin_text(v)}" for k, v in value) + ")")
             elif name == "of" and isinstance(value, tuple):
                 parts += [origin_text(v) for v in value]
             elif name == "of":
@@ -84,6 +88,29 @@ def _view_lines(policy: Policy, view: View) -> list[str]:
     if view.one_row_per:
         lines.append(f"集約: {', '.join(f'`{c}`' for c in view.one_row_per)} ごとに1行")
     return [f"{line}  " for line in lines[:-1]] + lines[-1:]
+
+
+def _bands_lines(policy: Policy) -> list[str]:
+    """The band schemes (階層区分) and totals the views use."""
+    out = []
+    for scheme in policy.bands.values():
+        out += [f"### 階層区分 `{scheme.name}` {scheme.title_ja}", "",
+                f"対象の数値: `{'.'.join(scheme.measure)}`(各階層は「以上・未満」。最初の階層の下限未満の値は取込を拒否)", "",
+                "| ラベル | 以上 | 未満 | 説明 |", "|---|---|---|---|"]
+        for c in scheme.classes:
+            below = "—" if c.hi is None else f"{c.hi:,}"
+            out.append(f"| `{_cell(c.label)}` | {c.lo:,} | {below} | {_cell(c.title_ja)} |")
+        if scheme.missing:
+            out.append(f"| `{_cell(scheme.missing)}` | | | 値なし |")
+        out.append("")
+    for total in policy.totals.values():
+        source = policy.sources[total.source]
+        joins = "".join(f"、結合 `{j.alias}`: {policy.sources[j.source].title_ja}" for j in total.joins.values())
+        keys = ", ".join(f"{k} = `{v}`" for k, v in total.by.items())
+        out += [f"### 合計 `{total.name}` {total.title_ja}", "",
+                f"{source.title_ja} `{source.file}`{joins} の `{total.sum.column}` を ({keys}) ごとに合計"
+                "(取込内部の表。格納せず、ビューの列が参照し階層区分で出力する)。", ""]
+    return out
 
 
 def _cell(text: str) -> str:
@@ -129,7 +156,9 @@ def render(policy: Policy) -> str:
             "## 2. 分析用ビュー (views analysts may query)", "",
             "各ビューは上の加工で出力された値のみから作る。由来の列: 出力の名前(`結合名.名前` は結合先の出力)、"
             "または導出(`first_of` 最初の空でない値、`is_empty` 空か、`year`/`month`/`fiscal_year` 年月の年・月・年度、"
-            "`band` 階級、`age` 正確な日付から取込内部で計算した満年齢(上限あり)、`case` 条件による選択)。", ""]
+            "`band` 階級、`age` 正確な日付から取込内部で計算した満年齢(上限あり)、`case` 条件による選択、"
+            "`extract_month` 抽出年月、`total` 下の合計の参照、`bands` 下の階層区分のラベル)。", "",
+            *_bands_lines(policy)]
     for view in policy.views.values():
         out += [f"### `{view.name}` {view.title_ja}" + (" (公開情報)" if view.public else ""), "",
                 f"利用目的: {view.purpose}", "", *_view_lines(policy, view), "",

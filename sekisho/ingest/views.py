@@ -10,15 +10,21 @@ adds or drops a row), each column's ``from:`` value or ``derive:`` derivation
 loads is a view that builds. The table is written with *exactly* the columns and types
 the policy declares (plus ``_rkey``): a staging column the policy does not name — in
 particular any internal ``_`` column such as an exact birth date — cannot reach the store.
+
+Totals (``totals:`` in the policy, e.g. a household's 所得割額 per tax year) are built
+first, as working tables ``total_<name>`` (``build_total``), never written to the store;
+a view column that looks one up (``derive: total``) joins it on its keys.
 """
 
 from __future__ import annotations
+
+from datetime import date
 
 from sekisho.ingest.derivations import DERIVATIONS
 from sekisho.ingest.errors import Problem
 from sekisho.ingest.rules import (event_rkey, exact_column, ident, join_column, lit, person_rkey,
                                   seed_column)
-from sekisho.policy import DayOfYear, Derivation, ExactValue, Policy, Value, View
+from sekisho.policy import DayOfYear, Derivation, ExactValue, KeyValue, Policy, Total, Value, View
 
 RKEY = "_rkey"
 SQL_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "boolean": "BOOLEAN", "float": "DOUBLE"}
@@ -31,17 +37,65 @@ def table_alias(join: str | None) -> str:
     return SOURCE_ALIAS if join is None else f"j_{join}"
 
 
-def operand_sql(op) -> str:
-    """An operand of a view definition as SQL over the view's staging tables."""
-    if isinstance(op, Value):
-        return f"{table_alias(op.join)}.{ident(op.name)}"
-    if isinstance(op, ExactValue):
-        return f"{table_alias(op.join)}.{ident(exact_column(op.column, op.rule))}"
-    if isinstance(op, DayOfYear):
-        return f"make_date(CAST({operand_sql(op.year)} AS INTEGER), {op.month}, {op.day})"
-    if isinstance(op, Derivation):
-        return DERIVATIONS[op.name](op.params, operand_sql)
-    raise TypeError(f"not an operand of a view definition: {op!r}")
+class Renderer:
+    """Renders the operands of one view's definitions as SQL over its staging tables
+    (``render(op)``). It knows the upload's extract month (``derive: extract_month``) and
+    collects the totals the view looks up (``derive: total``): each distinct lookup is one
+    ``LEFT JOIN`` of the total's table on its keys (``joins``), so the value is a column
+    the derivations around it may repeat at no cost."""
+
+    def __init__(self, extract_date: date | None = None):
+        self.extract_date = extract_date
+        self._totals: dict[tuple, str] = {}
+        self.joins: list[str] = []
+
+    def __call__(self, op) -> str:
+        return self.render(op)
+
+    def render(self, op) -> str:
+        if isinstance(op, Value):
+            return f"{table_alias(op.join)}.{ident(op.name)}"
+        if isinstance(op, ExactValue):
+            return f"{table_alias(op.join)}.{ident(exact_column(op.column, op.rule))}"
+        if isinstance(op, KeyValue):
+            return f"{table_alias(op.join)}.{key_column(op)}"
+        if isinstance(op, DayOfYear):
+            return f"make_date(CAST({self.render(op.year)} AS INTEGER), {op.month}, {op.day})"
+        if isinstance(op, Derivation):
+            return DERIVATIONS[op.name](op.params, self)
+        raise TypeError(f"not an operand of a view definition: {op!r}")
+
+    @property
+    def extract_month(self) -> str:
+        if self.extract_date is None:
+            raise ValueError("derive: extract_month needs the upload's extract date")
+        return self.extract_date.strftime("%Y-%m")
+
+    def total_join(self, name: str, keys: tuple[tuple[str, str], ...]) -> str:
+        """The alias of the joined table of total ``name`` looked up with ``keys`` (key
+        name, SQL), joining it on first use."""
+        found = self._totals.get((name, keys))
+        if found is None:
+            found = self._totals[(name, keys)] = f"t_{len(self._totals)}"
+            on = " AND ".join(f"{found}.{ident('k_' + k)} = {sql}" for k, sql in keys)
+            self.joins.append(f"LEFT JOIN total_{name} {found} ON {on}")
+        return found
+
+
+def key_column(value: KeyValue) -> str:
+    """The staging column a total's key reads: a kept value, or for a keyed identifier the
+    dense integer of its namespace's keymap (equal raw values, equal integers)."""
+    return ident("_n_" + value.keyed_as) if value.namespace is not None else ident(value.column)
+
+
+def operand_sql(op, extract_date: date | None = None) -> str:
+    """An operand of a view definition as SQL over the view's staging tables (operands
+    that look totals up need ``select_sql``, which adds their joins)."""
+    renderer = Renderer(extract_date)
+    sql = renderer.render(op)
+    if renderer.joins:
+        raise ValueError("a total is looked up only inside a view's SELECT (select_sql)")
+    return sql
 
 
 def record_key_sql(view: View) -> str:
@@ -54,8 +108,8 @@ def record_key_sql(view: View) -> str:
     return event_rkey(seed, view.name, operand_sql(view.record_key.record))
 
 
-def from_sql(policy: Policy, view: View) -> str:
-    """The view's source staging table and its joins."""
+def from_sql(policy: Policy, view: View | Total, extra: list[str] = ()) -> str:
+    """The view's (or total's) source staging table, its joins, then ``extra`` joins."""
     source = policy.sources[view.source]
     parts = [f"stg_{view.source} {SOURCE_ALIAS}"]
     for join in view.joins.values():
@@ -64,12 +118,13 @@ def from_sql(policy: Policy, view: View) -> str:
                           f"{SOURCE_ALIAS}.{join_column(source.columns[mine])}"
                           for mine, theirs in join.on)
         parts.append(f"LEFT JOIN stg_{join.source} {alias} ON {on}")
-    return " ".join(parts)
+    return " ".join([*parts, *extra])
 
 
-def select_sql(policy: Policy, view: View) -> str:
+def select_sql(policy: Policy, view: View, extract_date: date | None = None) -> str:
     """The SELECT producing the view's table, cast to the declared types."""
-    exprs = {name: operand_sql(col.origin) for name, col in view.columns.items()}
+    renderer = Renderer(extract_date)
+    exprs = {name: renderer.render(col.origin) for name, col in view.columns.items()}
     group = ""
     if view.one_row_per:
         group = " GROUP BY " + ", ".join(exprs[name] for name in view.one_row_per)
@@ -78,12 +133,27 @@ def select_sql(policy: Policy, view: View) -> str:
             for name, col in view.columns.items()]
     if not view.public:
         cols.append(f"CAST({record_key_sql(view)} AS SMALLINT) AS {RKEY}")
-    return f"SELECT {', '.join(cols)} FROM {from_sql(policy, view)}{group}"
+    return f"SELECT {', '.join(cols)} FROM {from_sql(policy, view, renderer.joins)}{group}"
 
 
-def build(con, policy: Policy, view: View) -> None:
+def build(con, policy: Policy, view: View, extract_date: date | None = None) -> None:
     """Create ``view_<name>`` in the working database with exactly the policy's columns."""
-    con.execute(f"CREATE TABLE view_{view.name} AS {select_sql(policy, view)}")
+    con.execute(f"CREATE TABLE view_{view.name} AS {select_sql(policy, view, extract_date)}")
+
+
+def total_sql(policy: Policy, total: Total) -> str:
+    """The SELECT of a total: one row per combination of its keys (none of them empty),
+    the sum of its measure over the records holding them (``total``)."""
+    renderer = Renderer()
+    keys = [f"{renderer.render(value)} AS {ident('k_' + name)}" for name, value in total.by.items()]
+    present = " AND ".join(f"{ident('k_' + name)} IS NOT NULL" for name in total.by)
+    return (f"SELECT * FROM (SELECT {', '.join(keys)}, sum({renderer.render(total.sum)}) AS total "
+            f"FROM {from_sql(policy, total)} GROUP BY ALL) WHERE {present}")
+
+
+def build_total(con, policy: Policy, total: Total) -> None:
+    """Create ``total_<name>`` in the working database (never written to the store)."""
+    con.execute(f"CREATE TABLE total_{total.name} AS {total_sql(policy, total)}")
 
 
 def check_merged_rows(con, policy: Policy, view: View) -> list[Problem]:

@@ -29,7 +29,8 @@ model). Its modules, each a reason to change:
 * ``vocabulary`` — the names the language knows (rules, derivations, types, roles, modes);
 * ``model`` — the frozen dataclasses, which are also each section's schema (``file_keys``);
 * ``checker`` — ``PolicyError`` and reading typed YAML values with key-path errors;
-* ``sources``, ``views``, ``derivations``, ``disclosure`` — one section's checks each;
+* ``sources``, ``views``, ``derivations``, ``bands`` (band schemes and totals),
+  ``disclosure`` — one section's checks each;
 * ``loader`` — ``load_policy``: the sections in order, with roles, purposes and store.
 
 Import from ``sekisho.policy``; the modules are its internals.
@@ -39,18 +40,19 @@ from __future__ import annotations
 
 from sekisho.policy.checker import PolicyError
 from sekisho.policy.loader import load_instance_policy, load_policy
-from sekisho.policy.model import (COMPUTED, DP, Alerts, Column, DayOfYear, Derivation, Disclosure, Dominance,
-                                  ExactValue, Join, Origin, Perturbation, Policy, RecordKey, Reference,
-                                  Released, Role, Source, SourceColumn, Value, View, rule_releases)
-from sekisho.policy.vocabulary import (ALERT_NAMES, AXES, COLUMN_CLASSES, COLUMN_FORMATS, DERIVATIONS,
+from sekisho.policy.model import (COMPUTED, DP, Alerts, BandClass, Bands, Column, DayOfYear, Derivation,
+                                  Disclosure, Dominance, ExactValue, Join, KeyValue, Origin, Perturbation,
+                                  Policy, RecordKey, Reference, Released, Role, Source, SourceColumn, Total,
+                                  Value, View, rule_releases)
+from sekisho.policy.vocabulary import (ALERT_NAMES, AXES, BAND_OUTSIDE, COLUMN_CLASSES, COLUMN_FORMATS, DERIVATIONS,
                                        EPSILON_FLOOR, EXACT_VALUE_RULES, IDENTIFIER, KEPT_TYPE, MESH_NAMES,
                                        MODES, PERIODS, ROLE_NAMES, RULES, SOURCE_TYPES, VIEW_TYPES)
 
 __all__ = [
-    "ALERT_NAMES", "AXES", "COLUMN_CLASSES", "COLUMN_FORMATS", "COMPUTED", "DERIVATIONS", "DP",
+    "ALERT_NAMES", "AXES", "BAND_OUTSIDE", "COLUMN_CLASSES", "COLUMN_FORMATS", "COMPUTED", "DERIVATIONS", "DP",
     "EPSILON_FLOOR", "EXACT_VALUE_RULES", "IDENTIFIER", "KEPT_TYPE", "MESH_NAMES", "MODES", "PERIODS",
     "ROLE_NAMES", "RULES", "SOURCE_TYPES", "VIEW_TYPES",
-    "Alerts", "Column", "DayOfYear", "Derivation", "Disclosure", "Dominance", "ExactValue", "Join",
-    "Origin", "Perturbation", "Policy", "PolicyError", "RecordKey", "Reference", "Released", "Role",
-    "Source", "SourceColumn", "Value", "View", "load_instance_policy", "load_policy", "rule_releases",
+    "Alerts", "BandClass", "Bands", "Column", "DayOfYear", "Derivation", "Disclosure", "Dominance",
+    "ExactValue", "Join", "KeyValue", "Origin", "Perturbation", "Policy", "PolicyError", "RecordKey", "Reference", "Released", "Role",
+    "Source", "SourceColumn", "Total", "Value", "View", "load_instance_policy", "load_policy", "rule_releases",
 ]

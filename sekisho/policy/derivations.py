@@ -11,23 +11,27 @@ because this is the vocabulary that grows when a dataset needs a new derivation.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from typing import Any
 
 from sekisho.policy.checker import Checker
-from sekisho.policy.model import (DayOfYear, Derivation, ExactValue, Join, Origin, Source, Value,
-                                  rule_releases)
+from sekisho.policy.model import (Bands, DayOfYear, Derivation, ExactValue, Join, KeyValue, Origin, Source,
+                                  Total, Value, rule_releases)
 from sekisho.policy.vocabulary import DERIVATIONS, EXACT_VALUE_RULES
 
 
 @dataclass(frozen=True)
 class Scope:
-    """What the definitions of one view may refer to: its source and the sources it joins."""
+    """What the definitions of one view (or total) may refer to: its source, the sources
+    it joins, and the policy's band schemes and totals."""
     view: str
     source: Source
     joins: dict[str, Join]
     sources: dict[str, Source]
+    bands: dict[str, Bands] = field(default_factory=dict)
+    totals: dict[str, Total] = field(default_factory=dict)
+    section: str = "views"
 
     def split(self, c: Checker, key: str, text: str) -> tuple[str | None, Source, str]:
         """``name`` (the view's source) or ``alias.name`` (a joined source)."""
@@ -36,16 +40,19 @@ class Scope:
         alias, name = text.split(".", 1)
         if alias not in self.joins:
             known = ", ".join(self.joins) or "none"
-            raise c.fail(key, f"no join named {alias!r} (views.{self.view}.joins declares: {known})")
+            raise c.fail(key, f"no join named {alias!r} ({self.section}.{self.view}.joins declares: {known})")
         return alias, self.sources[self.joins[alias].source], name
 
 
 @dataclass(frozen=True)
 class Kind:
-    """What an operand gives: its type, and its format and possible values when known."""
+    """What an operand gives: its type, and its format and possible values when known;
+    ``measure`` (source, column) when it is a value of a kept numeric source column or a
+    total of one (what a band scheme may classify)."""
     type: str
     format: str | None = None
     domain: tuple | None = None
+    measure: tuple[str, str] | None = None
 
 
 def has_type(value: Any, type_: str) -> bool:
@@ -89,13 +96,45 @@ def exact_value(c: Checker, key: str, node: Any, scope: Scope, types: tuple[str,
     return ExactValue(join=join, column=name, rule=col.rule, type=col.type)
 
 
+def key_value(c: Checker, key: str, node: Any, scope: Scope) -> KeyValue:
+    """A key of a total: the raw column ``column`` or ``alias.column``, kept (a code, text
+    or integer) or a keyed identifier (matched on its namespace inside the ingest)."""
+    text = c.string(node, key)
+    join, source, name = scope.split(c, key, text)
+    col = source.columns.get(name)
+    if col is None:
+        raise c.fail(key, f"{text!r} is not a column of sources.{source.name}")
+    if col.rule == "keyed_id":
+        return KeyValue(join=join, column=name, type=col.type, namespace=col.params["namespace"],
+                        keyed_as=col.params["as"])
+    if col.rule != "keep" or col.type not in ("code", "text", "integer"):
+        raise c.fail(key, f"a key is a kept code, text or integer (rule keep) or a keyed identifier "
+                          f"(rule keyed_id); sources.{source.name}.columns.{name} is a {col.type} with "
+                          f"rule {col.rule!r}")
+    return KeyValue(join=join, column=name, type=col.type)
+
+
+def key_kind(value: KeyValue) -> str:
+    """What a key matches: identifiers of one namespace, or integers, or strings."""
+    if value.namespace is not None:
+        return f"keyed identifiers of namespace {value.namespace}"
+    return "integer" if value.type == "integer" else "string"
+
+
+def _source_of_join(scope: Scope, join: str | None) -> Source:
+    return scope.source if join is None else scope.sources[scope.joins[join].source]
+
+
 def _operand(c: Checker, key: str, node: Any, scope: Scope) -> tuple[Origin, Kind]:
     """A released value (``name``, ``alias.name``) or a nested derivation (a mapping)."""
     if isinstance(node, dict):
         return derivation(c, key, node, scope)
     value = released_value(c, key, node, scope)
     r = value.released
-    return value, Kind(r.type, r.format, r.domain)
+    measure = None
+    if r.rule == "keep" and r.type in ("integer", "float"):
+        measure = (_source_of_join(scope, value.join).name, r.column)
+    return value, Kind(r.type, r.format, r.domain, measure)
 
 
 def derivation(c: Checker, key: str, spec: dict, scope: Scope,
@@ -227,6 +266,54 @@ def _case(c, key, spec, scope):
     return params, Kind(result.type, result.format)
 
 
+def _extract_month(c, key, spec, scope):
+    """The month (YYYY-MM) of the upload's extract date, the snapshot's 基準年月: e.g. the
+    tax year that applies at the extract (``fiscal_year`` of it)."""
+    return {}, Kind("string", format="YYYY-MM")
+
+
+def _total(c, key, spec, scope):
+    """A total (``totals:``) looked up for the row: ``at`` gives, for each key the total is
+    grouped ``by``, the row's raw column (``column``, ``alias.column``) or a derivation
+    with a value of the same kind. Empty where no record of the total's source matches."""
+    name = c.string(spec["total"], f"{key}.total")
+    if name not in scope.totals:
+        raise c.fail(f"{key}.total", f"unknown total {name!r} (totals: declares: {', '.join(scope.totals) or 'none'})")
+    total = scope.totals[name]
+    at = c.mapping(spec["at"], f"{key}.at", allowed=set(total.by), required=set(total.by))
+    ops = []
+    for k, wanted in total.by.items():
+        akey = f"{key}.at.{k}"
+        if isinstance(at[k], dict):
+            op, kind = derivation(c, akey, at[k], scope)
+            gives = kind.type if kind.type in ("integer", "string") else None
+        else:
+            op = key_value(c, akey, at[k], scope)
+            gives = key_kind(op)
+        if gives != key_kind(wanted):
+            raise c.fail(akey, f"gives {gives or kind.type + ' values'}, but totals.{name}.by.{k} "
+                               f"({wanted}) is {key_kind(wanted)}")
+        ops.append((k, op))
+    measure_type = "integer" if total.sum.type == "integer" else "float"
+    return {"total": name, "at": tuple(ops)}, Kind(measure_type, measure=(total.source, total.sum.column))
+
+
+def _bands(c, key, spec, scope):
+    """The label of the class of a band scheme (``bands:``) holding a value of the scheme's
+    measure (a person's value, or a total of it): a dimension whose domain is the labels."""
+    name = c.string(spec["bands"], f"{key}.bands")
+    if name not in scope.bands:
+        raise c.fail(f"{key}.bands", f"unknown band scheme {name!r} (bands: declares: "
+                                     f"{', '.join(scope.bands) or 'none'})")
+    scheme = scope.bands[name]
+    op, kind = _operand(c, f"{key}.of", spec["of"], scope)
+    if kind.measure != scheme.measure:
+        measured = f"{kind.measure[0]}.{kind.measure[1]}" if kind.measure else "no measure"
+        raise c.fail(f"{key}.of", f"bands {name} classify {'.'.join(scheme.measure)} (bands.{name}.measure); "
+                                  f"{op} gives {measured}")
+    return {"of": op, "bands": scheme}, Kind("string", domain=scheme.labels)
+
+
 def _source_of(scope: Scope, value: ExactValue) -> Source:
     return scope.source if value.join is None else scope.sources[scope.joins[value.join].source]
 
@@ -240,5 +327,8 @@ _DERIVATION_CHECKS = {
     "band": _band,
     "age": _age,
     "case": _case,
+    "extract_month": _extract_month,
+    "total": _total,
+    "bands": _bands,
 }
 assert set(_DERIVATION_CHECKS) == set(DERIVATIONS)

@@ -1,8 +1,8 @@
 """``load_policy``: read a policy file and validate it completely, section by section
-(sources, views, roles, disclosure, purposes, store), into a frozen ``Policy``.
+(sources, bands, totals, views, roles, disclosure, purposes, store), into a frozen ``Policy``.
 
-The order matters: views are checked against known sources, roles and purposes against
-known views. The roles and purposes sections are small and checked here; the others have
+The order matters: bands and totals are checked against known sources, views against
+known sources, bands and totals, roles and purposes against known views. The roles and purposes sections are small and checked here; the others have
 their own modules.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from sekisho.policy.bands import read_bands, read_totals
 from sekisho.policy.checker import Checker, PolicyError
 from sekisho.policy.disclosure import read_disclosure
 from sekisho.policy.model import Policy, Role, View
@@ -41,7 +42,9 @@ def load_policy(path: str | Path) -> Policy:
     c = Checker(path)
     top = c.section(doc, "", Policy)
     sources = read_sources(c, top["sources"])
-    views = read_views(c, top["views"], sources)
+    bands = read_bands(c, top.get("bands"), sources)
+    totals = read_totals(c, top.get("totals"), sources)
+    views = read_views(c, top["views"], sources, bands=bands, totals=totals)
     roles = _roles(c, top["roles"], views)
     disclosure = read_disclosure(c, top["disclosure"])
     purposes = _purposes(c, top["purposes"], views)
@@ -57,7 +60,7 @@ def load_policy(path: str | Path) -> Policy:
         municipality_code=c.string(str(top["municipality_code"]), "municipality_code",
                                    pattern=r"\d{6}"),
         sources=sources, views=views, roles=roles, disclosure=disclosure,
-        purposes=purposes, store=dict(store),
+        purposes=purposes, store=dict(store), bands=bands, totals=totals,
     )
 
 

@@ -180,6 +180,66 @@ class RecordKey:
     record: ExactValue | None = None
 
 
+# ---- model: bands and totals ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BandClass:
+    """One class of a band scheme: the values from ``lo`` (included) to ``hi`` (excluded;
+    None for the last, open class), shown as ``label`` (in the policy file: ``from``,
+    ``below``; 以上 / 未満 as a fee table writes them)."""
+    label: str
+    lo: float = field(metadata=_in_file_as("from"))
+    hi: float | None = field(default=None, metadata=_in_file_as("below"))
+    title_ja: str = ""
+
+
+@dataclass(frozen=True)
+class Bands:
+    """A public band scheme (階層区分) of one sensitive measure, e.g. 所得割額 classes
+    aligned to the 保育料 階層: a view column ``derive: bands`` exposes a value of that
+    measure (a person's, or a household's total) only as the label of its class, a
+    dimension whose ordered domain is the labels (then ``missing``, the label of no value)."""
+    name: str = field(metadata=COMPUTED)
+    title_ja: str
+    measure: tuple[str, str]        # (source, column); in the file "source.column"
+    classes: tuple[BandClass, ...]
+    missing: str | None = None
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(c.label for c in self.classes) + ((self.missing,) if self.missing else ())
+
+
+@dataclass(frozen=True)
+class KeyValue:
+    """A key a total is grouped by or looked up with: the raw column ``column`` (or
+    ``alias.column``) of a source, kept (``namespace`` None) or a keyed identifier, which
+    matches identifiers of the same namespace inside the ingest (never a hex ID)."""
+    join: str | None
+    column: str
+    type: str                       # the source column's type
+    namespace: str | None = None    # keyed identifiers: their namespace
+    keyed_as: str | None = None     # ... and the name their rule releases
+
+    def __str__(self) -> str:
+        return f"{self.join}.{self.column}" if self.join else self.column
+
+
+@dataclass(frozen=True)
+class Total:
+    """The sum of a measure over the records of a source that share key values, e.g. a
+    household's 所得割額 per tax year (the sum over its members' records): a table inside
+    the ingest only; a view column looks it up (``derive: total``) and, banded, exposes it
+    as a unit feature. Keys (``by``) are raw columns of the source or of its ``joins``."""
+    name: str = field(metadata=COMPUTED)
+    title_ja: str
+    source: str
+    sum: ExactValue
+    by: dict[str, KeyValue]
+    joins: dict[str, Join] = field(default_factory=dict)
+
+
 # ---- model: views, roles, disclosure --------------------------------------------------------
 
 
@@ -311,6 +371,8 @@ class Policy:
     disclosure: Disclosure
     purposes: dict[str, str]
     store: dict[str, Any] = field(default_factory=dict)
+    bands: dict[str, Bands] = field(default_factory=dict)
+    totals: dict[str, Total] = field(default_factory=dict)
 
     def role(self, name: str) -> Role | None:
         return self.roles.get(name)

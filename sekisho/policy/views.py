@@ -14,11 +14,12 @@ from typing import Any
 
 from sekisho.policy.checker import Checker, describe
 from sekisho.policy.derivations import Kind, Scope, derivation, exact_value, has_type, released_value
-from sekisho.policy.model import Column, Join, RecordKey, Source, Value, View, file_keys
+from sekisho.policy.model import Bands, Column, Derivation, Join, RecordKey, Source, Total, Value, View, file_keys
 from sekisho.policy.vocabulary import COLUMN_CLASSES, COLUMN_FORMATS, IDENTIFIER, VIEW_TYPES
 
 
-def read_views(c: Checker, node: Any, sources: dict[str, Source]) -> dict[str, View]:
+def read_views(c: Checker, node: Any, sources: dict[str, Source], *, bands: dict[str, Bands] | None = None,
+               totals: dict[str, Total] | None = None) -> dict[str, View]:
     node = c.mapping(node, "views")
     if not node:
         raise c.fail("views", "must declare at least one view")
@@ -34,7 +35,8 @@ def read_views(c: Checker, node: Any, sources: dict[str, Source]) -> dict[str, V
         source = sources[source_name]
         public = c.boolean(spec.get("public", False), f"{key}.public")
         joins = _joins(c, f"{key}.joins", spec.get("joins", {}) or {}, source, sources)
-        scope = Scope(view=name, source=source, joins=joins, sources=sources)
+        scope = Scope(view=name, source=source, joins=joins, sources=sources, bands=bands or {},
+                      totals=totals or {})
         cols_node = c.mapping(spec["columns"], f"{key}.columns")
         if not cols_node:
             raise c.fail(f"{key}.columns", "must declare at least one column")
@@ -178,6 +180,14 @@ def _view_column(c: Checker, key: str, name: str, spec: Any, scope: Scope) -> Co
         if outside:
             raise c.fail(f"{key}.domain", f"its origin can give {outside[0]!r}, which the domain does not list")
         domain = tuple(d)
+    if isinstance(origin, Derivation) and origin.name == "bands":
+        # a band scheme's labels are public and ordered: they are the column's domain
+        if cls != "dimension":
+            raise c.fail(f"{key}.class", "a banded value is a dimension (its classes are public)")
+        if domain is not None and domain != kind.domain:
+            raise c.fail(f"{key}.domain", f"a banded column's domain is its scheme's labels in their order "
+                                          f"({', '.join(kind.domain)}); leave domain: out")
+        domain = kind.domain
     bounds = None
     if "bounds" in spec:
         b = spec["bounds"]

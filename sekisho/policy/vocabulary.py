@@ -49,7 +49,13 @@ DERIVATIONS: dict[str, dict[str, bool]] = {
     "band": {"of": True, "width": True, "top": True},
     "age": {"born": True, "at": True},
     "case": {"when": True, "then": True, "else": False},
+    "extract_month": {},
+    "total": {"total": True, "at": True},
+    "bands": {"of": True, "bands": True},
 }
+# what the bands derivation gives a value no class of its scheme holds (below the first
+# class): no label may be it and no domain lists it, so the upload is refused
+BAND_OUTSIDE = "<outside bands>"
 MODES = ("threshold", "dp")
 PERIODS = ("month",)
 # lowest disclosure.dp.epsilon_per_query_min a policy may set: a query's ε is split between
