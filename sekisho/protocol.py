@@ -5,6 +5,20 @@ kernels) must agree on the endpoints, the content types, where the disclosure su
 travels, what a request looks like and how a refusal is written; each of those is
 defined here once (``hub/guard-openapi.yaml`` describes the same for other clients).
 
+Per-cell status and accuracy (issue 19) travel with every answer as a second Arrow
+table, the *cells table*, row-aligned with the answer (row i describes row i): for
+every answer column that carries a protected value, three columns ``<name>:status``
+(``released``, ``suppressed_k``, ``suppressed_dominance``; NULL where the guard could
+not follow the value through post-processing), ``<name>:low`` and ``<name>:high`` (the
+accuracy interval: ±D for threshold counts, ±r·value for non-negative threshold sums,
+the 95% interval of the DP noise; NULL where none is stated). Each field's metadata
+names its answer column (``sekisho.column``), its part (``sekisho.part``) and the kind
+of accuracy (``sekisho.accuracy``). On the wire the cells table is an Arrow IPC stream,
+base64-encoded, in the answer's schema metadata under ``CELLS_METADATA_KEY`` (one
+response, one stream; clients that do not know it see an unchanged answer), and in a
+JSON answer under ``"cells"`` (``{"columns", "rows"}``). :func:`attach_cells` and
+:func:`split_cells` are the two ends.
+
 Who checks what:
 
 * **this module** parses the *envelope*: a JSON object with only the request's keys,
@@ -45,6 +59,13 @@ FORMATS = ("arrow", "json")
 #: do not read Arrow metadata)
 SUMMARY_METADATA_KEY = b"sekisho.summary"
 SUMMARY_HEADER = "X-Sekisho-Summary"
+
+#: the cells table (per-cell status and accuracy), base64 Arrow IPC, in the answer's metadata
+CELLS_METADATA_KEY = b"sekisho.cells"
+CELL_COLUMN_KEY = b"sekisho.column"
+CELL_PART_KEY = b"sekisho.part"
+CELL_ACCURACY_KEY = b"sekisho.accuracy"
+CELL_PARTS = ("status", "low", "high")
 
 #: the largest request body the service reads: a query of the guard's maximal length
 #: (100,000 characters) even when every character is JSON-escaped
@@ -268,3 +289,107 @@ def summary_header(summary: dict[str, Any]) -> str:
 
 def decode_summary(raw: bytes | None) -> dict[str, Any]:
     return json.loads(raw.decode("utf-8")) if raw else {}
+
+
+# ---- the cells table (per-cell status and accuracy) ------------------------------------------
+
+def cells_table(rows: int, columns: list[tuple[str, Any, Any, Any, str]]) -> Any:
+    """Build the cells table: ``columns`` is ``[(answer column, status, low, high,
+    accuracy kind)]``, each array of ``rows`` values (Arrow arrays or sequences)."""
+    import pyarrow as pa
+
+    fields, arrays = [], []
+    for name, status, low, high, kind in columns:
+        for part, values, typ in (("status", status, pa.string()), ("low", low, pa.float64()),
+                                  ("high", high, pa.float64())):
+            array = values if isinstance(values, (pa.Array, pa.ChunkedArray)) else pa.array(values, type=typ,
+                                                                                           from_pandas=True)
+            if array.type != typ:
+                array = array.cast(typ)
+            if len(array) != rows:
+                raise ValueError(f"cells column {name}:{part} has {len(array)} rows, the answer {rows}")
+            fields.append(pa.field(f"{name}:{part}", typ, metadata={
+                CELL_COLUMN_KEY: name.encode("utf-8"), CELL_PART_KEY: part.encode(),
+                CELL_ACCURACY_KEY: kind.encode()}))
+            arrays.append(array)
+    return pa.Table.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def cells_by_column(cells: Any) -> dict[str, dict[str, Any]]:
+    """``{answer column: {"status", "low", "high": Arrow arrays, "accuracy": kind}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    if cells is None:
+        return out
+    for field, column in zip(cells.schema, cells.columns):
+        meta = field.metadata or {}
+        name = meta.get(CELL_COLUMN_KEY, b"").decode("utf-8")
+        part = meta.get(CELL_PART_KEY, b"").decode()
+        if not name or part not in CELL_PARTS:
+            continue
+        entry = out.setdefault(name, {"accuracy": meta.get(CELL_ACCURACY_KEY, b"").decode()})
+        entry[part] = column
+    return out
+
+
+def encode_cells(cells: Any) -> bytes:
+    import base64
+
+    import pyarrow as pa
+
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, cells.schema) as writer:
+        writer.write_table(cells)
+    return base64.b64encode(sink.getvalue().to_pybytes())
+
+
+def decode_cells(raw: bytes | None) -> Any:
+    """The cells table from ``encode_cells``' bytes (None: no cells were sent)."""
+    if not raw:
+        return None
+    import base64
+    import binascii
+
+    import pyarrow as pa
+
+    try:
+        with pa.ipc.open_stream(base64.b64decode(raw, validate=True)) as reader:
+            return reader.read_all()
+    except (binascii.Error, pa.ArrowInvalid) as e:
+        raise ValueError(f"the answer's cells table is not readable: {e}") from None
+
+
+def attach_cells(table: Any, cells: Any) -> Any:
+    """``table`` with ``cells`` (or nothing, for None) in its schema metadata."""
+    if cells is None:
+        return table
+    if cells.num_rows != table.num_rows:
+        raise ValueError(f"the cells table has {cells.num_rows} rows, the answer {table.num_rows}")
+    meta = dict(table.schema.metadata or {})
+    meta[CELLS_METADATA_KEY] = encode_cells(cells)
+    return table.replace_schema_metadata(meta)
+
+
+def split_cells(table: Any) -> tuple[Any, Any]:
+    """(the answer without the cells metadata, the cells table or None)."""
+    meta = dict(table.schema.metadata or {})
+    raw = meta.pop(CELLS_METADATA_KEY, None)
+    if raw is None:
+        return table, None
+    cells = decode_cells(raw)
+    if cells is not None and cells.num_rows != table.num_rows:
+        raise ValueError(f"the cells table has {cells.num_rows} rows, the answer {table.num_rows}")
+    return table.replace_schema_metadata(meta or None), cells
+
+
+def cells_json(cells: Any) -> dict[str, Any] | None:
+    """The cells table in a JSON answer: ``{"columns": [{name, column, part, accuracy}], "rows"}``."""
+    if cells is None:
+        return None
+    columns = []
+    for field in cells.schema:
+        meta = field.metadata or {}
+        columns.append({"name": field.name, "column": meta.get(CELL_COLUMN_KEY, b"").decode("utf-8"),
+                        "part": meta.get(CELL_PART_KEY, b"").decode(),
+                        "accuracy": meta.get(CELL_ACCURACY_KEY, b"").decode()})
+    rows = [[jsonable(v) for v in row] for row in zip(*(c.to_pylist() for c in cells.columns))]
+    return {"columns": columns, "rows": rows}

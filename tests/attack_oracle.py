@@ -33,3 +33,62 @@ class RawOracle:
 
     def close(self) -> None:
         pass
+
+
+# ---- scoring attribute attacks on persons unique on (chome_code, age) -----------------------
+TARGETS = 36
+_analysts = iter(range(100_000))
+
+
+def fresh_analyst(instance: Instance, prefix: str = "atk") -> str:
+    """A new analyst per attack, so one attack's alerts (and holds) do not decide another's."""
+    from sekisho.state import set_role
+
+    name = f"{prefix}{next(_analysts)}"
+    set_role(instance, name, "analyst")
+    return name
+
+
+def unique_targets(instance: Instance, limit: int = TARGETS) -> list[tuple]:
+    """Persons unique on (chome_code, age) among all residents, with their sex: the
+    attacker knows where they live and how old they are, and wants their sex."""
+    path = Store(instance).snapshots_dir / Store(instance).current_id() / "data.duckdb"
+    with duckdb.connect(str(path), read_only=True) as con:
+        return con.execute("SELECT chome_code, age, any_value(sex) FROM residents GROUP BY 1, 2 "
+                           f"HAVING COUNT(*) = 1 ORDER BY 1, 2 LIMIT {int(limit)}").fetchall()
+
+
+def accuracy_attack(oracle, instance: Instance, guess_of, *, prefix: str = "atk") -> tuple[int, int, int]:
+    """Run ``guess_of(oracle, user, chome, age)`` -> '女' / '男' / None (no idea: the
+    attacker guesses the more common sex; a refusal counts as no idea) for every target;
+    returns (hits, base hits, n)."""
+    import statistics
+
+    from sekisho.guard import QueryRefused
+
+    user = fresh_analyst(instance, prefix)
+    found = unique_targets(instance)
+    common = statistics.mode(sex for _, _, sex in found)
+    hits = base = 0
+    for chome, age, sex in found:
+        try:
+            guess = guess_of(oracle, user, chome, age)
+        except QueryRefused:
+            guess = None
+        hits += (guess or common) == sex
+        base += common == sex
+    return hits, base, len(found)
+
+
+def assert_no_better_than_base(hits: int, base: int, n: int) -> None:
+    """The issue's bar: accuracy below base + 0.10, or not significant (binomial, 1%)."""
+    from scipy.stats import binomtest
+
+    assert n >= 30
+    p = base / n
+    significant = binomtest(hits, n, p, alternative="greater").pvalue < 0.01
+    assert hits / n < p + 0.10 or not significant, (hits, base, n)
+
+
+def assert_real_attack(hits: int, n: int) -> None:
+    assert n >= 30 and hits / n >= 0.95, (hits, n)

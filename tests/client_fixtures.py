@@ -16,6 +16,7 @@ import asyncio
 import json
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,8 +132,14 @@ class GuardDouble:
         self.instance = instance
         self.calls: list[tuple[str, Any]] = []
 
-    def query(self, sql: str, *, user: str, mode: str = "threshold", epsilon: float | None = None):
+    def query(self, sql: str, *, user: str, mode: str = "threshold", epsilon: float | None = None, cancel=None):
         self.calls.append(("query", sql, user, mode, epsilon))
+        if "slow" in sql:   # runs until cancelled (or 20 s), like a long DuckDB statement
+            deadline = time.monotonic() + 20
+            while not (cancel is not None and cancel.cancelled) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            self.calls.append(("cancelled" if cancel is not None and cancel.cancelled else "ran", sql))
+            raise FakeRefused("cancelled", "the query was cancelled / 照会は取り消されました", None)
         if sql.lstrip().upper().startswith("SELECT *"):  # the outermost select only
             raise FakeRefused("row_level_output", "row-level output is not allowed / 個票は出せません",
                               "SELECT *")

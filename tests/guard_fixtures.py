@@ -3,7 +3,12 @@ view schemas of ARCHITECTURE.md §3 (plus ``_rkey``), written through ``Store.wr
 
 Used where a test needs exact control of the data (planted rare persons, a dominant
 tax payer, known group sizes). The end-to-end tests use the real synth -> ingest
-pipeline instead (``real_instance`` in test_guard.py)."""
+pipeline instead (``ingested_instance`` and ``real_city`` in conftest.py).
+
+conftest.py builds each kind of city once per session and hands out copies
+(``copy_instance``, ``copy_city``): ``shared_city`` for read-only tests, which must leave
+it as ``frozen_state`` found it, and ``own_city`` / ``real_city`` for a module that
+changes its city."""
 
 from __future__ import annotations
 
@@ -143,13 +148,75 @@ def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
         w.commit()
 
 
-def build_real_city(base: Path):
-    """The real pipeline (sekisho.synth -> sekisho.ingest -> store) in a private directory:
-    a ~4,800-person synthetic Himeji (INGEST's fixture builder, its fixed seed).
-    Returns the IngestedCity (``.instance``, ``.analyst`` = tanaka, ``.reports``)."""
-    from ingest_fixtures import build_ingested_city
+def copy_instance(src: Instance, home: Path) -> Instance:
+    """A copy of the instance ``src`` at ``home``: the same data, keys (so the same noise),
+    users, policy and audit trail, in milliseconds rather than the seconds ``make_instance``
+    takes. ``src`` must not be in use (a template nobody queries), so that its SQLite and
+    DuckDB files are whole on disk."""
+    import shutil
 
-    return build_ingested_city(base)
+    from sekisho.instance import secure_tree
+
+    shutil.copytree(src.home, home)
+    secure_tree(home)   # owned by the service account, private, as Instance.create leaves it
+    return Instance.open(home)
+
+
+# audit entries a read-only test may add: its queries, and the alerts they raise (make_instance
+# pauses nobody on an alert, so an alert changes no answer; a test that counts alerts runs on
+# a city of its own, where no other module's queries have added to the counters)
+READ_ONLY_ENTRY_TYPES = frozenset({"query.request", "query", "query.refused", "alert"})
+
+
+def frozen_state(inst: Instance) -> dict:
+    """What a read-only test must leave as it found it: every file of the store (the
+    snapshots and which one is current), the policy files, config.yaml and the keys, the
+    users and their roles, the users on hold, and an audit trail that only grew by queries
+    and their alerts. The DP ledger and the alert counters are not in it: queries write them."""
+    import hashlib
+
+    from sekisho.guard.holds import holds
+    from sekisho.state import list_users
+
+    paths = [*inst.store_dir.rglob("*"), *inst.policy_dir.rglob("*"),
+             inst.config_path, inst.secret_path, inst.audit_key_path]
+    files = {str(f.relative_to(inst.home)): hashlib.sha256(f.read_bytes()).hexdigest()
+             for f in sorted(paths) if f.is_file() and f.name != "writer.lock"}
+    return {
+        "files": files,
+        "users": [(name, role) for name, role, _ in list_users(inst)],
+        "holds": [h["user"] for h in holds(inst)],
+        "audit": [(e["seq"], e["type"]) for e in inst.audit.entries()
+                  if e["type"] not in READ_ONLY_ENTRY_TYPES],
+    }
+
+
+def changes(before: dict, after: dict, parts=("files", "users", "holds", "audit")) -> list[str]:
+    """The ``parts`` of two ``frozen_state`` results that differ, named for a failure message."""
+    out = []
+    for part in parts:
+        if part == "files":
+            names = sorted(set(before["files"]) | set(after["files"]))
+            out += [f"file {n}" for n in names if before["files"].get(n) != after["files"].get(n)]
+        elif before[part] != after[part]:
+            added = [x for x in after[part] if x not in before[part]]
+            gone = [x for x in before[part] if x not in after[part]]
+            out.append(f"{part}: added {added}, removed {gone}")
+    return out
+
+
+def copy_city(city):
+    """A copy of an ``IngestedCity`` (``build_ingested_city``) that nobody queries: its instance
+    copied into a new base directory the service account can reach, as the original's;
+    the raw export, manifest and ingest result are the original's. Remove ``.base`` after."""
+    import tempfile
+
+    from ingest_fixtures import IngestedCity
+
+    base = Path(tempfile.mkdtemp(prefix="sekisho-city-"))
+    base.chmod(0o755)
+    return IngestedCity(copy_instance(city.instance, base / "home"), city.source_dir, city.manifest,
+                        city.result, base)
 
 
 IBIS_TYPES = {"string": "string", "integer": "int64", "boolean": "boolean", "float": "float64"}

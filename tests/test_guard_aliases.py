@@ -14,24 +14,15 @@ import duckdb
 import ibis
 import pytest
 
-from guard_fixtures import ibis_table, make_instance
-from sekisho.guard import Guard, QueryRefused
+from guard_fixtures import ibis_table
+from sekisho.guard import QueryRefused
 from sekisho.guard.analyze import analyze
 from sekisho.guard.catalog import catalog_for_role
 from sekisho.policy import load_instance_policy
 from sekisho.store import Store
 
 
-@pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    return make_instance(tmp_path_factory.mktemp("guard-aliases") / "inst", persons=3000)
-
-
-@pytest.fixture(scope="module")
-def guard(inst):
-    g = Guard(inst)
-    yield g
-    g.close()
+# ``inst`` (the shared city) and ``guard`` come from conftest.py
 
 
 def duckdb_names(inst, sql: str) -> list[str]:

@@ -20,15 +20,10 @@ from sekisho.policy import load_instance_policy
 
 
 @pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    return make_instance(tmp_path_factory.mktemp("attacks") / "inst")
-
-
-@pytest.fixture(scope="module")
-def guard(inst):
-    g = Guard(inst)
-    yield g
-    g.close()
+def inst(own_city):
+    """The attacks add analysts, raise alerts and exhaust budgets: a copy of the city of this
+    module's own (``guard`` in conftest.py follows ``inst``)."""
+    return own_city
 
 
 def ask(guard, sql, user="ana", **kw):
@@ -380,10 +375,14 @@ def test_hidden_column_names_cannot_be_spoofed(guard, sql):
 
 # ---- subquery / IN / EXISTS / UNION / window bypasses --------------------------------------------
 @pytest.mark.parametrize("sql, code", [
+    # IN / EXISTS on the person key are semi-joins (issue 18, tests/test_guard_join_attacks.py):
+    # their conditions are row-level conditions, so a measure there is refused as in WHERE
     ("SELECT COUNT(*) FROM residents WHERE person_id IN (SELECT person_id FROM resident_tax "
-     "WHERE taxable_income > 1e9)", "subquery_in_expression"),
-    ("SELECT COUNT(*) FROM residents r WHERE EXISTS (SELECT 1 FROM resident_tax t WHERE t.person_id = r.person_id)",
-     "subquery_in_expression"),
+     "WHERE taxable_income > 1e9)", "measure_in_filter"),
+    ("SELECT COUNT(*) FROM residents r WHERE EXISTS (SELECT 1 FROM resident_tax t WHERE t.person_id = r.person_id "
+     "AND t.income_levy > 0)", "measure_in_filter"),
+    ("SELECT COUNT(*) FROM residents r WHERE EXISTS (SELECT 1 FROM resident_tax t WHERE t.block = r.block)",
+     "personal_join"),
     ("SELECT (SELECT COUNT(*) FROM residents) AS n", "subquery_in_expression"),
     ("SELECT block FROM residents UNION SELECT block FROM facilities", "set_operation_below_boundary"),
     ("SELECT COUNT(*) FROM (SELECT person_id FROM residents INTERSECT SELECT person_id FROM resident_tax)",

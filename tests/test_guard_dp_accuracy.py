@@ -15,8 +15,7 @@ import re
 import numpy as np
 import pytest
 
-from guard_fixtures import BLOCKS, make_instance, truth
-from sekisho.guard import Guard
+from guard_fixtures import BLOCKS, truth
 from sekisho.guard.cells import Bounding, cells_sql
 from sekisho.guard.protect import dp
 from sekisho.guard.protection import DPProtection, declared_row_identity
@@ -25,19 +24,14 @@ Z = 5.0   # standard errors allowed
 
 
 @pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    inst = make_instance(tmp_path_factory.mktemp("dp_accuracy") / "inst")
-    # many runs of one query: a budget large enough for them (the ledger is tested elsewhere)
-    text = inst.policy_path.read_text(encoding="utf-8")
-    inst.policy_path.write_text(re.sub(r"(?m)^(\s+budget_per_period:).*$", r"\1 100000.0", text), encoding="utf-8")
-    return inst
-
-
-@pytest.fixture(scope="module")
-def guard(inst):
-    g = Guard(inst)
-    yield g
-    g.close()
+def inst(own_city):
+    """A copy of the city of this module's own (``guard`` in conftest.py follows ``inst``):
+    many runs of one query need a budget large enough for them (the ledger is tested
+    elsewhere), a change of the policy."""
+    text = own_city.policy_path.read_text(encoding="utf-8")
+    own_city.policy_path.write_text(re.sub(r"(?m)^(\s+budget_per_period:).*$", r"\1 100000.0", text),
+                                    encoding="utf-8")
+    return own_city
 
 
 def moments(epsilon: float, sensitivity: int) -> tuple[float, float]:

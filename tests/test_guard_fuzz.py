@@ -13,8 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from guard_fixtures import build_real_city
-from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import QueryRefused
 from sekisho.guard.analyze import analyze
 from sekisho.guard.catalog import catalog_for_role
 from sekisho.guard.rewrite import plan
@@ -27,15 +26,14 @@ FULL = settings(settings.get_profile("guard-fuzz"), max_examples=500)
 
 
 @pytest.fixture(scope="module")
-def city(tmp_path_factory):
-    return build_real_city(tmp_path_factory.mktemp("guard-fuzz-src"))
+def city(real_city):
+    # the tests keep their parameter names: hypothesis derives its examples from their source
+    return real_city
 
 
 @pytest.fixture(scope="module")
-def guard(city):
-    g = Guard(city.instance)
-    yield g
-    g.close()
+def inst(city):
+    return city.instance   # ``guard`` (conftest.py) is a guard over it
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,13 @@ from __future__ import annotations
 import ibis
 import pytest
 
-from guard_fixtures import build_real_city, ibis_table, truth
-from sekisho.guard import Guard, QueryRefused
+from guard_fixtures import ibis_table, truth
+from sekisho.guard import QueryRefused
 
 
 @pytest.fixture(scope="module")
-def city(tmp_path_factory):
-    return build_real_city(tmp_path_factory.mktemp("guard-ibis-src"))
-
-
-@pytest.fixture(scope="module")
-def guard(city):
-    g = Guard(city.instance)
-    yield g
-    g.close()
+def inst(real_city):
+    return real_city.instance   # ``guard`` (conftest.py) is a guard over it
 
 
 def tables(guard, user):
@@ -57,20 +50,20 @@ def idioms(t):
 @pytest.mark.parametrize("name", ["group_by_agg", "filter", "cases_banding", "join_public_after_agg",
                                   "join_public_below_agg", "order_limit", "derived_share", "mean_of_measure",
                                   "select_then_group", "whole_count", "public_only"])
-def test_ibis_idiom_passes_unchanged(guard, city, name):
-    expr = idioms(tables(guard, city.analyst))[name]
+def test_ibis_idiom_passes_unchanged(guard, real_city, name):
+    expr = idioms(tables(guard, real_city.analyst))[name]
     sql = ibis.to_sql(expr, dialect="duckdb")
-    result = guard.query(sql, user=city.analyst)
+    result = guard.query(sql, user=real_city.analyst)
     assert result.table.column_names == list(expr.schema().names)
-    assert guard.describe(sql, user=city.analyst).names == list(expr.schema().names)
+    assert guard.describe(sql, user=real_city.analyst).names == list(expr.schema().names)
 
 
-def test_ibis_counts_match_truth_within_perturbation(guard, city):
-    t = tables(guard, city.analyst)
+def test_ibis_counts_match_truth_within_perturbation(guard, real_city):
+    t = tables(guard, real_city.analyst)
     r = t["residents"]
     sql = ibis.to_sql(r.group_by("block").agg(n=r.count()), dialect="duckdb")
-    got = {row["block"]: row["n"] for row in guard.query(sql, user=city.analyst).table.to_pylist()}
-    true = dict(truth(city.instance, "SELECT block, COUNT(*) FROM residents GROUP BY 1"))
+    got = {row["block"]: row["n"] for row in guard.query(sql, user=real_city.analyst).table.to_pylist()}
+    true = dict(truth(real_city.instance, "SELECT block, COUNT(*) FROM residents GROUP BY 1"))
     for block, n in got.items():
         if true.get(block, 0) >= 10:
             assert abs(n - true[block]) <= guard.ptable.max_noise
@@ -84,10 +77,10 @@ def test_ibis_counts_match_truth_within_perturbation(guard, city):
     lambda t: (lambda x: x.aggregate(n=x.count()))(t["residents"].filter(t["residents"].person_id == "x")),
     lambda t: t["resident_tax"].aggregate(m=t["resident_tax"].taxable_income.max()),
 ])
-def test_ibis_row_level_and_unsafe_idioms_are_refused(guard, city, build):
-    sql = ibis.to_sql(build(tables(guard, city.analyst)), dialect="duckdb")
+def test_ibis_row_level_and_unsafe_idioms_are_refused(guard, real_city, build):
+    sql = ibis.to_sql(build(tables(guard, real_city.analyst)), dialect="duckdb")
     with pytest.raises(QueryRefused):
-        guard.query(sql, user=city.analyst)
+        guard.query(sql, user=real_city.analyst)
 
 
 # ---- the real pipeline: suppression is exactly "fewer than k distinct persons" -------------------
@@ -99,9 +92,9 @@ def test_ibis_row_level_and_unsafe_idioms_are_refused(guard, city, build):
     ("SELECT cert_type, block, COUNT(DISTINCT person_id) AS n FROM childcare GROUP BY 1, 2",
      "SELECT cert_type, block, COUNT(DISTINCT person_id) FROM childcare GROUP BY 1, 2"),
 ])
-def test_exactly_cells_below_k_suppressed_on_real_data(guard, city, sql, truth_sql):
-    result = guard.query(sql, user=city.analyst)
-    true = {tuple(r[:-1]): r[-1] for r in truth(city.instance, truth_sql)}
+def test_exactly_cells_below_k_suppressed_on_real_data(guard, real_city, sql, truth_sql):
+    result = guard.query(sql, user=real_city.analyst)
+    true = {tuple(r[:-1]): r[-1] for r in truth(real_city.instance, truth_sql)}
     rows = result.table.to_pylist()
     keys = [c for c in result.table.column_names if c != "n"]
     seen = set()
@@ -115,16 +108,16 @@ def test_exactly_cells_below_k_suppressed_on_real_data(guard, city, sql, truth_s
     assert result.summary["cells_suppressed"] == sum(1 for r in rows if r["n"] is None)
 
 
-def test_dp_budget_is_spent_even_if_the_answer_fails(guard, city, monkeypatch):
+def test_dp_budget_is_spent_even_if_the_answer_fails(guard, real_city, monkeypatch):
     import sekisho.guard.protection as protection
 
-    before = guard.budget(city.analyst)["spent"]
+    before = guard.budget(real_city.analyst)["spent"]
 
     def crash(*args, **kwargs):
         raise RuntimeError("simulated crash after the debit")
     monkeypatch.setattr(protection, "protect_dp", crash)
     with pytest.raises(QueryRefused) as info:   # an unexpected failure is an audited refusal
-        guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user=city.analyst, mode="dp",
+        guard.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user=real_city.analyst, mode="dp",
                     epsilon=0.5)
     assert info.value.code == "execution_failed" and "simulated" not in str(info.value)
-    assert guard.budget(city.analyst)["spent"] == pytest.approx(before + 0.5)  # no refund
+    assert guard.budget(real_city.analyst)["spent"] == pytest.approx(before + 0.5)  # no refund

@@ -146,3 +146,118 @@ def test_one_scan_over_a_unit_scope_counts_what_the_general_form_counts(people, 
                                                 ["__g0"])).fetchone()
     assert units == general           # contributors changed and their cell keys, neighbour by neighbour
     assert any(units[2 + 2 * i] for i in range(len(neighbours)))   # some neighbours do change units
+
+
+# a household type computed in the unit scope, as reports/06 does (a CASE over comparisons of
+# aggregates, with arithmetic): each CASE condition, each IN element inside COUNT_IF and each
+# condition of the scope's WHERE is a neighbour; the one-scan form groups the units by their
+# comparisons and counts the scope-WHERE neighbours unit by unit
+ROW_UNIT_TYPE = (
+    'SELECT "h"."kind" AS "__g0", "h"."big" AS "__g1", "h"."__pid" AS "__pid", "h"."__rkey" AS "__rkey" FROM '
+    '(SELECT "r"."household_id" AS "household_id", '
+    'CASE WHEN COUNT(*) = 1 THEN \'one\' '
+    'WHEN COUNT_IF("r"."relationship" IN (\'妻\')) = 1 AND COUNT(*) = 2 + COUNT_IF("r"."relationship" IN (\'子\')) '
+    'THEN \'couple\' WHEN COUNT_IF("r"."relationship" IN (\'父\', \'孫\')) > 0 THEN \'three\' ELSE \'other\' END AS "kind", '
+    'MAX("r"."age") >= 60 AS "big", "r"."household_id" AS "__pid", '
+    'TRY_CAST(SUM("r"."_rkey") % 256 AS INT) AS "__rkey" FROM "people" AS "r" '
+    'WHERE {inner} AND NOT "r"."household_id" IS NULL GROUP BY "r"."household_id") AS "h"{outer}')
+
+
+@pytest.mark.parametrize("inner, outer", [
+    ('("r"."age" >= 10 AND ("r"."age" < 80 OR "r"."relationship" = \'父\'))', ''),
+    ('"r"."age" BETWEEN 5 AND 70', ' WHERE "h"."kind" <> \'other\''),
+])
+def test_one_scan_over_unit_features_counts_what_the_general_form_counts(people, inner, outer):
+    base_tree, base, neighbours = neighbourhood(tree(ROW_UNIT_TYPE.format(inner=inner, outer=outer)),
+                                                frozenset({"household_id"}))
+    assert len(neighbours) >= 16 and is_flat(base_tree)
+    # and one neighbour given as a whole tree (as the drift of a batch is): counted unit by unit
+    whole = Variant(atom="", index=-1, action="drift", tree=apply(base_tree, neighbours[:3]))
+    compared = [*neighbours, whole]
+    one_scan = influence_sql(base_tree, compared, ["__g0", "__g1"], person_unique=False)
+    assert one_scan.count("FROM \"people\"") == 1
+    assert base_tree.sql(dialect="duckdb") == base
+    units = people.execute(one_scan).fetchone()
+    general = people.execute(_influence_general(base, [variant_sql(base_tree, v) for v in compared],
+                                                ["__g0", "__g1"])).fetchone()
+    names = [d[0] for d in people.execute(one_scan).description]
+    expected = dict(zip([d[0] for d in people.execute(_influence_general(
+        base, [variant_sql(base_tree, v) for v in compared], ["__g0", "__g1"])).description], general))
+    assert dict(zip(names, units)) == expected   # neighbour by neighbour, counts and cell keys
+    assert sum(1 for i in range(len(compared)) if expected[f"__n{i}"]) >= 8
+
+
+# generated queries over one unit scope: inner WHERE of AND/OR/IS NULL/IN/BETWEEN, features
+# that are CASEs over comparisons of aggregates, booleans and bare aggregates over a column
+# with NULLs (COUNT_IF of a condition that is NULL on every row of a unit is NULL), an outer
+# WHERE, one or two cell columns; the one-scan form must count what the general form counts
+_R = ["世帯主", "妻", "子", "孫", "父"]
+
+
+def _atom(rng):
+    k = rng.randrange(5)
+    if k == 0:
+        return f'"r"."age" >= {rng.randrange(0, 90)}'
+    if k == 1:
+        return f'"r"."age" < {rng.randrange(0, 90)}'
+    if k == 2:
+        return '"r"."relationship" IN (' + ", ".join(f"'{x}'" for x in rng.sample(_R, rng.randrange(1, 4))) + ')'
+    if k == 3:
+        low = rng.randrange(0, 60)
+        return f'"r"."age" BETWEEN {low} AND {low + rng.randrange(5, 40)}'
+    return '"r"."age" IS NULL'
+
+
+def _condition(rng, depth=0):
+    if depth > 1 or rng.random() < 0.4:
+        return _atom(rng)
+    return f"({_condition(rng, depth + 1)} {rng.choice(['AND', 'OR'])} {_condition(rng, depth + 1)})"
+
+
+def _aggregate(rng):
+    return rng.choice(["COUNT(*)", f"COUNT_IF({_atom(rng)})", 'MAX("r"."age")', 'SUM("r"."age")', 'COUNT("r"."age")'])
+
+
+def _comparison(rng):
+    return (f"{_aggregate(rng)} {rng.choice(['=', '>', '<', '>=', '<>'])} "
+            f"{rng.choice(['0', '1', '2', '3 + ' + _aggregate(rng), '40'])}")
+
+
+def _generated_unit_query(rng):
+    case = " ".join(f"WHEN {_comparison(rng)}{' AND ' + _comparison(rng) if rng.random() < 0.4 else ''} THEN '{c}'"
+                    for c in "abc"[:rng.randrange(1, 4)])
+    features = {"f1": f"CASE {case} ELSE 'z' END", "f2": f"{_aggregate(rng)} >= {rng.randrange(0, 4)}",
+                "f3": _aggregate(rng), "blk": 'MIN("r"."block")'}
+    cells = rng.sample(["f1", "f2", "blk"], rng.randrange(1, 3))
+    outer = rng.choice(["", f' WHERE "h"."f3" >= {rng.randrange(0, 3)}', ' WHERE "h"."f1" <> \'z\''])
+    sql = (f'SELECT {", ".join(f"{chr(34)}h{chr(34)}.{chr(34)}{c}{chr(34)} AS {chr(34)}__g{j}{chr(34)}" for j, c in enumerate(cells))}, '
+           f'"h"."__pid" AS "__pid", "h"."__rkey" AS "__rkey" FROM (SELECT "r"."household_id" AS "household_id", '
+           f'{", ".join(f"{v} AS {chr(34)}{k}{chr(34)}" for k, v in features.items())}, "r"."household_id" AS "__pid", '
+           f'TRY_CAST(SUM("r"."_rkey") % 256 AS INT) AS "__rkey" FROM "nullable_people" AS "r" WHERE {_condition(rng)} '
+           f'AND NOT "r"."household_id" IS NULL GROUP BY "r"."household_id") AS "h"{outer}')
+    return sql, [f"__g{j}" for j in range(len(cells))]
+
+
+def test_one_scan_over_unit_scopes_counts_what_the_general_form_counts_on_generated_queries():
+    import random
+
+    c = duckdb.connect()
+    c.execute("CREATE TABLE nullable_people AS SELECT 'p' || i AS person_id, "
+              "CASE WHEN i % 17 = 0 THEN NULL ELSE 'h' || (i // 3) END AS household_id, "
+              "['世帯主', '妻', '子', '孫', '父'][1 + i % 5] AS relationship, "
+              "CASE WHEN i % 23 = 0 THEN NULL ELSE i % 90 END AS age, ['A', 'B', 'C'][1 + (i // 3) % 3] AS block, "
+              "(i * 37) % 256 AS _rkey FROM range(1200) t(i)")
+    for seed in range(80):   # seeds 61 and 70 caught COUNT_IF(r AND x) written for COUNT_IF(x) FILTER (WHERE r)
+        rng = random.Random(seed)
+        sql, cells = _generated_unit_query(rng)
+        base_tree, base, neighbours = neighbourhood(tree(sql), frozenset({"household_id"}), 200)
+        compared = list(neighbours)
+        if len(neighbours) > 3 and rng.random() < 0.5:   # and a neighbour given as a whole tree
+            compared.append(Variant(atom="", index=-1, action="drift", tree=apply(base_tree, neighbours[:3])))
+        def counts(statement):
+            cur = c.execute(statement)
+            return dict(zip([d[0] for d in cur.description], cur.fetchone()))
+
+        one = counts(influence_sql(base_tree, compared, cells, person_unique=False))
+        general = counts(_influence_general(base, [variant_sql(base_tree, v) for v in compared], cells))
+        assert one == general, (seed, sql)

@@ -279,3 +279,45 @@ def test_combinations_of_forms_stay_total(extreme_table):
         accepted += run_if_accepted(extreme_table, f"SELECT CASE WHEN ({a}) > 0 THEN ({b}) ELSE ({a}) - ({b}) END AS g, "
                                                    "COUNT(*) FROM t GROUP BY 1", cat)
     assert accepted >= 50
+
+
+# ---- conditional aggregates as analysts and ibis write them (issue 19 item 3) ----------------
+IDIOMS = [
+    ("SELECT block, COUNT(*) FILTER (WHERE age >= 65) AS n FROM residents GROUP BY block",
+     "SELECT block, COUNT(CASE WHEN age >= 65 THEN 1 END) AS n FROM residents GROUP BY block"),
+    ("SELECT block, SUM(CAST(age >= 65 AS INTEGER)) AS n FROM residents GROUP BY block",
+     "SELECT block, COUNT(CASE WHEN age >= 65 THEN 1 END) AS n FROM residents GROUP BY block"),
+    ("SELECT block, SUM(CAST((age >= 65) AS INT)) AS n FROM residents GROUP BY block",
+     "SELECT block, COUNT(CASE WHEN age >= 65 THEN 1 END) AS n FROM residents GROUP BY block"),
+]
+
+
+@pytest.mark.parametrize("idiom, case_form", IDIOMS)
+def test_conditional_aggregate_idioms_answer_as_their_case_form(guard, idiom, case_form):
+    """FILTER and boolean sums are the CASE form (same cells, same noise) — and the same
+    numbers as WHERE ... GROUP BY on the same population."""
+    got = guard.query(idiom, user="ana").table.to_pylist()
+    assert got == guard.query(case_form, user="ana").table.to_pylist()
+    where = {r["block"]: r["n"] for r in guard.query(
+        "SELECT block, COUNT(*) AS n FROM residents WHERE age >= 65 GROUP BY block", user="ana").table.to_pylist()}
+    assert {r["block"]: r["n"] for r in got if r["n"] is not None} == {b: n for b, n in where.items()
+                                                                      if n is not None}
+
+
+def test_ibis_count_where_and_boolean_sum_are_accepted(guard):
+    """What ibis emits for ``t.count(where=...)`` and ``(cond).sum()`` reaches the guard
+    unchanged and is answered (the guard rewrites it, not the client)."""
+    import ibis
+
+    t = ibis.table({"block": "string", "age": "int16", "sex": "string"}, name="residents")
+    exprs = [t.group_by("block").agg(n=t.count(where=t.age >= 65)),
+             t.group_by("block").agg(n=(t.age >= 65).sum())]
+    answers = [guard.query(ibis.to_sql(e, dialect="duckdb"), user="ana").table.to_pylist() for e in exprs]
+    assert answers[0] and all(r["n"] is None or r["n"] >= 0 for r in answers[0])
+    assert sorted(answers[0], key=str) == sorted(answers[1], key=str)
+
+
+def test_filter_forms_the_language_cannot_analyse_stay_refused(guard):
+    with pytest.raises(QueryRefused) as info:
+        guard.query("SELECT COUNT(DISTINCT household_id) FILTER (WHERE age >= 65) AS n FROM residents", user="ana")
+    assert info.value.code == "aggregate_filter"

@@ -13,26 +13,19 @@ from __future__ import annotations
 import statistics
 
 import pytest
-from scipy.stats import binomtest
 
-from attack_oracle import RawOracle
-from guard_fixtures import BLOCKS, make_instance, truth
-from sekisho.guard import Guard, QueryRefused
-from sekisho.state import set_role
+from attack_oracle import TARGETS, RawOracle, assert_no_better_than_base, assert_real_attack
+from attack_oracle import accuracy_attack as _accuracy_attack, fresh_analyst as _fresh_analyst
+from guard_fixtures import BLOCKS, truth
+from sekisho.guard import QueryRefused
 
-TARGETS = 36
 
 
 @pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    return make_instance(tmp_path_factory.mktemp("language-attacks") / "inst")
-
-
-@pytest.fixture(scope="module")
-def guard(inst):
-    g = Guard(inst)
-    yield g
-    g.close()
+def inst(own_city):
+    """Each attack adds an analyst and raises alerts: a copy of the city of this module's own
+    (``guard`` in conftest.py follows ``inst``)."""
+    return own_city
 
 
 @pytest.fixture(scope="module")
@@ -40,21 +33,15 @@ def raw(inst):
     return RawOracle(inst)
 
 
-_users = iter(range(10_000))
-
 
 def fresh_analyst(inst) -> str:
-    """A new analyst per attack, so one attack's alerts (and holds) do not decide another's."""
-    name = f"lang{next(_users)}"
-    set_role(inst, name, "analyst")
-    return name
+    return _fresh_analyst(inst, "lang")
 
 
-def targets(inst, limit=TARGETS):
-    """Persons unique on (chome_code, age) among all residents: the attacker knows where
-    they live and how old they are, and wants their sex."""
-    return truth(inst, "SELECT chome_code, age, any_value(sex) FROM residents GROUP BY 1, 2 "
-                       f"HAVING COUNT(*) = 1 ORDER BY 1, 2 LIMIT {limit}")
+
+
+def accuracy_attack(oracle, inst, guess_of):
+    return _accuracy_attack(oracle, inst, guess_of, prefix="lang")
 
 
 def first_value(oracle, sql, user, **kw):
@@ -62,32 +49,10 @@ def first_value(oracle, sql, user, **kw):
     return list(rows[0].values())[0] if rows else None
 
 
-def accuracy_attack(oracle, inst, guess_of) -> tuple[int, int, int]:
-    """Run ``guess_of(oracle, user, chome, age)`` -> '女' / '男' / None (no idea: the
-    attacker guesses the more common sex) for every target; returns (hits, base hits, n)."""
-    user = fresh_analyst(inst)
-    found = targets(inst)
-    common = statistics.mode(sex for _, _, sex in found)
-    hits = base = 0
-    for chome, age, sex in found:
-        try:
-            guess = guess_of(oracle, user, chome, age)
-        except QueryRefused:
-            guess = None
-        hits += (guess or common) == sex
-        base += common == sex
-    return hits, base, len(found)
 
 
-def assert_no_better_than_base(hits, base, n):
-    assert n >= 30
-    p = base / n
-    significant = binomtest(hits, n, p, alternative="greater").pvalue < 0.01
-    assert hits / n < p + 0.10 or not significant, (hits, base, n)
 
 
-def assert_real_attack(hits, n):
-    assert n >= 30 and hits / n >= 0.95, (hits, n)
 
 
 def target(chome, age) -> str:
@@ -135,13 +100,60 @@ def unit_feature(oracle, user, chome, age):
     return None if n is None or total is None else "女" if total - n >= 1 else "男"
 
 
-CLASS_1 = [null_trick, string_function_key, arithmetic_key, case_inside_count, unit_feature]
+def filter_count(oracle, user, chome, age):
+    # the same conditional count written as FILTER (what ibis emits for count(where=))
+    n = first_value(oracle, f"SELECT COUNT(*) FILTER (WHERE sex = '女' AND {target(chome, age)}) AS n "
+                            "FROM residents", user)
+    return None if n is None else "女" if n >= 1 else "男"
+
+
+def boolean_sum(oracle, user, chome, age):
+    # a boolean sum (ibis: (cond).sum()) of exactly the target
+    n = first_value(oracle, f"SELECT SUM(CAST((sex = '女' AND {target(chome, age)}) AS INTEGER)) AS n "
+                            "FROM residents", user)
+    return None if n is None else "女" if n >= 1 else "男"
+
+
+def filter_differencing(oracle, user, chome, age):
+    # two large FILTER cells that differ by the target alone, in one query
+    rows = oracle.query(f"SELECT COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}') AS a, "
+                        f"COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}' AND age <> {age}) AS b "
+                        "FROM residents", user=user).table.to_pylist()
+    a, b = (rows[0]["a"], rows[0]["b"]) if rows else (None, None)
+    return None if a is None or b is None else "女" if a - b >= 1 else "男"
+
+
+def case_differencing(oracle, user, chome, age):
+    # the same pair of cells written as CASE forms
+    rows = oracle.query(f"SELECT COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' THEN 1 END) AS a, "
+                        f"COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' AND age <> {age} THEN 1 END) AS b "
+                        "FROM residents", user=user).table.to_pylist()
+    a, b = (rows[0]["a"], rows[0]["b"]) if rows else (None, None)
+    return None if a is None or b is None else "女" if a - b >= 1 else "男"
+
+
+CLASS_1 = [null_trick, string_function_key, arithmetic_key, case_inside_count, unit_feature,
+           filter_count, boolean_sum]
+# two conditional cells of one query that differ by the target: condition influence leaves
+# the target's condition out, but its decisions (and the cells' suppression) are made on
+# perturbed counts near k, so they differ with the target now and then (documented
+# residual in sekisho.guard: "decisions near k"); measured 17-27 hits of 36 against a base
+# of 19 over 8 instances (raw: 36). Bounded here so that a regression to exact differencing
+# fails, not asserted to be at the base rate.
+NEAR_K = [filter_differencing, case_differencing]
 
 
 @pytest.mark.parametrize("attack", CLASS_1, ids=lambda f: f.__name__)
 def test_expressions_that_act_as_conditions_reveal_nothing(attack, guard, raw, inst):
     assert_real_attack(*accuracy_attack(raw, inst, attack)[::2])
     assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
+
+
+@pytest.mark.parametrize("attack", NEAR_K, ids=lambda f: f.__name__)
+def test_differencing_two_conditional_cells_is_bounded_by_the_near_k_residual(attack, guard, raw, inst):
+    assert_real_attack(*accuracy_attack(raw, inst, attack)[::2])
+    hits, base, n = accuracy_attack(guard, inst, attack)
+    assert hits / n <= 0.85, (hits, base, n)
 
 
 # ---- class 2: arithmetic on a sensitive measure ------------------------------------------------------------

@@ -39,6 +39,7 @@ def inst(tmp_path_factory):
 @pytest.mark.parametrize("section, message", [
     ({"memory_limt": "1GB"}, "guard.memory_limt: unknown key"),
     ({"memory_limit": "lots"}, "guard.memory_limit: 'lots' is not a size"),
+    ({"post_memory_limit": 64}, "guard.post_memory_limit: 64 is not a size"),
     ({"threads": 0}, "guard.threads: 0 must be a positive integer"),
     ({"threads": 1.5}, "guard.threads: 1.5 must be a positive integer"),
     ({"query_seconds": "60"}, "guard.query_seconds: '60' must be a positive number"),
@@ -55,16 +56,19 @@ def test_limits_default_and_read_from_config():
 
 
 def test_every_guard_connection_has_the_memory_limit_and_threads(inst):
-    inst = configured(inst, memory_limit="300MB", threads=1)
+    inst = configured(inst, memory_limit="300MB", threads=1, post_memory_limit="64MB")
     g = Guard(inst)
     try:
         g.query("SELECT sex, COUNT(*) AS n FROM residents GROUP BY sex", user="ana")
         snap = g.snapshots.current()
-        for con in (snap.con, snap.cursor(), g.post.connection()):
+        # the data connections have memory_limit; post-processing (protected tables only) the small one
+        for con, limit in ((snap.con, ("286.1MIB", "300.0MB", "286MIB", "300MB")),
+                           (snap.cursor(), ("286.1MIB", "300.0MB", "286MIB", "300MB")),
+                           (g.post.connection(), ("61.0MIB", "64.0MB", "61MIB", "64MB"))):
             memory, threads = con.execute("SELECT current_setting('memory_limit'), "
                                           "current_setting('threads')").fetchone()
             assert threads == 1
-            assert memory.replace(" ", "").upper() in ("286.1MIB", "300.0MB", "286MIB", "300MB"), memory
+            assert memory.replace(" ", "").upper() in limit, memory
     finally:
         g.close()
         configured(inst)

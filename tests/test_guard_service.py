@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pyarrow as pa
 import pytest
@@ -242,3 +243,18 @@ def test_concurrent_requests_are_served(service):
 def test_parse_query_request_defaults():
     req = QueryRequest.from_body(b'{"sql": "SELECT 1"}')
     assert req.mode is None and req.epsilon is None and req.format == "arrow"
+
+
+def test_a_query_whose_client_has_gone_is_cancelled(service):
+    """The client gives up (its timeout, a stopped kernel): the connection closes and the
+    service cancels the query (``Guard.query(..., cancel=...)``) instead of letting it hold
+    a worker thread until its deadline."""
+    guard = service.service.pool.guard()
+    with pytest.raises(requests.exceptions.Timeout):
+        requests.post(service.url + "api/query", json={"sql": "SELECT slow FROM residents"},
+                      headers={"Authorization": f"token {GOOD}"}, timeout=0.5)
+    deadline = time.monotonic() + 10
+    while not any(c[0] in ("cancelled", "ran") for c in guard.calls) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ("cancelled", "SELECT slow FROM residents") in guard.calls
+    assert call(service, "POST", "api/query", json={"sql": SQL}).status_code == 200   # the service goes on

@@ -16,19 +16,16 @@ import pytest
 
 import sekisho.guard.influence as influence
 import sekisho.guard.planning as planning
-from guard_fixtures import add_snapshot, make_instance
+from guard_fixtures import add_snapshot
 from sekisho.guard import Guard, QueryRefused
 
 SQL = "SELECT block, COUNT(*) AS n FROM residents WHERE age >= 30 AND sex = '女' GROUP BY block"
 
 
-@pytest.fixture(scope="module")
-def inst(tmp_path_factory):
-    return make_instance(tmp_path_factory.mktemp("side-channels") / "inst")
-
-
+# ``inst`` is the shared city (conftest.py); the snapshot switch runs on ``own_city``
 @pytest.fixture
 def guard(inst):
+    """A new guard for every test: the tests below count what its caches hold."""
     g = Guard(inst)
     yield g
     g.close()
@@ -86,11 +83,11 @@ def test_no_prepared_statement_from_another_users_query(guard):
     assert not set(own.values()) & set(theirs.values())  # under names of their own
 
 
-def test_a_plan_is_filed_under_the_snapshot_the_query_ran_on(inst, monkeypatch):
+def test_a_plan_is_filed_under_the_snapshot_the_query_ran_on(own_city, monkeypatch):
     """The snapshot switches after the query took its snapshot and catalog but before
     it is planned: the plan (made with the old snapshot's catalog) must not be filed
     under the new snapshot, where the next query would pick it up."""
-    g = Guard(inst)
+    g = Guard(own_city)
     try:
         g.query(SQL, user="ana")   # opens the current snapshot
         old = g.snapshots.snapshot.id
@@ -102,7 +99,7 @@ def test_a_plan_is_filed_under_the_snapshot_the_query_ran_on(inst, monkeypatch):
             result = catalog(role, snap)
             if not switched:
                 switched.append(True)
-                add_snapshot(inst, [])   # a data update lands in between
+                add_snapshot(own_city, [])   # a data update lands in between
                 g.snapshots.current()
             return result
 

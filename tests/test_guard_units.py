@@ -12,7 +12,7 @@ import ibis
 import pytest
 
 from guard_fixtures import ibis_table, truth
-from sekisho.guard import Guard, QueryRefused
+from sekisho.guard import QueryRefused
 from sekisho.guard import budget as ledger
 from sekisho.reports.sql import family_type_sql, households_at, resident_at
 
@@ -25,10 +25,8 @@ def city(ingested_instance):
 
 
 @pytest.fixture(scope="module")
-def guard(city):
-    g = Guard(city.instance)
-    yield g
-    g.close()
+def inst(city):
+    return city.instance   # ``guard`` (conftest.py) is a guard over it
 
 
 def released(guard, user, sql, **kw) -> dict:
@@ -131,7 +129,7 @@ def test_ibis_compiled_household_types(city, guard):
 
 
 # ---- refused shapes ------------------------------------------------------------------
-UNIT = f"(SELECT household_id, COUNT(*) AS members, MIN(block) AS block FROM residents GROUP BY household_id)"
+UNIT = "(SELECT household_id, COUNT(*) AS members, MIN(block) AS block FROM residents GROUP BY household_id)"
 
 
 @pytest.mark.parametrize("sql, code", [

@@ -23,7 +23,9 @@ The package's modules, each one side of the trail:
 * ``chain`` — the on-disk format (entry hashing, head slots, the log's last entry);
 * ``log`` — ``AuditLog`` and ``AuditError``: appending under the lock, durably;
 * ``reading`` — ``AuditTrail``: entries filtered, the head, CSV export;
-* ``verify`` — walking the chain and the head file, naming every break.
+* ``verify`` — walking the chain and the head file, naming every break;
+* ``denials`` — ``DenialLog``: denied requests (401/403) on record, aggregated per
+  source and minute so that a flood cannot swamp the chain.
 
 Import from ``sekisho.audit``; the modules are its internals.
 """
@@ -31,11 +33,13 @@ Import from ``sekisho.audit``; the modules are its internals.
 from __future__ import annotations
 
 from sekisho.audit.chain import GENESIS, HEAD_MAGIC, HEAD_NAME, HEAD_SLOT, LOCK_NAME, LOG_NAME, _head_slot, entry_hash
+from sekisho.audit.denials import DENIAL_TYPE, Denial, DenialLog, credential_digest
 from sekisho.audit.log import AuditError, AuditLog
 from sekisho.audit.reading import CSV_FIELDS, AuditTrail, to_csv
 from sekisho.audit.verify import Problem, VerifyResult
 
 __all__ = [
     "CSV_FIELDS", "GENESIS", "HEAD_MAGIC", "HEAD_NAME", "HEAD_SLOT", "LOCK_NAME", "LOG_NAME",
-    "AuditError", "AuditLog", "AuditTrail", "Problem", "VerifyResult", "_head_slot", "entry_hash", "to_csv",
+    "DENIAL_TYPE", "AuditError", "AuditLog", "AuditTrail", "Denial", "DenialLog", "Problem", "VerifyResult",
+    "_head_slot", "credential_digest", "entry_hash", "to_csv",
 ]

@@ -7,6 +7,7 @@ In an analyst's kernel::
     t = con.table("residents")
     df = t.group_by("block").agg(n=t.count()).execute()
     df.attrs["sekisho"]                      # disclosure summary (also con.last_summary)
+    df.sekisho.status, df.sekisho.low        # per-cell status and accuracy (sekisho.client.display)
     con.sql("SELECT block, count(*) AS n FROM residents GROUP BY block").execute()
 
 Expressions are compiled to DuckDB SQL with ibis's own DuckDB compiler and sent to the
@@ -38,6 +39,9 @@ from ibis.backends.sql.compilers.duckdb import compiler as duckdb_compiler
 from ibis.backends.sql.datatypes import DuckDBType
 
 from sekisho.access import REPORTS_USER
+from sekisho.client import display as _display  # noqa: F401  (registers the df.sekisho accessor)
+from sekisho.client.describe import Description, order_by_domains
+from sekisho.client.describe import describe as describe_views
 from sekisho.client.transport import (GuardError, GuardRefusal, GuardTimeout, HttpTransport, InProcessTransport,
                                       guard_url_from_env)
 from sekisho.errors import SekishoError
@@ -112,6 +116,7 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         self.default_mode = mode
         self.default_epsilon = epsilon
         self.last_summary: dict[str, Any] | None = None
+        self.last_cells: pa.Table | None = None
         self._views: dict[str, Any] | None = None
         self._schemas: dict[str, sch.Schema] = {}
         info = self._transport.views()
@@ -150,11 +155,20 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         return self._schemas[table_name]
 
     def _get_schema_using_query(self, query: str) -> sch.Schema:
-        return self._transport.describe(query)
+        try:
+            return self._transport.describe(query)
+        except GuardRefusal as e:   # con.sql(...) refused before it runs: the panel needs the SQL too
+            e.sql, e.mode, e.epsilon, e.views = query, self.default_mode, self.default_epsilon, self._views
+            raise
 
     def budget(self) -> dict[str, Any]:
         """The caller's privacy budget for this period (period, total, spent, remaining)."""
         return self._transport.budget()
+
+    def describe(self, view: str | None = None) -> Description:
+        """The caller's views, or the columns of ``view`` (type, class, description,
+        domain), as a Japanese table: HTML in a notebook, text elsewhere."""
+        return describe_views(self._views or {}, view)
 
     # ---- running -----------------------------------------------------------
     def _run_pre_execute_hooks(self, expr: ir.Expr) -> None:
@@ -173,6 +187,8 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         # A con.sql(...) expression runs as written: the guard sees the analyst's own SQL.
         if isinstance(op, ops.SQLQueryResult) and op.source is self and params is None and limit is None:
             return op.query
+        # ibis writes conditional aggregates as FILTER clauses and boolean sums as
+        # SUM(CAST(c AS INT)): the guard takes them as they are (sekisho.guard.idioms)
         return self.compile(table, params=params, limit=limit)
 
     def to_pyarrow(self, expr: ir.Expr, /, *, params: Mapping | None = None,
@@ -190,8 +206,19 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         mode = mode or self.default_mode
         if epsilon is None and mode != "threshold":
             epsilon = self.default_epsilon   # the default ε goes with DP queries only
-        table, summary = self._transport.query(sql, mode=mode, epsilon=epsilon)
+        ask = getattr(self._transport, "query_with_cells", None)
+        try:
+            if ask is not None:
+                table, summary, cells = ask(sql, mode=mode, epsilon=epsilon)
+            else:
+                (table, summary), cells = self._transport.query(sql, mode=mode, epsilon=epsilon), None
+        except GuardRefusal as e:
+            # what the refusal panel needs for a way forward (sekisho.client.display)
+            e.sql, e.mode, e.epsilon, e.views = sql, mode, epsilon, self._views
+            raise
         self.last_summary = summary
+        self.last_cells = cells
+        self.last_sql = sql
         return table
 
     def execute(self, expr: ir.Expr, /, *, params: Mapping | None = None,
@@ -199,16 +226,22 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
                 epsilon: float | None = None, **kwargs: Any) -> pd.DataFrame | pd.Series | Any:
         """Run ``expr`` through the guard and return pandas.
 
-        A DataFrame result carries the disclosure summary in ``df.attrs["sekisho"]``;
-        the summary of the last query is also ``con.last_summary``. A refused query raises
+        A DataFrame result carries the disclosure summary in ``df.attrs["sekisho"]``
+        and its per-cell status and accuracy in ``df.sekisho.status`` / ``.low`` /
+        ``.high`` (the values themselves stay plain); the summary of the last query is
+        also ``con.last_summary``, its cells table ``con.last_cells``. A refused query raises
         ``sekisho.client.GuardRefusal`` (``code``, ``reason``, ``part``).
         """
         table = self.to_pyarrow(expr, params=params, limit=limit, mode=mode, epsilon=epsilon, **kwargs)
         df = table.to_pandas()
         result = expr.__pandas_result__(df, schema=sch.Schema.from_pyarrow(table.schema))
-        if hasattr(result, "attrs"):
+        if isinstance(result, _display.pd.DataFrame):
+            # plain values; per-cell status and accuracy through ``result.sekisho``
+            _display.attach(result, self.last_summary, self.last_cells)
+        elif hasattr(result, "attrs"):
             result.attrs["sekisho"] = self.last_summary
-        return result
+        # ordered public domains (age bands ...) in the policy's order, rows by label
+        return order_by_domains(result, self._views, self.last_sql)
 
     def to_pyarrow_batches(self, expr: ir.Expr, /, *, params: Mapping | None = None,
                            limit: int | str | None = None, chunk_size: int = 1_000_000,

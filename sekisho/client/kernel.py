@@ -38,15 +38,30 @@ def greeting(con: Any) -> str:
             lines.append(f"  - {name}" + (f"（{title}）" if title else ""))
     else:
         lines.append("利用できるビューはありません。")
+    lines.append("ビューの一覧: con.describe()　列の説明（分類・値の範囲）: con.describe(\"residents\")")
+    b: dict[str, Any] = {}
     try:
         b = con.budget()
         lines.append(f"今期（{b.get('period')}）のプライバシー予算: 残り ε = {_num(b.get('remaining'))}"
                      f" / {_num(b.get('total'))}（使用済み {_num(b.get('spent'))}）")
     except Exception as e:  # the greeting must not hide the connection
         lines.append(f"プライバシー予算を取得できませんでした: {e}")
-    lines += ["使い方: t = con.table(\"residents\"); t.group_by(\"block\").agg(n=t.count()).execute()",
-              "結果は保護済みの集計値です（秘匿・撹乱の内容は df.attrs[\"sekisho\"] に入ります）。"]
+    lines += ["使い方（現在の住民を地域ブロック別に数える）:",
+              "  t = con.table(\"residents\"); cur = t.filter(t.is_current)",
+              "  cur.group_by(\"block\").agg(n=cur.count()).execute()",
+              "結果は保護済みの集計値です（秘匿・撹乱の内容は df.attrs[\"sekisho\"] に入ります）。",
+              dp_hint(b)]
     return "\n".join(lines)
+
+
+def dp_hint(budget: dict[str, Any]) -> str:
+    """How to ask for differential privacy, with the ε range the policy allows per query."""
+    low, high = budget.get("epsilon_per_query_min"), budget.get("epsilon_per_query_max")
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
+        example = min(max(0.5, low), high)
+        return (f"差分プライバシー（DP）で集計: .execute(mode=\"dp\", epsilon={example:g})"
+                f"（1回の ε は {low:g}〜{high:g}。使った ε は今期の予算から差し引かれます）")
+    return "差分プライバシー（DP）で集計: .execute(mode=\"dp\", epsilon=ε)（使った ε は今期の予算から差し引かれます）"
 
 
 def _num(value: Any) -> str:
@@ -68,7 +83,25 @@ def start() -> Any:
                    "ハブのホームからサーバーを再起動するか、管理者に連絡してください。"
                    "\n(could not connect to the Sekisho guard)")
     _show_at_first_cell(message)
+    install_display(con)
     return con
+
+
+def install_display(con: Any = None) -> bool:
+    """Results as Japanese tables (秘匿 as X, accuracy header) and refusals as short panels
+    with a way forward, the traceback folded away (``sekisho.client.display``). Returns
+    whether an IPython shell was there to install them in."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None:
+        return False
+    from sekisho.client.display import install
+
+    install(shell, con)
+    return True
 
 
 def _show_at_first_cell(message: str) -> None:

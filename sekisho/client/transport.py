@@ -24,7 +24,8 @@ from sekisho.access import GUARD_SERVICE, service_path
 from sekisho.errors import SekishoError
 from sekisho.instance import Instance
 from sekisho.protocol import (ARROW_STREAM, BUDGET_PATH, DESCRIBE_PATH, QUERY_PATH, SUMMARY_METADATA_KEY,
-                              VIEWS_PATH, DescribeRequest, ErrorEnvelope, QueryRequest, decode_summary, is_refusal)
+                              VIEWS_PATH, DescribeRequest, ErrorEnvelope, QueryRequest, decode_summary, is_refusal,
+                              split_cells)
 from sekisho.state import role_of
 
 
@@ -156,13 +157,25 @@ class HttpTransport:
         return _schema_from_columns(response.json()["columns"])
 
     def query(self, sql: str, *, mode: str | None, epsilon: float | None) -> tuple[pa.Table, dict[str, Any]]:
+        table, summary, _ = self.query_with_cells(sql, mode=mode, epsilon=epsilon)
+        return table, summary
+
+    def query_with_cells(self, sql: str, *, mode: str | None,
+                         epsilon: float | None) -> tuple[pa.Table, dict[str, Any], pa.Table | None]:
+        """(answer, summary, cells table or None): the per-cell status and accuracy
+        travel in the answer's schema metadata (``sekisho.protocol.split_cells``)."""
         request = QueryRequest(sql=sql, mode=mode, epsilon=epsilon, format="arrow")
         response = self._request("POST", QUERY_PATH, request.to_json())
         if not response.headers.get("Content-Type", "").startswith(ARROW_STREAM):
             raise GuardError(f"the guard answered {response.headers.get('Content-Type')!r}, not Arrow")
         with pa.ipc.open_stream(response.content) as reader:
             table = reader.read_all()
-        return split_summary(table)
+        try:
+            table, cells = split_cells(table)
+        except ValueError as e:
+            raise GuardError(str(e)) from None
+        table, summary = split_summary(table)
+        return table, summary, cells
 
 
 class InProcessTransport:
@@ -203,10 +216,15 @@ class InProcessTransport:
         return sch.Schema.from_pyarrow(self._call("describe", sql, user=self.user))
 
     def query(self, sql: str, *, mode: str | None, epsilon: float | None) -> tuple[pa.Table, dict[str, Any]]:
+        table, summary, _ = self.query_with_cells(sql, mode=mode, epsilon=epsilon)
+        return table, summary
+
+    def query_with_cells(self, sql: str, *, mode: str | None,
+                         epsilon: float | None) -> tuple[pa.Table, dict[str, Any], pa.Table | None]:
         kwargs: dict[str, Any] = {"user": self.user}
         if mode is not None:
             kwargs["mode"] = mode
         if epsilon is not None:
             kwargs["epsilon"] = epsilon
         result = self._call("query", sql, **kwargs)
-        return result.table, dict(result.summary)
+        return result.table, dict(result.summary), getattr(result, "cells", None)

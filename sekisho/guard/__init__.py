@@ -30,8 +30,29 @@ Decisions
   the column, and arithmetic on measures is not available (bands are a later issue).
 * Measures never appear in WHERE/JOIN/GROUP BY (isolation); SUM/AVG take a bare measure
   only (arithmetic on a measure could extract its digits).
-* One person-level view per boundary; joins only to public views, INNER or LEFT with the
-  person-level view on the left. Several boundaries may be combined above (post-processing).
+* Joins below a boundary (issue 18, ``sekisho.guard.joins``, docs/guard-language.md): to
+  public views on dimensions as before, and between person-level views only on the keys
+  the policy declares — the person key (``privacy_unit``) INNER/LEFT/SEMI/ANTI (also
+  written ``IN``/``EXISTS``), persons to their household's unit scope on the household key
+  (``linkage``, many-to-one), and household ``IN``/``EXISTS``; keys of one keyed_id
+  namespace only. Protection keeps its meaning: k counts distinct persons (households when
+  household facts are joined: the household is then the contributor, so a cell of one
+  big household is suppressed however many persons it holds); a person's record key
+  (``residents``' when it is joined INNER, else the first view's) enters a cell key once
+  however many joined rows they have; dominance and DP bounding are per contributor.
+  Fan-out is bounded by declaration: at most one joined part may give a person several
+  rows (``record_key``; ``{record: C}`` counts as one row when the query fixes C), sums of
+  a measure are refused when another part repeats it, self-joins are refused. The
+  existence of an INNER/SEMI/ANTI join is a condition of the condition-influence rule
+  (left out = answered as LEFT / without the semi-join), so "P" vs "P joined to a view
+  that lacks only the target" is no differencing pair. DP: bounds of a join from its
+  parts (one row per person when every part is); household-linked person rows are
+  refused (one person changes every member's row; no bound from the policy). Residual:
+  a cell of >= k households may still show that all of them share a household feature;
+  joins add decompositions of one population (the same persons reached through
+  different views get different record keys unless ``residents`` is joined), which the
+  decomposition alert watches like any other. Several boundaries may be combined above
+  (post-processing).
 * ``describe`` is not audited: it reads no data and reveals only names and types.
 * DP sums/means need a bare measure column (its policy bounds); ε must be given.
 * Households: a *unit scope* (``GROUP BY household_id`` over one person-unique view,
@@ -80,6 +101,11 @@ Residual risks (honest)
   detection, not prevention — DP mode is the formal defence.
   Decisions near k leak as any noisy threshold does: a condition changing about k
   persons may be left out for one population and kept for one differing by a person.
+  Measured (tests/test_guard_language_attacks.py, near-k): two conditional cells of one
+  query whose conditions differ by a unique person (``COUNT(*) FILTER (WHERE P)`` and
+  ``... WHERE P AND age <> a``, or the CASE forms), P a 町丁目's women (~10, near k):
+  17-27 of 36 sexes right against a base of 19 (raw: 36) — the left-out decisions and the
+  cells' suppression differ with the target now and then. Bounded by a test, not closed.
   The policy exempts the ``reports`` role (reviewed notebooks, fixed queries).
 * Data updates (issue 15): the perturbation table is *per snapshot* (instance secret +
   snapshot id), so consistency holds within a snapshot only. With one table for every
@@ -116,8 +142,9 @@ Residual risks (honest)
   caches that make a repeated query faster (plans, influence verdicts, DuckDB prepared
   statements) are per user: another analyst's earlier query makes no answer faster.
 * Densification covers group keys with a declared public domain; other keys drop groups
-  below k (their existence above k is visible). With a WHERE on a densified key, the other
-  domain values appear as suppressed (NULL) rows.
+  below k (their existence above k is visible). The grid stays within the query's own
+  filters as answered (``protect.domains``: a domain value that a WHERE on the key alone
+  excludes for every row is absent, decided from the query text and the domain only).
 * Unit features make household-level attributes (size, composition, ages of members)
   groupable; a cell of >= k households may still show that *all* of them share a
   feature (attribute disclosure at household level, as for persons). Rows whose

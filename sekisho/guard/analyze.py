@@ -60,6 +60,7 @@ from sqlglot.optimizer.scope import Scope, traverse_scope
 
 from sekisho.guard.catalog import DIMENSION, LINKAGE, MEASURE, PRIVACY_UNIT, SENSITIVE, Catalog, ColumnInfo
 from sekisho.guard.errors import QueryRefused, refuse
+from sekisho.guard import idioms, joins
 from sekisho.guard.language import ColumnFacts, RowLanguage, check_limits, column_facts, widen_operands
 
 DIALECT = "duckdb"
@@ -123,6 +124,7 @@ class Lineage:
     cls: str
     base: ColumnInfo | None = None
     facts: ColumnFacts | None = None   # type and interval of a derived row-level value
+    nullable: bool = False             # a person key of a LEFT-joined view (NULL where nothing matched)
 
 
 @dataclass
@@ -154,6 +156,8 @@ class BoundarySpec:
     aggregates: list[AggregateSpec]
     filtered: bool                  # WHERE or a join restricts the population
     unit: bool = False              # aggregates unit rows (one per linkage key), not person rows
+    household: bool = False         # person rows carrying household facts: households are the contributors
+    join_one_row: bool = False      # joined on keys, one row per person by the policy's declarations
 
 
 @dataclass
@@ -165,6 +169,7 @@ class Analysis:
     fingerprint: str
     normalized_sql: str
     levels: dict[int, str] = field(default_factory=dict)
+    links: dict[int, "joins.RowInfo"] = field(default_factory=dict)   # per row-level scope (``joins``)
 
 
 # ---- passes -----------------------------------------------------------------------
@@ -233,9 +238,9 @@ def check_functions(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
     readers, catalog/system functions, random() and UDFs are refused."""
     allowed = SCALAR_FUNCTIONS + POST_AGGREGATES + UNIT_AGGREGATES + WINDOW_FUNCTIONS
     for node in tree.walk():
-        if isinstance(node, exp.Exists):
-            raise refuse("subquery_in_expression", node)
-        if isinstance(node, exp.Func) and not isinstance(node, allowed):
+        # (EXISTS on the key becomes a SEMI JOIN, ``joins.semi_joins``; any other
+        # subquery in an expression is refused when its scope is classified)
+        if isinstance(node, exp.Func) and not isinstance(node, allowed) and not isinstance(node, exp.Exists):
             # sqlglot >= 28 makes AND/OR/XOR (exp.Connector) Func subclasses; they are operators
             if isinstance(node, (exp.Table, exp.Connector)):
                 continue
@@ -418,11 +423,13 @@ def parenthesise_integer_division(tree: exp.Expression, catalog: Catalog) -> exp
 
 
 PASSES = (
+    idioms.conditional_aggregates,   # before the checks: they see the language's forms
     check_forbidden_syntax,
     check_functions,
     check_tables,
     qualify_columns,
     inline_ctes,
+    joins.semi_joins,
     parenthesise_integer_division,
 )
 
@@ -558,12 +565,20 @@ class _Classifier:
         self.outputs: dict[int, dict[str, Lineage]] = {}
         self.personal_view: dict[int, str | None] = {}
         self.boundaries: list[BoundarySpec] = []
+        self.row_info: dict[int, joins.RowInfo] = {}
 
     # environment: alias -> column -> lineage, for the sources of a scope
     def _env(self, scope: Scope) -> tuple[dict[str, dict[str, Lineage]], list[tuple[str, str, object]]]:
         env: dict[str, dict[str, Lineage]] = {}
         sources: list[tuple[str, str, object]] = []   # (alias, level, source)
-        for alias, (node, source) in scope.selected_sources.items():
+        items = list(scope.selected_sources.items())
+        # SEMI/ANTI-joined sources are not "selected" (their columns exist only in the
+        # join's ON, ``joins``), but they are sources to check like any other
+        for alias in getattr(scope, "_semi_anti_join_tables", ()) or ():
+            source = scope.sources.get(alias)
+            if alias not in scope.selected_sources and source is not None:
+                items.append((alias, (source.expression if isinstance(source, Scope) else source, source)))
+        for alias, (node, source) in items:
             if isinstance(source, exp.Table):
                 view = self.catalog.views.get(source.name)
                 if view is None:
@@ -611,8 +626,15 @@ class _Classifier:
         if not isinstance(expression, exp.Select):
             raise refuse("syntax_not_allowed", expression)
         env, sources = self._env(scope)
-        source_levels = [lvl for _, lvl, _ in sources]
-        personal = [(a, s) for a, lvl, s in sources if lvl == ROW]
+        # joins on the person / household key (``joins``): the joined person-level and
+        # unit sources are checked there; the FROM source stays the one personal source
+        info = joins.scope_links(expression, env, sources, self.catalog, self.row_info, row=ROW, unit=UNIT,
+                                 public=PUBLIC, condition=lambda node: self._condition(node, env),
+                                 column_lineage=_column_lineage)
+        linked = {j.this.alias_or_name for j in expression.args.get("joins") or []
+                  if info is not None and id(j) in info.handled}
+        source_levels = [lvl for a, lvl, _ in sources if a not in linked]
+        personal = [(a, s) for a, lvl, s in sources if lvl == ROW and a not in linked]
         aggregate = _is_aggregate_scope(expression)
 
         if any(lvl == UNIT for lvl in source_levels):
@@ -628,11 +650,20 @@ class _Classifier:
         if POST in source_levels:
             raise refuse("nested_aggregation", expression)
         personal_alias, personal_source = personal[0]
-        self._check_joins(expression, personal_alias, env)
+        self._check_joins(expression, personal_alias, env, handled=info.handled if info is not None else ())
         view = (personal_source.name if isinstance(personal_source, exp.Table)
                 else self.personal_view[id(personal_source.expression)])
         self.personal_view[key] = view
+        if info is not None:
+            self.row_info[key] = info
         if aggregate and _groups_by_linkage(expression, env):
+            if info is not None and info.person_joins:
+                # a unit's features from joined person rows: each member once (no fan-out),
+                # and only the member's own rows (no other household's facts)
+                if info.household:
+                    raise refuse("unit_scope_not_allowed", expression.args["joins"][0])
+                if info.multi:
+                    raise refuse("join_fan_out", expression.args["joins"][0], part=", ".join(sorted(info.multi)))
             self.outputs[key] = self._unit_scope(expression, env)
             self.levels[key] = UNIT
             return
@@ -640,7 +671,18 @@ class _Classifier:
         if aggregate:
             self.levels[key] = BOUNDARY
             self._widen(expression, env)
-            self.boundaries.append(self._boundary(expression, env, view))
+            spec = self._boundary(expression, env, view)
+            if info is not None:
+                joins.check_measures(spec.aggregates, info)
+                spec.household = info.household
+                spec.join_one_row = info.person_joins and not (info.multi or info.public_join or info.household)
+                if info.household:
+                    # the household is the contributor: a count of distinct persons is a
+                    # distinct count of its argument, not of contributors
+                    for agg in spec.aggregates:
+                        if agg.kind == "count_persons":
+                            agg.kind = "count_households"
+            self.boundaries.append(spec)
             self.outputs[key] = {sel.alias_or_name: Lineage(AGGREGATED) for sel in expression.expressions}
         else:
             self._check_row_scope(expression, env)
@@ -748,7 +790,7 @@ class _Classifier:
         self.outputs[key] = outputs
 
     # -- checks shared by row scopes and boundaries
-    def _check_joins(self, select: exp.Select, personal_alias: str, env) -> None:
+    def _check_joins(self, select: exp.Select, personal_alias: str, env, handled=()) -> None:
         joins = select.args.get("joins") or []
         if not joins:
             return
@@ -757,6 +799,8 @@ class _Classifier:
         if first is None or first.alias_or_name != personal_alias:
             raise refuse("join_not_allowed", joins[0])
         for join in joins:
+            if id(join) in handled:
+                continue   # on the person / household key: checked by ``joins.scope_links``
             side = (join.side or "").upper()
             kind = (join.kind or "").upper()
             if side not in ("", "LEFT") or kind not in ("", "INNER", "OUTER") or (kind == "OUTER" and side != "LEFT"):
@@ -893,6 +937,10 @@ class _Classifier:
                 if len(values) != 1 or not isinstance(values[0], exp.Column):
                     raise refuse("aggregate_argument_not_allowed", node)
                 lineage = _column_lineage(values[0], env)
+                if lineage.cls == PRIVACY_UNIT and lineage.nullable:
+                    # the key of a LEFT-joined view is not the contributor: count the
+                    # anchor's persons, or INNER JOIN
+                    raise refuse("aggregate_argument_not_allowed", node)
                 if lineage.cls == PRIVACY_UNIT:
                     return AggregateSpec(node, "count_persons", values[0])
                 if lineage.cls == LINKAGE:
@@ -971,7 +1019,7 @@ def find_boundaries(tree: exp.Expression, catalog: Catalog) -> Analysis:
     normalized, digest = fingerprint(tree, fold_case=True)
     return Analysis(expression=tree, boundaries=classifier.boundaries, views=views,
                     public_only=public_only, fingerprint=digest, normalized_sql=normalized,
-                    levels=classifier.levels)
+                    levels=classifier.levels, links=classifier.row_info)
 
 
 def fingerprint(tree: exp.Expression, *, fold_case: bool = False) -> tuple[str, str]:

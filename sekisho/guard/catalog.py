@@ -49,6 +49,8 @@ class ColumnInfo:
     domain: tuple | None = None
     bounds: tuple[float, float] | None = None
     format: str | None = None
+    # a keyed identifier's namespace (rule keyed_id): identifiers join only within one
+    namespace: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class ViewInfo:
     public: bool
     columns: dict[str, ColumnInfo]
     privacy_unit: str | None = None
+    # the policy's record_key: one record per person (``person``), or the view column
+    # that, with the person, identifies a record (``{record: C}`` with C kept as it is)
+    person_unique: bool = False
+    record_column: str | None = None
 
 
 # a cached sqlglot schema is rebuilt after this many queries: its lookup caches (keyed by
@@ -106,7 +112,40 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
             cols[c.name] = ColumnInfo(view=vname, name=c.name, cls=c.cls, sql_type=sql_type,
                                       domain=tuple(c.domain) if c.domain else None,
                                       bounds=tuple(c.bounds) if c.bounds else None,
-                                      format=getattr(c, "format", None))
+                                      format=getattr(c, "format", None),
+                                      namespace=_namespace(policy, view, c))
         unit = next((c.name for c in view.columns.values() if c.cls == PRIVACY_UNIT), None)
-        cat.views[vname] = ViewInfo(name=vname, public=bool(view.public), columns=cols, privacy_unit=unit)
+        person_unique, record_column = _record_identity(view)
+        cat.views[vname] = ViewInfo(name=vname, public=bool(view.public), columns=cols, privacy_unit=unit,
+                                    person_unique=person_unique, record_column=record_column)
     return cat
+
+
+def _namespace(policy, view, column) -> str | None:
+    """The keyed_id namespace of a view column passed through from its own source."""
+    origin = getattr(column, "origin", None)
+    released = getattr(origin, "released", None)
+    if released is None or getattr(origin, "join", None) is not None or released.rule != "keyed_id":
+        return None
+    source = policy.sources.get(view.source) if hasattr(policy, "sources") else None
+    raw = source.columns.get(released.column) if source is not None else None
+    return (raw.params or {}).get("namespace") if raw is not None else None
+
+
+def _record_identity(view) -> tuple[bool, str | None]:
+    """(one record per person, the view column keeping the record identity C unchanged)."""
+    record_key = getattr(view, "record_key", None)
+    if record_key is None or view.public:
+        return False, None
+    record = record_key.record
+    if record is None:
+        return True, None
+    if record.join is not None:
+        return False, None
+    for col in view.columns.values():
+        origin = col.origin
+        released = getattr(origin, "released", None)
+        if released is not None and getattr(origin, "join", None) is None and released.rule == "keep" \
+                and released.column == record.column and released.name == record.column:
+            return False, col.name
+    return False, None

@@ -73,9 +73,19 @@ def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] |
     on every upload); ``(unit, C)`` on a view declared ``record_key: {record: C}`` (unique
     key within (person, C)) when the query fixes ``C`` to one literal (``resident_tax``
     ``WHERE tax_year = 2026``). Then each person has at most one row, in one group.
-    None elsewhere: joins (bounds of a join from its parts are not derived yet), unit
-    scopes, views without a record key."""
-    if bp.unit or bp.has_join:
+    A join on the person key (``joins``) has bounds from its parts: when every part
+    (anchor and INNER/LEFT-joined views) gives a person one row by the same declarations
+    (SEMI/ANTI joins add no rows), so does the join — ``(unit,)``; the cells SQL then
+    bounds each person to one row and one group (it never trusts the join to be unique).
+    None elsewhere: joins with a part of several rows per person, joins to public views,
+    household facts, unit scopes, views without a record key."""
+    if bp.unit:
+        return None
+    if bp.has_join:
+        view = policy.views.get(bp.personal_view)
+        if getattr(bp, "join_one_row", False) and not getattr(bp, "household", False) and view is not None \
+                and view.privacy_unit is not None:
+            return (view.privacy_unit,)
         return None
     view = policy.views.get(bp.personal_view)
     if view is None or view.public or view.record_key is None or view.privacy_unit is None:

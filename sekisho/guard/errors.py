@@ -35,8 +35,22 @@ REASONS: dict[str, tuple[str, str]] = {
                              "ORDER BY, LIMIT or OFFSET on row-level data is not allowed"),
     "nested_aggregation": ("個票と集計結果を同じ段で組み合わせることはできません",
                            "row-level data may not be combined with aggregated results in one step"),
-    "personal_join": ("個人データのビュー同士の結合はできません",
-                      "joining two person-level views is not allowed"),
+    "personal_join": ("個人データのビュー同士は個人ID（person_id 同士）でのみ結合できます。世帯は世帯単位の集計"
+                      "（GROUP BY household_id）と household_id で結合してください",
+                      "person-level views join only on the person key (person_id = person_id); households "
+                      "join as a unit scope (GROUP BY household_id) on household_id"),
+    "self_join": ("同じ個人データのビューを自分自身と結合することはできません",
+                  "a person-level view may not be joined with itself"),
+    "join_fan_out": ("一人が複数行を持つビュー同士の結合、またはその結合での他方の測定値の合計はできません"
+                     "（課税年度などを一つに固定してください）",
+                     "at most one joined view may give a person several rows, and only its own measures may be "
+                     "summed (fix e.g. tax_year to one value)"),
+    "semi_join_column": ("EXISTS / IN / SEMI JOIN 側の列は結合条件の中でだけ使用できます",
+                         "columns of a SEMI/ANTI-joined (EXISTS, IN) view may only be used in its join condition"),
+    "dp_household_linkage": ("差分プライバシー方式では、個人の行に世帯の属性を結合した集計はできません"
+                             "（世帯単位の集計を使ってください）",
+                             "DP mode cannot release person rows joined to household facts (count households "
+                             "with a unit scope instead)"),
     "join_not_allowed": ("この種類の結合は使用できません（個人データを左側に INNER/LEFT JOIN）",
                          "only INNER or LEFT joins with the person-level view on the left are allowed"),
     "privacy_unit_in_filter": ("個人識別子・連結キーは条件・結合・グループ化に使用できません",
@@ -104,6 +118,7 @@ REASONS: dict[str, tuple[str, str]] = {
                        "the query reached the time or memory limit and was stopped; simplify it"),
     "guard_busy": ("混み合っているため実行できませんでした。しばらくしてから再度実行してください",
                    "the guard is busy with other queries; try again shortly"),
+    "cancelled": ("接続が切れたため照会を中止しました", "the query was stopped because its client went away"),
 }
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-from collections import OrderedDict
 
 import duckdb
 import numpy as np
@@ -26,6 +25,7 @@ from sekisho.guard import hidden
 from sekisho.guard.catalog import Catalog, arrow_type
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.limits import WATCHDOG, Limits, configure
+from sekisho.guard.lru import SizedLRU
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, cells_from_arrow
 from sekisho.guard.rewrite import BoundaryPlan, Plan
@@ -33,6 +33,10 @@ from sekisho.policy import Policy
 from sekisho.store import Store, StoreError
 
 PREPARED_PER_THREAD = 256   # DuckDB prepared statements kept per thread and snapshot (all users)
+# ... and their estimated memory (a prepared statement holds DuckDB's bound plan, estimated
+# from its SQL's length)
+PREPARED_BYTES_PER_THREAD = 32 * 2 ** 20
+PREPARED_BYTES_PER_CHAR = 64
 # Rows per Arrow batch when the guard fetches from DuckDB: one DuckDB vector (2,048 rows)
 # rather than DuckDB's default (benchmarks/guard_overhead.py compares both).
 ARROW_BATCH_ROWS = 2048
@@ -88,19 +92,23 @@ class Snapshot:
         cur = getattr(local, "cursor", None)
         if cur is None:
             cur = local.cursor = self.con.cursor()
-            local.prepared = OrderedDict()
-        prepared: OrderedDict[tuple[str, str], str] = local.prepared
+            local.prepared = SizedLRU(PREPARED_PER_THREAD, PREPARED_BYTES_PER_THREAD,
+                                      lambda key, name: PREPARED_BYTES_PER_CHAR * len(key[1]))
+        prepared: SizedLRU = local.prepared
         key = (user, sql)
         name = prepared.get(key)
         if name is None:
             name = f"__sekisho_p{next(self._names)}"
             cur.execute(f"PREPARE {name} AS {sql}")
-            prepared[key] = name
-            while len(prepared) > PREPARED_PER_THREAD:
-                _, old = prepared.popitem(last=False)
-                cur.execute(f"DEALLOCATE {old}")
-        else:
-            prepared.move_to_end(key)
+            for _, old in prepared.put(key, name):
+                if old != name:
+                    cur.execute(f"DEALLOCATE {old}")
+            if prepared.get(key) is None:   # larger than the whole budget: run once, not kept
+                try:
+                    with WATCHDOG.watch(cur, deadline):
+                        return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
+                finally:
+                    cur.execute(f"DEALLOCATE {name}")
         with WATCHDOG.watch(cur, deadline):
             return cur.execute(f"EXECUTE {name}").to_arrow_table(ARROW_BATCH_ROWS)
 
@@ -254,7 +262,9 @@ def to_arrow(frame: Cells, bp: BoundaryPlan, snap: Snapshot) -> pa.Table:
 class PostProcessor:
     """Post-processing in a sealed in-memory DuckDB per thread: no file or network access,
     configuration locked, no storage; it only ever holds the protected tables of the query
-    being answered (registered, then unregistered)."""
+    being answered (registered, then unregistered), so its memory limit is the small
+    ``post_memory_limit`` (with the data connection's limit per worker thread, the
+    service's peak RSS grew by 2 GB of allowance per thread)."""
 
     def __init__(self, limits: Limits):
         self._local = threading.local()
@@ -264,7 +274,7 @@ class PostProcessor:
         con = getattr(self._local, "post", None)
         if con is None:
             con = duckdb.connect(":memory:", config={"enable_external_access": False, "lock_configuration": True,
-                                                     "threads": 1, "memory_limit": self.limits.memory_limit,
+                                                     "threads": 1, "memory_limit": self.limits.post_memory_limit,
                                                      "autoload_known_extensions": False,
                                                      "autoinstall_known_extensions": False})
             self._local.post = con

@@ -41,7 +41,7 @@ from sekisho.guard.catalog import Catalog, catalog_for_role
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.execution import PostProcessor, Snapshot, Snapshots, protected_schema
 from sekisho.guard.influence import VerdictCache
-from sekisho.guard.limits import Admission, Limits, check_cells
+from sekisho.guard.limits import Admission, Cancel, Limits, cancellable, check_cells
 from sekisho.guard.planning import PlanCache
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protection import PROTECTIONS, Context, summary
@@ -55,6 +55,8 @@ from sekisho.store import Store
 class GuardResult:
     table: pa.Table
     summary: dict[str, Any] = field(default_factory=dict)
+    # per-cell status and accuracy, row-aligned with ``table`` (format: ``sekisho.protocol``)
+    cells: pa.Table | None = None
 
 
 class Guard:
@@ -74,9 +76,11 @@ class Guard:
         self.recorder = Recorder(instance, self.policy, self.store, lambda: self.snapshots.snapshot)
 
     def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None,
-              operator: str | None = None) -> GuardResult:
-        """Answer ``sql`` for ``user`` (``operator``: who acts for them, e.g. root with --as)."""
-        with self.recorder.attempt(sql, user, mode, operator) as attempt:
+              operator: str | None = None, cancel: Cancel | None = None) -> GuardResult:
+        """Answer ``sql`` for ``user`` (``operator``: who acts for them, e.g. root with --as).
+        ``cancel``: the caller's handle to stop the query when its answer is no longer
+        wanted (``Cancel.cancel()``, from any thread; the query ends as ``cancelled``)."""
+        with self.recorder.attempt(sql, user, mode, operator) as attempt, cancellable(cancel):
             policy = self._policy_in_force()
             session = sessions.open_session(self.instance, policy, user, mode=mode, epsilon=epsilon,
                                             operator=operator)
@@ -93,7 +97,7 @@ class Guard:
                     policy, self.instance, session, plan, snap, catalog, self.post, self.verdicts, deadline))
             answer = summary(policy, session.mode, plan, released)
             answer["query_id"] = self.recorder.answered(attempt, session, plan, released, answer)
-        return GuardResult(table=released.table, summary=answer)
+        return GuardResult(table=released.table, summary=answer, cells=released.cells)
 
     def describe(self, sql: str, *, user: str) -> pa.Schema:
         """Result schema of ``sql`` without reading data or spending budget. Not audited:
@@ -173,4 +177,4 @@ class Guard:
         self.verdicts.clear()
 
 
-__all__ = ["Guard", "GuardResult", "QueryRefused", "AuditError"]
+__all__ = ["Guard", "GuardResult", "QueryRefused", "AuditError", "Cancel"]

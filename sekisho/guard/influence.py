@@ -23,7 +23,10 @@ table (``_influence_flat``) or over one unit scope (``_influence_units``: every
 neighbour's version of the household features computed in the same GROUP BY); only
 other shapes (joins, nested derived tables) compare each neighbour's rows with the
 query's (``_influence_general``). The three agree on counts and cell keys
-(tests/test_guard_influence.py); the SQL is built in ``neighbour_counts``.
+(tests/test_guard_influence.py); the SQL is built in ``neighbour_counts`` and
+``neighbour_units``. After a batch of conditions is left out, how far the batch moved
+the query (the drift) is counted first, on its own: when it is k or more the round's
+other neighbours are not needed and are not counted.
 
 Residual risk (documented, not closed): neighbours that differ by a *constant*
 (``age >= 40`` vs ``age >= 41``) are not formed; such pairs are trackers across queries,
@@ -32,10 +35,8 @@ flagged by the differencing alert and defeated only by DP mode.
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-import threading
 
 import numpy as np
 from sqlglot import exp
@@ -43,6 +44,7 @@ from sqlglot import exp
 from sekisho.guard import hidden
 from sekisho.guard.analyze import DIALECT
 from sekisho.guard.errors import QueryRefused
+from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat
 from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, batch, closest, neighbourhood
 from sekisho.guard.protect.cellkey import PerturbationTable
@@ -52,6 +54,7 @@ MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influenc
 MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
 INFLUENCE_ROUNDS = 8   # leaving conditions out can make others small: re-checked up to this often
 CACHE_SIZE = 2048
+CACHE_BYTES = 16 * 2 ** 20   # estimated bytes of the verdicts kept, all users (``verdict_bytes``)
 
 
 @dataclass(frozen=True)
@@ -83,10 +86,17 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
         if len(compared) > limit:
             raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
-        counts = fetch(influence_sql(base, compared, columns, person_unique=person_unique))
-        n = [int(number(counts, f"{hidden.CONTRIBUTORS}{i}", np.int64)[0]) for i in range(len(compared))]
-        ck = [int(number(counts, f"{hidden.CELL_KEY}{i}", np.int64)[0]) for i in range(len(compared))]
-        noisy = [int(v) for v in ptable.perturb_counts(ck, n)]
+        if pending is not None:
+            # the drift first, on its own: when the batch moved the query by k or more,
+            # this round's neighbours are not needed (the closest one alone is left out)
+            before, single, left_before = pending
+            pending = None
+            if _noisy(base, [compared.pop()], columns, person_unique, ptable, fetch)[0][0] >= k:
+                current, left_out = apply(before, single), left_before + [v.atom for v in single]
+                continue
+            if not compared:
+                break
+        noisy, counts = _noisy(base, compared, columns, person_unique, ptable, fetch)
         if round_ == 0 and filtered and any(v < k for v in noisy):
             # a query that selects fewer than k is refused as such, before any condition
             # is left out (which would otherwise widen it into an answer)
@@ -94,13 +104,6 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                                                [int(number(counts, hidden.CONTRIBUTORS, np.int64)[0])])[0]
             if population < k:
                 raise QueryRefused("filter_population_below_k")
-        if pending is not None:
-            before, single, left_before = pending
-            pending = None
-            if noisy.pop() >= k:
-                # the batch changed too much together: leave out only the closest one
-                current, left_out = apply(before, single), left_before + [v.atom for v in single]
-                continue
         small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
         if not small:
             break
@@ -118,41 +121,52 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     return Verdict(current.sql(dialect=DIALECT), tuple(left_out)) if left_out else Verdict()
 
 
-class VerdictCache:
-    """Verdicts per (user, snapshot, row SQL), bounded LRU. Per user: a shared cache would
-    answer a query another analyst asked before faster (a timing channel). A refusal is
-    cached as well (it is as deterministic as a verdict on one snapshot)."""
+def _noisy(base: exp.Expression, variants: list[Variant], columns: list[str], person_unique: bool,
+           ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> tuple[list[int], Cells]:
+    """The perturbed count of contributors each of ``variants`` changes (one scan), and
+    the counting SQL's cells (``__n``/``__ck``: the query's own contributors)."""
+    counts = fetch(influence_sql(base, variants, columns, person_unique=person_unique))
+    n = [int(number(counts, f"{hidden.CONTRIBUTORS}{i}", np.int64)[0]) for i in range(len(variants))]
+    ck = [int(number(counts, f"{hidden.CELL_KEY}{i}", np.int64)[0]) for i in range(len(variants))]
+    return [int(v) for v in ptable.perturb_counts(ck, n)], counts
 
-    def __init__(self, size: int = CACHE_SIZE):
-        self._size = size
-        self._items: OrderedDict[tuple[str, str, str], Verdict | QueryRefused] = OrderedDict()
-        self._lock = threading.Lock()
+
+def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:
+    """A verdict's memory, estimated: its strings and the key's, plus the objects around them."""
+    held = (found.row_sql or "", *found.left_out) if isinstance(found, Verdict) else (found.reason, found.part)
+    return 400 + sum(len(s) for s in key) + sum(len(s) for s in held)
+
+
+class VerdictCache:
+    """Verdicts per (user, snapshot, row SQL), bounded LRU by count and by estimated size
+    (``verdict_bytes``). Per user: a shared cache would answer a query another analyst
+    asked before faster (a timing channel). A refusal is cached as well (it is as
+    deterministic as a verdict on one snapshot)."""
+
+    def __init__(self, size: int = CACHE_SIZE, max_bytes: int = CACHE_BYTES):
+        self._items = SizedLRU(size, max_bytes, verdict_bytes)
 
     def verdict(self, key: tuple[str, str, str], decide_now: Callable[[], Verdict]) -> Verdict:
-        with self._lock:
-            found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
+        found = self._items.get(key)
         if found is None:
             try:
                 found = decide_now()
             except QueryRefused as refusal:
                 found = refusal
-            with self._lock:
-                self._items[key] = found
-                while len(self._items) > self._size:
-                    self._items.popitem(last=False)
+            self._items.put(key, found)
         if isinstance(found, QueryRefused):
             raise QueryRefused(found.code, part=found.part)
         return found
 
     def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
+        self._items.clear()
 
     def keys(self) -> list[tuple[str, str, str]]:
-        with self._lock:
-            return list(self._items)
+        return self._items.keys()
+
+    @property
+    def bytes(self) -> int:
+        return self._items.bytes
 
     def __len__(self) -> int:
         return len(self._items)

@@ -3,7 +3,9 @@
 From the instance's ``config.yaml`` (section ``guard``; every key optional)::
 
     guard:
-      memory_limit: 2GB        # DuckDB memory_limit of each connection the guard opens
+      memory_limit: 2GB        # DuckDB memory_limit of each connection the guard opens to the data
+      post_memory_limit: 256MB # ... of each post-processing connection (one per worker thread;
+                               #     it holds only protected tables, at most max_cells rows)
       threads: 2               # DuckDB threads of each connection
       query_seconds: 60        # wall-clock limit of one query's statements (then interrupted)
       max_cells: 250000        # estimated cells of one query, checked before anything runs
@@ -30,11 +32,15 @@ Three mechanisms, in the order a query meets them:
   ``resource_limit``, whatever caused it. Whether a query hits a limit can depend on the
   data, so the refusal is one code for both, the DP budget has been debited before
   execution, and the refusal raises an alert (see the threat model in ``sekisho.guard``).
+* ``Cancel``: the caller's handle to stop a query whose answer nobody waits for any more
+  (the service, when its client has gone): the statement running is interrupted and the
+  query ends as ``cancelled``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import heapq
 import itertools
 import re
@@ -42,6 +48,7 @@ import threading
 import time
 from dataclasses import dataclass, fields
 
+import duckdb
 from sqlglot import exp
 
 from sekisho.errors import SekishoError
@@ -51,6 +58,7 @@ from sekisho.guard.protect.threshold import MAX_DENSE_CELLS
 from sekisho.guard.rewrite import Plan
 
 BOOLEAN_VALUES = 3   # TRUE, FALSE, NULL
+CANCEL_POLL = 0.25   # seconds: how soon a cancelled query waiting for admission leaves the queue
 _MEMORY = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)$")
 
 
@@ -61,6 +69,7 @@ class LimitsError(SekishoError):
 @dataclass(frozen=True)
 class Limits:
     memory_limit: str = "2GB"
+    post_memory_limit: str = "256MB"
     threads: int = 2
     query_seconds: float = 60.0
     max_cells: int = 250_000
@@ -79,9 +88,9 @@ class Limits:
         for key, value in section.items():
             if key not in known:
                 raise LimitsError(f"guard.{key}: unknown key (allowed: {', '.join(sorted(known))})")
-            if key == "memory_limit":
+            if key in ("memory_limit", "post_memory_limit"):
                 if not isinstance(value, str) or not _MEMORY.match(value.strip()):
-                    raise LimitsError(f"guard.memory_limit: {value!r} is not a size such as '2GB'")
+                    raise LimitsError(f"guard.{key}: {value!r} is not a size such as '2GB'")
                 values[key] = value.strip()
                 continue
             kind = float if known[key].type == "float" else int
@@ -199,15 +208,21 @@ class Admission:
 
     @contextlib.contextmanager
     def slot(self, user: str, deadline: float):
+        cancel = _CANCEL.get()
+        if cancel is not None:
+            cancel.check()   # cancelled before it was admitted: nothing is executed
         with self._cv:
             me = (next(self._arrivals), user)
             self._waiting.append(me)
             try:
                 while self._next() != me:
+                    if cancel is not None:
+                        cancel.check()
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         raise QueryRefused("guard_busy")
-                    self._cv.wait(remaining)
+                    # a cancelled query leaves the queue within CANCEL_POLL seconds
+                    self._cv.wait(remaining if cancel is None else min(remaining, CANCEL_POLL))
             finally:
                 self._waiting.remove(me)
             self._running[user] = self._running.get(user, 0) + 1
@@ -225,6 +240,71 @@ class Admission:
                 self._cv.notify_all()
 
 
+# ---- cancellation --------------------------------------------------------------------------
+class Cancel:
+    """The caller's handle on one query, to stop it when its answer is no longer wanted
+    (the guard service: the client went away). ``cancel()`` may be called from any
+    thread: the DuckDB statement running is interrupted, none is started after it, a
+    query still waiting for admission leaves the queue, and the query ends as the
+    refusal ``cancelled`` (audited as such; the DP budget, debited before execution,
+    stays spent). Whether and when a query is cancelled is the client's choice, not the
+    data's, so it raises no alert."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._running: list = []
+        self._cancelled = False
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            running = list(self._running)
+        for con in running:
+            try:
+                con.interrupt()
+            except Exception:
+                pass
+
+    def check(self) -> None:
+        if self._cancelled:
+            raise QueryRefused("cancelled")
+
+    @contextlib.contextmanager
+    def running(self, con):
+        with self._lock:
+            self.check()
+            self._running.append(con)
+        try:
+            yield
+        except duckdb.Error:
+            self.check()    # interrupted because cancelled: say so, not "resource_limit"
+            raise
+        finally:
+            with self._lock:
+                self._running.remove(con)
+
+
+_CANCEL: contextvars.ContextVar[Cancel | None] = contextvars.ContextVar("sekisho_cancel", default=None)
+
+
+@contextlib.contextmanager
+def cancellable(cancel: Cancel | None):
+    """Statements run in this block (this thread) stop when ``cancel`` is cancelled."""
+    token = _CANCEL.set(cancel)
+    try:
+        yield
+    finally:
+        _CANCEL.reset(token)
+
+
+def current_cancel() -> Cancel | None:
+    return _CANCEL.get()
+
+
 # ---- time limit ------------------------------------------------------------------------------
 class Watchdog:
     """One thread that interrupts DuckDB statements still running at their deadline."""
@@ -239,7 +319,18 @@ class Watchdog:
     @contextlib.contextmanager
     def watch(self, con, deadline: float | None):
         """Interrupt ``con`` if the block is still running at ``deadline`` (monotonic);
-        a deadline already past interrupts at once."""
+        a deadline already past interrupts at once. The query's ``Cancel`` (if any)
+        interrupts it as well."""
+        cancel = _CANCEL.get()
+        if cancel is not None:
+            with cancel.running(con), self._deadline(con, deadline):
+                yield
+            return
+        with self._deadline(con, deadline):
+            yield
+
+    @contextlib.contextmanager
+    def _deadline(self, con, deadline: float | None):
         if deadline is None:
             yield
             return

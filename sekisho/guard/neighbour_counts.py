@@ -5,7 +5,7 @@ One statement per round returns ``__n<i>``/``__ck<i>`` (contributors changed by
 neighbour i and their cell key) and ``__n``/``__ck`` (the query's own contributors).
 Three forms, chosen by the row SELECT's shape, agree on counts and cell keys
 (tests/test_guard_influence.py): one scan of one table (``_influence_flat``), one scan
-of the view under one household scope (``_influence_units``), and, for other shapes
+of the view under one household scope (``neighbour_units``), and, for other shapes
 (joins, nested derived tables), a comparison of each neighbour's row set with the
 query's (``_influence_general``). The one-scan forms render only the part of the query
 a neighbour changes.
@@ -13,13 +13,12 @@ a neighbour changes.
 
 from __future__ import annotations
 
-import contextlib
-
 from sqlglot import exp
 from sqlglot.optimizer.merge_subqueries import merge_subqueries
 
 from sekisho.guard.analyze import DIALECT
 from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.neighbour_units import fold, influence_units
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql
 
@@ -47,8 +46,7 @@ def _flat(row: exp.Expression) -> exp.Select | None:
 
 def _parts(select: exp.Select) -> tuple[str, dict[str, str]]:
     where = select.args.get("where")
-    cond = f"COALESCE(({where.this.sql(dialect=DIALECT)}), FALSE)" if where is not None else "TRUE"
-    return cond, {p.alias_or_name: p.this.sql(dialect=DIALECT) if isinstance(p, exp.Alias) else
+    return _cond(where.this if where is not None else None), {p.alias_or_name: p.this.sql(dialect=DIALECT) if isinstance(p, exp.Alias) else
                   p.sql(dialect=DIALECT) for p in select.expressions}
 
 
@@ -83,18 +81,6 @@ def _simple(row: exp.Expression) -> bool:
         _flat(row) is not None
 
 
-@contextlib.contextmanager
-def _replaced(nodes: list[exp.Expression], variant: Variant):
-    """``variant``'s replacement put in place in the base tree for the block, then undone."""
-    node = nodes[variant.index]
-    new = variant.replacement
-    node.replace(new)
-    try:
-        yield
-    finally:
-        new.replace(node)
-
-
 def _part_of(roots: dict[tuple, exp.Expression]) -> dict[int, tuple]:
     """id(node) -> the key of the part (a projection, a WHERE) it belongs to."""
     return {id(n): key for key, root in roots.items() for n in root.walk()}
@@ -108,7 +94,14 @@ def _local(variant: Variant, nodes: list[exp.Expression], part_of: dict[int, tup
 
 
 def _cond(where: exp.Expression | None) -> str:
-    return f"COALESCE(({where.sql(dialect=DIALECT)}), FALSE)" if where is not None else "TRUE"
+    """A WHERE as a condition that is never NULL, its TRUE/FALSE constants folded (a
+    neighbour that replaces a top-level conjunct by FALSE selects nothing: ``FALSE``)."""
+    if where is None:
+        return "TRUE"
+    folded = fold(where)
+    if isinstance(folded, exp.Boolean):
+        return "TRUE" if folded.this else "FALSE"
+    return f"COALESCE(({folded.sql(dialect=DIALECT)}), FALSE)"
 
 
 def _value(projection: exp.Expression) -> exp.Expression:
@@ -201,52 +194,9 @@ def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
 
 def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: list[Variant],
                      columns: list[str]) -> str | None:
-    """All neighbours of a query over one unit scope in one scan of its view.
-
-    World 0 is the query, world i its neighbour i; they share the view and the linkage
-    key and differ in the unit scope's WHERE or features, or in the outer part. The unit
-    scope is computed once for every world at the same time: each world's features are
-    its aggregates restricted to its own rows (``FILTER (WHERE <its WHERE>)``), and a
-    unit exists in a world when one of its rows passes that world's WHERE. The outer
-    part is then evaluated per world on that world's features, and a unit is a changed
-    contributor of neighbour i when its (inclusion, cell and value columns, unit key)
-    differ from world 0's — what ``_influence_general`` counts by comparing the two row
-    sets, with the same cell key (the distinct unit keys of the differing rows). A
-    neighbour's unchanged parts are the query's, rendered once."""
-    outer, inner = unit_scope_shape(row)
-    table = inner.args["from_"].this.sql(dialect=DIALECT)
-    key = inner.args["group"].expressions[0]
-    scope = outer.args["from_"].this.alias_or_name
-    items: dict[str, str] = {}       # expression SQL -> its column in the combined scope
-
-    def column(sql: str) -> str:
-        if sql not in items:
-            items[sql] = f"__w{len(items)}"
-        return items[sql]
-
-    def restricted(projection: exp.Expression, rows: exp.Expression) -> str:
-        only = exp.Where(this=exp.Coalesce(this=rows.copy(), expressions=[exp.false()]))
-        return _value(projection).transform(
-            lambda n: exp.Filter(this=n.copy(), expression=only.copy())
-            if isinstance(n, exp.AggFunc) and not isinstance(n.parent, exp.Filter) else n).sql(dialect=DIALECT)
-
-    def unit_scope(inner_select: exp.Select) -> tuple[str, dict[str, str]]:
-        """(presence column, feature name -> column) of one world's unit scope."""
-        where = inner_select.args.get("where")
-        rows = where.this if where is not None else exp.true()
-        present = column(f"COUNT(*) FILTER (WHERE {_cond(rows)})")
-        return present, {p.alias_or_name: column(restricted(p, rows)) for p in inner_select.expressions}
-
-    def outer_parts(outer_select: exp.Select, features: dict[str, str]) -> tuple[str | None, dict[str, str]]:
-        def in_world(node):
-            if isinstance(node, exp.Column) and node.table == scope and node.name in features:
-                return exp.column(features[node.name], quoted=True)
-            return node
-        where = outer_select.args.get("where")
-        cond = _cond(where.this.transform(in_world)) if where is not None else "TRUE"
-        return cond, {p.alias_or_name: _value(p).transform(in_world).sql(dialect=DIALECT)
-                      for p in outer_select.expressions}
-
+    """All neighbours of a query over one unit scope in one scan of its view
+    (``neighbour_units``): here, which part of the query each neighbour changes."""
+    outer, inner = shape = unit_scope_shape(row)
     roots: dict[tuple, exp.Expression] = {("inner", p.alias_or_name): _value(p) for p in inner.expressions}
     if inner.args.get("where") is not None:
         roots[("inner_where",)] = inner.args["where"].this
@@ -254,51 +204,7 @@ def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: l
     if outer.args.get("where") is not None:
         roots[("outer_where",)] = outer.args["where"].this
     part_of = _part_of(roots)
-
-    present0, features0 = unit_scope(inner)
-    cond0, proj0 = outer_parts(outer, features0)
-    worlds = [(present0, cond0, proj0)]
-    for v in neighbours:
-        part = _local(v, nodes, part_of)
-        if part is None:   # a variant built elsewhere: all its parts
-            shape = unit_scope_shape(variant_tree(row, v))
-            if shape is None or shape[1].args["from_"].this.sql(dialect=DIALECT) != table \
-                    or shape[1].args["group"].expressions[0] != key:
-                return None
-            present, features = unit_scope(shape[1])
-            worlds.append((present, *outer_parts(shape[0], features)))
-            continue
-        with _replaced(nodes, v):
-            if part == ("inner_where",):
-                present, features = unit_scope(inner)
-                worlds.append((present, *outer_parts(outer, features)))
-            elif part[0] == "inner":
-                changed = next(p for p in inner.expressions if p.alias_or_name == part[1])
-                rows = inner.args["where"].this if inner.args.get("where") is not None else exp.true()
-                features = dict(features0, **{part[1]: column(restricted(changed, rows))})
-                worlds.append((present0, *outer_parts(outer, features)))
-            else:   # the outer part: the query's unit scope
-                worlds.append((present0, *outer_parts(outer, features0)))
-
-    inner_items = [f"{key.sql(dialect=DIALECT)} AS __u"] + [f"{sql} AS {_q(name)}" for sql, name in items.items()]
-    scope_sql = f"SELECT {', '.join(inner_items)} FROM {table} GROUP BY {key.sql(dialect=DIALECT)}"
-
-    def included(present: str, cond: str) -> str:
-        return f"({_q(present)} > 0 AND {cond})"
-
-    in0 = included(present0, cond0)
-    rkey0 = proj0[RKEY]
-    select = [f"COUNT(*) FILTER (WHERE {in0}) AS __n",
-              f"{cell_key_sql(f'COALESCE(SUM({rkey0}) FILTER (WHERE {in0}), 0)')} AS __ck"]
-    for i, (present, cond, proj_i) in enumerate(worlds[1:]):
-        in_i, rkey_i = included(present, cond), proj_i[RKEY]
-        differs = " OR ".join(f"({proj0[c]}) IS DISTINCT FROM ({proj_i[c]})" for c in [*columns, RKEY])
-        changed = f"(({in0}) <> ({in_i}) OR (({in0}) AND ({in_i}) AND ({differs})))"
-        distinct_keys = (f"(CASE WHEN {in0} THEN {rkey0} ELSE 0 END + CASE WHEN {in_i} AND (NOT {in0} OR "
-                         f"({rkey_i}) IS DISTINCT FROM ({rkey0})) THEN {rkey_i} ELSE 0 END)")
-        select.append(f"COUNT(*) FILTER (WHERE {changed}) AS __n{i}")
-        select.append(f"{cell_key_sql(f'COALESCE(SUM({distinct_keys}) FILTER (WHERE {changed}), 0)')} AS __ck{i}")
-    return f"SELECT {', '.join(select)} FROM ({scope_sql}) AS __units"
+    return influence_units(row, shape, nodes, neighbours, columns, lambda v: _local(v, nodes, part_of))
 
 
 def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,
@@ -310,8 +216,9 @@ def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, colum
     changed = []
     for cond, proj in worlds[1:]:
         terms = []
-        if cond != cond0:
-            terms.append(f"({cond0}) <> ({cond})")
+        if cond != cond0:   # (both are never NULL) a world of no row changes the query's own rows
+            terms.append(f"({cond0})" if cond == "FALSE" else f"NOT ({cond0})" if cond == "TRUE"
+                         else f"({cond0}) <> ({cond})")
         differs = [f"({proj0[c]}) IS DISTINCT FROM ({proj[c]})" for c in columns if proj0[c] != proj[c]]
         if differs:
             terms.append(f"(({cond0}) AND ({' OR '.join(differs)}))")

@@ -20,6 +20,7 @@ from sqlglot.optimizer.pushdown_projections import pushdown_projections
 from sekisho.guard.analyze import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.hidden import PID
+from sekisho.guard.joins import EXISTENCE, STRUCTURAL
 
 CONNECTIVES = (exp.And, exp.Or, exp.Not, exp.Paren, exp.Xor)
 
@@ -37,8 +38,50 @@ class Variant:
 def _is_structural(node: exp.Expression, identifiers: frozenset[str]) -> bool:
     """A condition on an identifier (privacy unit, linkage key, __pid) is the guard's own
     (e.g. a unit scope's ``NOT household_id IS NULL``): the analysis refuses identifiers in
-    an analyst's conditions, so such an atom cannot come from the query text."""
+    an analyst's conditions, so such an atom cannot come from the query text. So is a
+    condition the guard marked as structure (``joins.STRUCTURAL``), whatever its names."""
+    if node.meta.get(STRUCTURAL) or any(a.meta.get(STRUCTURAL) for a in _ancestors(node)):
+        return True
     return any(col.name in identifiers for col in node.find_all(exp.Column))
+
+
+def _ancestors(node: exp.Expression):
+    parent = node.parent
+    while parent is not None and not isinstance(parent, (exp.Select, exp.Join)):
+        yield parent
+        parent = parent.parent
+
+
+def _existence_label(join: exp.Join) -> str:
+    """How a join whose existence is a condition is named in notes and refusals."""
+    kind = (join.kind or "").upper()
+    target = join.this.sql(dialect=DIALECT)
+    if kind == "ANTI":
+        return f"NOT EXISTS ({target})"
+    if kind == "SEMI":
+        return f"EXISTS ({target})"
+    return f"JOIN {target}"
+
+
+def _existence(join: exp.Join, holds: bool) -> exp.Join:
+    """A key join with its existence condition replaced: TRUE keeps every row of the left
+    side (an INNER join becomes LEFT; a SEMI/ANTI join becomes ``ANTI JOIN ... ON FALSE``,
+    which removes no row); FALSE keeps none (``ON FALSE`` of an INNER/SEMI join)."""
+    new = join.copy()
+    new.meta.pop(EXISTENCE, None)
+    kind = (join.kind or "").upper()
+    if holds:
+        if kind in ("SEMI", "ANTI"):
+            new.set("kind", "ANTI")
+            new.set("on", _false())
+        else:
+            new.set("side", "LEFT")
+            new.set("kind", None)
+    else:
+        new.set("kind", "SEMI" if kind in ("SEMI", "ANTI") else None)
+        new.set("side", None)
+        new.set("on", _false())
+    return new
 
 
 def _condition_slot(node: exp.Expression) -> bool:
@@ -74,6 +117,10 @@ def atoms(tree: exp.Expression, identifiers: frozenset[str] = frozenset()) -> li
     found = []
     identifiers = identifiers | {PID}
     for node in tree.walk():
+        if isinstance(node, exp.Join):
+            if node.meta.get(EXISTENCE):
+                found.append(node)   # "the person has a row in the joined view": a condition
+            continue
         if isinstance(node, (*CONNECTIVES, exp.Boolean)) or (isinstance(node, exp.Predicate) or
                                                               _condition_slot(node)) \
                 and _is_structural(node, identifiers):
@@ -136,6 +183,8 @@ def _merged(tree: exp.Expression) -> exp.Expression:
 
 def _replacement(node: exp.Expression, actions: set[str]) -> exp.Expression:
     """What ``node`` becomes when the given neighbour replacements are all applied."""
+    if isinstance(node, exp.Join):
+        return _existence(node, "false" not in actions)
     if "true" in actions:
         return _true()
     if "false" in actions:
@@ -203,7 +252,7 @@ def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset()
         raise QueryRefused("too_complex", part=f"{weight} conditions (at most {max_atoms})")
     for atom in found:
         i = position[id(atom)]
-        label = atom.sql(dialect=DIALECT)
+        label = _existence_label(atom) if isinstance(atom, exp.Join) else atom.sql(dialect=DIALECT)
         if isinstance(atom, exp.In) and atom.expressions and not atom.args.get("query"):
             # x IN (a, b, c) is a OR of equalities: each element is its own atom
             add(label, i, "true")

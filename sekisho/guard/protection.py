@@ -20,6 +20,8 @@ from typing import Protocol
 
 import numpy as np
 import pyarrow as pa
+import sqlglot
+from sqlglot import exp
 
 from sekisho.guard import budget as ledger
 from sekisho.guard import hidden, influence
@@ -27,14 +29,18 @@ from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql
 from sekisho.guard.dp_bounds import unique_in_store, declared_row_identity
 from sekisho.guard.errors import QueryRefused
-from sekisho.guard.execution import PostProcessor, Snapshot, fetch, to_arrow
-from sekisho.guard.protect.cellkey import KEY_RANGE
+from sekisho.guard.execution import PostProcessor, Snapshot, fetch, protected_schema, to_arrow
+from sekisho.guard.protect import status as cell_status
+from sekisho.guard.protect.carry import carry, is_companion
+from sekisho.guard.protect.cellkey import KEY_RANGE, SUM_NOISE_FRACTION
+from sekisho.guard.protect.domains import narrowed_domains
 from sekisho.guard.protect.dp import DPParams, protect_dp
-from sekisho.guard.protect.threshold import Cells, ProtectionStats, number, protect_threshold
+from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, ProtectionStats, number, protect_threshold
 from sekisho.guard.rewrite import BoundaryPlan, Plan
 from sekisho.guard.session import Session
 from sekisho.instance import Instance
 from sekisho.policy import Policy
+from sekisho.protocol import cells_table
 
 # DP on unit rows, privacy unit still the person: a person is in exactly one unit row
 # (person-unique view; each unit bounded to one row and one cell), so adding or removing
@@ -66,6 +72,11 @@ class Released:
     defined: list[tuple[str, str] | None] = field(default_factory=list)
     epsilon_spent: float = 0.0
     epsilon_remaining: float | None = None
+    # per-cell status and accuracy, row-aligned with ``table`` (``sekisho.protocol``), or
+    # None when the answer has no protected values or post-processing was not followed
+    cells: pa.Table | None = None
+    accuracy: dict[str, str] = field(default_factory=dict)   # answer column -> accuracy kind
+    narrowed: bool = False     # a public domain was narrowed to the query's own filters
 
 
 class Protection(Protocol):
@@ -106,27 +117,125 @@ def _domains(bp: BoundaryPlan) -> list:
     return [k.domain for k in bp.group_keys]
 
 
+def _answered_domains(ctx: Context, bp: BoundaryPlan, run: BoundaryPlan) -> tuple[list, bool]:
+    """The public domains of ``bp``'s keys, narrowed to the values the row SELECT it is
+    answered with (``run``: after condition influence) can select (``protect.domains``);
+    and whether any was narrowed. Decided from the query text and the domains alone."""
+    domains = _domains(bp)
+    if not any(domains) or not any(True for _ in (bp.row.find_all(exp.Where) if bp.row is not None else ())):
+        return domains, False
+
+    def build():
+        row = bp.row if run.row_sql == bp.row_sql else sqlglot.parse_one(run.row_sql, read="duckdb")
+        types = [f.type for f in protected_schema(bp, ctx.snap)][:len(domains)]
+        return narrowed_domains(row, domains, types, ctx.post.connection)
+
+    narrowed = _memo_on_plan(bp, "_narrowed", run.row_sql, build)
+    return narrowed, any(a != b for a, b in zip(narrowed, domains))
+
+
+def accuracy_kinds(mode: str, bp: BoundaryPlan, perturb: bool = True) -> list[str]:
+    """The accuracy each aggregate of ``bp`` states per cell (``protect.status``)."""
+    if mode == "dp":
+        return [cell_status.DP_INTERVAL] * len(bp.aggregates)
+    kinds = []
+    for agg in bp.aggregates:
+        bounds = getattr(agg, "bounds", None)
+        if agg.kind in COUNT_KINDS:
+            kinds.append(cell_status.CELL_KEY)
+        elif agg.kind == "sum" and bounds is not None and bounds[0] >= 0:
+            kinds.append(cell_status.SUM_RELATIVE)
+        else:
+            kinds.append(cell_status.NO_INTERVAL)
+    return kinds
+
+
+def _status_table(frame: Cells, bp: BoundaryPlan, rows: int) -> pa.Table:
+    """The companions of a protected table: status and interval per aggregate."""
+    arrays, names = [], []
+    for j in range(len(bp.aggregates)):
+        for name, typ in ((cell_status.status_column(j), pa.string()), (cell_status.low_column(j), pa.float64()),
+                          (cell_status.high_column(j), pa.float64())):
+            values = frame.get(name)
+            arrays.append(pa.nulls(rows, type=typ) if values is None else
+                          pa.array(values, type=typ, from_pandas=True))
+            names.append(name)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
+def post_process(ctx: Context, protected: dict[str, pa.Table], companions: dict[str, pa.Table],
+                 kinds: dict[str, list[str]]) -> tuple[pa.Table, pa.Table | None, dict[str, str]]:
+    """Post-processing with status and accuracy carried to the answer's rows
+    (``protect.carry``): (answer, cells table or None, answer column -> accuracy kind)."""
+    plan = ctx.plan
+    if not plan.boundaries:
+        return ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline), None, {}
+    if plan.passthrough is not None and not plan.public_views:
+        table = ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline)
+        bp = plan.boundaries[0]
+        comp = companions[bp.name]
+        columns, seen = [], set()
+        for src, out in plan.passthrough:
+            if src.startswith("__v") and out not in seen:
+                j = int(src[3:])
+                seen.add(out)
+                columns.append((out, comp.column(cell_status.status_column(j)), comp.column(cell_status.low_column(j)),
+                                comp.column(cell_status.high_column(j)), kinds[bp.name][j]))
+        return table, cells_table(table.num_rows, columns), {c[0]: c[4] for c in columns}
+    carried = _memo_on_plan(plan, "_carried", tuple(tuple(k) for k in kinds.values()),
+                            lambda: carry(plan.post_sql, kinds))
+    if carried is None:
+        return ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline), None, {}
+    joined = {}
+    for name, table in protected.items():
+        extra = companions.get(name)
+        joined[name] = table if extra is None else pa.Table.from_arrays(
+            table.columns + extra.columns, names=table.column_names + extra.column_names)
+    try:
+        full = ctx.post.run(dataclasses.replace(plan, post_sql=carried.sql, passthrough=None), joined, ctx.snap,
+                            ctx.catalog, deadline=ctx.deadline)
+    except QueryRefused as e:
+        if e.code != "execution_failed":
+            raise
+        return ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline), None, {}
+    keep = [i for i, name in enumerate(full.column_names) if not is_companion(name)]
+    table = full.select(keep)
+    columns, seen = [], set()
+    for name in table.column_names:
+        comp = carried.columns.get(name.lower())
+        if comp is None or name in seen:
+            continue
+        seen.add(name)
+        columns.append((name, full.column(comp.status), full.column(comp.low), full.column(comp.high), comp.kind))
+    return table, cells_table(table.num_rows, columns), {c[0]: c[4] for c in columns}
+
+
 class ThresholdProtection:
     name = "threshold"
 
     def release(self, ctx: Context) -> Released:
         d = ctx.policy.disclosure
         protected, released = {}, Released(table=None, stats=[])
+        companions, kinds = {}, {}
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
             run, left_out = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence else (bp, ())
             cells = fetch(ctx.snap, self._cells_sql(run, fast), prepared_for=ctx.session.user, deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, fast) if bp.filtered else None
-            frame, st = protect_threshold(cells, bp.aggregates, _domains(bp), k=d.k, table=ctx.snap.ptable,
+            domains, narrowed = _answered_domains(ctx, bp, run)
+            released.narrowed |= narrowed
+            frame, st = protect_threshold(cells, bp.aggregates, domains, k=d.k, table=ctx.snap.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
             st.population = population
             released.left_out += [c for c in left_out if c not in released.left_out]
             protected[bp.name] = to_arrow(frame, bp, ctx.snap)
+            companions[bp.name] = _status_table(frame, bp, protected[bp.name].num_rows)
+            kinds[bp.name] = accuracy_kinds(self.name, bp)
             released.stats.append(st)
             released.defined.append((ctx.snap.id, run.row_sql))
-        released.table = ctx.post.run(ctx.plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline)
+        released.table, released.cells, released.accuracy = post_process(ctx, protected, companions, kinds)
         return released
 
     @staticmethod
@@ -169,8 +278,8 @@ class ThresholdProtection:
 
     def notes(self, policy: Policy, plan: Plan, released: Released) -> list[str]:
         k, p = policy.disclosure.k, policy.disclosure.perturbation
-        notes = [f"{k}人未満のセルは秘匿（空欄）しています。"]
-        if any(bp.unit for bp in plan.boundaries):
+        notes = [f"{k}人未満のセルは秘匿しています（表では X、データでは空の値）。"]
+        if any(bp.unit or getattr(bp, "household", False) for bp in plan.boundaries):
             notes.append(f"世帯単位の集計では、{k}世帯未満のセルを秘匿しています。")
         notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
         if released.left_out:
@@ -180,6 +289,8 @@ class ThresholdProtection:
             notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
         if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
             notes.append("公開された値域のない区分では、秘匿対象の区分は表示されません。")
+        if released.narrowed:
+            notes.append("区分の値は、照会の条件（適用した条件）で選ばれ得るものだけを示しています。")
         return notes
 
     def perturbation(self, policy: Policy) -> dict | None:
@@ -204,7 +315,7 @@ class DPProtection:
                 raise QueryRefused("budget_exhausted") from None
         else:
             remaining = max(dp.budget_per_period - ledger.spent(ctx.instance, ctx.session.user, period), 0.0)
-        protected, stats = {}, []
+        protected, stats, companions, kinds, narrowed_any = {}, [], {}, {}, False
         share = eps / max(len(plan.boundaries), 1)
         for bp, clamp in zip(plan.boundaries, clamps):
             person_unique, bounding, params = self._bounds(ctx, bp, clamp, share)
@@ -217,12 +328,16 @@ class DPProtection:
             else:   # bounding draws a fresh salt for every query
                 cells = fetch(ctx.snap, cells_sql(bp, person_unique=False, bounding=bounding, dominance=False),
                               deadline=ctx.deadline)
-            frame, st = protect_dp(cells, bp.aggregates, _domains(bp), params, clamp)
+            domains, narrowed = _answered_domains(ctx, bp, bp)
+            narrowed_any |= narrowed
+            frame, st = protect_dp(cells, bp.aggregates, domains, params, clamp)
             protected[bp.name] = to_arrow(frame, bp, ctx.snap)
+            companions[bp.name] = _status_table(frame, bp, protected[bp.name].num_rows)
+            kinds[bp.name] = accuracy_kinds(self.name, bp)
             stats.append(st)
-        table = ctx.post.run(plan, protected, ctx.snap, ctx.catalog, deadline=ctx.deadline)
+        table, cells, accuracy = post_process(ctx, protected, companions, kinds)
         return Released(table=table, stats=stats, defined=[None] * len(stats), epsilon_spent=spent,
-                        epsilon_remaining=remaining)
+                        epsilon_remaining=remaining, cells=cells, accuracy=accuracy, narrowed=narrowed_any)
 
     @staticmethod
     def _cells_sql(bp: BoundaryPlan, bounding: Bounding) -> str:
@@ -260,6 +375,9 @@ class DPProtection:
         """Clamping bounds per SUM/AVG from the policy (never from data)."""
         if bp.unit:
             one_row_per_contributor(bp, ctx.snap, ctx.catalog)   # refuses a view that is not person-unique
+        if getattr(bp, "household", False):
+            # person rows with household facts: one person changes every member's row (joins)
+            raise QueryRefused("dp_household_linkage", part=bp.personal_view)
         clamp = {}
         for j, agg in enumerate(bp.aggregates):
             if agg.kind in ("sum", "avg"):
@@ -272,7 +390,14 @@ class DPProtection:
         notes = [f"差分プライバシーのノイズを加えています（ε = {released.epsilon_spent:g}）。",
                  "件数は偏りのない推定値とするため、ノイズを加えた値をそのまま示します（0未満の値もあります）。"]
         if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
-            notes.append("公開された値域のない区分は、ノイズを加えた人数がしきい値以上のものだけを示します。")
+            notes.append("公開された値域のない区分は、ノイズを加えた人数がしきい値以上のものだけを示します。"
+                         "しきい値に届かない区分は表示していません（少人数の区分があること自体を隠すため。"
+                         "表示しない区分の数もお知らせしません）。表示されない区分があってもなくても、"
+                         "この照会の ε は同じだけ使われます。")
+        if released.narrowed:
+            notes.append("区分の値は、照会の条件で選ばれ得るものだけを示しています。")
+        notes.append("各値の 95% 区間はノイズの大きさから計算したもので、真の値（上限・下限で切り詰めた値）を"
+                     "約 95% の確率で含みます。")
         return notes
 
     def perturbation(self, policy: Policy) -> dict | None:
@@ -292,6 +417,7 @@ def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
         notes = protection.notes(policy, plan, released)
     stats = released.stats
     return {
+        "accuracy": None if plan.public_only else accuracy_summary(policy, mode, released),
         "mode": mode,
         "cells": int(sum(s.cells for s in stats)),
         "rows": released.table.num_rows,
@@ -304,3 +430,18 @@ def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
         "conditions_left_out": list(released.left_out),
         "notes_ja": notes,
     }
+
+
+def accuracy_summary(policy: Policy, mode: str, released: Released) -> dict:
+    """What the per-cell accuracy means, for the reader (``protect.status``): the kind per
+    answer column and the public parameters behind it."""
+    out: dict = {"columns": dict(released.accuracy), "cells": released.cells is not None}
+    if mode == "dp":
+        out["confidence"] = cell_status.CONFIDENCE
+        return out
+    p, d = policy.disclosure.perturbation, policy.disclosure.dominance
+    out["count_max_noise"] = p.max_noise if p.enabled else 0
+    if p.enabled:
+        out["sum_relative"] = {"sensitive": cell_status.sum_relative_bound(SUM_NOISE_FRACTION, d.nk_k),
+                               "other": cell_status.sum_relative_bound(SUM_NOISE_FRACTION, 1.0)}
+    return out

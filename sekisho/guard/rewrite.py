@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from sqlglot import exp
 
-from sekisho.guard import hidden
+from sekisho.guard import hidden, joins
 from sekisho.guard.analyze import DIALECT, ROW, UNIT, UNIT_ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import refuse
@@ -40,6 +40,8 @@ class BoundaryPlan:
     filtered: bool
     has_join: bool = False
     unit: bool = False              # rows are units: __pid = linkage key, __rkey = unit key
+    household: bool = False         # person rows with household facts: __pid = household key (``joins``)
+    join_one_row: bool = False      # joined on keys, one row per person by declaration (``dp_bounds``)
     row: exp.Select | None = field(default=None, compare=False, repr=False)   # the row SELECT as a tree
 
 
@@ -94,6 +96,15 @@ def _carry(select: exp.Select, analysis: Analysis, catalog: Catalog, append: boo
             break
     else:
         raise refuse("syntax_not_allowed", select)
+    info = analysis.links.get(id(select))
+    if info is not None:
+        if info.rkey_alias is not None:
+            rkey = _col("_rkey", info.rkey_alias)
+        if info.household_key is not None:
+            # household facts joined here: the household is the contributor from this
+            # scope up; persons without a household belong to no household and are left out
+            pid = info.household_key.copy()
+            select.where(joins.structural_not_null(pid), copy=False)
     if append:
         select.select(exp.alias_(pid.copy(), PID, quoted=True), exp.alias_(rkey.copy(), RKEY, quoted=True),
                       copy=False)
@@ -179,7 +190,8 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
             raise refuse("ungrouped_column", col)
     return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
                         group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
-                        filtered=filtered, has_join=has_join, unit=spec.unit, row=row)
+                        filtered=filtered, has_join=has_join, unit=spec.unit, household=spec.household,
+                        join_one_row=spec.join_one_row, row=row)
 
 
 def plan(analysis: Analysis, catalog: Catalog) -> Plan:

@@ -33,6 +33,7 @@ import yaml
 from sekisho.access import CUSTOM_SCOPES, GUARD_SERVICE, SERVICES, Capabilities
 from sekisho.errors import SekishoError
 from sekisho.hub.auth import SekishoPAMAuthenticator
+from sekisho.hub.denials import HubDenialLog
 from sekisho.hub.roles import default_url_for, hub_roles, load_capabilities, server_token_scopes
 from sekisho.hub.spawner import SekishoSpawner
 from sekisho.instance import SERVICE_ACCOUNT, Instance, default_home, secure
@@ -214,7 +215,8 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
     # --- servers: one OS user per person, the shared world-readable venv, a minimal env
     c.JupyterHub.spawner_class = SekishoSpawner
     c.SekishoSpawner.sekisho_home = str(instance.home)
-    c.Spawner.cmd = [str(python / "bin" / "jupyterhub-singleuser")]
+    # jupyterhub-singleuser, after the report notebooks are put in ~/公表レポート (sekisho.hub.singleuser)
+    c.Spawner.cmd = [str(python / "bin" / "python"), "-I", "-m", "sekisho.hub.singleuser"]
     c.Spawner.default_url = "/lab"
     c.Spawner.args = server_args()  # the analysts' kernel (kernels/sekisho, via JUPYTER_PATH) by default
     c.Spawner.env_keep = []
@@ -234,6 +236,9 @@ def configure(c, home: str | os.PathLike | None = None) -> HubSettings:
         return default_url_for(role, caps, services, base_url="/")
 
     c.JupyterHub.default_url = default_url
+
+    # --- the hub's own 401/403 answers go into the audit trail, aggregated per source and minute
+    c.JupyterHub.tornado_settings = {"log_function": HubDenialLog(instance)}
     templates = resource_dir("hub") / "templates"
     if templates.is_dir():
         c.JupyterHub.template_paths = [str(templates)]  # Japanese home and 403 pages

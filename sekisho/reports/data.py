@@ -8,8 +8,10 @@
   gives *them* — the same protected figures, as the protection is consistent (within
   one data snapshot: the guard redraws the perturbation for every snapshot).
 
-Every query runs in threshold mode: cells below k come back missing (shown as 秘匿),
-the others carry the guard's consistent perturbation.
+Every query runs in threshold mode: cells below k come back missing (shown as ``X``,
+秘匿), the others carry the guard's consistent perturbation; each answer keeps its
+per-cell status and accuracy (``df.sekisho``), and :func:`perturbation` tells the page
+and the CSV files how large the perturbation is.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import lru_cache
 import pandas as pd
 
 from sekisho.client import GuardRefusal
+from sekisho.client.display import attach
 
 MODE = "threshold"
 #: refusals that mean "nothing may be shown for this selection", not a faulty query: too
@@ -53,7 +56,18 @@ class GuardConnection:
             return _empty(expr.schema())
         if self.backend.last_summary:
             self.summaries.append(self.backend.last_summary)
-        return table.to_pandas()
+        df = table.to_pandas()
+        # plain values; per-cell status and accuracy through df.sekisho (sekisho.client.display)
+        attach(df, self.backend.last_summary, getattr(self.backend, "last_cells", None))
+        return df
+
+    def perturbation(self) -> dict | None:
+        """The perturbation the guard applied to this report's figures (from the answers'
+        summaries): ``{"method", "max_noise", ...}``, or None before any answer."""
+        for summary in reversed(self.summaries):
+            if isinstance(summary, dict) and summary.get("perturbation"):
+                return summary["perturbation"]
+        return None
 
 
 def _ibis_backend():
@@ -73,3 +87,10 @@ def connect() -> GuardConnection:
 def sql(query: str) -> pd.DataFrame:
     """Run ``query`` through the guard (threshold mode) and return the protected table."""
     return connect().sql(query)
+
+
+def perturbation() -> dict | None:
+    """The perturbation of the figures asked so far in this process (None: none asked)."""
+    if connect.cache_info().currsize == 0:
+        return None
+    return connect().perturbation()

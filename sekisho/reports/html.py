@@ -29,6 +29,7 @@ th { position: sticky; top: 0; background: #e8eef5; border: 1px solid #ccc; padd
 td { border: 1px solid #ddd; padding: .2em .6em; white-space: nowrap; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; } td.txt { text-align: left; }
 tr.over td { background: #fde2e1; font-weight: bold; }
+td.sup { color: #a00; font-weight: bold; }
 .jp-OutputArea-output, .output_html { overflow-x: auto; }
 """
 

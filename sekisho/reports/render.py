@@ -22,8 +22,26 @@ from typing import Any
 import pandas as pd
 
 PROTECTION_NOTE = ("※ 秘匿・撹乱処理のため合計が一致しない場合があります。"
-                   "「秘匿」は少数のため表示していない値です。")
-SUPPRESSED = "秘匿"
+                   "「X」は秘匿（少数のため、または少数の者が大部分を占めるため表示していない値）です。")
+SUPPRESSED = "X"          # e-Stat: 秘匿
+SUPPRESSED_TITLE = "秘匿"
+# the statuses of sekisho.protocol's cells table, as the CSV files name them
+RELEASED, SUPPRESSED_K = "released", "suppressed_k"
+STATUS_SUFFIX, ACCURACY_SUFFIX = "_status", "_accuracy"
+
+
+def perturbation_note(perturbation: dict | None) -> str | None:
+    """One sentence on the size of the perturbation, from the guard's summary."""
+    if not perturbation:
+        return None
+    if perturbation.get("method") == "cell-key" and perturbation.get("max_noise") is not None:
+        d = int(perturbation["max_noise"])
+        return (f"※ 件数には、個人を特定されないよう、セルキー法による小さな攪乱を加えています"
+                f"（保護済みの件数 1 つあたり ±{d} 以内。同じ対象者には常に同じ攪乱）。"
+                f"増減など複数の件数から計算した値では、それぞれの攪乱が重なります。")
+    if perturbation.get("method") == "dp":
+        return "※ 値には差分プライバシーのノイズを加えています。"
+    return None
 NO_DATA = "データなし（該当がないか、少数のためすべて秘匿されています）。"
 FONT = "Noto Sans CJK JP, Noto Sans JP, IPAexGothic, Meiryo, sans-serif"
 
@@ -51,7 +69,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def format_cell(value: Any) -> str:
-    """Counts with thousands separators, ratios as given, missing as 秘匿."""
+    """Counts with thousands separators, ratios as given, missing as X (秘匿)."""
     value = _jsonable(value)
     if value is None:
         return SUPPRESSED
@@ -73,11 +91,72 @@ def table_html(df: pd.DataFrame, highlight: pd.Series | None = None) -> str:
     for i, (_, row) in enumerate(df.iterrows()):
         css = ' class="over"' if highlight is not None and bool(highlight.iloc[i]) else ""
         cells = "".join(
-            f'<td class="{"num" if isinstance(_jsonable(v), (int, float)) or _jsonable(v) is None else "txt"}">'
+            f'<td class="num sup" title="{SUPPRESSED_TITLE}">{SUPPRESSED}</td>' if _jsonable(v) is None else
+            f'<td class="{"num" if isinstance(_jsonable(v), (int, float)) else "txt"}">'
             f"{escape(format_cell(v))}</td>" for v in row)
         rows.append(f"<tr{css}>{cells}</tr>")
     return (f'<div class="tbl"><table><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
+
+
+def _perturbation() -> dict | None:
+    from sekisho.reports import data
+
+    return data.perturbation()
+
+
+def value_columns(df: pd.DataFrame) -> list[str]:
+    """The columns holding figures: numeric (not boolean), every value a number or
+    missing; the first column is the table's label column and never a figure."""
+    out = []
+    for i, name in enumerate(df.columns):
+        if i == 0:
+            continue
+        values = [_jsonable(v) for v in df[name]]
+        if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in values):
+            if pd.api.types.is_numeric_dtype(df[name].dtype) and not pd.api.types.is_bool_dtype(df[name].dtype) \
+                    or any(v is not None for v in values):
+                out.append(str(name))
+    return out
+
+
+def _as_integers(series: pd.Series) -> pd.Series:
+    """Whole numbers as integers (nullable), so a CSV shows 1234, not 1234.0."""
+    values = pd.to_numeric(series, errors="coerce")
+    present = values.dropna()
+    if len(present) and ((present % 1) == 0).all() and (present.abs() < 2 ** 53).all():
+        return values.astype("Int64")
+    if not len(present):
+        return values.astype("Int64")
+    return values
+
+
+def with_status_columns(df: pd.DataFrame, perturbation: dict | None) -> tuple[pd.DataFrame, dict]:
+    """The table for CSV: whole-number figures as integers, and after each figure column
+    ``<col>_status`` (``released`` or ``suppressed_k``: the statuses of the guard's cells
+    table; a missing figure is one the guard withheld, or one computed from a withheld
+    one) and ``<col>_accuracy`` (the perturbation bound ±D of one protected count, for
+    whole-number columns; empty otherwise). Also the statuses for the JSON copy."""
+    d = None
+    if perturbation and perturbation.get("method") == "cell-key" and perturbation.get("max_noise") is not None:
+        d = int(perturbation["max_noise"])
+    out = pd.DataFrame(index=df.index)
+    statuses: dict[str, list[str]] = {}
+    figures = set(value_columns(df))
+    for name in df.columns:
+        column = df[name]
+        if str(name) not in figures:
+            out[name] = column
+            continue
+        numbers = _as_integers(column)
+        out[name] = numbers
+        status = [SUPPRESSED_K if _jsonable(v) is None else RELEASED for v in column]
+        statuses[str(name)] = status
+        out[f"{name}{STATUS_SUFFIX}"] = status
+        whole = str(numbers.dtype) == "Int64"
+        out[f"{name}{ACCURACY_SUFFIX}"] = pd.array(
+            [d if (whole and d is not None and s == RELEASED) else None for s in status], dtype="Int64")
+    return out, statuses
 
 
 class Report:
@@ -118,7 +197,8 @@ class Report:
         html = table_html(df, highlight)
         # a small selection can leave nothing to show: say so rather than an empty grid
         empty = NO_DATA if df.empty or df.shape[1] == 0 else None
-        notes = [n for n in (empty, note, PROTECTION_NOTE if protected else None) if n]
+        notes = [n for n in (empty, note, PROTECTION_NOTE if protected else None,
+                             perturbation_note(_perturbation()) if protected else None) if n]
         html += "".join(f'<p class="note">{n}</p>' for n in notes)
         _display(HTML(html))
         if self.tables_dir is not None:
@@ -131,10 +211,12 @@ class Report:
             "rows": [[_jsonable(v) for v in row] for row in df.itertuples(index=False)],
             "notes": notes,
         }
+        csv, status = with_status_columns(df, _perturbation())
+        payload["status"] = status
         path = self.tables_dir / f"{key}.json"
         path.write_text(json.dumps(payload, ensure_ascii=False, indent=1), encoding="utf-8")
         # utf-8-sig: opens correctly in Excel, which municipal staff use
-        df.to_csv(self.tables_dir / f"{key}.csv", index=False, encoding="utf-8-sig")
+        csv.to_csv(self.tables_dir / f"{key}.csv", index=False, encoding="utf-8-sig")
         self.saved.append(key)
 
     # ---- figures -----------------------------------------------------------

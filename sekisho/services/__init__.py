@@ -7,6 +7,9 @@ service account (``python -m sekisho.services.<name>``):
 * ``audit``   — the audit review pages for admins (``sekisho.services.audit_review``);
 * ``reports`` — published reports for managers.
 
-They share ``sekisho.services.hubauth``: HubOAuth login, explicit scope checks and
-the mapping from the hub user to the person's Sekisho role.
+They share ``sekisho.services.hubauth``: HubOAuth login, explicit scope checks, the
+mapping from the hub user to the person's Sekisho role, and every 401/403 on record
+(``sekisho.audit.DenialLog``: aggregated per source and minute). The guard service is
+split into ``guard`` (endpoints, service), ``guard_handlers``, ``guard_pool`` and
+``guard_wire``.
 """

@@ -1,6 +1,7 @@
 """What the audit review pages compute from the trail: one activity record per person
-(sessions with their duration, servers, queries, refusals, alerts, ε spent, views read)
-and the alerts no reviewer has acknowledged yet.
+(sessions with their duration, servers, queries, refusals, denied requests, alerts, ε
+spent, views read, reports viewed), the alerts no reviewer has acknowledged yet, and the
+query requests with no outcome on record.
 
 Pure folds over audit entries, apart from the tornado handlers
 (``sekisho.services.audit_review``), so they are tested on plain entries.
@@ -36,8 +37,10 @@ class PersonActivity:
     queries: int = 0
     refusals: int = 0
     alerts: int = 0
+    denials: int = 0              # requests answered 401/403 (aggregated entries count each)
     epsilon_spent: float = 0.0
     views: Counter = field(default_factory=Counter)
+    reports: Counter = field(default_factory=Counter)   # report views, per report
     last_seen: datetime | None = None
 
     @property
@@ -80,11 +83,41 @@ def person_activity(entries: Iterable[dict[str, Any]]) -> list[PersonActivity]:
             p.queries += 1
             p.epsilon_spent += float(details.get("epsilon_spent") or 0.0)
             p.views.update(details.get("views") or [])
-        elif kind == "query.refused":
+        elif kind == "query.refused" and e["outcome"] != "denied":
             p.refusals += 1
+        elif kind == "report.view" and e["outcome"] == "ok":
+            p.reports[details.get("report") or "?"] += 1
         elif kind == "alert":
             p.alerts += 1
+        if e["outcome"] == "denied" and kind not in ("login.failed", "server.start"):
+            p.denials += int(details.get("count") or 1)
     return [people[k] for k in sorted(people)]
+
+
+def unanswered_requests(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Query requests (``query.request``) with no outcome on record, oldest first.
+
+    A request's outcome is the ``query`` entry that names it (``details.request``), or a
+    later ``query.refused`` entry of the same person for the same SQL (a refusal while the
+    query runs: time or memory limit, an error). What is left was never answered on record:
+    the guard stopped (crash, power cut) while the request ran, or is still running it."""
+    pending: dict[int, dict[str, Any]] = {}
+    by_query: dict[tuple[Any, Any], list[int]] = {}
+    for e in entries:
+        kind, details = e["type"], e.get("details") or {}
+        if kind == "query.request":
+            pending[e["seq"]] = e
+            by_query.setdefault((e.get("user"), details.get("sql")), []).append(e["seq"])
+        elif kind == "query" and details.get("request") in pending:
+            request = pending.pop(details["request"])
+            waiting = by_query.get((request.get("user"), (request.get("details") or {}).get("sql")), [])
+            if request["seq"] in waiting:
+                waiting.remove(request["seq"])
+        elif kind == "query.refused" and e["outcome"] == "refused":
+            waiting = by_query.get((e.get("user"), details.get("sql")))
+            if waiting:
+                pending.pop(waiting.pop(0), None)
+    return sorted(pending.values(), key=lambda e: e["seq"])
 
 
 def open_alerts(entries: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

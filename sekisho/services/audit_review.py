@@ -5,10 +5,14 @@ policy; "admins" — who are *not* hub admins). Pages, server-rendered in Japane
 no external assets (LGWAN has no internet):
 
 * ``/services/audit/``          events with filters (person, type, outcome, period), the
-                                chain's verification status, open alerts, analysts on hold
-                                (paused by an alert; lifted with ``sekisho users resume``);
+                                chain's verification status and its full head (``SEQ:HASH``,
+                                for ``sekisho audit verify --expect-head``), open alerts,
+                                analysts on hold (paused by an alert; lifted with
+                                ``sekisho users resume``), query requests with no outcome
+                                on record (flagged in the list too);
 * ``/services/audit/people``    activity per person: sessions (login time, duration),
-                                servers, queries, refusals, epsilon spent;
+                                servers, queries, refusals, denied requests (401/403,
+                                aggregated ones by their count), reports viewed, epsilon spent;
 * ``/services/audit/export.csv`` the filtered events as CSV;
 * ``POST /services/audit/alerts/<seq>/ack``  mark an alert as reviewed (``alert.ack``).
 
@@ -40,7 +44,7 @@ from sekisho.access import AUDIT_SERVICE, ROLE_LABELS_JA, SERVICES, role_label
 from sekisho.audit import AuditError, to_csv
 from sekisho.guard import alerts as guard_alerts
 from sekisho.instance import TOKYO, Instance
-from sekisho.services.audit_activity import open_alerts, person_activity
+from sekisho.services.audit_activity import open_alerts, person_activity, unanswered_requests
 from sekisho.services.audit_filters import OUTCOME_LABELS, FilterError, Filters, parse_filters, select
 from sekisho.services.hubauth import ServiceHandler, make_app, serve
 
@@ -53,6 +57,7 @@ TYPE_LABELS = {
     "query": "集計照会",
     "query.request": "照会受付",
     "query.refused": "照会拒否",
+    "access.denied": "アクセス拒否（集約）",
     "alert": "警告",
     "alert.bookkeeping_failed": "警告判定の失敗",
     "alert.ack": "警告の確認",
@@ -126,7 +131,8 @@ def details_text(details: dict[str, Any]) -> str:
     parts = []
     if "sql" in details:
         parts.append(str(details["sql"]))
-    for key in ("mode", "decision", "code", "reason", "epsilon_spent", "cells", "cells_suppressed",
+    for key in ("stage", "mode", "decision", "service", "status", "code", "count", "path", "paths", "source",
+                "minute", "reason", "epsilon_spent", "cells", "cells_suppressed", "report",
                 "alert", "remote_ip", "name", "role", "previous", "filters", "note", "alert_seq"):
         if key in details and details[key] not in (None, "", {}):
             parts.append(f"{key}={details[key]}")
@@ -140,15 +146,9 @@ class ReviewHandler(ServiceHandler):
     required_scopes = frozenset(SERVICES[AUDIT_SERVICE].oauth_scopes)
     required_capability = "can_review_audit"
 
-    def on_denied(self, model, code, message, role):
-        super().on_denied(model, code, message, role)
-        try:
-            self.instance.audit.append("audit.read", user=str(model.get("name") or "-")[:64], role=role,
-                                       outcome="denied", summary=f"audit review refused: {code}",
-                                       details={"code": code, "path": self.request.path,
-                                                "remote_ip": self.request.remote_ip})
-        except AuditError as exc:
-            self.log.error("could not audit a refused audit review: %s", exc)
+    # a refusal is an audit.read entry (outcome denied), aggregated per source and minute
+    # with every other 401/403 of the service (ServiceHandler.record_denial)
+    denial_type = "audit.read"
 
     def filters(self) -> Filters:
         args = {k: self.get_argument(k, "") for k in ("user", "type", "outcome", "since", "until", "limit")}
@@ -193,8 +193,10 @@ class IndexHandler(ReviewHandler):
         everything = list(self.instance.audit.entries())
         shown = list(reversed(entries))[:filters.limit]
         self.record_read("events", filters, len(shown))
+        unanswered = unanswered_requests(everything)
         self.render("index.html", page="events", filters=filters, entries=shown, total=len(entries),
                     chain=self.settings["chain"].get(), alerts=open_alerts(everything),
+                    unanswered=unanswered, unanswered_seqs={e["seq"] for e in unanswered},
                     holds=[dict(h, since=datetime.fromtimestamp(h["since"], TOKYO))
                            for h in guard_alerts.holds(self.instance)],
                     known_users=sorted({e.get("user") or "-" for e in everything}),

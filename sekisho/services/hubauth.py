@@ -14,6 +14,11 @@ to authenticate and authorise a request:
    ``sekisho.state.role_of``, and a handler may require a capability of that role
    (``required_capability``, a flag of ``sekisho.access.Capabilities``), read from the
    policy in force at each request. A person without a role is refused (fail closed).
+4. **On record**: every request answered 401 or 403 — by these checks or by anything
+   else (an XSRF failure, a handler's own 403) — goes through the application's
+   ``sekisho.audit.DenialLog``: the first of its source and minute as the handler's
+   ``denial_type`` entry (who, path, address, code), the rest counted into one
+   ``access.denied`` aggregate per minute (see ``sekisho.audit.denials``).
 
 Usage (a service module)::
 
@@ -55,6 +60,8 @@ from jupyterhub.utils import url_path_join
 from tornado import ioloop, web
 
 from sekisho.access import Capabilities, current_capabilities, service_access_scope, service_path
+from sekisho.audit import Denial, DenialLog, credential_digest
+from sekisho.audit.denials import UNAUTHENTICATED
 from sekisho.instance import Instance, drop_to_service_account
 from sekisho.state import role_of
 
@@ -79,6 +86,7 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
     required_scopes: frozenset[str] | None = None
     required_capability: str | None = None
     api: bool = False
+    denial_type: str = "access.denied"   # the audit entry type of a denial's first record
 
     hub_user: str
     hub_user_model: dict[str, Any]
@@ -166,12 +174,55 @@ class ServiceHandler(HubOAuthenticated, web.RequestHandler):
         self.denied_code = code
         try:
             self.on_denied(model, code, message, role)
+            name = model.get("name")
+            self.record_denial(HTTPStatus.FORBIDDEN, code, message, user=str(name) if name else None, role=role)
         finally:
             raise web.HTTPError(HTTPStatus.FORBIDDEN, f"{code}: {message}")
 
     def on_denied(self, model: dict[str, Any], code: str, message: str, role: str | None) -> None:
-        """Hook: record a refused request (the audit review service audits these)."""
+        """Hook called for each refused request (the service log); the audit record is
+        ``record_denial``'s."""
         log.warning("%s: refused %s %s: %s", self.service_name, model.get("kind"), model.get("name"), message)
+
+    # ---- denials on record ------------------------------------------------------
+    @property
+    def denials(self) -> DenialLog:
+        return self.settings["sekisho_denials"]
+
+    def record_denial(self, status: int, code: str, why: str = "", *, user: str | None = None,
+                      role: str | None = None) -> None:
+        """Put this request's denial on record (aggregated per source and minute: see
+        ``sekisho.audit.denials``). The request is refused either way; a denial that cannot
+        be audited is said in the service log."""
+        if getattr(self, "_denial_recorded", False):
+            return
+        self._denial_recorded = True
+        match = self.hub_auth.auth_header_pat.match(self.request.headers.get("Authorization", "")) \
+            if user else None
+        denial = Denial(status=int(status), code=code, path=self.request.path, route=type(self).__name__,
+                        user=user[:64] if user else None, role=role, remote_ip=self.request.remote_ip,
+                        credential=credential_digest(match.group(1)) if match else None, why=why)
+        try:
+            self.denials.record(denial, first=self.denial_entry)
+        except Exception as exc:
+            log.error("%s: cannot audit a denial (%s %s %s): %s", self.service_name, user, code,
+                      self.request.path[:200], exc)
+
+    def denial_entry(self, denial: Denial) -> dict[str, Any]:
+        """The audit entry of the first denial of its bucket (``denial_type``)."""
+        return self.instance.audit.append(
+            self.denial_type, user=denial.user or UNAUTHENTICATED, role=denial.role, outcome="denied",
+            summary=f"{self.service_name}: {denial.status} {denial.code}",
+            details=self.denials.details(denial))
+
+    def on_finish(self) -> None:
+        # any 401/403 not recorded by the checks above (no token, XSRF, a handler's own 403)
+        status = self.get_status()
+        if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN) and not getattr(self, "_denial_recorded", False):
+            code = getattr(self, "denied_code", None) or ("unauthenticated" if status == 401 else "forbidden")
+            self.record_denial(status, code, self._reason, user=getattr(self, "hub_user", None),
+                               role=getattr(self, "sekisho_role", None))
+        super().on_finish()
 
     # ---- errors --------------------------------------------------------------
     ERROR_TEXT_JA = {
@@ -221,11 +272,14 @@ Route = tuple[str, type[web.RequestHandler]] | tuple[str, type[web.RequestHandle
 
 
 def make_app(service: str, routes: Sequence[Route], *, instance: Instance, prefix: str,
-             hub_auth: HubOAuth | None = None, **settings: Any) -> web.Application:
+             hub_auth: HubOAuth | None = None, denials: DenialLog | None = None,
+             **settings: Any) -> web.Application:
     """Build the tornado application of ``service``.
 
     ``routes`` are relative to ``prefix`` (``""`` is the service's index page). The
-    OAuth callback is added at ``<prefix>oauth_callback``.
+    OAuth callback is added at ``<prefix>oauth_callback``. ``denials``: where 401/403
+    answers are recorded (default: a new ``DenialLog`` of ``service`` into the instance's
+    audit trail).
     """
     prefix = prefix if prefix.endswith("/") else prefix + "/"
     if hub_auth is None:
@@ -241,6 +295,7 @@ def make_app(service: str, routes: Sequence[Route], *, instance: Instance, prefi
         hub_auth=hub_auth,
         sekisho_instance=instance,
         sekisho_service=service,
+        sekisho_denials=denials if denials is not None else DenialLog(instance.audit, service),
         # fresh per process: a restarted service just sends browsers through OAuth again
         cookie_secret=secrets.token_bytes(32),
         xsrf_cookies=True,

@@ -11,7 +11,9 @@ Who: a hub user whose token carries ``access:services!service=reports`` and
 ``custom:sekisho:reports-read`` (checked explicitly by :class:`ServiceHandler`) and whose
 Sekisho role may read reports (``can_read_reports`` in the policy: managers, analysts,
 admins). Every report view is audited (``report.view``); if the audit cannot be written
-the report is not served.
+the report is not served. Every refusal (401/403) is audited too: the first of its source
+and minute as ``report.view`` with outcome ``denied``, the others counted into one
+``access.denied`` entry per minute (``sekisho.audit.denials``).
 
 Published HTML is served with a Content-Security-Policy *sandbox* without
 ``allow-same-origin``: the page runs in an opaque origin, so its scripts (plotly) cannot
@@ -31,6 +33,7 @@ from tornado import web
 from tornado.httpserver import HTTPServer
 
 from sekisho.access import REPORTS_SERVICE, SERVICES
+from sekisho.audit import DenialLog
 from sekisho.instance import Instance
 from sekisho.reports.index import entries, read_index, report_file
 from sekisho.reports.periods import label_ja
@@ -57,12 +60,9 @@ class ReportsHandler(ServiceHandler):
         self.set_header("Referrer-Policy", "no-referrer")
         self.set_header("Cache-Control", "no-store")
 
-    def on_denied(self, model, code, message, role) -> None:
-        super().on_denied(model, code, message, role)
-        self.instance.audit.append(
-            "report.view", user=str(model.get("name")), role=role, outcome="denied",
-            summary=f"report access denied: {code}",
-            details={"path": self.request.path, "code": code})
+    # a refused view is a report.view entry (outcome denied), aggregated per source and
+    # minute with every other 401/403 of the service (ServiceHandler.record_denial)
+    denial_type = "report.view"
 
     @property
     def published_dir(self):
@@ -150,6 +150,7 @@ class ReportsService:
         self.hub_auth = hub_auth
         self.prefix = prefix if prefix.endswith("/") else prefix + "/"
         self.service_name = service_name
+        self.denials = DenialLog(instance.audit, service_name)   # 401/403 on record, per source and minute
 
     def make_app(self) -> web.Application:
         # tornado matches the percent-encoded path; the name is then looked up in the index
@@ -162,7 +163,7 @@ class ReportsService:
             (rf"r/{name}/(tables/[0-9A-Za-z_\-]+\.(?:json|csv))", ReportPage),
         ]
         return make_app(self.service_name, routes, instance=self.instance, prefix=self.prefix,
-                        hub_auth=self.hub_auth)
+                        hub_auth=self.hub_auth, denials=self.denials)
 
     def listen(self, port: int, address: str = "127.0.0.1") -> HTTPServer:
         server = HTTPServer(self.make_app(), xheaders=True)

@@ -70,6 +70,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from sekisho.guard import hidden
+from sekisho.guard.protect.status import (CONFIDENCE, RELEASED, around, discrete_laplace_half_width, high_column,
+                                          interval_ratio, low_column, status_column)
 from sekisho.guard.protect.threshold import (COUNT_KINDS, Cells, ProtectionStats, counted, densify, nullable,
                                              number, size, take)
 
@@ -278,6 +280,21 @@ def _fixed_point_sum(values: np.ndarray, epsilon: float, sensitivity: float) -> 
     return noisy.astype(float) * unit
 
 
+def half_width(epsilon: float, sensitivity: int, confidence: float = CONFIDENCE) -> int:
+    """Half-width t of the ``confidence`` interval of ``discrete_laplace(·, epsilon,
+    sensitivity)``: P(|Z| <= t) >= confidence, t the smallest such integer."""
+    num, den = _ratio(epsilon, sensitivity)
+    return discrete_laplace_half_width(math.exp(-num / den), confidence)
+
+
+def sum_half_width(epsilon: float, sensitivity: float, confidence: float = CONFIDENCE) -> float:
+    """Half-width of the ``confidence`` interval of ``_fixed_point_sum``'s noise."""
+    if sensitivity <= 0:
+        return 0.0
+    unit = fixed_point_unit(sensitivity)
+    return half_width(epsilon, math.ceil(sensitivity / unit) + 1, confidence) * unit
+
+
 def shares(aggregates, needs_selection: bool, shared: frozenset[int] = frozenset()) -> int:
     """Noisy quantities ε is split between: each aggregate not in ``shared`` (a mean
     twice), plus the contributor count when selection needs it or ``shared`` releases it."""
@@ -319,24 +336,38 @@ def protect_dp(cells: Cells, aggregates, domains: list[tuple | None], params: DP
     no_null = np.zeros(count, bool)
     out: Cells = {hidden.group_key(j): cells[hidden.group_key(j)] for j in range(n_keys)}
     for j, agg in enumerate(aggregates):
+        # every value DP releases is released; its accuracy is the 95% interval of its noise
+        out[status_column(j)] = np.full(count, RELEASED, dtype=object)
         if j in shared:
-            out[hidden.protected_value(j)] = nullable(noisy_n if noisy_n is not None else np.zeros(0, np.int64),
-                                                      no_null)
+            out[hidden.protected_value(j)] = value = nullable(
+                noisy_n if noisy_n is not None else np.zeros(0, np.int64), no_null)
+            out[low_column(j)], out[high_column(j)] = around(value, half_width(eps, params.max_groups))
             continue
         if agg.kind in COUNT_KINDS:
             raw = counted(cells, j, agg.kind)
             sensitivity = params.max_rows if agg.kind in ("count_rows", "count_nonnull") else params.max_groups
-            out[hidden.protected_value(j)] = nullable(_geometric(raw, eps, sensitivity), no_null)
+            out[hidden.protected_value(j)] = value = nullable(_geometric(raw, eps, sensitivity), no_null)
+            out[low_column(j)], out[high_column(j)] = around(value, half_width(eps, sensitivity))
             continue
         lo, hi = sum_bounds[j]
         sensitivity = params.max_rows * max(abs(lo), abs(hi))
         noisy_sum = _fixed_point_sum(number(cells, hidden.total(j)), eps, sensitivity)
         if agg.kind == "sum":
-            out[hidden.protected_value(j)] = nullable(noisy_sum, no_null)
+            out[hidden.protected_value(j)] = value = nullable(noisy_sum, no_null)
+            out[low_column(j)], out[high_column(j)] = around(value, sum_half_width(eps, sensitivity))
         else:
             noisy_count = _geometric(number(cells, hidden.nonnull(j), np.int64), eps, params.max_rows)
             with np.errstate(divide="ignore", invalid="ignore"):
                 mean = np.where(noisy_count > 0, noisy_sum / np.maximum(noisy_count, 1), np.nan)
-            out[hidden.protected_value(j)] = nullable(np.clip(mean, lo, hi), noisy_count <= 0)
+            out[hidden.protected_value(j)] = value = nullable(np.clip(mean, lo, hi), noisy_count <= 0)
+            # each of the two noisy quantities within its 97.5% interval: the mean within
+            # this one with probability >= 95% (union bound; conservative)
+            each = 1.0 - (1.0 - CONFIDENCE) / 2
+            s_half = sum_half_width(eps, sensitivity, each)
+            c_half = half_width(eps, params.max_rows, each)
+            low, high = interval_ratio(noisy_sum - s_half, noisy_sum + s_half, noisy_count - c_half,
+                                       noisy_count + c_half, lo, hi)
+            null = np.isnan(value)
+            out[low_column(j)], out[high_column(j)] = np.where(null, np.nan, low), np.where(null, np.nan, high)
     stats.cells = count
     return out, stats

@@ -10,7 +10,9 @@ Per cell (``__n`` true distinct persons, ``__ck`` cell key):
 * counts are perturbed with the cell-key table (same contributors -> same noise);
   non-zero perturbed counts below ``min_count`` are shown as NULL;
 * sums/means: NK and p% dominance rules (value NULL when dominated), then perturbed by a
-  cell-key multiplier of the largest contribution; a mean is perturbed sum / perturbed count.
+  cell-key multiplier of the largest contribution; a mean is perturbed sum / perturbed count;
+* every value gets its status and accuracy interval (``status``: released / suppressed_k /
+  suppressed_dominance; ±D for counts, ±r·value for non-negative sums) in hidden columns.
 
 Residual risks (honest): perturbation is bounded (±D, default 2), so a difference of two
 released counts still carries some signal about one person (differencing works
@@ -35,7 +37,10 @@ from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.cells_frame import (KEY_PREFIX, Cells, cells_from_arrow, concat, number, size,  # noqa: F401
                                                take)
 from sekisho.guard.protect.densify import MAX_DENSE_CELLS, densify  # noqa: F401 (dp.py, limits.py)
+from sekisho.guard.protect.cellkey import SUM_NOISE_FRACTION
 from sekisho.guard.protect.dominance import dominated
+from sekisho.guard.protect.status import (around, high_column, low_column, nan_pair, status_column, statuses,
+                                          sum_relative_bound)
 
 COUNT_KINDS = ("count_rows", "count_nonnull", "count_persons", "count_households")
 # in a view with one row per person these count the contributors: the cell's ``__n``
@@ -124,7 +129,10 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
             value = table.perturb_counts(key, raw) if perturb else raw
             tiny = (value > 0) & (value < min_count)
             stats.values_suppressed_small += int((tiny & ~small).sum())
-            out[hidden.protected_value(j)] = nullable(value, few | tiny)
+            out[hidden.protected_value(j)] = released = nullable(value, few | tiny)
+            # status and accuracy (``status``): the cell-key bound ±D around what is released
+            out[status_column(j)] = statuses(few | tiny)
+            out[low_column(j)], out[high_column(j)] = around(released, table.max_noise if perturb else 0, floor=0.0)
             continue
         sums = number(cells, hidden.total(j))
         nonnull = number(cells, hidden.nonnull(j), np.int64)
@@ -150,7 +158,15 @@ def protect_threshold(cells: Cells, aggregates, domains: list[tuple | None], *, 
             pcount = table.perturb_counts(key, nonnull) if perturb else nonnull
             with np.errstate(divide="ignore", invalid="ignore"):
                 value = np.where(pcount > 0, psum / np.maximum(pcount, 1), np.nan)
-        out[hidden.protected_value(j)] = nullable(value, small_j | dom | (nonnull == 0) | np.isnan(value))
+        out[hidden.protected_value(j)] = released = nullable(value, small_j | dom | (nonnull == 0) | np.isnan(value))
+        out[status_column(j)] = statuses(small_j, dom)
+        bounds = getattr(agg, "bounds", None)
+        if agg.kind == "sum" and bounds is not None and bounds[0] >= 0:
+            share = nk_k if agg.cls in ("sensitive_measure", "derived_sensitive") else 1.0
+            r = sum_relative_bound(SUM_NOISE_FRACTION, share) if perturb else 0.0
+            out[low_column(j)], out[high_column(j)] = around(released, r * np.abs(released), floor=0.0)
+        else:   # a mean, or a sum without a public non-negative bound: no interval
+            out[low_column(j)], out[high_column(j)] = nan_pair(len(released))
     stats.cells = len(n)
     # without densification the number of dropped groups would itself reveal how many
     # rare groups exist, so it is kept for the audit trail only (rows_dropped)

@@ -1,0 +1,422 @@
+"""Joins on the privacy unit and the linkage key below the aggregation boundary (issue 18).
+
+Which columns may be joined is read from the policy, never from the query: a view's
+``privacy_unit`` column is its *person key*, its ``linkage`` columns are *household
+keys*, and two keys join only when both are keyed identifiers of the same namespace
+(``keyed_id`` ``namespace``, e.g. ``atena`` for every ``person_id``). How many rows a
+person has in a view is the view's ``record_key``: ``person`` is one row per person;
+``{record: C}`` is one row per person once the query fixes ``C`` to one literal
+(``resident_tax`` with ``tax_year = 2025``); anything else may be several.
+
+Accepted shapes (each below one aggregation boundary; the person-level view in FROM is
+the *anchor*):
+
+* ``anchor [INNER|LEFT] JOIN <person view> ON a.person_id = b.person_id [AND <conditions>]``
+  — at most one of the joined parts (anchor included) may give a person several rows,
+  so a join never multiplies a person's rows beyond what one view holds (no fan-out
+  amplification), and the same view is never joined to itself (``self_join``);
+* ``anchor SEMI|ANTI JOIN <person view> ON a.person_id = b.person_id [AND ...]`` — also
+  written ``a.person_id [NOT] IN (SELECT person_id FROM v WHERE ...)`` or ``[NOT] EXISTS
+  (SELECT ... FROM v WHERE v.person_id = a.person_id AND ...)`` (``semi_joins`` turns
+  these into SEMI/ANTI joins before the scopes are classified); they filter, never add rows;
+* ``anchor [INNER|LEFT] JOIN <unit scope> ON a.household_id = u.household_id`` — persons
+  joined to their household's features (many-to-one: one unit row per household), and
+  ``a.household_id [IN|EXISTS] (... household_id FROM v ...)`` — persons whose household
+  has a member in ``v``. Rows then carry *household* facts, so the household becomes the
+  contributor (``rewrite`` carries the household key as ``__pid``): k counts households,
+  the cell key sums the member records, dominance is per household. Rows without a
+  household are left out. Not available in DP mode (one person would change the rows of
+  every member of their household: no bound from the policy).
+
+Anything else between two person-level sources is ``personal_join``. Counting, cell keys
+and dominance are per contributor whatever the join (``cells`` groups by ``__pid``);
+SUM/AVG of a measure whose view is not the one part with several rows per person would
+repeat the measure once per row of the other view, and is refused (``join_fan_out``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from sqlglot import exp
+
+from sekisho.guard.catalog import LINKAGE, PRIVACY_UNIT, Catalog
+from sekisho.guard.errors import QueryRefused, refuse
+
+SEMI, ANTI = "SEMI", "ANTI"
+KEY_CLASSES = (PRIVACY_UNIT, LINKAGE)
+# meta flags on nodes the guard writes (read by ``neighbours``): a join whose existence is
+# a condition of the query, and a condition that is structure (never left out)
+EXISTENCE = "sekisho_join_existence"
+STRUCTURAL = "sekisho_structural"
+
+
+# ---- pass: IN / EXISTS subqueries on a key become SEMI / ANTI joins ---------------------------
+def _conjuncts(node: exp.Expression) -> list[exp.Expression]:
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.And):
+        return _conjuncts(node.this) + _conjuncts(node.expression)
+    return [node]
+
+
+def _and(parts: list[exp.Expression]) -> exp.Expression | None:
+    if not parts:
+        return None
+    out = parts[0]
+    for part in parts[1:]:
+        out = exp.And(this=out, expression=part)
+    return out
+
+
+def _direct_sources(select: exp.Select) -> dict[str, exp.Expression]:
+    from_ = select.args.get("from_")
+    items = ([from_.this] if from_ is not None else []) + [j.this for j in select.args.get("joins") or []]
+    return {item.alias_or_name: item for item in items}
+
+
+def _key_class(column: exp.Column, select: exp.Select, catalog: Catalog) -> str | None:
+    """The policy class of ``column`` when it names a column of a view read directly."""
+    source = _direct_sources(select).get(column.table)
+    if isinstance(source, exp.Table) and source.name in catalog.views:
+        info = catalog.views[source.name].columns.get(column.name)
+        return info.cls if info is not None else None
+    return None
+
+
+def _simple_subquery(node: exp.Expression, catalog: Catalog) -> exp.Select | None:
+    """``SELECT ... FROM <person view> [WHERE <no subquery>]``, nothing else."""
+    while isinstance(node, exp.Subquery) and not node.alias:
+        node = node.this
+    if not isinstance(node, exp.Select):
+        return None
+    for arg in ("joins", "group", "having", "distinct", "order", "limit", "offset", "qualify", "windows",
+                "with_", "laterals"):
+        if node.args.get(arg):
+            return None
+    from_ = node.args.get("from_")
+    table = from_.this if from_ is not None else None
+    if not isinstance(table, exp.Table) or table.name not in catalog.views or catalog.views[table.name].public:
+        return None
+    where = node.args.get("where")
+    if where is not None and any(isinstance(n, (exp.Select, exp.Subquery)) for n in where.this.walk()):
+        return None
+    return node
+
+
+def _renamed(node: exp.Expression, old: str, new: str) -> exp.Expression:
+    node = node.copy()
+    for col in node.find_all(exp.Column):
+        if col.table == old:
+            col.set("table", exp.to_identifier(new, quoted=True))
+    return node
+
+
+def _semi_join(conjunct: exp.Expression, select: exp.Select, catalog: Catalog, names) -> exp.Join | None:
+    negated, node = False, conjunct
+    while isinstance(node, exp.Paren):
+        node = node.this
+    if isinstance(node, exp.Not):
+        negated, node = True, node.this
+        while isinstance(node, exp.Paren):
+            node = node.this
+    if isinstance(node, exp.In) and node.args.get("query") is not None and isinstance(node.this, exp.Column):
+        sub = _simple_subquery(node.args["query"], catalog)
+        if sub is None or len(sub.expressions) != 1:
+            return None
+        inner = sub.expressions[0]
+        inner = inner.this if isinstance(inner, exp.Alias) else inner
+        table = sub.args["from_"].this
+        alias = table.alias_or_name
+        if not isinstance(inner, exp.Column) or inner.table != alias:
+            return None
+        if any(c.table != alias for c in sub.find_all(exp.Column)):
+            return None   # correlated: not this form
+        if negated:
+            # NOT IN is NULL (no row) when the key is NULL on either side; ANTI JOIN would
+            # keep such rows: only the person key, never NULL in a person-level view
+            if _key_class(node.this, select, catalog) != PRIVACY_UNIT or \
+                    catalog.views[table.name].columns.get(inner.name) is None or \
+                    catalog.views[table.name].columns[inner.name].cls != PRIVACY_UNIT:
+                return None
+        fresh = _fresh(alias, select, names)
+        key = exp.EQ(this=node.this.copy(), expression=exp.column(inner.name, table=fresh, quoted=True))
+        where = sub.args.get("where")
+        on = _and([key] + ([_renamed(where.this, alias, fresh)] if where is not None else []))
+    elif isinstance(node, exp.Exists):
+        sub = _simple_subquery(node.this, catalog)
+        if sub is None:
+            return None
+        table = sub.args["from_"].this
+        alias = table.alias_or_name
+        where = sub.args.get("where")
+        if where is None:
+            return None
+        keys, rest = [], []
+        for part in _conjuncts(where.this):
+            cols = list(part.find_all(exp.Column))
+            if all(c.table == alias for c in cols):
+                rest.append(part)
+            elif isinstance(part, exp.EQ) and isinstance(part.this, exp.Column) and \
+                    isinstance(part.expression, exp.Column) and \
+                    sorted([part.this.table == alias, part.expression.table == alias]) == [False, True]:
+                keys.append(part)
+            else:
+                return None   # correlated on something else
+        if len(keys) != 1:
+            return None
+        fresh = _fresh(alias, select, names)
+        on = _and([_renamed(p, alias, fresh) for p in keys + rest])
+    else:
+        return None
+    right = table.copy()
+    right.set("alias", exp.TableAlias(this=exp.to_identifier(fresh, quoted=True)))
+    return exp.Join(this=right, kind=ANTI if negated else SEMI, on=on)
+
+
+def _fresh(alias: str, select: exp.Select, names) -> str:
+    """The subquery's alias when no source of ``select`` has it, else a guard name."""
+    taken = set(_direct_sources(select)) | set(select.meta.get("sekisho_semi_aliases", ()))
+    if alias and alias not in taken and not alias.startswith("__"):
+        select.meta.setdefault("sekisho_semi_aliases", []).append(alias)
+        return alias
+    return f"__sj{next(names)}"
+
+
+def semi_joins(tree: exp.Expression, catalog: Catalog) -> exp.Expression:
+    """Pass: each top-level AND conjunct of a WHERE that is ``k [NOT] IN (SELECT k FROM v
+    [WHERE ...])`` or ``[NOT] EXISTS (SELECT ... FROM v WHERE v.k = outer.k [AND ...])``
+    becomes a SEMI (ANTI) JOIN of ``v`` on that key with the subquery's conditions in its
+    ON, where the classifier checks it like any join. Other subqueries stay as written
+    and are refused (``subquery_in_expression``)."""
+    names = itertools.count()
+    for select in list(tree.find_all(exp.Select)):
+        where = select.args.get("where")
+        if where is None:
+            continue
+        kept, added = [], []
+        for conjunct in _conjuncts(where.this):
+            join = _semi_join(conjunct, select, catalog, names)
+            (kept if join is None else added).append(conjunct if join is None else join)
+        if not added:
+            continue
+        remaining = _and([c.copy() for c in kept])
+        select.set("where", exp.Where(this=remaining) if remaining is not None else None)
+        select.set("joins", list(select.args.get("joins") or []) + added)
+    return tree
+
+
+# ---- classification of a scope's joins ------------------------------------------------------
+@dataclass
+class RowInfo:
+    """What the joins below (and at) one row-level scope mean for its contributors."""
+    views: tuple[str, ...] = ()              # person-level views whose rows make the rows (INNER/LEFT parts)
+    multi: frozenset[str] = frozenset()      # ... of those, views that may give a person several rows
+    household: bool = False                  # rows carry household facts: the household is the contributor
+    person_joins: bool = False               # a join on a key somewhere below or here
+    public_join: bool = False
+    household_key: exp.Column | None = None  # at this scope: the column carried as the contributor
+    rkey_alias: str | None = None            # at this scope: the source whose _rkey is the record key
+    handled: set[int] = field(default_factory=set)   # ids of the joins checked here
+
+
+def _fixed_columns(alias: str, parts: list[exp.Expression]) -> set[str]:
+    """Columns of ``alias`` fixed to one literal by a top-level conjunct (``C = lit`` or
+    ``C IN (lit)``)."""
+    fixed = set()
+    for node in parts:
+        for part in _conjuncts(node):
+            if isinstance(part, exp.EQ):
+                a, b = part.this, part.expression
+                if isinstance(b, exp.Column):
+                    a, b = b, a
+                if isinstance(a, exp.Column) and a.table == alias and isinstance(b, exp.Literal):
+                    fixed.add(a.name)
+            elif isinstance(part, exp.In) and not part.args.get("query") and isinstance(part.this, exp.Column) \
+                    and part.this.table == alias and len(part.expressions) == 1 \
+                    and isinstance(part.expressions[0], exp.Literal):
+                fixed.add(part.this.name)
+    return fixed
+
+
+def _table_rows(catalog: Catalog, table: exp.Table, fixing: list[exp.Expression]) -> frozenset[str]:
+    """{view} when a person may have several rows of the view under the query, else {}."""
+    view = catalog.views[table.name]
+    if view.person_unique:
+        return frozenset()
+    if view.record_column is not None and view.record_column in _fixed_columns(table.alias_or_name, fixing):
+        return frozenset()
+    return frozenset({view.name})
+
+
+def _namespace(lineage) -> str | None:
+    base = getattr(lineage, "base", None)
+    return getattr(base, "namespace", None)
+
+
+def _key_pair(on: exp.Expression, right: str, left_aliases: set[str], column_lineage
+              ) -> tuple[exp.Column, exp.Column, str, list[exp.Expression]]:
+    """Split a join's ON into its key equality (left column, right column, key class) and
+    the other conditions. Exactly one conjunct compares a key of the joined source with
+    the same kind of key (same namespace) of an earlier source."""
+    keys, rest = [], []
+    for part in _conjuncts(on):
+        if isinstance(part, exp.EQ) and isinstance(part.this, exp.Column) and isinstance(part.expression, exp.Column):
+            a, b = part.this, part.expression
+            if b.table != right:
+                a, b = b, a
+            if b.table == right and a.table in left_aliases:
+                la, lb = column_lineage(a), column_lineage(b)
+                if la.cls in KEY_CLASSES and la.cls == lb.cls:
+                    na, nb = _namespace(la), _namespace(lb)
+                    if na is not None and na == nb:
+                        keys.append((a, b, la.cls))
+                        continue
+                    raise refuse("personal_join", part)   # keys of different kinds of identifier
+        rest.append(part)
+    if len(keys) != 1:
+        raise refuse("personal_join", on)
+    return (*keys[0], rest)
+
+
+def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, object]], catalog: Catalog,
+                infos: dict[int, RowInfo], *, row: str, unit: str, public: str,
+                condition: Callable[[exp.Expression], None], column_lineage) -> RowInfo | None:
+    """Check the joins of a scope whose FROM is a person-level source (``row`` level) and
+    return what they mean for its contributors; None when FROM is not person-level (the
+    classifier's other rules apply). Joins to public views are left to the classifier."""
+    from_ = select.args.get("from_")
+    first = from_.this if from_ is not None else None
+    by_alias = {alias: (level, source) for alias, level, source in sources}
+    if first is None or by_alias.get(first.alias_or_name, (None,))[0] != row:
+        return None
+    anchor_alias = first.alias_or_name
+    anchor_level, anchor = by_alias[anchor_alias]
+    where = select.args.get("where")
+    where_parts = [where.this] if where is not None else []
+
+    def part_info(source, fixing: list[exp.Expression]) -> RowInfo:
+        if isinstance(source, exp.Table):
+            return RowInfo(views=(source.name,), multi=_table_rows(catalog, source, fixing))
+        return infos.get(id(source.expression), RowInfo())
+
+    info = part_info(anchor, where_parts)
+    info = replace(info, household_key=None, rkey_alias=None, handled=set())
+    seen = [anchor_alias]
+    semi_aliases: dict[str, exp.Join] = {}
+    person_tables: list[tuple[str, exp.Table]] = [(anchor_alias, anchor)] if isinstance(anchor, exp.Table) else []
+    for join in select.args.get("joins") or []:
+        alias = join.this.alias_or_name
+        level, source = by_alias.get(alias, (None, None))
+        kind = (join.kind or "").upper()
+        side = (join.side or "").upper()
+        if level == public:
+            info.public_join = True
+            seen.append(alias)
+            continue
+        if level not in (row, unit):
+            seen.append(alias)
+            continue   # the classifier refuses it
+        on = join.args.get("on")
+        if on is None:
+            raise refuse("personal_join", join)
+        left_col, _, key_cls, rest = _key_pair(on, alias, set(seen), lambda c: column_lineage(c, env))
+        if kind in (SEMI, ANTI):
+            if side or level != row:
+                raise refuse("join_not_allowed", join)
+            semi_aliases[alias] = join
+            join.meta[EXISTENCE] = True
+        elif kind in ("", "INNER", "OUTER") and side in ("", "LEFT") and not (kind == "OUTER" and side != "LEFT"):
+            if level == row and key_cls != PRIVACY_UNIT:
+                # person rows joined to person rows of the same household: every pair of
+                # members, a many-to-many join — households join as unit scopes
+                raise refuse("personal_join", join)
+            if side != "LEFT":
+                join.meta[EXISTENCE] = True
+        else:
+            raise refuse("join_not_allowed", join)
+        for part in rest:
+            condition(part)
+        info.handled.add(id(join))
+        info.person_joins = True
+        if key_cls == LINKAGE:
+            if info.household_key is not None and info.household_key != left_col:
+                raise refuse("personal_join", join)
+            info.household = True
+            info.household_key = left_col
+        if level == row and kind not in (SEMI, ANTI):
+            part = part_info(source, where_parts + [on])
+            if part.household:
+                raise refuse("join_not_allowed", join)   # household facts only through the anchor
+            info.views = info.views + part.views
+            info.multi = info.multi | part.multi
+            info.public_join = info.public_join or part.public_join
+            if isinstance(source, exp.Table):
+                person_tables.append((alias, source))
+                if side == "LEFT":
+                    # the joined person key is NULL where nothing matched: not the contributor
+                    unit_col = catalog.views[source.name].privacy_unit
+                    if unit_col in env.get(alias, {}):
+                        env[alias][unit_col] = replace(env[alias][unit_col], nullable=True)
+            elif side == "LEFT":
+                for name, lineage in list(env.get(alias, {}).items()):
+                    if lineage.cls == PRIVACY_UNIT:
+                        env[alias][name] = replace(lineage, nullable=True)
+        seen.append(alias)
+    if len(set(info.views)) < len(info.views):
+        raise refuse("self_join", select.args["joins"][0])
+    if len(info.multi) > 1:
+        raise refuse("join_fan_out", select.args.get("joins", [select])[0],
+                     part=", ".join(sorted(info.multi)))
+    for alias, join in semi_aliases.items():
+        _only_in_own_on(select, alias, join)
+    if not info.person_joins and not info.handled:
+        info.public_join = info.public_join or any(by_alias.get(j.this.alias_or_name, (None,))[0] == public
+                                                   for j in select.args.get("joins") or [])
+    # the record key of the contributor: a view with one record per person, joined INNER
+    # (``residents``), so the same persons get the same key whichever view is the anchor
+    for alias, table in person_tables:
+        joined = next((j for j in select.args.get("joins") or [] if j.this is table), None)
+        if catalog.views[table.name].person_unique and (joined is None or not (joined.side or "")):
+            info.rkey_alias = alias
+            break
+    return info
+
+
+def _only_in_own_on(select: exp.Select, alias: str, join: exp.Join) -> None:
+    """Columns of a SEMI/ANTI-joined source exist only in that join's ON."""
+    on = join.args.get("on")
+    inside = {id(n) for n in on.walk()} if on is not None else set()
+    for col in select.find_all(exp.Column):
+        if col.table == alias and id(col) not in inside and _same_scope(col, select):
+            raise refuse("semi_join_column", col)
+
+
+def _same_scope(node: exp.Expression, select: exp.Select) -> bool:
+    parent = node.parent
+    while parent is not None and parent is not select:
+        if isinstance(parent, (exp.Select, exp.SetOperation)):
+            return False
+        parent = parent.parent
+    return parent is select
+
+
+def check_measures(aggregates, info: RowInfo | None) -> None:
+    """SUM/AVG of a measure of a view that is not the one part with several rows per
+    person would count the measure once per row of that other view (fan-out)."""
+    if info is None or not info.multi:
+        return
+    for agg in aggregates:
+        if agg.kind in ("sum", "avg") and agg.measure is not None:
+            view = agg.measure.split(".", 1)[0]
+            if view not in info.multi:
+                raise QueryRefused("join_fan_out", part=f"{agg.measure} × {', '.join(sorted(info.multi))}")
+
+
+def structural_not_null(column: exp.Column) -> exp.Expression:
+    """``NOT <key> IS NULL``, marked as the guard's own structure (never an atom)."""
+    node = exp.Not(this=exp.Is(this=column.copy(), expression=exp.Null()))
+    node.meta[STRUCTURAL] = True
+    return node
