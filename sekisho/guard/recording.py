@@ -219,24 +219,22 @@ class Recorder:
         try:
             found = self._record_request(**request)
             self._audit_alerts(found, user, role, seq)
-            pairs = getattr(found, "pairs", ())
-            if pairs:   # differencing: close sizes, verified on the store after the transaction
+            # close pairs, verified on the store after the transaction: within the window
+            # (differencing) and across snapshots (upload_differencing; an old snapshot may
+            # be gone: audited as a failed check)
+            for check, pairs, confirm in (
+                    ("differencing", getattr(found, "pairs", ()), alert_rules.confirm_differencing),
+                    ("upload_differencing", getattr(found, "upload_pairs", ()),
+                     alert_rules.confirm_upload_differencing)):
+                if not pairs:
+                    continue
                 verified, failure = self._verify_pairs(pairs)
                 if verified:
-                    self._audit_alerts(alert_rules.confirm_differencing(
+                    self._audit_alerts(confirm(
                         self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
                         pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
                 if failure is not None:
-                    self._bookkeeping_failed(user, role, seq, failure, check="differencing")
-            upload_pairs = getattr(found, "upload_pairs", ())
-            if upload_pairs:   # the same across snapshots (an old snapshot may be gone: audited)
-                verified, failure = self._verify_pairs(upload_pairs)
-                if verified:
-                    self._audit_alerts(alert_rules.confirm_upload_differencing(
-                        self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
-                        pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
-                if failure is not None:
-                    self._bookkeeping_failed(user, role, seq, failure, check="upload_differencing")
+                    self._bookkeeping_failed(user, role, seq, failure, check=check)
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
             self._bookkeeping_failed(user, role, seq, exc)
 
