@@ -11,7 +11,7 @@ import pytest
 from sqlglot import parse_one
 
 from sekisho.guard.neighbour_counts import _influence_general, influence_sql, is_flat
-from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, variant_sql
+from sekisho.guard.neighbours import Variant, apply, atoms, closest, neighbourhood, variant_sql
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
        'FROM "residents" AS "r" WHERE {where}')
@@ -57,7 +57,7 @@ def test_apply_combines_replacements_of_one_node():
     assert "'灘'" in base.sql(dialect="duckdb")   # the base tree itself is left as it was
 
 
-def test_closest_takes_one_condition_and_batch_one_per_condition():
+def test_closest_takes_the_one_condition_changing_fewest():
     a_true = Variant("a", 10, "true", "")
     a_false = Variant("a", 10, "false", "")
     b_false = Variant("b", 20, "false", "")
@@ -65,7 +65,7 @@ def test_closest_takes_one_condition_and_batch_one_per_condition():
     small = [(a_true, 3), (a_false, 1), (b_false, 0), (in_0, 2), (in_1, 5)]
     assert closest(small) == [b_false]
     assert closest([(in_1, 5), (in_0, 2), (a_true, 4)]) == [in_0, in_1]   # all small elements of the IN
-    assert batch(small) == [a_false, b_false, in_0, in_1]
+    assert closest([(a_true, 1), (b_false, 1)]) == [a_true]   # ties: the first in the query
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,8 @@ def test_one_scan_over_unit_features_counts_what_the_general_form_counts(people,
     base_tree, base, neighbours = neighbourhood(tree(ROW_UNIT_TYPE.format(inner=inner, outer=outer)),
                                                 frozenset({"household_id"}))
     assert len(neighbours) >= 16 and is_flat(base_tree)
-    # and one neighbour given as a whole tree (as the drift of a batch is): counted unit by unit
-    whole = Variant(atom="", index=-1, action="drift", tree=apply(base_tree, neighbours[:3]))
+    # and one neighbour given as a whole tree: counted unit by unit
+    whole = Variant(atom="", index=-1, action="whole", tree=apply(base_tree, neighbours[:3]))
     compared = [*neighbours, whole]
     one_scan = influence_sql(base_tree, compared, ["__g0", "__g1"], person_unique=False)
     assert one_scan.count("FROM \"people\"") == 1
@@ -253,7 +253,7 @@ def test_one_scan_over_unit_scopes_counts_what_the_general_form_counts_on_genera
         base_tree, base, neighbours = neighbourhood(tree(sql), frozenset({"household_id"}), 200)
         compared = list(neighbours)
         if len(neighbours) > 3 and rng.random() < 0.5:   # and a neighbour given as a whole tree
-            compared.append(Variant(atom="", index=-1, action="drift", tree=apply(base_tree, neighbours[:3])))
+            compared.append(Variant(atom="", index=-1, action="whole", tree=apply(base_tree, neighbours[:3])))
         def counts(statement):
             cur = c.execute(statement)
             return dict(zip([d[0] for d in cur.description], cur.fetchone()))

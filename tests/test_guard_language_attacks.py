@@ -20,7 +20,6 @@ from guard_fixtures import BLOCKS, truth
 from sekisho.guard import QueryRefused
 
 
-
 @pytest.fixture(scope="module")
 def inst(own_city):
     """Each attack adds an analyst and raises alerts: a copy of the city of this module's own
@@ -33,11 +32,8 @@ def raw(inst):
     return RawOracle(inst)
 
 
-
 def fresh_analyst(inst) -> str:
     return _fresh_analyst(inst, "lang")
-
-
 
 
 def accuracy_attack(oracle, inst, guess_of):
@@ -47,12 +43,6 @@ def accuracy_attack(oracle, inst, guess_of):
 def first_value(oracle, sql, user, **kw):
     rows = oracle.query(sql, user=user, **kw).table.to_pylist()
     return list(rows[0].values())[0] if rows else None
-
-
-
-
-
-
 
 
 def target(chome, age) -> str:
@@ -114,33 +104,66 @@ def boolean_sum(oracle, user, chome, age):
     return None if n is None else "女" if n >= 1 else "男"
 
 
+def _cell_pair(oracle, user, sql):
+    rows = oracle.query(sql, user=user).table.to_pylist()
+    return (rows[0]["a"], rows[0]["b"]) if rows else (None, None)
+
+
 def filter_differencing(oracle, user, chome, age):
-    # two large FILTER cells that differ by the target alone, in one query
-    rows = oracle.query(f"SELECT COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}') AS a, "
-                        f"COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}' AND age <> {age}) AS b "
-                        "FROM residents", user=user).table.to_pylist()
-    a, b = (rows[0]["a"], rows[0]["b"]) if rows else (None, None)
+    # two FILTER cells near k (a 町丁目's women) that differ by the target alone, in one query
+    a, b = _cell_pair(oracle, user, f"SELECT COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}') AS a, "
+                                    f"COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}' AND age <> {age}) "
+                                    "AS b FROM residents")
     return None if a is None or b is None else "女" if a - b >= 1 else "男"
 
 
 def case_differencing(oracle, user, chome, age):
     # the same pair of cells written as CASE forms
-    rows = oracle.query(f"SELECT COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' THEN 1 END) AS a, "
-                        f"COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' AND age <> {age} THEN 1 END) AS b "
-                        "FROM residents", user=user).table.to_pylist()
-    a, b = (rows[0]["a"], rows[0]["b"]) if rows else (None, None)
+    a, b = _cell_pair(oracle, user, f"SELECT COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' THEN 1 END) AS a, "
+                                    f"COUNT(CASE WHEN sex = '女' AND chome_code = '{chome}' AND age <> {age} THEN 1 END) "
+                                    "AS b FROM residents")
     return None if a is None or b is None else "女" if a - b >= 1 else "男"
+
+
+def suppression_differencing(oracle, user, chome, age):
+    # the same pair read through suppression as well: the cell without the target falling
+    # under k while its twin does not (how the first guard leaked: the twin's other
+    # conditions were decided on counts one person apart)
+    a, b = _cell_pair(oracle, user, f"SELECT COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}') AS a, "
+                                    f"COUNT(*) FILTER (WHERE sex = '女' AND chome_code = '{chome}' AND age <> {age}) "
+                                    "AS b FROM residents")
+    if a is None:
+        return None
+    return "女" if b is None or a - b >= 1 else "男"
+
+
+def in_list_differencing(oracle, user, chome, age):
+    # the pair spelled with IN lists, and the twin cell's own conditions repeated in another order
+    a, b = _cell_pair(oracle, user, f"SELECT COUNT(*) FILTER (WHERE chome_code IN ('{chome}') AND sex IN ('女')) AS a, "
+                                    f"COUNT(*) FILTER (WHERE sex IN ('女') AND age NOT IN ({age}) "
+                                    f"AND chome_code IN ('{chome}')) AS b FROM residents")
+    return None if a is None or b is None else "女" if a - b >= 1 else "男"
+
+
+def grouped_differencing(oracle, user, chome, age):
+    # the pair as the cells of one 町丁目 in a GROUP BY over all 町丁目
+    rows = oracle.query(f"SELECT chome_code, COUNT(*) FILTER (WHERE sex = '女') AS a, "
+                        f"COUNT(*) FILTER (WHERE sex = '女' AND NOT (chome_code = '{chome}' AND age = {age})) AS b "
+                        "FROM residents GROUP BY chome_code", user=user).table.to_pylist()
+    mine = [r for r in rows if r["chome_code"] == chome]
+    if not mine or mine[0]["a"] is None or mine[0]["b"] is None:
+        return None
+    return "女" if mine[0]["a"] - mine[0]["b"] >= 1 else "男"
 
 
 CLASS_1 = [null_trick, string_function_key, arithmetic_key, case_inside_count, unit_feature,
            filter_count, boolean_sum]
-# two conditional cells of one query that differ by the target: condition influence leaves
-# the target's condition out, but its decisions (and the cells' suppression) are made on
-# perturbed counts near k, so they differ with the target now and then (documented
-# residual in sekisho.guard: "decisions near k"); measured 17-27 hits of 36 against a base
-# of 19 over 8 instances (raw: 36). Bounded here so that a regression to exact differencing
-# fails, not asserted to be at the base rate.
-NEAR_K = [filter_differencing, case_differencing]
+# two conditional cells of one query that differ by the target, their conditions near k: the
+# influence rule leaves out one condition per round, the one changing fewest, and decides
+# the others again on the query without it (sekisho.guard.influence.decide), so both cells
+# get the same decisions whether or not the target is in them
+NEAR_K = [filter_differencing, case_differencing, suppression_differencing, in_list_differencing,
+          grouped_differencing]
 
 
 @pytest.mark.parametrize("attack", CLASS_1, ids=lambda f: f.__name__)
@@ -150,10 +173,9 @@ def test_expressions_that_act_as_conditions_reveal_nothing(attack, guard, raw, i
 
 
 @pytest.mark.parametrize("attack", NEAR_K, ids=lambda f: f.__name__)
-def test_differencing_two_conditional_cells_is_bounded_by_the_near_k_residual(attack, guard, raw, inst):
+def test_two_conditional_cells_differing_by_the_target_reveal_nothing(attack, guard, raw, inst):
     assert_real_attack(*accuracy_attack(raw, inst, attack)[::2])
-    hits, base, n = accuracy_attack(guard, inst, attack)
-    assert hits / n <= 0.85, (hits, base, n)
+    assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
 
 
 # ---- class 2: arithmetic on a sensitive measure ------------------------------------------------------------

@@ -79,9 +79,10 @@ Residual risks (honest)
   query is answered as that neighbour, the summary and the audit name the condition.
   ``COUNT(P)`` and ``COUNT(P AND NOT <target>)`` therefore get the same answer whether or
   not the target is in P; the same holds for a CASE group isolating the target and for
-  an IN element adding one person. Conditions are left out one per round (several at
-  once when that changes fewer than k together), up to 8 rounds, else the query is
-  refused (``condition_influence_below_k``). First run of a new query costs one extra
+  an IN element adding one person. Conditions are left out one per round — the one
+  changing the fewest contributors (exact count) — and the others decided again on the
+  query without it, up to 12 rounds, else the query is refused
+  (``condition_influence_below_k``). First run of a new query costs one extra
   scan per round (all neighbours of a round in one scan when the row SELECT is over one
   table or one household scope); the verdict is cached per snapshot and user.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
@@ -99,13 +100,18 @@ Residual risks (honest)
   overlapping populations a few persons apart, queried within minutes or tabulated
   many ways each, can pause an honest analyst. Residual: a slow attacker under the thresholds;
   detection, not prevention — DP mode is the formal defence.
-  Decisions near k leak as any noisy threshold does: a condition changing about k
-  persons may be left out for one population and kept for one differing by a person.
-  Measured (tests/test_guard_language_attacks.py, near-k): two conditional cells of one
-  query whose conditions differ by a unique person (``COUNT(*) FILTER (WHERE P)`` and
-  ``... WHERE P AND age <> a``, or the CASE forms), P a 町丁目's women (~10, near k):
-  17-27 of 36 sexes right against a base of 19 (raw: 36) — the left-out decisions and the
-  cells' suppression differ with the target now and then. Bounded by a test, not closed.
+  Decisions near k (closed): two conditional cells of one query whose conditions differ
+  by a unique person (``COUNT(*) FILTER (WHERE P)`` and ``... WHERE P AND age <> a``, P a
+  町丁目's women, ~10) leaked when all small conditions were left out at once: the second
+  cell's other conditions were decided on counts one person apart, so near k they were
+  left out (the cell suppressed) for a target in P and kept otherwise — 17-27 of 36
+  sexes against a base of 19. Deciding one condition per round, the smallest first,
+  makes both cells the same expression before their other conditions are decided; five
+  spellings (FILTER, CASE, IN lists, read through suppression, in a GROUP BY) are at the
+  base rate (tests/test_guard_language_attacks.py, near-k). The left-out conditions are
+  named sorted, not in the order left out (that order follows exact counts).
+  A single condition near k still leaks as any noisy threshold does: which side of k a
+  population one person larger falls is a little more likely to differ (noise sd 3).
   The policy exempts the ``reports`` role (reviewed notebooks, fixed queries).
 * Data updates (issue 15): the perturbation table is *per snapshot* (instance secret +
   snapshot id), so consistency holds within a snapshot only. With one table for every

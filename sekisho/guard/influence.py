@@ -24,9 +24,8 @@ neighbour's version of the household features computed in the same GROUP BY); on
 other shapes (joins, nested derived tables) compare each neighbour's rows with the
 query's (``_influence_general``). The three agree on counts and cell keys
 (tests/test_guard_influence.py); the SQL is built in ``neighbour_counts`` and
-``neighbour_units``. After a batch of conditions is left out, how far the batch moved
-the query (the drift) is counted first, on its own: when it is k or more the round's
-other neighbours are not needed and are not counted.
+``neighbour_units``. One condition is left out per round, the one changing the fewest
+contributors, and the rest are counted again (``decide``), up to ``INFLUENCE_ROUNDS``.
 
 Residual risk (documented, not closed): neighbours that differ by a *constant*
 (``age >= 40`` vs ``age >= 41``) are not formed; such pairs are trackers across queries,
@@ -46,13 +45,13 @@ from sekisho.guard.analyze import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat
-from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, batch, closest, neighbourhood
+from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, closest, neighbourhood
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.threshold import Cells, number
 
 MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence in the general form
 MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
-INFLUENCE_ROUNDS = 8   # leaving conditions out can make others small: re-checked up to this often
+INFLUENCE_ROUNDS = 12   # one condition left out per round, the rest re-checked: at most this many
 CACHE_SIZE = 2048
 CACHE_BYTES = 16 * 2 ** 20   # estimated bytes of the verdicts kept, all users (``verdict_bytes``)
 
@@ -71,32 +70,26 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     counted by fewer than k contributors (perturbed count) is not applied — the query is
     answered as its neighbour without it, whether the condition changes nobody or one
     person, so the answer cannot tell the two apart. ``fetch`` runs one counting SQL on
-    the snapshot; ``ptable`` is that snapshot's cell-key table."""
+    the snapshot; ``ptable`` is that snapshot's cell-key table.
+
+    One condition is left out per round — the one that changes the *fewest* contributors
+    (exact count, so no noise can put another first) — and the others are decided again on
+    the query without it. Deciding them all at once would decide a condition near k on
+    counts that still include or exclude the person the smaller one isolates: in
+    ``COUNT(P)`` against ``COUNT(P AND age <> a)``, the second cell's own conditions change
+    |P| - 1 persons when the target is in P and |P| when not, so near k they were left out
+    for one and kept for the other (tests/test_guard_language_attacks.py, near-k). After
+    the smallest is left out both cells are the same expression and get the same decisions."""
     current, left_out = row, []
-    pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
         base, _, neighbours = neighbourhood(current, identifiers, max_atoms)
-        compared = list(neighbours)
-        if pending is not None:
-            # how far the last batch moved the query: it must stay below k as well
-            compared.append(Variant(atom="", index=-1, action="drift", tree=pending[0]))
-        if not compared:
+        if not neighbours:
             break
         limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
-        if len(compared) > limit:
+        if len(neighbours) > limit:
             raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
-        if pending is not None:
-            # the drift first, on its own: when the batch moved the query by k or more,
-            # this round's neighbours are not needed (the closest one alone is left out)
-            before, single, left_before = pending
-            pending = None
-            if _noisy(base, [compared.pop()], columns, person_unique, ptable, fetch)[0][0] >= k:
-                current, left_out = apply(before, single), left_before + [v.atom for v in single]
-                continue
-            if not compared:
-                break
-        noisy, counts = _noisy(base, compared, columns, person_unique, ptable, fetch)
+        noisy, exact, counts = _counted(base, neighbours, columns, person_unique, ptable, fetch)
         if round_ == 0 and filtered and any(v < k for v in noisy):
             # a query that selects fewer than k is refused as such, before any condition
             # is left out (which would otherwise widen it into an answer)
@@ -104,31 +97,27 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                                                [int(number(counts, hidden.CONTRIBUTORS, np.int64)[0])])[0]
             if population < k:
                 raise QueryRefused("filter_population_below_k")
-        small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
+        small = [(neighbours[i], exact[i]) for i, value in enumerate(noisy) if value < k]
         if not small:
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
             raise QueryRefused("condition_influence_below_k", part=min(small, key=lambda o: o[1])[0].atom)
-        chosen = batch(small)
-        if len(chosen) > len(closest(small)):
-            pending = (base, closest(small), list(left_out))
+        chosen = closest(small)
         current = apply(base, chosen)
-        left_out += [v.atom for v in chosen if v.atom not in left_out]
-    else:
-        if pending is not None:
-            raise QueryRefused("condition_influence_below_k")
-    return Verdict(current.sql(dialect=DIALECT), tuple(left_out)) if left_out else Verdict()
+        left_out += [v.atom for v in chosen]
+    # named sorted, not in the order left out: that order follows exact counts
+    return Verdict(current.sql(dialect=DIALECT), tuple(sorted(left_out))) if left_out else Verdict()
 
 
-def _noisy(base: exp.Expression, variants: list[Variant], columns: list[str], person_unique: bool,
-           ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> tuple[list[int], Cells]:
-    """The perturbed count of contributors each of ``variants`` changes (one scan), and
-    the counting SQL's cells (``__n``/``__ck``: the query's own contributors)."""
+def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], person_unique: bool,
+             ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> tuple[list[int], list[int], Cells]:
+    """The perturbed and the exact count of contributors each of ``variants`` changes (one
+    scan), and the counting SQL's cells (``__n``/``__ck``: the query's own contributors)."""
     counts = fetch(influence_sql(base, variants, columns, person_unique=person_unique))
     n = [int(number(counts, f"{hidden.CONTRIBUTORS}{i}", np.int64)[0]) for i in range(len(variants))]
     ck = [int(number(counts, f"{hidden.CELL_KEY}{i}", np.int64)[0]) for i in range(len(variants))]
-    return [int(v) for v in ptable.perturb_counts(ck, n)], counts
+    return [int(v) for v in ptable.perturb_counts(ck, n)], n, counts
 
 
 def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:
