@@ -311,3 +311,43 @@ def test_a_burst_of_failed_logins_raises_an_alert(instance, monkeypatch):
     assert len(alerts) == 1
     assert alerts[0]["user"] == "tanaka" and alerts[0]["details"]["alert"] == "failed_login_burst"
     assert alerts[0]["details"]["failures"] == 3
+
+
+def test_a_flood_of_failed_logins_adds_a_bounded_number_of_entries(instance, monkeypatch):
+    # failures need no credential: a flood from one address is one login.failed entry per
+    # name typed plus one aggregate each with the count, and one alert per name, not one
+    # entry per failure
+    from types import SimpleNamespace
+
+    from jupyterhub.auth import PAMAuthenticator
+
+    from sekisho.hub.auth import SekishoPAMAuthenticator
+
+    set_role(instance, "tanaka", "analyst")
+    auth = SekishoPAMAuthenticator(sekisho_home=str(instance.home), failed_login_alert_threshold=3)
+
+    async def pam(self, handler, data):
+        return None
+    monkeypatch.setattr(PAMAuthenticator, "authenticate", pam)
+    handler = SimpleNamespace(request=SimpleNamespace(remote_ip="203.0.113.9"))
+    before = len(list(instance.audit.entries()))
+    for i in range(200):
+        name = "tanaka" if i % 2 else f"guess{i % 7}"
+        asyncio.run(auth.get_authenticated_user(handler, {"username": name, "password": f"p{i}"}))
+    auth._failed_logins.flush_all()
+    new = list(instance.audit.entries())[before:]
+    failed = [e for e in new if e["type"] == "login.failed"]
+    aggregates = [e for e in new if e["type"] == "access.denied"]
+    alerts = [e for e in new if e["type"] == "alert"]
+    assert sorted(e["user"] for e in failed) == sorted(["tanaka"] + [f"guess{i}" for i in range(7)])
+    assert {e["details"]["remote_ip"] for e in failed} == {"203.0.113.9"}
+    assert sum(e["details"]["count"] for e in aggregates) == 200 - 8     # every failure counted
+    assert len(aggregates) <= 2 * 8                                        # a minute boundary at most
+    assert "ip:203.0.113.9 claimed:tanaka" in {e["details"]["source"] for e in aggregates}
+    assert sorted(e["user"] for e in alerts) == sorted(["tanaka", *{f"guess{i % 7}" for i in range(0, 200, 2)}])
+    assert "p17" not in instance.audit.path.read_text()
+    # the people page counts them all for the name typed
+    from sekisho.services.audit_activity import person_activity
+
+    people = {p.user: p for p in person_activity(instance.audit.entries())}
+    assert people["tanaka"].failed_logins == 100

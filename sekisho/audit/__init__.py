@@ -33,13 +33,13 @@ Import from ``sekisho.audit``; the modules are its internals.
 from __future__ import annotations
 
 from sekisho.audit.chain import GENESIS, HEAD_MAGIC, HEAD_NAME, HEAD_SLOT, LOCK_NAME, LOG_NAME, _head_slot, entry_hash
-from sekisho.audit.denials import DENIAL_TYPE, Denial, DenialLog, credential_digest
+from sekisho.audit.denials import DENIAL_TYPE, LOGIN_SERVICE, Denial, DenialLog, credential_digest
 from sekisho.audit.log import AuditError, AuditLog
 from sekisho.audit.reading import CSV_FIELDS, AuditTrail, to_csv
 from sekisho.audit.verify import Problem, VerifyResult
 
 __all__ = [
     "CSV_FIELDS", "GENESIS", "HEAD_MAGIC", "HEAD_NAME", "HEAD_SLOT", "LOCK_NAME", "LOG_NAME",
-    "DENIAL_TYPE", "AuditError", "AuditLog", "AuditTrail", "Denial", "DenialLog", "Problem", "VerifyResult",
+    "DENIAL_TYPE", "LOGIN_SERVICE", "AuditError", "AuditLog", "AuditTrail", "Denial", "DenialLog", "Problem", "VerifyResult",
     "_head_slot", "credential_digest", "entry_hash", "to_csv",
 ]

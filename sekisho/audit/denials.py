@@ -46,6 +46,7 @@ from sekisho.system import now_tokyo
 log = logging.getLogger(__name__)
 
 DENIAL_TYPE = "access.denied"
+LOGIN_SERVICE = "hub-login"   # the hub's failed logins (``sekisho.hub.auth``), aggregated the same way
 UNAUTHENTICATED = "(unauthenticated)"
 OVERFLOW = "(overflow)"
 MAX_PATHS = 10              # distinct paths kept per bucket
@@ -80,12 +81,13 @@ class Denial:
     remote_ip: str | None = None
     credential: str | None = None
     why: str = ""
+    claimed: str | None = None   # a name the request claimed, not verified (a failed login's)
 
     @property
     def source(self) -> str:
         if self.user:
             return f"user:{self.user}" + (f" ({self.credential})" if self.credential else "")
-        return f"ip:{self.remote_ip or '?'}"
+        return f"ip:{self.remote_ip or '?'}" + (f" claimed:{self.claimed}" if self.claimed else "")
 
 
 @dataclass
@@ -179,7 +181,8 @@ class DenialLog:
         """What every entry of a denial says: service, status, code, path, source, address."""
         return {"service": self.service, "status": denial.status, "code": denial.code,
                 "path": denial.path[:MAX_PATH_CHARS], "route": denial.route, "source": denial.source,
-                "remote_ip": denial.remote_ip, "why": denial.why[:300]}
+                "remote_ip": denial.remote_ip, "why": denial.why[:300],
+                **({"claimed": denial.claimed} if denial.claimed else {})}
 
     # ---- aggregates ----------------------------------------------------------
     def flush(self, *, everything: bool = False) -> int:

@@ -4,7 +4,13 @@
 
 * records ``login`` (success) and ``login.failed`` (wrong credentials, or a person
   who has no Sekisho role) in the instance's hash-chained audit trail, and refuses the
-  login when the entry cannot be written (fail closed);
+  login when the entry cannot be written (fail closed). Failures are attacker-driven
+  (no credential needed to send one), so they are aggregated like the hub's other
+  denials (``sekisho.audit.DenialLog``): the first of its address, name typed, reason and
+  minute is a ``login.failed`` entry, the rest of that minute one aggregate entry with
+  their count (a flood over many names: at most ``MAX_BUCKETS`` such pairs a minute, then
+  one overflow aggregate); a password-guessing alert is raised at most once per name and
+  window, and at most ``MAX_ALERTS_PER_MINUTE`` a minute;
 * admits only people who have exactly one human Sekisho role, and puts them in that
   role's hub group (``analysts``, ``admins``, ``managers``, ``stewards``) — the hub
   roles bound to those groups carry the scopes (``sekisho.hub.roles``);
@@ -31,12 +37,13 @@ from jupyterhub.utils import maybe_future
 from traitlets import Dict, Enum, Int, Unicode
 
 from sekisho.access import HUB_GROUPS, HUMAN_ROLES
-from sekisho.audit import AuditError
+from sekisho.audit import LOGIN_SERVICE, AuditError, Denial, DenialLog
 from sekisho.hub.roles import role_from_groups
 from sekisho.instance import Instance
 from sekisho.state import role_of, set_role
 
 MAX_LOGGED_NAME = 64  # attempted user names are attacker input; keep the trail tidy
+MAX_ALERTS_PER_MINUTE = 10   # failed-login alerts written a minute, whatever the number of names
 
 
 def _remote_ip(handler) -> str | None:
@@ -87,6 +94,19 @@ class SekishoAuthMixin(Authenticator):
         if "_failure_times" not in self.__dict__:
             self.__dict__["_failure_times"] = {}
         return self.__dict__["_failure_times"]
+
+    @property
+    def _failed_logins(self) -> DenialLog:
+        # one per authenticator: failed logins aggregated per address, reason and minute
+        if "_failed_login_log" not in self.__dict__:
+            self.__dict__["_failed_login_log"] = DenialLog(self.instance.audit, LOGIN_SERVICE)
+        return self.__dict__["_failed_login_log"]
+
+    @property
+    def _alert_minutes(self) -> dict[str, int]:
+        if "_alert_minute_counts" not in self.__dict__:
+            self.__dict__["_alert_minute_counts"] = {}
+        return self.__dict__["_alert_minute_counts"]
 
     @property
     def _credentials_ok(self) -> set[int]:
@@ -171,27 +191,39 @@ class SekishoAuthMixin(Authenticator):
 
     def _audit_failure(self, attempted: str, reason: str, ip: str | None, **extra: Any) -> None:
         name = attempted or "(empty)"
+
+        def first(denial: Denial) -> dict[str, Any]:
+            return self.instance.audit.append(
+                "login.failed", user=name, role=None, outcome="denied",
+                summary=f"failed hub login for {attempted!r}: {reason}",
+                details={"reason": reason, "remote_ip": ip, **extra})
         try:
-            self.audit_event("login.failed", user=name, outcome="denied",
-                             summary=f"failed hub login for {attempted!r}: {reason}",
-                             details={"reason": reason, "remote_ip": ip, **extra})
+            self._failed_logins.record(Denial(status=403, code=reason, path="login", route="login",
+                                              remote_ip=ip, claimed=name, why=f"failed hub login: {reason}"),
+                                       first=first)
             self._check_failure_burst(name, ip)
         except AuditError as exc:  # the login is refused anyway; say so loudly
             self.log.error("could not audit a failed login for %r: %s", attempted, exc)
 
     def _check_failure_burst(self, name: str, ip: str | None) -> None:
-        """Many failures for one name in a short time: someone may be guessing passwords."""
+        """Many failures for one name in a short time: someone may be guessing passwords.
+        One alert per name and window (the failures themselves are counted in the trail)."""
         threshold, window = self.failed_login_alert_threshold, self.failed_login_alert_window
         if threshold <= 0:
             return
         now = time.monotonic()
         recent = [t for t in self._failures.get(name, []) if now - t < window] + [now]
-        if len(recent) >= threshold:
+        minute = int(time.time() // 60)
+        alerts = self._alert_minutes
+        if minute not in alerts:
+            alerts.clear()
+            alerts[minute] = 0
+        if len(recent) == threshold and alerts[minute] < MAX_ALERTS_PER_MINUTE:
+            alerts[minute] += 1
             self.audit_event("alert", user=name, role=role_of(self.instance, name), outcome="ok",
                              summary=f"hub alert: {len(recent)} failed logins for {name!r} within {window}s",
                              details={"alert": "failed_login_burst", "failures": len(recent),
                                       "window_s": window, "remote_ip": ip})
-            recent = []  # one alert per burst
         self._failures[name] = recent
         if len(self._failures) > 10_000:  # attempted names are attacker input: keep the table bounded
             for other in [n for n, times in self._failures.items() if not times or now - times[-1] >= window]:

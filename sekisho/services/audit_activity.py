@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from sekisho.audit import DENIAL_TYPE, LOGIN_SERVICE
 
 @dataclass
 class Session:
@@ -74,6 +75,10 @@ def person_activity(entries: Iterable[dict[str, Any]]) -> list[PersonActivity]:
                 p.logins[-1].end, p.logins[-1].end_type = ts, "logout"
         elif kind == "login.failed":
             p.failed_logins += 1
+        elif kind == DENIAL_TYPE and details.get("service") == LOGIN_SERVICE and details.get("aggregated"):
+            # the rest of a minute's failed logins for one name typed, counted in one entry
+            person(str(details.get("claimed") or name)).failed_logins += int(details.get("count") or 1)
+            continue
         elif kind == "server.start" and e["outcome"] == "ok":
             p.servers.append(Session(start=ts))
         elif kind == "server.stop":
