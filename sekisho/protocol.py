@@ -8,7 +8,8 @@ defined here once (``hub/guard-openapi.yaml`` describes the same for other clien
 Per-cell status and accuracy (issue 19) travel with every answer as a second Arrow
 table, the *cells table*, row-aligned with the answer (row i describes row i): for
 every answer column that carries a protected value, three columns ``<name>:status``
-(``released``, ``suppressed_k``, ``suppressed_dominance``; NULL where the guard could
+(``released``, ``suppressed_k``, ``suppressed_dominance``, ``partial`` for an aggregate
+over cells some of which were suppressed; NULL where the guard could
 not follow the value through post-processing), ``<name>:low`` and ``<name>:high`` (the
 accuracy interval: ±D for threshold counts, ±r·value for non-negative threshold sums,
 the 95% interval of the DP noise; NULL where none is stated). Each field's metadata

@@ -130,6 +130,30 @@ def test_a_value_computed_from_a_suppressed_cell_is_suppressed_and_keys_have_no_
             assert cells["n100"]["low"][i] <= row["n100"] <= cells["n100"]["high"][i]
 
 
+def test_aggregates_above_the_boundaries_carry_their_inputs_status(guard):
+    # SUM/MAX over counts by sex, grouped by block: a block whose cells were all
+    # released is released, one with some suppressed is partial (the sum leaves them out),
+    # and the key and COUNT(*) (a count of rows, no protected value) carry none
+    inner = "SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= 85 GROUP BY block, sex"
+    parts = guard.query(inner, user="ana")
+    by_block: dict[str, list[str]] = {}
+    for row, st in zip(parts.table.to_pylist(), cells_of(parts)["n"]["status"]):
+        by_block.setdefault(row["block"], []).append(st)
+    r = guard.query(f"SELECT block, SUM(n) AS total, MAX(n) AS top, COUNT(*) AS chomes FROM ({inner}) AS t "
+                    "GROUP BY block ORDER BY block", user="ana")
+    cells = cells_of(r)
+    assert set(cells) == {"total", "top"}
+    expected = {b: status.RELEASED if all(s == status.RELEASED for s in sts) else
+                status.PARTIAL if any(s == status.RELEASED for s in sts) else sts[0] for b, sts in by_block.items()}
+    got = dict(zip(r.table.column("block").to_pylist(), cells["total"]["status"]))
+    assert got == expected
+    assert set(got.values()) >= {status.RELEASED, status.PARTIAL}     # the city has both kinds of block
+    assert cells["top"]["status"] == cells["total"]["status"] and cells["total"]["accuracy"] == status.NO_INTERVAL
+    # the same over the whole table, and an aggregate of an expression of protected values
+    whole = guard.query(f"SELECT SUM(n) AS total, SUM(n * 2) AS twice FROM ({inner}) AS t", user="ana")
+    assert cells_of(whole)["total"]["status"] == [status.PARTIAL] == cells_of(whole)["twice"]["status"]
+
+
 # ---- densification within the query's own filters -------------------------------------------------
 
 def test_age_at_least_97_gives_ages_97_to_100_only_with_suppressed_cells_present(guard, inst):

@@ -10,6 +10,7 @@ same client code as in the kernel, the real guard behind it.
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 import ibis
 import pandas as pd
@@ -53,6 +54,18 @@ def test_a_result_renders_with_the_header_x_for_suppressed_and_a_legend(con, ins
     assert pd.isna(df["n"].iloc[3])                         # to_pandas values stay plain
 
 
+def test_an_aggregate_over_partly_suppressed_cells_is_marked(con):
+    # SUM over per-sex counts of the oldest residents, by block: blocks where a sex's cell
+    # was suppressed are summed without it, marked ※ and explained in the legend
+    df = con.sql("SELECT block, SUM(n) AS total FROM (SELECT block, sex, COUNT(*) AS n FROM residents "
+                 "WHERE age >= 85 GROUP BY block, sex) AS t GROUP BY block ORDER BY block").execute()
+    statuses = df.sekisho.status["total"].tolist()
+    assert "partial" in statuses and "released" in statuses
+    html = result_html(df)
+    assert html.count("※</td>") == statuses.count("partial")
+    assert "※: 秘匿したセルを除いて集計した値" in text_of(html)
+
+
 def test_numbers_have_separators_and_never_scientific_notation(con):
     t = con.table("resident_tax")
     t = t.filter(t.tax_year == 2025)
@@ -63,6 +76,7 @@ def test_numbers_have_separators_and_never_scientific_notation(con):
     assert all(re.fullmatch(r"-?\d{1,3}(,\d{3})+", s) for s in shown), shown
     assert format_number(9314666.0) == "9,314,666" and format_number(1234) == "1,234"
     assert format_number(0.1234) == "0.1234" and format_number(12.5) == "12.50"
+    assert format_number(Decimal("9314666")) == "9,314,666"   # SQL sums of integers arrive as DECIMAL
 
 
 def test_dp_results_show_epsilon_and_the_95_percent_interval(con):

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import decimal
 import html
 import math
 import re
@@ -38,7 +39,8 @@ KEYS_ATTR = "sekisho_keys"
 MAX_ROWS = 200
 
 SUPPRESSED = ("suppressed_k", "suppressed_dominance")
-STATUS_JA = {"released": "公表", "suppressed_k": "秘匿（少人数）", "suppressed_dominance": "秘匿（優越性）"}
+STATUS_JA = {"released": "公表", "suppressed_k": "秘匿（少人数）", "suppressed_dominance": "秘匿（優越性）",
+             "partial": "秘匿セルを除いた集計"}
 MODE_JA = {"threshold": "しきい値方式（最小人数・セルキー法による攪乱）", "dp": "差分プライバシー方式"}
 ACCURACY_JA = {"cell_key": "セルキー法の攪乱", "sum_relative": "合計の攪乱（値に対する割合）",
                "dp_95": "95%区間", "none": "誤差幅の表示なし"}
@@ -185,6 +187,9 @@ def format_number(value: Any, *, integer: bool = False) -> str:
             return f"{int(round(value)):,}"
         digits = 0 if abs(value) >= 1000 else 1 if abs(value) >= 100 else 2 if abs(value) >= 1 else 4
         return f"{value:,.{digits}f}"
+    if isinstance(value, decimal.Decimal) and value.is_finite():
+        # SQL sums of integers arrive as DECIMAL(38, 0)
+        return format_number(int(value) if value == value.to_integral_value() else float(value), integer=integer)
     if hasattr(value, "item"):
         return format_number(value.item(), integer=integer)
     return str(value)
@@ -297,8 +302,10 @@ def result_html(df: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
                 mark = "-" if st == "released" else "…"
                 marks.add(mark)
                 cells.append(f'<td class="sekisho-na">{mark}</td>')
-            elif isinstance(value, (int, float)) or hasattr(value, "item") and not isinstance(value, str):
-                cells.append(f'<td class="num">{_esc(format_number(value, integer=integral[c]))}</td>')
+            elif isinstance(value, (int, float, decimal.Decimal)) or hasattr(value, "item") and not isinstance(value, str):
+                partial = "※" if st == "partial" else ""
+                marks.add(partial)
+                cells.append(f'<td class="num">{_esc(format_number(value, integer=integral[c]))}{partial}</td>')
             else:
                 cells.append(f"<td>{_esc(value)}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
@@ -309,6 +316,8 @@ def result_html(df: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
     legend = ["X: 秘匿（少人数のセル、または少数の者が大部分を占める値）"]
     if "-" in marks:
         legend.append("-: 値なし（該当する値がない）")
+    if "※" in marks:
+        legend.append("※: 秘匿したセルを除いて集計した値（実際の値とは異なります）")
     if "…" in marks:
         legend.append("…: 値がありません（集計後の加工のため状態が分からない値。秘匿の可能性があります）")
     return (

@@ -12,9 +12,15 @@ hidden columns ``__cell<k>_st``/``_lo``/``_hi``:
   first input that is not ``released`` (a value computed from a suppressed cell is
   NULL and said to be suppressed) — and no interval (the guard does not propagate
   accuracy through arithmetic);
-* a SELECT with GROUP BY, DISTINCT, aggregates, window functions, set operations or CTEs
-  above the boundaries is not followed: its columns get no status (``None``, shown as
-  unknown), and nothing below it is changed.
+* ``SUM``, ``AVG``, ``MIN`` and ``MAX`` of protected values, with or without GROUP BY
+  above the boundaries (``SELECT block, SUM(n) FROM (<per 町丁目 counts>) GROUP BY
+  block``), carry the status of their inputs: ``released`` when every input row of the
+  group was released, the inputs' status when none was (the aggregate is NULL), and
+  ``partial`` when some were suppressed — the value is then computed without them, which
+  the reader must be told. No interval (as for arithmetic);
+* other aggregates, DISTINCT, HAVING, window functions, set operations or CTEs above the
+  boundaries are not followed: their columns get no status (``None``, shown as
+  unknown), and nothing below them is changed.
 
 The companions are functions of protected values and public parameters only, and the
 analyst's SQL cannot name them (identifiers starting with ``__`` are refused), so
@@ -31,7 +37,7 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from sekisho.guard import hidden
-from sekisho.guard.protect.status import NO_INTERVAL, RELEASED, high_column, low_column, status_column
+from sekisho.guard.protect.status import NO_INTERVAL, PARTIAL, RELEASED, high_column, low_column, status_column
 
 PREFIX = "__cell"
 DIALECT = "duckdb"
@@ -62,7 +68,8 @@ def _sources(select: exp.Select) -> list[exp.Expression]:
     return out
 
 
-_UNSUPPORTED = ("group", "distinct", "having", "qualify", "windows", "with_", "pivots", "laterals")
+_UNSUPPORTED = ("distinct", "having", "qualify", "windows", "with_", "pivots", "laterals")
+FOLLOWED_AGGREGATES = (exp.Sum, exp.Avg, exp.Min, exp.Max)
 
 
 class _Carrier:
@@ -74,8 +81,9 @@ class _Carrier:
         if any(select.args.get(a) for a in _UNSUPPORTED):
             return None
         for p in select.expressions:
-            if p.find(exp.AggFunc, exp.Window, exp.Select, exp.Subquery):
+            if p.find(exp.Window, exp.Select, exp.Subquery):
                 return None
+        grouped = bool(select.args.get("group")) or any(p.find(exp.AggFunc) for p in select.expressions)
         sources: dict[str, dict[str, Companion] | None] = {}
         for src in _sources(select):
             alias = (src.alias_or_name or "").lower()
@@ -110,16 +118,21 @@ class _Carrier:
                 continue
             base = f"{PREFIX}{next(self.names)}"
             inner = p.this if isinstance(p, exp.Alias) else p
-            if isinstance(inner, exp.Column) and len(refs) == 1:
+            if grouped:
+                # only an aggregate of protected values is followed through a GROUP BY
+                if not isinstance(inner, FOLLOWED_AGGREGATES) or any(
+                        isinstance(n, exp.AggFunc) for n in inner.this.walk()):
+                    continue
+                status = _aggregated_status(_row_status(refs))
+                low = high = exp.cast(exp.Null(), "DOUBLE")
+                kind = NO_INTERVAL
+            elif isinstance(inner, exp.Column) and len(refs) == 1:
                 col, comp = refs[0]
                 status, low, high = (exp.column(c, table=col.table or None, quoted=True)
                                      for c in (comp.status, comp.low, comp.high))
                 kind = comp.kind
             else:
-                status = exp.func("COALESCE", *[exp.func("NULLIF", exp.column(c.status, table=col.table or None,
-                                                                              quoted=True),
-                                                         exp.Literal.string(RELEASED)) for col, c in refs],
-                                  exp.Literal.string(RELEASED))
+                status = _row_status(refs)
                 low = high = exp.cast(exp.Null(), "DOUBLE")
                 kind = NO_INTERVAL
             added += [exp.alias_(status, f"{base}_st", quoted=True), exp.alias_(low, f"{base}_lo", quoted=True),
@@ -144,6 +157,23 @@ class _Carrier:
         if col.table:
             return sources.get(col.table.lower(), None) is None
         return any(c is None for c in sources.values())
+
+
+def _row_status(refs: list[tuple[exp.Column, Companion]]) -> exp.Expression:
+    """The status of an expression of protected values: the first input not released."""
+    return exp.func("COALESCE", *[exp.func("NULLIF", exp.column(c.status, table=col.table or None, quoted=True),
+                                           exp.Literal.string(RELEASED)) for col, c in refs],
+                    exp.Literal.string(RELEASED))
+
+
+def _aggregated_status(row_status: exp.Expression) -> exp.Expression:
+    """Over a group: released when every input was, the inputs' (suppressed) status when
+    none was, ``partial`` when some were."""
+    released = exp.EQ(this=row_status, expression=exp.Literal.string(RELEASED))
+    return exp.Case(ifs=[exp.If(this=exp.func("BOOL_AND", released.copy()), true=exp.Literal.string(RELEASED)),
+                         exp.If(this=exp.Not(this=exp.func("BOOL_OR", released.copy())),
+                                true=exp.func("MIN", row_status.copy()))],
+                    default=exp.Literal.string(PARTIAL))
 
 
 def carry(post_sql: str, kinds: dict[str, list[str]]) -> Carried | None:

@@ -37,7 +37,10 @@ import numpy as np
 RELEASED = "released"
 SUPPRESSED_K = "suppressed_k"
 SUPPRESSED_DOMINANCE = "suppressed_dominance"
-STATUSES = (RELEASED, SUPPRESSED_K, SUPPRESSED_DOMINANCE)
+# an aggregate above the boundaries over cells of which some were suppressed: computed
+# without them (``protect.carry``)
+PARTIAL = "partial"
+STATUSES = (RELEASED, SUPPRESSED_K, SUPPRESSED_DOMINANCE, PARTIAL)
 
 # accuracy kinds, as the summary names them per output column
 CELL_KEY = "cell_key"            # ± D
