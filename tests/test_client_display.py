@@ -18,7 +18,8 @@ import pytest
 
 import sekisho.client  # noqa: F401  (registers ibis.sekisho)
 from sekisho.client import GuardRefusal
-from sekisho.client.display import StatusUnavailable, format_number, install, refusal_html, result_html
+from sekisho.client.display import format_number, install, refusal_html, result_html
+from sekisho.client.status import StatusUnavailable
 from sekisho.client.suggest import rewrite_idioms, suggest
 from sekisho.policy import load_instance_policy
 

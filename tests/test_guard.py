@@ -15,10 +15,12 @@ import sqlglot
 from guard_fixtures import BANDS, BLOCKS, truth
 from sekisho.audit import AuditError
 from sekisho.guard import Guard, QueryRefused
-from sekisho.guard import analyze as passes
 from sekisho.guard.catalog import catalog_for_role
+from sekisho.guard.checks import check_functions, check_tables
+from sekisho.guard.names import inline_ctes, qualify_columns
 from sekisho.guard.protect.cellkey import PerturbationTable, noise_distribution
 from sekisho.guard.protect.dominance import nk_fails, p_percent_fails
+from sekisho.guard.sqltext import parse_single_select
 from sekisho.policy import load_instance_policy
 from sekisho.store import Store
 
@@ -52,7 +54,7 @@ def refused(guard, sql, **kw) -> QueryRefused:
 ])
 def test_parse_single_select_refuses(sql, code):
     with pytest.raises(QueryRefused) as info:
-        passes.parse_single_select(sql)
+        parse_single_select(sql)
     assert info.value.code == code
 
 
@@ -65,9 +67,9 @@ def test_parse_single_select_refuses(sql, code):
     "SELECT COUNT(*) FROM residents WHERE block = (SELECT version())",
 ])
 def test_check_functions_refuses_outside_allow_list(sql, catalog):
-    tree = passes.parse_single_select(sql)
+    tree = parse_single_select(sql)
     with pytest.raises(QueryRefused) as info:
-        passes.check_functions(tree, catalog)
+        check_functions(tree, catalog)
     assert info.value.code == "function_not_allowed"
 
 
@@ -78,23 +80,23 @@ def test_check_functions_refuses_outside_allow_list(sql, catalog):
     ("SELECT COUNT(*) FROM duckdb_tables()", "table_function"),
 ])
 def test_check_tables(sql, code, catalog):
-    tree = passes.parse_single_select(sql)
+    tree = parse_single_select(sql)
     with pytest.raises(QueryRefused) as info:
-        passes.check_tables(tree, catalog)
+        check_tables(tree, catalog)
     assert info.value.code == code
 
 
 def test_qualify_hides_record_key(catalog):
-    tree = passes.parse_single_select("SELECT _rkey, COUNT(*) FROM residents GROUP BY 1")
+    tree = parse_single_select("SELECT _rkey, COUNT(*) FROM residents GROUP BY 1")
     with pytest.raises(QueryRefused) as info:
-        passes.qualify_columns(tree, catalog)
+        qualify_columns(tree, catalog)
     assert info.value.code == "unknown_column"
 
 
 def test_inline_ctes_turns_ctes_into_derived_tables(catalog):
-    tree = passes.parse_single_select(
+    tree = parse_single_select(
         "WITH a AS (SELECT block FROM residents), b AS (SELECT * FROM a) SELECT block, COUNT(*) FROM b GROUP BY 1")
-    tree = passes.inline_ctes(passes.qualify_columns(tree, catalog), catalog)
+    tree = inline_ctes(qualify_columns(tree, catalog), catalog)
     assert not list(tree.find_all(sqlglot.exp.With))
     assert [t.name for t in tree.find_all(sqlglot.exp.Table)] == ["residents"]
 
@@ -564,7 +566,7 @@ def test_global_aggregate_below_k_is_one_null_row():
     an empty result (an empty result would differ from a suppressed one)."""
     import numpy as np
 
-    from sekisho.guard.analyze import AggregateSpec
+    from sekisho.guard.boundary import AggregateSpec
     from sekisho.guard.protect.threshold import protect_threshold
 
     cells = {"__n": np.array([3]), "__ck": np.array([7]), "__x0": np.array([3])}

@@ -14,11 +14,12 @@ import duckdb
 import pytest
 
 from sekisho.guard import Guard, QueryRefused
-from sekisho.guard.analyze import MAX_NODES, analyze
+from sekisho.guard.analyze import analyze
 from sekisho.guard.catalog import Catalog, ColumnInfo, ViewInfo
 from sekisho.guard.neighbours import MAX_ATOMS
 from sekisho.guard.language import MAX_ARITHMETIC, MAX_DEPTH, MAX_IN_LIST
 from sekisho.guard.rewrite import plan as make_plan
+from sekisho.guard.sqltext import MAX_NODES
 from sekisho.state import set_role
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "guard-language.md"

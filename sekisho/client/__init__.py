@@ -7,7 +7,7 @@ In an analyst's kernel::
     t = con.table("residents")
     df = t.group_by("block").agg(n=t.count()).execute()
     df.attrs["sekisho"]                      # disclosure summary (also con.last_summary)
-    df.sekisho.status, df.sekisho.low        # per-cell status and accuracy (sekisho.client.display)
+    df.sekisho.status, df.sekisho.low        # per-cell status and accuracy (sekisho.client.status)
     con.sql("SELECT block, count(*) AS n FROM residents GROUP BY block").execute()
 
 Expressions are compiled to DuckDB SQL with ibis's own DuckDB compiler and sent to the
@@ -42,6 +42,7 @@ from sekisho.access import REPORTS_USER
 from sekisho.client import display as _display  # noqa: F401  (registers the df.sekisho accessor)
 from sekisho.client.describe import Description, order_by_domains
 from sekisho.client.describe import describe as describe_views
+from sekisho.client.status import attach
 from sekisho.client.transport import (GuardError, GuardRefusal, GuardTimeout, HttpTransport, InProcessTransport,
                                       guard_url_from_env)
 from sekisho.errors import SekishoError
@@ -237,7 +238,7 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         result = expr.__pandas_result__(df, schema=sch.Schema.from_pyarrow(table.schema))
         if isinstance(result, _display.pd.DataFrame):
             # plain values; per-cell status and accuracy through ``result.sekisho``
-            _display.attach(result, self.last_summary, self.last_cells)
+            attach(result, self.last_summary, self.last_cells)
         elif hasattr(result, "attrs"):
             result.attrs["sekisho"] = self.last_summary
         # ordered public domains (age bands ...) in the policy's order, rows by label

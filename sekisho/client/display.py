@@ -4,8 +4,8 @@
   ``low``, ``high`` (DataFrames aligned with ``df``: one column per value column),
   ``summary``, ``cells``, ``to_html()``. ``to_pandas()`` / ``execute()`` still return
   plain values; status and accuracy live in ``df.attrs`` and are read through this
-  accessor (rows are matched by the index labels the result came with, so ``head()``,
-  ``sort_values()`` and filters keep them right).
+  accessor (``sekisho.client.status``: attaching them, and matching rows after
+  ``head()``, ``sort_values()`` and filters).
 * ``result_html(df)`` — a short Japanese header (方式, セル数, 秘匿, 撹乱 ±D or ε and 95%区間,
   conditions left out and why, ε used/remaining, 監査番号) over the table; 秘匿 cells are
   ``X`` (e-Stat), values the guard could not trace ``…``, absent values ``-``; numbers
@@ -28,14 +28,9 @@ import traceback
 from typing import Any
 
 import pandas as pd
-import pyarrow as pa
 
-from sekisho.protocol import cells_by_column
+from sekisho.client.status import SUMMARY_ATTR, ResultStatus, StatusUnavailable
 
-SUMMARY_ATTR = "sekisho"
-CELLS_ATTR = "sekisho_cells"
-INDEX_ATTR = "sekisho_index"
-KEYS_ATTR = "sekisho_keys"
 MAX_ROWS = 200
 
 SUPPRESSED = ("suppressed_k", "suppressed_dominance")
@@ -46,120 +41,12 @@ ACCURACY_JA = {"cell_key": "セルキー法の攪乱", "sum_relative": "合計�
                "dp_95": "95%区間", "none": "誤差幅の表示なし"}
 
 
-# ---- attaching and reading status ------------------------------------------------------------
-
-def attach(df: Any, summary: dict[str, Any] | None, cells: pa.Table | None) -> Any:
-    """Put the summary and the cells table on a result DataFrame (its ``attrs``)."""
-    if not isinstance(df, pd.DataFrame):
-        return df
-    df.attrs[SUMMARY_ATTR] = summary
-    for attr in (CELLS_ATTR, INDEX_ATTR, KEYS_ATTR):
-        df.attrs.pop(attr, None)
-    if cells is not None and cells.num_rows == len(df):
-        df.attrs[CELLS_ATTR] = cells   # an Arrow table: attrs compare with ==, a DataFrame would not
-        df.attrs[INDEX_ATTR] = tuple(df.index.tolist())
-        # the answer's other columns (its group keys) identify its rows whatever pandas
-        # does to the index later (sort, reset_index, filters)
-        described = set(cells_by_column(cells))
-        keys = [c for c in df.columns if str(c) not in described]
-        try:
-            frame = df[keys].copy() if keys else None
-            if frame is not None:
-                frame.attrs = {}   # pandas would try to put them into the Arrow metadata
-            df.attrs[KEYS_ATTR] = pa.Table.from_pandas(frame, preserve_index=False) if keys else None
-        except (pa.ArrowException, TypeError, ValueError):
-            df.attrs[KEYS_ATTR] = None
-    return df
-
-
-def _normal(value: Any) -> Any:
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NaT:
-        return None
-    return value.item() if hasattr(value, "item") and not isinstance(value, (str, bytes)) else value
-
-
-class StatusUnavailable(LookupError):
-    """The DataFrame's rows no longer match the answer they came from."""
-
+# ---- df.sekisho ----------------------------------------------------------------------------
 
 @pd.api.extensions.register_dataframe_accessor("sekisho")
-class SekishoAccessor:
-    """``df.sekisho``: the disclosure summary and per-cell status/accuracy of a result."""
-
-    def __init__(self, df: pd.DataFrame):
-        self._df = df
-
-    @property
-    def summary(self) -> dict[str, Any] | None:
-        return self._df.attrs.get(SUMMARY_ATTR)
-
-    @property
-    def cells(self) -> pd.DataFrame | None:
-        """The cells table as pandas, aligned with the DataFrame's rows."""
-        table = self._df.attrs.get(CELLS_ATTR)
-        if table is None:
-            return None
-        return self._aligned(table.to_pandas())
-
-    def _positions(self) -> list[int]:
-        """For each row of the DataFrame, its row in the answer: by the answer's key
-        columns where they identify rows, else by the index labels it came with."""
-        df = self._df
-        keys = df.attrs.get(KEYS_ATTR)
-        if keys is not None and keys.num_columns and all(c in df.columns for c in keys.column_names):
-            stored = list(zip(*[[_normal(v) for v in keys.column(c).to_pylist()] for c in keys.column_names]))
-            if len(set(stored)) == len(stored):
-                lookup = {key: i for i, key in enumerate(stored)}
-                current = zip(*[[_normal(v) for v in df[c].tolist()] for c in keys.column_names])
-                positions = [lookup.get(key) for key in current]
-                if all(p is not None for p in positions):
-                    return positions
-                raise StatusUnavailable("この DataFrame の行は関所の結果と対応づけられません（区分の値が変わっています）"
-                                        " / the rows no longer match the guard's answer (key values changed)")
-        labels = pd.Index(df.attrs.get(INDEX_ATTR, ()))
-        if keys is not None and keys.num_columns or not labels.is_unique or not df.index.isin(labels).all():
-            raise StatusUnavailable("この DataFrame の行は関所の結果と対応づけられません（行や区分が変わっています）"
-                                    " / the rows no longer match the guard's answer")
-        return labels.get_indexer(df.index).tolist()
-
-    def _aligned(self, frame: pd.DataFrame) -> pd.DataFrame:
-        out = frame.iloc[self._positions()]
-        out.index = self._df.index
-        return out
-
-    def _part(self, part: str) -> pd.DataFrame:
-        table = self._df.attrs.get(CELLS_ATTR)
-        if table is None:
-            return pd.DataFrame(index=self._df.index)
-        columns = cells_by_column(table)
-        data = {}
-        for name in self._df.columns:
-            entry = columns.get(str(name))
-            if entry is not None and part in entry:
-                data[name] = entry[part].to_pylist() if part == "status" else \
-                    entry[part].to_numpy(zero_copy_only=False)
-        return self._aligned(pd.DataFrame(data, index=pd.RangeIndex(table.num_rows)))
-
-    @property
-    def status(self) -> pd.DataFrame:
-        """Status per value: ``released``, ``suppressed_k``, ``suppressed_dominance`` (None: unknown)."""
-        return self._part("status")
-
-    @property
-    def low(self) -> pd.DataFrame:
-        """Low end of each value's accuracy interval (NaN: none stated)."""
-        return self._part("low")
-
-    @property
-    def high(self) -> pd.DataFrame:
-        """High end of each value's accuracy interval (NaN: none stated)."""
-        return self._part("high")
-
-    @property
-    def accuracy(self) -> dict[str, str]:
-        """Accuracy kind per value column (``cell_key``, ``sum_relative``, ``dp_95``, ``none``)."""
-        columns = cells_by_column(self._df.attrs.get(CELLS_ATTR))
-        return {name: entry.get("accuracy", "") for name, entry in columns.items()}
+class SekishoAccessor(ResultStatus):
+    """``df.sekisho``: the disclosure summary and per-cell status/accuracy of a result
+    (``status.ResultStatus``), and the result as HTML."""
 
     def to_html(self, max_rows: int = MAX_ROWS) -> str:
         return result_html(self._df, max_rows=max_rows)

@@ -1,6 +1,11 @@
 """Probing and bulk-volume alerts. Counters live in ``state.sqlite`` so they survive
 restarts and are shared by every process serving queries.
 
+(Over 400 lines on purpose: about 80 are this docstring, the alerts' specification; the
+code is one module because the counters, the recorded populations and the holds are
+read and written together, in the one transaction of ``record_request`` or of a pair's
+confirmation, over the same tables.)
+
 * ``bulk``: cells returned by a user within the last hour above ``bulk_cells_per_hour``;
 * ``near_duplicate``: queries with the same fingerprint (literals masked) within
   ``near_duplicate_window_s`` reaching ``near_duplicate_burst`` — the shape of

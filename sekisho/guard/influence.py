@@ -41,7 +41,7 @@ import numpy as np
 from sqlglot import exp
 
 from sekisho.guard import hidden
-from sekisho.guard.analyze import DIALECT
+from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat

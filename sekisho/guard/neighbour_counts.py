@@ -16,7 +16,7 @@ from __future__ import annotations
 from sqlglot import exp
 from sqlglot.optimizer.merge_subqueries import merge_subqueries
 
-from sekisho.guard.analyze import DIALECT
+from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.hidden import PID, RKEY
 from sekisho.guard.neighbour_units import fold, influence_units
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from sqlglot import exp
 
-from sekisho.guard.analyze import DIALECT
+from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.hidden import RKEY
 from sekisho.guard.neighbours import Variant, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql

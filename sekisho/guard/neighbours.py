@@ -17,7 +17,7 @@ from sqlglot import exp
 from sqlglot.optimizer.merge_subqueries import merge_subqueries
 from sqlglot.optimizer.pushdown_projections import pushdown_projections
 
-from sekisho.guard.analyze import DIALECT
+from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.hidden import PID
 from sekisho.guard.joins import EXISTENCE, STRUCTURAL

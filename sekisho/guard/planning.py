@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 
-from sekisho.guard.analyze import analyze, fingerprint, parse_single_select
+from sekisho.guard.analyze import analyze
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.rewrite import Plan, plan as rewrite
+from sekisho.guard.sqltext import fingerprint, parse_single_select
 
 CACHE_SIZE = 512
 CACHE_BYTES = 64 * 2 ** 20    # estimated bytes of the plans kept, all users (``plan_bytes``)

@@ -1,5 +1,10 @@
 """Stage 4 of a query: protection — one implementation per mode, registered by name.
 
+(Over 400 lines on purpose: the two implementations are meant to be read side by side
+against the one ``Protection`` protocol, with the context, release type, post-processing
+and summary they share; their mechanisms already live in ``protect``, ``cells`` and
+``influence``.)
+
 A ``Protection`` turns a plan into released tables: it owns its cells SQL (``cells``),
 its protection of them (``protect``), the post-processing call and its notes for the
 reader. ``PROTECTIONS`` maps the policy's mode names to them:

@@ -24,10 +24,13 @@ from dataclasses import dataclass, field
 from sqlglot import exp
 
 from sekisho.guard import hidden, joins
-from sekisho.guard.analyze import DIALECT, ROW, UNIT, UNIT_ROW, AggregateSpec, Analysis, BoundarySpec, GroupKeySpec
+from sekisho.guard.boundary import AggregateSpec, BoundarySpec, GroupKeySpec
 from sekisho.guard.catalog import Catalog
+from sekisho.guard.classify import Analysis
 from sekisho.guard.errors import refuse
 from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.lineage import ROW, UNIT, UNIT_ROW
+from sekisho.guard.sqltext import DIALECT
 
 
 @dataclass(frozen=True)

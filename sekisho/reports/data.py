@@ -22,7 +22,7 @@ from functools import lru_cache
 import pandas as pd
 
 from sekisho.client import GuardRefusal
-from sekisho.client.display import attach
+from sekisho.client.status import attach
 
 MODE = "threshold"
 #: refusals that mean "nothing may be shown for this selection", not a faulty query: too
@@ -57,7 +57,7 @@ class GuardConnection:
         if self.backend.last_summary:
             self.summaries.append(self.backend.last_summary)
         df = table.to_pandas()
-        # plain values; per-cell status and accuracy through df.sekisho (sekisho.client.display)
+        # plain values; per-cell status and accuracy through df.sekisho (sekisho.client.status)
         attach(df, self.backend.last_summary, getattr(self.backend, "last_cells", None))
         return df
 
