@@ -312,6 +312,45 @@ def test_bad_input_is_refused_naming_file_line_column_and_changes_nothing(
     assert any(p["file"] == file and p["line"] == line for p in last["details"]["problems"])
 
 
+def _second_certification(rows, cert_date: str, cert_type: str | None = None) -> None:
+    """A second certification of the first certified child, decided on ``cert_date``."""
+    first = list(rows[1])
+    first[_col(rows, "cert_no")] = "C99999"
+    first[_col(rows, "cert_date")] = cert_date
+    if cert_type is not None:
+        first[_col(rows, "cert_type")] = cert_type
+    rows.append(first)
+
+
+def test_two_certifications_of_a_child_in_one_month_and_type_are_refused_naming_view_and_columns(city):
+    """``views.childcare.unique_per_person: [cert_ym, cert_type]`` is checked on every
+    upload: a second certification of the same child, 認定年月 and 認定区分 (another cert_no,
+    so the source's own unique key holds) refuses the whole upload and changes nothing."""
+    inst, src, _ = city
+    _ingest(inst, src)
+    before = store_state(inst)
+    _rewrite(src / "childcare_certifications.csv", lambda rows: _second_certification(rows, "2025-03-28"))
+    with pytest.raises(IngestError) as exc:
+        _ingest(inst, src)
+    (problem,) = [p for p in exc.value.problems if "unique_per_person" in p.message]
+    assert problem.file == "childcare_certifications.csv" and problem.column == "cert_ym, cert_type"
+    assert "views.childcare.unique_per_person" in problem.message and "2 rows of 1 person" in problem.message
+    assert "childcare" in str(exc.value) and "cert_ym, cert_type" in str(exc.value)
+    last = assert_unchanged(inst, before)
+    assert last["outcome"] == "failed"
+    assert any("unique_per_person" in p["message"] for p in last["details"]["problems"])
+
+
+@pytest.mark.parametrize("cert_date, cert_type", [("2025-04-02", None), ("2025-03-20", "1号")],
+                         ids=["another-month", "another-type"])
+def test_certifications_of_a_child_in_another_month_or_type_are_accepted(city, cert_date, cert_type):
+    inst, src, _ = city
+    _rewrite(src / "childcare_certifications.csv",
+             lambda rows: _second_certification(rows, cert_date, cert_type))
+    result = _ingest(inst, src)
+    assert result.tables["childcare"] == 8
+
+
 def test_unterminated_quote_is_malformed_csv(city):
     inst, src, _ = city
     _ingest(inst, src)

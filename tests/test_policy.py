@@ -230,6 +230,20 @@ def _mutations():
          "views.movements.record_key.record", "does not keep the exact value"),
         ("a person-level view merging records", set_(["views", "residents", "one_row_per"], ["chome_code"]),
          "views.residents.one_row_per", "only a public view"),
+        ("a row identity naming no column of the view",
+         set_(["views", "childcare", "unique_per_person"], ["cert_ym", "cert_month"]),
+         "views.childcare.unique_per_person[1]", "'cert_month' is not a column of the view"),
+        ("a row identity of a measure", set_(["views", "resident_tax", "unique_per_person"], ["income_levy"]),
+         "views.resident_tax.unique_per_person[0]", "only dimension columns"),
+        ("a row identity that is not a list", set_(["views", "childcare", "unique_per_person"], "cert_ym"),
+         "views.childcare.unique_per_person", "must be a list"),
+        ("an empty row identity", set_(["views", "childcare", "unique_per_person"], []),
+         "views.childcare.unique_per_person", "must not be empty"),
+        ("a row identity on a view of one record per person",
+         set_(["views", "residents", "unique_per_person"], ["block"]),
+         "views.residents.unique_per_person", "already gives one row per person"),
+        ("a row identity on a public view", set_(["views", "facilities", "unique_per_person"], ["block"]),
+         "views.facilities.unique_per_person", "holds no person"),
     ]
 
 

@@ -506,3 +506,34 @@ def test_failure_leaves_no_partial_export(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         generate(out, population=1500, seed=1)
     assert list(out.iterdir()) == []  # no CSV, no manifest, no staging directory
+
+
+def test_a_child_has_at_most_one_certification_per_month_and_type():
+    """The policy declares ``childcare.unique_per_person: [cert_ym, cert_type]``: the ingest
+    refuses an export with two certifications of a child in one 認定年月 and 認定区分. The
+    generator holds to it even where a child is certified twice in a month — a newcomer
+    shortly before the third birthday gets a 3号 until the day before it and the 2号 from
+    it — which is why 認定年月 alone would not identify a certification (stressed here:
+    half the children move in within 90 days of their third birthday)."""
+    import collections
+
+    from sekisho.synth.childcare import build_facilities, certifications
+    from sekisho.synth.dates import add_years, to_days, ymd
+    from sekisho.synth.geography import build_geography
+
+    geo = build_geography()
+    facilities = build_facilities(np.random.default_rng(1), geo, 50_000)
+    extract = to_days(dt.date(2026, 10, 31))
+    rng = np.random.default_rng(5)
+    n = 40_000
+    birth = extract - rng.integers(0, 6 * 365, n)
+    third = add_years(birth, 3)
+    registered = np.where(rng.random(n) < 0.5, np.minimum(third - rng.integers(0, 90, n), extract), birth)
+    certs = certifications(np.random.default_rng(9), extract, birth, registered, np.ones(n, bool),
+                           rng.integers(0, 13, n), facilities)
+    y, m, _ = ymd(certs.cert_date)
+    month = (y * 100 + m).tolist()
+    per_month = collections.Counter(zip(certs.person.tolist(), month))
+    per_month_type = collections.Counter(zip(certs.person.tolist(), month, certs.cert_type.tolist()))
+    assert sum(v > 1 for v in per_month.values()) > 0          # two in a month: 認定年月 alone is not a key
+    assert max(per_month_type.values()) == 1                    # the declared key holds

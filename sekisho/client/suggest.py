@@ -41,6 +41,7 @@ HINTS_JA = {
     "privacy_unit_in_filter": "個人・世帯の識別子では絞り込めません。人数は COUNT(DISTINCT person_id) で数えてください。",
     "subquery_in_expression": "IN (SELECT …) の代わりに、公開ビュー（areas など）との JOIN か値の一覧 IN ('a', 'b') を使ってください。",
     "personal_join": "個人データのビュー同士は結合できません。それぞれ集計してから、集計結果同士を結合してください。",
+    "join_fan_out": "一人が複数行を持つビューは、年月・年度などの列を WHERE で一つの値に固定して結合してください（例: tax_year = 2025）。",
     "distinct_rows": "重複を除いた人数は COUNT(DISTINCT person_id) で数えてください。",
     "window_below_boundary": "ウィンドウ関数は集計した結果に対して使ってください（副問合せで先に集計）。",
     "limit_below_boundary": "ORDER BY / LIMIT は集計した結果に対して使ってください。",
@@ -254,6 +255,24 @@ def _unknown_name(tree: exp.Expression, part: str | None, views: dict[str, Any],
     return Suggestion(f"{what}「{wrong}」はありません。「{close[0]}」のことですか。", _sql(tree.copy().transform(fix)))
 
 
+def _fan_out(tree: exp.Expression, views: dict[str, Any]) -> Suggestion:
+    """Name the columns that, fixed in WHERE, leave one row per person of each joined view
+    with several rows (the policy's ``unique_per_person``, as ``views`` describes it)."""
+    parts = []
+    for view in dict.fromkeys(_views_in(tree, views)):
+        spec = views.get(view) or {}
+        declared = spec.get("unique_per_person") if isinstance(spec, dict) else None
+        if not declared:
+            continue
+        columns = _columns_of(view, views)
+        named = "・".join(f"{(columns.get(c) or {}).get('description') or c}（{c}）" for c in declared)
+        parts.append(f"{view} は {named}")
+    if not parts:
+        return Suggestion(HINTS_JA["join_fan_out"])
+    return Suggestion(f"{'、'.join(parts)}を、それぞれ WHERE で一つの値に固定してください"
+                      "（区分の列は GROUP BY の区分にしても構いません）。一人一行になり、結合して集計できます。")
+
+
 def _drop_condition(tree: exp.Expression, part: str | None, text: str) -> Suggestion:
     """The query without the condition ``part`` (or, without a part, its last WHERE conjunct)."""
     if not isinstance(tree, exp.Select):
@@ -326,6 +345,8 @@ def suggest(refusal: Any, views: dict[str, Any] | None = None,
         return s if s.sql else Suggestion(HINTS_JA.get(code, s.text))
     if code in ("unknown_column", "unknown_view"):
         return _unknown_name(tree, part, views, view=code == "unknown_view")
+    if code == "join_fan_out":
+        return _fan_out(tree, views)
     if code == "condition_influence_below_k":
         return _drop_condition(tree, part, HINTS_JA[code])
     if code == "filter_population_below_k":

@@ -63,6 +63,11 @@ class ViewInfo:
     # that, with the person, identifies a record (``{record: C}`` with C kept as it is)
     person_unique: bool = False
     record_column: str | None = None
+    # sets of view columns that, each fixed by the query to one literal, leave one row per
+    # person: (record_column,) and the policy's ``unique_per_person`` (checked on upload)
+    row_identities: tuple[tuple[str, ...], ...] = ()
+    # the Japanese description of those columns (refusals name what to fix)
+    labels: dict[str, str] = field(default_factory=dict)
 
 
 # a cached sqlglot schema is rebuilt after this many queries: its lookup caches (keyed by
@@ -116,8 +121,14 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
                                       namespace=_namespace(policy, view, c))
         unit = next((c.name for c in view.columns.values() if c.cls == PRIVACY_UNIT), None)
         person_unique, record_column = _record_identity(view)
+        identities = ((record_column,),) if record_column is not None else ()
+        declared = tuple(getattr(view, "unique_per_person", ()) or ())
+        if declared and all(c in cols for c in declared):
+            identities += (declared,)
+        labels = {c: view.columns[c].description_ja for ident in identities for c in ident}
         cat.views[vname] = ViewInfo(name=vname, public=bool(view.public), columns=cols, privacy_unit=unit,
-                                    person_unique=person_unique, record_column=record_column)
+                                    person_unique=person_unique, record_column=record_column,
+                                    row_identities=identities, labels=labels)
     return cat
 
 

@@ -149,8 +149,9 @@ class _Classifier:
                 # and only the member's own rows (no other household's facts)
                 if info.household:
                     raise refuse("unit_scope_not_allowed", expression.args["joins"][0])
-                if info.multi:
-                    raise refuse("join_fan_out", expression.args["joins"][0], part=", ".join(sorted(info.multi)))
+                if info.multi or info.per_cell:
+                    several = info.multi | info.per_cell
+                    raise joins.fan_out(self.catalog, several, ", ".join(sorted(several)))
             self.outputs[key] = unit_scope_outputs(expression, env)
             self.levels[key] = UNIT
             return
@@ -160,9 +161,10 @@ class _Classifier:
             widen(expression, env)
             spec = boundary_spec(expression, env, view)
             if info is not None:
-                joins.check_measures(spec.aggregates, info)
+                joins.check_measures(spec.aggregates, info, self.catalog)
                 spec.household = info.household
-                spec.join_one_row = info.person_joins and not (info.multi or info.public_join or info.household)
+                spec.join_one_row = info.person_joins and not (info.multi or info.per_cell or info.public_join
+                                                               or info.household)
                 if info.household:
                     # the household is the contributor: a count of distinct persons is a
                     # distinct count of its argument, not of contributors

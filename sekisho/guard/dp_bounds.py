@@ -1,6 +1,7 @@
 """What the policy and the query text say about a person's rows (DP contribution
 bounds, ``protection.DPProtection``): a view declared one record per person, or one per
-(person, C) queried with C fixed to one literal, gives one row and one group per person.
+(person, C) — ``record_key: {record: C}`` or ``unique_per_person: [C, ...]`` — queried
+with C fixed to one literal, gives one row and one group per person.
 Decided from declarations and SQL only; the store is asked only which SQL enforces it.
 """
 
@@ -44,11 +45,12 @@ def _fixes(condition: exp.Expression, table: str, column: str) -> bool:
     return False
 
 
-def _row_query_fixes(select: exp.Expression | None, view: str, column: str) -> bool:
+def _row_query_fixes(select: exp.Expression | None, view: str, column: str | tuple[str, ...]) -> bool:
     """Whether every row of the boundary's row SELECT comes from a row of ``view`` whose
-    ``column`` the query text fixes to one literal (a top-level AND conjunct of the WHERE
-    reading the view directly), through row-level SELECTs of one source each (no join,
-    no grouping below the boundary, so no row is repeated)."""
+    ``column`` (each of the columns) the query text fixes to one literal (a top-level AND
+    conjunct of the WHERE reading the view directly), through row-level SELECTs of one
+    source each (no join, no grouping below the boundary, so no row is repeated)."""
+    columns = (column,) if isinstance(column, str) else tuple(column)
     while isinstance(select, exp.Select):
         if select.args.get("joins") or select.args.get("laterals") or select.args.get("group"):
             return False
@@ -59,7 +61,10 @@ def _row_query_fixes(select: exp.Expression | None, view: str, column: str) -> b
                 return False
             where = select.args.get("where")
             alias = source.alias_or_name
-            return where is not None and any(_fixes(c, alias, column) for c in _conjuncts(where.this))
+            if where is None:
+                return False
+            conjuncts = list(_conjuncts(where.this))
+            return all(any(_fixes(c, alias, col) for c in conjuncts) for col in columns)
         if not isinstance(source, exp.Subquery):
             return False
         select = source.this
@@ -72,7 +77,10 @@ def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] |
     view declared ``record_key: person`` (its source's unique key is the person, checked
     on every upload); ``(unit, C)`` on a view declared ``record_key: {record: C}`` (unique
     key within (person, C)) when the query fixes ``C`` to one literal (``resident_tax``
-    ``WHERE tax_year = 2026``). Then each person has at most one row, in one group.
+    ``WHERE tax_year = 2026``); ``(unit, C1, ...)`` on a view declaring
+    ``unique_per_person: [C1, ...]`` (checked on every upload) when the query fixes each
+    to one literal (``childcare`` ``WHERE cert_ym = '2025-04'``). Then each person has at
+    most one row, in one group.
     A join on the person key (``joins``) has bounds from its parts: when every part
     (anchor and INNER/LEFT-joined views) gives a person one row by the same declarations
     (SEMI/ANTI joins add no rows), so does the join — ``(unit,)``; the cells SQL then
@@ -93,6 +101,10 @@ def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] |
     record = view.record_key.record
     if record is None:
         return (view.privacy_unit,)
+    declared = tuple(getattr(view, "unique_per_person", ()) or ())
+    if declared and _row_query_fixes(bp.row, bp.personal_view, declared):
+        # ``unique_per_person`` (checked on every upload): one row per person and values
+        return (view.privacy_unit, *declared)
     if record.join is not None:
         return None
     # the view column holding the record column's raw value unchanged (rule keep)

@@ -121,6 +121,9 @@ class Guard:
                                                **({"domain": list(c.domain)} if c.domain else {}),
                                                **({"bounds": list(c.bounds)} if c.bounds else {})}
                                       for c in view.columns.values()}}
+            if view.unique_per_person:
+                # with the person these columns identify a row (joins: fix them, docs/linked-analysis.md)
+                out[vname]["unique_per_person"] = list(view.unique_per_person)
         return out
 
     def budget(self, user: str) -> dict[str, Any]:

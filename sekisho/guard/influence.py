@@ -43,6 +43,7 @@ from sqlglot import exp
 from sekisho.guard import hidden
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
+from sekisho.guard.joins import ROW_IDENTITY
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat
 from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, closest, neighbourhood
@@ -62,6 +63,15 @@ class Verdict:
     without them (``None``, nothing left out: the query runs as written)."""
     row_sql: str | None = None
     left_out: tuple[str, ...] = ()
+
+
+def _row_identity_atom(base: exp.Expression, chosen) -> str | None:
+    """The atom of ``chosen`` that fixes a join's row identity (``joins.ROW_IDENTITY``)."""
+    nodes = list(base.walk())
+    for variant in chosen:
+        if 0 <= variant.index < len(nodes) and nodes[variant.index].meta.get(ROW_IDENTITY):
+            return variant.atom
+    return None
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -104,6 +114,11 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             # still not stable after the rounds allowed: refuse rather than guess
             raise QueryRefused("condition_influence_below_k", part=min(small, key=lambda o: o[1])[0].atom)
         chosen = closest(small)
+        identity = _row_identity_atom(base, chosen)
+        if identity is not None:
+            # the join reads one row per person because of this condition (``joins``):
+            # without it the rows would fan out, so the query is refused, not widened
+            raise QueryRefused("condition_influence_below_k", part=identity)
         current = apply(base, chosen)
         left_out += [v.atom for v in chosen]
     # named sorted, not in the order left out: that order follows exact counts

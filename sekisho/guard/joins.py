@@ -4,9 +4,14 @@ Which columns may be joined is read from the policy, never from the query: a vie
 ``privacy_unit`` column is its *person key*, its ``linkage`` columns are *household
 keys*, and two keys join only when both are keyed identifiers of the same namespace
 (``keyed_id`` ``namespace``, e.g. ``atena`` for every ``person_id``). How many rows a
-person has in a view is the view's ``record_key``: ``person`` is one row per person;
-``{record: C}`` is one row per person once the query fixes ``C`` to one literal
-(``resident_tax`` with ``tax_year = 2025``); anything else may be several.
+person has in a view is read from the view's ``record_key`` and ``unique_per_person``:
+``person`` is one row per person; ``{record: C}`` is one row per person once the query
+fixes ``C`` to one literal (``resident_tax`` with ``tax_year = 2025``), and so is a view
+declaring ``unique_per_person: [C, ...]`` once the query fixes every one of those columns
+(``childcare`` with ``cert_ym = '2025-04'``: one certification per child and 認定年月,
+verified on every upload); anything else may be several. A fixing condition is a
+top-level AND conjunct ``alias.C = <literal>`` or ``alias.C IN (<one literal>)`` of the
+WHERE (or of the join's ON); ranges, ORs and several literals fix nothing.
 
 Accepted shapes (each below one aggregation boundary; the person-level view in FROM is
 the *anchor*):
@@ -42,7 +47,7 @@ from dataclasses import dataclass, field, replace
 from sqlglot import exp
 
 from sekisho.guard.catalog import LINKAGE, PRIVACY_UNIT, Catalog
-from sekisho.guard.errors import QueryRefused, refuse
+from sekisho.guard.errors import REASONS, QueryRefused, refuse
 from sekisho.guard.semi_joins import ANTI, SEMI, conjuncts
 
 KEY_CLASSES = (PRIVACY_UNIT, LINKAGE)
@@ -50,6 +55,9 @@ KEY_CLASSES = (PRIVACY_UNIT, LINKAGE)
 # a condition of the query, and a condition that is structure (never left out)
 EXISTENCE = "sekisho_join_existence"
 STRUCTURAL = "sekisho_structural"
+# ... and a condition that fixes a row identity the join's bounds rest on (``C = lit``): the
+# condition-influence rule may not leave it out (the rows would fan out), it refuses instead
+ROW_IDENTITY = "sekisho_row_identity"
 
 
 # ---- classification of a scope's joins ------------------------------------------------------
@@ -58,6 +66,9 @@ class RowInfo:
     """What the joins below (and at) one row-level scope mean for its contributors."""
     views: tuple[str, ...] = ()              # person-level views whose rows make the rows (INNER/LEFT parts)
     multi: frozenset[str] = frozenset()      # ... of those, views that may give a person several rows
+    # ... views with one row per person in each cell (a row identity's columns fixed or
+    # bare group keys of this scope) but possibly several in all (several cells)
+    per_cell: frozenset[str] = frozenset()
     household: bool = False                  # rows carry household facts: the household is the contributor
     person_joins: bool = False               # a join on a key somewhere below or here
     public_join: bool = False
@@ -66,10 +77,10 @@ class RowInfo:
     handled: set[int] = field(default_factory=set)   # ids of the joins checked here
 
 
-def _fixed_columns(alias: str, parts: list[exp.Expression]) -> set[str]:
+def _fixed_columns(alias: str, parts: list[exp.Expression]) -> dict[str, list[exp.Expression]]:
     """Columns of ``alias`` fixed to one literal by a top-level conjunct (``C = lit`` or
-    ``C IN (lit)``)."""
-    fixed = set()
+    ``C IN (lit)``), each with the conjuncts that fix it."""
+    fixed: dict[str, list[exp.Expression]] = {}
     for node in parts:
         for part in conjuncts(node):
             if isinstance(part, exp.EQ):
@@ -77,22 +88,94 @@ def _fixed_columns(alias: str, parts: list[exp.Expression]) -> set[str]:
                 if isinstance(b, exp.Column):
                     a, b = b, a
                 if isinstance(a, exp.Column) and a.table == alias and isinstance(b, exp.Literal):
-                    fixed.add(a.name)
+                    fixed.setdefault(a.name, []).append(part)
             elif isinstance(part, exp.In) and not part.args.get("query") and isinstance(part.this, exp.Column) \
                     and part.this.table == alias and len(part.expressions) == 1 \
                     and isinstance(part.expressions[0], exp.Literal):
-                fixed.add(part.this.name)
+                fixed.setdefault(part.this.name, []).append(part)
     return fixed
 
 
-def _table_rows(catalog: Catalog, table: exp.Table, fixing: list[exp.Expression]) -> frozenset[str]:
-    """{view} when a person may have several rows of the view under the query, else {}."""
+def _identity_nodes(identity: tuple[str, ...], fixed: dict[str, list[exp.Expression]]) -> list[exp.Expression]:
+    return [node for column in identity for node in fixed.get(column, ())]
+
+
+def _grouped_columns(select: exp.Select) -> set[tuple[str, str]]:
+    """(table alias, column) of the bare columns ``select`` groups by (``GROUP BY c.x``,
+    ``GROUP BY 1`` or an output alias naming such a column)."""
+    group = select.args.get("group")
+    if group is None:
+        return set()
+    outputs = list(select.expressions)
+    by_alias = {e.alias: e.this for e in outputs if isinstance(e, exp.Alias)}
+    out = set()
+    for item in group.expressions:
+        if isinstance(item, exp.Literal) and item.is_int and 1 <= int(item.this) <= len(outputs):
+            item = outputs[int(item.this) - 1]
+            item = item.this if isinstance(item, exp.Alias) else item
+        elif isinstance(item, exp.Column) and not item.table and item.name in by_alias:
+            item = by_alias[item.name]
+        if isinstance(item, exp.Column) and item.table:
+            out.add((item.table, item.name))
+    return out
+
+
+def _table_rows(catalog: Catalog, table: exp.Table, fixing: list[exp.Expression],
+                grouped: set[tuple[str, str]] = frozenset()
+                ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression]]:
+    """({view}, {}, _) when a person may have several rows of the view in one cell of the
+    query; ({}, {view}, _) when one per cell but maybe several cells; ({}, {}, _) when one
+    in all; then the conditions that make it so. One row per person on a person-unique
+    view, or when the query fixes every column of one of the view's row identities
+    (``{record: C}``, ``unique_per_person``) to a literal; one per cell when each column
+    of an identity is fixed or a bare group key (rows that differ in it fall into
+    different cells)."""
     view = catalog.views[table.name]
     if view.person_unique:
-        return frozenset()
-    if view.record_column is not None and view.record_column in _fixed_columns(table.alias_or_name, fixing):
-        return frozenset()
-    return frozenset({view.name})
+        return frozenset(), frozenset(), []
+    alias = table.alias_or_name
+    fixed = _fixed_columns(alias, fixing)
+    for identity in view.row_identities:
+        if set(identity) <= set(fixed):
+            return frozenset(), frozenset(), _identity_nodes(identity, fixed)
+    keys = set(fixed) | {col for a, col in grouped if a == alias}
+    for identity in view.row_identities:
+        if set(identity) <= keys:
+            return frozenset(), frozenset({view.name}), _identity_nodes(identity, fixed)
+    return frozenset({view.name}), frozenset(), []
+
+
+def _placeholder(column) -> str:
+    """How a literal of ``column`` is written, for a refusal's hint (no value of the data)."""
+    if column is not None and column.format:
+        return f"'{column.format}'"
+    if column is not None and column.sql_type in ("BIGINT", "INTEGER", "DOUBLE"):
+        return "値"
+    return "'値'"
+
+
+def fan_out(catalog: Catalog, multi, part: str, node=None) -> QueryRefused:
+    """``join_fan_out``, its reason naming what the analyst can fix: for each view with
+    several rows per person, the columns that would leave one (a function of the policy
+    and the query only)."""
+    ja, en = REASONS["join_fan_out"]
+    hints_ja, hints_en = [], []
+    for name in sorted(multi):
+        view = catalog.views.get(name)
+        for identity in (view.row_identities if view is not None else ()):
+            forms = [f"{c} = {_placeholder(view.columns.get(c))}" for c in identity]
+            hints_ja.append(f"{name} の " + "・".join(f"{view.labels.get(c) or c}（{form}）"
+                                                    for c, form in zip(identity, forms)))
+            hints_en.append(f"{name}: " + " AND ".join(forms))
+    reason = f"{ja} / {en}"
+    if hints_ja:
+        reason = (f"{ja.split('（')[0]}。{'、'.join(hints_ja)}をそれぞれ WHERE で一つの値に固定すると一人一行、"
+                  f"固定するか GROUP BY の区分にすると各セルで一人一行になり、結合できます / {en.split(' (')[0]}; "
+                  f"fix {'; '.join(hints_en)} in WHERE (one row per person), or fix or group by each of them "
+                  "(one row per person in each cell)")
+    if node is not None and not part:
+        part = node.sql(dialect="duckdb")
+    return QueryRefused("join_fan_out", reason=reason, part=part)
 
 
 def _namespace(lineage) -> str | None:
@@ -141,10 +224,17 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
     where = select.args.get("where")
     where_parts = [where.this] if where is not None else []
 
+    grouped = _grouped_columns(select)
+    identity_conditions: list[exp.Expression] = []
+
     def part_info(source, fixing: list[exp.Expression]) -> RowInfo:
         if isinstance(source, exp.Table):
-            return RowInfo(views=(source.name,), multi=_table_rows(catalog, source, fixing))
-        return infos.get(id(source.expression), RowInfo())
+            multi, per_cell, nodes = _table_rows(catalog, source, fixing, grouped)
+            identity_conditions.extend(nodes)
+            return RowInfo(views=(source.name,), multi=multi, per_cell=per_cell)
+        inner = infos.get(id(source.expression), RowInfo())
+        # a row-level subquery's cells are this scope's: what was one per cell there is not here
+        return replace(inner, multi=inner.multi | inner.per_cell, per_cell=frozenset())
 
     info = part_info(anchor, where_parts)
     info = replace(info, household_key=None, rkey_alias=None, handled=set())
@@ -196,6 +286,7 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
                 raise refuse("join_not_allowed", join)   # household facts only through the anchor
             info.views = info.views + part.views
             info.multi = info.multi | part.multi
+            info.per_cell = info.per_cell | part.per_cell
             info.public_join = info.public_join or part.public_join
             if isinstance(source, exp.Table):
                 person_tables.append((alias, source))
@@ -212,8 +303,11 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
     if len(set(info.views)) < len(info.views):
         raise refuse("self_join", select.args["joins"][0])
     if len(info.multi) > 1:
-        raise refuse("join_fan_out", select.args.get("joins", [select])[0],
-                     part=", ".join(sorted(info.multi)))
+        raise fan_out(catalog, info.multi, ", ".join(sorted(info.multi)))
+    if info.person_joins:
+        # the join's rows are one per person (per cell) because of these conditions
+        for node in identity_conditions:
+            node.meta[ROW_IDENTITY] = True
     for alias, join in semi_aliases.items():
         _only_in_own_on(select, alias, join)
     if not info.person_joins and not info.handled:
@@ -247,7 +341,7 @@ def _same_scope(node: exp.Expression, select: exp.Select) -> bool:
     return parent is select
 
 
-def check_measures(aggregates, info: RowInfo | None) -> None:
+def check_measures(aggregates, info: RowInfo | None, catalog: Catalog | None = None) -> None:
     """SUM/AVG of a measure of a view that is not the one part with several rows per
     person would count the measure once per row of that other view (fan-out)."""
     if info is None or not info.multi:
@@ -256,7 +350,10 @@ def check_measures(aggregates, info: RowInfo | None) -> None:
         if agg.kind in ("sum", "avg") and agg.measure is not None:
             view = agg.measure.split(".", 1)[0]
             if view not in info.multi:
-                raise QueryRefused("join_fan_out", part=f"{agg.measure} × {', '.join(sorted(info.multi))}")
+                part = f"{agg.measure} × {', '.join(sorted(info.multi))}"
+                if catalog is None:
+                    raise QueryRefused("join_fan_out", part=part)
+                raise fan_out(catalog, info.multi, part)
 
 
 def structural_not_null(column: exp.Column) -> exp.Expression:

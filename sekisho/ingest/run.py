@@ -231,6 +231,7 @@ class Ingestion:
                 problems += views.check_merged_rows(con, policy, view)
                 views.build(con, policy, view, extract)
                 problems += views.check_domains(con, policy, view)
+                problems += views.check_unique_per_person(con, policy, view)
             if problems:
                 raise IngestError(problems, summary="values outside what the policy declares for the views")
             person_unique = _person_unique(con, policy)

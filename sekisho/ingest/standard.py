@@ -87,6 +87,9 @@ def _view_lines(policy: Policy, view: View) -> list[str]:
                                            else f"記録ごと(個人 + `{view.record_key.record.column}`)"))
     if view.one_row_per:
         lines.append(f"集約: {', '.join(f'`{c}`' for c in view.one_row_per)} ごとに1行")
+    if view.unique_per_person:
+        lines.append(f"一意性: 個人 + {' + '.join(f'`{c}`' for c in view.unique_per_person)} ごとに1行"
+                     "(取込ごとに検査。違反するデータは取込を拒否)")
     return [f"{line}  " for line in lines[:-1]] + lines[-1:]
 
 

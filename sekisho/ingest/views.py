@@ -176,6 +176,32 @@ def check_merged_rows(con, policy: Policy, view: View) -> list[Problem]:
             for col, n in zip(others, row) if n]
 
 
+def check_unique_per_person(con, policy: Policy, view: View) -> list[Problem]:
+    """A view declaring ``unique_per_person: [C, ...]`` holds at most one row per person
+    and values of C (rows with an empty C are not counted: no query fixes C to NULL).
+    The guard reads one row per person where a query fixes each C (joins, DP bounds),
+    so an export that breaks the declaration is refused, naming the view and columns
+    (and how many persons hold duplicates; never a value)."""
+    columns = tuple(view.unique_per_person)
+    if not columns or view.privacy_unit is None:
+        return []
+    keys = ", ".join(ident(c) for c in (view.privacy_unit, *columns))
+    present = " AND ".join(f"{ident(c)} IS NOT NULL" for c in columns)
+    rows, persons = con.execute(
+        f"SELECT coalesce(sum(n), 0), count(DISTINCT {ident(view.privacy_unit)}) FROM "
+        f"(SELECT {keys}, count(*) AS n FROM view_{view.name} WHERE {present} GROUP BY {keys} "
+        f"HAVING count(*) > 1)").fetchone()
+    if not rows:
+        return []
+    source = policy.sources[view.source]
+    what = ", ".join(columns)
+    return [Problem(source.file, None, what,
+                    f"{int(rows)} rows of {int(persons)} person(s) share a person and {what}, but "
+                    f"views.{view.name}.unique_per_person declares one row per person and {what} "
+                    f"/ ビュー {view.name} は個人と {what} の組ごとに1行と宣言されていますが、重複があります",
+                    count=int(rows))]
+
+
 def write(con, source: str, target: str) -> None:
     """Write the built view ``source`` (a table or view) into the snapshot table
     ``target``. The record key column is stored uncompressed: every guarded query reads

@@ -266,6 +266,10 @@ class View:
     record_key: RecordKey | None = None     # person-level views only
     # a public view merging its source's records: one row per value of these columns
     one_row_per: tuple[str, ...] = ()
+    # a person-level view with several rows per person: these view columns identify one
+    # row with the person (where none of them is empty), checked on every upload; a query
+    # fixing each to one literal reads one row per person (joins, DP bounds)
+    unique_per_person: tuple[str, ...] = ()
     purpose: str = field(default="", metadata=COMPUTED)
 
     @property

@@ -68,9 +68,11 @@ def read_views(c: Checker, node: Any, sources: dict[str, Source], *, bands: dict
         if one_row_per and not public:
             raise c.fail(f"{key}.one_row_per", "only a public view may merge records: a person-level "
                                                "view keeps one row per record, each with its record key")
+        unique_per_person = _unique_per_person(c, f"{key}.unique_per_person", spec.get("unique_per_person"),
+                                               columns, record_key, public)
         out[name] = View(name=name, title_ja=c.string(spec["title_ja"], f"{key}.title_ja"),
                          source=source_name, columns=columns, public=public, joins=joins,
-                         record_key=record_key, one_row_per=one_row_per)
+                         record_key=record_key, one_row_per=one_row_per, unique_per_person=unique_per_person)
     return out
 
 
@@ -138,6 +140,28 @@ def _record_key(c: Checker, key: str, node: Any, public: bool, unit: Column | No
                                       f"record: the unique key of {source.name} is "
                                       f"({', '.join(source.unique)})")
     return RecordKey(record=record)
+
+
+def _unique_per_person(c: Checker, key: str, node: Any, columns: dict[str, Column],
+                       record_key: RecordKey | None, public: bool) -> tuple[str, ...]:
+    """``unique_per_person: [C, ...]``: dimension columns of a person-level view with
+    several records per person that, with the person, identify one row (e.g. childcare:
+    one certification per child and 認定年月). The ingest checks it on every upload; the
+    guard reads one row per person where a query fixes each column to one literal."""
+    if node is None:
+        return ()
+    if public:
+        raise c.fail(key, "a public view holds no person, so no column identifies a person's row")
+    if record_key is not None and record_key.record is None:
+        raise c.fail(key, "record_key: person already gives one row per person")
+    names = c.string_list(node, key)
+    for i, col in enumerate(names):
+        if col not in columns:
+            raise c.fail(f"{key}[{i}]", f"{col!r} is not a column of the view")
+        if columns[col].cls != "dimension":
+            raise c.fail(f"{key}[{i}]", f"{col!r} is a {columns[col].cls} column: only dimension columns "
+                                        "(which a query can fix to one value) identify a person's row")
+    return names
 
 
 def _view_column(c: Checker, key: str, name: str, spec: Any, scope: Scope) -> Column:

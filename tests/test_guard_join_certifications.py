@@ -1,0 +1,288 @@
+"""Issue 18's first example: ``childcare`` (several certifications per child) joined to
+``resident_tax`` on the person, a measure of ``resident_tax`` averaged per 認定区分.
+
+The policy declares ``childcare.unique_per_person: [cert_ym, cert_type]`` (one
+certification per child, 認定年月 and 認定区分; checked on every upload, see
+tests/test_ingest.py): fixing 認定年月 to one literal and fixing or grouping by 認定区分
+leaves one childcare row per child in each cell, so the tax measure is not repeated and the
+join is answered. Without 認定年月 fixed it stays ``join_fan_out``, and the reason names
+what to fix.
+
+The city is GUARD's planted one (``own_city``) with its ``childcare`` replaced by
+certifications that break one-row-per-person in both ways the declaration allows: a third
+of the children also hold a certification in an earlier month, and a share of the 3号
+children also a 2号 certification in the same month (the 3号 → 2号 change at the third
+birthday). Every child has tax records in this city, so the sums are not empty.
+
+Tolerances come from the mechanisms' parameters: counts within the cell-key bound D; sums
+within the sum noise fraction × the cell's largest contribution (computed here from the
+raw store); means within the ratio of those intervals; DP values within the discrete
+Laplace quantile of ε and the declared contribution bound at failure probability
+``FAILURE`` per value.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+
+from attack_oracle import RawOracle
+from guard_fixtures import truth
+from sekisho.guard import Guard, QueryRefused
+from sekisho.guard.protect import status
+from sekisho.guard.protect.cellkey import SUM_NOISE_FRACTION
+from sekisho.policy import load_instance_policy
+from sekisho.protocol import cells_by_column
+from sekisho.store import Store
+
+MONTH, EARLIER = "2025-04", "2025-03"
+FAILURE = 1e-6          # per released DP value
+EPSILON = 0.5
+
+
+@pytest.fixture(scope="module")
+def inst(own_city):
+    """own_city with certifications: every child one in MONTH (its type) except every
+    fifth, a third of them one in EARLIER too, and every second 3号 child a 2号 in MONTH."""
+    text = own_city.policy_path.read_text(encoding="utf-8")
+    own_city.policy_path.write_text(re.sub(r"(?m)^(\s+budget_per_period:).*$", r"\1 100000.0", text),
+                                    encoding="utf-8")
+    store = Store(own_city)
+    old = store.snapshots_dir / store.current_id() / "data.duckdb"
+    with store.writer(policy_version=own_city.policy_version) as w:
+        con = w.connect()
+        con.execute(f"ATTACH '{old}' AS old (READ_ONLY)")
+        for (name,) in con.execute("SELECT table_name FROM information_schema.tables "
+                                   "WHERE table_catalog = 'old'").fetchall():
+            if name != "childcare":
+                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
+        con.execute("""
+            CREATE TABLE childcare AS
+            WITH kids AS (SELECT *, row_number() OVER (ORDER BY person_id) AS i FROM old.childcare)
+            SELECT * EXCLUDE (i) REPLACE (CASE WHEN i % 5 = 0 THEN '2025-01' ELSE '2025-04' END AS cert_ym)
+            FROM kids
+            UNION ALL
+            SELECT * EXCLUDE (i) REPLACE ('2025-03' AS cert_ym, (_rkey + 101) % 256 AS _rkey)
+            FROM kids WHERE i % 3 = 0
+            UNION ALL
+            SELECT * EXCLUDE (i) REPLACE ('2号' AS cert_type, '2025-04' AS cert_ym, (_rkey + 57) % 256 AS _rkey)
+            FROM kids WHERE cert_type = '3号' AND i % 2 = 0 AND i % 5 <> 0""")
+        con.execute("DETACH old")
+        con.close()
+        w.commit()
+    return own_city
+
+
+@pytest.fixture(scope="module")
+def policy(inst):
+    return load_instance_policy(inst)
+
+
+@pytest.fixture(scope="module")
+def analyst():
+    return "ana"
+
+
+def test_the_data_breaks_one_row_per_person_both_ways_the_declaration_allows(inst, policy):
+    assert policy.views["childcare"].unique_per_person == ("cert_ym", "cert_type")
+    (dup_type,) = truth(inst, "SELECT count(*) FROM (SELECT person_id FROM childcare WHERE cert_ym = '2025-04' "
+                              "GROUP BY person_id HAVING count(*) > 1)")[0]
+    (dup_month,) = truth(inst, "SELECT count(*) FROM (SELECT person_id FROM childcare GROUP BY person_id, "
+                               "cert_type HAVING count(*) > 1)")[0]
+    (declared,) = truth(inst, "SELECT count(*) FROM (SELECT 1 FROM childcare GROUP BY person_id, cert_ym, "
+                              "cert_type HAVING count(*) > 1)")[0]
+    assert dup_type >= 10 and dup_month >= 10 and declared == 0
+
+
+# ---- threshold mode: the issue's example, compared with the truth -------------------------------
+
+JOINED = ("FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id "
+          f"WHERE t.tax_year = 2025 AND c.cert_ym = '{MONTH}'")
+# per cell and person: the person's tax row once (one childcare row per child and type)
+TRUE_CELLS = f"""
+    SELECT c.cert_type, count(*) AS rows, count(DISTINCT c.person_id) AS persons,
+           sum(t.income_levy) AS total, max(t.income_levy) AS top1
+    {JOINED} GROUP BY c.cert_type"""
+
+
+def cell_truth(inst) -> dict[str, tuple]:
+    return {r[0]: r[1:] for r in truth(inst, TRUE_CELLS)}
+
+
+def statuses_of(result, column):
+    return cells_by_column(result.cells)[column]["status"].to_pylist()
+
+
+def test_the_issue_example_is_answered_and_matches_the_truth(guard, inst, policy, analyst):
+    sql = (f"SELECT c.cert_type, AVG(t.income_levy) AS mean, SUM(t.income_levy) AS total, COUNT(*) AS n "
+           f"{JOINED} GROUP BY 1")
+    result = guard.query(sql, user=analyst)
+    # every child has a tax record here: the JOIN changes nobody and is answered as a LEFT
+    # join (the same rows); the fixing conditions are never left out
+    assert all(c.startswith("JOIN ") for c in result.summary["conditions_left_out"])
+    k, d = policy.disclosure.k, policy.disclosure.perturbation.max_noise
+    true = cell_truth(inst)
+    rows = result.table.to_pylist()
+    assert {r["cert_type"] for r in rows} == {"1号", "2号", "3号"}
+    compared = 0
+    for i, row in enumerate(rows):
+        n_rows, persons, total, top1 = true.get(row["cert_type"], (0, 0, 0, 0))
+        assert n_rows == persons           # one childcare row per child in the cell: no fan-out
+        for column in ("mean", "total", "n"):
+            state = statuses_of(result, column)[i]
+            if persons < k:
+                assert row[column] is None and state == status.SUPPRESSED_K, (row, persons)
+            else:
+                assert state != status.SUPPRESSED_K, (row, persons)
+        if persons < k:
+            continue
+        assert abs(row["n"] - n_rows) <= d
+        if statuses_of(result, "total")[i] == status.SUPPRESSED_DOMINANCE:
+            continue
+        noise = SUM_NOISE_FRACTION * top1        # |multiplier| <= 1
+        assert abs(row["total"] - total) <= noise + 1e-6, (row, total, noise)
+        low, high = (total - noise) / (n_rows + d), (total + noise) / max(n_rows - d, 1)
+        assert low - 1e-6 <= row["mean"] <= high + 1e-6, (row, low, high)
+        compared += 1
+    assert compared >= 2
+
+
+def test_a_child_with_two_types_in_the_month_counts_once_in_each_cell(guard, inst, policy, analyst):
+    """Grouped by 認定区分, a child holding 3号 and 2号 in the month is in both cells, once each."""
+    d = policy.disclosure.perturbation.max_noise
+    result = guard.query(f"SELECT c.cert_type, COUNT(DISTINCT c.person_id) AS n {JOINED} GROUP BY c.cert_type",
+                         user=analyst)
+    true = cell_truth(inst)
+    for row in result.table.to_pylist():
+        if row["n"] is not None:
+            assert abs(row["n"] - true[row["cert_type"]][1]) <= d
+
+
+def test_without_the_month_it_stays_join_fan_out_and_says_to_fix_the_month(guard, analyst):
+    sql = ("SELECT c.cert_type, AVG(t.income_levy) FROM childcare c JOIN resident_tax t "
+           "ON c.person_id = t.person_id WHERE t.tax_year = 2025 GROUP BY 1")
+    with pytest.raises(QueryRefused) as refused:
+        guard.query(sql, user=analyst)
+    assert refused.value.code == "join_fan_out"
+    assert "認定年月" in refused.value.reason and "cert_ym" in refused.value.reason
+    assert "認定区分" in refused.value.reason
+
+
+def test_the_suggestion_names_the_column_to_fix(guard, analyst):
+    from sekisho.client.suggest import suggest
+
+    class Refusal:
+        code, part = "join_fan_out", "resident_tax.income_levy × childcare"
+        sql = ("SELECT c.cert_type, AVG(t.income_levy) FROM childcare c JOIN resident_tax t "
+               "ON c.person_id = t.person_id WHERE t.tax_year = 2025 GROUP BY 1")
+
+    hint = suggest(Refusal(), guard.views(analyst))
+    assert hint is not None and "認定年月" in hint.text and "cert_ym" in hint.text
+
+
+# ---- DP mode: bounds from the declaration -------------------------------------------------------
+
+def dp_bound(epsilon_share: float, sensitivity: int) -> int:
+    """|Z| <= t with probability >= 1 - FAILURE for discrete Laplace of ε'/Δ (ε' >= ε(1 - 2^-20))."""
+    alpha = math.exp(-epsilon_share * (1 - 2.0 ** -20) / sensitivity)
+    t = 0
+    while 2 * alpha ** (t + 1) / (1 + alpha) > FAILURE:
+        t += 1
+    return t
+
+
+def test_dp_with_both_columns_fixed_uses_one_row_per_person(guard, inst, analyst):
+    """cert_ym and cert_type fixed: one row and one group per person (Δ = 1); the count is
+    the contributor count, one noisy quantity: the whole ε."""
+    sql = f"SELECT COUNT(*) AS n {JOINED} AND c.cert_type = '3号'"
+    bound = dp_bound(EPSILON, 1)
+    ((persons,),) = truth(inst, f"SELECT count(DISTINCT c.person_id) {JOINED} AND c.cert_type = '3号'")
+    for _ in range(3):
+        (row,) = guard.query(sql, user=analyst, mode="dp", epsilon=EPSILON).table.to_pylist()
+        assert abs(row["n"] - persons) <= bound, (row, persons, bound)
+    assert bound < 40     # the policy-wide bound (60 rows per person) would allow thousands
+
+
+def test_dp_grouped_by_type_falls_back_to_the_policy_bounds(guard, inst, policy, analyst):
+    """Grouped by 認定区分, a child may hold two rows (two cells): the policy's bounds."""
+    rows_per_person = policy.disclosure.dp.max_rows_per_person
+    bound = dp_bound(EPSILON, rows_per_person)      # COUNT(*) of rows, public keys: one share
+    true = cell_truth(inst)
+    result = guard.query(f"SELECT c.cert_type, COUNT(*) AS n {JOINED} GROUP BY 1", user=analyst, mode="dp",
+                         epsilon=EPSILON)
+    for row in result.table.to_pylist():
+        assert abs(row["n"] - true.get(row["cert_type"], (0,))[0]) <= bound
+
+
+# ---- attacks: fan-out amplification stays refused ----------------------------------------------
+
+def amplifies(raw, sql, one_row_sql) -> bool:
+    """Against the raw store the attack's sum differs from the one-row-per-person sum."""
+    a = raw.query(sql).table.to_pylist()
+    b = raw.query(one_row_sql).table.to_pylist()
+    return a != b
+
+
+ONE_ROW = ("SELECT SUM(t.income_levy) AS s FROM resident_tax t WHERE t.tax_year = 2025 AND t.person_id IN "
+           "(SELECT person_id FROM childcare)")
+
+
+@pytest.mark.parametrize("where", [
+    "",                                                       # no month: every certification
+    f"AND c.cert_ym IN ('{EARLIER}', '{MONTH}')",             # two months: a child certified in both
+    f"AND (c.cert_ym = '{MONTH}' OR c.cert_ym = '{EARLIER}')",
+    f"AND c.cert_ym >= '{EARLIER}'",
+    f"AND c.cert_ym = '{MONTH}'",                             # the month alone: 3号 and 2号 in one cell
+], ids=["no-month", "two-months", "or", "range", "month-not-type"])
+def test_fan_out_amplification_is_refused(guard, inst, analyst, where):
+    raw = RawOracle(inst)
+    sql = ("SELECT SUM(t.income_levy) AS s FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id "
+           f"WHERE t.tax_year = 2025 {where}")
+    one_row = ONE_ROW if not where or "IN" in where or "OR" in where or ">=" in where else (
+        ONE_ROW.replace("FROM childcare)", f"FROM childcare WHERE cert_ym = '{MONTH}')"))
+    assert amplifies(raw, sql, one_row), "not a real attack: nobody's rows are repeated"
+    with pytest.raises(QueryRefused) as refused:
+        guard.query(sql, user=analyst)
+    assert refused.value.code == "join_fan_out"
+
+
+@pytest.mark.parametrize("group", [
+    "CASE WHEN c.cert_type = '3号' THEN 'a' ELSE 'b' END",    # an expression of the type merges cells
+    "c.sex",
+])
+def test_grouping_by_anything_but_the_declared_column_is_refused(guard, analyst, group):
+    sql = (f"SELECT {group} AS g, SUM(t.income_levy) AS s FROM childcare c JOIN resident_tax t "
+           f"ON c.person_id = t.person_id WHERE t.tax_year = 2025 AND c.cert_ym = '{MONTH}' GROUP BY 1")
+    with pytest.raises(QueryRefused) as refused:
+        guard.query(sql, user=analyst)
+    assert refused.value.code == "join_fan_out"
+
+
+def test_a_second_view_with_several_rows_is_still_refused(guard, analyst):
+    sql = ("SELECT c.cert_type, COUNT(*) AS n FROM childcare c JOIN movements m ON c.person_id = m.person_id "
+           "JOIN resident_tax t ON t.person_id = c.person_id "
+           f"WHERE c.cert_ym = '{MONTH}' GROUP BY 1")
+    with pytest.raises(QueryRefused) as refused:
+        guard.query(sql, user=analyst)
+    assert refused.value.code == "join_fan_out"
+
+
+def test_a_fixing_condition_that_changes_few_is_refused_not_left_out(inst, policy):
+    """Condition influence leaves out a condition that changes fewer than k contributors;
+    left out, 認定年月 = M would let the rows fan out after the join was accepted, so the
+    query is refused instead, naming it. A policy with a larger k (100: the 1号 children certified in the month number
+    ~117, of whom far fewer than 100 change without the month) shows it."""
+    import dataclasses
+
+    wide = dataclasses.replace(policy, disclosure=dataclasses.replace(policy.disclosure, k=100))
+    guard = Guard(inst, policy=wide)
+    try:
+        sql = f"SELECT COUNT(*) AS n {JOINED} AND c.cert_type = '1号'"
+        with pytest.raises(QueryRefused) as refused:
+            guard.query(sql, user="ana")
+        assert refused.value.code == "condition_influence_below_k"
+        assert "cert_ym" in refused.value.part
+    finally:
+        guard.close()
