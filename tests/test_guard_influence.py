@@ -11,7 +11,7 @@ import pytest
 from sqlglot import parse_one
 
 from sekisho.guard.neighbour_counts import _influence_general, influence_sql, is_flat
-from sekisho.guard.neighbours import Variant, apply, atoms, closest, neighbourhood, variant_sql
+from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, variant_sql
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
        'FROM "residents" AS "r" WHERE {where}')
@@ -57,7 +57,7 @@ def test_apply_combines_replacements_of_one_node():
     assert "'灘'" in base.sql(dialect="duckdb")   # the base tree itself is left as it was
 
 
-def test_closest_takes_the_one_condition_changing_fewest():
+def test_closest_takes_one_condition_and_batch_one_per_condition():
     a_true = Variant("a", 10, "true", "")
     a_false = Variant("a", 10, "false", "")
     b_false = Variant("b", 20, "false", "")
@@ -66,6 +66,7 @@ def test_closest_takes_the_one_condition_changing_fewest():
     assert closest(small) == [b_false]
     assert closest([(in_1, 5), (in_0, 2), (a_true, 4)]) == [in_0, in_1]   # all small elements of the IN
     assert closest([(a_true, 1), (b_false, 1)]) == [a_true]   # ties: the first in the query
+    assert batch(small) == [a_false, b_false, in_0, in_1]
 
 
 @pytest.fixture(scope="module")

@@ -79,10 +79,10 @@ Residual risks (honest)
   query is answered as that neighbour, the summary and the audit name the condition.
   ``COUNT(P)`` and ``COUNT(P AND NOT <target>)`` therefore get the same answer whether or
   not the target is in P; the same holds for a CASE group isolating the target and for
-  an IN element adding one person. Conditions are left out one per round — the one
-  changing the fewest contributors (exact count) — and the others decided again on the
-  query without it, up to 12 rounds, else the query is refused
-  (``condition_influence_below_k``). First run of a new query costs one extra
+  an IN element adding one person. Conditions certain to be small (exact change at
+  most k - 1 - D) are left out together; the others below k one per round, closest
+  first, each decided on the query without what was left out before; up to 12 rounds,
+  else the query is refused (``condition_influence_below_k``). First run of a new query costs one extra
   scan per round (all neighbours of a round in one scan when the row SELECT is over one
   table or one household scope); the verdict is cached per snapshot and user.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
@@ -105,13 +105,14 @@ Residual risks (honest)
   町丁目's women, ~10) leaked when all small conditions were left out at once: the second
   cell's other conditions were decided on counts one person apart, so near k they were
   left out (the cell suppressed) for a target in P and kept otherwise — 17-27 of 36
-  sexes against a base of 19. Deciding one condition per round, the smallest first,
-  makes both cells the same expression before their other conditions are decided; five
-  spellings (FILTER, CASE, IN lists, read through suppression, in a GROUP BY) are at the
-  base rate (tests/test_guard_language_attacks.py, near-k). The left-out conditions are
-  named sorted, not in the order left out (that order follows exact counts).
-  A single condition near k still leaks as any noisy threshold does: which side of k a
-  population one person larger falls is a little more likely to differ (noise sd 3).
+  sexes against a base of 19. Now conditions certain to be small go first, and those
+  near k are decided one per round on the query without them: both cells are the same
+  expression by then. Five spellings (FILTER, CASE, IN lists, read through suppression,
+  a GROUP BY) are at the base rate (tests/test_guard_language_attacks.py, near-k).
+  Residual: the tiers' border is an exact count (k - 1 - D); a condition one person
+  above it is left out a round later unless its noise draw is +D, so the tier says
+  little. The order within the near tier is by perturbed counts; the conditions left
+  out are named sorted. A single condition near k leaks as any noisy threshold does.
   The policy exempts the ``reports`` role (reviewed notebooks, fixed queries).
 * Data updates (issue 15): the perturbation table is *per snapshot* (instance secret +
   snapshot id), so consistency holds within a snapshot only. With one table for every

@@ -24,8 +24,10 @@ neighbour's version of the household features computed in the same GROUP BY); on
 other shapes (joins, nested derived tables) compare each neighbour's rows with the
 query's (``_influence_general``). The three agree on counts and cell keys
 (tests/test_guard_influence.py); the SQL is built in ``neighbour_counts`` and
-``neighbour_units``. One condition is left out per round, the one changing the fewest
-contributors, and the rest are counted again (``decide``), up to ``INFLUENCE_ROUNDS``.
+``neighbour_units``. Conditions certain to be small go together, those near k one per
+round (``decide``); after a batch, how far it moved the query (the drift) is counted
+first, on its own: when it is k or more the batch is undone and the closest one alone
+is left out.
 
 Residual risk (documented, not closed): neighbours that differ by a *constant*
 (``age >= 40`` vs ``age >= 41``) are not formed; such pairs are trackers across queries,
@@ -46,13 +48,13 @@ from sekisho.guard.errors import QueryRefused
 from sekisho.guard.joins import ROW_IDENTITY
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat
-from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, closest, neighbourhood
+from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, batch, closest, neighbourhood
 from sekisho.guard.protect.cellkey import PerturbationTable
 from sekisho.guard.protect.threshold import Cells, number
 
 MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence in the general form
 MAX_NEIGHBOURS_FLAT = 1024  # ... when all are evaluated in one scan of a single view
-INFLUENCE_ROUNDS = 12   # one condition left out per round, the rest re-checked: at most this many
+INFLUENCE_ROUNDS = 12   # certain conditions go together, those near k one per round: at most this many rounds
 CACHE_SIZE = 2048
 CACHE_BYTES = 16 * 2 ** 20   # estimated bytes of the verdicts kept, all users (``verdict_bytes``)
 
@@ -65,15 +67,6 @@ class Verdict:
     left_out: tuple[str, ...] = ()
 
 
-def _row_identity_atom(base: exp.Expression, chosen) -> str | None:
-    """The atom of ``chosen`` that fixes a join's row identity (``joins.ROW_IDENTITY``)."""
-    nodes = list(base.walk())
-    for variant in chosen:
-        if 0 <= variant.index < len(nodes) and nodes[variant.index].meta.get(ROW_IDENTITY):
-            return variant.atom
-    return None
-
-
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
            person_unique: bool, ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> Verdict:
     """Apply the rule to one boundary's row SELECT: a condition that changes who is
@@ -82,24 +75,51 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     person, so the answer cannot tell the two apart. ``fetch`` runs one counting SQL on
     the snapshot; ``ptable`` is that snapshot's cell-key table.
 
-    One condition is left out per round — the one that changes the *fewest* contributors
-    (exact count, so no noise can put another first) — and the others are decided again on
-    the query without it. Deciding them all at once would decide a condition near k on
-    counts that still include or exclude the person the smaller one isolates: in
-    ``COUNT(P)`` against ``COUNT(P AND age <> a)``, the second cell's own conditions change
-    |P| - 1 persons when the target is in P and |P| when not, so near k they were left out
-    for one and kept for the other (tests/test_guard_language_attacks.py, near-k). After
-    the smallest is left out both cells are the same expression and get the same decisions."""
+    Conditions are left out in two tiers, each round deciding on the query without what
+    earlier rounds left out:
+
+    * *certain*: a condition changing at most k - 1 - D contributors (exact count; D the
+      noise bound) is small whatever the noise, so all of them go at once (with the
+      batch's combined drift checked, as overlapping conditions can add up);
+    * *near k*: the others whose perturbed count is below k go one per round, the
+      closest first, and the rest are decided again.
+
+    Why not all at once: a condition near k decided on counts that still include a
+    certain one is decided by the person that one isolates. In ``COUNT(P)`` against
+    ``COUNT(P AND age <> a)`` (P near k) the second cell's own conditions change |P| - 1
+    persons when the target is in P and |P| when not, so near k they were left out for
+    one and kept for the other (tests/test_guard_language_attacks.py, near-k). Once
+    ``age <> a`` (certain: it changes 0 or 1) is left out, both cells are the same
+    expression and get the same decisions. The tiers' border is an exact count, but a
+    condition just above it is almost always left out in the next round too (only a
+    noise draw of +D keeps it), so which tier a condition falls in says next to nothing;
+    the order within the near tier is by perturbed counts, never exact ones."""
+    certain = k - 1 - ptable.max_noise
     current, left_out = row, []
+    pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
         base, _, neighbours = neighbourhood(current, identifiers, max_atoms)
-        if not neighbours:
+        compared = list(neighbours)
+        if pending is not None:
+            # how far the last batch moved the query: it must stay below k as well
+            compared.append(Variant(atom="", index=-1, action="drift", tree=pending[0]))
+        if not compared:
             break
         limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
-        if len(neighbours) > limit:
+        if len(compared) > limit:
             raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
-        noisy, exact, counts = _counted(base, neighbours, columns, person_unique, ptable, fetch)
+        if pending is not None:
+            # the drift first, on its own: when the batch moved the query by k or more,
+            # this round's neighbours are not needed (the closest one alone is left out)
+            before, single, left_before = pending
+            pending = None
+            if _counted(base, [compared.pop()], columns, person_unique, ptable, fetch)[0][0] >= k:
+                current, left_out = _leave_out(before, single, left_before)
+                continue
+            if not compared:
+                break
+        noisy, exact, counts = _counted(base, compared, columns, person_unique, ptable, fetch)
         if round_ == 0 and filtered and any(v < k for v in noisy):
             # a query that selects fewer than k is refused as such, before any condition
             # is left out (which would otherwise widen it into an answer)
@@ -107,22 +127,32 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                                                [int(number(counts, hidden.CONTRIBUTORS, np.int64)[0])])[0]
             if population < k:
                 raise QueryRefused("filter_population_below_k")
-        small = [(neighbours[i], exact[i]) for i, value in enumerate(noisy) if value < k]
+        small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
         if not small:
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
             raise QueryRefused("condition_influence_below_k", part=min(small, key=lambda o: o[1])[0].atom)
-        chosen = closest(small)
-        identity = _row_identity_atom(base, chosen)
-        if identity is not None:
-            # the join reads one row per person because of this condition (``joins``):
-            # without it the rows would fan out, so the query is refused, not widened
-            raise QueryRefused("condition_influence_below_k", part=identity)
-        current = apply(base, chosen)
-        left_out += [v.atom for v in chosen]
-    # named sorted, not in the order left out: that order follows exact counts
+        sure = [(neighbours[i], value) for i, value in enumerate(noisy) if exact[i] <= certain]
+        chosen = batch(sure) if sure else closest(small)
+        if len(chosen) > len(closest(sure or small)):
+            pending = (base, closest(sure), list(left_out))
+        current, left_out = _leave_out(base, chosen, left_out)
+    else:
+        if pending is not None:
+            raise QueryRefused("condition_influence_below_k")
     return Verdict(current.sql(dialect=DIALECT), tuple(sorted(left_out))) if left_out else Verdict()
+
+
+def _leave_out(base: exp.Expression, chosen: list[Variant], left_out: list[str]) -> tuple[exp.Expression, list[str]]:
+    """``base`` without the ``chosen`` conditions, and the conditions left out so far. A
+    condition fixing a join's row identity (``joins.ROW_IDENTITY``) is never left out: the
+    rows would fan out, so the query is refused, not widened."""
+    nodes = list(base.walk())
+    for variant in chosen:
+        if 0 <= variant.index < len(nodes) and nodes[variant.index].meta.get(ROW_IDENTITY):
+            raise QueryRefused("condition_influence_below_k", part=variant.atom)
+    return apply(base, chosen), left_out + [v.atom for v in chosen]
 
 
 def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], person_unique: bool,

@@ -281,15 +281,28 @@ def variant_sql(base: exp.Expression, variant: Variant) -> str:
 
 
 def closest(small: list[tuple[Variant, int]]) -> list[Variant]:
-    """The one neighbour (given with the exact count of contributors it changes) closest to
-    the query (ties: first condition in the query); for an IN element, every small element
-    of that IN list goes with it (elements are disjoint values, so their effects simply
-    add up and none decides another's count)."""
+    """The one neighbour (given with its perturbed count) closest to the query (ties: first
+    condition in the query); for an IN element, every element changing fewer than k goes
+    with it (elements are disjoint values, so their effects simply add up)."""
     ranked = sorted(small, key=lambda o: (o[1], o[0].index, o[0].action))
     best = ranked[0][0]
     if best.action.startswith("drop:"):
         return [v for v, _ in ranked if v.index == best.index and v.action.startswith("drop:")]
     return [best]
+
+
+def batch(small: list[tuple[Variant, int]]) -> list[Variant]:
+    """Several conditions at once: per condition its closest neighbour (all small elements
+    of an IN list). Overlapping conditions (``a OR b`` with both redundant) can together
+    change far more than each alone, so the caller checks the batch and falls back to
+    ``closest``."""
+    by_node: dict[int, list[tuple[Variant, int]]] = {}
+    for variant, value in small:
+        by_node.setdefault(variant.index, []).append((variant, value))
+    chosen = []
+    for options in by_node.values():
+        chosen += closest(options)
+    return chosen
 
 
 def _searched_case(node: exp.Expression) -> exp.Expression:
