@@ -154,6 +154,20 @@ def test_aggregates_above_the_boundaries_carry_their_inputs_status(guard):
     assert cells_of(whole)["total"]["status"] == [status.PARTIAL] == cells_of(whole)["twice"]["status"]
 
 
+def test_the_summary_says_what_each_condition_left_out_was_answered_as(guard, inst):
+    # an OR branch isolating one person is answered as never holding (FALSE), a conjunct
+    # removing one person as always holding (TRUE): "not applied" alone would not say which
+    chome, age = truth(inst, "SELECT chome_code, age FROM residents GROUP BY 1, 2 HAVING COUNT(*) = 1 "
+                             "ORDER BY 1, 2 LIMIT 1")[0]
+    r = guard.query(f"SELECT COUNT(*) AS n FROM residents WHERE (sex = '女' OR chome_code = '{chome}' AND age = {age}) "
+                    f"AND NOT (block = '灘' AND age = 101)", user="ana")
+    answered = {e["condition"]: e["as"] for e in r.summary["conditions_left_out_as"]}
+    assert answered[f'"residents"."chome_code" = \'{chome}\''] == "FALSE"
+    assert answered['"residents"."age" = 101'] == "FALSE"      # nobody is 101: NOT (... AND FALSE) holds
+    assert [e["condition"] for e in r.summary["conditions_left_out_as"]] == r.summary["conditions_left_out"]
+    assert any("成り立たないものとして集計" in n for n in r.summary["notes_ja"])
+
+
 # ---- densification within the query's own filters -------------------------------------------------
 
 def test_age_at_least_97_gives_ages_97_to_100_only_with_suppressed_cells_present(guard, inst):

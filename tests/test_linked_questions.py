@@ -124,33 +124,32 @@ def _bare(node) -> str:
     return node.sql(dialect="duckdb")
 
 
-def answered_sql(sql: str, left_out: list[str]) -> str:
+def answered_sql(sql: str, left_out: list[dict]) -> str:
     """``sql`` as the guard answered it: each condition the condition-influence rule left
-    out replaced by TRUE, and an INNER join left out answered as a LEFT join (the guard's
-    own neighbour, ``neighbours._existence``)."""
+    out replaced by what the summary says it was answered as (``conditions_left_out_as``:
+    TRUE or FALSE); an INNER join left out as TRUE is answered as a LEFT join and as FALSE
+    matches nothing (the guard's own neighbours, ``neighbours._existence``)."""
     tree = sqlglot.parse_one(sql, read="duckdb")
-    for atom in left_out:
+    for entry in left_out:
+        atom, holds = entry["condition"], entry["as"] == "TRUE"
         joined = re.fullmatch(r'JOIN "?(\w+)"?(?: AS "?(\w+)"?)?', atom)
         if joined:
             alias = joined.group(2) or joined.group(1)
             join = next(j for j in tree.find_all(sqlglot.exp.Join) if j.this.alias_or_name == alias)
-            join.set("side", "LEFT")
-            join.set("kind", None)
+            if holds:
+                join.set("side", "LEFT")
+                join.set("kind", None)
+            else:
+                join.set("on", sqlglot.exp.Boolean(this=False))
             continue
         wanted = _bare(sqlglot.parse_one(atom, read="duckdb"))
         node = next(n for n in tree.walk() if isinstance(n, (sqlglot.exp.Predicate, sqlglot.exp.Column))
                     and _bare(n) == wanted)
-        node.replace(sqlglot.exp.Boolean(this=True))
+        node.replace(sqlglot.exp.Boolean(this=holds))
     return tree.sql(dialect="duckdb")
 
 
-@pytest.mark.parametrize("number", [
-    pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=(
-        "open finding: the LEFT JOIN's unmatched (cert_type NULL) cells differ from the truth "
-        "on the answered SQL by more than D, or go unreleased with >= k persons, on some "
-        "snapshots (not yet explained: the guard's LEFT JOIN or the test's reconstruction "
-        "of the conditions left out)"))) if n == 10 else n
-    for n in sorted(LINKED_COUNTS)])
+@pytest.mark.parametrize("number", sorted(LINKED_COUNTS))
 def test_linked_counts_match_the_truth_and_exactly_the_cells_below_k_are_suppressed(number, guard, real_city):
     """Released counts within ±D (the policy's cell-key max_noise) of the truth on the raw
     store; a cell's status is ``suppressed_k`` exactly when fewer than k contributors
@@ -172,7 +171,7 @@ def test_linked_counts_match_the_truth_and_exactly_the_cells_below_k_are_suppres
     count_sql = f"COUNT(*) AS {value}"
     assert count_sql in sql
     extra = f", COUNT(DISTINCT {contributor}) AS __contributors" if contributor else ""
-    sql = answered_sql(sql, result.summary["conditions_left_out"])
+    sql = answered_sql(sql, result.summary["conditions_left_out_as"])
     store = Store(inst)
     with duckdb.connect(str(store.snapshots_dir / store.current_id() / "data.duckdb"), read_only=True) as con:
         con.execute("SET threads = 1")

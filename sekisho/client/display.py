@@ -134,10 +134,11 @@ def header_lines(summary: dict[str, Any], accuracy: dict[str, str] | None = None
         if "none" in kinds:
             text += "、平均や計算した値は誤差幅の表示なし"
         lines.append(("撹乱", text))
-    left = summary.get("conditions_left_out") or []
+    left = summary.get("conditions_left_out_as") or [{"condition": c} for c in summary.get("conditions_left_out") or []]
     if left:
-        lines.append(("適用しなかった条件", "、".join(map(str, left)) +
-                      "（対象者を最小人数以上変えないため。差分による個人の特定を防ぎます）"))
+        lines.append(("適用しなかった条件", "、".join(
+            f"{e['condition']}" + {"TRUE": "（常に成り立つものとして集計）", "FALSE": "（成り立たないものとして集計）"}
+            .get(e.get("as"), "") for e in left) + "（対象者を最小人数以上変えないため。差分による個人の特定を防ぎます）"))
     if summary.get("query_id") is not None:
         lines.append(("監査番号", str(summary["query_id"])))
     return lines

@@ -65,6 +65,9 @@ class Verdict:
     without them (``None``, nothing left out: the query runs as written)."""
     row_sql: str | None = None
     left_out: tuple[str, ...] = ()
+    # per condition left out, what it was answered as: ``TRUE`` (always holds) or ``FALSE``
+    # (never holds) — "not applied" alone would hide which of the two the answer is for
+    treated_as: tuple[str, ...] = ()
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -141,10 +144,20 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     else:
         if pending is not None:
             raise QueryRefused("condition_influence_below_k")
-    return Verdict(current.sql(dialect=DIALECT), tuple(sorted(left_out))) if left_out else Verdict()
+    if not left_out:
+        return Verdict()
+    named = sorted(left_out)   # sorted, not in the order left out
+    return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named))
 
 
-def _leave_out(base: exp.Expression, chosen: list[Variant], left_out: list[str]) -> tuple[exp.Expression, list[str]]:
+def treated_as(variant: Variant) -> str:
+    """What a left-out condition is answered as: an atom replaced by TRUE, a BETWEEN bound
+    dropped and a join's existence assumed hold always (``TRUE``); an atom replaced by
+    FALSE, an IN element dropped and a join's existence denied never hold (``FALSE``)."""
+    return "FALSE" if variant.action == "false" or variant.action.startswith("drop:") else "TRUE"
+
+
+def _leave_out(base: exp.Expression, chosen: list[Variant], left_out: list) -> tuple[exp.Expression, list]:
     """``base`` without the ``chosen`` conditions, and the conditions left out so far. A
     condition fixing a join's row identity (``joins.ROW_IDENTITY``) is never left out: the
     rows would fan out, so the query is refused, not widened."""
@@ -152,7 +165,7 @@ def _leave_out(base: exp.Expression, chosen: list[Variant], left_out: list[str])
     for variant in chosen:
         if 0 <= variant.index < len(nodes) and nodes[variant.index].meta.get(ROW_IDENTITY):
             raise QueryRefused("condition_influence_below_k", part=variant.atom)
-    return apply(base, chosen), left_out + [v.atom for v in chosen]
+    return apply(base, chosen), left_out + [(v.atom, treated_as(v)) for v in chosen]
 
 
 def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], person_unique: bool,
@@ -167,7 +180,8 @@ def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], 
 
 def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:
     """A verdict's memory, estimated: its strings and the key's, plus the objects around them."""
-    held = (found.row_sql or "", *found.left_out) if isinstance(found, Verdict) else (found.reason, found.part)
+    held = (found.row_sql or "", *found.left_out, *found.treated_as) if isinstance(found, Verdict) else \
+        (found.reason, found.part)
     return 400 + sum(len(s) for s in key) + sum(len(s) for s in held)
 
 

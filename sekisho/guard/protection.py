@@ -52,6 +52,8 @@ from sekisho.protocol import cells_table
 # them changes one unit's features — it leaves one cell and enters another: at most 2
 # cells change, each by 1 (L1 sensitivity 2), which calibrates both noise and selection.
 UNIT_DP_SENSITIVITY = 2
+# how a note names what a left-out condition was answered as (``influence.treated_as``)
+TREATED_AS_JA = {"TRUE": "常に成り立つものとして集計", "FALSE": "成り立たないものとして集計"}
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,7 @@ class Released:
     table: pa.Table
     stats: list[ProtectionStats]
     left_out: list[str] = field(default_factory=list)      # conditions the influence rule left out
+    treated_as: list[str] = field(default_factory=list)    # ... each answered as TRUE or FALSE
     # per boundary what defines its population: (snapshot id, row SQL as executed), or None
     defined: list[tuple[str, str] | None] = field(default_factory=list)
     epsilon_spent: float = 0.0
@@ -234,7 +237,10 @@ class ThresholdProtection:
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
             st.population = population
-            released.left_out += [c for c in left_out if c not in released.left_out]
+            for condition, answered_as in left_out:
+                if (condition, answered_as) not in zip(released.left_out, released.treated_as):
+                    released.left_out.append(condition)
+                    released.treated_as.append(answered_as)
             protected[bp.name] = to_arrow(frame, bp, ctx.snap)
             companions[bp.name] = _status_table(frame, bp, protected[bp.name].num_rows)
             kinds[bp.name] = accuracy_kinds(self.name, bp)
@@ -262,7 +268,7 @@ class ThresholdProtection:
                                      ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
         if not verdict.left_out:
             return bp, ()
-        return dataclasses.replace(bp, row_sql=verdict.row_sql), verdict.left_out
+        return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as))
 
     @staticmethod
     def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool) -> tuple[int, int]:
@@ -288,8 +294,8 @@ class ThresholdProtection:
             notes.append(f"世帯単位の集計では、{k}世帯未満のセルを秘匿しています。")
         notes.append(f"件数にはセルキー法による小さな攪乱（±{p.max_noise}以内）を加えています。")
         if released.left_out:
-            notes.append(f"対象者を{k}人以上変えない条件は適用していません"
-                         f"（差分による特定の防止）: {'; '.join(released.left_out)}")
+            notes.append(f"対象者を{k}人以上変えない条件は適用していません（差分による特定の防止）: "
+                         + "; ".join(f"{c}（{TREATED_AS_JA[t]}）" for c, t in zip(released.left_out, released.treated_as)))
         if any(s.values_suppressed_dominance for s in released.stats):
             notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
         if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
@@ -433,6 +439,7 @@ def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
         "epsilon_remaining": released.epsilon_remaining,
         "query_id": None,
         "conditions_left_out": list(released.left_out),
+        "conditions_left_out_as": [{"condition": c, "as": t} for c, t in zip(released.left_out, released.treated_as)],
         "notes_ja": notes,
     }
 

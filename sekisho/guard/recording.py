@@ -175,6 +175,7 @@ class Recorder:
                    "values_suppressed_dominance": summary["values_suppressed_dominance"],
                    "rows_dropped_below_k": sum(s.rows_dropped for s in stats),
                    "conditions_left_out": released.left_out,
+                   "conditions_left_out_as": released.treated_as,
                    "epsilon_spent": released.epsilon_spent,
                    "duration_ms": attempt.elapsed_ms(),
                    "request": request_seq}
