@@ -128,8 +128,9 @@ def truth(inst: Instance, sql: str):
         return con.execute(sql).fetchall()
 
 
-def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
-    """A new snapshot = the current one plus ``residents`` rows (a data update)."""
+def new_snapshot(inst: Instance, change, *, rebuilt: tuple[str, ...] = ()) -> None:
+    """A new snapshot: the current one's tables copied, except those named in ``rebuilt``,
+    then ``change(con)`` with the current snapshot attached as ``old`` (read-only)."""
     store = Store(inst)
     old = store.snapshots_dir / store.current_id() / "data.duckdb"
     with store.writer(policy_version=inst.policy_version) as w:
@@ -137,15 +138,23 @@ def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
         con.execute(f"ATTACH '{old}' AS old (READ_ONLY)")
         for (name,) in con.execute("SELECT table_name FROM information_schema.tables "
                                    "WHERE table_catalog = 'old'").fetchall():
-            con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
+            if name not in rebuilt:
+                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
+        change(con)
         con.execute("DETACH old")
+        con.close()
+        w.commit()
+
+
+def add_snapshot(inst: Instance, residents: list[tuple]) -> None:
+    """A new snapshot = the current one plus ``residents`` rows (a data update)."""
+    def insert(con) -> None:
         for row in residents:
             values = dict(zip(("person_id", "household_id", "sex", "age", "age_band", "relationship",
                                "chome_code", "block", "is_current", "_rkey"), row))
             con.execute(f"INSERT INTO residents ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})",
                         list(values.values()))
-        con.close()
-        w.commit()
+    new_snapshot(inst, insert)
 
 
 def copy_instance(src: Instance, home: Path) -> Instance:

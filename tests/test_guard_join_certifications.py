@@ -29,13 +29,12 @@ import re
 import pytest
 
 from attack_oracle import RawOracle
-from guard_fixtures import truth
+from guard_fixtures import new_snapshot, truth
 from sekisho.guard import Guard, QueryRefused
 from sekisho.guard.protect import status
 from sekisho.guard.protect.cellkey import SUM_NOISE_FRACTION
 from sekisho.policy import load_instance_policy
 from sekisho.protocol import cells_by_column
-from sekisho.store import Store
 
 MONTH, EARLIER = "2025-04", "2025-03"
 FAILURE = 1e-6          # per released DP value
@@ -49,16 +48,7 @@ def inst(own_city):
     text = own_city.policy_path.read_text(encoding="utf-8")
     own_city.policy_path.write_text(re.sub(r"(?m)^(\s+budget_per_period:).*$", r"\1 100000.0", text),
                                     encoding="utf-8")
-    store = Store(own_city)
-    old = store.snapshots_dir / store.current_id() / "data.duckdb"
-    with store.writer(policy_version=own_city.policy_version) as w:
-        con = w.connect()
-        con.execute(f"ATTACH '{old}' AS old (READ_ONLY)")
-        for (name,) in con.execute("SELECT table_name FROM information_schema.tables "
-                                   "WHERE table_catalog = 'old'").fetchall():
-            if name != "childcare":
-                con.execute(f'CREATE TABLE "{name}" AS SELECT * FROM old."{name}"')
-        con.execute("""
+    new_snapshot(own_city, lambda con: con.execute("""
             CREATE TABLE childcare AS
             WITH kids AS (SELECT *, row_number() OVER (ORDER BY person_id) AS i FROM old.childcare)
             SELECT * EXCLUDE (i) REPLACE (CASE WHEN i % 5 = 0 THEN '2025-01' ELSE '2025-04' END AS cert_ym)
@@ -68,10 +58,7 @@ def inst(own_city):
             FROM kids WHERE i % 3 = 0
             UNION ALL
             SELECT * EXCLUDE (i) REPLACE ('2号' AS cert_type, '2025-04' AS cert_ym, (_rkey + 57) % 256 AS _rkey)
-            FROM kids WHERE cert_type = '3号' AND i % 2 = 0 AND i % 5 <> 0""")
-        con.execute("DETACH old")
-        con.close()
-        w.commit()
+            FROM kids WHERE cert_type = '3号' AND i % 2 = 0 AND i % 5 <> 0"""), rebuilt=("childcare",))
     return own_city
 
 

@@ -48,6 +48,7 @@ from sqlglot import exp
 
 from sekisho.guard.catalog import LINKAGE, PRIVACY_UNIT, Catalog
 from sekisho.guard.errors import REASONS, QueryRefused, refuse
+from sekisho.guard.scope_checks import owned_by
 from sekisho.guard.semi_joins import ANTI, SEMI, conjuncts
 
 KEY_CLASSES = (PRIVACY_UNIT, LINKAGE)
@@ -328,17 +329,8 @@ def _only_in_own_on(select: exp.Select, alias: str, join: exp.Join) -> None:
     on = join.args.get("on")
     inside = {id(n) for n in on.walk()} if on is not None else set()
     for col in select.find_all(exp.Column):
-        if col.table == alias and id(col) not in inside and _same_scope(col, select):
+        if col.table == alias and id(col) not in inside and owned_by(col, select):
             raise refuse("semi_join_column", col)
-
-
-def _same_scope(node: exp.Expression, select: exp.Select) -> bool:
-    parent = node.parent
-    while parent is not None and parent is not select:
-        if isinstance(parent, (exp.Select, exp.SetOperation)):
-            return False
-        parent = parent.parent
-    return parent is select
 
 
 def check_measures(aggregates, info: RowInfo | None, catalog: Catalog | None = None) -> None:
