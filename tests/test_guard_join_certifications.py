@@ -23,12 +23,12 @@ Laplace quantile of ε and the declared contribution bound at failure probabilit
 
 from __future__ import annotations
 
-import math
 import re
 
 import pytest
 
 from attack_oracle import RawOracle
+from dp_bounds_helper import FAILURE, dp_bound, dp_mean_range, dp_sum_bound
 from guard_fixtures import new_snapshot, truth
 from sekisho.guard import Guard, QueryRefused
 from sekisho.guard.protect import status
@@ -37,7 +37,6 @@ from sekisho.policy import load_instance_policy
 from sekisho.protocol import cells_by_column
 
 MONTH, EARLIER = "2025-04", "2025-03"
-FAILURE = 1e-6          # per released DP value
 EPSILON = 0.5
 
 
@@ -171,15 +170,6 @@ def test_the_suggestion_names_the_column_to_fix(guard, analyst):
 
 # ---- DP mode: bounds from the declaration -------------------------------------------------------
 
-def dp_bound(epsilon_share: float, sensitivity: int) -> int:
-    """|Z| <= t with probability >= 1 - FAILURE for discrete Laplace of ε'/Δ (ε' >= ε(1 - 2^-20))."""
-    alpha = math.exp(-epsilon_share * (1 - 2.0 ** -20) / sensitivity)
-    t = 0
-    while 2 * alpha ** (t + 1) / (1 + alpha) > FAILURE:
-        t += 1
-    return t
-
-
 def test_dp_with_both_columns_fixed_uses_one_row_per_person(guard, inst, analyst):
     """cert_ym and cert_type fixed: one row and one group per person (Δ = 1); the count is
     the contributor count, one noisy quantity: the whole ε."""
@@ -273,3 +263,31 @@ def test_a_fixing_condition_that_changes_few_is_refused_not_left_out(inst, polic
         assert "cert_ym" in refused.value.part
     finally:
         guard.close()
+
+
+def test_dp_sum_and_mean_of_the_issue_example_are_within_the_mechanism_bounds(guard, inst, policy, analyst):
+    """Both columns fixed (one row per child, Δ = 1 row). ε is split evenly between the
+    noisy quantities: SUM and COUNT (the contributor count) two shares; AVG (a noisy sum
+    over a noisy count) two shares. The sum's sensitivity is the measure's declared bound;
+    the mean lies between the corners of (sum ± its bound)/(count ± its bound), clipped.
+    Failure probability FAILURE per query (union over its two noisy quantities)."""
+    low, high = policy.views["resident_tax"].columns["income_levy"].bounds
+    where = f"{JOINED} AND c.cert_type = '3号'"
+    ((rows, total, top),) = truth(inst, f"SELECT count(*), sum(t.income_levy), max(t.income_levy) {where}")
+    assert rows >= 50 and top <= high          # the clamp changes nothing: the raw sum is the clamped one
+    share = EPSILON / 2
+    count_bound, sum_bound = dp_bound(share, 1, FAILURE / 2), dp_sum_bound(share, high, FAILURE / 2)
+    for _ in range(3):
+        (row,) = guard.query(f"SELECT SUM(t.income_levy) AS total, COUNT(*) AS n {where}", user=analyst,
+                             mode="dp", epsilon=EPSILON).table.to_pylist()
+        assert abs(row["n"] - rows) <= count_bound, (row, rows, count_bound)
+        assert abs(row["total"] - total) <= sum_bound, (row, total, sum_bound)
+    # the mean at the largest ε a query may spend: its range then excludes most of [low, high]
+    epsilon = policy.disclosure.dp.epsilon_per_query_max
+    mean_low, mean_high = dp_mean_range(total, rows, dp_sum_bound(epsilon / 2, high, FAILURE / 2),
+                                        dp_bound(epsilon / 2, 1, FAILURE / 2), low, high)
+    assert mean_high < high / 2, (rows, total, mean_high)
+    for _ in range(3):
+        (row,) = guard.query(f"SELECT AVG(t.income_levy) AS mean {where}", user=analyst, mode="dp",
+                             epsilon=epsilon).table.to_pylist()
+        assert row["mean"] is None or mean_low <= row["mean"] <= mean_high, (row, mean_low, mean_high)

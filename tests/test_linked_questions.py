@@ -9,7 +9,17 @@ released, and suppressed exactly where fewer than k persons are counted. The joi
 household-linked counts (``LINKED_COUNTS``) are compared on the SQL as the guard answered
 it (conditions the condition-influence rule left out replaced by TRUE), with k counted in
 the question's contributors (persons, or households where household facts are joined) and
-each cell's status read from the cells table. DP-mode answers are not yet compared."""
+each cell's status read from the cells table. Question 7's sums are compared in threshold
+mode within the cell-key sum noise (dominance-suppressed cells allowed).
+
+DP mode (``DP_QUESTIONS``: every question the document says DP answers) is compared with
+the truth within bounds computed here from the mechanism's parameters
+(``dp_bounds_helper``): ε split evenly between the noisy quantities, the contribution
+bounds the policy's declarations give each question, the discrete Laplace tails at a
+failure probability of ``DP_FAILURE`` per query (a union bound over its released values
+and selection decisions). Keys with a public domain are released on the whole grid; keys
+without one go through partition selection, and a cell's presence or absence must agree
+with its true contributor count and the selection threshold within the same bound."""
 
 from __future__ import annotations
 
@@ -20,6 +30,8 @@ import duckdb
 import pytest
 import sqlglot
 
+from attack_oracle import fresh_analyst
+from dp_bounds_helper import binomial_upper, dp_bound, dp_mean_range, dp_sum_bound, selection_threshold
 from sekisho.guard import Guard, QueryRefused
 from sekisho.policy import load_instance_policy
 from sekisho.store import Store
@@ -191,3 +203,237 @@ def test_linked_counts_match_the_truth_and_exactly_the_cells_below_k_are_suppres
         else:
             assert state == status.RELEASED and abs(row[value] - rows) <= d, (number, key, row[value], rows)
     assert all(key in seen for key, (_, c) in truth.items() if c >= k), number
+
+
+# ---- question 7's sums (threshold mode) ---------------------------------------------------------
+
+def test_sums_match_the_truth_within_the_sum_noise_and_dominance_only_suppresses_sums(guard, real_city):
+    """Question 7: SUM(income_levy) and COUNT(*) by household band. A count is within ±D
+    and suppressed for k exactly when fewer than k taxpayers are in the cell; a sum is
+    released or suppressed for dominance (never for k where the count is not), and a
+    released sum is within f × the cell's largest contribution (the cell-key sum noise,
+    |multiplier| <= 1, top contribution read from the raw store) and inside the interval
+    the guard states (± r × released, ``sum_relative``)."""
+    from sekisho.guard.protect import status
+    from sekisho.guard.protect.cellkey import SUM_NOISE_FRACTION
+    from sekisho.protocol import cells_by_column
+
+    inst = real_city.instance
+    policy = load_instance_policy(inst)
+    d, k = policy.disclosure.perturbation.max_noise, policy.disclosure.k
+    (sql,) = questions()[7]
+    result = guard.query(sql, user=real_city.analyst)
+    assert result.summary["accuracy"]["columns"]["levy"] == status.SUM_RELATIVE
+    r = result.summary["accuracy"]["sum_relative"]["sensitive"]
+    answered = answered_sql(sql, result.summary["conditions_left_out_as"])
+    anchor = "SUM(income_levy) AS levy"
+    assert anchor in answered
+    truth = {r["household_levy_band"]: r for r in _raw(inst, answered.replace(
+        anchor, anchor + ", COUNT(DISTINCT person_id) AS __persons, MAX(income_levy) AS __top"))}
+    cells = {name: {part: values.to_pylist() if hasattr(values, "to_pylist") else values
+                    for part, values in column.items()} for name, column in cells_by_column(result.cells).items()}
+    compared = dominated = 0
+    for i, row in enumerate(result.table.to_pylist()):
+        true = truth.get(row["household_levy_band"], {})
+        total, rows, persons, top = (true.get(c, 0) for c in ("levy", "n", "__persons", "__top"))
+        count_state, sum_state = cells["n"]["status"][i], cells["levy"]["status"][i]
+        if persons < k:
+            assert row["n"] is None and count_state == sum_state == status.SUPPRESSED_K, (row, persons)
+            continue
+        assert count_state == status.RELEASED and abs(row["n"] - rows) <= d, (row, rows)
+        assert sum_state in (status.RELEASED, status.SUPPRESSED_DOMINANCE), (row, sum_state)
+        if sum_state == status.SUPPRESSED_DOMINANCE:
+            assert row["levy"] is None
+            dominated += 1
+            continue
+        assert abs(row["levy"] - total) <= SUM_NOISE_FRACTION * top + 1e-6, (row, total, top)
+        assert abs(row["levy"] - total) <= r * abs(row["levy"]) + 1e-6, (row, total, r)
+        assert cells["levy"]["low"][i] - 1e-6 <= total <= cells["levy"]["high"][i] + 1e-6, (row, total)
+        compared += 1
+    assert compared >= 3, (compared, dominated)
+    seen = {row["household_levy_band"] for row in result.table.to_pylist()}
+    assert all(band in seen for band, true in truth.items() if true["__persons"] >= k)
+
+
+def _raw(inst, sql: str, *, dicts: bool = True):
+    """``sql`` on the current snapshot's store, read-only, with no protection."""
+    store = Store(inst)
+    with duckdb.connect(str(store.snapshots_dir / store.current_id() / "data.duckdb"), read_only=True) as con:
+        con.execute("SET threads = 1")
+        cursor = con.execute(sql)
+        names = [c[0] for c in cursor.description]
+        rows = cursor.fetchall()
+    return [dict(zip(names, r)) for r in rows] if dicts else rows
+
+
+# ---- DP mode ----------------------------------------------------------------------------------
+DP_EPSILON = 0.5
+DP_FAILURE = 1e-6       # per query: union over its released values and selection decisions
+POLICY = None           # the policy-wide bounds (max_rows_per_person rows in max_groups_per_person groups)
+
+
+class DPSpec:
+    """What the policy's declarations make the contribution bounds of a question (rows
+    per contributor, groups per contributor; POLICY: the policy-wide bounds), the
+    expression naming its contributor in the question's FROM (None: each row is one,
+    a unit scope) and the views whose columns its group keys are."""
+
+    def __init__(self, rows, groups, contributor, views):
+        self.rows, self.groups, self.contributor, self.views = rows, groups, contributor, views
+
+
+DP_QUESTIONS = {
+    # childcare: several certifications per child and cert_ym not fixed -> policy bounds
+    1: DPSpec(POLICY, POLICY, "person_id", ("childcare",)),
+    # residents: record_key person -> one row, one group per person
+    2: DPSpec(1, 1, "person_id", ("residents",)),
+    # movements: several events per person -> policy bounds
+    3: DPSpec(POLICY, POLICY, "person_id", ("movements",)),
+    # a unit scope: one row per household, sensitivity 2 (a person changes two unit rows)
+    4: DPSpec(2, 2, None, ("residents",)),
+    # resident_tax with tax_year fixed: one row per person by its record key
+    5: DPSpec(1, 1, "person_id", ("resident_tax",)),
+    6: DPSpec(1, 1, "person_id", ("resident_tax",)),
+    7: DPSpec(1, 1, "person_id", ("resident_tax",)),
+    8: DPSpec(POLICY, POLICY, "person_id", ("childcare",)),
+    # joins: bounds from the parts; childcare without cert_ym fixed has several rows
+    9: DPSpec(POLICY, POLICY, "c.person_id", ("childcare", "residents")),
+    10: DPSpec(POLICY, POLICY, "r.person_id", ("residents", "childcare")),
+    # a semi join adds no rows: residents' one row per person
+    11: DPSpec(1, 1, "person_id", ("residents", "childcare")),
+    # cert_ym fixed but cert_type grouped: the policy's bounds (docs, time-alignment rule 2)
+    15: DPSpec(POLICY, POLICY, "c.person_id", ("childcare", "resident_tax")),
+}
+AGGREGATE = re.compile(r"\b(COUNT|SUM|AVG)\((\*|[\w.]+)\) AS (\w+)")
+
+
+def test_the_dp_questions_are_those_the_document_answers_in_dp():
+    answered = {n for n, outcome in OUTCOMES.items()
+                if outcome == ANSWERED or (isinstance(outcome, dict) and outcome["dp"] is None)}
+    assert set(DP_QUESTIONS) == answered
+
+
+def _column(policy, views, name):
+    """The policy's column ``name`` (alias prefix dropped) of the first of ``views`` having it."""
+    name = name.split(".")[-1]
+    found = [policy.views[v].columns[name] for v in views if name in policy.views[v].columns]
+    return found[0] if found else None
+
+
+@pytest.mark.parametrize("number", sorted(DP_QUESTIONS))
+def test_dp_answers_match_the_truth_within_the_mechanism_bounds(number, guard, real_city):
+    """Each released DP value within the discrete Laplace bound of its share of ε and its
+    sensitivity (from the question's contribution bounds) of the truth on the raw store,
+    at a failure probability of DP_FAILURE for the whole answer; the guard's own 95%
+    interval is as wide as those parameters make it. Public keys: the whole grid is
+    released. Other keys: a released cell has a true contributor count that could pass
+    the selection threshold T, an absent one a count that could miss it."""
+    import itertools
+
+    from sekisho.protocol import cells_by_column
+
+    spec = DP_QUESTIONS[number]
+    inst = real_city.instance
+    policy = load_instance_policy(inst)
+    dp = policy.disclosure.dp
+    rows_bound = spec.rows or dp.max_rows_per_person
+    groups_bound = spec.groups or dp.max_groups_per_person
+    one_row = spec.rows is not None and spec.rows == spec.groups   # rows are contributors
+    sql = questions()[number][0]
+    outer = sql[:sql.index("\nFROM")]        # the outer SELECT list (question 4 has a subquery after it)
+    aggregates = AGGREGATE.findall(outer)
+    assert aggregates, number
+    names = [name for _, _, name in aggregates]
+
+    # the truth, with each cell's contributors and the measures' raw sums
+    first = AGGREGATE.search(outer).group(0)
+    extra = [f"COUNT(DISTINCT {spec.contributor}) AS __contributors" if spec.contributor
+             else "COUNT(*) AS __contributors"]
+    for kind, measure, name in aggregates:
+        if kind in ("SUM", "AVG"):
+            extra.append(f"SUM({measure}) AS __sum_{name}, COUNT({measure}) AS __nonnull_{name}, "
+                         f"MIN({measure}) AS __min_{name}, MAX({measure}) AS __max_{name}")
+        elif kind == "COUNT":
+            extra.append(f"COUNT(*) AS __rows_{name}")
+    truth_rows = _raw(inst, sql.replace(first, first + ", " + ", ".join(extra), 1))
+    if spec.contributor is not None:
+        # the truth is the bounded truth: no contributor exceeds the bounds the guard enforces
+        from_where = sql[sql.index("\nFROM"):sql.rindex("GROUP BY")]
+        group_by = sql[sql.rindex("GROUP BY") + len("GROUP BY"):].strip()
+        ((most_rows, most_groups),) = _raw(inst, (
+            f"SELECT max(n), max(g) FROM (SELECT {spec.contributor} AS p, count(*) AS n, "
+            f"count(DISTINCT ({group_by})) AS g {from_where} GROUP BY 1)"), dicts=False)
+        assert (most_rows or 0) <= rows_bound and (most_groups or 0) <= groups_bound, (number, most_rows)
+
+    user = fresh_analyst(inst, "dp")
+    result = guard.query(sql, user=user, mode="dp", epsilon=DP_EPSILON)
+    released = result.table.to_pylist()
+    keys = [c for c in result.table.column_names if c not in names]
+    truth = {tuple(r[c] for c in keys): r for r in truth_rows}
+    cells = {name: {part: values.to_pylist() if hasattr(values, "to_pylist") else values
+                    for part, values in column.items()} for name, column in cells_by_column(result.cells).items()}
+
+    # ε's shares (protect/dp.py ``shares``): each aggregate (a mean twice), plus one for the
+    # contributor count when partition selection needs it or a count is that count
+    domains = [getattr(_column(policy, spec.views, key), "domain", None) for key in keys]
+    public = bool(keys) and all(domains)
+    shared = {name for kind, _, name in aggregates if kind == "COUNT" and one_row}
+    quantities = sum(2 if kind == "AVG" else 1 for kind, _, name in aggregates if name not in shared)
+    quantities += 1 if (shared or (keys and not public)) else 0
+    share = DP_EPSILON / quantities
+    decisions = len(set(truth) | {tuple(r[c] for c in keys) for r in released}) or 1
+    per = DP_FAILURE / (decisions * quantities)
+
+    if public:      # the whole public grid, nothing else
+        grid = set(itertools.product(*domains))
+        assert {tuple(r[c] for c in keys) for r in released} == grid and len(released) == len(grid), number
+        absent = [key for key, r in truth.items() if key not in grid]    # e.g. NULL keys of a left join
+        assert all(any(v is None for v in key) for key in absent), (number, absent)
+    elif keys:      # partition selection on the contributor count, scale C/ε'
+        threshold = selection_threshold(share, dp.delta, groups_bound)
+        noise = dp_bound(share, groups_bound, per) + 1      # +1: T computed with ε, the guard's with ε'
+        shown = {tuple(r[c] for c in keys) for r in released}
+        for key in shown:
+            assert key in truth and truth[key]["__contributors"] >= threshold - noise, (number, key)
+        for key, r in truth.items():
+            if key not in shown:
+                assert r["__contributors"] < threshold + noise, (number, key, r["__contributors"], threshold)
+
+    compared = outside = 0      # counts and sums compared; of them, outside their 95% interval
+    for i, row in enumerate(released):
+        true = truth.get(tuple(row[c] for c in keys), {})
+        for kind, measure, name in aggregates:
+            value, state = row[name], cells[name]["status"][i]
+            assert state == "released", (number, name, state)
+            if kind == "COUNT":
+                sensitivity = groups_bound if name in shared else rows_bound
+                exact = true.get("__contributors" if name in shared else f"__rows_{name}", 0)
+                if name in shared:
+                    assert exact == true.get(f"__rows_{name}", 0)   # one row per contributor
+                bound = dp_bound(share, sensitivity, per)
+                assert abs(value - exact) <= bound, (number, row, exact, bound)
+                half = (cells[name]["high"][i] - cells[name]["low"][i]) / 2
+                assert abs(half - dp_bound(share, sensitivity, 0.05)) <= 1, (number, name, half)
+                outside += abs(value - exact) > dp_bound(share, sensitivity, 0.05)
+                compared += 1
+                continue
+            column = _column(policy, spec.views, measure)
+            low, high = column.bounds
+            total, nonnull = true.get(f"__sum_{name}") or 0, true.get(f"__nonnull_{name}", 0)
+            if nonnull:     # the raw values inside the declared bounds: the clamp changes nothing
+                assert low <= true[f"__min_{name}"] and true[f"__max_{name}"] <= high, (number, name)
+            delta = rows_bound * max(abs(low), abs(high))
+            if kind == "SUM":
+                bound = dp_sum_bound(share, delta, per)
+                assert abs(value - total) <= bound, (number, row, total, bound)
+                outside += abs(value - total) > dp_sum_bound(share, delta, 0.05)
+            else:
+                lowest, highest = dp_mean_range(total, nonnull, dp_sum_bound(share, delta, per),
+                                                dp_bound(share, rows_bound, per), low, high)
+                assert value is None or lowest - 1e-6 <= value <= highest + 1e-6, (number, row, lowest, highest)
+            compared += 1
+    assert compared or not public, number
+    # calibration, pooled over the answer's counts and sums (independent draws, each
+    # outside its 95% interval with probability <= 5%): catches noise a few times too
+    # wide that no single value's high-confidence bound can
+    assert outside <= binomial_upper(compared, 0.05, DP_FAILURE), (number, outside, compared)
