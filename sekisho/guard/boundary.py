@@ -68,6 +68,9 @@ def boundary_spec(select: exp.Select, env, view: str) -> BoundarySpec:
                 column = lineage.base
                 if lineage.cls == DIMENSION:
                     domain = lineage.base.domain
+                    if domain is not None and lineage.nullable and None not in domain:
+                        # a LEFT join's "no match" is a value of the key like any other
+                        domain = (*domain, None)
             keys.append(GroupKeySpec(expr=item, domain=domain, label=item.sql(DIALECT), column=column))
     aggregates: list[AggregateSpec] = []
     scan = list(select.expressions)

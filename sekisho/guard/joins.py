@@ -291,15 +291,11 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
             info.public_join = info.public_join or part.public_join
             if isinstance(source, exp.Table):
                 person_tables.append((alias, source))
-                if side == "LEFT":
-                    # the joined person key is NULL where nothing matched: not the contributor
-                    unit_col = catalog.views[source.name].privacy_unit
-                    if unit_col in env.get(alias, {}):
-                        env[alias][unit_col] = replace(env[alias][unit_col], nullable=True)
-            elif side == "LEFT":
+            if side == "LEFT":
+                # every column of a LEFT-joined part is NULL where nothing matched: its person
+                # key is then not the contributor, and a group key's domain gains NULL
                 for name, lineage in list(env.get(alias, {}).items()):
-                    if lineage.cls == PRIVACY_UNIT:
-                        env[alias][name] = replace(lineage, nullable=True)
+                    env[alias][name] = replace(lineage, nullable=True)
         seen.append(alias)
     if len(set(info.views)) < len(info.views):
         raise refuse("self_join", select.args["joins"][0])

@@ -38,7 +38,7 @@ class Lineage:
     cls: str
     base: ColumnInfo | None = None
     facts: ColumnFacts | None = None   # type and interval of a derived row-level value
-    nullable: bool = False             # a person key of a LEFT-joined view (NULL where nothing matched)
+    nullable: bool = False             # a column of a LEFT-joined part (NULL where nothing matched)
 
 
 def lineage_of_expression(node: exp.Expression, env: dict[str, dict[str, Lineage]]) -> Lineage:
