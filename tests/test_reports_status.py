@@ -64,3 +64,23 @@ def test_x_in_html_and_integers_in_csv_without_a_guard():
     assert status == {"人口": ["released", "suppressed_k", "released"], "率": ["released", "suppressed_k", "released"]}
     assert "区分_status" not in out.columns                          # the label column is not a figure
     assert ibis  # the reports reach data only through the ibis backend (imported by data)
+
+
+def test_a_report_csv_keeps_the_guards_own_status_where_rows_still_match(reported, tmp_path):
+    # a sum withheld for dominance is said to be so in the CSV (not "suppressed_k"), and an
+    # aggregate over partly suppressed cells is "partial", with no accuracy stated
+    df = reported.sql("SELECT block, SUM(income_levy) AS s FROM resident_tax WHERE tax_year = 2025 GROUP BY block")
+    r = Report(tables_dir=str(tmp_path), base_month="2026-10")
+    r.table("item97", "97. 所得割額", df)
+    saved = json.loads((tmp_path / "item97.json").read_text(encoding="utf-8"))
+    by_block = dict(zip(df["block"], saved["status"]["s"]))
+    assert by_block["安富"] == "suppressed_dominance"
+    assert {v for b, v in by_block.items() if b != "安富"} == {"released"}
+    partial = reported.sql("SELECT block, SUM(n) AS total FROM (SELECT block, sex, COUNT(*) AS n FROM residents "
+                           "WHERE age >= 85 GROUP BY block, sex) AS t GROUP BY block")
+    out, status = with_status_columns(partial, {"method": "cell-key", "max_noise": 5})
+    assert "partial" in status["total"]
+    assert all(pd.isna(a) for a, s in zip(out["total_accuracy"], status["total"]) if s == "partial")
+    # a column the answer did not have (renamed in pandas): missing is suppressed_k, present released
+    _, renamed = with_status_columns(df.rename(columns={"s": "所得割額"}), None)
+    assert dict(zip(df["block"], renamed["所得割額"]))["安富"] == "suppressed_k"

@@ -13,6 +13,7 @@ The same notebook runs in two places:
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import os
@@ -65,6 +66,8 @@ def _jsonable(value: Any) -> Any:
         return _jsonable(value.item())
     if value is pd.NA or value is pd.NaT:
         return None
+    if isinstance(value, decimal.Decimal):  # SQL sums of integers arrive as DECIMAL(38, 0)
+        return None if not value.is_finite() else int(value) if value == value.to_integral_value() else float(value)
     return value
 
 
@@ -133,16 +136,20 @@ def _as_integers(series: pd.Series) -> pd.Series:
 
 def with_status_columns(df: pd.DataFrame, perturbation: dict | None) -> tuple[pd.DataFrame, dict]:
     """The table for CSV: whole-number figures as integers, and after each figure column
-    ``<col>_status`` (``released`` or ``suppressed_k``: the statuses of the guard's cells
-    table; a missing figure is one the guard withheld, or one computed from a withheld
-    one) and ``<col>_accuracy`` (the perturbation bound ±D of one protected count, for
-    whole-number columns; empty otherwise). Also the statuses for the JSON copy."""
+    ``<col>_status`` and ``<col>_accuracy`` (the perturbation bound ±D of one protected
+    count, for released whole-number figures; empty otherwise). Also the statuses for the
+    JSON copy. The status is the guard's own (``released``, ``suppressed_k``,
+    ``suppressed_dominance``, ``partial``) where the table's rows still match the
+    answer's (``df.sekisho``); otherwise — a table reshaped in pandas — a missing figure
+    is ``suppressed_k`` (withheld, or computed from a withheld one) and a present one
+    ``released``."""
     d = None
     if perturbation and perturbation.get("method") == "cell-key" and perturbation.get("max_noise") is not None:
         d = int(perturbation["max_noise"])
     out = pd.DataFrame(index=df.index)
     statuses: dict[str, list[str]] = {}
     figures = set(value_columns(df))
+    known = _guard_statuses(df)
     for name in df.columns:
         column = df[name]
         if str(name) not in figures:
@@ -150,13 +157,25 @@ def with_status_columns(df: pd.DataFrame, perturbation: dict | None) -> tuple[pd
             continue
         numbers = _as_integers(column)
         out[name] = numbers
-        status = [SUPPRESSED_K if _jsonable(v) is None else RELEASED for v in column]
+        guard = known[name].tolist() if name in known.columns else [None] * len(column)
+        status = [g or (SUPPRESSED_K if _jsonable(v) is None else RELEASED) for g, v in zip(guard, column)]
         statuses[str(name)] = status
         out[f"{name}{STATUS_SUFFIX}"] = status
         whole = str(numbers.dtype) == "Int64"
         out[f"{name}{ACCURACY_SUFFIX}"] = pd.array(
             [d if (whole and d is not None and s == RELEASED) else None for s in status], dtype="Int64")
     return out, statuses
+
+
+def _guard_statuses(df: pd.DataFrame) -> pd.DataFrame:
+    """The guard's per-value statuses of ``df`` (empty when it carries none or its rows
+    no longer match the answer's)."""
+    from sekisho.client.status import ResultStatus, StatusUnavailable
+
+    try:
+        return ResultStatus(df).status
+    except StatusUnavailable:
+        return pd.DataFrame(index=df.index)
 
 
 class Report:
