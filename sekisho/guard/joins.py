@@ -76,6 +76,21 @@ class RowInfo:
     household_key: exp.Column | None = None  # at this scope: the column carried as the contributor
     rkey_alias: str | None = None            # at this scope: the source whose _rkey is the record key
     handled: set[int] = field(default_factory=set)   # ids of the joins checked here
+    # ... the conditions fixing a row identity at this scope or below (marked ``ROW_IDENTITY``
+    # by the scope with the join), and each identity of a ``multi`` view only partly fixed
+    # here whose other columns this scope passes through: a scope reading it may fix or
+    # group by them (``WHERE t.cert_ym = ...`` inside ``(SELECT * FROM childcare ...) t``)
+    identity_nodes: tuple[exp.Expression, ...] = ()
+    open_identities: tuple[OpenIdentity, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenIdentity:
+    """A row identity of ``view`` whose ``columns`` (output names of the scope) are not
+    fixed yet; ``nodes``: the conditions fixing its other columns."""
+    view: str
+    columns: tuple[str, ...]
+    nodes: tuple[exp.Expression, ...] = ()
 
 
 def _fixed_columns(alias: str, parts: list[exp.Expression]) -> dict[str, list[exp.Expression]]:
@@ -121,29 +136,60 @@ def _grouped_columns(select: exp.Select) -> set[tuple[str, str]]:
     return out
 
 
-def _table_rows(catalog: Catalog, table: exp.Table, fixing: list[exp.Expression],
-                grouped: set[tuple[str, str]] = frozenset()
-                ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression]]:
-    """({view}, {}, _) when a person may have several rows of the view in one cell of the
-    query; ({}, {view}, _) when one per cell but maybe several cells; ({}, {}, _) when one
-    in all; then the conditions that make it so. One row per person on a person-unique
+def _part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression],
+               grouped: set[tuple[str, str]] = frozenset(), inner: RowInfo | None = None
+               ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression], list[tuple]]:
+    """For a part of a join (a table, or a row-level subquery ``inner``) at alias ``alias``:
+    ({view}, {}, _, _) when a person may have several rows of the view in one cell of the
+    query; ({}, {view}, _, _) when one per cell but maybe several cells; ({}, {}, _, _) when
+    one in all; then the conditions that make it so. One row per person on a person-unique
     view, or when the query fixes every column of one of the view's row identities
     (``{record: C}``, ``unique_per_person``) to a literal; one per cell when each column
     of an identity is fixed or a bare group key (rows that differ in it fall into
-    different cells)."""
-    view = catalog.views[table.name]
-    if view.person_unique:
-        return frozenset(), frozenset(), []
-    alias = table.alias_or_name
+    different cells). Then the identities left open: (view, columns not fixed, the
+    conditions fixing the others)."""
     fixed = _fixed_columns(alias, fixing)
-    for identity in view.row_identities:
-        if set(identity) <= set(fixed):
-            return frozenset(), frozenset(), _identity_nodes(identity, fixed)
     keys = set(fixed) | {col for a, col in grouped if a == alias}
-    for identity in view.row_identities:
-        if set(identity) <= keys:
-            return frozenset(), frozenset({view.name}), _identity_nodes(identity, fixed)
-    return frozenset({view.name}), frozenset(), []
+    if isinstance(source, exp.Table):
+        view = catalog.views[source.name]
+        if view.person_unique:
+            return frozenset(), frozenset(), [], []
+        candidates = [(view.name, identity, ()) for identity in view.row_identities]
+        several = {view.name}
+    else:
+        # a row-level subquery (``inner``): its views with several rows per person, each
+        # with the identities it left open, named by its outputs (``SELECT * FROM v WHERE ...``)
+        candidates = [(o.view, o.columns, o.nodes) for o in inner.open_identities]
+        several = set(inner.multi)
+    multi, per_cell, nodes, still_open = set(several), set(), [], []
+    for name in sorted(several):
+        mine = [(identity, below) for view, identity, below in candidates if view == name]
+        done = next(((identity, below) for identity, below in mine if set(identity) <= set(fixed)), None)
+        if done is not None:
+            multi.discard(name)
+        else:
+            done = next(((identity, below) for identity, below in mine if set(identity) <= keys), None)
+            if done is not None:
+                multi.discard(name)
+                per_cell.add(name)
+        if done is not None:
+            nodes.extend(done[1])
+            nodes.extend(_identity_nodes(done[0], fixed))
+            continue
+        for identity, below in mine:
+            rest = tuple(c for c in identity if c not in fixed)
+            still_open.append((name, rest, (*below, *_identity_nodes(identity, fixed))))
+    return frozenset(multi), frozenset(per_cell), nodes, still_open
+
+
+def _outputs_of(select: exp.Select, alias: str) -> dict[str, str]:
+    """{column of source ``alias``: the output name} for the bare columns ``select`` passes on."""
+    out: dict[str, str] = {}
+    for projection in select.expressions:
+        inner = projection.this if isinstance(projection, exp.Alias) else projection
+        if isinstance(inner, exp.Column) and inner.table == alias:
+            out.setdefault(inner.name, projection.alias_or_name)
+    return out
 
 
 def _placeholder(column) -> str:
@@ -228,16 +274,25 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
     grouped = _grouped_columns(select)
     identity_conditions: list[exp.Expression] = []
 
-    def part_info(source, fixing: list[exp.Expression]) -> RowInfo:
+    open_here: list[tuple[str, str, tuple[str, ...], tuple]] = []   # (alias, view, columns, nodes)
+
+    def part_info(alias: str, source, fixing: list[exp.Expression]) -> RowInfo:
         if isinstance(source, exp.Table):
-            multi, per_cell, nodes = _table_rows(catalog, source, fixing, grouped)
+            multi, per_cell, nodes, still_open = _part_rows(catalog, alias, source, fixing, grouped)
             identity_conditions.extend(nodes)
+            open_here.extend((alias, *o) for o in still_open)
             return RowInfo(views=(source.name,), multi=multi, per_cell=per_cell)
         inner = infos.get(id(source.expression), RowInfo())
-        # a row-level subquery's cells are this scope's: what was one per cell there is not here
-        return replace(inner, multi=inner.multi | inner.per_cell, per_cell=frozenset())
+        # a row-level subquery's cells are this scope's: what was one per cell there is not
+        # here; the identities it left open may be fixed or grouped here through its outputs
+        inner = replace(inner, multi=inner.multi | inner.per_cell, per_cell=frozenset())
+        multi, per_cell, nodes, still_open = _part_rows(catalog, alias, source, fixing, grouped, inner)
+        identity_conditions.extend(inner.identity_nodes)
+        identity_conditions.extend(nodes)
+        open_here.extend((alias, *o) for o in still_open)
+        return replace(inner, multi=multi, per_cell=per_cell, identity_nodes=(), open_identities=())
 
-    info = part_info(anchor, where_parts)
+    info = part_info(anchor_alias, anchor, where_parts)
     info = replace(info, household_key=None, rkey_alias=None, handled=set())
     seen = [anchor_alias]
     semi_aliases: dict[str, exp.Join] = {}
@@ -282,7 +337,7 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
             info.household = True
             info.household_key = left_col
         if level == row and kind not in (SEMI, ANTI):
-            part = part_info(source, where_parts + [on])
+            part = part_info(alias, source, where_parts + [on])
             if part.household:
                 raise refuse("join_not_allowed", join)   # household facts only through the anchor
             info.views = info.views + part.views
@@ -305,6 +360,13 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
         # the join's rows are one per person (per cell) because of these conditions
         for node in identity_conditions:
             node.meta[ROW_IDENTITY] = True
+    info.identity_nodes = tuple(identity_conditions)
+    # identities left open here, named as this scope's outputs (a scope reading it may close them)
+    passed = {alias: _outputs_of(select, alias) for alias in {a for a, *_ in open_here}}
+    info.open_identities = tuple(
+        OpenIdentity(view, tuple(passed[alias][c] for c in columns), nodes)
+        for alias, view, columns, nodes in open_here
+        if view in info.multi and all(c in passed[alias] for c in columns))
     for alias, join in semi_aliases.items():
         _only_in_own_on(select, alias, join)
     if not info.person_joins and not info.handled:
