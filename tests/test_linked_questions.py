@@ -155,10 +155,29 @@ def answered_sql(sql: str, left_out: list[dict]) -> str:
                 join.set("on", sqlglot.exp.Boolean(this=False))
             continue
         wanted = _bare(sqlglot.parse_one(atom, read="duckdb"))
-        node = next(n for n in tree.walk() if isinstance(n, (sqlglot.exp.Predicate, sqlglot.exp.Column))
-                    and _bare(n) == wanted)
+        node = next((n for n in tree.walk() if isinstance(n, (sqlglot.exp.Predicate, sqlglot.exp.Column))
+                     and _bare(n) == wanted), None)
+        if node is None:   # one bound of a BETWEEN (``x >= low`` / ``x <= high``), dropped: the other stays
+            node, kept = _between_bound(tree, wanted)
+            node.replace(kept)
+            continue
         node.replace(sqlglot.exp.Boolean(this=holds))
     return tree.sql(dialect="duckdb")
+
+
+def _between_bound(tree, wanted: str):
+    """The BETWEEN one of whose bounds is ``wanted``, and what it is without that bound
+    (the guard's own neighbour, ``neighbours._replacement``)."""
+    from sqlglot import exp
+
+    for node in tree.find_all(exp.Between):
+        low = exp.GTE(this=node.this.copy(), expression=node.args["low"].copy())
+        high = exp.LTE(this=node.this.copy(), expression=node.args["high"].copy())
+        if _bare(low) == wanted:
+            return node, high
+        if _bare(high) == wanted:
+            return node, low
+    raise AssertionError(f"no condition {wanted} in the question")
 
 
 @pytest.mark.parametrize("number", sorted(LINKED_COUNTS))
