@@ -84,9 +84,12 @@ def band_minus_target(oracle, user, chome, age, band):
 
 def grouped(oracle, user, chome, age, band):
     # one query per target: the bands as groups, with and without the target as two cells
-    rows = oracle.query(f"SELECT household_levy_band AS b, COUNT(*) AS a, COUNT(*) FILTER "
-                        f"(WHERE NOT (chome_code = '{chome}' AND age = {age})) AS o FROM residents "
-                        f"WHERE is_current AND age = {age} GROUP BY 1", user=user).table.to_pylist()
+    try:
+        rows = oracle.query(f"SELECT household_levy_band AS b, COUNT(*) AS a, COUNT(*) FILTER "
+                            f"(WHERE NOT (chome_code = '{chome}' AND age = {age})) AS o FROM residents "
+                            f"WHERE is_current AND age = {age} GROUP BY 1", user=user).table.to_pylist()
+    except QueryRefused:   # the age's population under k (decided on a perturbed count): no idea
+        return None
     mine = [r for r in rows if r["b"] == band]
     if not mine or mine[0]["a"] is None or mine[0]["o"] is None:
         return None

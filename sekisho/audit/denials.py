@@ -39,6 +39,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sekisho.system import now_tokyo
@@ -261,6 +262,9 @@ class DenialLog:
 @atexit.register
 def _flush_at_exit() -> None:
     for denial_log in list(_logs):
+        path = getattr(denial_log.audit, "path", None)
+        if path is not None and not Path(path).parent.exists():
+            continue   # its instance is gone (a test's temporary home): nothing can be written
         try:
             denial_log.flush_all()
         except Exception:
