@@ -347,3 +347,25 @@ def test_a_fixing_condition_inside_a_subquery_is_refused_not_left_out(inst, poli
         assert "cert_ym" in refused.value.part
     finally:
         guard.close()
+
+
+def test_a_partly_fixed_identity_bounds_dp_noise_by_the_grouped_domain(inst, policy):
+    # cert_ym fixed and cert_type grouped: a child has at most one row per 区分, in at most
+    # three (the domain): the noise is that of 3 rows, not the policy's 60; a range on
+    # cert_ym fixes nothing, so the same counts there carry the policy's bounds
+    g = Guard(inst)
+    try:
+        def widths(where: str) -> list[float]:
+            r = g.query(f"SELECT cert_type, COUNT(*) AS n FROM childcare WHERE {where} GROUP BY cert_type",
+                        user="ana", mode="dp", epsilon=1.0)
+            parts = cells_by_column(r.cells)["n"]
+            return [h - lo for lo, h in zip(parts["low"].to_pylist(), parts["high"].to_pylist())]
+        grouped = widths("cert_ym = '2025-04'")
+        ranged = widths("cert_ym >= '2025-04' AND cert_ym <= '2025-04'")
+        dp = policy.disclosure.dp
+        domain = len(policy.views["childcare"].columns["cert_type"].domain)
+        assert len(set(grouped)) == 1 and len(set(ranged)) == 1
+        # the half-width grows linearly with the sensitivity (discrete Laplace, same ε)
+        assert ranged[0] / grouped[0] == pytest.approx(dp.max_rows_per_person / domain, rel=0.1)
+    finally:
+        g.close()

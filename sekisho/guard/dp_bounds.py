@@ -117,6 +117,32 @@ def declared_row_identity(policy: Policy, bp: BoundaryPlan) -> tuple[str, ...] |
     return None
 
 
+def groups_per_person(identities: tuple[tuple[str, ...], ...], bp: BoundaryPlan) -> int | None:
+    """A bound on the groups — each of one row — a person has in the boundary, from a
+    declared row identity the query partly fixes and partly groups by (``childcare``
+    ``WHERE cert_ym = '2025-04' GROUP BY cert_type``: one row per person and 区分, at most
+    one per 区分): the product of the public domains' sizes of the identity's columns the
+    query groups by as bare keys. One view, no join; None when no identity qualifies. The
+    cells SQL enforces the bound (rows beyond it are dropped), so the noise is right
+    even if the data broke the declaration (every upload checks it). ``identities``: the
+    view's row identities (``catalog.ViewInfo.row_identities``)."""
+    if bp.unit or bp.has_join:
+        return None
+    grouped = {k.column.name: len(k.domain) for k in bp.group_keys
+               if k.column is not None and k.column.view == bp.personal_view and k.domain}
+    best = None
+    for identity in identities:
+        fixed = tuple(c for c in identity if c not in grouped)
+        if len(fixed) == len(identity) or not _row_query_fixes(bp.row, bp.personal_view, fixed):
+            continue
+        size = 1
+        for c in identity:
+            if c in grouped:
+                size *= grouped[c]
+        best = size if best is None else min(best, size)
+    return best
+
+
 _UNIQUE_IN_STORE: dict[tuple[str, str, tuple[str, ...]], bool] = {}
 _UNIQUE_LOCK = threading.Lock()
 

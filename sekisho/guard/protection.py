@@ -32,7 +32,7 @@ from sekisho.guard import budget as ledger
 from sekisho.guard import hidden, influence
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql
-from sekisho.guard.dp_bounds import unique_in_store, declared_row_identity
+from sekisho.guard.dp_bounds import declared_row_identity, groups_per_person, unique_in_store
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.execution import PostProcessor, Snapshot, fetch, protected_schema, to_arrow
 from sekisho.guard.protect import status as cell_status
@@ -377,6 +377,11 @@ class DPProtection:
                 unique = unique_in_store(ctx.snap, bp.personal_view, identity, ctx.deadline)
             return unique, Bounding(max_groups=1, max_rows=1, clamp=clamp), DPParams(
                 epsilon=share, delta=dp.delta, max_rows=1, max_groups=1, rows_are_contributors=True)
+        groups = groups_per_person(ctx.catalog.views[bp.personal_view].row_identities, bp)
+        if groups is not None and groups < min(dp.max_groups_per_person, dp.max_rows_per_person):
+            # one row per group by declaration, in at most ``groups`` groups (cells SQL enforces both)
+            return fast, Bounding(max_groups=groups, max_rows=groups, clamp=clamp), DPParams(
+                epsilon=share, delta=dp.delta, max_rows=groups, max_groups=groups)
         return fast, Bounding(max_groups=dp.max_groups_per_person, max_rows=dp.max_rows_per_person,
                               clamp=clamp), DPParams(epsilon=share, delta=dp.delta, max_rows=dp.max_rows_per_person,
                                                      max_groups=dp.max_groups_per_person)
