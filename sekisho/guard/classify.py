@@ -17,7 +17,7 @@ from sqlglot import exp
 from sqlglot.errors import OptimizeError, SqlglotError
 from sqlglot.optimizer.scope import Scope, traverse_scope
 
-from sekisho.guard import joins
+from sekisho.guard import joins, row_identity
 from sekisho.guard.boundary import BoundarySpec, boundary_spec
 from sekisho.guard.catalog import Catalog
 from sekisho.guard.errors import QueryRefused, refuse
@@ -151,7 +151,7 @@ class _Classifier:
                     raise refuse("unit_scope_not_allowed", expression.args["joins"][0])
                 if info.multi or info.per_cell:
                     several = info.multi | info.per_cell
-                    raise joins.fan_out(self.catalog, several, ", ".join(sorted(several)))
+                    raise row_identity.fan_out(self.catalog, several, ", ".join(sorted(several)))
             self.outputs[key] = unit_scope_outputs(expression, env)
             self.levels[key] = UNIT
             return

@@ -47,8 +47,10 @@ from dataclasses import dataclass, field, replace
 from sqlglot import exp
 
 from sekisho.guard.catalog import LINKAGE, PRIVACY_UNIT, Catalog
-from sekisho.guard.errors import REASONS, QueryRefused, refuse
+from sekisho.guard.errors import QueryRefused, refuse
 from sekisho.guard.scope_checks import owned_by
+from sekisho.guard import row_identity
+from sekisho.guard.row_identity import OpenIdentity
 from sekisho.guard.semi_joins import ANTI, SEMI, conjuncts
 
 KEY_CLASSES = (PRIVACY_UNIT, LINKAGE)
@@ -82,147 +84,6 @@ class RowInfo:
     # group by them (``WHERE t.cert_ym = ...`` inside ``(SELECT * FROM childcare ...) t``)
     identity_nodes: tuple[exp.Expression, ...] = ()
     open_identities: tuple[OpenIdentity, ...] = ()
-
-
-@dataclass(frozen=True)
-class OpenIdentity:
-    """A row identity of ``view`` whose ``columns`` (output names of the scope) are not
-    fixed yet; ``nodes``: the conditions fixing its other columns."""
-    view: str
-    columns: tuple[str, ...]
-    nodes: tuple[exp.Expression, ...] = ()
-
-
-def _fixed_columns(alias: str, parts: list[exp.Expression]) -> dict[str, list[exp.Expression]]:
-    """Columns of ``alias`` fixed to one literal by a top-level conjunct (``C = lit`` or
-    ``C IN (lit)``), each with the conjuncts that fix it."""
-    fixed: dict[str, list[exp.Expression]] = {}
-    for node in parts:
-        for part in conjuncts(node):
-            if isinstance(part, exp.EQ):
-                a, b = part.this, part.expression
-                if isinstance(b, exp.Column):
-                    a, b = b, a
-                if isinstance(a, exp.Column) and a.table == alias and isinstance(b, exp.Literal):
-                    fixed.setdefault(a.name, []).append(part)
-            elif isinstance(part, exp.In) and not part.args.get("query") and isinstance(part.this, exp.Column) \
-                    and part.this.table == alias and len(part.expressions) == 1 \
-                    and isinstance(part.expressions[0], exp.Literal):
-                fixed.setdefault(part.this.name, []).append(part)
-    return fixed
-
-
-def _identity_nodes(identity: tuple[str, ...], fixed: dict[str, list[exp.Expression]]) -> list[exp.Expression]:
-    return [node for column in identity for node in fixed.get(column, ())]
-
-
-def _grouped_columns(select: exp.Select) -> set[tuple[str, str]]:
-    """(table alias, column) of the bare columns ``select`` groups by (``GROUP BY c.x``,
-    ``GROUP BY 1`` or an output alias naming such a column)."""
-    group = select.args.get("group")
-    if group is None:
-        return set()
-    outputs = list(select.expressions)
-    by_alias = {e.alias: e.this for e in outputs if isinstance(e, exp.Alias)}
-    out = set()
-    for item in group.expressions:
-        if isinstance(item, exp.Literal) and item.is_int and 1 <= int(item.this) <= len(outputs):
-            item = outputs[int(item.this) - 1]
-            item = item.this if isinstance(item, exp.Alias) else item
-        elif isinstance(item, exp.Column) and not item.table and item.name in by_alias:
-            item = by_alias[item.name]
-        if isinstance(item, exp.Column) and item.table:
-            out.add((item.table, item.name))
-    return out
-
-
-def _part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression],
-               grouped: set[tuple[str, str]] = frozenset(), inner: RowInfo | None = None
-               ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression], list[tuple]]:
-    """For a part of a join (a table, or a row-level subquery ``inner``) at alias ``alias``:
-    ({view}, {}, _, _) when a person may have several rows of the view in one cell of the
-    query; ({}, {view}, _, _) when one per cell but maybe several cells; ({}, {}, _, _) when
-    one in all; then the conditions that make it so. One row per person on a person-unique
-    view, or when the query fixes every column of one of the view's row identities
-    (``{record: C}``, ``unique_per_person``) to a literal; one per cell when each column
-    of an identity is fixed or a bare group key (rows that differ in it fall into
-    different cells). Then the identities left open: (view, columns not fixed, the
-    conditions fixing the others)."""
-    fixed = _fixed_columns(alias, fixing)
-    keys = set(fixed) | {col for a, col in grouped if a == alias}
-    if isinstance(source, exp.Table):
-        view = catalog.views[source.name]
-        if view.person_unique:
-            return frozenset(), frozenset(), [], []
-        candidates = [(view.name, identity, ()) for identity in view.row_identities]
-        several = {view.name}
-    else:
-        # a row-level subquery (``inner``): its views with several rows per person, each
-        # with the identities it left open, named by its outputs (``SELECT * FROM v WHERE ...``)
-        candidates = [(o.view, o.columns, o.nodes) for o in inner.open_identities]
-        several = set(inner.multi)
-    multi, per_cell, nodes, still_open = set(several), set(), [], []
-    for name in sorted(several):
-        mine = [(identity, below) for view, identity, below in candidates if view == name]
-        done = next(((identity, below) for identity, below in mine if set(identity) <= set(fixed)), None)
-        if done is not None:
-            multi.discard(name)
-        else:
-            done = next(((identity, below) for identity, below in mine if set(identity) <= keys), None)
-            if done is not None:
-                multi.discard(name)
-                per_cell.add(name)
-        if done is not None:
-            nodes.extend(done[1])
-            nodes.extend(_identity_nodes(done[0], fixed))
-            continue
-        for identity, below in mine:
-            rest = tuple(c for c in identity if c not in fixed)
-            still_open.append((name, rest, (*below, *_identity_nodes(identity, fixed))))
-    return frozenset(multi), frozenset(per_cell), nodes, still_open
-
-
-def _outputs_of(select: exp.Select, alias: str) -> dict[str, str]:
-    """{column of source ``alias``: the output name} for the bare columns ``select`` passes on."""
-    out: dict[str, str] = {}
-    for projection in select.expressions:
-        inner = projection.this if isinstance(projection, exp.Alias) else projection
-        if isinstance(inner, exp.Column) and inner.table == alias:
-            out.setdefault(inner.name, projection.alias_or_name)
-    return out
-
-
-def _placeholder(column) -> str:
-    """How a literal of ``column`` is written, for a refusal's hint (no value of the data)."""
-    if column is not None and column.format:
-        return f"'{column.format}'"
-    if column is not None and column.sql_type in ("BIGINT", "INTEGER", "DOUBLE"):
-        return "値"
-    return "'値'"
-
-
-def fan_out(catalog: Catalog, multi, part: str, node=None) -> QueryRefused:
-    """``join_fan_out``, its reason naming what the analyst can fix: for each view with
-    several rows per person, the columns that would leave one (a function of the policy
-    and the query only)."""
-    ja, en = REASONS["join_fan_out"]
-    hints_ja, hints_en = [], []
-    for name in sorted(multi):
-        view = catalog.views.get(name)
-        for identity in (view.row_identities if view is not None else ()):
-            forms = [f"{c} = {_placeholder(view.columns.get(c))}" for c in identity]
-            hints_ja.append(f"{name} の " + "・".join(f"{view.labels.get(c) or c}（{form}）"
-                                                    for c, form in zip(identity, forms)))
-            hints_en.append(f"{name}: " + " AND ".join(forms))
-    reason = f"{ja} / {en}"
-    if hints_ja:
-        reason = (f"{ja.split('（')[0]}。{'、'.join(hints_ja)}をそれぞれ WHERE で一つの値に固定すると一人一行、"
-                  f"固定するか GROUP BY の区分にすると各セルで一人一行になり、結合できます / {en.split(' (')[0]}; "
-                  f"fix {'; '.join(hints_en)} in WHERE (one row per person), or fix or group by each of them "
-                  "(one row per person in each cell)")
-    if node is not None and not part:
-        part = node.sql(dialect="duckdb")
-    return QueryRefused("join_fan_out", reason=reason, part=part)
 
 
 def _namespace(lineage) -> str | None:
@@ -271,14 +132,14 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
     where = select.args.get("where")
     where_parts = [where.this] if where is not None else []
 
-    grouped = _grouped_columns(select)
+    grouped = row_identity.grouped_columns(select)
     identity_conditions: list[exp.Expression] = []
 
     open_here: list[tuple[str, str, tuple[str, ...], tuple]] = []   # (alias, view, columns, nodes)
 
     def part_info(alias: str, source, fixing: list[exp.Expression]) -> RowInfo:
         if isinstance(source, exp.Table):
-            multi, per_cell, nodes, still_open = _part_rows(catalog, alias, source, fixing, grouped)
+            multi, per_cell, nodes, still_open = row_identity.part_rows(catalog, alias, source, fixing, grouped)
             identity_conditions.extend(nodes)
             open_here.extend((alias, *o) for o in still_open)
             return RowInfo(views=(source.name,), multi=multi, per_cell=per_cell)
@@ -286,7 +147,7 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
         # a row-level subquery's cells are this scope's: what was one per cell there is not
         # here; the identities it left open may be fixed or grouped here through its outputs
         inner = replace(inner, multi=inner.multi | inner.per_cell, per_cell=frozenset())
-        multi, per_cell, nodes, still_open = _part_rows(catalog, alias, source, fixing, grouped, inner)
+        multi, per_cell, nodes, still_open = row_identity.part_rows(catalog, alias, source, fixing, grouped, inner)
         identity_conditions.extend(inner.identity_nodes)
         identity_conditions.extend(nodes)
         open_here.extend((alias, *o) for o in still_open)
@@ -355,14 +216,14 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
     if len(set(info.views)) < len(info.views):
         raise refuse("self_join", select.args["joins"][0])
     if len(info.multi) > 1:
-        raise fan_out(catalog, info.multi, ", ".join(sorted(info.multi)))
+        raise row_identity.fan_out(catalog, info.multi, ", ".join(sorted(info.multi)))
     if info.person_joins:
         # the join's rows are one per person (per cell) because of these conditions
         for node in identity_conditions:
             node.meta[ROW_IDENTITY] = True
     info.identity_nodes = tuple(identity_conditions)
     # identities left open here, named as this scope's outputs (a scope reading it may close them)
-    passed = {alias: _outputs_of(select, alias) for alias in {a for a, *_ in open_here}}
+    passed = {alias: row_identity.outputs_of(select, alias) for alias in {a for a, *_ in open_here}}
     info.open_identities = tuple(
         OpenIdentity(view, tuple(passed[alias][c] for c in columns), nodes)
         for alias, view, columns, nodes in open_here
@@ -403,7 +264,7 @@ def check_measures(aggregates, info: RowInfo | None, catalog: Catalog | None = N
                 part = f"{agg.measure} × {', '.join(sorted(info.multi))}"
                 if catalog is None:
                     raise QueryRefused("join_fan_out", part=part)
-                raise fan_out(catalog, info.multi, part)
+                raise row_identity.fan_out(catalog, info.multi, part)
 
 
 def structural_not_null(column: exp.Column) -> exp.Expression:
