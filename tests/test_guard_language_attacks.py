@@ -178,6 +178,33 @@ def test_two_conditional_cells_differing_by_the_target_reveal_nothing(attack, gu
     assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
 
 
+def test_twin_cells_one_person_apart_get_the_same_answer_and_status(guard, raw, inst):
+    # the property behind the near-k attacks, per query rather than in aggregate (an
+    # accuracy over 36 targets can miss a leak of a few): two cells that differ only by the
+    # target's condition, which is left out, must be the same cell — same value, same
+    # status. P (the target's 町丁目 with their sex, or with ages from or up to theirs)
+    # always holds the target and spans sizes around k; on the raw store the cells differ
+    # every time.
+    from attack_oracle import unique_targets
+    from sekisho.protocol import cells_by_column
+
+    user = fresh_analyst(inst)
+    asked = 0
+    for chome, age, sex in unique_targets(inst, limit=120):
+        for p in (f"sex = '{sex}'", f"age >= {age}", f"age <= {age}"):
+            sql = (f"SELECT COUNT(*) FILTER (WHERE chome_code = '{chome}' AND {p}) AS a, "
+                   f"COUNT(*) FILTER (WHERE chome_code = '{chome}' AND {p} AND age <> {age}) AS b FROM residents")
+            (truth_row,) = raw.query(sql).table.to_pylist()
+            assert truth_row["a"] == truth_row["b"] + 1
+            r = guard.query(sql, user=user)
+            (row,) = r.table.to_pylist()
+            cells = cells_by_column(r.cells)
+            assert row["a"] == row["b"], (sql, row)
+            assert cells["a"]["status"].to_pylist() == cells["b"]["status"].to_pylist(), sql
+            asked += 1
+    assert asked >= 300
+
+
 # ---- class 2: arithmetic on a sensitive measure ------------------------------------------------------------
 def unique_taxpayers(inst, limit=TARGETS):
     """Taxpayers unique on (block, age band, sex) in 2025, with their income_levy."""
