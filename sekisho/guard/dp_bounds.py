@@ -16,34 +16,8 @@ from sekisho.guard import hidden
 from sekisho.guard.execution import Snapshot, fetch
 from sekisho.guard.protect.threshold import number
 from sekisho.guard.rewrite import BoundaryPlan
+from sekisho.guard.row_identity import fixed_columns
 from sekisho.policy import Policy, Value
-
-def _conjuncts(node: exp.Expression):
-    if isinstance(node, exp.Paren):
-        yield from _conjuncts(node.this)
-    elif isinstance(node, exp.And):
-        yield from _conjuncts(node.this)
-        yield from _conjuncts(node.expression)
-    else:
-        yield node
-
-
-def _is_column(node: exp.Expression, table: str, column: str) -> bool:
-    return isinstance(node, exp.Column) and node.name == column and node.table in ("", table)
-
-
-def _fixes(condition: exp.Expression, table: str, column: str) -> bool:
-    """``column = <literal>`` (either side) or ``column IN (<one literal>)``: the rows
-    that pass hold one value of the column."""
-    if isinstance(condition, exp.EQ):
-        a, b = condition.this, condition.expression
-        return (_is_column(a, table, column) and isinstance(b, exp.Literal)) or \
-            (_is_column(b, table, column) and isinstance(a, exp.Literal))
-    if isinstance(condition, exp.In) and not condition.args.get("query") and not condition.args.get("unnest"):
-        values = condition.expressions
-        return _is_column(condition.this, table, column) and len(values) == 1 and isinstance(values[0], exp.Literal)
-    return False
-
 
 def _row_query_fixes(select: exp.Expression | None, view: str, column: str | tuple[str, ...]) -> bool:
     """Whether every row of the boundary's row SELECT comes from a row of ``view`` whose
@@ -63,8 +37,7 @@ def _row_query_fixes(select: exp.Expression | None, view: str, column: str | tup
             alias = source.alias_or_name
             if where is None:
                 return False
-            conjuncts = list(_conjuncts(where.this))
-            return all(any(_fixes(c, alias, col) for c in conjuncts) for col in columns)
+            return set(columns) <= set(fixed_columns(alias, [where.this]))
         if not isinstance(source, exp.Subquery):
             return False
         select = source.this

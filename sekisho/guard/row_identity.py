@@ -30,8 +30,10 @@ class OpenIdentity:
 
 
 def fixed_columns(alias: str, parts: list[exp.Expression]) -> dict[str, list[exp.Expression]]:
-    """Columns of ``alias`` fixed to one literal by a top-level conjunct (``C = lit`` or
-    ``C IN (lit)``), each with the conjuncts that fix it."""
+    """Columns of ``alias`` (or unqualified) fixed to one literal by a top-level conjunct
+    (``C = lit`` either way round, or ``C IN (lit)``), each with the conjuncts that fix it:
+    the rows that pass hold one value of the column. Read by the joins (fan-out) and by
+    the DP bounds (``dp_bounds``)."""
     fixed: dict[str, list[exp.Expression]] = {}
     for node in parts:
         for part in conjuncts(node):
@@ -39,11 +41,11 @@ def fixed_columns(alias: str, parts: list[exp.Expression]) -> dict[str, list[exp
                 a, b = part.this, part.expression
                 if isinstance(b, exp.Column):
                     a, b = b, a
-                if isinstance(a, exp.Column) and a.table == alias and isinstance(b, exp.Literal):
+                if isinstance(a, exp.Column) and a.table in (alias, "") and isinstance(b, exp.Literal):
                     fixed.setdefault(a.name, []).append(part)
-            elif isinstance(part, exp.In) and not part.args.get("query") and isinstance(part.this, exp.Column) \
-                    and part.this.table == alias and len(part.expressions) == 1 \
-                    and isinstance(part.expressions[0], exp.Literal):
+            elif isinstance(part, exp.In) and not part.args.get("query") and not part.args.get("unnest") \
+                    and isinstance(part.this, exp.Column) and part.this.table in (alias, "") \
+                    and len(part.expressions) == 1 and isinstance(part.expressions[0], exp.Literal):
                 fixed.setdefault(part.this.name, []).append(part)
     return fixed
 

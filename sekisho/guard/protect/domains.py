@@ -26,17 +26,11 @@ import pyarrow as pa
 from sqlglot import exp
 
 from sekisho.guard import hidden
+from sekisho.guard.semi_joins import conjuncts
 
 PLACEHOLDER = "__d"
 INDEX = "__i"
 DOMAIN_TABLE = "__dom"
-
-
-def _conjuncts(condition: exp.Expression) -> list[exp.Expression]:
-    condition = condition.unnest() if isinstance(condition, exp.Paren) else condition
-    if isinstance(condition, exp.And):
-        return _conjuncts(condition.left) + _conjuncts(condition.right)
-    return [condition]
 
 
 def _same(a: exp.Column, b: exp.Column) -> bool:
@@ -58,7 +52,7 @@ def column_filters(select: exp.Select, column: exp.Column, depth: int = 0) -> li
     out = []
     where = select.args.get("where")
     if where is not None:
-        for c in _conjuncts(where.this):
+        for c in conjuncts(where.this):
             columns = list(c.find_all(exp.Column))
             if not columns or not all(_same(x, column) for x in columns):
                 continue
