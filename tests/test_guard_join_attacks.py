@@ -97,6 +97,19 @@ def fan_out_across_views(oracle, user, chome, age):
     return None if d is None else "女" if d >= 1 else "男"
 
 
+def fan_out_after_the_join(oracle, user, chome, age):
+    # fan_out_in_on with the join in a subquery and its filter above it (ibis's filter after a
+    # join): the target's two tax years pass the OR, and childcare (LEFT-joined) is a second
+    # view of several rows per person that nothing fixes — the reading scope must see both
+    base = ("SELECT COUNT(*) AS n FROM residents r JOIN resident_tax t ON r.person_id = t.person_id "
+            "AND t.tax_year = 2025 WHERE r.sex = '女'")
+    attack = ("SELECT COUNT(*) AS n FROM (SELECT r.sex, r.chome_code, r.age, t.tax_year, c.cert_ym, c.cert_type "
+              "FROM residents r JOIN resident_tax t ON r.person_id = t.person_id LEFT JOIN childcare c "
+              f"ON r.person_id = c.person_id) j WHERE j.sex = '女' AND (j.tax_year = 2025 OR {on('j', chome, age)})")
+    d = difference(oracle, user, attack, base)
+    return None if d is None else "女" if d >= 1 else "男"
+
+
 # ---- family 2: self-joins that isolate ------------------------------------------------------------
 def self_join_on_person(oracle, user, chome, age):
     sql = ("SELECT COUNT(*) AS n FROM residents a JOIN residents b ON a.person_id = b.person_id "
@@ -178,7 +191,7 @@ def inner_join_difference(oracle, user, chome, age):
 
 
 ATTACKS = {
-    "fan_out": [fan_out_in_on, fan_out_self_joins, fan_out_across_views],
+    "fan_out": [fan_out_in_on, fan_out_self_joins, fan_out_across_views, fan_out_after_the_join],
     "self_join": [self_join_on_person, self_semi_join, self_join_households],
     "household": [household_feature_join, household_semi_join, household_conditional_count],
     "differencing": [anti_join_difference, semi_join_difference, inner_join_difference],
@@ -192,6 +205,11 @@ def test_join_attack_reveals_nothing(attack, guard, raw, inst):
     assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
 
 
+# childcare joined to resident_tax, both several rows per person, every identity passed on
+TWO_SEVERAL = ("(SELECT c.cert_type, c.cert_ym, t.tax_year, t.income_levy FROM childcare c JOIN resident_tax t "
+               "ON c.person_id = t.person_id) j")
+
+
 @pytest.mark.parametrize("sql, code", [
     # fan-out beyond one view's own rows, and measures repeated by a join
     ("SELECT COUNT(*) FROM movements m JOIN resident_tax t ON m.person_id = t.person_id", "join_fan_out"),
@@ -199,6 +217,22 @@ def test_join_attack_reveals_nothing(attack, guard, raw, inst):
      "WHERE t.tax_year = 2025", "join_fan_out"),
     ("SELECT COUNT(*) FROM (SELECT r.household_id, COUNT(*) AS m FROM residents r JOIN movements mv "
      "ON r.person_id = mv.person_id GROUP BY r.household_id) AS h", "join_fan_out"),
+    # ... and below a filter written after the join: the scope reading the join's rows decides
+    # with the identities it fixes, followed through the subquery's outputs (lineage, not names)
+    (f"SELECT COUNT(*) FROM {TWO_SEVERAL} WHERE j.tax_year = 2025 OR j.cert_ym = '2025-04'", "join_fan_out"),
+    ("SELECT j.cert_type, SUM(j.income_levy) FROM (SELECT c.cert_type, c.sex AS cert_ym, t.tax_year, t.income_levy "
+     "FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id) j "
+     "WHERE j.tax_year = 2025 AND j.cert_ym = '女' GROUP BY 1", "join_fan_out"),        # named cert_ym, is sex
+    ("SELECT j.cert_type, SUM(j.income_levy) FROM (SELECT c.cert_type, CASE WHEN c.cert_ym >= '2025-03' "
+     "THEN '2025-04' ELSE c.cert_ym END AS cert_ym, t.tax_year, t.income_levy FROM childcare c JOIN resident_tax t "
+     "ON c.person_id = t.person_id) j WHERE j.tax_year = 2025 AND j.cert_ym = '2025-04' GROUP BY 1",
+     "join_fan_out"),                                              # an expression merging two months
+    ("SELECT k.cert_type, COUNT(*) FROM (SELECT j.cert_type, j.tax_year FROM " + TWO_SEVERAL
+     + ") k WHERE k.tax_year = 2025 GROUP BY 1", "join_fan_out"),                       # the month not passed on
+    # the join aggregated in between: its rows are counted there, before the fixing WHERE
+    ("SELECT SUM(s.levy) FROM (SELECT c.cert_type, MIN(t.tax_year) AS tax_year, MIN(c.cert_ym) AS cert_ym, "
+     "SUM(t.income_levy) AS levy FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id "
+     "GROUP BY c.cert_type) s WHERE s.tax_year = 2025 AND s.cert_ym = '2025-04'", "join_fan_out"),
     # self-joins
     ("SELECT COUNT(*) FROM resident_tax a JOIN resident_tax b ON a.person_id = b.person_id", "self_join"),
     ("SELECT COUNT(*) FROM residents a JOIN (SELECT person_id, age FROM residents) b ON a.person_id = b.person_id",

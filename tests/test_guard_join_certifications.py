@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import re
 
+import ibis
 import pytest
 
 from attack_oracle import RawOracle
 from dp_bounds_helper import FAILURE, dp_bound, dp_mean_range, dp_sum_bound
-from guard_fixtures import new_snapshot, truth
+from guard_fixtures import ibis_table, new_snapshot, truth
 from sekisho.guard import Guard, QueryRefused
 from sekisho.guard.protect import status
 from sekisho.guard.protect.cellkey import SUM_NOISE_FRACTION
@@ -206,18 +207,28 @@ ONE_ROW = ("SELECT SUM(t.income_levy) AS s FROM resident_tax t WHERE t.tax_year 
            "(SELECT person_id FROM childcare)")
 
 
+# the same attack with the join in a subquery and its filter one level up (ibis's filter after
+# a join): the subquery is ``c`` there, so the conditions read the same
+SAME_SCOPE = ("SELECT SUM(t.income_levy) AS s FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id "
+              "WHERE t.tax_year = 2025 {where}")
+AFTER_THE_JOIN = ("SELECT SUM(c.income_levy) AS s FROM (SELECT x.cert_ym, x.cert_type, t.tax_year, t.income_levy "
+                  "FROM childcare x JOIN resident_tax t ON x.person_id = t.person_id) c "
+                  "WHERE c.tax_year = 2025 {where}")
+
+
+@pytest.mark.parametrize("form", [SAME_SCOPE, AFTER_THE_JOIN], ids=["same-scope", "after-the-join"])
 @pytest.mark.parametrize("where", [
     "",                                                       # no month: every certification
     f"AND c.cert_ym IN ('{EARLIER}', '{MONTH}')",             # two months: a child certified in both
     f"AND (c.cert_ym = '{MONTH}' OR c.cert_ym = '{EARLIER}')",
     f"AND c.cert_ym >= '{EARLIER}'",
+    f"AND NOT (c.cert_ym <> '{MONTH}')",                      # the month, but not as C = literal
     f"AND c.cert_ym = '{MONTH}'",                             # the month alone: 3号 and 2号 in one cell
-], ids=["no-month", "two-months", "or", "range", "month-not-type"])
-def test_fan_out_amplification_is_refused(guard, inst, analyst, where):
+], ids=["no-month", "two-months", "or", "range", "not", "month-not-type"])
+def test_fan_out_amplification_is_refused(guard, inst, analyst, where, form):
     raw = RawOracle(inst)
-    sql = ("SELECT SUM(t.income_levy) AS s FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id "
-           f"WHERE t.tax_year = 2025 {where}")
-    one_row = ONE_ROW if not where or "IN" in where or "OR" in where or ">=" in where else (
+    sql = form.format(where=where)
+    one_row = ONE_ROW if not where or "IN" in where or "OR" in where or ">=" in where or "NOT" in where else (
         ONE_ROW.replace("FROM childcare)", f"FROM childcare WHERE cert_ym = '{MONTH}')"))
     assert amplifies(raw, sql, one_row), "not a real attack: nobody's rows are repeated"
     with pytest.raises(QueryRefused) as refused:
@@ -362,3 +373,84 @@ def test_a_partly_fixed_identity_bounds_dp_noise_by_the_grouped_domain(inst, pol
         assert ranged[0] / grouped[0] == pytest.approx(dp.max_rows_per_person / domain, rel=0.1)
     finally:
         g.close()
+
+
+# ---- the fixing conditions after the join, as ibis writes a filter after a join -------------------
+
+JOIN_ROWS = ("(SELECT c.cert_type, c.cert_ym, t.tax_year, t.income_levy FROM childcare c JOIN resident_tax t "
+             "ON c.person_id = t.person_id) j")
+AFTER = f"FROM {JOIN_ROWS} WHERE j.tax_year = 2025 AND j.cert_ym = '{MONTH}'"
+
+
+def filter_after_join_sql(guard, analyst) -> str:
+    """``cc.join(tax, ...).filter(...)`` in ibis: ``SELECT * FROM (<the join>) WHERE ...``."""
+    cc, rt = ibis_table(guard, analyst, "childcare"), ibis_table(guard, analyst, "resident_tax")
+    joined = cc.join(rt, cc.person_id == rt.person_id)
+    joined = joined.filter((joined.tax_year == 2025) & (joined.cert_ym == MONTH))
+    expr = joined.group_by("cert_type").aggregate(mean=joined.income_levy.mean(), total=joined.income_levy.sum(),
+                                                  n=joined.count()).order_by("cert_type")
+    sql = ibis.to_sql(expr, dialect="duckdb")
+    assert sql.index(" ON ") < sql.index("WHERE")       # the filter is over the join's rows
+    return sql
+
+
+def test_the_month_fixed_after_the_join_gives_the_same_answer_as_in_the_where(guard, analyst):
+    """The fixing conditions read through the subquery's outputs (renamed or not) decide the
+    fan-out as the WHERE of the flat query does: the same rows per child and cell, so the
+    same protected answer, cell statuses and conditions left out."""
+    outputs = "SELECT {a}.cert_type, AVG({b}.{levy}) AS mean, SUM({b}.{levy}) AS total, COUNT(*) AS n"
+    flat = guard.query(f"{outputs.format(a='c', b='t', levy='income_levy')} {JOINED} GROUP BY 1 ORDER BY 1",
+                       user=analyst)
+    renamed = (f"FROM (SELECT c.cert_type, c.cert_ym AS month, t.tax_year AS year, t.income_levy AS levy "
+               f"FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id) j "
+               f"WHERE j.year = 2025 AND j.month = '{MONTH}'")
+    forms = {"after": f"{outputs.format(a='j', b='j', levy='income_levy')} {AFTER} GROUP BY 1 ORDER BY 1",
+             "renamed": f"{outputs.format(a='j', b='j', levy='levy')} {renamed} GROUP BY 1 ORDER BY 1",
+             "ibis": filter_after_join_sql(guard, analyst)}
+    assert len(flat.table) == 3
+    for name, sql in forms.items():
+        got = guard.query(sql, user=analyst)
+        assert got.table.to_pylist() == flat.table.to_pylist(), name
+        for column in ("mean", "total", "n"):
+            assert statuses_of(got, column) == statuses_of(flat, column), name
+        assert len(got.summary["conditions_left_out"]) == len(flat.summary["conditions_left_out"]), name
+
+
+def test_dp_after_the_join_has_the_bounds_of_the_flat_query(guard, analyst):
+    """DP: the same contribution bounds (the noise's width) as the same-scope WHERE, both
+    with the type fixed (one row per child) and grouped (the policy's bounds)."""
+    def widths(sql: str) -> list[float]:
+        r = guard.query(sql, user=analyst, mode="dp", epsilon=EPSILON)
+        parts = cells_by_column(r.cells)["n"]
+        return [round(h - lo, 6) for lo, h in zip(parts["low"].to_pylist(), parts["high"].to_pylist())]
+    one = widths(f"SELECT COUNT(*) AS n {JOINED} AND c.cert_type = '3号'")
+    assert one == widths(f"SELECT COUNT(*) AS n {AFTER} AND j.cert_type = '3号'")
+    grouped = widths(f"SELECT c.cert_type, COUNT(*) AS n {JOINED} GROUP BY 1")
+    assert grouped == widths(f"SELECT j.cert_type, COUNT(*) AS n {AFTER} GROUP BY 1")
+    assert one[0] < grouped[0]
+
+
+@pytest.mark.parametrize("where", [
+    "",
+    f"j.cert_ym = '{MONTH}'",                                    # the year not fixed, nor the type
+    f"j.tax_year >= 2025 AND j.cert_ym >= '{MONTH}'",            # ranges fix nothing
+    f"(j.tax_year = 2025 OR j.cert_ym = '{MONTH}')",
+    f"NOT (j.tax_year <> 2025 OR j.cert_ym <> '{MONTH}')",
+], ids=["none", "month-only", "ranges", "or", "not"])
+def test_two_views_left_several_after_the_join_are_join_fan_out(guard, analyst, where):
+    """Where the outer WHERE leaves two views with several rows per person, the scope that
+    counts the join's rows refuses, as the flat query does (the year alone leaves one:
+    a count is then bounded, a sum of the tax is not — ``test_fan_out_amplification_is_refused``)."""
+    after = f"SELECT COUNT(*) AS n FROM {JOIN_ROWS}" + (f" WHERE {where}" if where else "")
+    flat = ("SELECT COUNT(*) AS n FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id"
+            + (" WHERE " + where.replace("j.tax_year", "t.tax_year").replace("j.", "c.") if where else ""))
+    for sql in (flat, after):
+        with pytest.raises(QueryRefused) as refused:
+            guard.query(sql, user=analyst)
+        assert refused.value.code == "join_fan_out", sql
+
+
+def test_a_fixing_condition_after_the_join_is_refused_not_left_out(inst, policy):
+    """As ``test_a_fixing_condition_that_changes_few_is_refused_not_left_out``, the month
+    fixed one level above the join: it is a row identity there too."""
+    _refused_for_the_month_under_k_100(inst, policy, f"SELECT COUNT(*) AS n {AFTER} AND j.cert_type = '1号'")

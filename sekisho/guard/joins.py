@@ -11,7 +11,9 @@ declaring ``unique_per_person: [C, ...]`` once the query fixes every one of thos
 (``childcare`` with ``cert_ym = '2025-04'``: one certification per child and 認定年月,
 verified on every upload); anything else may be several. A fixing condition is a
 top-level AND conjunct ``alias.C = <literal>`` or ``alias.C IN (<one literal>)`` of the
-WHERE (or of the join's ON); ranges, ORs and several literals fix nothing.
+WHERE (or of the join's ON), or of the WHERE of a scope reading the join's rows, through
+the bare output passing ``C`` on (``row_identity.OpenIdentity``); ranges, ORs and several
+literals fix nothing.
 
 Accepted shapes (each below one aggregation boundary; the person-level view in FROM is
 the *anchor*):
@@ -19,7 +21,9 @@ the *anchor*):
 * ``anchor [INNER|LEFT] JOIN <person view> ON a.person_id = b.person_id [AND <conditions>]``
   — at most one of the joined parts (anchor included) may give a person several rows,
   so a join never multiplies a person's rows beyond what one view holds (no fan-out
-  amplification), and the same view is never joined to itself (``self_join``);
+  amplification), and the same view is never joined to itself (``self_join``). A scope
+  that only filters or passes on the join's rows leaves that to the scope reading them
+  (``_fixable_above``: ibis writes a filter after a join one level up);
 * ``anchor SEMI|ANTI JOIN <person view> ON a.person_id = b.person_id [AND ...]`` — also
   written ``a.person_id [NOT] IN (SELECT person_id FROM v WHERE ...)`` or ``[NOT] EXISTS
   (SELECT ... FROM v WHERE v.person_id = a.person_id AND ...)`` (``semi_joins`` turns
@@ -48,7 +52,7 @@ from sqlglot import exp
 
 from sekisho.guard.catalog import LINKAGE, PRIVACY_UNIT, Catalog
 from sekisho.guard.errors import QueryRefused, refuse
-from sekisho.guard.scope_checks import owned_by
+from sekisho.guard.scope_checks import is_aggregate_scope, owned_by
 from sekisho.guard import row_identity
 from sekisho.guard.row_identity import OpenIdentity
 from sekisho.guard.semi_joins import ANTI, SEMI, conjuncts
@@ -215,8 +219,6 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
         seen.append(alias)
     if len(set(info.views)) < len(info.views):
         raise refuse("self_join", select.args["joins"][0])
-    if len(info.multi) > 1:
-        raise row_identity.fan_out(catalog, info.multi, ", ".join(sorted(info.multi)))
     if info.person_joins:
         # the join's rows are one per person (per cell) because of these conditions
         for node in identity_conditions:
@@ -228,6 +230,8 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
         OpenIdentity(view, tuple(passed[alias][c] for c in columns), nodes)
         for alias, view, columns, nodes in open_here
         if view in info.multi and all(c in passed[alias] for c in columns))
+    if len(info.multi) > 1 and not _fixable_above(select, info):
+        raise row_identity.fan_out(catalog, info.multi, ", ".join(sorted(info.multi)))
     for alias, join in semi_aliases.items():
         _only_in_own_on(select, alias, join)
     if not info.person_joins and not info.handled:
@@ -241,6 +245,19 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
             info.rkey_alias = alias
             break
     return info
+
+
+def _fixable_above(select: exp.Select, info: RowInfo) -> bool:
+    """Whether the fan-out of a scope with several views of several rows per person is
+    decided by the scopes reading its rows: it aggregates nothing (its rows are only
+    filtered or passed on), and every such view passes on an identity left open, so a
+    reader may still fix it (ibis writes a filter after a join as ``SELECT * FROM (<the
+    join>) WHERE tax_year = 2026 AND cert_ym = ...``). Each reader's ``scope_links``
+    closes the identities its WHERE fixes (through the outputs' names) and refuses while
+    two views stay several; any other reader of row-level rows is refused by the
+    classifier, and SEMI/ANTI joins only test existence."""
+    return not is_aggregate_scope(select) and all(
+        any(o.view == view for o in info.open_identities) for view in info.multi)
 
 
 def _only_in_own_on(select: exp.Select, alias: str, join: exp.Join) -> None:

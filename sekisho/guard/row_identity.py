@@ -5,7 +5,8 @@ fan-out). A view's identities are its declarations (``record_key: {record: C}``,
 ``alias.C = <literal>`` (or ``IN (<one literal>)``), and a bare group key on a column puts
 rows that differ in it into different cells. A row-level subquery passes on the
 identities it leaves open under its own output names (``OpenIdentity``), so the scope
-reading it may fix or group by the rest (ibis writes a filter before a join so).
+reading it may fix or group by the rest (ibis writes a filter before a join so, and a
+filter after a join as a SELECT over the join's rows).
 """
 
 from __future__ import annotations
