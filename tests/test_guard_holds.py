@@ -326,7 +326,9 @@ def test_policy_keys(tmp_path, inst):
 
     text = inst.policy_path.read_text(encoding="utf-8")
     policy = load_policy(inst.policy_path)
-    assert policy.disclosure.alerts.pause_on == ("differencing", "decomposition", "upload_differencing")
+    assert policy.disclosure.alerts.pause_on == ("differencing", "decomposition", "upload_differencing",
+                                                 "upload_decomposition")
+    assert policy.disclosure.alerts.upload_decomposition_min_variance == 8
     assert (policy.disclosure.alerts.decomposition_burst, policy.disclosure.alerts.decomposition_window_s) == (12, 3600)
     assert policy.roles["analyst"].alert_holds and not policy.roles["reports"].alert_holds
     doc = yaml.safe_load(text)
@@ -335,10 +337,11 @@ def test_policy_keys(tmp_path, inst):
         (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
         with pytest.raises(PolicyError, match=problem):
             load_policy(tmp_path / "p.yaml")
-    for key in ("pause_on", "decomposition_burst", "decomposition_window_s"):
+    for key in ("pause_on", "decomposition_burst", "decomposition_window_s", "upload_decomposition_min_variance"):
         del doc["disclosure"]["alerts"][key]
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(doc, allow_unicode=True), encoding="utf-8")
-    assert load_policy(tmp_path / "p.yaml").disclosure.alerts.pause_on == ()
+    defaults = load_policy(tmp_path / "p.yaml").disclosure.alerts
+    assert defaults.pause_on == () and defaults.upload_decomposition_min_variance == 8
 
 
 def test_reports_role_is_not_held(inst, guard):

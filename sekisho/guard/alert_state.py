@@ -56,6 +56,25 @@ _SCHEMA = (
         user TEXT NOT NULL, new_id INTEGER NOT NULL, old_id INTEGER NOT NULL, ts REAL NOT NULL,
         PRIMARY KEY (user, new_id, old_id)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS guard_upload_pairs_user_ts ON guard_upload_pairs(user, ts)",
+    # upload_decomposition (``upload_regions``): the partitions of region classes a user
+    # released per snapshot, with their weight (a class's partitions are an index range) ...
+    """CREATE TABLE IF NOT EXISTS guard_region_partitions (
+        user TEXT NOT NULL, class TEXT NOT NULL, snapshot TEXT NOT NULL, partition TEXT NOT NULL,
+        weight REAL NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (user, class, snapshot, partition)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS guard_region_partitions_ts ON guard_region_partitions(ts)",
+    # ... its pieces (dropped ranges: boxes), weighed per family by their depth ...
+    """CREATE TABLE IF NOT EXISTS guard_region_pieces (
+        user TEXT NOT NULL, class TEXT NOT NULL, snapshot TEXT NOT NULL, family TEXT NOT NULL,
+        piece TEXT NOT NULL, factor REAL NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (user, class, snapshot, family, piece)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS guard_region_pieces_ts ON guard_region_pieces(ts)",
+    # ... and the classes checked on the store across two snapshots (changed: some region
+    # of the class gained or lost 1..k-1 contributors between them)
+    """CREATE TABLE IF NOT EXISTS guard_region_checks (
+        user TEXT NOT NULL, class TEXT NOT NULL, old TEXT NOT NULL, new TEXT NOT NULL,
+        changed INTEGER NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (user, class, old, new)) WITHOUT ROWID""",
     # users on hold: read (by primary key) before every query of the user
     """CREATE TABLE IF NOT EXISTS guard_holds (
         user TEXT PRIMARY KEY, since REAL NOT NULL, alert TEXT NOT NULL, raised_by INTEGER) WITHOUT ROWID""",

@@ -46,6 +46,10 @@ confirmation, over the same tables.)
   Populations are kept per (snapshot, row SQL) for the window, candidates are the
   ``MAX_PAIRS`` closest sizes on other snapshots.
 
+* ``upload_decomposition`` (``sekisho.guard.upload_regions``, its own tables): one class of
+  regions split into released parts on two snapshots until a region's change is sharp,
+  and some region changed by 1..k-1 contributors — tabulations averaged across an upload.
+
 An alert is raised when a counter first reaches its threshold inside the window (not on
 every later request), and audited as type ``alert``.
 

@@ -56,6 +56,7 @@ def resume(instance: Instance, user: str) -> dict | None:
             con.execute("DELETE FROM guard_decompositions WHERE user = ?", (user,))
             # the pairs across uploads, not the populations: a continued attack pairs again
             con.execute("DELETE FROM guard_upload_pairs WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_region_checks WHERE user = ?", (user,))
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:

@@ -78,6 +78,9 @@ class Released:
     treated_as: list[str] = field(default_factory=list)    # ... each answered as TRUE or FALSE
     # per boundary what defines its population: (snapshot id, row SQL as executed), or None
     defined: list[tuple[str, str] | None] = field(default_factory=list)
+    # per boundary its non-empty cells' group-key columns (threshold mode), for the regions
+    # each release splits (``regions``, on the bookkeeping thread); never leave the service
+    cell_keys: list[dict | None] = field(default_factory=list)
     epsilon_spent: float = 0.0
     epsilon_remaining: float | None = None
     # per-cell status and accuracy, row-aligned with ``table`` (``sekisho.protocol``), or
@@ -246,6 +249,8 @@ class ThresholdProtection:
             kinds[bp.name] = accuracy_kinds(self.name, bp)
             released.stats.append(st)
             released.defined.append((ctx.snap.id, run.row_sql))
+            released.cell_keys.append({name: cells[name] for name in
+                                       (hidden.group_key(j) for j in range(len(bp.group_keys))) if name in cells})
         released.table, released.cells, released.accuracy = post_process(ctx, protected, companions, kinds)
         return released
 

@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from sekisho.audit import AuditError
-from sekisho.guard import alerts as alert_rules
+from sekisho.guard import alerts as alert_rules, regions, upload_regions
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.planning import refused_fingerprint
 from sekisho.guard.rewrite import BoundaryPlan, Plan
@@ -183,12 +183,16 @@ class Recorder:
             details["operator"] = session.operator
         populations = [(*s.population, _shape(plan.fingerprint, bp), *(d or ()))
                        for s, bp, d in zip(stats, plan.boundaries, released.defined) if s.population is not None]
+        # the regions each release partitions (threshold mode: DP answers are noised per query)
+        released_rows = [(d[0], d[1], len(bp.group_keys), keys)
+                         for bp, d, keys in zip(plan.boundaries, released.defined, released.cell_keys)
+                         if d is not None and keys is not None]
         entry = self._audit_and_alert(
             dict(type="query", user=session.user, role=session.role, outcome="ok",
                  summary=f"{session.mode} query on {', '.join(plan.views) or '-'}: {table.num_rows} rows",
                  details=details, durable=False),
             dict(user=session.user, role=session.role, fingerprint=plan.fingerprint, refused=False,
-                 cells=summary["cells"], populations=populations))
+                 cells=summary["cells"], populations=populations, released_rows=released_rows))
         return entry["seq"]
 
     def _audit_and_alert(self, entry: dict, request: dict | None) -> dict:
@@ -216,7 +220,8 @@ class Recorder:
             self.instance.audit.sync()   # the outcome entry written just before, first
         except AuditError:
             log.exception("the audit entry %s could not be made durable", seq)
-        user, role = request["user"], request["role"]
+        user, role = request["user"], request.get("role")
+        released_rows = request.pop("released_rows", ())
         try:
             found = self._record_request(**request)
             self._audit_alerts(found, user, role, seq)
@@ -236,8 +241,51 @@ class Recorder:
                         pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
                 if failure is not None:
                     self._bookkeeping_failed(user, role, seq, failure, check=check)
+            self._record_regions(released_rows, user, role, seq, request["fingerprint"])
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
             self._bookkeeping_failed(user, role, seq, exc)
+
+    def _record_regions(self, released_rows, user: str, role: str | None, seq: int, fingerprint: str) -> None:
+        """``upload_decomposition``: record the partitions of the request's releases, check
+        the classes averaged on two snapshots on the store, audit the alert."""
+        by_snapshot: dict[str, list[upload_regions.RegionRelease]] = {}
+        for snapshot, row_sql, keys, cell_keys in released_rows:
+            for part in regions.partitions(row_sql, regions.key_codes(cell_keys, keys)):
+                by_snapshot.setdefault(snapshot, []).append(upload_regions.RegionRelease(
+                    part.region_class, part.partition, part.weight, (row_sql, part.kept_keys, part.kept_conjuncts),
+                    part.piece))
+        alerts = self.policy.disclosure.alerts
+        for snapshot, releases in by_snapshot.items():
+            pairs = upload_regions.record_regions(self.instance, alerts, user=user, snapshot=snapshot,
+                                                  releases=releases,
+                                                  variance=self.policy.disclosure.perturbation.variance)
+            checked, failure = [], None
+            for pair in pairs:
+                try:
+                    checked.append((pair, self._region_changed(pair)))
+                except Exception as exc:   # a pruned snapshot, ...: audited, not raised
+                    failure = failure or exc
+            self._audit_alerts(upload_regions.confirm_regions(
+                self.instance, alerts, user=user, fingerprint=fingerprint, checked=checked, raised_by=seq,
+                pause=self._holds_apply(role)), user, role, seq)
+            if failure is not None:
+                self._bookkeeping_failed(user, role, seq, failure, check="upload_decomposition")
+
+    def _region_changed(self, pair) -> bool:
+        """Whether some region of the class gained or lost 1..k-1 contributors between the
+        two snapshots: the old snapshot's (region, ``__pid``) rows compared on the new one."""
+        row_sql, kept_keys, kept_conjuncts = pair.source
+        sql = regions.region_sql(row_sql, kept_keys, kept_conjuncts)
+        keys = ", ".join(f'"__g{j}"' for j in sorted(kept_keys))
+        with self._verification_cursor(pair.old) as cur:
+            old = cur.execute(sql).to_arrow_table()
+        k = int(self.policy.disclosure.k)
+        changed = (f"WITH __a AS ({sql}) SELECT 1 FROM ((SELECT * FROM __a EXCEPT SELECT * FROM __sekisho_old) "
+                   "UNION ALL (SELECT * FROM __sekisho_old EXCEPT SELECT * FROM __a)) AS __d "
+                   f"{'GROUP BY ' + keys if keys else ''} HAVING COUNT(*) < {k} LIMIT 1")
+        with self._verification_cursor(pair.new) as cur:
+            cur.register("__sekisho_old", old)
+            return cur.execute(changed).fetchone() is not None
 
     def _audit_alerts(self, found: list[dict], user: str, role: str | None, seq: int) -> None:
         for alert in found:

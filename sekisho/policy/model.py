@@ -347,6 +347,9 @@ class Alerts:
     # within the window: releases across uploads averaged (sekisho.guard.alerts)
     upload_differencing_burst: int = 8
     upload_differencing_window_s: int = 62 * 86400
+    # a region class split on two snapshots until a region's change has less noise variance
+    # than this, a region changed by 1..k-1 (``sekisho.guard.upload_regions``)
+    upload_decomposition_min_variance: int = 8
     # alerts that put the user on hold until an admin resumes them (`sekisho users resume`)
     pause_on: tuple[str, ...] = ()
 

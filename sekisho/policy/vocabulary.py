@@ -66,4 +66,5 @@ EPSILON_FLOOR = 1e-6
 ROLE_NAMES = ("steward", "analyst", "admin", "manager", "reports")
 IDENTIFIER = r"[a-z][a-z0-9_]*"
 # the alerts disclosure.alerts.pause_on may name (raised by sekisho.guard.alerts)
-ALERT_NAMES = ("bulk", "near_duplicate", "refusals", "differencing", "decomposition", "upload_differencing")
+ALERT_NAMES = ("bulk", "near_duplicate", "refusals", "differencing", "decomposition", "upload_differencing",
+               "upload_decomposition")
