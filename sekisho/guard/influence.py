@@ -107,7 +107,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
-        base, _, neighbours = neighbourhood(current, identifiers, max_atoms)
+        base, _, neighbours = neighbourhood(current, identifiers, max_atoms, render=False)
         compared = list(neighbours)
         if pending is not None:
             # how far the last batch moved the query: it must stay below k as well
