@@ -147,6 +147,8 @@ def cold_instrumented(guard: Guard, spent: dict):
     patch(influence, "decide", decide_wrapper)
     patch(execution, "protected_schema", timed("protected schema (DuckDB LIMIT 0)"))
     patch(execution.Snapshot, "is_person_unique", timed("view check, once per view (DuckDB)"))
+    # ... and one row per declared row identity (resident_tax per tax year), once per snapshot
+    patch(protection, "unique_in_store", timed("view check, once per view (DuckDB)"))
     patch(protection, "protect_threshold", timed("protection"))
     patch(guard.post, "run", timed("post-processing"))
     patch(guard.recorder, "announce", timed("recording"))

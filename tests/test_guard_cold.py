@@ -147,3 +147,87 @@ def test_the_row_select_owns_its_nodes(snapshot):
             ids = {id(node) for node in nodes}
             assert not ids & seen, sql
             seen |= ids
+
+
+# ---- scans a new query no longer runs (issue 17, item 4) ----------------------------------
+THRESHOLD_QUERIES = [
+    # several rows per person: the population check reads condition influence's last count
+    "SELECT idou_type, sex, COUNT(*) AS n FROM movements WHERE idou_year = 2023 AND age > 30 GROUP BY idou_type, sex",
+    "SELECT block, COUNT(*) AS n FROM movements WHERE age BETWEEN 20 AND 60 GROUP BY block",
+    "SELECT idou_type, COUNT(*) AS n FROM movements WHERE block = '家島' AND age > 90 GROUP BY idou_type",
+    # one row per (person, tax_year) by declaration, the year fixed: cells without per-person grouping
+    "SELECT block, SUM(taxable_income) AS income, AVG(income_levy) AS levy, COUNT(*) AS n FROM resident_tax "
+    "WHERE tax_year = 2025 AND age_band <> '20-24' GROUP BY block",
+    "SELECT sex, COUNT(DISTINCT person_id) AS n, SUM(income_levy) AS levy FROM resident_tax "
+    "WHERE tax_year = 2024 GROUP BY sex",
+    "SELECT block, SUM(CASE WHEN age_band = '50-54' THEN taxable_income END) AS s, COUNT(*) AS n "
+    "FROM resident_tax WHERE tax_year = 2025 GROUP BY block",
+    # the year not fixed, or left out: still grouped by person
+    "SELECT block, SUM(taxable_income) AS income FROM resident_tax WHERE age_band = '30-34' GROUP BY block",
+    "SELECT block, COUNT(*) AS n FROM resident_tax WHERE tax_year = 2025 OR block = '家島' GROUP BY block",
+    # joins, unit scopes, a filter near k
+    "SELECT a.block, COUNT(*) AS n FROM residents AS r JOIN areas AS a ON r.chome_code = a.chome_code "
+    "WHERE r.age BETWEEN 20 AND 29 GROUP BY a.block",
+    "SELECT members, COUNT(*) AS households FROM (SELECT household_id, COUNT(*) AS members FROM residents "
+    "WHERE is_current AND age >= 10 GROUP BY household_id) AS h GROUP BY members",
+    "SELECT sex, COUNT(*) AS n FROM movements WHERE block = '家島' AND age >= 99 GROUP BY sex",
+]
+
+
+def _answers(inst, monkeypatch, *, shortcuts: bool):
+    """Each query's answer (table, cells, summary without its id, or the refusal) and the
+    populations the check counted, with or without the scans saved."""
+    from sekisho.guard import Guard
+    from sekisho.guard.protection import ThresholdProtection
+
+    populations, used = [], {"declared": 0, "counted": 0}
+    with monkeypatch.context() as m:
+        influence, declared = ThresholdProtection._apply_influence, ThresholdProtection._declared_one_row
+        if shortcuts:
+            def spy_declared(ctx, bp):
+                one_row = declared(ctx, bp)
+                used["declared"] += one_row
+                return one_row
+
+            def spy_influence(*args):
+                run, left_out, counted = influence(*args)
+                used["counted"] += counted is not None and args[1].filtered and not args[2]
+                return run, left_out, counted
+            m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(spy_declared))
+            m.setattr(ThresholdProtection, "_apply_influence", staticmethod(spy_influence))
+        else:
+            m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(lambda ctx, bp: False))
+            m.setattr(ThresholdProtection, "_apply_influence", staticmethod(lambda *a: influence(*a)[:2] + (None,)))
+        check = ThresholdProtection._check_population
+
+        def counted(*args, **kwargs):
+            populations.append(check(*args, **kwargs))
+            return populations[-1]
+        m.setattr(ThresholdProtection, "_check_population", staticmethod(counted))
+        guard = Guard(inst)
+        out = []
+        try:
+            for sql in THRESHOLD_QUERIES:
+                try:
+                    result = guard.query(sql, user="ana", mode="threshold")
+                except QueryRefused as refusal:
+                    out.append(("refused", refusal.code))
+                    continue
+                summary = {k: v for k, v in result.summary.items() if k != "query_id"}
+                out.append((result.table.to_pylist(), result.cells.to_pylist() if result.cells is not None else None,
+                            summary))
+        finally:
+            guard.close()
+    return out, populations, used
+
+
+def test_saved_scans_release_the_same(inst, monkeypatch):
+    """The population from condition influence's last scan and the cells of a boundary
+    whose declared row identity the query fixes (counted without grouping by person)
+    give the same answers, cells, notes, refusals and populations as the separate scans."""
+    fast, fast_populations, used = _answers(inst, monkeypatch, shortcuts=True)
+    slow, slow_populations, _ = _answers(inst, monkeypatch, shortcuts=False)
+    assert fast == slow
+    assert fast_populations == slow_populations
+    assert used["declared"] >= 3 and used["counted"] >= 3, used
+    assert sum(1 for o in fast if o[0] == "refused") >= 1 and sum(1 for o in fast if o[0] != "refused") >= 8

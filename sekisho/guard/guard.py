@@ -39,7 +39,7 @@ from sekisho.guard import budget as ledger
 from sekisho.guard import session as sessions
 from sekisho.guard.catalog import Catalog, catalog_for_role
 from sekisho.guard.errors import QueryRefused
-from sekisho.guard.execution import PostProcessor, Snapshot, Snapshots, protected_schema
+from sekisho.guard.execution import PostProcessor, Snapshot, Snapshots, protected_schema, warm_up
 from sekisho.guard.influence import VerdictCache
 from sekisho.guard.limits import Admission, Cancel, Limits, cancellable, check_cells
 from sekisho.guard.planning import PlanCache
@@ -74,6 +74,7 @@ class Guard:
                                    on_switch=self._forget_snapshot)
         self.post = PostProcessor(self.limits)
         self.recorder = Recorder(instance, self.policy, self.store, lambda: self.snapshots.snapshot)
+        warm_up()   # the libraries' one-off costs, not the first query's
 
     def query(self, sql: str, *, user: str, mode: str | None = None, epsilon: float | None = None,
               operator: str | None = None, cancel: Cancel | None = None) -> GuardResult:

@@ -68,6 +68,10 @@ class Verdict:
     # per condition left out, what it was answered as: ``TRUE`` (always holds) or ``FALSE``
     # (never holds) — "not applied" alone would hide which of the two the answer is for
     treated_as: tuple[str, ...] = ()
+    # the query as answered (without what was left out): its contributors and their cell
+    # key, as the rule's last scan counted them (its ``__n``/``__ck``) — the population
+    # check then needs no scan of its own; None when no scan counted that query
+    population: tuple[int, int] | None = None
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -99,10 +103,11 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     the order within the near tier is by perturbed counts, never exact ones."""
     certain = k - 1 - ptable.max_noise
     current, left_out = row, []
+    answered = None   # (contributors, cell key) of ``current`` when a scan counted them
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
-        base, _, neighbours = neighbourhood(current, identifiers, max_atoms)
+        base, _, neighbours = neighbourhood(current, identifiers, max_atoms, render=False)
         compared = list(neighbours)
         if pending is not None:
             # how far the last batch moved the query: it must stay below k as well
@@ -132,6 +137,9 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                 raise QueryRefused("filter_population_below_k")
         small = [(neighbours[i], value) for i, value in enumerate(noisy) if value < k]
         if not small:
+            # ``base`` is ``current`` prepared: the same rows, so the same contributors
+            answered = (int(number(counts, hidden.CONTRIBUTORS, np.int64)[0]),
+                        int(number(counts, hidden.CELL_KEY, np.int64)[0]))
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
@@ -145,9 +153,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         if pending is not None:
             raise QueryRefused("condition_influence_below_k")
     if not left_out:
-        return Verdict()
+        return Verdict(population=answered)
     named = sorted(left_out)   # sorted, not in the order left out
-    return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named))
+    return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
+                   population=answered)
 
 
 def treated_as(variant: Variant) -> str:

@@ -223,13 +223,14 @@ MAX_ATOMS = 64   # more leaf conditions than this: refused as too complex (each 
 MAX_ATOMS_UNIT_SCOPE = 96
 
 
-def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset(), max_atoms: int = MAX_ATOMS
-                  ) -> tuple[exp.Expression, str, list[Variant]]:
-    """The row-level SELECT prepared (``prepare``), its SQL, and its neighbours: each atom
-    replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound dropped).
+def neighbourhood(row: exp.Expression, identifiers: frozenset[str] = frozenset(), max_atoms: int = MAX_ATOMS,
+                  *, render: bool = True) -> tuple[exp.Expression, str | None, list[Variant]]:
+    """The row-level SELECT prepared (``prepare``), its SQL (None without ``render``: the
+    one-scan counts render only the parts neighbours change), and its neighbours: each
+    atom replaced by TRUE and by FALSE (an IN element dropped; a BETWEEN bound dropped).
     Variant indices refer to the returned tree, as ``apply`` expects."""
     tree = prepare(row)
-    original = tree.sql(dialect=DIALECT)
+    original = tree.sql(dialect=DIALECT) if render else None
     nodes = list(tree.walk())
     position = {id(node): i for i, node in enumerate(nodes)}
     out: dict[tuple[int, str], Variant] = {}

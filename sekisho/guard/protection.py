@@ -230,9 +230,14 @@ class ThresholdProtection:
         companions, kinds = {}, {}
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
-            run, left_out = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence else (bp, ())
-            cells = fetch(ctx.snap, self._cells_sql(run, fast), prepared_for=ctx.session.user, deadline=ctx.deadline)
-            population = self._check_population(ctx, run, cells, fast) if bp.filtered else None
+            run, left_out, counted = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
+                else (bp, (), None)
+            # the rows the query (as run) selects are one per contributor: the view's, or
+            # by a declared row identity the query fixes and the store holds (run unchanged)
+            one_row = fast or (not left_out and self._declared_one_row(ctx, bp))
+            cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
+                          deadline=ctx.deadline)
+            population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
             frame, st = protect_threshold(cells, bp.aggregates, domains, k=d.k, table=ctx.snap.ptable,
@@ -259,9 +264,26 @@ class ThresholdProtection:
         return _memo_on_plan(bp, "_cells_sql", person_unique, lambda: cells_sql(bp, person_unique=person_unique))
 
     @staticmethod
-    def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool) -> tuple[BoundaryPlan, tuple[str, ...]]:
+    def _declared_one_row(ctx: Context, bp: BoundaryPlan) -> bool:
+        """Whether the boundary's rows are one per person by a declared row identity the
+        query text fixes (``dp_bounds.declared_row_identity``: ``resident_tax`` ``WHERE
+        tax_year = 2025``) and the snapshot holds at most one row per identity
+        (``unique_in_store``, once per snapshot): then its cells are counted in one pass
+        without grouping by person, and the counts, cell keys and sums are the same. One
+        view, no join, no unit scope."""
+        if bp.unit or bp.has_join:
+            return False
+        identity = declared_row_identity(ctx.policy, bp)
+        if identity is None or len(identity) < 2:
+            return False   # (unit,): the view itself is person-unique or not (``fast``)
+        return unique_in_store(ctx.snap, bp.personal_view, identity, ctx.deadline)
+
+    @staticmethod
+    def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool
+                         ) -> tuple[BoundaryPlan, tuple[tuple[str, str], ...], tuple[int, int] | None]:
         """The boundary as the condition-influence rule lets it run (``influence.decide``,
-        cached per user and snapshot) and the conditions it left out."""
+        cached per user and snapshot), the conditions it left out, and the contributors
+        and cell key of the query as run when the rule's last scan counted them (else None)."""
         identifiers = frozenset(c.name for v in ctx.catalog.views.values() for c in v.columns.values()
                                 if c.cls in IDENTIFIER_CLASSES)
         columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
@@ -272,18 +294,24 @@ class ThresholdProtection:
                                      filtered=bp.filtered, person_unique=fast and not bp.unit,
                                      ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
         if not verdict.left_out:
-            return bp, ()
-        return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as))
+            return bp, (), verdict.population
+        return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \
+            verdict.population
 
     @staticmethod
-    def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool) -> tuple[int, int]:
+    def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool,
+                          counted: tuple[int, int] | None = None) -> tuple[int, int]:
         """Refuse when the filtered population is below k — on a perturbed count, so the
         decision itself carries the same noise as any released count. Returns the
-        population's true size and cell key (for the differencing/decomposition alerts)."""
+        population's true size and cell key (for the differencing/decomposition alerts).
+        ``counted``: the population as condition influence's last scan counted it (the
+        query as run: the same contributors and key as ``population_sql``), if it did."""
         if fast:   # the cells partition the filtered persons: their counts and keys add up
             n = int(cells[hidden.CONTRIBUTORS].sum())
             # perturb_count takes it mod KEY_RANGE; an empty population's key is NULL (NaN)
             ck = int(np.nansum(cells[hidden.CELL_KEY]))
+        elif counted is not None:
+            n, ck = counted
         else:
             pop = fetch(ctx.snap, population_sql(bp), prepared_for=ctx.session.user, deadline=ctx.deadline)
             n = int(number(pop, hidden.CONTRIBUTORS, np.int64)[0])

@@ -71,5 +71,5 @@ def fingerprint(tree: exp.Expression, *, fold_case: bool = False) -> tuple[str, 
         literal.replace(exp.Placeholder())
     if fold_case:
         masked = normalize_identifiers(masked, dialect=DIALECT)
-    text = masked.sql(dialect=DIALECT, normalize=True)
+    text = masked.sql(dialect=DIALECT, normalize=True, copy=False)   # ``masked`` is this function's own copy
     return text, hashlib.sha256(text.encode()).hexdigest()[:16]
