@@ -343,3 +343,29 @@ def test_pieces_of_one_column_are_weighed_by_depth():
     grid = [json.dumps([[[t, t, True, True]], [[f"{y}-11", f"{y + 1}-10", True, True]]], ensure_ascii=False)
             for t in ("転入", "転出") for y in range(2021, 2026)]
     assert regions.depth(grid) == 1
+
+
+def test_a_class_whose_regions_did_not_change_is_checked_and_not_alerted(tmp_path):
+    """An upload that changes nobody in the class (here: nobody at all in residents; the
+    whole view, with no key, is a class too) is no pair."""
+    from guard_fixtures import new_snapshot
+
+    inst = make_instance(tmp_path / "same", persons=3000, seed=45, planted=False, holds=True)
+    guard = Guard(inst)
+    state = {"paused": False}
+    whole = [f"SELECT age >= {cut} AS part, COUNT(*) AS n FROM residents GROUP BY part" for cut in CUTS[:12]]
+    try:
+        _regions(guard, "group_key", CUTS[:12], state)
+        for sql in whole:
+            guard.query(sql, user="ana")
+        new_snapshot(inst, lambda con: None)   # the same data under a new snapshot id
+        _regions(guard, "group_key", CUTS[:12], state)
+        for sql in whole:
+            guard.query(sql, user="ana")
+        guard.flush()
+    finally:
+        guard.close()
+    assert not state["paused"] and not _alerts(inst)
+    with sqlite3.connect(inst.state_path) as con:
+        checks = con.execute("SELECT changed FROM guard_region_checks WHERE user = 'ana'").fetchall()
+    assert len(checks) >= 3 and all(changed == 0 for (changed,) in checks), checks

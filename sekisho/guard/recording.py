@@ -282,7 +282,7 @@ class Recorder:
         k = int(self.policy.disclosure.k)
         changed = (f"WITH __a AS ({sql}) SELECT 1 FROM ((SELECT * FROM __a EXCEPT SELECT * FROM __sekisho_old) "
                    "UNION ALL (SELECT * FROM __sekisho_old EXCEPT SELECT * FROM __a)) AS __d "
-                   f"{'GROUP BY ' + keys if keys else ''} HAVING COUNT(*) < {k} LIMIT 1")
+                   f"{'GROUP BY ' + keys if keys else ''} HAVING COUNT(*) BETWEEN 1 AND {k - 1} LIMIT 1")
         with self._verification_cursor(pair.new) as cur:
             cur.register("__sekisho_old", old)
             return cur.execute(changed).fetchone() is not None
