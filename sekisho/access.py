@@ -193,7 +193,9 @@ def load_policy_cached(path: str | os.PathLike) -> Policy:
     (``os.replace`` of an edited copy gives a new inode even within one clock tick).
     An invalid new policy raises ``PolicyError`` and is not cached.
     """
-    key = os.fspath(Path(path).resolve())
+    # keyed on the path as given: ``stat`` follows links, and the version below changes
+    # with the file it reaches (resolving the path cost more than the rest of the call)
+    key = os.fspath(path)
     stat = os.stat(key)
     version = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
     with _policies_lock:

@@ -214,8 +214,11 @@ def _answers(inst, monkeypatch, *, shortcuts: bool):
                     out.append(("refused", refusal.code))
                     continue
                 summary = {k: v for k, v in result.summary.items() if k != "query_id"}
-                out.append((result.table.to_pylist(), result.cells.to_pylist() if result.cells is not None else None,
-                            summary))
+                rows = result.table.to_pylist()
+                cells = result.cells.to_pylist() if result.cells is not None else [None] * len(rows)
+                # a query without ORDER BY (a join) may return its rows in any order
+                pairs = sorted(zip(rows, cells), key=repr)
+                out.append(([r for r, _ in pairs], [c for _, c in pairs], summary))
         finally:
             guard.close()
     return out, populations, used

@@ -78,9 +78,11 @@ class Released:
     treated_as: list[str] = field(default_factory=list)    # ... each answered as TRUE or FALSE
     # per boundary what defines its population: (snapshot id, row SQL as executed), or None
     defined: list[tuple[str, str] | None] = field(default_factory=list)
-    # per boundary its non-empty cells' group-key columns (threshold mode), for the regions
-    # each release splits (``regions``, on the bookkeeping thread); never leave the service
+    # per boundary its non-empty cells' group-key columns and its row SELECT as answered
+    # (a tree, read only) (threshold mode), for the regions each release splits
+    # (``regions``, on the bookkeeping thread); never leave the service
     cell_keys: list[dict | None] = field(default_factory=list)
+    row_trees: list = field(default_factory=list)
     epsilon_spent: float = 0.0
     epsilon_remaining: float | None = None
     # per-cell status and accuracy, row-aligned with ``table`` (``sekisho.protocol``), or
@@ -124,8 +126,27 @@ def _memo_on_plan(bp: BoundaryPlan, attribute: str, key, build):
     return memo[key]
 
 
+def _identifiers(catalog: Catalog) -> frozenset[str]:
+    """The catalog's identifier columns (privacy unit, linkage keys), once per catalog
+    (a catalog is built per role and snapshot and not changed after)."""
+    names = getattr(catalog, "_identifier_names", None)
+    if names is None:
+        names = frozenset(c.name for v in catalog.views.values() for c in v.columns.values()
+                          if c.cls in IDENTIFIER_CLASSES)
+        catalog._identifier_names = names
+    return names
+
+
 def _domains(bp: BoundaryPlan) -> list:
     return [k.domain for k in bp.group_keys]
+
+
+def answered_row(bp: BoundaryPlan, run: BoundaryPlan) -> exp.Select | None:
+    """The row SELECT a boundary was answered with as a tree: the plan's, or the one
+    condition influence left (parsed once per cached plan and verdict). Read only."""
+    if run.row_sql == bp.row_sql:
+        return bp.row
+    return _memo_on_plan(bp, "_answered_row", run.row_sql, lambda: sqlglot.parse_one(run.row_sql, read="duckdb"))
 
 
 def _answered_domains(ctx: Context, bp: BoundaryPlan, run: BoundaryPlan) -> tuple[list, bool]:
@@ -133,11 +154,12 @@ def _answered_domains(ctx: Context, bp: BoundaryPlan, run: BoundaryPlan) -> tupl
     answered with (``run``: after condition influence) can select (``protect.domains``);
     and whether any was narrowed. Decided from the query text and the domains alone."""
     domains = _domains(bp)
-    if not any(domains) or not any(True for _ in (bp.row.find_all(exp.Where) if bp.row is not None else ())):
+    if not any(domains) or not _memo_on_plan(bp, "_has_where", None, lambda: bp.row is not None
+                                             and any(True for _ in bp.row.find_all(exp.Where))):
         return domains, False
 
     def build():
-        row = bp.row if run.row_sql == bp.row_sql else sqlglot.parse_one(run.row_sql, read="duckdb")
+        row = answered_row(bp, run)
         types = [f.type for f in protected_schema(bp, ctx.snap)][:len(domains)]
         return narrowed_domains(row, domains, types, ctx.post.connection)
 
@@ -256,6 +278,7 @@ class ThresholdProtection:
             released.defined.append((ctx.snap.id, run.row_sql))
             released.cell_keys.append({name: cells[name] for name in
                                        (hidden.group_key(j) for j in range(len(bp.group_keys))) if name in cells})
+            released.row_trees.append(answered_row(bp, run))
         released.table, released.cells, released.accuracy = post_process(ctx, protected, companions, kinds)
         return released
 
@@ -284,8 +307,7 @@ class ThresholdProtection:
         """The boundary as the condition-influence rule lets it run (``influence.decide``,
         cached per user and snapshot), the conditions it left out, and the contributors
         and cell key of the query as run when the rule's last scan counted them (else None)."""
-        identifiers = frozenset(c.name for v in ctx.catalog.views.values() for c in v.columns.values()
-                                if c.cls in IDENTIFIER_CLASSES)
+        identifiers = _identifiers(ctx.catalog)
         columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
             [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
         verdict = ctx.verdicts.verdict(

@@ -184,8 +184,8 @@ class Recorder:
         populations = [(*s.population, _shape(plan.fingerprint, bp), *(d or ()))
                        for s, bp, d in zip(stats, plan.boundaries, released.defined) if s.population is not None]
         # the regions each release partitions (threshold mode: DP answers are noised per query)
-        released_rows = [(d[0], d[1], len(bp.group_keys), keys)
-                         for bp, d, keys in zip(plan.boundaries, released.defined, released.cell_keys)
+        released_rows = [(d[0], d[1], len(bp.group_keys), keys, tree) for bp, d, keys, tree in
+                         zip(plan.boundaries, released.defined, released.cell_keys, released.row_trees)
                          if d is not None and keys is not None]
         entry = self._audit_and_alert(
             dict(type="query", user=session.user, role=session.role, outcome="ok",
@@ -249,8 +249,8 @@ class Recorder:
         """``upload_decomposition``: record the partitions of the request's releases, check
         the classes averaged on two snapshots on the store, audit the alert."""
         by_snapshot: dict[str, list[upload_regions.RegionRelease]] = {}
-        for snapshot, row_sql, keys, cell_keys in released_rows:
-            for part in regions.partitions(row_sql, regions.key_codes(cell_keys, keys)):
+        for snapshot, row_sql, keys, cell_keys, tree in released_rows:
+            for part in regions.partitions(row_sql, regions.key_codes(cell_keys, keys), tree):
                 by_snapshot.setdefault(snapshot, []).append(upload_regions.RegionRelease(
                     part.region_class, part.partition, part.weight, (row_sql, part.kept_keys, part.kept_conjuncts),
                     part.piece))

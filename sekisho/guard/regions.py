@@ -83,8 +83,10 @@ def _digest(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:16]
 
 
-def _flat(row_sql: str) -> exp.Select:
-    tree = sqlglot.parse_one(row_sql, read=DIALECT)
+def _flat(row_sql: str, tree: exp.Select | None = None) -> exp.Select:
+    """The row SELECT (``tree`` if given: the plan's, read only; else parsed) with its
+    derived tables merged where sqlglot can."""
+    tree = tree if tree is not None else sqlglot.parse_one(row_sql, read=DIALECT)
     try:
         merged = merge_subqueries(tree.copy())
     except Exception:   # not mergeable: the outer SELECT's items only, the rest is its FROM
@@ -150,12 +152,12 @@ def _range(conjunct: exp.Expression) -> tuple[str, list] | None:
     return column.sql(dialect=DIALECT), [list(i) for i in intervals]
 
 
-def _items(row_sql: str) -> _Items:
+def _items(row_sql: str, tree: exp.Select | None = None) -> _Items:
     with _CACHE_LOCK:
         hit = _CACHE.get(row_sql)
     if hit is not None:
         return hit
-    tree = _unaliased(_flat(row_sql))
+    tree = _unaliased(_flat(row_sql, tree))
     keys, conditional = [], []
     for projection in tree.expressions:
         name = projection.alias_or_name
@@ -196,11 +198,13 @@ def _regions_of(codes: list[np.ndarray], kept: list[int]) -> int:
     return len(np.unique(combined))
 
 
-def partitions(row_sql: str, codes: list[np.ndarray]) -> list[Partition]:
+def partitions(row_sql: str, codes: list[np.ndarray], tree: exp.Select | None = None) -> list[Partition]:
     """The region classes the boundary's release partitions and with what weight.
     ``codes``: the release's group-key columns as integer codes (``key_codes``), one
-    entry per non-empty cell; the parts per region are counted on them."""
-    items = _items(row_sql)
+    entry per non-empty cell; the parts per region are counted on them. ``tree``: the
+    row SELECT as a tree when the plan has it (the query's text is parsed once, in
+    planning), else ``row_sql`` is parsed."""
+    items = _items(row_sql, tree)
     cells = len(codes[0]) if codes else 0
     entries = [("k", j, text) for j, text in items.keys] + [("w", i, text) for i, text in enumerate(items.conjuncts)]
     conditional = "\x01".join(items.conditional)
