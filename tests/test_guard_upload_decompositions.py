@@ -134,6 +134,13 @@ def _pausing_only_on_upload_decomposition(inst) -> None:
                                 encoding="utf-8")
 
 
+def _held(home, *, seed: int):
+    """An instance pausing only on this alert, a guard on it, and the attack's state."""
+    inst = make_instance(home, persons=3000, seed=seed, planted=False, holds=True)
+    _pausing_only_on_upload_decomposition(inst)
+    return inst, Guard(inst), {"paused": False}
+
+
 def test_without_holds_the_averaging_beats_the_base_rate_and_is_alerted(tmp_path):
     """The noise alone does not stop it (60 cut points, 104 newcomers over 8 uploads:
     0.69-0.83 over five instances, p < 1e-4): the hold must — and the alert is audited
@@ -169,10 +176,7 @@ def test_the_hold_stops_averaging_across_uploads(tmp_path, spelling):
 def test_averaging_one_side_then_splitting_the_other_once_is_checked(tmp_path):
     """The exact counts of the snapshot before the upload (many splits) and one split
     after it leave a variance of 6 on each region's change: checked, and paused."""
-    inst = make_instance(tmp_path / "asym", persons=3000, seed=42, planted=False, holds=True)
-    _pausing_only_on_upload_decomposition(inst)
-    guard = Guard(inst)
-    state = {"paused": False}
+    inst, guard, state = _held(tmp_path / "asym", seed=42)
     try:
         _regions(guard, "group_key", CUTS[:30], state)
         add_snapshot(inst, [("asym0", "hasym0", "女", 33, band(33), "世帯主", "2820140007", BLOCKS[3], True, 7)])
@@ -189,10 +193,7 @@ def test_averaging_one_side_then_splitting_the_other_once_is_checked(tmp_path):
 
 
 def test_resume_forgets_the_checks_and_a_continued_attack_pauses_again(tmp_path):
-    inst = make_instance(tmp_path / "resume", persons=3000, seed=43, planted=False, holds=True)
-    _pausing_only_on_upload_decomposition(inst)
-    guard = Guard(inst)
-    state = {"paused": False}
+    inst, guard, state = _held(tmp_path / "resume", seed=43)
     try:
         _regions(guard, "group_key", CUTS[:10], state)
         add_snapshot(inst, [("res0", "hres0", "男", 40, band(40), "世帯主", "2820140009", BLOCKS[5], True, 9)])

@@ -38,6 +38,7 @@ from typing import NamedTuple
 
 from sekisho.guard import regions
 from sekisho.guard.alert_state import state_of as _state
+from sekisho.guard.alerts import _pause, _transaction
 from sekisho.instance import Instance
 
 MAX_CHECKS = 4   # class pairs checked on the store per request
@@ -103,8 +104,7 @@ def record_regions(instance: Instance, alerts, *, user: str, snapshot: str, rele
     con = state.con
     purge = state.purge_due("guard_region_partitions", now)
     pairs: list[RegionPair] = []
-    con.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(con):
         source_of: dict[str, tuple] = {}
         for release in releases:
             if release.piece is not None:
@@ -132,11 +132,6 @@ def record_regions(instance: Instance, alerts, *, user: str, snapshot: str, rele
             con.execute("DELETE FROM guard_region_partitions WHERE ts < ?", (since,))
             con.execute("DELETE FROM guard_region_pieces WHERE ts < ?", (since,))
             con.execute("DELETE FROM guard_region_checks WHERE ts < ?", (since,))
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
     if purge:
         state.purged_at["guard_region_partitions"] = now
     return pairs
@@ -154,8 +149,7 @@ def confirm_regions(instance: Instance, alerts, *, user: str, fingerprint: str,
     now = time.time() if now is None else now
     con = _state(instance).con
     found: list[dict] = []
-    con.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(con):
         episode = con.execute("SELECT 1 FROM guard_region_checks WHERE user = ? AND changed = 1 AND ts > ? LIMIT 1",
                               (user, now - alerts.upload_differencing_window_s)).fetchone()
         con.executemany("INSERT INTO guard_region_checks(user, class, old, new, changed, ts) VALUES (?, ?, ?, ?, ?, ?) "
@@ -168,14 +162,6 @@ def confirm_regions(instance: Instance, alerts, *, user: str, fingerprint: str,
                      "min_variance": alerts.upload_decomposition_min_variance,
                      "window_s": alerts.upload_differencing_window_s, "snapshots": [changed[0].old, changed[0].new],
                      "fingerprint": fingerprint}
-            if pause and alert["alert"] in alerts.pause_on:
-                con.execute("INSERT INTO guard_holds(user, since, alert, raised_by) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT(user) DO NOTHING", (user, now, alert["alert"], raised_by))
-                alert["pause"] = True
+            _pause(con, alerts, alert, user=user, now=now, raised_by=raised_by, pause=pause)
             found.append(alert)
-        con.execute("COMMIT")
-    except BaseException:
-        if con.in_transaction:
-            con.execute("ROLLBACK")
-        raise
     return found
