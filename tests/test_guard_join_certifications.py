@@ -454,3 +454,56 @@ def test_a_fixing_condition_after_the_join_is_refused_not_left_out(inst, policy)
     """As ``test_a_fixing_condition_that_changes_few_is_refused_not_left_out``, the month
     fixed one level above the join: it is a row identity there too."""
     _refused_for_the_month_under_k_100(inst, policy, f"SELECT COUNT(*) AS n {AFTER} AND j.cert_type = '1号'")
+
+
+def test_a_join_partly_fixed_and_grouped_bounds_dp_noise_by_the_grouped_domain(inst, policy):
+    # the linked question's form: the certification month and the tax year fixed, grouped
+    # by 区分: each child has one joined row per 区分, in at most three cells (the domain),
+    # so the noise is that of 3 rows; with the month as a range (fixing nothing) the same
+    # join is refused or carries the policy's bounds, and the single-view query says 3 too
+    g = Guard(inst)
+    try:
+        def widths(sql: str) -> list[float]:
+            r = g.query(sql, user="ana", mode="dp", epsilon=1.0)
+            parts = cells_by_column(r.cells)["n"]
+            return [h - lo for lo, h in zip(parts["low"].to_pylist(), parts["high"].to_pylist())]
+        joined = widths("SELECT c.cert_type, COUNT(*) AS n FROM childcare c JOIN resident_tax t "
+                        "ON c.person_id = t.person_id WHERE c.cert_ym = '2025-04' AND t.tax_year = 2025 "
+                        "GROUP BY c.cert_type")
+        single = widths("SELECT cert_type, COUNT(*) AS n FROM childcare WHERE cert_ym = '2025-04' GROUP BY cert_type")
+        assert len(set(joined)) == 1 and joined == single[:len(joined)]
+        dp = policy.disclosure.dp
+        domain = len(policy.views["childcare"].columns["cert_type"].domain)
+        # the bound the policy would give, for comparison: the widths scale with it
+        policy_wide = widths("SELECT cert_type, COUNT(*) AS n FROM childcare "
+                             "WHERE cert_ym >= '2025-04' AND cert_ym <= '2025-04' GROUP BY cert_type")
+        assert policy_wide[0] / joined[0] == pytest.approx(dp.max_rows_per_person / domain, rel=0.1)
+    finally:
+        g.close()
+
+
+def test_a_join_bound_is_the_product_of_grouped_domains_and_none_without_one(inst, policy):
+    """join_groups (what dp_bounds reads): the grouped identity column's domain size; one
+    row in all (join_one_row) when every identity is fixed; None (the policy's bounds)
+    when a grouped identity column declares no domain."""
+    g = Guard(inst)
+    snap = g.snapshots.current()
+
+    def boundary(sql: str):
+        plan = g.plans.plan(sql, user="ana", role="analyst", snapshot=snap.id, catalog=g._catalog("analyst", snap))
+        (bp,) = plan.boundaries
+        return bp
+    join = "SELECT {keys}, COUNT(*) AS n FROM childcare c JOIN resident_tax t ON c.person_id = t.person_id WHERE "
+    try:
+        bp = boundary(join.format(keys="c.cert_type") + "c.cert_ym = '2025-04' AND t.tax_year = 2025 GROUP BY 1")
+        assert bp.join_groups == len(policy.views["childcare"].columns["cert_type"].domain)
+        bp = boundary(join.format(keys="c.cert_type") + "c.cert_ym = '2025-04' AND c.cert_type = '2号' "
+                      "AND t.tax_year = 2025 GROUP BY 1")
+        assert bp.join_one_row and bp.join_groups is None
+        tax_year = policy.views["resident_tax"].columns["tax_year"]
+        bp = boundary(join.format(keys="c.cert_type, t.tax_year") + "c.cert_ym = '2025-04' GROUP BY 1, 2")
+        expected = (len(policy.views["childcare"].columns["cert_type"].domain) * len(tax_year.domain)
+                    if getattr(tax_year, "domain", None) else None)
+        assert bp.join_groups == expected
+    finally:
+        g.close()

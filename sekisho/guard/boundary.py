@@ -52,6 +52,7 @@ class BoundarySpec:
     unit: bool = False              # aggregates unit rows (one per linkage key), not person rows
     household: bool = False         # person rows carrying household facts: households are the contributors
     join_one_row: bool = False      # joined on keys, one row per person by the policy's declarations
+    join_groups: int | None = None  # joined on keys, one row per person per cell, in at most this many cells
 
 
 def boundary_spec(select: exp.Select, env, view: str) -> BoundarySpec:

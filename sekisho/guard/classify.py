@@ -11,6 +11,8 @@ unit scopes are in ``scope_checks``, joins on the person and household keys in
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 
 from sqlglot import exp
@@ -165,6 +167,12 @@ class _Classifier:
                 spec.household = info.household
                 spec.join_one_row = info.person_joins and not (info.multi or info.per_cell or info.public_join
                                                                or info.household)
+                if info.person_joins and info.per_cell and not (info.multi or info.public_join or info.household):
+                    # one row per person in each cell: in as many cells as the grouped identity
+                    # columns' domains allow, multiplied over the parts (``dp_bounds``)
+                    sizes = [info.per_cell_groups.get(view) for view in info.per_cell]
+                    if all(size is not None for size in sizes):
+                        spec.join_groups = math.prod(sizes)
                 if info.household:
                     # the household is the contributor: a count of distinct persons is a
                     # distinct count of its argument, not of contributors

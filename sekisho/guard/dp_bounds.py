@@ -95,12 +95,16 @@ def groups_per_person(identities: tuple[tuple[str, ...], ...], bp: BoundaryPlan)
     declared row identity the query partly fixes and partly groups by (``childcare``
     ``WHERE cert_ym = '2025-04' GROUP BY cert_type``: one row per person and 区分, at most
     one per 区分): the product of the public domains' sizes of the identity's columns the
-    query groups by as bare keys. One view, no join; None when no identity qualifies. The
-    cells SQL enforces the bound (rows beyond it are dropped), so the noise is right
-    even if the data broke the declaration (every upload checks it). ``identities``: the
-    view's row identities (``catalog.ViewInfo.row_identities``)."""
-    if bp.unit or bp.has_join:
+    query groups by as bare keys. A join on the person key: the product over its parts
+    (``BoundaryPlan.join_groups``, from the joins' analysis: every part one row per person
+    per cell). None when no identity qualifies. The cells SQL enforces the bound (rows
+    beyond it are dropped), so the noise is right even if the data broke the declaration
+    (every upload checks it). ``identities``: the view's row identities
+    (``catalog.ViewInfo.row_identities``)."""
+    if bp.unit or getattr(bp, "household", False):
         return None
+    if bp.has_join:
+        return getattr(bp, "join_groups", None)
     grouped = {k.column.name: len(k.domain) for k in bp.group_keys
                if k.column is not None and k.column.view == bp.personal_view and k.domain}
     best = None

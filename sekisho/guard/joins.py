@@ -76,6 +76,8 @@ class RowInfo:
     # ... views with one row per person in each cell (a row identity's columns fixed or
     # bare group keys of this scope) but possibly several in all (several cells)
     per_cell: frozenset[str] = frozenset()
+    # ... and for each, in how many cells a person's rows can fall (None: not bounded)
+    per_cell_groups: dict[str, int | None] = field(default_factory=dict)
     household: bool = False                  # rows carry household facts: the household is the contributor
     person_joins: bool = False               # a join on a key somewhere below or here
     public_join: bool = False
@@ -143,19 +145,22 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
 
     def part_info(alias: str, source, fixing: list[exp.Expression]) -> RowInfo:
         if isinstance(source, exp.Table):
-            multi, per_cell, nodes, still_open = row_identity.part_rows(catalog, alias, source, fixing, grouped)
+            multi, per_cell, nodes, still_open, groups = row_identity.part_rows(catalog, alias, source, fixing,
+                                                                                 grouped)
             identity_conditions.extend(nodes)
             open_here.extend((alias, *o) for o in still_open)
-            return RowInfo(views=(source.name,), multi=multi, per_cell=per_cell)
+            return RowInfo(views=(source.name,), multi=multi, per_cell=per_cell, per_cell_groups=groups)
         inner = infos.get(id(source.expression), RowInfo())
         # a row-level subquery's cells are this scope's: what was one per cell there is not
         # here; the identities it left open may be fixed or grouped here through its outputs
         inner = replace(inner, multi=inner.multi | inner.per_cell, per_cell=frozenset())
-        multi, per_cell, nodes, still_open = row_identity.part_rows(catalog, alias, source, fixing, grouped, inner)
+        multi, per_cell, nodes, still_open, groups = row_identity.part_rows(catalog, alias, source, fixing, grouped,
+                                                                             inner)
         identity_conditions.extend(inner.identity_nodes)
         identity_conditions.extend(nodes)
         open_here.extend((alias, *o) for o in still_open)
-        return replace(inner, multi=multi, per_cell=per_cell, identity_nodes=(), open_identities=())
+        return replace(inner, multi=multi, per_cell=per_cell, per_cell_groups=groups, identity_nodes=(),
+                       open_identities=())
 
     info = part_info(anchor_alias, anchor, where_parts)
     info = replace(info, household_key=None, rkey_alias=None, handled=set())
@@ -208,6 +213,7 @@ def scope_links(select: exp.Select, env: dict, sources: list[tuple[str, str, obj
             info.views = info.views + part.views
             info.multi = info.multi | part.multi
             info.per_cell = info.per_cell | part.per_cell
+            info.per_cell_groups = {**info.per_cell_groups, **part.per_cell_groups}
             info.public_join = info.public_join or part.public_join
             if isinstance(source, exp.Table):
                 person_tables.append((alias, source))

@@ -45,6 +45,7 @@ class BoundaryPlan:
     unit: bool = False              # rows are units: __pid = linkage key, __rkey = unit key
     household: bool = False         # person rows with household facts: __pid = household key (``joins``)
     join_one_row: bool = False      # joined on keys, one row per person by declaration (``dp_bounds``)
+    join_groups: int | None = None  # ... one row per person per cell, in at most this many cells
     row: exp.Select | None = field(default=None, compare=False, repr=False)   # the row SELECT as a tree
 
 
@@ -194,7 +195,7 @@ def _rewrite_boundary(index: int, spec: BoundarySpec, analysis: Analysis, catalo
     return BoundaryPlan(name=name, row_sql=row_sql, personal_view=spec.personal_view,
                         group_keys=tuple(spec.group_keys), aggregates=tuple(spec.aggregates),
                         filtered=filtered, has_join=has_join, unit=spec.unit, household=spec.household,
-                        join_one_row=spec.join_one_row, row=row)
+                        join_one_row=spec.join_one_row, join_groups=spec.join_groups, row=row)
 
 
 def plan(analysis: Analysis, catalog: Catalog) -> Plan:

@@ -77,11 +77,12 @@ def grouped_columns(select: exp.Select) -> set[tuple[str, str]]:
 
 def part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression],
                grouped: set[tuple[str, str]] = frozenset(), inner: Any = None
-               ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression], list[tuple]]:
+               ) -> tuple[frozenset[str], frozenset[str], list[exp.Expression], list[tuple], dict[str, int | None]]:
     """For a part of a join (a table, or a row-level subquery ``inner``) at alias ``alias``:
-    ({view}, {}, _, _) when a person may have several rows of the view in one cell of the
-    query; ({}, {view}, _, _) when one per cell but maybe several cells; ({}, {}, _, _) when
-    one in all; then the conditions that make it so. One row per person on a person-unique
+    ({view}, {}, _, _, _) when a person may have several rows of the view in one cell of the
+    query; ({}, {view}, _, _, groups) when one per cell but maybe several cells (``groups``:
+    {view: in how many cells at most, or None}); ({}, {}, _, _, _) when one in all; then
+    the conditions that make it so. One row per person on a person-unique
     view, or when the query fixes every column of one of the view's row identities
     (``{record: C}``, ``unique_per_person``) to a literal; one per cell when each column
     of an identity is fixed or a bare group key (rows that differ in it fall into
@@ -92,7 +93,7 @@ def part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression]
     if isinstance(source, exp.Table):
         view = catalog.views[source.name]
         if view.person_unique:
-            return frozenset(), frozenset(), [], []
+            return frozenset(), frozenset(), [], [], {}
         candidates = [(view.name, identity, ()) for identity in view.row_identities]
         several = {view.name}
     else:
@@ -100,7 +101,7 @@ def part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression]
         # with the identities it left open, named by its outputs (``SELECT * FROM v WHERE ...``)
         candidates = [(o.view, o.columns, o.nodes) for o in inner.open_identities]
         several = set(inner.multi)
-    multi, per_cell, nodes, still_open = set(several), set(), [], []
+    multi, per_cell, nodes, still_open, groups = set(several), set(), [], [], {}
     for name in sorted(several):
         mine = [(identity, below) for view, identity, below in candidates if view == name]
         done = next(((identity, below) for identity, below in mine if set(identity) <= set(fixed)), None)
@@ -111,6 +112,7 @@ def part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression]
             if done is not None:
                 multi.discard(name)
                 per_cell.add(name)
+                groups[name] = _domain_product(catalog, name, [c for c in done[0] if c not in fixed])
         if done is not None:
             nodes.extend(done[1])
             nodes.extend(identity_nodes(done[0], fixed))
@@ -118,7 +120,20 @@ def part_rows(catalog: Catalog, alias: str, source, fixing: list[exp.Expression]
         for identity, below in mine:
             rest = tuple(c for c in identity if c not in fixed)
             still_open.append((name, rest, (*below, *identity_nodes(identity, fixed))))
-    return frozenset(multi), frozenset(per_cell), nodes, still_open
+    return frozenset(multi), frozenset(per_cell), nodes, still_open, groups
+
+
+def _domain_product(catalog: Catalog, view: str, columns: list[str]) -> int | None:
+    """How many cells one person's rows of ``view`` can fall into when ``columns`` (of a
+    row identity) are group keys: the product of their public domains' sizes; None when
+    one has no declared domain."""
+    size = 1
+    for name in columns:
+        column = catalog.views[view].columns.get(name)
+        if column is None or not column.domain:
+            return None
+        size *= len(column.domain)
+    return size
 
 
 def outputs_of(select: exp.Select, alias: str) -> dict[str, str]:
