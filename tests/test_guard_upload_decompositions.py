@@ -272,6 +272,12 @@ def test_every_spelling_of_a_split_partitions_the_same_class(small_guard):
                                     "GROUP BY r.block, r.sex, p")
     nested = _weights(small_guard, "SELECT block, sex, COUNT(*) AS n FROM (SELECT * FROM residents "
                                    "WHERE age >= 40) t GROUP BY block, sex")
+    # one region written another way: the same class
+    fixed = _weights(small_guard, "SELECT sex, age >= 40 AS p, COUNT(*) AS n FROM residents "
+                                  "WHERE block = '安富' GROUP BY sex, p")
+    spelled = _weights(small_guard, "SELECT sex, 40 <= age AS p, COUNT(*) AS n FROM residents "
+                                    "WHERE block IN ('安富') GROUP BY sex, p")
+    assert set(fixed) == set(spelled)
     (block_sex,) = {p.region_class for p in regions.partitions(*_row(
         small_guard, "SELECT block, sex, age >= 40 AS p, COUNT(*) AS n FROM residents GROUP BY block, sex, p"))
         if p.kept_keys == (0, 1)}

@@ -149,8 +149,10 @@ Residual risks (honest)
   a month is such a class too. Measured at 530k across a month's upload
   (benchmarks/honest_reruns.py): all eight report notebooks re-run by an analyst with the
   same parameters, and the reports published for both months, checked 6 classes each on
-  the store and found none changed by 1..k-1: no alert. Residual: classes are compared by SQL text, so one region
-  written r ways (``sex`` and ``sex = '男'`` as keys) allows r times the splits; an exact
+  the store and found none changed by 1..k-1: no alert. Residual: classes are compared by their items' text (a range
+  of one column by its column and intervals, so ``block = 'A'`` and ``block IN ('A')`` are
+  one), so one region written r ways otherwise (``sex`` and ``sex = '男'`` as keys, a
+  block as the list of its 町丁目) allows r times the splits; an exact
   count on one side and one release on the other (variance 9: ~0.59) is not stopped; the
   published monthly reports (the ``reports`` role is never held) are fixed tables, each
   cell one fresh draw per upload, and overlapping tables a few more. (d) The same

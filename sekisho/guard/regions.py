@@ -152,6 +152,17 @@ def _range(conjunct: exp.Expression) -> tuple[str, list] | None:
     return column.sql(dialect=DIALECT), [list(i) for i in intervals]
 
 
+def _canonical(node: exp.Expression) -> str:
+    """An item's text for comparing classes: a range of one column by its column and
+    intervals (``block = 'A'``, ``block IN ('A')`` and ``'A' = block`` are one item; so are
+    ``age >= 40`` and ``40 <= age``), anything else by its SQL."""
+    found = _range(node)
+    if found is None:
+        return node.sql(dialect=DIALECT)
+    column, intervals = found
+    return f"{column} in {json.dumps(intervals, ensure_ascii=False)}"
+
+
 def _items(row_sql: str, tree: exp.Select | None = None) -> _Items:
     with _CACHE_LOCK:
         hit = _CACHE.get(row_sql)
@@ -163,7 +174,7 @@ def _items(row_sql: str, tree: exp.Select | None = None) -> _Items:
         name = projection.alias_or_name
         body = projection.this if isinstance(projection, exp.Alias) else projection
         if name.startswith(hidden.GROUP_KEY_PREFIX):
-            keys.append((int(name[len(hidden.GROUP_KEY_PREFIX):]), body.sql(dialect=DIALECT)))
+            keys.append((int(name[len(hidden.GROUP_KEY_PREFIX):]), _canonical(body)))
         elif name.startswith("__a") and body.find(exp.Case, exp.If) is not None:
             conditional.append(body.sql(dialect=DIALECT))
     where = tree.args.get("where")
@@ -171,7 +182,7 @@ def _items(row_sql: str, tree: exp.Select | None = None) -> _Items:
     base = tree.copy()
     base.set("expressions", [exp.Star()])
     base.set("where", None)
-    items = _Items(base.sql(dialect=DIALECT), tuple(keys), tuple(c.sql(dialect=DIALECT) for c in nodes),
+    items = _Items(base.sql(dialect=DIALECT), tuple(keys), tuple(_canonical(c) for c in nodes),
                    tuple(_range(c) for c in nodes), tuple(sorted(set(conditional))))
     with _CACHE_LOCK:
         _CACHE.put(row_sql, items)

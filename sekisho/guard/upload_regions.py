@@ -26,8 +26,9 @@ Cost: an analyst who splits the same fine regions (町丁目 x sex, say) several
 each of two snapshots waits for an admin; block-level re-runs do not. Per request: one
 upsert per partition and one index range read per class (a few dozen), on the
 bookkeeping thread; the store check runs at most ``MAX_CHECKS`` times per request.
-Residual: classes are compared by SQL text, so one region written in several ways
-(``sex`` and ``sex = '男'`` as keys) is several classes, each under the burst.
+Residual: classes are compared by their items' text (ranges of one column canonical),
+so one region written in other ways (``sex`` and ``sex = '男'`` as keys) is several
+classes, each under the threshold.
 """
 
 from __future__ import annotations
