@@ -376,3 +376,47 @@ def test_a_class_whose_regions_did_not_change_is_checked_and_not_alerted(tmp_pat
     with sqlite3.connect(inst.state_path) as con:
         checks = con.execute("SELECT changed FROM guard_region_checks WHERE user = 'ana'").fetchall()
     assert len(checks) >= 3 and all(changed == 0 for (changed,) in checks), checks
+
+
+def _brute_depth(boxes: list[str]) -> int:
+    """The depth by trying every point just below, at and just above each end point."""
+    import itertools
+    import json
+
+    parsed = [json.loads(b) for b in boxes]
+
+    def contains(interval, value, side):
+        lo, hi, lo_closed, hi_closed = interval
+        above = lo is None or value > lo or (value == lo and (side > 0 or (side == 0 and lo_closed)))
+        below = hi is None or value < hi or (value == hi and (side < 0 or (side == 0 and hi_closed)))
+        return above and below
+    axes = []
+    for d in range(len(parsed[0])):
+        values = sorted({v for b in parsed for lo, hi, _, _ in b[d] for v in (lo, hi) if v is not None})
+        axes.append([(v, s) for v in values for s in (-1, 0, 1)] or [(0, 0)])
+    return max(sum(all(any(contains(i, v, s) for i in b[d]) for d, (v, s) in enumerate(point)) for b in parsed)
+               for point in itertools.product(*axes))
+
+
+def test_depth_agrees_with_trying_every_point():
+    import json
+
+    rng = random.Random(9)
+    for trial in range(300):
+        dims = rng.choice((1, 1, 2))
+        boxes = []
+        for _ in range(rng.randint(1, 12)):
+            box = []
+            for _ in range(dims):
+                kind = rng.choice(("cut", "range", "points"))
+                if kind == "cut":
+                    t = rng.randint(0, 9)
+                    box.append([rng.choice([[t, None, True, False], [t, None, False, False],
+                                            [None, t, False, False], [None, t, False, True]])])
+                elif kind == "range":
+                    lo = rng.randint(0, 9)
+                    box.append([[lo, lo + rng.randint(0, 4), rng.random() < 0.5, rng.random() < 0.5]])
+                else:
+                    box.append([[v, v, True, True] for v in sorted(rng.sample(range(10), rng.randint(1, 3)))])
+            boxes.append(json.dumps(box))
+        assert regions.depth(boxes) == _brute_depth(boxes), (trial, boxes)

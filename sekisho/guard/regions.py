@@ -37,6 +37,7 @@ import json
 import threading
 from dataclasses import dataclass
 import itertools
+import math
 from itertools import combinations
 
 import numpy as np
@@ -203,6 +204,8 @@ def _regions_of(codes: list[np.ndarray], kept: list[int]) -> int:
     """How many distinct regions the cells fall into when only the ``kept`` keys are kept."""
     if not kept or not codes or not len(codes[0]):
         return 1
+    if len(codes[0]) <= 4096:   # small tables: a set of tuples is faster than numpy's sort
+        return len(set(zip(*(codes[j].tolist() for j in kept))))
     combined = codes[kept[0]]
     for j in kept[1:]:
         combined = np.unique(combined * (int(codes[j].max()) + 1) + codes[j], return_inverse=True)[1]
@@ -267,40 +270,46 @@ MAX_PIECES = 256          # beyond this many pieces in a family, depth is not co
 MAX_CANDIDATES = 20_000   # points tried for the depth of boxes over several columns
 
 
-def _contains(interval, value, side: int) -> bool:
+def _positions(value_rank: dict, interval) -> tuple[int, int]:
+    """An interval as the first and last of the positions 3r (just below the r-th end
+    point), 3r+1 (at it), 3r+2 (just above it)."""
     lo, hi, lo_closed, hi_closed = interval
-    above = lo is None or value > lo or (value == lo and (side > 0 or (side == 0 and lo_closed)))
-    below = hi is None or value < hi or (value == hi and (side < 0 or (side == 0 and hi_closed)))
-    return above and below
+    start = 0 if lo is None else 3 * value_rank[lo] + (1 if lo_closed else 2)
+    end = 3 * len(value_rank) - 1 if hi is None else 3 * value_rank[hi] + (1 if hi_closed else 0)
+    return start, end
 
 
 def depth(boxes: list[str]) -> float:
     """The most pieces (boxes: per column a union of intervals, JSON) any one point lies
-    in: how many partitions of a region the pieces of one family can make up. The
-    maximum is reached just below, at or just above end points, tried per column and
-    combined. Pieces of mixed literal types in a column, or too many, count 1/2 each
-    (what a piece weighs alone)."""
+    in: how many partitions of a region the pieces of one family can make up. Counted on
+    the grid of positions just below, at and just above every end point, per column (a
+    difference array, summed). Pieces of mixed literal types in a column, or a grid over
+    ``MAX_CANDIDATES`` points, count 1/2 each (what a piece weighs alone)."""
     parsed = [json.loads(b) for b in boxes]
     dims = len(parsed[0]) if parsed else 0
     if not parsed or len(parsed) > MAX_PIECES or any(len(b) != dims for b in parsed):
         return len(parsed) / 2
-    candidates = []
+    ranks = []
     for d in range(dims):
         values = {v for b in parsed for lo, hi, _, _ in b[d] for v in (lo, hi) if v is not None}
         if len({type(v) for v in values}) > 1:
             return len(parsed) / 2
-        candidates.append([(v, side) for v in sorted(values) for side in (-1, 0, 1)] or [(None, 0)])
-    total = 1
-    for c in candidates:
-        total *= len(c)
-    if total > MAX_CANDIDATES:
+        ranks.append({v: r for r, v in enumerate(sorted(values))})
+    shape = tuple(max(3 * len(r), 1) for r in ranks)
+    if math.prod(shape) > MAX_CANDIDATES:
         return len(parsed) / 2
-
-    def inside(box, point) -> bool:
-        return all(value is None or any(_contains(i, value, side) for i in box[d])
-                   for d, (value, side) in enumerate(point))
-
-    return float(max(sum(inside(b, point) for b in parsed) for point in itertools.product(*candidates)))
+    grid = np.zeros(tuple(n + 1 for n in shape), dtype=np.int64)
+    for box in parsed:
+        # a box is the product of its columns' interval unions (disjoint within a column)
+        for corner in itertools.product(*[[_positions(ranks[d], i) for i in box[d]] for d in range(dims)]):
+            if any(start > end for start, end in corner):
+                continue
+            for signs in itertools.product((0, 1), repeat=dims):
+                index = tuple(end + 1 if s else start for s, (start, end) in zip(signs, corner))
+                grid[index] += (-1) ** sum(signs)
+    for axis in range(dims):
+        grid = np.cumsum(grid, axis=axis)
+    return float(grid[tuple(slice(0, n) for n in shape)].max())
 
 
 def region_sql(row_sql: str, kept_keys: tuple[int, ...], kept_conjuncts: tuple[int, ...]) -> str:

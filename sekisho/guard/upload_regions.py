@@ -23,9 +23,11 @@ sex guessed 56% right), an exact count on one side and one release on the other 
 first, is checked.
 
 Cost: an analyst who splits the same fine regions (町丁目 x sex, say) several ways on
-each of two snapshots waits for an admin; block-level re-runs do not. Per request: one
-upsert per partition and one index range read per class (a few dozen), on the
-bookkeeping thread; the store check runs at most ``MAX_CHECKS`` times per request.
+each of two snapshots waits for an admin; block-level re-runs do not. Per request, on
+the bookkeeping thread: one or two writes per partition (about 15 a query), and for each
+class the request added to, its weights read again (index ranges) and its pieces' depth;
+the store check runs at most ``MAX_CHECKS`` times per request. State: about 15 rows per
+query kept for the window (62 days).
 Residual: classes are compared by their items' text (ranges of one column canonical),
 so one region written in other ways (``sex`` and ``sex = '男'`` as keys) is several
 classes, each under the threshold.
@@ -49,6 +51,8 @@ _WEIGHTS = """SELECT snapshot, SUM(weight) FROM guard_region_partitions
     WHERE user = ? AND class = ? AND ts > ? GROUP BY snapshot"""
 _PIECES = """SELECT snapshot, family, piece, factor FROM guard_region_pieces WHERE user = ? AND class = ? AND ts > ?"""
 _CHECKED = "SELECT old FROM guard_region_checks WHERE user = ? AND class = ? AND new = ?"
+_ELSEWHERE = """SELECT EXISTS (SELECT 1 FROM guard_region_partitions WHERE user = ? AND class = ? AND snapshot != ?
+    AND ts > ?) OR EXISTS (SELECT 1 FROM guard_region_pieces WHERE user = ? AND class = ? AND snapshot != ? AND ts > ?)"""
 
 
 def class_weights(con, user: str, region_class: str, since: float) -> dict[str, float]:
@@ -106,20 +110,33 @@ def record_regions(instance: Instance, alerts, *, user: str, snapshot: str, rele
     purge = state.purge_due("guard_region_partitions", now)
     pairs: list[RegionPair] = []
     with _transaction(con):
-        source_of: dict[str, tuple] = {}
+        source_of: dict[str, tuple] = {}   # the classes this request added a partition or piece to
         for release in releases:
             if release.piece is not None:
-                con.execute("INSERT INTO guard_region_pieces(user, class, snapshot, family, piece, factor, ts) "
-                            "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(user, class, snapshot, family, piece) "
-                            "DO UPDATE SET ts = excluded.ts, factor = MAX(factor, excluded.factor)",
-                            (user, release.region_class, snapshot, *release.piece, now))
+                key = (user, release.region_class, snapshot, release.piece[0], release.piece[1])
+                added = con.execute("INSERT OR IGNORE INTO guard_region_pieces(user, class, snapshot, family, piece, "
+                                    "factor, ts) VALUES (?, ?, ?, ?, ?, ?, ?)", (*key, release.piece[2], now)).rowcount
+                if not added:
+                    con.execute("UPDATE guard_region_pieces SET ts = ?, factor = MAX(factor, ?) WHERE user = ? "
+                                "AND class = ? AND snapshot = ? AND family = ? AND piece = ?",
+                                (now, release.piece[2], *key))
             else:
-                con.execute("INSERT INTO guard_region_partitions(user, class, snapshot, partition, weight, ts) "
-                            "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(user, class, snapshot, partition) "
-                            "DO UPDATE SET ts = excluded.ts, weight = MAX(weight, excluded.weight)",
-                            (user, release.region_class, snapshot, release.partition, release.weight, now))
-            source_of.setdefault(release.region_class, release.source)
+                key = (user, release.region_class, snapshot, release.partition)
+                added = con.execute("INSERT OR IGNORE INTO guard_region_partitions(user, class, snapshot, partition, "
+                                    "weight, ts) VALUES (?, ?, ?, ?, ?, ?)", (*key, release.weight, now)).rowcount
+                if not added:
+                    added = con.execute("UPDATE guard_region_partitions SET ts = ?, weight = MAX(weight, ?) "
+                                        "WHERE user = ? AND class = ? AND snapshot = ? AND partition = ? "
+                                        "AND weight < ?", (now, release.weight, *key, release.weight)).rowcount
+                    if not added:
+                        con.execute("UPDATE guard_region_partitions SET ts = ? WHERE user = ? AND class = ? "
+                                    "AND snapshot = ? AND partition = ?", (now, *key))
+            if added:   # a class's weights change only when something is added to it
+                source_of.setdefault(release.region_class, release.source)
         for region_class, source in source_of.items():
+            if not con.execute(_ELSEWHERE, (user, region_class, snapshot, since, user, region_class, snapshot,
+                                            since)).fetchone()[0]:
+                continue   # on this snapshot only: no pair yet
             weights = class_weights(con, user, region_class, since)
             if len(weights) < 2:
                 continue
