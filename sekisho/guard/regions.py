@@ -32,6 +32,7 @@ change nobody adds no items.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import threading
@@ -270,6 +271,13 @@ MAX_PIECES = 256          # beyond this many pieces in a family, depth is not co
 MAX_CANDIDATES = 20_000   # points tried for the depth of boxes over several columns
 
 
+@functools.lru_cache(maxsize=16384)
+def _box(piece: str) -> tuple:
+    """A piece's box, parsed once (pieces are read again at every request that adds to
+    their class)."""
+    return tuple(tuple(tuple(interval) for interval in column) for column in json.loads(piece))
+
+
 def _positions(value_rank: dict, interval) -> tuple[int, int]:
     """An interval as the first and last of the positions 3r (just below the r-th end
     point), 3r+1 (at it), 3r+2 (just above it)."""
@@ -285,7 +293,9 @@ def depth(boxes: list[str]) -> float:
     the grid of positions just below, at and just above every end point, per column (a
     difference array, summed). Pieces of mixed literal types in a column, or a grid over
     ``MAX_CANDIDATES`` points, count 1/2 each (what a piece weighs alone)."""
-    parsed = [json.loads(b) for b in boxes]
+    if len(boxes) > MAX_PIECES:
+        return len(boxes) / 2
+    parsed = [_box(b) for b in boxes]
     dims = len(parsed[0]) if parsed else 0
     if not parsed or len(parsed) > MAX_PIECES or any(len(b) != dims for b in parsed):
         return len(parsed) / 2
