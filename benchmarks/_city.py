@@ -46,3 +46,17 @@ def snapshot_path(inst: Instance) -> Path:
 
     store = Store(inst)
     return store.snapshots_dir / store.current_id() / "data.duckdb"
+
+
+def analyst_kernels(inst: Instance, scratch: Path) -> None:
+    """Set this process's environment so that report notebooks run in fresh kernels (under
+    ``scratch``) whose in-process guard serves ``ANALYST`` on ``inst``."""
+    import os
+
+    env = {"SEKISHO_HOME": str(inst.home), "SEKISHO_REPORTS_USER": ANALYST,
+           "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"), "IPYTHONDIR": str(scratch / "ipython"),
+           "MPLCONFIGDIR": str(scratch / "mpl"), "JUPYTER_PLATFORM_DIRS": "1",
+           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
+    for key in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
+        Path(env[key]).mkdir(parents=True, exist_ok=True)
+    os.environ.update(env)

@@ -23,7 +23,6 @@ upload coming minutes after the first run, not a month.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sqlite3
 import sys
@@ -32,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _city import ANALYST, city_instance  # noqa: E402
+from _city import ANALYST, analyst_kernels, city_instance  # noqa: E402
 
 from sekisho.instance import Instance  # noqa: E402
 from sekisho.reports.catalog import notebooks  # noqa: E402
@@ -125,13 +124,7 @@ def main() -> None:
     try:
         shutil.copytree(source.home, scratch / "home")
         inst = Instance.open(scratch / "home")
-        env = {"SEKISHO_HOME": str(inst.home), "SEKISHO_REPORTS_USER": ANALYST,
-               "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"), "IPYTHONDIR": str(scratch / "ipython"),
-               "MPLCONFIGDIR": str(scratch / "mpl"), "JUPYTER_PLATFORM_DIRS": "1",
-               "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-        for key in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
-            Path(env[key]).mkdir(parents=True)
-        os.environ.update(env)
+        analyst_kernels(inst, scratch)
         base = resolve_base_month(inst, Store(inst).current())
         parameters = {"base_month": base, "compare_month": add_months(base, -12), "period": 5,
                       "area_level": "地域ブロック"}

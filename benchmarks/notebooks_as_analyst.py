@@ -14,7 +14,6 @@ the total. Target (issue 17): each notebook <= 60 s at 530k.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _city import ANALYST, city_instance  # noqa: E402
+from _city import ANALYST, analyst_kernels, city_instance  # noqa: E402
 
 from sekisho.reports.catalog import notebooks  # noqa: E402
 from sekisho.reports.periods import add_months  # noqa: E402
@@ -67,13 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     inst = city_instance(args.home, args.persons)
     scratch = Path(tempfile.mkdtemp(prefix="sekisho-nb-analyst-", dir="/var/tmp"))
-    env = {"SEKISHO_HOME": str(inst.home), "SEKISHO_REPORTS_USER": ANALYST,
-           "JUPYTER_RUNTIME_DIR": str(scratch / "runtime"), "IPYTHONDIR": str(scratch / "ipython"),
-           "MPLCONFIGDIR": str(scratch / "mpl"), "JUPYTER_PLATFORM_DIRS": "1",
-           "PYDEVD_DISABLE_FILE_VALIDATION": "1"}
-    for key in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
-        Path(env[key]).mkdir(parents=True)
-    os.environ.update(env)
+    analyst_kernels(inst, scratch)
     base = resolve_base_month(inst, Store(inst).current())
     parameters = {"base_month": base, "compare_month": add_months(base, -12), "period": 5,
                   "area_level": "地域ブロック"}
