@@ -224,6 +224,7 @@ def partitions(row_sql: str, codes: list[np.ndarray], tree: exp.Select | None = 
     entries = [("k", j, text) for j, text in items.keys] + [("w", i, text) for i, text in enumerate(items.conjuncts)]
     conditional = "\x01".join(items.conditional)
     most = MAX_DROPPED if len(entries) <= MAX_ITEMS else 2
+    regions_of: dict[tuple[int, ...], int] = {}   # subsets that differ in conjuncts keep the same keys
     out: list[Partition] = []
     for size in range(0 if items.conditional else 1, min(most, len(entries)) + 1):
         for dropped in combinations(range(len(entries)), size):
@@ -231,12 +232,13 @@ def partitions(row_sql: str, codes: list[np.ndarray], tree: exp.Select | None = 
             kept_keys = tuple(j for kind, j, _ in kept if kind == "k")
             dropped_keys = [entries[i][1] for i in dropped if entries[i][0] == "k"]
             dropped_conjuncts = [entries[i][1] for i in dropped if entries[i][0] == "w"]
-            parts, released = 1.0, 1.0
+            key_parts, released = 1.0, 1.0
             if dropped_keys:
-                parts = max(cells / _regions_of(codes, [j for j in kept_keys if j < len(codes)]), 1.0) \
-                    if cells else 2.0
+                if kept_keys not in regions_of:
+                    regions_of[kept_keys] = _regions_of(codes, [j for j in kept_keys if j < len(codes)])
+                key_parts = max(cells / regions_of[kept_keys], 1.0) if cells else 2.0
             # the query releases the part inside each dropped conjunct, not the rest
-            parts *= 2 ** len(dropped_conjuncts)
+            parts = key_parts * 2 ** len(dropped_conjuncts)
             released /= 2 ** len(dropped_conjuncts)
             if items.conditional:   # FILTERed counts: each is one part of a split in two
                 parts *= 2
@@ -246,14 +248,15 @@ def partitions(row_sql: str, codes: list[np.ndarray], tree: exp.Select | None = 
             out.append(Partition(region_class, partition, min(1.0, 2.0 / parts) * released, kept_keys,
                                  tuple(i for kind, i, _ in kept if kind == "w"),
                                  _piece(items, dropped_conjuncts, [entries[i][2] for i in dropped
-                                                                   if entries[i][0] == "k"], parts, released)))
+                                                                   if entries[i][0] == "k"], key_parts)))
     return out
 
 
-def _piece(items: _Items, dropped_conjuncts: list[int], dropped_keys: list[str], parts: float,
-           released: float) -> tuple[str, str, float] | None:
+def _piece(items: _Items, dropped_conjuncts: list[int], dropped_keys: list[str],
+           key_parts: float) -> tuple[str, str, float] | None:
     """The release as a piece (see the module docstring), or None when a dropped conjunct
-    is not a range, two are on one column, or the aggregates are conditional."""
+    is not a range, two are on one column, or the aggregates are conditional.
+    ``key_parts``: what the dropped keys split a piece into."""
     ranges = [items.ranges[i] for i in dropped_conjuncts]
     if not ranges or items.conditional or any(r is None for r in ranges):
         return None
@@ -263,7 +266,6 @@ def _piece(items: _Items, dropped_conjuncts: list[int], dropped_keys: list[str],
         return None
     family = json.dumps([columns, sorted(dropped_keys)], ensure_ascii=False)
     box = json.dumps([intervals for _, intervals in ranges], ensure_ascii=False)
-    key_parts = parts / 2 ** len(dropped_conjuncts)   # what the dropped keys split a piece into
     return family, box, min(1.0, 2.0 / max(key_parts, 1.0)) if dropped_keys else 1.0
 
 
