@@ -236,13 +236,19 @@ class Backend(SQLBackend, NoUrl, NoExampleLoader):
         table = self.to_pyarrow(expr, params=params, limit=limit, mode=mode, epsilon=epsilon, **kwargs)
         df = table.to_pandas()
         result = expr.__pandas_result__(df, schema=sch.Schema.from_pyarrow(table.schema))
-        if isinstance(result, _display.pd.DataFrame):
-            # plain values; per-cell status and accuracy through ``result.sekisho``
-            attach(result, self.last_summary, self.last_cells)
-        elif hasattr(result, "attrs"):
-            result.attrs["sekisho"] = self.last_summary
-        # ordered public domains (age bands ...) in the policy's order, rows by label
-        return order_by_domains(result, self._views, self.last_sql)
+        if not isinstance(result, _display.pd.DataFrame):
+            if hasattr(result, "attrs"):
+                result.attrs["sekisho"] = self.last_summary
+            return result
+        # plain values; per-cell status and accuracy through ``result.sekisho``, attached
+        # to the rows as answered (aligned by label from then on)
+        attach(result, self.last_summary, self.last_cells)
+        # ordered public domains (age bands ...) in the policy's order, rows by label;
+        # ordered without the attrs, which pandas would deep-copy at every column it touches
+        attrs, result.attrs = result.attrs, {}
+        ordered = order_by_domains(result, self._views, self.last_sql)
+        ordered.attrs = attrs
+        return ordered
 
     def to_pyarrow_batches(self, expr: ir.Expr, /, *, params: Mapping | None = None,
                            limit: int | str | None = None, chunk_size: int = 1_000_000,

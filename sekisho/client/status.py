@@ -29,23 +29,26 @@ def attach(df: Any, summary: dict[str, Any] | None, cells: pa.Table | None) -> A
     """Put the summary and the cells table on a result DataFrame (its ``attrs``)."""
     if not isinstance(df, pd.DataFrame):
         return df
-    df.attrs[SUMMARY_ATTR] = summary
-    for attr in (CELLS_ATTR, INDEX_ATTR, KEYS_ATTR):
-        df.attrs.pop(attr, None)
+    # built apart and set last: pandas deep-copies a frame's attrs at every copy it makes
+    attrs = {k: v for k, v in df.attrs.items() if k not in (CELLS_ATTR, INDEX_ATTR, KEYS_ATTR)}
+    attrs[SUMMARY_ATTR] = summary
     if cells is not None and cells.num_rows == len(df):
-        df.attrs[CELLS_ATTR] = cells   # an Arrow table: attrs compare with ==, a DataFrame would not
-        df.attrs[INDEX_ATTR] = tuple(df.index.tolist())
+        attrs[CELLS_ATTR] = cells   # an Arrow table: attrs compare with ==, a DataFrame would not
+        attrs[INDEX_ATTR] = tuple(df.index.tolist())
         # the answer's other columns (its group keys) identify its rows whatever pandas
         # does to the index later (sort, reset_index, filters)
         described = set(cells_by_column(cells))
         keys = [c for c in df.columns if str(c) not in described]
         try:
-            frame = df[keys].copy() if keys else None
-            if frame is not None:
+            if keys:
+                frame = df[keys].copy()
                 frame.attrs = {}   # pandas would try to put them into the Arrow metadata
-            df.attrs[KEYS_ATTR] = pa.Table.from_pandas(frame, preserve_index=False) if keys else None
+                attrs[KEYS_ATTR] = pa.Table.from_pandas(frame, preserve_index=False)
+            else:
+                attrs[KEYS_ATTR] = None
         except (pa.ArrowException, TypeError, ValueError):
-            df.attrs[KEYS_ATTR] = None
+            attrs[KEYS_ATTR] = None
+    df.attrs = attrs
     return df
 
 
