@@ -354,9 +354,45 @@ def text_number_comparison(oracle, user, chome, age, **mode):
                                           f"{target(chome, age)} THEN 'x' ELSE '1' END) = 1", **mode)
 
 
-@pytest.mark.parametrize("attack", [overflow, bad_cast, text_number_comparison], ids=lambda f: f.__name__)
+def narrow_unit_feature(oracle, user, chome, age, **mode):
+    # a household feature MAX over a 32-bit CASE, times a literal: the guard's interval allows
+    # it, so the engine must compute it wide or it overflows for the target's household alone
+    return fails_for_target(oracle, user, "SELECT COUNT(*) AS n FROM (SELECT household_id, MAX(CASE WHEN sex = '女' "
+                                          f"AND {target(chome, age)} THEN CAST(100 AS INTEGER) ELSE CAST(0 AS INTEGER) "
+                                          "END) * 30000000 AS m FROM residents GROUP BY household_id) AS h WHERE m >= 0",
+                            **mode)
+
+
+def narrow_case_operand(oracle, user, chome, age, **mode):
+    # the same 32-bit value as a row-level CASE operand of arithmetic
+    return fails_for_target(oracle, user, f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND "
+                                          f"{target(chome, age)} THEN CAST(100 AS INTEGER) ELSE CAST(0 AS INTEGER) "
+                                          "END) * CAST(30000000 AS INTEGER) - age >= -200", **mode)
+
+
+ONE_ROW_ERRORS = [overflow, bad_cast, text_number_comparison, narrow_unit_feature, narrow_case_operand]
+
+
+@pytest.mark.parametrize("attack", ONE_ROW_ERRORS, ids=lambda f: f.__name__)
 @pytest.mark.parametrize("mode", ["threshold", "dp"])
 def test_errors_that_depend_on_one_row_are_not_an_oracle(attack, mode, guard, raw, inst):
     kw = {"mode": "dp", "epsilon": 0.001} if mode == "dp" else {}
     assert_real_attack(*accuracy_attack(raw, inst, lambda o, u, c, a: attack(o, u, c, a, **kw))[::2])
     assert_no_better_than_base(*accuracy_attack(guard, inst, lambda o, u, c, a: attack(o, u, c, a, **kw)))
+
+
+def test_narrow_operands_of_arithmetic_are_computed_wide(guard, inst):
+    # every operand of accepted arithmetic that is not a literal is computed as BIGINT or
+    # DOUBLE, whatever its spelling (a MIN/MAX of an expression, a CASE, a cast to INTEGER):
+    # on the raw store each of these overflows 32 bits for every row
+    user = fresh_analyst(inst)
+    features = ("MIN(CAST(age + 3 AS INTEGER)) * 1000000000",
+                "MAX(CASE WHEN age >= 0 THEN CAST(age + 1 AS INTEGER) END) * CAST(100000000 AS INTEGER)",
+                "-(MAX(CAST(age + 1 AS SMALLINT))) * CAST(100000000 AS INTEGER)")
+    for feature in features:
+        sql = (f"SELECT m > 0 AS positive, COUNT(*) AS n FROM (SELECT household_id, {feature} AS m FROM residents "
+               "GROUP BY household_id) AS h GROUP BY m > 0")
+        with pytest.raises(Exception, match="Overflow"):
+            RawOracle(inst).query(sql)
+        rows = guard.query(sql, user=user).table.to_pylist()
+        assert sum(r["n"] or 0 for r in rows) > 0, sql

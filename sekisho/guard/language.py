@@ -420,28 +420,40 @@ class RowLanguage:
             raise refuse("type_mismatch", node)
 
 
-def widen_operands(nodes, facts_of: Callable[[exp.Column], ColumnFacts | None]) -> None:
+def widen_operands(nodes, facts_of: Callable[[exp.Column], ColumnFacts | None],
+                   value_of: Callable[[exp.Expression], Value | None] = lambda node: None) -> None:
     """Operands of accepted arithmetic are computed as BIGINT (integers) or DOUBLE, so the
-    engine computes in the range the intervals above were checked against: a narrow
-    column type (INTEGER, or MIN/MAX of one) could otherwise overflow for one row's value.
+    engine computes in the range the intervals above were checked against: a narrow type
+    (an INTEGER column, a cast to INTEGER, MIN/MAX or a CASE of one) could otherwise
+    overflow for one row's value — an error that depends on the data. Every operand but a
+    literal or another operator is widened, by its kind (``value_of``: the language's
+    value of an expression, None when it has none here; columns by ``facts_of``).
     ``nodes``: the nodes of one row-level scope (structural, so a group key and the same
     expression in the projection stay equal)."""
     for node in list(nodes):
-        if not isinstance(node.parent, (*ARITHMETIC, exp.Neg)):
+        if not _arithmetic_parent(node) or isinstance(node, (exp.Paren, exp.Literal, exp.Neg, *ARITHMETIC)) \
+                or _literal(node) is not None:
             continue
+        if isinstance(node, (exp.Cast, exp.TryCast)) and node.args.get("to") is not None \
+                and node.args["to"].is_type("BIGINT", exp.DataType.Type.DOUBLE):
+            continue   # already wide (and what an earlier pass wrote)
         if isinstance(node, exp.Column):
             facts = facts_of(node)
             if facts is None or facts.kind != NUM:
                 continue
-            wide = "BIGINT" if facts.integral else "DOUBLE"
+            integral = facts.integral
         elif isinstance(node, (exp.Cast, exp.TryCast)) and node.args.get("to") is not None \
-                and node.args["to"].is_type(*exp.DataType.INTEGER_TYPES) and not node.args["to"].is_type("BIGINT"):
-            wide = "BIGINT"
+                and node.args["to"].is_type(*exp.DataType.INTEGER_TYPES):
+            integral = True
         elif isinstance(node, (exp.Min, exp.Max)) and isinstance(node.this, exp.Column):
             facts = facts_of(node.this)
             if facts is None or facts.kind != NUM:
                 continue
-            wide = "BIGINT" if facts.integral else "DOUBLE"
+            integral = facts.integral
         else:
-            continue
+            value = value_of(node.this if isinstance(node, (exp.Min, exp.Max)) else node)
+            if value is None or value.kind != NUM:
+                continue
+            integral = value.integral
+        wide = "BIGINT" if integral else "DOUBLE"
         node.replace(exp.Cast(this=node.copy(), to=exp.DataType.build(wide)))

@@ -61,13 +61,28 @@ def row_output(inner: exp.Expression, lineage: Lineage, env) -> Lineage:
 
 def widen(select: exp.Select, env) -> None:
     resolve = resolver(env)
+    # the language's value of any operand: over the scope's rows, or (a unit feature) over
+    # a unit's members — aggregates of members are values there
+    languages = (RowLanguage(resolve), RowLanguage(_no_bare_member, unit_resolve=resolve))
 
     def facts_of(col: exp.Column) -> ColumnFacts | None:
         try:
             return resolve(col)
         except QueryRefused:
             return None
-    widen_operands(own_nodes(select), facts_of)
+
+    def value_of(node: exp.Expression):
+        for language in languages:
+            try:
+                return language.value(node)
+            except QueryRefused:
+                continue
+        return None
+    widen_operands(own_nodes(select), facts_of, value_of)
+
+
+def _no_bare_member(col: exp.Column) -> ColumnFacts:
+    raise refuse("unit_scope_not_allowed", col)
 
 
 # ---- row scopes and boundaries -------------------------------------------------------
