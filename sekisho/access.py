@@ -24,7 +24,6 @@ from __future__ import annotations
 import os
 import threading
 from dataclasses import dataclass
-from pathlib import Path
 
 from sekisho.policy import Policy, load_policy
 
