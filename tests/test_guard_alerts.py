@@ -19,7 +19,7 @@ from sekisho.guard import alerts as al
 from sekisho.policy import Alerts
 
 RULES = Alerts(bulk_cells_per_hour=2_000, near_duplicate_burst=4, near_duplicate_window_s=300,
-               refusal_burst=3, refusal_window_s=200)
+               refusal_burst=3, refusal_window_s=200, differencing_window_s=500)
 T0 = 1_795_000_000.0
 
 
@@ -62,10 +62,10 @@ class Reference:
             found.append({"alert": "bulk", "cells_last_hour": bulk, "threshold": r.bulk_cells_per_hour})
         for p in populations:
             close = sum(1 for u, ts, q in self.populations
-                        if u == user and ts > now - r.near_duplicate_window_s and q != p and abs(q - p) < self.k)
+                        if u == user and ts > now - r.differencing_window_s and q != p and abs(q - p) < self.k)
             self.populations.append((user, now, p))
             if close == 1:
-                found.append({"alert": "differencing", "window_s": r.near_duplicate_window_s, "fingerprint": fp})
+                found.append({"alert": "differencing", "window_s": r.differencing_window_s, "fingerprint": fp})
         return found
 
 

@@ -190,14 +190,14 @@ def _answers(inst, monkeypatch, *, shortcuts: bool):
                 return one_row
 
             def spy_influence(*args):
-                run, left_out, counted = influence(*args)
+                run, left_out, counted, low = influence(*args)
                 used["counted"] += counted is not None and args[1].filtered and not args[2]
-                return run, left_out, counted
+                return run, left_out, counted, low
             m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(spy_declared))
             m.setattr(ThresholdProtection, "_apply_influence", staticmethod(spy_influence))
         else:
             m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(lambda ctx, bp: False))
-            m.setattr(ThresholdProtection, "_apply_influence", staticmethod(lambda *a: influence(*a)[:2] + (None,)))
+            m.setattr(ThresholdProtection, "_apply_influence", staticmethod(lambda *a: influence(*a)[:2] + (None,) + influence(*a)[3:]))
         check = ThresholdProtection._check_population
 
         def counted(*args, **kwargs):

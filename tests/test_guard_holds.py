@@ -208,7 +208,7 @@ def test_decomposition_counter(tmp_path):
     from sekisho.policy import Alerts
 
     state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
-    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=1,
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=1, differencing_window_s=1,
                    refusal_burst=10**9, refusal_window_s=60, decomposition_burst=3, decomposition_window_s=100,
                    pause_on=("decomposition",))
 
@@ -479,7 +479,7 @@ def test_close_pairs_are_returned_for_verification_and_confirmed_once_per_episod
     from sekisho.policy import Alerts
 
     state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
-    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100, differencing_window_s=100,
                    refusal_burst=10**9, refusal_window_s=60, pause_on=("differencing",))
 
     def release(n, sql, now, snapshot="s1"):
@@ -534,7 +534,7 @@ def test_a_state_file_without_population_definitions_is_upgraded(tmp_path):
     con.execute("INSERT INTO guard_populations(user, ts, population, fingerprint) VALUES ('u', 0, 100, 'f')")
     con.commit()
     con.close()
-    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100, differencing_window_s=100,
                    refusal_burst=10**9, refusal_window_s=60)
     found = guard_alerts.record_request(SimpleNamespace(state_path=path), rules, user="u", fingerprint="f",
                                         refused=False, cells=1, populations=[(101, 0, "s", "snap", "SQL")], k=10,
@@ -552,7 +552,7 @@ def test_upload_pairs_are_counted_per_user_and_raise_once_at_the_burst(tmp_path)
     from sekisho.policy import Alerts
 
     state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
-    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100,
+    rules = Alerts(bulk_cells_per_hour=10**9, near_duplicate_burst=10**9, near_duplicate_window_s=100, differencing_window_s=100,
                    refusal_burst=10**9, refusal_window_s=60, upload_differencing_burst=3,
                    upload_differencing_window_s=10**6, pause_on=("upload_differencing",))
 
@@ -583,3 +583,27 @@ def test_upload_pairs_are_counted_per_user_and_raise_once_at_the_burst(tmp_path)
     assert {p.old.snapshot for p in again.upload_pairs} == {"s1", "s2"}
     assert guard_alerts.confirm_upload_differencing(state, rules, user="u", fingerprint="f",
                                                     pairs=again.upload_pairs[:2], now=1031) == []   # 2 < 3
+
+
+def test_a_pair_paced_past_the_near_duplicate_window_is_still_a_pair(tmp_path):
+    # red team: every ``age <= a`` side first, a wait longer than the near-duplicate window,
+    # then the ``a - 1`` sides — the policy's differencing window (a week) still pairs them
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from sekisho.policy import load_policy
+
+    rules = load_policy(Path(__file__).resolve().parents[1] / "policies" / "himeji.yaml").disclosure.alerts
+    assert rules.differencing_window_s >= 7 * 86400 > rules.near_duplicate_window_s
+    state = SimpleNamespace(state_path=tmp_path / "state.sqlite")
+
+    def release(n, sql, now):
+        return guard_alerts.record_request(state, rules, user="u", fingerprint=sql, refused=False, cells=1,
+                                           populations=[(n, 0, sql, "s1", sql)], k=10, now=now, raised_by=now)
+
+    release(120, "age <= 40", 0)
+    for day in (0.5, 3, 6.5):   # hours and days later
+        late = release(119, f"age <= 39 ({day})", day * 86400)
+        assert [p.old.sql for p in late.pairs][:1] == ["age <= 40"], day
+    # past the window the first half is forgotten
+    assert all(p.old.sql != "age <= 40" for p in release(119, "age <= 39 (8)", 8 * 86400).pairs)

@@ -174,13 +174,15 @@ def test_newcomers_attributes_stay_near_the_base_rate(attack):
 def test_repeated_and_rephrased_queries_agree_within_a_snapshot(tmp_path):
     inst = make_instance(tmp_path / "consistent", persons=3000, seed=5, planted=False)
     add_snapshot(inst, [("new0", "hnew0", "女", 41, "40-44", "世帯主", CHOMES[7], "灘", True, 201)])
-    quoted = [f"'{c}'" for c in (CHOMES[7], CHOMES[20], CHOMES[33], CHOMES[90])]
-    queries = [f"SELECT sex, COUNT(*) AS n FROM residents WHERE chome_code IN ({', '.join(quoted)}) GROUP BY sex",
-               f"SELECT sex, COUNT(*) AS n FROM residents WHERE chome_code IN ({', '.join(reversed(quoted))}) "
+    # blocks, not 町丁目: an element of the list must change each sex's cell by k or more
+    # (a 町丁目's ~10 women would be a cell some neighbour changes by fewer: cell_influence)
+    quoted = [f"'{c}'" for c in ("灘", "東部", "西部", "北部")]
+    queries = [f"SELECT sex, COUNT(*) AS n FROM residents WHERE block IN ({', '.join(quoted)}) GROUP BY sex",
+               f"SELECT sex, COUNT(*) AS n FROM residents WHERE block IN ({', '.join(reversed(quoted))}) "
                f"GROUP BY sex",
-               "SELECT sex, COUNT(*) AS n FROM residents WHERE " + " OR ".join(f"chome_code = {q}" for q in quoted)
+               "SELECT sex, COUNT(*) AS n FROM residents WHERE " + " OR ".join(f"block = {q}" for q in quoted)
                + " GROUP BY sex",
-               f"SELECT sex, COUNT(*) AS n FROM residents WHERE is_current AND chome_code IN ({', '.join(quoted)}) "
+               f"SELECT sex, COUNT(*) AS n FROM residents WHERE is_current AND block IN ({', '.join(quoted)}) "
                f"GROUP BY sex"]   # everybody is current: the same contributors per cell
     g = Guard(inst)
     try:
@@ -333,7 +335,7 @@ def _cells_without_newcomers(raw, sql: str) -> dict:
 def averaged(tmp_path_factory):
     """The averaging attack on one instance whose policy pauses on nothing (alerts are
     still audited), against the raw store and the guard."""
-    inst = make_instance(tmp_path_factory.mktemp("averaged") / "inst", persons=3000, seed=23, planted=False)
+    inst = make_instance(tmp_path_factory.mktemp("averaged") / "inst", persons=12000, seed=23, planted=False)
     raw, guard = RawOracle(inst), Guard(inst)
     try:
         result = {"guard": averaged_upload_attack(inst, guard)}
@@ -358,7 +360,7 @@ def test_averaging_pairs_across_an_upload_is_a_real_attack(averaged):
 
 
 def test_averaging_pairs_across_an_upload_pauses_the_analyst(tmp_path):
-    inst = make_instance(tmp_path / "held", persons=3000, seed=23, planted=False, holds=True)
+    inst = make_instance(tmp_path / "held", persons=12000, seed=23, planted=False, holds=True)
     guard = Guard(inst)
     try:
         result = averaged_upload_attack(inst, guard, newcomers=30)

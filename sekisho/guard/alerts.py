@@ -13,7 +13,7 @@ confirmation, over the same tables.)
 * ``refusals``: refusals within ``refusal_window_s`` reaching ``refusal_burst``.
 
 * ``differencing``: two filtered queries by the same user within
-  ``near_duplicate_window_s`` whose populations differ by 1..k-1 contributors — the
+  ``differencing_window_s`` (a week) whose populations differ by 1..k-1 contributors — the
   signature of a differencing pair (``P AND age >= 40`` / ``>= 41``); the analyst sees
   no difference in the answer. Sizes only preselect: a population is recorded with its
   definition (snapshot id, the boundary's row SQL as executed), and the bookkeeping
@@ -135,7 +135,7 @@ def _close_count(con: sqlite3.Connection, user: str, since: float, population: i
 
 
 def _differencing(alerts, fingerprint: str) -> dict:
-    return {"alert": "differencing", "window_s": alerts.near_duplicate_window_s, "fingerprint": fingerprint}
+    return {"alert": "differencing", "window_s": alerts.differencing_window_s, "fingerprint": fingerprint}
 
 
 class Definition(NamedTuple):
@@ -219,7 +219,7 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
     state = _state(instance)
     con = state.con
     horizon = max(3600, alerts.near_duplicate_window_s, alerts.refusal_window_s)
-    pop_horizon = max(3600, alerts.near_duplicate_window_s)
+    pop_horizon = max(3600, alerts.differencing_window_s)
     purge_requests = state.purge_due("guard_requests", now)
     purge_populations = bool(populations) and state.purge_due("guard_populations", now)
     purge_decompositions = bool(identities) and state.purge_due("guard_decompositions", now)
@@ -244,7 +244,7 @@ def record_request(instance: Instance, alerts, *, user: str, fingerprint: str, r
             user, fingerprint, now - alerts.near_duplicate_window_s, user, now - alerts.refusal_window_s,
             user, first, user, start, (first + 1) * BUCKET_S)).fetchone()
         for population, definition in zip(populations, definitions):
-            window = now - alerts.near_duplicate_window_s
+            window = now - alerts.differencing_window_s
             if definition is None:   # compared by size only
                 close_counts.append(_close_count(con, user, window, population, int(k)))
                 candidates = []
@@ -406,7 +406,7 @@ def confirm_differencing(instance: Instance, alerts, *, user: str, fingerprint: 
     found: list[dict] = []
     with _transaction(con):
         episode = con.execute("SELECT 1 FROM guard_populations WHERE user = ? AND paired = 1 AND ts > ? LIMIT 1",
-                              (user, now - alerts.near_duplicate_window_s)).fetchone()
+                              (user, now - alerts.differencing_window_s)).fetchone()
         ids = sorted({i for pair in pairs for i in (pair.new.id, pair.old.id)})
         con.execute(f"UPDATE guard_populations SET paired = 1 WHERE id IN ({', '.join('?' * len(ids))})", ids)
         if episode is None:

@@ -56,12 +56,62 @@ def _own_key(j: int) -> str:
     return cell_key_sql(f"COALESCE(SUM({RKEY}) FILTER (WHERE {counted} IS NOT NULL), 0)")
 
 
+def twin_pairs(bp: BoundaryPlan) -> list[tuple[int, int]]:
+    """Pairs of the boundary's aggregates that consistent noise answers alike when they
+    have the same contributors (counts with counts, sums and means of one measure with
+    each other) and whose contributors may differ (not both every person of the cell, not
+    the same argument): within a cell their contributors must not differ by 1..k-1
+    (``cell_influence.twins``). Decided from the query text."""
+    def family(agg) -> str | None:
+        if agg.kind in CONTRIBUTOR_COUNTS or agg.kind == "count_nonnull":
+            return "count"
+        if agg.kind in ("sum", "avg"):
+            return "sum:" + (getattr(agg, "measure", None) or "")
+        return None
+
+    out = []
+    aggs = bp.aggregates
+    for j1 in range(len(aggs)):
+        for j2 in range(j1 + 1, len(aggs)):
+            a, b = aggs[j1], aggs[j2]
+            if family(a) is None or family(a) != family(b):
+                continue
+            if a.kind in CONTRIBUTOR_COUNTS and b.kind in CONTRIBUTOR_COUNTS:
+                continue   # both: every person of the cell
+            if a.kind not in CONTRIBUTOR_COUNTS and b.kind not in CONTRIBUTOR_COUNTS and a.arg == b.arg:
+                continue   # the same argument: the same contributors
+            out.append((j1, j2))
+    return out
+
+
+def _member(bp: BoundaryPlan, j: int, *, per_person: bool) -> str:
+    """Whether a row (``per_person``: a person's row of ``__pp``) contributes to aggregate j."""
+    kind = bp.aggregates[j].kind
+    if kind in CONTRIBUTOR_COUNTS:
+        return "TRUE"
+    if not per_person:
+        return f"({q(f'__a{j}')} IS NOT NULL)"
+    return f"(__p{j} > 0)" if kind == "count_nonnull" else f"(__pc{j} > 0)"
+
+
+def _twin_columns(bp: BoundaryPlan, pairs, *, per_person: bool, key: str) -> list[str]:
+    out = []
+    for j1, j2 in pairs:
+        differs = f"{_member(bp, j1, per_person=per_person)} <> {_member(bp, j2, per_person=per_person)}"
+        out.append(f"COUNT(*) FILTER (WHERE {differs}) AS __tw{j1}_{j2}")
+        out.append(f"{cell_key_sql(f'COALESCE(SUM({key}) FILTER (WHERE {differs}), 0)')} AS __twk{j1}_{j2}")
+    return out
+
+
 def _num(value: float) -> str:
     return repr(float(value))
 
 
 def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | None = None,
-              dominance: bool = True) -> str:
+              dominance: bool = True, twins: bool = False) -> str:
+    """``twins`` (threshold mode): per pair of ``twin_pairs`` the persons in exactly one of
+    the two (``__tw<j1>_<j2>``) and their cell key (``__twk<j1>_<j2>``)."""
+    pairs = twin_pairs(bp) if twins else []
     keys = [q(f"__g{j}") for j in range(len(bp.group_keys))]
     key_list = ", ".join(keys)
     ctes = [f"__rows AS ({bp.row_sql})"]
@@ -108,6 +158,7 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
                 if dominance:
                     select.append(f"max(abs({arg(j)}), 2) AS __t{j}")
                     select.append(f"SUM(abs({arg(j)})) AS __ta{j}")
+        select += _twin_columns(bp, pairs, per_person=False, key=RKEY)
         body = f"SELECT {', '.join(select)} FROM {source}{group_by}"
         return f"WITH {', '.join(ctes)} {body}"
 
@@ -140,6 +191,14 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
             if dominance:
                 outer.append(f"max(abs(__p{j}), 2) AS __t{j}")
                 outer.append(f"SUM(abs(__p{j})) AS __ta{j}")
+    for j1, j2 in pairs:   # what __pp needs to tell a person's membership of each
+        for j in (j1, j2):
+            kind = bp.aggregates[j].kind
+            if kind == "count_nonnull" and f"COUNT({q(f'__a{j}')}) AS __p{j}" not in per_person:
+                per_person.append(f"COUNT({q(f'__a{j}')}) AS __p{j}")
+            elif kind in ("sum", "avg") and f"COUNT({q(f'__a{j}')}) AS __pc{j}" not in per_person:
+                per_person.append(f"COUNT({q(f'__a{j}')}) AS __pc{j}")
+    outer += _twin_columns(bp, pairs, per_person=True, key="__k")
     pp_group = f" GROUP BY {', '.join([*keys, PID])}"
     ctes.append(f"__pp AS (SELECT {', '.join(per_person)} FROM {source}{pp_group})")
     ctes.append(f"__cells AS (SELECT {', '.join(outer)} FROM __pp{group_by})")

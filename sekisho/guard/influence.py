@@ -43,6 +43,7 @@ import numpy as np
 from sqlglot import exp
 
 from sekisho.guard import hidden
+from sekisho.guard.cell_influence import cell_influence_sql, low_cells
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.joins import ROW_IDENTITY
@@ -72,6 +73,9 @@ class Verdict:
     # key, as the rule's last scan counted them (its ``__n``/``__ck``) — the population
     # check then needs no scan of its own; None when no scan counted that query
     population: tuple[int, int] | None = None
+    # the cells (group-key values) a neighbour of the query as answered changes by 1..k-1
+    # contributors: suppressed (``cell_influence``)
+    low_cells: frozenset = frozenset()
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -103,6 +107,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     the order within the near tier is by perturbed counts, never exact ones."""
     certain = k - 1 - ptable.max_noise
     current, left_out = row, []
+    low: frozenset = frozenset()
     answered = None   # (contributors, cell key) of ``current`` when a scan counted them
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
@@ -140,6 +145,11 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             # ``base`` is ``current`` prepared: the same rows, so the same contributors
             answered = (int(number(counts, hidden.CONTRIBUTORS, np.int64)[0]),
                         int(number(counts, hidden.CELL_KEY, np.int64)[0]))
+            groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+            counting = cell_influence_sql(base, neighbours, columns, person_unique=person_unique) \
+                if groups and neighbours else None
+            if counting is not None:
+                low = low_cells(fetch(counting), groups, ptable, k)
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
@@ -153,10 +163,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         if pending is not None:
             raise QueryRefused("condition_influence_below_k")
     if not left_out:
-        return Verdict(population=answered)
+        return Verdict(population=answered, low_cells=low)
     named = sorted(left_out)   # sorted, not in the order left out
     return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
-                   population=answered)
+                   population=answered, low_cells=low)
 
 
 def treated_as(variant: Variant) -> str:
@@ -191,7 +201,8 @@ def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> i
     """A verdict's memory, estimated: its strings and the key's, plus the objects around them."""
     held = (found.row_sql or "", *found.left_out, *found.treated_as) if isinstance(found, Verdict) else \
         (found.reason, found.part)
-    return 400 + sum(len(s) for s in key) + sum(len(s) for s in held)
+    cells = 64 * len(found.low_cells) if isinstance(found, Verdict) else 0
+    return 400 + cells + sum(len(s) for s in key) + sum(len(s) for s in held)
 
 
 class VerdictCache:

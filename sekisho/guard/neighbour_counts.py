@@ -207,11 +207,10 @@ def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: l
     return influence_units(row, shape, nodes, neighbours, columns, lambda v: _local(v, nodes, part_of))
 
 
-def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,
-                    person_unique: bool) -> str:
-    """All neighbours in one scan of ``source`` (world 0: the query's condition and
-    projections; world i: neighbour i's): a row differs if its inclusion differs, or it
-    is included by both with different cell or value columns."""
+def changed_conditions(worlds: list[tuple[str, dict[str, str]]], columns: list[str]) -> list[str]:
+    """Per neighbour (world i >= 1), the condition on a row that it changes: its inclusion
+    differs from the query's (world 0), or it is included by both with different cell or
+    value columns."""
     cond0, proj0 = worlds[0]
     changed = []
     for cond, proj in worlds[1:]:
@@ -223,6 +222,16 @@ def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, colum
         if differs:
             terms.append(f"(({cond0}) AND ({' OR '.join(differs)}))")
         changed.append(" OR ".join(terms) if terms else "FALSE")
+    return changed
+
+
+def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,
+                    person_unique: bool) -> str:
+    """All neighbours in one scan of ``source`` (world 0: the query's condition and
+    projections; world i: neighbour i's): a row differs if its inclusion differs, or it
+    is included by both with different cell or value columns."""
+    cond0, proj0 = worlds[0]
+    changed = changed_conditions(worlds, columns)
     pid, rkey = proj0[PID], proj0[RKEY]
     if person_unique:
         select = [f"COUNT(*) FILTER (WHERE {cond0}) AS __n",

@@ -281,14 +281,27 @@ def variant_sql(base: exp.Expression, variant: Variant) -> str:
     return variant.sql
 
 
+def _preference(variant: Variant) -> tuple[int, str]:
+    """A fixed order between the neighbours of one condition: FALSE (never holds), an IN
+    element dropped, TRUE (always holds), a BETWEEN bound dropped."""
+    action = variant.action
+    return (0 if action == "false" else 1 if action.startswith("drop:") else 2 if action == "true" else 3, action)
+
+
 def closest(small: list[tuple[Variant, int]]) -> list[Variant]:
-    """The one neighbour (given with its perturbed count) closest to the query (ties: first
-    condition in the query); for an IN element, every element changing fewer than k goes
-    with it (elements are disjoint values, so their effects simply add up)."""
+    """The condition (given its neighbours with their perturbed counts) closest to the
+    query (ties: first condition in the query), left out its preferred way (``_preference``)
+    — never the way its counts favour: when both its TRUE and FALSE neighbours are small, the
+    one that changes nobody would tell which side a person is on (``WHERE (C AND age = 40 AND
+    sex = '女') OR pad``: TRUE changes the target when a man, FALSE when a woman). For an IN
+    element, every element changing fewer than k goes with it (elements are disjoint values,
+    so their effects simply add up)."""
     ranked = sorted(small, key=lambda o: (o[1], o[0].index, o[0].action))
-    best = ranked[0][0]
+    node = ranked[0][0].index
+    options = [v for v, _ in ranked if v.index == node]
+    best = min(options, key=_preference)
     if best.action.startswith("drop:"):
-        return [v for v, _ in ranked if v.index == best.index and v.action.startswith("drop:")]
+        return [v for v in options if v.action.startswith("drop:")]
     return [best]
 
 

@@ -29,9 +29,9 @@ import sqlglot
 from sqlglot import exp
 
 from sekisho.guard import budget as ledger
-from sekisho.guard import hidden, influence
+from sekisho.guard import cell_influence, hidden, influence
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
-from sekisho.guard.cells import Bounding, cells_sql, population_sql
+from sekisho.guard.cells import Bounding, cells_sql, population_sql, twin_pairs
 from sekisho.guard.dp_bounds import declared_row_identity, groups_per_person, unique_in_store
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.execution import PostProcessor, Snapshot, fetch, protected_schema, to_arrow
@@ -90,6 +90,7 @@ class Released:
     cells: pa.Table | None = None
     accuracy: dict[str, str] = field(default_factory=dict)   # answer column -> accuracy kind
     narrowed: bool = False     # a public domain was narrowed to the query's own filters
+    influenced_cells: int = 0  # cells suppressed as a neighbouring query changes them by < k (cell_influence)
 
 
 class Protection(Protocol):
@@ -252,14 +253,18 @@ class ThresholdProtection:
         companions, kinds = {}, {}
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
-            run, left_out, counted = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
-                else (bp, (), None)
+            run, left_out, counted, low = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
+                else (bp, (), None, frozenset())
             # the rows the query (as run) selects are one per contributor: the view's, or
             # by a declared row identity the query fixes and the store holds (run unchanged)
             one_row = fast or (not left_out and self._declared_one_row(ctx, bp))
             cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
                           deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
+            cells, influenced = cell_influence.suppress(
+                cells, [hidden.group_key(j) for j in range(len(bp.group_keys))], low)
+            cells, twins = cell_influence.suppress_twins(cells, twin_pairs(bp), ctx.snap.ptable, ctx.policy.disclosure.k)
+            released.influenced_cells += influenced + twins
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
             frame, st = protect_threshold(cells, bp.aggregates, domains, k=d.k, table=ctx.snap.ptable,
@@ -284,7 +289,8 @@ class ThresholdProtection:
 
     @staticmethod
     def _cells_sql(bp: BoundaryPlan, person_unique: bool) -> str:
-        return _memo_on_plan(bp, "_cells_sql", person_unique, lambda: cells_sql(bp, person_unique=person_unique))
+        return _memo_on_plan(bp, "_cells_sql", person_unique,
+                             lambda: cells_sql(bp, person_unique=person_unique, twins=True))
 
     @staticmethod
     def _declared_one_row(ctx: Context, bp: BoundaryPlan) -> bool:
@@ -316,9 +322,9 @@ class ThresholdProtection:
                                      filtered=bp.filtered, person_unique=fast and not bp.unit,
                                      ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
         if not verdict.left_out:
-            return bp, (), verdict.population
+            return bp, (), verdict.population, verdict.low_cells
         return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \
-            verdict.population
+            verdict.population, verdict.low_cells
 
     @staticmethod
     def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool,
@@ -351,6 +357,9 @@ class ThresholdProtection:
         if released.left_out:
             notes.append(f"対象者を{k}人以上変えない条件は適用していません（差分による特定の防止）: "
                          + "; ".join(f"{c}（{TREATED_AS_JA[t]}）" for c, t in zip(released.left_out, released.treated_as)))
+        if released.influenced_cells:
+            notes.append(f"条件を一つ変えると対象者が{k}人未満だけ変わるセル（{released.influenced_cells}）は秘匿しています"
+                         "（セル単位の差分による特定の防止）。")
         if any(s.values_suppressed_dominance for s in released.stats):
             notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
         if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
@@ -499,6 +508,7 @@ def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
         "epsilon_remaining": released.epsilon_remaining,
         "query_id": None,
         "conditions_left_out": list(released.left_out),
+        "cells_suppressed_by_condition_influence": released.influenced_cells,
         "conditions_left_out_as": [{"condition": c, "as": t} for c, t in zip(released.left_out, released.treated_as)],
         "notes_ja": notes,
     }

@@ -342,6 +342,7 @@ class Alerts:
     # within the window: averaging over its decompositions (sekisho.guard.alerts)
     decomposition_burst: int = 12
     decomposition_window_s: int = 3600
+    differencing_window_s: int = 7 * 86400   # a pair's two halves paced apart are still a pair
     # pairs of one user's populations on two snapshots whose contributors differ by 1..k-1
     # (the same filter asked before and after an upload), verified on the store; this many
     # within the window: releases across uploads averaged (sekisho.guard.alerts)

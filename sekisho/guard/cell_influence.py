@@ -1,0 +1,249 @@
+"""Condition influence per cell (threshold mode): a released cell that a neighbouring
+query changes by fewer than k contributors is suppressed.
+
+Why: ``influence.decide`` counts, for each neighbour (an atom replaced by TRUE or FALSE,
+an IN element or a BETWEEN bound dropped), the contributors it changes over the whole
+query. A condition can change many persons city-wide and one person in one cell:
+
+    SELECT CASE WHEN age = 40 THEN chome_code ELSE '2820140012' END AS g, COUNT(*) AS a,
+           COUNT(*) FILTER (WHERE age <> 40 OR sex = '男') AS b FROM residents GROUP BY 1
+
+Every atom moves dozens of 40-year-olds, so the query rule keeps them all; in the cell of
+the target's 町丁目 ``a`` and ``b`` have the same contributors exactly when the target is a
+man, and consistent noise answers equal sets equally. The same pair is two boundaries of
+one query, or two queries. Counted per cell, some neighbour changes that cell by one
+person in either case (``age <> 40`` made TRUE adds her, ``sex = '男'`` made FALSE removes
+him), so the cell is suppressed whatever the target is.
+
+What is counted: for the query as answered (after ``decide``) and each of its neighbours,
+per cell of the query's group keys, the contributors whose rows in that cell differ —
+included or not, other values — counted in the cell they leave and in the cell they
+arrive in (a neighbour that changes a group key moves rows between cells), with their
+cell key. A cell is suppressed when some neighbour changes it by at least one contributor
+and the perturbed count of those is below k. A neighbour that changes nobody in a cell
+leaves it as it is, so nothing about a cell's zero is shown: the answer is the same. The
+decision is on perturbed counts, as every threshold.
+
+Cost: one more scan per grouped threshold query with conditions — over one table, one
+aggregate grouped by cell with a FILTER per neighbour (the neighbours that move rows
+between cells add one grouping each); other shapes compare each neighbour's rows with
+the query's, as ``neighbour_counts`` does for the whole query.
+
+Residual risk: a condition built so that no single replacement touches the target's cell
+(each atom doubled in a way that still changes k or more persons elsewhere) is not seen
+here; pairs of queries differing by a constant (``age >= 40`` / ``>= 41``) are not
+neighbours. Both are the differencing alerts' and DP mode's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sqlglot import exp
+
+from sekisho.guard import hidden
+from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.neighbour_counts import _flat, _flat_worlds, _parts, _q, _simple, changed_conditions
+from sekisho.guard.neighbour_units import fold
+from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
+from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable, cell_key_sql
+from sekisho.guard.protect.threshold import Cells, number
+from sekisho.guard.sqltext import DIALECT
+
+WHICH = "__w"   # the neighbour a row of the counts belongs to
+
+
+def selects_nothing(tree: exp.Expression) -> bool:
+    """Whether a row SELECT selects no row whatever the data: its WHERE is FALSE, an INNER
+    or SEMI join's ON is FALSE, or what it selects from selects nothing. Decided from the text (what is missed here is only
+    checked per cell as well, never let through)."""
+    if isinstance(tree, exp.Subquery):
+        return selects_nothing(tree.this)
+    if not isinstance(tree, exp.Select):
+        return False
+    source = tree.args.get("from_")
+    if source is not None and selects_nothing(source.this):
+        return True
+    where = tree.args.get("where")
+    if where is not None:
+        folded = fold(where.this)
+        if isinstance(folded, exp.Boolean) and not folded.this:
+            return True
+    for join in tree.args.get("joins") or []:
+        on = join.args.get("on")
+        inner = (join.side or "").upper() in ("", "INNER") and (join.kind or "").upper() != "ANTI"
+        if inner and ((isinstance(on, exp.Boolean) and not on.this) or selects_nothing(join.this)):
+            return True
+    return False
+
+
+def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str], *,
+                       person_unique: bool) -> str | None:
+    """Rows (``__w`` neighbour, the group keys ``__g*``, ``__n`` contributors changed in
+    that cell, ``__ck`` their cell key); a neighbour and cell may come in two rows (leaving
+    and arriving), to be added. ``row`` is the tree ``neighbourhood`` returned."""
+    groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+    # a neighbour that selects no row at all (a top-level condition made FALSE, a join
+    # denied) empties every cell: a cell against nothing is its own count, no near pair
+    keep = counted_neighbours(row, neighbours)
+    if not keep:
+        return None
+    if _simple(row):
+        worlds, source = _flat_worlds(row, list(row.walk()), neighbours)
+        return _flat_sql(worlds, source, columns, groups, person_unique, keep)
+    base = _flat(row)
+    if base is not None:
+        flats = [_flat(variant_tree(row, v)) for v in neighbours]
+        source = base.args["from_"].sql(dialect=DIALECT)
+        if all(f is not None and f.args["from_"].sql(dialect=DIALECT) == source for f in flats):
+            return _flat_sql([_parts(base)] + [_parts(f) for f in flats], source, columns, groups, person_unique, keep)
+    return general_sql(row.sql(dialect=DIALECT), {i: variant_sql(row, neighbours[i]) for i in keep}, columns, groups)
+
+
+def counted_neighbours(row: exp.Expression, neighbours: list[Variant]) -> list[int]:
+    """The neighbours counted per cell: all but those that select nothing."""
+    return [i for i, v in enumerate(neighbours) if not selects_nothing(variant_tree(row, v))]
+
+
+def low_cells(counts: Cells, groups: list[str], ptable: PerturbationTable, k: int) -> frozenset[tuple]:
+    """The cells (tuples of group-key values) some neighbour changes by 1..k-1
+    contributors, by perturbed count."""
+    n = number(counts, hidden.CONTRIBUTORS, np.int64)
+    if not len(n):
+        return frozenset()
+    ck = number(counts, hidden.CELL_KEY, np.int64)
+    which = number(counts, WHICH, np.int64)
+    keys = list(zip(*(counts[g].to_pylist() for g in groups))) if groups else [()] * len(n)
+    totals: dict[tuple, list[int]] = {}
+    for w, key, count, cell_key in zip(which.tolist(), keys, n.tolist(), ck.tolist()):
+        if count:
+            t = totals.setdefault((w, key), [0, 0])
+            t[0] += count
+            t[1] = (t[1] + cell_key) % KEY_RANGE
+    if not totals:
+        return frozenset()
+    items = list(totals.items())
+    noisy = ptable.perturb_counts([t[1] for _, t in items], [t[0] for _, t in items])
+    return frozenset(key for ((_, key), _), value in zip(items, noisy.tolist()) if value < k)
+
+
+def suppress(cells: Cells, groups: list[str], low: frozenset[tuple]) -> tuple[Cells, int]:
+    """``cells`` with the contributors of the ``low`` cells set to 0 (so every aggregate
+    of them is suppressed as small), and how many."""
+    if not low or not groups:
+        return cells, 0
+    keys = zip(*(cells[g].to_pylist() for g in groups))
+    mask = np.fromiter((key in low for key in keys), dtype=bool, count=len(cells[hidden.CONTRIBUTORS]))
+    if not mask.any():
+        return cells, 0
+    out = dict(cells)
+    out[hidden.CONTRIBUTORS] = np.where(mask, 0, number(cells, hidden.CONTRIBUTORS, np.int64))
+    return out, int(mask.sum())
+
+
+def suppress_twins(cells: Cells, pairs: list[tuple[int, int]], ptable: PerturbationTable,
+                   k: int) -> tuple[Cells, int]:
+    """``cells`` with the cells suppressed where two aggregates of one kind (``cells.
+    twin_pairs``) have contributors 1..k-1 apart (perturbed): ``COUNT(*) FILTER (WHERE (C
+    AND age <= 40) OR pad)`` beside the same with 39 — each condition changes many, neither
+    is a neighbour of the other, and consistent noise answers the two alike exactly when
+    the target is not in the cell. Returns how many cells."""
+    if not pairs or not len(cells[hidden.CONTRIBUTORS]):
+        return cells, 0
+    mask = np.zeros(len(cells[hidden.CONTRIBUTORS]), dtype=bool)
+    for j1, j2 in pairs:
+        apart = number(cells, f"__tw{j1}_{j2}", np.int64)
+        noisy = ptable.perturb_counts(number(cells, f"__twk{j1}_{j2}", np.int64), apart)
+        mask |= (apart >= 1) & (noisy < k)
+    if not mask.any():
+        return cells, 0
+    out = dict(cells)
+    out[hidden.CONTRIBUTORS] = np.where(mask, 0, number(cells, hidden.CONTRIBUTORS, np.int64))
+    return out, int(mask.sum())
+
+
+# ---- one table -------------------------------------------------------------------------
+def _same(values: list[str], other: list[str]) -> str:
+    return " AND ".join(f"(({a}) IS NOT DISTINCT FROM ({b}))" for a, b in zip(values, other)) or "TRUE"
+
+
+def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], groups: list[str],
+              person_unique: bool, keep: list[int]) -> str:
+    cond0, proj0 = worlds[0]
+    changed = changed_conditions(worlds, columns)
+    pid, rkey = proj0[PID], proj0[RKEY]
+    q_cell = [proj0[g] for g in groups]
+    # rows counted in the query's cell (the cell they leave, or stay in with other values)
+    main = []
+    arrivals = []
+    for i in keep:
+        (cond, proj), d = worlds[i + 1], changed[i]
+        n_cell = [proj[g] for g in groups]
+        if n_cell == q_cell:
+            main.append(d)
+            continue
+        main.append(f"({d}) AND ({cond0})")
+        # ... and in the neighbour's cell they arrive in
+        arrivals.append((i, n_cell, f"({d}) AND ({cond}) AND NOT (({cond0}) AND {_same(q_cell, n_cell)})"))
+    parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique, where=None)]
+    for i, n_cell, flag in arrivals:
+        parts.append(_grouped([i], n_cell, [flag], source, groups, pid, rkey, person_unique, where=flag))
+    return " UNION ALL ".join(parts)
+
+
+def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, groups: list[str], pid: str,
+             rkey: str, person_unique: bool, *, where: str | None) -> str:
+    """Long rows (__w, cell, __n, __ck) for the neighbours ``which``, their rows marked by
+    ``flags``, grouped by ``cell``; a person's key in a cell is the sum of their distinct
+    record keys there (one row per person and record key first, as ``neighbour_counts``)."""
+    cell_cols = [f"{c} AS {_q(g)}" for c, g in zip(cell, groups)]
+    g_list = ", ".join(_q(g) for g in groups)
+    g_sel = f"{g_list}, " if groups else ""
+    filt = f" WHERE {where}" if where is not None else ""
+    if person_unique:
+        aggs = []
+        for i, f in zip(which, flags):
+            aggs += [f"COUNT(*) FILTER (WHERE {f}) AS __n{i}",
+                     f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {f}), 0)')} AS __ck{i}"]
+        wide = (f"SELECT {', '.join(cell_cols + aggs)} {source}{filt}" + (f" GROUP BY {', '.join(cell)}" if groups else ""))
+    else:
+        per_record = cell_cols + [f"{pid} AS __p", f"{rkey} AS __r"] + \
+            [f"bool_or({f}) AS __d{i}" for i, f in zip(which, flags)]
+        per_person = [f"bool_or(__d{i}) AS __d{i}" for i in which] + \
+            [f"SUM(__r) FILTER (WHERE __d{i}) AS __k{i}" for i in which]
+        per_cell = []
+        for i in which:
+            per_cell += [f"COUNT(*) FILTER (WHERE __d{i}) AS __n{i}",
+                         f"{cell_key_sql(f'COALESCE(SUM(__k{i}), 0)')} AS __ck{i}"]
+        by_record = f"{g_sel}__p, __r"
+        by_person = f"{g_sel}__p"
+        wide = (f"SELECT {g_sel}{', '.join(per_cell)} FROM (SELECT {by_person}, {', '.join(per_person)} FROM "
+                f"(SELECT {', '.join(per_record)} {source}{filt} GROUP BY {by_record}) AS __pr GROUP BY {by_person}) "
+                f"AS __pp" + (f" GROUP BY {g_list}" if groups else ""))
+    longs = [f"SELECT {i} AS {WHICH}, {g_sel}__n{i} AS {hidden.CONTRIBUTORS}, __ck{i} AS {hidden.CELL_KEY} "
+             f"FROM __wide WHERE __n{i} > 0" for i in which]
+    return f"(WITH __wide AS ({wide}) {' UNION ALL '.join(longs)})" if longs else \
+        f"(SELECT NULL::BIGINT AS {WHICH} WHERE FALSE)"
+
+
+# ---- any other shape ---------------------------------------------------------------------
+def general_sql(row_sql: str, neighbours: dict[int, str], columns: list[str], groups: list[str]) -> str:
+    """Each neighbour's rows compared with the query's as multisets of (contributor,
+    record key, cell, values); the rows in one and not the other, per cell they sit in."""
+    cols = ", ".join([_q(PID), _q(RKEY), *(_q(c) for c in columns)])
+    g_list = ", ".join(_q(g) for g in groups)
+    g_sel = f"{g_list}, " if groups else ""
+
+    def rows(sql: str) -> str:
+        return f"SELECT {cols}, COUNT(*) AS __m FROM ({sql}) AS __r GROUP BY ALL"
+
+    ctes = [f"__s AS ({rows(row_sql)})"]
+    selects = []
+    for i, neighbour_sql in neighbours.items():
+        ctes.append(f"__s{i} AS ({rows(neighbour_sql)})")
+        ctes.append(f"__x{i} AS (SELECT {g_sel}{_q(PID)}, SUM(DISTINCT {_q(RKEY)}) AS __k FROM "
+                    f"((SELECT * FROM __s EXCEPT SELECT * FROM __s{i}) UNION ALL "
+                    f"(SELECT * FROM __s{i} EXCEPT SELECT * FROM __s)) AS __x GROUP BY {g_sel}{_q(PID)})")
+        selects.append(f"SELECT {i} AS {WHICH}, {g_sel}COUNT(*) AS {hidden.CONTRIBUTORS}, "
+                       f"{cell_key_sql('COALESCE(SUM(__k), 0)')} AS {hidden.CELL_KEY} FROM __x{i}"
+                       + (f" GROUP BY {g_list}" if groups else ""))
+    return f"WITH {', '.join(ctes)} {' UNION ALL '.join(selects)}"

@@ -1,0 +1,314 @@
+"""Condition influence per cell (issue 15, classes 1, 3 and 4; ``sekisho.guard.cell_influence``).
+
+The attack class: a condition that changes many persons city-wide (so the query-wide rule
+keeps it) but one person inside one cell. Two cells of one query, of two boundaries, or of
+two queries then have the same contributors or differ by the target alone, and consistent
+noise answers equal sets equally. Each variant is run against the raw store (it must
+succeed: a real attack) and against the guard (no better than a constant guess); a
+property test checks per target that the target's cell is never released in two ways that
+differ; and the one-scan counts agree with the general comparison they replace.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from attack_oracle import RawOracle, assert_no_better_than_base, assert_real_attack, unique_targets
+from attack_oracle import accuracy_attack as _accuracy_attack, fresh_analyst as _fresh_analyst
+from guard_fixtures import truth
+from sekisho.guard import QueryRefused
+
+
+@pytest.fixture(scope="module")
+def inst(own_city):
+    return own_city
+
+
+raw = pytest.fixture(scope="module", name="raw")(lambda inst: RawOracle(inst))
+
+
+def accuracy_attack(oracle, inst, guess_of):
+    return _accuracy_attack(oracle, inst, guess_of, prefix="cell")
+
+
+def _rows(oracle, user, sql):
+    return oracle.query(sql, user=user).table.to_pylist()
+
+
+def _differ(a, b):
+    """'女' when the two releases of the target's cell differ, '男' when they are equal,
+    None when either is suppressed (no idea)."""
+    if a is None or b is None:
+        return None
+    return "女" if a != b else "男"
+
+
+# ---- the variants --------------------------------------------------------------------------
+def _pair_in_cell(oracle, user, sql, key, value):
+    mine = [r for r in _rows(oracle, user, sql) if r[key] == value]
+    return _differ(mine[0]["a"], mine[0]["b"]) if mine else None
+
+
+def label_twin(oracle, user, chome, age):
+    # the target in one large cell with everyone of another age; two counts of it
+    return _pair_in_cell(oracle, user, f"SELECT CASE WHEN age = {age} THEN chome_code ELSE '{chome}' END AS g, "
+                                       f"COUNT(*) AS a, COUNT(*) FILTER (WHERE age <> {age} OR sex = '男') AS b "
+                                       "FROM residents GROUP BY 1", "g", chome)
+
+
+def constant_twin(oracle, user, chome, age):
+    # two FILTER cells per 町丁目, the second one age further, men of the target's age kept
+    return _pair_in_cell(oracle, user, f"SELECT chome_code, COUNT(*) FILTER (WHERE age >= {age}) AS a, "
+                                       f"COUNT(*) FILTER (WHERE age >= {age} AND (age >= {age + 1} OR sex = '男')) "
+                                       "AS b FROM residents GROUP BY chome_code", "chome_code", chome)
+
+
+def union_twin(oracle, user, chome, age):
+    # the same pair as two boundaries of one query
+    g = f"CASE WHEN age = {age} THEN chome_code ELSE '{chome}' END"
+    rows = _rows(oracle, user, f"SELECT 'a' AS part, {g} AS g, COUNT(*) AS n FROM residents GROUP BY 2 UNION ALL "
+                               f"SELECT 'b' AS part, {g} AS g, COUNT(*) AS n FROM residents "
+                               f"WHERE age <> {age} OR sex = '男' GROUP BY 2")
+    mine = {r["part"]: r["n"] for r in rows if r["g"] == chome}
+    return _differ(mine.get("a"), mine.get("b"))
+
+
+def two_queries(oracle, user, chome, age):
+    # ... and as two queries (the first one has no condition at all)
+    g = f"CASE WHEN age = {age} THEN chome_code ELSE '{chome}' END"
+    first = [r["n"] for r in _rows(oracle, user, f"SELECT {g} AS g, COUNT(*) AS n FROM residents GROUP BY 1")
+             if r["g"] == chome]
+    second = [r["n"] for r in _rows(oracle, user, f"SELECT {g} AS g, COUNT(*) AS n FROM residents "
+                                                  f"WHERE age <> {age} OR sex = '男' GROUP BY 1") if r["g"] == chome]
+    return _differ(first[0] if first else None, second[0] if second else None)
+
+
+def moved_by_group_key(oracle, user, chome, age):
+    # a group key that moves the women of the target's age out of their 町丁目 (many
+    # city-wide): the target's 町丁目 loses her, and only her
+    plain = [r["n"] for r in _rows(oracle, user, "SELECT chome_code AS g, COUNT(*) AS n FROM residents GROUP BY 1")
+             if r["g"] == chome]
+    moved = [r["n"] for r in _rows(oracle, user, f"SELECT CASE WHEN age = {age} AND sex = '女' THEN 'A' "
+                                                 "ELSE chome_code END AS g, COUNT(*) AS n FROM residents GROUP BY 1")
+             if r["g"] == chome]
+    return _differ(plain[0] if plain else None, moved[0] if moved else None)
+
+
+VARIANTS = [label_twin, constant_twin, union_twin, two_queries, moved_by_group_key]
+
+
+@pytest.mark.parametrize("attack", VARIANTS, ids=lambda f: f.__name__)
+def test_a_condition_small_in_one_cell_reveals_nothing(attack, guard, raw, inst):
+    assert_real_attack(*accuracy_attack(raw, inst, attack)[::2])
+    assert_no_better_than_base(*accuracy_attack(guard, inst, attack))
+
+
+def test_several_rows_per_person_as_well(guard, raw, inst):
+    # resident_tax (a row per person and tax year): the target alone in their (block, age
+    # band), in one large cell of their block with everyone of other bands; a person's
+    # rows are counted once per cell. Per target: the two counts of that cell differ on the
+    # raw store for every woman, and the guard suppresses them or answers them equally.
+    targets = truth(inst, "SELECT block, age_band, any_value(sex) FROM resident_tax GROUP BY 1, 2 "
+                          "HAVING COUNT(DISTINCT person_id) = 1 ORDER BY 1, 2")
+    user = _fresh_analyst(inst, "cell")
+    women = 0
+    for block, band, sex in targets:
+        sql = (f"SELECT CASE WHEN age_band = '{band}' THEN block ELSE '{block}' END AS g, COUNT(*) AS a, "
+               f"COUNT(*) FILTER (WHERE age_band <> '{band}' OR sex = '男') AS b FROM resident_tax GROUP BY 1")
+        (truth_row,) = [r for r in raw.query(sql).table.to_pylist() if r["g"] == block]
+        assert (truth_row["a"] != truth_row["b"]) == (sex == "女"), sql
+        women += sex == "女"
+        rows = [r for r in guard.query(sql, user=user).table.to_pylist() if r["g"] == block]
+        # a suppressed cell of a key without a public domain is not shown at all
+        assert all((r["a"] is None and r["b"] is None) or r["a"] == r["b"] for r in rows), (sql, rows)
+    assert len(targets) >= 8 and women >= 4
+
+
+def test_the_target_cell_is_never_released_two_ways(guard, raw, inst):
+    # per target rather than in aggregate: a, b of the target's cell are suppressed, or
+    # equal, whatever the target is (on the raw store they differ for every woman)
+    user = _fresh_analyst(inst, "cell")
+    women = suppressed = 0
+    for chome, age, sex in unique_targets(inst, limit=60):
+        sql = (f"SELECT CASE WHEN age = {age} THEN chome_code ELSE '{chome}' END AS g, COUNT(*) AS a, "
+               f"COUNT(*) FILTER (WHERE age <> {age} OR sex = '男') AS b FROM residents GROUP BY 1")
+        (truth_row,) = [r for r in raw.query(sql).table.to_pylist() if r["g"] == chome]
+        assert (truth_row["a"] != truth_row["b"]) == (sex == "女")
+        women += sex == "女"
+        result = guard.query(sql, user=user)
+        if result.summary["conditions_left_out"]:
+            # a condition left out query-wide (few of that age city-wide, near k by the
+            # snapshot's noise): then a and b no longer differ by the target alone
+            continue
+        rows = [r for r in result.table.to_pylist() if r["g"] == chome]
+        # suppressed (a key without a public domain: its suppressed cells are not shown)
+        assert all(r["a"] is None and r["b"] is None for r in rows), (sql, rows)
+        suppressed += 1
+    assert women >= 10 and suppressed >= 20
+
+
+def test_cells_a_condition_does_not_touch_stay_as_they_are(guard, inst):
+    # a condition that changes nobody in a cell leaves it released (WHERE age >= 18 by
+    # age band: the adult bands), and a condition that changes many in every cell nothing
+    user = _fresh_analyst(inst, "cell")
+    result = guard.query("SELECT age_band, COUNT(*) AS n FROM residents WHERE age >= 18 GROUP BY age_band", user=user)
+    released = {r["age_band"]: r["n"] for r in result.table.to_pylist()}
+    assert all(released[b] is not None for b in ("30-34", "40-44", "50-54"))
+    result = guard.query("SELECT block, COUNT(*) AS n FROM residents WHERE sex = '女' GROUP BY block", user=user)
+    assert result.summary["cells_suppressed_by_condition_influence"] == 0
+    assert all(r["n"] is not None for r in result.table.to_pylist())
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT CASE WHEN age = 40 THEN chome_code ELSE '2820140001' END AS g, COUNT(*) AS a, "
+    "COUNT(*) FILTER (WHERE age <> 40 OR sex = '男') AS b FROM residents GROUP BY 1",
+    "SELECT CASE WHEN age = 33 AND sex = '女' THEN 'A' ELSE block END AS g, COUNT(*) AS n FROM residents "
+    "WHERE age > 20 GROUP BY 1",
+    "SELECT block, sex, COUNT(*) AS n FROM residents WHERE age BETWEEN 20 AND 60 AND chome_code IN "
+    "('2820140001', '2820140002', '2820140003') GROUP BY block, sex",
+    "SELECT block, COUNT(*) AS n, SUM(income_levy) AS s FROM resident_tax WHERE age_band <> '20-24' GROUP BY block",
+    "SELECT idou_type, COUNT(*) AS n FROM movements WHERE idou_year >= 2023 OR sex = '男' GROUP BY idou_type",
+], ids=["label", "moving-key", "between-in", "multi-row", "movements"])
+def test_one_scan_counts_agree_with_the_general_comparison(sql, guard, inst):
+    # the one-scan form (one aggregate per cell with a FILTER per neighbour) and the general
+    # form (each neighbour's rows against the query's) count the same contributors and keys
+    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.neighbours import neighbourhood, variant_sql
+    from sekisho.guard.sqltext import DIALECT
+
+    user = _fresh_analyst(inst, "cell")
+    plan = guard.plans.plan(sql, user=user, role="analyst", snapshot=guard.snapshots.current().id,
+                            catalog=guard._catalog("analyst", guard.snapshots.current()))
+    snap = guard.snapshots.current()
+    for bp in plan.boundaries:
+        columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+            [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+        base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+        assert neighbours
+        person_unique = snap.is_person_unique(bp.personal_view, "person_id")
+        one = fetch(snap, cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=person_unique))
+        keep = cell_influence.counted_neighbours(base, neighbours)
+        general = fetch(snap, cell_influence.general_sql(base.sql(dialect=DIALECT),
+                                                         {i: variant_sql(base, neighbours[i]) for i in keep}, columns,
+                                                         [c for c in columns if c.startswith("__g")]))
+        assert _summed(one) == _summed(general), sql
+        assert _summed(one), sql
+
+
+def _summed(counts) -> dict:
+    groups = sorted(c for c in counts if c.startswith("__g"))
+    out: dict = {}
+    keys = list(zip(*(counts[g].to_pylist() for g in groups))) if groups else []
+    for w, key, n, ck in zip(counts["__w"].tolist(), keys, counts["__n"].tolist(), counts["__ck"].tolist()):
+        t = out.setdefault((int(w), key), [0, 0])
+        t[0] += int(n)
+        t[1] = (t[1] + int(ck)) % 256
+    return {k: tuple(v) for k, v in out.items() if v[0]}
+
+
+def test_which_way_a_condition_is_left_out_tells_nothing(guard, inst):
+    # WHERE (C AND age = a AND sex = '女') OR pad: the sex condition's TRUE neighbour changes
+    # the target when a man, its FALSE neighbour when a woman; both are small, and the one
+    # left out (named in the summary with TRUE/FALSE) must not be the one that changes
+    # nobody. The summary's left-out list, read as a feature, guesses no better than base
+    # (in-sample majority per feature: the most an attacker with known persons gets).
+    import collections
+    import statistics
+
+    user = _fresh_analyst(inst, "cell")
+    seen = []
+    for chome, age, sex in unique_targets(inst, limit=80):
+        sql = (f"SELECT COUNT(*) AS n FROM residents WHERE (chome_code = '{chome}' AND age = {age} AND sex = '女') "
+               "OR (block = '灘' AND age >= 30)")
+        try:
+            summary = guard.query(sql, user=user).summary
+            feature = tuple(sorted((d["condition"].rsplit(".", 1)[-1].split(" ")[0], d["as"])
+                                   for d in summary["conditions_left_out_as"]))
+        except QueryRefused as refusal:
+            feature = refusal.code
+        seen.append((feature, sex))
+    by_feature = collections.defaultdict(collections.Counter)
+    for feature, sex in seen:
+        by_feature[feature][sex] += 1
+    hits = sum(c.most_common(1)[0][1] for c in by_feature.values())
+    common = statistics.mode(sex for _, sex in seen)
+    assert_no_better_than_base(hits, sum(sex == common for _, sex in seen), len(seen))
+
+
+# ---- two aggregates a constant apart in one query (class 4) ---------------------------------
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    """A 20,000-person city: targets unique on (町丁目, age) with a dozen younger and a dozen
+    older neighbours in their 町丁目, so that ``age <= a`` and ``age <= a - 1`` each change
+    k or more."""
+    from guard_fixtures import make_instance
+    from sekisho.guard import Guard
+
+    inst = make_instance(tmp_path_factory.mktemp("big") / "inst", persons=20000, seed=7, planted=False)
+    targets = truth(inst, """SELECT chome_code, age, any_value(sex) FROM residents r GROUP BY 1, 2
+      HAVING COUNT(*) = 1
+      AND (SELECT COUNT(*) FROM residents s WHERE s.chome_code = r.chome_code AND s.age < r.age) >= 12
+      AND (SELECT COUNT(*) FROM residents s WHERE s.chome_code = r.chome_code AND s.age > r.age) >= 12
+      ORDER BY hash(chome_code || age)""")
+    seen: set = set()
+    targets = [t for t in targets if not (t[0] in seen or seen.add(t[0]))][:36]
+    guard = Guard(inst)
+    yield inst, guard, targets
+    guard.close()
+
+
+def _range_pair(oracle, user, chome, age, spell):
+    pad = "(block = '灘' AND age >= 10)"
+    p1 = f"(chome_code = '{chome}' AND age <= {age}) OR {pad}"
+    p0 = f"(chome_code = '{chome}' AND age <= {age - 1}) OR {pad}"
+    if spell == "filter":
+        sql = f"SELECT sex, COUNT(*) FILTER (WHERE {p1}) AS n1, COUNT(*) FILTER (WHERE {p0}) AS n0 FROM residents GROUP BY sex"
+    else:
+        sql = (f"SELECT sex, COUNT(CASE WHEN {p1} THEN 1 END) AS n1, COUNT(CASE WHEN {p0} THEN 1 END) AS n0 "
+               "FROM residents GROUP BY sex")
+    rows = {r["sex"]: r for r in _rows(oracle, user, sql)}
+    f, m = rows.get("女"), rows.get("男")
+    if not f or not m or None in (f["n1"], f["n0"], m["n1"], m["n0"]):
+        return None
+    # the side without the target has the same contributors twice: answered exactly alike
+    return "女" if (f["n1"] != f["n0"]) > (m["n1"] != m["n0"]) else "男" if (m["n1"] != m["n0"]) > (f["n1"] != f["n0"]) \
+        else None
+
+
+@pytest.mark.parametrize("spell", ["filter", "case"])
+def test_two_aggregates_a_constant_apart_reveal_nothing(spell, big):
+    # ``age <= a`` and ``age <= a - 1`` each change many persons and are no neighbours of each
+    # other; the two counts differ by the target in the target's sex only
+    import statistics
+
+    inst, guard, targets = big
+    assert len(targets) >= 30
+    common = statistics.mode(s for *_, s in targets)
+    base = sum(s == common for *_, s in targets)
+    for oracle, real in ((RawOracle(inst), True), (guard, False)):
+        user = _fresh_analyst(inst, "pair")
+        hits = 0
+        for chome, age, sex in targets:
+            try:
+                guess = _range_pair(oracle, user, chome, age, spell)
+            except QueryRefused:
+                guess = None
+            hits += (guess or common) == sex
+        if real:
+            assert_real_attack(hits, len(targets))
+        else:
+            assert_no_better_than_base(hits, base, len(targets))
+
+
+def test_aggregates_of_the_same_persons_or_far_apart_stay_released(guard, inst):
+    # the pair check leaves ordinary tables alone: a count beside a count of women, of the
+    # old, and two counts of the same condition
+    user = _fresh_analyst(inst, "cell")
+    result = guard.query("SELECT block, COUNT(*) AS n, COUNT(*) FILTER (WHERE sex = '女') AS women, "
+                         "COUNT(*) FILTER (WHERE age >= 65) AS old, COUNT(CASE WHEN age >= 65 THEN 1 END) AS old2 "
+                         "FROM residents GROUP BY block", user=user)
+    assert result.summary["cells_suppressed_by_condition_influence"] == 0
+    rows = result.table.to_pylist()
+    assert rows and all(r["n"] is not None and r["women"] is not None for r in rows)
+    assert all(r["old"] == r["old2"] for r in rows)
