@@ -199,9 +199,10 @@ Residual risks (honest)
 * DP noise is calibrated to the policy's contribution bounds (max rows/groups per person,
   measure bounds); wide bounds give very noisy sums — by design, never narrowed from data.
 * Two aggregates a *constant* apart (``COUNT(*) FILTER (WHERE (C AND age <= 40) OR pad)``
-  beside the same with 39): in one boundary, the cells where the two have contributors
-  1..k-1 apart are suppressed (``cell_influence.suppress_twins``, counts with counts and
-  sums of one measure with each other); across boundaries of one query or across queries
+  beside the same with 39): in one boundary, where the two have contributors 1..k-1 apart
+  in a cell, the second is answered as the first (``cell_influence.equalize_twins``; counts
+  with counts, sums of one measure with each other) — suppressing that cell would show which
+  cell holds the person; across boundaries of one query or across queries
   only the ``differencing`` alert sees the pair (its window is a week, so pacing the two
   halves apart does not escape it) — and it pauses after the answer that completed the pair.
 * Alerts and holds are per account. Insiders who share the work between accounts (one

@@ -91,6 +91,10 @@ class Released:
     accuracy: dict[str, str] = field(default_factory=dict)   # answer column -> accuracy kind
     narrowed: bool = False     # a public domain was narrowed to the query's own filters
     influenced_cells: int = 0  # cells suppressed as a neighbouring query changes them by < k (cell_influence)
+    twins_equalized: int = 0   # answers made equal to a twin fewer than k apart (cell_influence)
+    # (the two counts above stay in the service: how many depends on the data; the answer
+    # says only that the per-cell rules applied, which the query text decides)
+    cells_checked: bool = False
 
 
 class Protection(Protocol):
@@ -263,14 +267,17 @@ class ThresholdProtection:
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             cells, influenced = cell_influence.suppress(
                 cells, [hidden.group_key(j) for j in range(len(bp.group_keys))], low)
-            cells, twins = cell_influence.suppress_twins(cells, twin_pairs(bp), ctx.snap.ptable, ctx.policy.disclosure.k)
-            released.influenced_cells += influenced + twins
+            released.influenced_cells += influenced
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
             frame, st = protect_threshold(cells, bp.aggregates, domains, k=d.k, table=ctx.snap.ptable,
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
+            frame, equalized = cell_influence.equalize_twins(
+                frame, cells, twin_pairs(bp), len(bp.group_keys), ctx.snap.ptable, d.k)
+            released.twins_equalized += equalized
+            released.cells_checked |= bool(bp.group_keys) and ctx.session.condition_influence
             st.population = population
             for condition, answered_as in left_out:
                 if (condition, answered_as) not in zip(released.left_out, released.treated_as):
@@ -357,9 +364,9 @@ class ThresholdProtection:
         if released.left_out:
             notes.append(f"対象者を{k}人以上変えない条件は適用していません（差分による特定の防止）: "
                          + "; ".join(f"{c}（{TREATED_AS_JA[t]}）" for c, t in zip(released.left_out, released.treated_as)))
-        if released.influenced_cells:
-            notes.append(f"条件を一つ変えると対象者が{k}人未満だけ変わるセル（{released.influenced_cells}）は秘匿しています"
-                         "（セル単位の差分による特定の防止）。")
+        if released.cells_checked:
+            notes.append(f"条件を一つ変えると対象者が{k}人未満だけ変わるセルは秘匿し、同じ種類の集計どうしで対象者が"
+                         f"{k}人未満しか違わないものは同じ値で回答しています（セル単位の差分による特定の防止）。")
         if any(s.values_suppressed_dominance for s in released.stats):
             notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")
         if any(not s.densified for s in released.stats) and any(bp.group_keys for bp in plan.boundaries):
@@ -508,7 +515,7 @@ def summary(policy: Policy, mode: str, plan: Plan, released: Released) -> dict:
         "epsilon_remaining": released.epsilon_remaining,
         "query_id": None,
         "conditions_left_out": list(released.left_out),
-        "cells_suppressed_by_condition_influence": released.influenced_cells,
+        "cell_influence_checked": released.cells_checked,
         "conditions_left_out_as": [{"condition": c, "as": t} for c, t in zip(released.left_out, released.treated_as)],
         "notes_ja": notes,
     }
