@@ -208,11 +208,40 @@ def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: li
             continue
         main.append(f"({d}) AND ({cond0})")
         # ... and in the neighbour's cell they arrive in
-        arrivals.append((i, n_cell, f"({d}) AND ({cond}) AND NOT (({cond0}) AND {_same(q_cell, n_cell)})"))
+        arrivals.append((i, n_cell, d, cond))
     parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique, where=None)]
-    for i, n_cell, flag in arrivals:
-        parts.append(_grouped([i], n_cell, [flag], source, groups, pid, rkey, person_unique, where=flag))
+    if arrivals:
+        parts.append(_arrivals(arrivals, cond0, q_cell, source, groups, pid, rkey, person_unique))
     return " UNION ALL ".join(parts)
+
+
+def _arrivals(arrivals: list[tuple[int, list[str], str, str]], cond0: str, q_cell: list[str], source: str,
+              groups: list[str], pid: str, rkey: str, person_unique: bool) -> str:
+    """The rows each neighbour moves into another cell, per neighbour and that cell, in one
+    scan: every cell expression computed once per row, each row listing the (neighbour,
+    cell) it arrives in — included by the neighbour, and not already in that cell for the
+    query — and only those entries grouped."""
+    cols = [f"{pid} AS __p", f"{rkey} AS __r", f"COALESCE(({cond0}), FALSE) AS __in"] + \
+        [f"{e} AS __q{j}" for j, e in enumerate(q_cell)]
+    items = []
+    for i, cell, cond in ((i, cell, cond) for i, cell, _, cond in arrivals):
+        cols.append(f"COALESCE(({cond}), FALSE) AS __in{i}")
+        cols += [f"{e} AS __n{i}_{j}" for j, e in enumerate(cell)]
+        same = " AND ".join(f"(__q{j} IS NOT DISTINCT FROM __n{i}_{j})" for j in range(len(cell))) or "TRUE"
+        fields = ", ".join([f"'w': {i}"] + [f"'{g}': __n{i}_{j}" for j, g in enumerate(groups)])
+        items.append(f"CASE WHEN __in{i} AND NOT (__in AND {same}) THEN {{{fields}}} END")
+    rows = f"SELECT {', '.join(cols)} {source}"
+    entries = f"SELECT UNNEST(list_filter([{', '.join(items)}], x -> x IS NOT NULL)) AS __e, __p, __r FROM ({rows}) AS __rw"
+    g_list = ", ".join(_q(g) for g in groups)
+    cell_sel = ", ".join(f"__e.{_q(g)} AS {_q(g)}" for g in groups)
+    flat = f"SELECT __e.w AS {WHICH}, {cell_sel}, __p, __r FROM ({entries}) AS __en"
+    if person_unique:
+        return (f"(SELECT {WHICH}, {g_list}, COUNT(*) AS {hidden.CONTRIBUTORS}, "
+                f"{cell_key_sql('COALESCE(SUM(__r), 0)')} AS {hidden.CELL_KEY} FROM ({flat}) AS __f GROUP BY ALL)")
+    per_person = (f"SELECT {WHICH}, {g_list}, __p, SUM(__r) AS __k FROM (SELECT DISTINCT * FROM ({flat}) AS __f) "
+                  "AS __d GROUP BY ALL")
+    return (f"(SELECT {WHICH}, {g_list}, COUNT(*) AS {hidden.CONTRIBUTORS}, "
+            f"{cell_key_sql('COALESCE(SUM(__k), 0)')} AS {hidden.CELL_KEY} FROM ({per_person}) AS __pp GROUP BY ALL)")
 
 
 def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, groups: list[str], pid: str,
