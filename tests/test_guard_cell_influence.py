@@ -316,3 +316,34 @@ def test_aggregates_of_the_same_persons_or_far_apart_stay_released(guard, inst):
     rows = result.table.to_pylist()
     assert rows and all(r["n"] is not None and r["women"] is not None for r in rows)
     assert all(r["old"] == r["old2"] for r in rows)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT size, COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS size FROM residents GROUP BY household_id) "
+    "AS h WHERE size >= 2 GROUP BY size",
+    "SELECT CASE WHEN kids >= 1 AND old = 0 THEN '子あり' WHEN old >= 1 THEN '高齢' ELSE 'その他' END AS kind, "
+    "COUNT(*) AS n FROM (SELECT household_id, COUNT_IF(age < 15) AS kids, COUNT_IF(age >= 65) AS old "
+    "FROM residents WHERE is_current GROUP BY household_id) AS h GROUP BY 1",
+], ids=["size", "kind"])
+def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
+    # households: one row per household with every world's features, counted per cell as
+    # over one table; the general comparison counts the same households
+    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.neighbours import neighbourhood, variant_sql
+    from sekisho.guard.sqltext import DIALECT
+
+    user = _fresh_analyst(inst, "cell")
+    snap = guard.snapshots.current()
+    plan = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id, catalog=guard._catalog("analyst", snap))
+    (bp,) = plan.boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+    one = cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True)
+    assert one is not None and not one.startswith("WITH __s AS"), one[:200]   # not the general form
+    keep = cell_influence.counted_neighbours(base, neighbours)
+    general = cell_influence.general_sql(base.sql(dialect=DIALECT), {i: variant_sql(base, neighbours[i]) for i in keep},
+                                         columns, [c for c in columns if c.startswith("__g")])
+    assert {k: v[0] for k, v in _summed(fetch(snap, one)).items()} == \
+        {k: v[0] for k, v in _summed(fetch(snap, general)).items()}, sql

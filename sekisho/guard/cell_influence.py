@@ -42,8 +42,9 @@ from sqlglot import exp
 
 from sekisho.guard import hidden
 from sekisho.guard.hidden import PID, RKEY
-from sekisho.guard.neighbour_counts import _flat, _flat_worlds, _parts, _q, _simple, changed_conditions
-from sekisho.guard.neighbour_units import fold
+from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts, _q, _simple, changed_conditions,
+                                           unit_parts, unit_scope_shape)
+from sekisho.guard.neighbour_units import fold, unit_rows
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable, cell_key_sql
 from sekisho.guard.protect.status import high_column, low_column, status_column
@@ -97,7 +98,26 @@ def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: 
         source = base.args["from_"].sql(dialect=DIALECT)
         if all(f is not None and f.args["from_"].sql(dialect=DIALECT) == source for f in flats):
             return _flat_sql([_parts(base)] + [_parts(f) for f in flats], source, columns, groups, person_unique, keep)
+    if unit_scope_shape(row) is not None:
+        shape, nodes, part_of = unit_parts(row)
+        rows = unit_rows(row, shape, nodes, neighbours, columns, lambda v: _local(v, nodes, part_of), keep)
+        if rows is not None:
+            return _units_sql(rows, groups)
     return general_sql(row.sql(dialect=DIALECT), {i: variant_sql(row, neighbours[i]) for i in keep}, columns, groups)
+
+
+def _units_sql(rows, groups: list[str]) -> str:
+    """Per cell over one row per unit (``neighbour_units.unit_rows``): as over one table
+    of one row per contributor — the rows a neighbour changes counted in the query's cell
+    when the query includes them, and in the neighbour's cell when they arrive there."""
+    source, in0, q_cell, others, pid, rkey = rows
+    if not others:
+        return f"SELECT NULL::BIGINT AS {WHICH} WHERE FALSE"
+    main = [f"({changed}) AND ({in0})" for _, _, changed, _ in others]
+    parts = [_grouped([i for i, *_ in others], q_cell, main, source, groups, pid, rkey, True, where=None),
+             _arrivals([(i, cell, changed, included) for i, cell, changed, included in others], in0, q_cell,
+                       source, groups, pid, rkey, True)]
+    return " UNION ALL ".join(parts)
 
 
 def counted_neighbours(row: exp.Expression, neighbours: list[Variant]) -> list[int]:

@@ -196,14 +196,7 @@ def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: l
                      columns: list[str]) -> str | None:
     """All neighbours of a query over one unit scope in one scan of its view
     (``neighbour_units``): here, which part of the query each neighbour changes."""
-    outer, inner = shape = unit_scope_shape(row)
-    roots: dict[tuple, exp.Expression] = {("inner", p.alias_or_name): _value(p) for p in inner.expressions}
-    if inner.args.get("where") is not None:
-        roots[("inner_where",)] = inner.args["where"].this
-    roots.update({("outer", p.alias_or_name): _value(p) for p in outer.expressions})
-    if outer.args.get("where") is not None:
-        roots[("outer_where",)] = outer.args["where"].this
-    part_of = _part_of(roots)
+    shape, nodes, part_of = unit_parts(row)
     return influence_units(row, shape, nodes, neighbours, columns, lambda v: _local(v, nodes, part_of))
 
 
@@ -223,6 +216,19 @@ def changed_conditions(worlds: list[tuple[str, dict[str, str]]], columns: list[s
             terms.append(f"(({cond0}) AND ({' OR '.join(differs)}))")
         changed.append(" OR ".join(terms) if terms else "FALSE")
     return changed
+
+
+def unit_parts(row: exp.Select) -> tuple[tuple, list[exp.Expression], dict]:
+    """(shape, nodes, part_of) of a query over one unit scope: what ``influence_units`` and
+    ``unit_rows`` need to place each neighbour's change."""
+    outer, inner = shape = unit_scope_shape(row)
+    roots: dict[tuple, exp.Expression] = {("inner", p.alias_or_name): _value(p) for p in inner.expressions}
+    if inner.args.get("where") is not None:
+        roots[("inner_where",)] = inner.args["where"].this
+    roots.update({("outer", p.alias_or_name): _value(p) for p in outer.expressions})
+    if outer.args.get("where") is not None:
+        roots[("outer_where",)] = outer.args["where"].this
+    return shape, list(row.walk()), _part_of(roots)
 
 
 def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,

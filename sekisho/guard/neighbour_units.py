@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from sekisho.guard.sqltext import DIALECT
-from sekisho.guard.hidden import RKEY
+from sekisho.guard.hidden import PID, RKEY
 from sekisho.guard.neighbours import Variant, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql
 
@@ -244,6 +244,37 @@ def influence_units(row: exp.Select, shape, nodes: list[exp.Expression], neighbo
     tree a variant changes (``("inner", name)``, ``("inner_where",)``, ``("outer", ...)``,
     ``("outer_where",)``), or None for a variant given as a whole tree. None when a
     neighbour is not a query over the same unit scope."""
+    built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
+    return None if built is None else _count(*built)
+
+
+def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
+              locate, keep: list[int]):
+    """One row per unit with, for the query and each kept neighbour that has units, what
+    ``cell_influence`` counts per cell: (source, the query's inclusion, its cell
+    expressions, [(neighbour, its cell expressions, changed, its inclusion)], contributor,
+    unit key) — every world's features computed over one GROUP BY of the view. None when
+    a neighbour is not a query over the same unit scope."""
+    built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
+    if built is None:
+        return None
+    levels, level1, worlds, *_ = built
+    groups = [c for c in columns if c.startswith("__g")]
+    used = [0] + [i + 1 for i in keep if worlds[i + 1].present is not None]
+    wanted = set()
+    for i in used:
+        wanted |= {worlds[i].present, *worlds[i].features.values()}
+    source = f"FROM {levels.over(f'({level1}) AS __l1', levels.closure(wanted))}"
+    w0 = worlds[0]
+    others = [(i - 1, [worlds[i].proj[g] for g in groups], _changed(w0, worlds[i], columns), _included(worlds[i]))
+              for i in used[1:]]
+    return source, _included(w0), [w0.proj[g] for g in groups], others, w0.proj[PID], w0.proj[RKEY]
+
+
+def unit_worlds(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant],
+                columns: list[str], locate):
+    """``_count``'s arguments (levels, level-1 SQL, worlds, columns, cell reads, key reads)
+    for a query over one unit scope and its neighbours, or None (see ``influence_units``)."""
     outer, inner = shape
     table_node = inner.args["from_"].this
     table = table_node.sql(dialect=DIALECT)
@@ -311,7 +342,7 @@ def influence_units(row: exp.Select, shape, nodes: list[exp.Expression], neighbo
         if select.args.get("where") is not None:
             parts.append(select.args["where"].this)
         return {c.name for part in parts for c in part.find_all(exp.Column) if c.table == scope}
-    return _count(levels, levels.level1(table_node, key), worlds, columns, read(outer, set(columns)), read(outer, {RKEY}))
+    return levels, levels.level1(table_node, key), worlds, columns, read(outer, set(columns)), read(outer, {RKEY})
 
 
 def _shape_of(tree: exp.Expression):
