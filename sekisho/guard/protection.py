@@ -274,8 +274,10 @@ class ThresholdProtection:
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
+            # (a role trusted without condition influence — the reports service — is answered as asked)
             frame, equalized = cell_influence.equalize_twins(
-                frame, cells, twin_pairs(bp), len(bp.group_keys), ctx.snap.ptable, d.k)
+                frame, cells, twin_pairs(bp) if ctx.session.condition_influence else [], len(bp.group_keys),
+                ctx.snap.ptable, d.k)
             released.twins_equalized += equalized
             released.cells_checked |= bool(bp.group_keys) and ctx.session.condition_influence
             st.population = population
