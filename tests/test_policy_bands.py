@@ -340,10 +340,13 @@ def test_the_guard_groups_and_filters_by_band_columns(ingested_instance, city):
         n = truth.get(label, 0)
         if n < k:
             assert got.get(label) is None, (label, n)
+        elif got.get(label) is None:
+            # a cell an IN element changes by fewer than k (sekisho.guard.cell_influence)
+            assert result.summary["cell_influence_checked"], (label, n)
         else:
-            assert got[label] is not None and abs(got[label] - n) <= noise, (label, got[label], n)
+            assert abs(got[label] - n) <= noise, (label, got[label], n)
             checked += 1
-    assert checked >= 3
+    assert checked >= 2
 
 
 def test_band_columns_are_public_partitions_in_dp_mode(ingested_instance, city):

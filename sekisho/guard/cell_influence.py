@@ -44,7 +44,9 @@ from sekisho.guard import hidden
 from sekisho.guard.hidden import PID, RKEY
 from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts, _q, _simple, changed_conditions,
                                            unit_parts, unit_scope_shape)
-from sekisho.guard.neighbour_units import fold, unit_rows
+from sekisho.guard.neighbour_units import _changed as changed_units
+from sekisho.guard.neighbour_units import _included as included_units
+from sekisho.guard.neighbour_units import fold, unit_worlds
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable, cell_key_sql
 from sekisho.guard.protect.status import high_column, low_column, status_column
@@ -104,6 +106,29 @@ def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: 
         if rows is not None:
             return _units_sql(rows, groups)
     return general_sql(row.sql(dialect=DIALECT), {i: variant_sql(row, neighbours[i]) for i in keep}, columns, groups)
+
+
+def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
+              locate, keep: list[int]):
+    """One row per unit with, for the query and each kept neighbour that has units, what
+    ``cell_influence`` counts per cell: (source, the query's inclusion, its cell
+    expressions, [(neighbour, its cell expressions, changed, its inclusion)], contributor,
+    unit key) — every world's features computed over one GROUP BY of the view. None when
+    a neighbour is not a query over the same unit scope."""
+    built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
+    if built is None:
+        return None
+    levels, level1, worlds, *_ = built
+    groups = [c for c in columns if c.startswith("__g")]
+    used = [0] + [i + 1 for i in keep if worlds[i + 1].present is not None]
+    wanted = set()
+    for i in used:
+        wanted |= {worlds[i].present, *worlds[i].features.values()}
+    source = f"FROM {levels.over(f'({level1}) AS __l1', levels.closure(wanted))}"
+    w0 = worlds[0]
+    others = [(i - 1, [worlds[i].proj[g] for g in groups], changed_units(w0, worlds[i], columns), included_units(worlds[i]))
+              for i in used[1:]]
+    return source, included_units(w0), [w0.proj[g] for g in groups], others, w0.proj[PID], w0.proj[RKEY]
 
 
 def _units_sql(rows, groups: list[str]) -> str:

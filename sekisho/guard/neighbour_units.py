@@ -1,15 +1,12 @@
 """The condition-influence count of a query over one unit scope, in one scan of its view
-(``neighbour_counts.influence_sql`` chooses it; tests/test_guard_influence.py checks it
-against the general form, neighbour by neighbour).
+(``neighbour_counts.influence_sql`` chooses it; tests check it against the general form).
 
-World 0 is the query, world i its neighbour i: they share the view and the linkage key
-and differ in the unit scope's WHERE or features, or in the outer part. A unit's
-features in a world are its aggregates restricted to that world's rows; a unit exists in
-a world when one of its rows passes that world's WHERE; the outer part is evaluated per
-world on that world's features; a unit is a changed contributor of neighbour i when its
-(inclusion, cell and value columns, unit key) differ from world 0's — what the general
-form counts by comparing two row sets, with the same cell key (the distinct unit keys
-of the differing rows).
+World 0 is the query, world i its neighbour i (same view and linkage key; they differ in
+the unit scope's WHERE or features, or the outer part). A unit's features in a world are
+its aggregates over that world's rows; it exists there when a row passes that world's
+WHERE; a unit is a changed contributor of neighbour i when its (inclusion, cell and value
+columns, unit key) differ from world 0's — what the general form counts, with the same
+cell key. ``cell_influence`` counts the same worlds per cell (``unit_worlds``).
 
 Cost (reports/06's 家族類型 at 530k: 94 neighbours in 1.4 CPU-s, from 4.5): the statement
 is built in levels so that no piece of work is done twice, and no work is done per
@@ -36,7 +33,7 @@ from dataclasses import dataclass
 from sqlglot import exp
 
 from sekisho.guard.sqltext import DIALECT
-from sekisho.guard.hidden import PID, RKEY
+from sekisho.guard.hidden import RKEY
 from sekisho.guard.neighbours import Variant, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql
 
@@ -239,42 +236,17 @@ class _World:
 
 def influence_units(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant],
                     columns: list[str], locate) -> str | None:
-    """One SQL for every neighbour of a query over one unit scope (module docstring);
-    ``shape``: (outer, unit scope) of ``row``; ``locate(variant)``: the part of the row
-    tree a variant changes (``("inner", name)``, ``("inner_where",)``, ``("outer", ...)``,
-    ``("outer_where",)``), or None for a variant given as a whole tree. None when a
-    neighbour is not a query over the same unit scope."""
+    """One SQL for every neighbour of a query over one unit scope (module docstring)."""
     built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
     return None if built is None else _count(*built)
 
 
-def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
-              locate, keep: list[int]):
-    """One row per unit with, for the query and each kept neighbour that has units, what
-    ``cell_influence`` counts per cell: (source, the query's inclusion, its cell
-    expressions, [(neighbour, its cell expressions, changed, its inclusion)], contributor,
-    unit key) — every world's features computed over one GROUP BY of the view. None when
-    a neighbour is not a query over the same unit scope."""
-    built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
-    if built is None:
-        return None
-    levels, level1, worlds, *_ = built
-    groups = [c for c in columns if c.startswith("__g")]
-    used = [0] + [i + 1 for i in keep if worlds[i + 1].present is not None]
-    wanted = set()
-    for i in used:
-        wanted |= {worlds[i].present, *worlds[i].features.values()}
-    source = f"FROM {levels.over(f'({level1}) AS __l1', levels.closure(wanted))}"
-    w0 = worlds[0]
-    others = [(i - 1, [worlds[i].proj[g] for g in groups], _changed(w0, worlds[i], columns), _included(worlds[i]))
-              for i in used[1:]]
-    return source, _included(w0), [w0.proj[g] for g in groups], others, w0.proj[PID], w0.proj[RKEY]
-
-
 def unit_worlds(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant],
                 columns: list[str], locate):
-    """``_count``'s arguments (levels, level-1 SQL, worlds, columns, cell reads, key reads)
-    for a query over one unit scope and its neighbours, or None (see ``influence_units``)."""
+    """``_count``'s arguments, or None when a neighbour is not a query over the same unit
+    scope. ``shape``: (outer, unit scope) of ``row``; ``locate(variant)``: the part of the
+    row tree a variant changes (``("inner", name)``, ``("inner_where",)``, ``("outer",
+    ...)``, ``("outer_where",)``), or None for a variant given as a whole tree."""
     outer, inner = shape
     table_node = inner.args["from_"].this
     table = table_node.sql(dialect=DIALECT)
