@@ -139,7 +139,7 @@ def _units_sql(rows, groups: list[str]) -> str:
     if not others:
         return f"SELECT NULL::BIGINT AS {WHICH} WHERE FALSE"
     main = [f"({changed}) AND ({in0})" for _, _, changed, _ in others]
-    parts = [_grouped([i for i, *_ in others], q_cell, main, source, groups, pid, rkey, True, where=None),
+    parts = [_grouped([i for i, *_ in others], q_cell, main, source, groups, pid, rkey, True),
              _arrivals([(i, cell, changed, included) for i, cell, changed, included in others], in0, q_cell,
                        source, groups, pid, rkey, True)]
     return " UNION ALL ".join(parts)
@@ -232,10 +232,6 @@ def _length(frame: Cells) -> int:
 
 
 # ---- one table -------------------------------------------------------------------------
-def _same(values: list[str], other: list[str]) -> str:
-    return " AND ".join(f"(({a}) IS NOT DISTINCT FROM ({b}))" for a, b in zip(values, other)) or "TRUE"
-
-
 def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], groups: list[str],
               person_unique: bool, keep: list[int]) -> str:
     cond0, proj0 = worlds[0]
@@ -254,7 +250,7 @@ def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: li
         main.append(f"({d}) AND ({cond0})")
         # ... and in the neighbour's cell they arrive in
         arrivals.append((i, n_cell, d, cond))
-    parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique, where=None)]
+    parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique)]
     if arrivals:
         parts.append(_arrivals(arrivals, cond0, q_cell, source, groups, pid, rkey, person_unique))
     return " UNION ALL ".join(parts)
@@ -290,20 +286,19 @@ def _arrivals(arrivals: list[tuple[int, list[str], str, str]], cond0: str, q_cel
 
 
 def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, groups: list[str], pid: str,
-             rkey: str, person_unique: bool, *, where: str | None) -> str:
+             rkey: str, person_unique: bool) -> str:
     """Long rows (__w, cell, __n, __ck) for the neighbours ``which``, their rows marked by
     ``flags``, grouped by ``cell``; a person's key in a cell is the sum of their distinct
     record keys there (one row per person and record key first, as ``neighbour_counts``)."""
     cell_cols = [f"{c} AS {_q(g)}" for c, g in zip(cell, groups)]
     g_list = ", ".join(_q(g) for g in groups)
     g_sel = f"{g_list}, " if groups else ""
-    filt = f" WHERE {where}" if where is not None else ""
     if person_unique:
         aggs = []
         for i, f in zip(which, flags):
             aggs += [f"COUNT(*) FILTER (WHERE {f}) AS __n{i}",
                      f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {f}), 0)')} AS __ck{i}"]
-        wide = (f"SELECT {', '.join(cell_cols + aggs)} {source}{filt}" + (f" GROUP BY {', '.join(cell)}" if groups else ""))
+        wide = (f"SELECT {', '.join(cell_cols + aggs)} {source}" + (f" GROUP BY {', '.join(cell)}" if groups else ""))
     else:
         per_record = cell_cols + [f"{pid} AS __p", f"{rkey} AS __r"] + \
             [f"bool_or({f}) AS __d{i}" for i, f in zip(which, flags)]
@@ -316,7 +311,7 @@ def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, g
         by_record = f"{g_sel}__p, __r"
         by_person = f"{g_sel}__p"
         wide = (f"SELECT {g_sel}{', '.join(per_cell)} FROM (SELECT {by_person}, {', '.join(per_person)} FROM "
-                f"(SELECT {', '.join(per_record)} {source}{filt} GROUP BY {by_record}) AS __pr GROUP BY {by_person}) "
+                f"(SELECT {', '.join(per_record)} {source} GROUP BY {by_record}) AS __pr GROUP BY {by_person}) "
                 f"AS __pp" + (f" GROUP BY {g_list}" if groups else ""))
     longs = [f"SELECT {i} AS {WHICH}, {g_sel}__n{i} AS {hidden.CONTRIBUTORS}, __ck{i} AS {hidden.CELL_KEY} "
              f"FROM __wide WHERE __n{i} > 0" for i in which]
