@@ -9,7 +9,9 @@ Per-cell status and accuracy (issue 19) travel with every answer as a second Arr
 table, the *cells table*, row-aligned with the answer (row i describes row i): for
 every answer column that carries a protected value, three columns ``<name>:status``
 (``released``, ``suppressed_k``, ``suppressed_dominance``, ``partial`` for an aggregate
-over cells some of which were suppressed; NULL where the guard could
+over cells some of which were suppressed, ``widened`` for a cell answered without
+conditions that change it by fewer than k (threshold mode, ``sekisho.guard.cell_widening``);
+NULL where the guard could
 not follow the value through post-processing), ``<name>:low`` and ``<name>:high`` (the
 accuracy interval: ±D for threshold counts, ±r·value for non-negative threshold sums,
 the 95% interval of the DP noise; NULL where none is stated). Each field's metadata

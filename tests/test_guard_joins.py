@@ -37,28 +37,35 @@ def tables(guard, user):
 
 def check_against_truth(result, true_sql, inst, disclosure, value="n", joins_left_out=0):
     """Every released cell within D of the truth, suppressed when its contributors (the
-    truth's last column) are fewer than k; every cell with >= k contributors released but
-    those a condition changes by fewer than k (cell_influence).
+    truth's last column) are fewer than k; a cell answered without conditions that change
+    it by fewer than k (``widened``, cell_widening) holds the truth within its interval.
     ``joins_left_out``: INNER joins that change nobody (every row matches), which the
     condition-influence rule leaves out (answered as LEFT joins: the same rows)."""
+    from sekisho.guard.protect import status
+    from sekisho.protocol import cells_by_column
+
     k, d = disclosure.k, disclosure.perturbation.max_noise
     left_out = result.summary["conditions_left_out"]
     assert len(left_out) == joins_left_out and all(c.startswith("JOIN ") for c in left_out), left_out
     true = {tuple(r[:-2]): (r[-2], r[-1]) for r in truth(inst, true_sql)}
     keys = [c for c in result.table.column_names if c != value]
+    companion = cells_by_column(result.cells)[value]
+    states, lows, highs = (companion[c].to_pylist() for c in ("status", "low", "high"))
     seen = set()
-    influenced = 0   # cells of k or more that a condition changes by fewer than k (cell_influence)
-    for row in result.table.to_pylist():
+    widened = 0
+    for row, state, low, high in zip(result.table.to_pylist(), states, lows, highs):
         key = tuple(row[c] for c in keys)
         seen.add(key)
         rows, contributors = true.get(key, (0, 0))
-        if contributors < k:
-            assert row[value] is None, (key, rows, contributors, row[value])
-        elif row[value] is None:
-            influenced += 1
+        if row[value] is None:
+            assert state == status.SUPPRESSED_K, (key, rows, contributors)
+        elif state == status.WIDENED:
+            assert low <= rows <= high, (key, rows, row[value], low, high)
+            widened += 1
         else:
-            assert abs(row[value] - rows) <= d, (key, rows, row[value], d)
-    assert not influenced or result.summary["cell_influence_checked"], (influenced, result.summary)
+            assert state == status.RELEASED and contributors >= k and abs(row[value] - rows) <= d, \
+                (key, rows, contributors, row[value], d)
+    assert not widened or result.summary["cell_influence_checked"], (widened, result.summary)
     assert all(key in seen for key, (_, c) in true.items() if c >= k)
     return true
 

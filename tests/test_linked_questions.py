@@ -101,15 +101,24 @@ def test_person_counts_match_the_truth_within_the_noise(number, guard, real_city
     keys = [c for c in released[0] if c != "n"] if released else []
     truth = {tuple(r[:-1]): r[-1] for r in truth_rows}
     assert released, number
+    from sekisho.guard.protect import status
+    from sekisho.protocol import cells_by_column
+
+    companion = cells_by_column(result.cells)["n"]
+    states, lows, highs = (companion[c].to_pylist() for c in ("status", "low", "high"))
     compared = influenced = 0
-    for row in released:
+    for row, state, low, high in zip(released, states, lows, highs):
         key = tuple(row[c] for c in keys)
         true = truth.get(key, 0)
         if row["n"] is None:
-            # below k, or a cell some condition changes by fewer than k (cell_influence)
             influenced += true >= k
+        elif state == status.WIDENED:
+            # answered without conditions that change this cell by fewer than k (maybe
+            # none; cell_widening): the count asked for within the widened interval
+            assert low <= true <= high, (number, key, row["n"], true, low, high)
+            influenced += 1
         else:
-            assert true >= k and abs(row["n"] - true) <= d, (number, key, row["n"], true)
+            assert state == status.RELEASED and true >= k and abs(row["n"] - true) <= d, (number, key, row["n"], true)
             compared += 1
     # (in this small city a question's cells can all be ones a condition changes by fewer
     # than k: question 6's two levy bands per age band)
@@ -190,7 +199,9 @@ def test_linked_counts_match_the_truth_and_exactly_the_cells_below_k_are_suppres
     """Released counts within ±D (the policy's cell-key max_noise) of the truth on the raw
     store; a cell's status is ``suppressed_k`` when fewer than k contributors
     (persons, or households where household facts are joined) are in it, and no other cell
-    is suppressed but those a condition changes by fewer than k (cell_influence)."""
+    is suppressed but those a condition changes by fewer than k (cell_influence); a cell
+    answered without such conditions is ``widened`` with the count asked for inside its
+    interval."""
     from sekisho.guard.protect import status
     from sekisho.protocol import cells_by_column
 
@@ -216,20 +227,24 @@ def test_linked_counts_match_the_truth_and_exactly_the_cells_below_k_are_suppres
         truth_rows = [dict(zip(names, r)) for r in cursor.fetchall()]
     keys = [c for c in result.table.column_names if c != value]
     truth = {tuple(r[c] for c in keys): (r[value], r.get("__contributors", r[value])) for r in truth_rows}
-    states = cells_by_column(result.cells)[value]["status"].to_pylist()
+    companion = cells_by_column(result.cells)[value]
+    states, lows, highs = (companion[c].to_pylist() for c in ("status", "low", "high"))
     seen = set()
     influenced = 0
-    for row, state in zip(result.table.to_pylist(), states):
+    for row, state, low, high in zip(result.table.to_pylist(), states, lows, highs):
         key = tuple(row[c] for c in keys)
         seen.add(key)
         rows, contributors = truth.get(key, (0, 0))
-        if contributors < k:
-            assert row[value] is None and state == status.SUPPRESSED_K, (number, key, rows, contributors)
-        elif row[value] is None:   # a cell some condition changes by fewer than k (cell_influence)
+        if row[value] is None:
             assert state == status.SUPPRESSED_K, (number, key, rows, contributors)
-            influenced += 1
+            influenced += contributors >= k
+        elif state == status.WIDENED:
+            # answered without conditions that change the cell by fewer than k (maybe
+            # none; cell_widening): the count asked for within its widened interval
+            assert low <= rows <= high, (number, key, rows, row[value], low, high)
         else:
-            assert state == status.RELEASED and abs(row[value] - rows) <= d, (number, key, row[value], rows)
+            assert state == status.RELEASED and contributors >= k and abs(row[value] - rows) <= d, \
+                (number, key, row[value], rows)
     assert not influenced or result.summary["cell_influence_checked"], (number, influenced)
     assert all(key in seen for key, (_, c) in truth.items() if c >= k), number
 

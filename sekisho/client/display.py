@@ -35,7 +35,7 @@ MAX_ROWS = 200
 
 SUPPRESSED = ("suppressed_k", "suppressed_dominance")
 STATUS_JA = {"released": "公表", "suppressed_k": "秘匿（少人数）", "suppressed_dominance": "秘匿（優越性）",
-             "partial": "秘匿セルを除いた集計"}
+             "partial": "秘匿セルを除いた集計", "widened": "一部の条件を外した集計"}
 MODE_JA = {"threshold": "しきい値方式（最小人数・セルキー法による攪乱）", "dp": "差分プライバシー方式"}
 ACCURACY_JA = {"cell_key": "セルキー法の攪乱", "sum_relative": "合計の攪乱（値に対する割合）",
                "dp_95": "95%区間", "none": "誤差幅の表示なし"}
@@ -191,7 +191,7 @@ def result_html(df: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
                 marks.add(mark)
                 cells.append(f'<td class="sekisho-na">{mark}</td>')
             elif isinstance(value, (int, float, decimal.Decimal)) or hasattr(value, "item") and not isinstance(value, str):
-                partial = "※" if st == "partial" else ""
+                partial = "※" if st == "partial" else "†" if st == "widened" else ""
                 marks.add(partial)
                 cells.append(f'<td class="num">{_esc(format_number(value, integer=integral[c]))}{partial}</td>')
             else:
@@ -206,6 +206,8 @@ def result_html(df: pd.DataFrame, *, max_rows: int = MAX_ROWS) -> str:
         legend.append("-: 値なし（該当する値がない）")
     if "※" in marks:
         legend.append("※: 秘匿したセルを除いて集計した値（実際の値とは異なります）")
+    if "†" in marks:
+        legend.append("†: このセルで対象者を少ししか変えない条件を外して集計した値（誤差幅は広げています）")
     if "…" in marks:
         legend.append("…: 値がありません（集計後の加工のため状態が分からない値。秘匿の可能性があります）")
     return (

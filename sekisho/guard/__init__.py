@@ -91,13 +91,16 @@ Residual risks (honest)
   age; or the same pair as two boundaries, two queries, or a group key that moves the
   target out of their 町丁目). For the query as answered, each neighbour's changed
   contributors are counted per cell (in the cell a row leaves and the one it arrives in);
-  a cell some neighbour changes by 1..k-1 (perturbed) is suppressed, whole. A neighbour
-  that changes nobody in a cell leaves it as it is, so the answer does not tell a cell's
-  zero from its one. Cost: one more scan per grouped query with conditions; cells where
-  a condition changes only a few persons (``WHERE is_current`` per 町丁目, where few have
-  left) are suppressed — analysts drop or widen such a condition. Residual: a condition
-  built so that no *single* replacement touches the target's cell (each atom doubled in a
-  way that still changes k or more persons elsewhere) is not seen per cell.
+  each cell is answered with the neighbours that change *it* by fewer than k (perturbed,
+  zero included) applied (``cell_widening``), so a cell one condition changes by the
+  target alone and a cell it does not change are answered alike (suppressing the first,
+  as this rule did before, named the target's cell: ``WHERE age <> a`` by 町丁目 x sex).
+  Cost: one more scan per grouped query with conditions, and one cells statement per
+  distinct query cells are answered as (at most 8; further cells suppressed); cells
+  where a condition changes few (``WHERE is_current`` per 町丁目) count without it and
+  are marked ``widened`` (with the cells it changes by none: the mark does not tell 0
+  from 1), a count's interval widened to hold the count asked for. Residual: decisions on perturbed counts near k (a
+  neighbour changing k-1 others plus the target), and one round only.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
   trackers across queries that no single-query rule sees, and averaging over the many
   *decompositions* of one population into large parts (by sex, by relationship, by cut

@@ -1,5 +1,5 @@
-"""Condition influence per cell (threshold mode): a released cell that a neighbouring
-query changes by fewer than k contributors is suppressed.
+"""Condition influence per cell (threshold mode): the contributors each neighbouring
+query changes in each cell.
 
 Why: ``influence.decide`` counts, for each neighbour (an atom replaced by TRUE or FALSE,
 an IN element or a BETWEEN bound dropped), the contributors it changes over the whole
@@ -13,16 +13,15 @@ the target's 町丁目 ``a`` and ``b`` have the same contributors exactly when t
 man, and consistent noise answers equal sets equally. The same pair is two boundaries of
 one query, or two queries. Counted per cell, some neighbour changes that cell by one
 person in either case (``age <> 40`` made TRUE adds her, ``sex = '男'`` made FALSE removes
-him), so the cell is suppressed whatever the target is.
+him), so the cell is answered alike whatever the target is.
 
 What is counted: for the query as answered (after ``decide``) and each of its neighbours,
 per cell of the query's group keys, the contributors whose rows in that cell differ —
 included or not, other values — counted in the cell they leave and in the cell they
 arrive in (a neighbour that changes a group key moves rows between cells), with their
-cell key. A cell is suppressed when some neighbour changes it by at least one contributor
-and the perturbed count of those is below k. A neighbour that changes nobody in a cell
-leaves it as it is, so nothing about a cell's zero is shown: the answer is the same. The
-decision is on perturbed counts, as every threshold.
+cell key. What is done with the counts is ``cell_widening``'s: each cell is answered with
+the neighbours that change it by fewer than k applied (suppressing it instead would tell
+a cell changed by one person from one changed by none).
 
 Cost: one more scan per grouped threshold query with conditions — over one table, one
 aggregate grouped by cell with a FILTER per neighbour (the neighbours that move rows
@@ -48,7 +47,7 @@ from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
 from sekisho.guard.neighbour_units import fold, unit_worlds
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
-from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable, cell_key_sql
+from sekisho.guard.protect.cellkey import PerturbationTable, cell_key_sql
 from sekisho.guard.protect.status import high_column, low_column, status_column
 from sekisho.guard.protect.threshold import Cells, number
 from sekisho.guard.sqltext import DIALECT
@@ -74,6 +73,7 @@ def selects_nothing(tree: exp.Expression) -> bool:
             return True
     for join in tree.args.get("joins") or []:
         on = join.args.get("on")
+        on = fold(on) if on is not None else None
         inner = (join.side or "").upper() in ("", "INNER") and (join.kind or "").upper() != "ANTI"
         if inner and ((isinstance(on, exp.Boolean) and not on.this) or selects_nothing(join.this)):
             return True
@@ -148,42 +148,6 @@ def _units_sql(rows, groups: list[str]) -> str:
 def counted_neighbours(row: exp.Expression, neighbours: list[Variant]) -> list[int]:
     """The neighbours counted per cell: all but those that select nothing."""
     return [i for i, v in enumerate(neighbours) if not selects_nothing(variant_tree(row, v))]
-
-
-def low_cells(counts: Cells, groups: list[str], ptable: PerturbationTable, k: int) -> frozenset[tuple]:
-    """The cells (tuples of group-key values) some neighbour changes by 1..k-1
-    contributors, by perturbed count."""
-    n = number(counts, hidden.CONTRIBUTORS, np.int64)
-    if not len(n):
-        return frozenset()
-    ck = number(counts, hidden.CELL_KEY, np.int64)
-    which = number(counts, WHICH, np.int64)
-    keys = list(zip(*(counts[g].to_pylist() for g in groups))) if groups else [()] * len(n)
-    totals: dict[tuple, list[int]] = {}
-    for w, key, count, cell_key in zip(which.tolist(), keys, n.tolist(), ck.tolist()):
-        if count:
-            t = totals.setdefault((w, key), [0, 0])
-            t[0] += count
-            t[1] = (t[1] + cell_key) % KEY_RANGE
-    if not totals:
-        return frozenset()
-    items = list(totals.items())
-    noisy = ptable.perturb_counts([t[1] for _, t in items], [t[0] for _, t in items])
-    return frozenset(key for ((_, key), _), value in zip(items, noisy.tolist()) if value < k)
-
-
-def suppress(cells: Cells, groups: list[str], low: frozenset[tuple]) -> tuple[Cells, int]:
-    """``cells`` with the contributors of the ``low`` cells set to 0 (so every aggregate
-    of them is suppressed as small), and how many."""
-    if not low or not groups:
-        return cells, 0
-    keys = zip(*(cells[g].to_pylist() for g in groups))
-    mask = np.fromiter((key in low for key in keys), dtype=bool, count=len(cells[hidden.CONTRIBUTORS]))
-    if not mask.any():
-        return cells, 0
-    out = dict(cells)
-    out[hidden.CONTRIBUTORS] = np.where(mask, 0, number(cells, hidden.CONTRIBUTORS, np.int64))
-    return out, int(mask.sum())
 
 
 def equalize_twins(frame: Cells, cells: Cells, pairs: list[tuple[int, int]], n_keys: int,

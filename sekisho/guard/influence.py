@@ -43,7 +43,8 @@ import numpy as np
 from sqlglot import exp
 
 from sekisho.guard import hidden
-from sekisho.guard.cell_influence import cell_influence_sql, low_cells
+from sekisho.guard import cell_widening
+from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.joins import ROW_IDENTITY
@@ -73,9 +74,9 @@ class Verdict:
     # key, as the rule's last scan counted them (its ``__n``/``__ck``) — the population
     # check then needs no scan of its own; None when no scan counted that query
     population: tuple[int, int] | None = None
-    # the cells (group-key values) a neighbour of the query as answered changes by 1..k-1
-    # contributors: suppressed (``cell_influence``)
-    low_cells: frozenset = frozenset()
+    # per cell, the query it is answered as: the query as answered with the neighbours
+    # that change that cell by fewer than k applied (``cell_widening``)
+    low_cells: cell_widening.CellWorlds = cell_widening.NONE
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -107,7 +108,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     the order within the near tier is by perturbed counts, never exact ones."""
     certain = k - 1 - ptable.max_noise
     current, left_out = row, []
-    low: frozenset = frozenset()
+    low = cell_widening.NONE
     answered = None   # (contributors, cell key) of ``current`` when a scan counted them
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
@@ -149,7 +150,8 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             counting = cell_influence_sql(base, neighbours, columns, person_unique=person_unique) \
                 if groups and neighbours else None
             if counting is not None:
-                low = low_cells(fetch(counting), groups, ptable, k)
+                low = cell_widening.cell_worlds(fetch(counting), groups, ptable, k, base, neighbours,
+                                                counted_neighbours(base, neighbours))
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
@@ -201,7 +203,7 @@ def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> i
     """A verdict's memory, estimated: its strings and the key's, plus the objects around them."""
     held = (found.row_sql or "", *found.left_out, *found.treated_as) if isinstance(found, Verdict) else \
         (found.reason, found.part)
-    cells = 64 * len(found.low_cells) if isinstance(found, Verdict) else 0
+    cells = found.low_cells.nbytes() if isinstance(found, Verdict) else 0
     return 400 + cells + sum(len(s) for s in key) + sum(len(s) for s in held)
 
 

@@ -29,7 +29,7 @@ import sqlglot
 from sqlglot import exp
 
 from sekisho.guard import budget as ledger
-from sekisho.guard import cell_influence, hidden, influence
+from sekisho.guard import cell_influence, cell_widening, hidden, influence
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql, twin_pairs
 from sekisho.guard.dp_bounds import declared_row_identity, groups_per_person, unique_in_store
@@ -90,8 +90,9 @@ class Released:
     cells: pa.Table | None = None
     accuracy: dict[str, str] = field(default_factory=dict)   # answer column -> accuracy kind
     narrowed: bool = False     # a public domain was narrowed to the query's own filters
-    influenced_cells: int = 0  # cells suppressed as a neighbouring query changes them by < k (cell_influence)
+    influenced_cells: int = 0  # cells suppressed: their per-cell query was not computed (cell_widening)
     twins_equalized: int = 0   # answers made equal to a twin fewer than k apart (cell_influence)
+    widened_cells: int = 0     # cells answered without conditions that change them by < k (cell_widening)
     # (the two counts above stay in the service: how many depends on the data; the answer
     # says only that the per-cell rules applied, which the query text decides)
     cells_checked: bool = False
@@ -258,15 +259,15 @@ class ThresholdProtection:
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
             run, left_out, counted, low = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
-                else (bp, (), None, frozenset())
+                else (bp, (), None, cell_widening.NONE)
             # the rows the query (as run) selects are one per contributor: the view's, or
             # by a declared row identity the query fixes and the store holds (run unchanged)
             one_row = fast or (not left_out and self._declared_one_row(ctx, bp))
             cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
                           deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
-            cells, influenced = cell_influence.suppress(
-                cells, [hidden.group_key(j) for j in range(len(bp.group_keys))], low)
+            groups = [hidden.group_key(j) for j in range(len(bp.group_keys))]
+            cells, _, influenced = self._per_cell(ctx, run, cells, groups, low, fast)
             released.influenced_cells += influenced
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
@@ -274,6 +275,10 @@ class ThresholdProtection:
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
+            frame, marked = cell_widening.mark(frame, low, bp.aggregates, k=d.k,
+                                               max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0,
+                                               count_kinds=COUNT_KINDS)
+            released.widened_cells += marked
             # (a role trusted without condition influence — the reports service — is answered as asked)
             frame, equalized = cell_influence.equalize_twins(
                 frame, cells, twin_pairs(bp) if ctx.session.condition_influence else [], len(bp.group_keys),
@@ -300,6 +305,19 @@ class ThresholdProtection:
     def _cells_sql(bp: BoundaryPlan, person_unique: bool) -> str:
         return _memo_on_plan(bp, "_cells_sql", person_unique,
                              lambda: cells_sql(bp, person_unique=person_unique, twins=True))
+
+    def _per_cell(self, ctx: Context, run: BoundaryPlan, cells: Cells, groups: list[str],
+                  plan: cell_widening.CellWorlds, fast: bool) -> tuple[Cells, int, int]:
+        """Each cell answered as the query ``cell_widening`` chose for it: one more cells
+        statement per distinct query (prepared per user, as the query's own)."""
+        if not plan or not groups:
+            return cells, 0, 0
+        world_cells = {}
+        for sql in sorted(plan.worlds()):
+            other = dataclasses.replace(run, row_sql=sql, row=None)
+            world_cells[sql] = fetch(ctx.snap, self._cells_sql(other, fast), prepared_for=ctx.session.user,
+                                     deadline=ctx.deadline)
+        return cell_widening.splice(cells, groups, plan, world_cells)
 
     @staticmethod
     def _declared_one_row(ctx: Context, bp: BoundaryPlan) -> bool:
@@ -367,7 +385,8 @@ class ThresholdProtection:
             notes.append(f"対象者を{k}人以上変えない条件は適用していません（差分による特定の防止）: "
                          + "; ".join(f"{c}（{TREATED_AS_JA[t]}）" for c, t in zip(released.left_out, released.treated_as)))
         if released.cells_checked:
-            notes.append(f"条件を一つ変えると対象者が{k}人未満だけ変わるセルは秘匿し、同じ種類の集計どうしで対象者が"
+            notes.append(f"セルごとに、そのセルの対象者を{k}人未満しか変えない条件（0人を含む）は適用していません"
+                         f"（状態 widened、表では †。件数の誤差幅はその分広げています）。同じ種類の集計どうしで対象者が"
                          f"{k}人未満しか違わないものは同じ値で回答しています（セル単位の差分による特定の防止）。")
         if any(s.values_suppressed_dominance for s in released.stats):
             notes.append("少数の者が大部分を占める合計・平均は秘匿しています（優越性ルール）。")

@@ -6,18 +6,22 @@ Every aggregate value of a protected table carries, in hidden columns next to it
 * ``__st<j>`` its status — ``released``, ``suppressed_k`` (fewer contributors than k, or
   a count perturbed into 1..min_count-1: "few, maybe none"; an empty cell on a public
   domain is ``suppressed_k`` too, so zero and small stay indistinguishable) or
-  ``suppressed_dominance`` (a sum or mean dominated by a few contributors);
+  ``suppressed_dominance`` (a sum or mean dominated by a few contributors), or
+  ``widened`` (threshold mode: answered without conditions of the query that change the
+  cell by fewer than k persons, maybe none — ``cell_widening``);
 * ``__lo<j>`` / ``__hi<j>`` the accuracy of the released value, as an interval:
 
   - threshold counts: the cell-key bound, value ± D (``perturbation.max_noise``; the low
-    end not below 0): the true count lies in it, always;
+    end not below 0): the true count lies in it, always; a ``widened`` count: value ±
+    (D + s·(k - 1 + D)), s the conditions not applied in the cell, so the count asked
+    for lies in it;
   - threshold sums of a measure declared non-negative: value ± r·value with
     ``r = f·c/(1 - f·c)``, f the sum-noise fraction (``SUM_NOISE_FRACTION``) and c the
     share of the total the largest contributor may hold in a released cell (the NK rule's
     k for sensitive measures, 1 otherwise): noise <= f·top1 <= f·c·true <= r·released.
     Computed from the released value and public parameters only — never from the largest
-    contribution itself, which the dominance rules protect. Other sums and threshold
-    means carry no interval (NULL);
+    contribution itself, which the dominance rules protect. Other sums, ``widened`` sums
+    and threshold means carry no interval (NULL);
   - DP counts and sums: the 95% interval of the discrete Laplace noise around the value
     (``dp_half_width``: the smallest t with P(|Z| <= t) >= 0.95, so its coverage is 95%
     or slightly more); DP means: from the noisy sum's and the noisy count's 97.5%
@@ -40,7 +44,11 @@ SUPPRESSED_DOMINANCE = "suppressed_dominance"
 # an aggregate above the boundaries over cells of which some were suppressed: computed
 # without them (``protect.carry``)
 PARTIAL = "partial"
-STATUSES = (RELEASED, SUPPRESSED_K, SUPPRESSED_DOMINANCE, PARTIAL)
+# threshold mode: a cell answered without some conditions of the query that change it by
+# fewer than k persons (maybe none; ``cell_widening``): released, with a count's interval
+# widened to hold the count asked for, a sum's or mean's dropped
+WIDENED = "widened"
+STATUSES = (RELEASED, SUPPRESSED_K, SUPPRESSED_DOMINANCE, PARTIAL, WIDENED)
 
 # accuracy kinds, as the summary names them per output column
 CELL_KEY = "cell_key"            # ± D
