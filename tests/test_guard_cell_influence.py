@@ -452,3 +452,80 @@ def test_a_condition_few_in_a_cell_is_not_applied_there_and_the_cell_says_so(gua
             assert st["status"] == "widened", (key, st)   # changed by none: marked alike
     assert few >= 3, few
     assert any("widened" in note for note in result.summary["notes_ja"])
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT block, COUNT(*) AS n FROM residents WHERE block IN ('飾磨', '灘', '網干') AND age >= 18 GROUP BY block",
+    "SELECT age, sex, COUNT(*) AS n FROM residents WHERE age BETWEEN 20 AND 40 AND sex = '女' GROUP BY age, sex",
+    "SELECT age, COUNT(*) FILTER (WHERE age >= 65 OR age < 15) AS dependents FROM residents GROUP BY age",
+])
+def test_a_cell_deemed_untouched_is_changed_by_nobody(sql, guard, inst):
+    # ``cell_widening.untouched_cells`` decides from the text and a cell's key alone that a
+    # neighbour cannot change the cell; on the data, the general comparison finds nobody
+    # changed there (and the test would fail if the rule marked a cell it does change)
+    from sekisho.guard import cell_influence, cell_widening, hidden
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.neighbours import neighbourhood, variant_sql
+    from sekisho.guard.sqltext import DIALECT
+
+    user = _fresh_analyst(inst, "cell")
+    snap = guard.snapshots.current()
+    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
+                             catalog=guard._catalog("analyst", snap)).boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    groups = [c for c in columns if c.startswith("__g")]
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+    untouched = cell_widening.untouched_cells(base, neighbours)
+    assert untouched, sql
+    keep = cell_influence.counted_neighbours(base, neighbours)
+    changed = _summed(fetch(snap, cell_influence.general_sql(base.sql(dialect=DIALECT),
+                                                             {i: variant_sql(base, neighbours[i]) for i in keep},
+                                                             columns, groups)))
+    domain = {key for (_, key) in changed} | {tuple(r[:len(groups)]) for r in truth(
+        inst, f"SELECT {', '.join(c.name for c in (k.column for k in bp.group_keys))} FROM residents GROUP BY ALL")}
+    checked = 0
+    for i in keep:
+        if i not in untouched:
+            continue
+        for key in domain:
+            if untouched[i](key):
+                assert (i, key) not in changed, (sql, neighbours[i].atom, neighbours[i].action, key)
+                checked += 1
+    assert checked >= 5, checked
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT block, COUNT(*) AS n FROM residents WHERE age >= 18 GROUP BY block",
+    "SELECT block, sex, COUNT(*) AS n FROM residents WHERE age BETWEEN 20 AND 60 AND chome_code IN "
+    "('2820140001', '2820140002', '2820140003') GROUP BY block, sex",
+    "SELECT block, COUNT(CASE WHEN age >= 46 THEN 1 END) AS older, COUNT(*) AS n FROM residents GROUP BY block",
+    "SELECT age_band, COUNT(*) AS n FROM residents WHERE is_current AND (sex = '女' OR age > 70) GROUP BY age_band",
+])
+def test_the_shared_first_round_counts_what_the_two_scans_count(sql, guard, inst):
+    # influence.decide's first round and the per-cell counts from one grouped scan
+    # (cell_influence.query_and_cell_sql) count exactly what the query-wide scan and the
+    # per-cell scan count apart
+    from sekisho.guard import cell_influence, hidden, influence
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.neighbours import neighbourhood
+
+    user = _fresh_analyst(inst, "cell")
+    snap = guard.snapshots.current()
+    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
+                             catalog=guard._catalog("analyst", snap)).boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+
+    def run(q):
+        return fetch(snap, q)
+
+    shared = influence._query_and_cells(base, neighbours, columns, snap.ptable, run)
+    assert shared is not None, sql
+    noisy, exact, own = influence._counted(base, neighbours, columns, True, snap.ptable, run)
+    assert (shared[0], shared[1]) == (noisy, exact), sql
+    assert int(shared[2][hidden.CONTRIBUTORS][0]) == int(own[hidden.CONTRIBUTORS][0])
+    assert int(shared[2][hidden.CELL_KEY][0]) == int(own[hidden.CELL_KEY][0])
+    apart = run(cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True))
+    assert _summed(shared[3]) == _summed(apart) and _summed(apart), sql

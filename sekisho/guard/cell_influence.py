@@ -108,6 +108,26 @@ def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: 
     return general_sql(row.sql(dialect=DIALECT), {i: variant_sql(row, neighbours[i]) for i in keep}, columns, groups)
 
 
+def query_and_cell_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str]) -> str | None:
+    """For a grouped query over one table of one row per contributor whose neighbours move
+    no row between cells: one grouped scan with, per cell, each counted neighbour's changed
+    contributors and (``__w`` = ``len(neighbours)``) the query's own — the query-wide
+    counts are their sums (a row is in one cell in every world), so ``influence.decide``'s
+    first round and the per-cell counts share a scan. None for any other shape."""
+    groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+    if not groups or not _simple(row):
+        return None
+    keep = counted_neighbours(row, neighbours)
+    worlds, source = _flat_worlds(row, list(row.walk()), neighbours)
+    cond0, proj0 = worlds[0]
+    q_cell = [proj0[g] for g in groups]
+    if any([worlds[i + 1][1][g] for g in groups] != q_cell for i in keep):
+        return None
+    changed = changed_conditions(worlds, columns)
+    flags = [changed[i] for i in keep] + [f"COALESCE(({cond0}), FALSE)"]
+    return _grouped(keep + [len(neighbours)], q_cell, flags, source, groups, proj0[PID], proj0[RKEY], True)
+
+
 def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
               locate, keep: list[int]):
     """One row per unit with, for the query and each kept neighbour that has units, what
@@ -279,7 +299,8 @@ def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, g
                 f"AS __pp" + (f" GROUP BY {g_list}" if groups else ""))
     longs = [f"SELECT {i} AS {WHICH}, {g_sel}__n{i} AS {hidden.CONTRIBUTORS}, __ck{i} AS {hidden.CELL_KEY} "
              f"FROM __wide WHERE __n{i} > 0" for i in which]
-    return f"(WITH __wide AS ({wide}) {' UNION ALL '.join(longs)})" if longs else \
+    # (materialized: one scan, read once per neighbour; inlined, each would scan again)
+    return f"(WITH __wide AS MATERIALIZED ({wide}) {' UNION ALL '.join(longs)})" if longs else \
         f"(SELECT NULL::BIGINT AS {WHICH} WHERE FALSE)"
 
 

@@ -50,13 +50,13 @@ from sekisho.guard.sqltext import DIALECT
 
 MAX_WORLDS = 8   # distinct queries cells are answered as, beyond the query's own
 OWN = ""         # a cell answered as the query itself
-MISSING = "-"    # a cell whose query is beyond MAX_WORLDS: suppressed
 WHICH = "__w"
 
 
 def cell_worlds(counts: Cells, groups: list[str], ptable: PerturbationTable, k: int, base: exp.Expression,
                 neighbours: list[Variant], keep: list[int]) -> "CellWorlds":
-    """From ``cell_influence_sql``'s counts: per cell, the query it is answered as."""
+    """From ``cell_influence_sql``'s counts: which neighbours change which cell, and by k or
+    more (perturbed); the query each cell is answered as is resolved per cell (``resolve``)."""
     n = number(counts, hidden.CONTRIBUTORS, np.int64)
     totals: dict[tuple[int, tuple], list[int]] = {}
     if len(n):
@@ -70,87 +70,174 @@ def cell_worlds(counts: Cells, groups: list[str], ptable: PerturbationTable, k: 
                 t[1] = (t[1] + cell_key) % KEY_RANGE
     items = list(totals.items())
     noisy = ptable.perturb_counts([t[1] for _, t in items], [t[0] for _, t in items]).tolist() if items else []
-    large: dict[tuple, set[int]] = {}
-    changed: dict[tuple, set[int]] = {}
+    large: dict[tuple, frozenset[int]] = {}
+    changed: dict[tuple, frozenset[int]] = {}
     for ((w, key), _), value in zip(items, noisy):
-        changed.setdefault(key, set()).add(w)
+        changed[key] = changed.get(key, frozenset()) | {w}
         if value >= k:
-            large.setdefault(key, set()).add(w)
-    kept = frozenset(keep)
-    position = {id(v): i for i, v in enumerate(neighbours)}
-
-    def own(applied: frozenset, key) -> bool:
-        # nothing applied; or what is applied changes nobody in the cell: neighbours that
-        # change nobody there, one of them or elements of one IN list (disjoint values:
-        # dropping several changes what each changes, added up)
-        if not applied:
-            return True
-        chosen = batch([(neighbours[i], 0) for i in sorted(applied)])
-        if {position[id(v)] for v in chosen} & changed.get(key, set()):
-            return False
-        return len(chosen) == 1 or (len({v.index for v in chosen}) == 1
-                                    and all(v.action.startswith("drop:") for v in chosen))
-
-    applied_of = {key: kept - large.get(key, set()) for key in changed}
-    own_cells = {key for key, applied in applied_of.items() if own(applied, key)}
-    # a cell no neighbour changes: every neighbour applies (together they may change it)
-    default_own = own(kept, None)
-    wanted = {applied for key, applied in applied_of.items() if key not in own_cells}
-    if not default_own:
-        wanted.add(kept)
-    # at most MAX_WORLDS, the same ones whatever order the counts came in: the smallest first
-    ranked = sorted(wanted, key=lambda a: (len(a), sorted(a)))[:MAX_WORLDS]
-    sql_of = {a: apply(base, batch([(neighbours[i], 0) for i in sorted(a)])).sql(dialect=DIALECT) for a in ranked}
-    by_cell = {key: OWN if key in own_cells else sql_of.get(applied) for key, applied in applied_of.items()}
-    sizes = {key: len(applied) for key, applied in applied_of.items()}
-    default = None if default_own else sql_of.get(kept)
-    if not default_own and default is None:
-        default = MISSING
-    return CellWorlds(by_cell, default, sizes, len(kept))
+            large[key] = large.get(key, frozenset()) | {w}
+    return CellWorlds(base, neighbours, frozenset(keep), changed, large, untouched_cells(base, neighbours))
 
 
 class CellWorlds:
-    """Per cell the row SQL it is answered as (None: too many distinct ones, suppressed);
-    cells not listed: ``default`` when no neighbour changes them (None: the query's own).
-    ``sizes``: per listed cell |S_c|, the neighbours applied in it (zero-change ones
-    included); ``default_size`` for the others."""
+    """The per-cell rule's decisions for one boundary, kept with the verdict: the query's
+    tree and neighbours, the kept neighbours, per cell those that change it and those that
+    change it by k or more, and the neighbours that cannot change some cells whatever the
+    data (``untouched_cells``)."""
 
-    def __init__(self, by_cell: dict, default: str | None, sizes: dict | None = None, default_size: int = 0):
-        self.by_cell = by_cell
-        self.default = default
-        self._default_set = default is not None
-        self.sizes = sizes or {}
-        self.default_size = default_size
+    def __init__(self, base, neighbours, kept, changed, large, untouched):
+        self.base, self.neighbours, self.kept = base, neighbours, kept
+        self.changed, self.large, self.untouched = changed, large, untouched
 
-    def applied(self, key) -> int:
-        """|S_c|: how many neighbours the cell is answered without (0: as asked). Counted
-        with the neighbours that change nobody there, so it does not tell 0 from 1."""
-        return self.sizes.get(key, self.default_size)
+    def applied(self, key) -> frozenset[int]:
+        """S_c: the kept neighbours that change the cell by fewer than k — those that change
+        it by none included (so S_c does not tell 0 from 1), but not those that cannot
+        change it whatever the data."""
+        return frozenset(i for i in self.kept - self.large.get(key, frozenset())
+                         if not (i in self.untouched and self.untouched[i](key)))
 
-    def of(self, key) -> tuple[bool, str | None]:
-        """(answered as another query?, its row SQL or None to suppress)."""
-        sql = self.by_cell[key] if key in self.by_cell else self.default if self._default_set else OWN
-        if sql == OWN:
-            return False, None
-        return True, None if sql in (None, MISSING) else sql
+    def own(self, key, applied: frozenset[int]) -> bool:
+        """Whether what ``applied`` applies changes nobody in the cell: nothing, one
+        neighbour that changes nobody there, or dropped elements of one IN list that each
+        change nobody (disjoint values: together they change what each changes, added up)."""
+        if not applied:
+            return True
+        chosen = self._chosen(applied)
+        if chosen & self.changed.get(key, frozenset()):
+            return False
+        variants = [self.neighbours[i] for i in chosen]
+        return len(variants) == 1 or (len({v.index for v in variants}) == 1
+                                      and all(v.action.startswith("drop:") for v in variants))
 
-    def worlds(self) -> set[str]:
-        return {s for s in (*self.by_cell.values(), self.default) if s and s != MISSING}
+    def resolve(self, keys) -> "Resolution":
+        """Per cell of ``keys``: its S_c and the row SQL it is answered as (``OWN``: the
+        query's own; None: beyond ``MAX_WORLDS``, suppressed). The worlds computed are the
+        smallest first, so the same whatever order the cells come in."""
+        applied = {key: self.applied(key) for key in keys}
+        others = {key: a for key, a in applied.items() if not self.own(key, a)}
+        ranked = sorted(set(others.values()), key=lambda a: (len(a), sorted(a)))[:MAX_WORLDS]
+        sql_of = {a: apply(self.base, [self.neighbours[i] for i in sorted(self._chosen(a))]).sql(dialect=DIALECT)
+                  for a in ranked}
+        return Resolution({key: sql_of.get(others[key]) if key in others else OWN for key in applied},
+                          {key: len(a) for key, a in applied.items()})
+
+    def _chosen(self, applied: frozenset[int]) -> frozenset[int]:
+        # per condition its preferred way when several of its neighbours apply
+        position = {id(v): i for i, v in enumerate(self.neighbours)}
+        return frozenset(position[id(v)] for v in batch([(self.neighbours[i], 0) for i in sorted(applied)]))
 
     def nbytes(self) -> int:
-        return sum(len(s) for s in self.worlds()) + 64 * len(self.by_cell)
-
-    def any_applied(self) -> bool:
-        return bool(self.default_size) or any(self.sizes.values())
+        return 2000 + 300 * len(self.neighbours) + 64 * (len(self.changed) + len(self.large))
 
     def __bool__(self) -> bool:
-        return self._default_set or any(s != OWN for s in self.by_cell.values())
+        return bool(self.kept)
 
 
-NONE = CellWorlds({}, None)
+class Resolution:
+    def __init__(self, world_of: dict, sizes: dict):
+        self.world_of, self.sizes = world_of, sizes
+
+    def worlds(self) -> set[str]:
+        return {s for s in self.world_of.values() if s}
 
 
-def splice(cells: Cells, groups: list[str], plan: CellWorlds, world_cells: dict[str, Cells]
+NONE = CellWorlds(None, [], frozenset(), {}, {}, {})
+
+
+def untouched_cells(base: exp.Expression, neighbours: list[Variant]) -> dict:
+    """Per neighbour replacing a comparison of a group-key column with constants (``block
+    IN (...)``, ``age >= 18``, ``sex = '女'`` where the query groups by that column): a test
+    of a cell's key telling that the neighbour cannot change that cell whatever the data —
+    it changes only rows whose value makes the comparison differ from its replacement,
+    and those rows are in other cells. Decided from the text and the key, never the data."""
+    if not isinstance(base, exp.Select):
+        return {}
+    keys = {}
+    for p in base.expressions:
+        if isinstance(p, exp.Alias) and p.alias.startswith(hidden.GROUP_KEY_PREFIX) and isinstance(p.this, exp.Column):
+            keys[(p.this.table, p.this.name)] = int(p.alias[len(hidden.GROUP_KEY_PREFIX):])
+    if not keys:
+        return {}
+    nodes = list(base.walk())
+    out = {}
+    for i, v in enumerate(neighbours):
+        node = nodes[v.index] if 0 <= v.index < len(nodes) else None
+        column = node.this if node is not None else None
+        if not isinstance(column, exp.Column) or (column.table, column.name) not in keys:
+            continue
+        changes = _changes(node, v.action)
+        kinds = {_kind(e) for e in [node.expression] + list(node.expressions) + [node.args.get("low"),
+                                                                                   node.args.get("high")]
+                 if isinstance(e, exp.Literal)}
+        if changes is not None and len(kinds) == 1:
+            j = keys[(column.table, column.name)]
+            out[i] = lambda key, j=j, changes=changes, kind=kinds.pop(): _known(changes, key[j], kind) is False
+    return out
+
+
+def _literal(node: exp.Expression):
+    if isinstance(node, exp.Literal):
+        if node.is_string:
+            return node.this
+        try:
+            return float(node.this)
+        except ValueError:
+            return None
+    return None
+
+
+def _changes(node: exp.Expression, action: str):
+    """A function of a column value: whether the neighbour can change a row with that value
+    (None: unknown), or None when the comparison is not one of a column with constants."""
+    ops = {exp.EQ: lambda x, c: x == c, exp.NEQ: lambda x, c: x != c, exp.GT: lambda x, c: x > c,
+           exp.GTE: lambda x, c: x >= c, exp.LT: lambda x, c: x < c, exp.LTE: lambda x, c: x <= c}
+    if type(node) in ops:
+        c = _literal(node.expression)
+        if c is None:
+            return None
+        test = ops[type(node)]
+        atom = lambda x: test(x, c)   # noqa: E731
+    elif isinstance(node, exp.In) and node.expressions and not node.args.get("query"):
+        values = [_literal(e) for e in node.expressions]
+        if any(v is None for v in values):
+            return None
+        if action.startswith("drop:"):
+            dropped = values[int(action.split(":", 1)[1])]
+            return lambda x: x == dropped
+        atom = lambda x: x in values   # noqa: E731
+    elif isinstance(node, exp.Between):
+        low, high = _literal(node.args.get("low")), _literal(node.args.get("high"))
+        if low is None or high is None:
+            return None
+        if action == "low":
+            return lambda x: x < low
+        if action == "high":
+            return lambda x: x > high
+        atom = lambda x: low <= x <= high   # noqa: E731
+    else:
+        return None
+    if action not in ("true", "false"):
+        return None
+    replacement = action == "true"
+    return lambda x: atom(x) != replacement
+
+
+def _kind(literal: exp.Literal) -> str:
+    return "text" if literal.is_string else "number"
+
+
+def _known(changes, value, kind: str):
+    """``changes(value)``, or None when the value is NULL (the comparison is NULL, which a
+    replacement may change) or not of the constants' kind (text with text, numbers with
+    numbers: other pairs compare after a cast this does not model)."""
+    if kind == "text" and isinstance(value, str):
+        return bool(changes(value))
+    if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return bool(changes(float(value)))
+    return None
+
+
+def splice(cells: Cells, groups: list[str], resolution: Resolution, world_cells: dict[str, Cells]
            ) -> tuple[Cells, int, int]:
     """``cells`` with each cell answered as its query (``world_cells``: each world's cells
     by the same cells SQL); a cell whose world has no row for it, or no world, gets 0
@@ -158,7 +245,7 @@ def splice(cells: Cells, groups: list[str], plan: CellWorlds, world_cells: dict[
     suppressed, a cell the condition shrinks from k to k-1 would show the target (so such
     a cell can be released though the question asked selects fewer than k there).
     Returns the cells, how many were answered as another query and how many suppressed."""
-    if not plan or not groups or not len(cells[hidden.CONTRIBUTORS]):
+    if not groups or not len(cells[hidden.CONTRIBUTORS]):
         return cells, 0, 0
     keys = list(zip(*(cells[g].to_pylist() for g in groups)))
     index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
@@ -168,17 +255,18 @@ def splice(cells: Cells, groups: list[str], plan: CellWorlds, world_cells: dict[
     suppressed = []
     answered = 0
     for i, key in enumerate(keys):
-        other, sql = plan.of(key)
-        if not other:
+        sql = resolution.world_of.get(key, OWN)
+        if sql == OWN:
             continue
-        keep[i] = False
         j = index.get(sql, {}).get(key) if sql is not None else None
         if j is None:
-            keep[i] = True
             suppressed.append(i)
         else:
+            keep[i] = False
             takes.setdefault(sql, []).append(j)
             answered += 1
+    if not takes and not suppressed:
+        return cells, 0, 0
     out: Cells = {}
     for name, column in cells.items():
         parts_arrow = [column.filter(pa.array(keep))] if isinstance(column, pa.Array) else None
@@ -199,18 +287,19 @@ def splice(cells: Cells, groups: list[str], plan: CellWorlds, world_cells: dict[
     return out, answered, len(suppressed)
 
 
-def mark(frame: Cells, plan: CellWorlds, aggregates, *, k: int, max_noise: int, count_kinds) -> tuple[Cells, int]:
+def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max_noise: int, count_kinds
+         ) -> tuple[Cells, int]:
     """The protected ``frame`` with every released value of a cell answered without some of
     the query's conditions (|S_c| > 0) marked ``widened``: a count's interval widened by
     what the conditions not applied can change (each fewer than k, perturbed: at most
     k - 1 + D), so that it holds the count asked for; a sum's or mean's dropped. Returns
     the frame and how many cells are marked."""
-    if not plan.any_applied():
+    if resolution is None or not any(resolution.sizes.values()):
         return frame, 0
     n_keys = sum(1 for name in frame if name.startswith(hidden.GROUP_KEY_PREFIX))
     groups = [hidden.group_key(j) for j in range(n_keys)]
     keys = list(zip(*(_values(frame[g]) for g in groups))) if groups else []
-    sizes = np.array([plan.applied(key) for key in keys], dtype=np.int64)
+    sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
     hit = sizes > 0
     if not hit.any():
         return frame, 0

@@ -40,18 +40,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from sqlglot import exp
 
 from sekisho.guard import hidden
 from sekisho.guard import cell_widening
-from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours
+from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours, query_and_cell_sql
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.joins import ROW_IDENTITY
 from sekisho.guard.lru import SizedLRU
 from sekisho.guard.neighbour_counts import unit_scope_shape, influence_sql, is_flat
 from sekisho.guard.neighbours import MAX_ATOMS, MAX_ATOMS_UNIT_SCOPE, Variant, apply, batch, closest, neighbourhood
-from sekisho.guard.protect.cellkey import PerturbationTable
+from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable
 from sekisho.guard.protect.threshold import Cells, number
 
 MAX_NEIGHBOURS = 96        # neighbouring queries checked for condition influence in the general form
@@ -133,7 +134,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                 continue
             if not compared:
                 break
-        noisy, exact, counts = _counted(base, compared, columns, person_unique, ptable, fetch)
+        shared = _query_and_cells(base, neighbours, columns, ptable, fetch) \
+            if round_ == 0 and person_unique else None
+        noisy, exact, counts = shared[:3] if shared is not None else \
+            _counted(base, compared, columns, person_unique, ptable, fetch)
         if round_ == 0 and filtered and any(v < k for v in noisy):
             # a query that selects fewer than k is refused as such, before any condition
             # is left out (which would otherwise widen it into an answer)
@@ -150,7 +154,8 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             counting = cell_influence_sql(base, neighbours, columns, person_unique=person_unique) \
                 if groups and neighbours else None
             if counting is not None:
-                low = cell_widening.cell_worlds(fetch(counting), groups, ptable, k, base, neighbours,
+                per_cell = shared[3] if shared is not None else fetch(counting)
+                low = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours,
                                                 counted_neighbours(base, neighbours))
             break
         if round_ == INFLUENCE_ROUNDS:
@@ -197,6 +202,35 @@ def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], 
     n = [int(number(counts, f"{hidden.CONTRIBUTORS}{i}", np.int64)[0]) for i in range(len(variants))]
     ck = [int(number(counts, f"{hidden.CELL_KEY}{i}", np.int64)[0]) for i in range(len(variants))]
     return [int(v) for v in ptable.perturb_counts(ck, n)], n, counts
+
+
+def _query_and_cells(base: exp.Expression, neighbours: list[Variant], columns: list[str], ptable: PerturbationTable,
+                     fetch: Callable[[str], Cells]):
+    """The first round's counts and the per-cell counts from one grouped scan
+    (``cell_influence.query_and_cell_sql``), when the query's shape allows: (perturbed,
+    exact, the query's own ``__n``/``__ck``, per-cell counts without the query's own
+    rows) — or None."""
+    sql = query_and_cell_sql(base, neighbours, columns)
+    if sql is None:
+        return None
+    cells = fetch(sql)
+    own_w = len(neighbours)
+    which = number(cells, cell_widening.WHICH, np.int64)
+    n = number(cells, hidden.CONTRIBUTORS, np.int64)
+    ck = number(cells, hidden.CELL_KEY, np.int64)
+    totals = np.zeros((own_w + 1, 2), dtype=np.int64)
+    if len(which):
+        np.add.at(totals, which, np.stack([n, ck], axis=1))
+    kept = set(counted_neighbours(base, neighbours))
+    # a neighbour that selects nothing changes every contributor of the query
+    exact = [int(totals[i, 0]) if i in kept else int(totals[own_w, 0]) for i in range(own_w)]
+    keys = [int(totals[i, 1]) % KEY_RANGE if i in kept else int(totals[own_w, 1]) % KEY_RANGE for i in range(own_w)]
+    noisy = [int(v) for v in ptable.perturb_counts(keys, exact)] if exact else []
+    own = {hidden.CONTRIBUTORS: np.array([totals[own_w, 0]]), hidden.CELL_KEY: np.array([totals[own_w, 1] % KEY_RANGE])}
+    mask = which != own_w
+    per_cell = {name: (col.filter(pa.array(mask)) if isinstance(col, pa.Array) else np.asarray(col)[mask])
+                for name, col in cells.items()}
+    return noisy, exact, own, per_cell
 
 
 def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:

@@ -267,7 +267,7 @@ class ThresholdProtection:
                           deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             groups = [hidden.group_key(j) for j in range(len(bp.group_keys))]
-            cells, _, influenced = self._per_cell(ctx, run, cells, groups, low, fast)
+            cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, low, fast)
             released.influenced_cells += influenced
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
@@ -275,7 +275,7 @@ class ThresholdProtection:
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
-            frame, marked = cell_widening.mark(frame, low, bp.aggregates, k=d.k,
+            frame, marked = cell_widening.mark(frame, resolution, bp.aggregates, k=d.k,
                                                max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0,
                                                count_kinds=COUNT_KINDS)
             released.widened_cells += marked
@@ -307,17 +307,21 @@ class ThresholdProtection:
                              lambda: cells_sql(bp, person_unique=person_unique, twins=True))
 
     def _per_cell(self, ctx: Context, run: BoundaryPlan, cells: Cells, groups: list[str],
-                  plan: cell_widening.CellWorlds, fast: bool) -> tuple[Cells, int, int]:
-        """Each cell answered as the query ``cell_widening`` chose for it: one more cells
-        statement per distinct query (prepared per user, as the query's own)."""
+                  plan: cell_widening.CellWorlds, fast: bool
+                  ) -> tuple[Cells, cell_widening.Resolution | None, int]:
+        """Each cell answered as the query ``cell_widening`` resolves for it: one more cells
+        statement per distinct query (prepared per user, as the query's own). Returns the
+        cells, the resolution (for ``cell_widening.mark``) and how many cells had no world."""
         if not plan or not groups:
-            return cells, 0, 0
+            return cells, None, 0
+        resolution = plan.resolve(list(zip(*(cells[g].to_pylist() for g in groups))))
         world_cells = {}
-        for sql in sorted(plan.worlds()):
+        for sql in sorted(resolution.worlds()):
             other = dataclasses.replace(run, row_sql=sql, row=None)
             world_cells[sql] = fetch(ctx.snap, self._cells_sql(other, fast), prepared_for=ctx.session.user,
                                      deadline=ctx.deadline)
-        return cell_widening.splice(cells, groups, plan, world_cells)
+        cells, _, suppressed = cell_widening.splice(cells, groups, resolution, world_cells)
+        return cells, resolution, suppressed
 
     @staticmethod
     def _declared_one_row(ctx: Context, bp: BoundaryPlan) -> bool:
