@@ -88,13 +88,16 @@ class CellWorlds:
     def __init__(self, base, neighbours, kept, changed, large, untouched):
         self.base, self.neighbours, self.kept = base, neighbours, kept
         self.changed, self.large, self.untouched = changed, large, untouched
+        self._resolved = None   # (cell keys, their resolution): the last one, reused when asked again
 
     def applied(self, key) -> frozenset[int]:
         """S_c: the kept neighbours that change the cell by fewer than k — those that change
         it by none included (so S_c does not tell 0 from 1), but not those that cannot
         change it whatever the data."""
-        return frozenset(i for i in self.kept - self.large.get(key, frozenset())
-                         if not (i in self.untouched and self.untouched[i](key)))
+        applied = self.kept - self.large.get(key, frozenset())
+        if not self.untouched:
+            return applied
+        return frozenset(i for i in applied if not (i in self.untouched and self.untouched[i](key)))
 
     def own(self, key, applied: frozenset[int]) -> bool:
         """Whether what ``applied`` applies changes nobody in the cell: nothing, one
@@ -113,13 +116,18 @@ class CellWorlds:
         """Per cell of ``keys``: its S_c and the row SQL it is answered as (``OWN``: the
         query's own; None: beyond ``MAX_WORLDS``, suppressed). The worlds computed are the
         smallest first, so the same whatever order the cells come in."""
+        cells = frozenset(keys)   # (the engine returns the cells in any order)
+        if self._resolved is not None and self._resolved[0] == cells:
+            return self._resolved[1]   # the same query again on the same snapshot: the same cells
         applied = {key: self.applied(key) for key in keys}
         others = {key: a for key, a in applied.items() if not self.own(key, a)}
         ranked = sorted(set(others.values()), key=lambda a: (len(a), sorted(a)))[:MAX_WORLDS]
         sql_of = {a: apply(self.base, [self.neighbours[i] for i in sorted(self._chosen(a))]).sql(dialect=DIALECT)
                   for a in ranked}
-        return Resolution({key: sql_of.get(others[key]) if key in others else OWN for key in applied},
-                          {key: len(a) for key, a in applied.items()})
+        resolution = Resolution({key: sql_of.get(others[key]) if key in others else OWN for key in applied},
+                                {key: len(a) for key, a in applied.items()})
+        self._resolved = (cells, resolution)
+        return resolution
 
     def _chosen(self, applied: frozenset[int]) -> frozenset[int]:
         # per condition its preferred way when several of its neighbours apply
@@ -127,7 +135,9 @@ class CellWorlds:
         return frozenset(position[id(v)] for v in batch([(self.neighbours[i], 0) for i in sorted(applied)]))
 
     def nbytes(self) -> int:
-        return 2000 + 300 * len(self.neighbours) + 64 * (len(self.changed) + len(self.large))
+        # (with room for one resolution: a world's SQL and a few entries per cell)
+        return 2000 + 300 * len(self.neighbours) + 200 * (len(self.changed) + len(self.large)) + \
+            8 * MAX_WORLDS * len(self.base.sql(dialect=DIALECT) if self.base is not None else "")
 
     def __bool__(self) -> bool:
         return bool(self.kept)

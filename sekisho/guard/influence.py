@@ -249,6 +249,17 @@ class VerdictCache:
 
     def __init__(self, size: int = CACHE_SIZE, max_bytes: int = CACHE_BYTES):
         self._items = SizedLRU(size, max_bytes, verdict_bytes)
+        # the cells of the queries cells are answered as (``cell_widening``), per (user,
+        # snapshot, cells SQL): a repeated query does not scan them again
+        self._worlds = SizedLRU(size, max_bytes, lambda key, cells: 200 + sum(len(s) for s in key) + sum(
+            getattr(c, "nbytes", 0) for c in cells.values()))
+
+    def world_cells(self, key: tuple[str, str, str], compute: Callable[[], Cells]) -> Cells:
+        found = self._worlds.get(key)
+        if found is None:
+            found = compute()
+            self._worlds.put(key, found)
+        return found
 
     def verdict(self, key: tuple[str, str, str], decide_now: Callable[[], Verdict]) -> Verdict:
         found = self._items.get(key)
@@ -264,6 +275,7 @@ class VerdictCache:
 
     def clear(self) -> None:
         self._items.clear()
+        self._worlds.clear()
 
     def keys(self) -> list[tuple[str, str, str]]:
         return self._items.keys()

@@ -310,16 +310,18 @@ class ThresholdProtection:
                   plan: cell_widening.CellWorlds, fast: bool
                   ) -> tuple[Cells, cell_widening.Resolution | None, int]:
         """Each cell answered as the query ``cell_widening`` resolves for it: one more cells
-        statement per distinct query (prepared per user, as the query's own). Returns the
+        statement per distinct query, its cells kept per user and snapshot with the
+        verdicts (a repeated query does not scan them again). Returns the
         cells, the resolution (for ``cell_widening.mark``) and how many cells had no world."""
         if not plan or not groups:
             return cells, None, 0
         resolution = plan.resolve(list(zip(*(cells[g].to_pylist() for g in groups))))
         world_cells = {}
         for sql in sorted(resolution.worlds()):
-            other = dataclasses.replace(run, row_sql=sql, row=None)
-            world_cells[sql] = fetch(ctx.snap, self._cells_sql(other, fast), prepared_for=ctx.session.user,
-                                     deadline=ctx.deadline)
+            cells_sql_text = self._cells_sql(dataclasses.replace(run, row_sql=sql, row=None), fast)
+            world_cells[sql] = ctx.verdicts.world_cells(
+                (ctx.session.user, ctx.snap.id, cells_sql_text),
+                lambda q=cells_sql_text: fetch(ctx.snap, q, prepared_for=ctx.session.user, deadline=ctx.deadline))
         cells, _, suppressed = cell_widening.splice(cells, groups, resolution, world_cells)
         return cells, resolution, suppressed
 
