@@ -122,7 +122,8 @@ class ResultStatus:
 
     @property
     def status(self) -> pd.DataFrame:
-        """Status per value: ``released``, ``suppressed_k``, ``suppressed_dominance`` (None: unknown)."""
+        """Status per value: ``released``, ``suppressed_k``, ``suppressed_dominance``,
+        ``partial`` or ``widened`` (``sekisho.guard.protect.status``; None: unknown)."""
         return self._part("status")
 
     @property
