@@ -46,7 +46,7 @@ from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts,
 from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
 from sekisho.guard.neighbour_units import fold, unit_worlds
-from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
+from sekisho.guard.neighbours import Variant, apply, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import PerturbationTable, cell_key_sql
 from sekisho.guard.protect.status import high_column, low_column, status_column
 from sekisho.guard.protect.threshold import Cells, number
@@ -167,7 +167,10 @@ def _units_sql(rows, groups: list[str]) -> str:
 
 def counted_neighbours(row: exp.Expression, neighbours: list[Variant]) -> list[int]:
     """The neighbours counted per cell: all but those that select nothing."""
-    return [i for i, v in enumerate(neighbours) if not selects_nothing(variant_tree(row, v))]
+    # (the tree is not kept on the variant: a variant with a tree of its own is written in
+    # full by the one-scan counts instead of as one replaced atom, ``neighbour_counts._local``)
+    return [i for i, v in enumerate(neighbours)
+            if not selects_nothing(v.tree if v.tree is not None else apply(row, [v]))]
 
 
 def equalize_twins(frame: Cells, cells: Cells, pairs: list[tuple[int, int]], n_keys: int,
