@@ -454,6 +454,22 @@ def test_a_condition_few_in_a_cell_is_not_applied_there_and_the_cell_says_so(gua
     assert any("widened" in note for note in result.summary["notes_ja"])
 
 
+def _one_boundary(guard, inst, sql):
+    """(snapshot, the plan's one boundary, its group-key and argument columns, its row tree
+    prepared, its neighbours) — what the counting functions are given."""
+    from sekisho.guard import hidden
+    from sekisho.guard.neighbours import neighbourhood
+
+    user = _fresh_analyst(inst, "cell")
+    snap = guard.snapshots.current()
+    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
+                             catalog=guard._catalog("analyst", snap)).boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+    return snap, bp, columns, base, neighbours
+
+
 @pytest.mark.parametrize("sql", [
     "SELECT block, COUNT(*) AS n FROM residents WHERE block IN ('飾磨', '灘', '網干') AND age >= 18 GROUP BY block",
     "SELECT age, sex, COUNT(*) AS n FROM residents WHERE age BETWEEN 20 AND 40 AND sex = '女' GROUP BY age, sex",
@@ -463,19 +479,13 @@ def test_a_cell_deemed_untouched_is_changed_by_nobody(sql, guard, inst):
     # ``cell_widening.untouched_cells`` decides from the text and a cell's key alone that a
     # neighbour cannot change the cell; on the data, the general comparison finds nobody
     # changed there (and the test would fail if the rule marked a cell it does change)
-    from sekisho.guard import cell_influence, cell_widening, hidden
+    from sekisho.guard import cell_influence, cell_widening
     from sekisho.guard.execution import fetch
-    from sekisho.guard.neighbours import neighbourhood, variant_sql
+    from sekisho.guard.neighbours import variant_sql
     from sekisho.guard.sqltext import DIALECT
 
-    user = _fresh_analyst(inst, "cell")
-    snap = guard.snapshots.current()
-    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
-                             catalog=guard._catalog("analyst", snap)).boundaries
-    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
-        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    snap, bp, columns, base, neighbours = _one_boundary(guard, inst, sql)
     groups = [c for c in columns if c.startswith("__g")]
-    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
     untouched = cell_widening.untouched_cells(base, neighbours)
     assert untouched, sql
     keep = cell_influence.counted_neighbours(base, neighbours)
@@ -508,15 +518,8 @@ def test_the_shared_first_round_counts_what_the_two_scans_count(sql, guard, inst
     # per-cell scan count apart
     from sekisho.guard import cell_influence, hidden, influence
     from sekisho.guard.execution import fetch
-    from sekisho.guard.neighbours import neighbourhood
 
-    user = _fresh_analyst(inst, "cell")
-    snap = guard.snapshots.current()
-    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
-                             catalog=guard._catalog("analyst", snap)).boundaries
-    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
-        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
-    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+    snap, bp, columns, base, neighbours = _one_boundary(guard, inst, sql)
 
     def run(q):
         return fetch(snap, q)
