@@ -24,15 +24,22 @@ asking without them.
 A cell whose S_c is not empty has the status ``widened`` (``mark``): S_c holds the
 neighbours that change it by none as well, so the mark does not tell 0 from 1 (marking
 only the cells answered differently would). A count's interval is widened by what S_c can
-change, so the count asked for lies in it. Where what S_c applies changes nobody in c —
-one neighbour that changes nobody there, or dropped elements of one IN list that each
-change nobody — the cell is computed as the query's own. Other cells are computed from one more cells statement
-per distinct S_c (``MAX_WORLDS``; beyond that the remaining cells are suppressed).
+change, so the count asked for lies in it. A neighbour replacing a comparison of a
+group-key column with constants cannot change cells of other keys whatever the data
+(``untouched_cells``): it is not in their S_c, so ordinary filters on the grouped column
+leave those cells as asked and unmarked.
+
+Cost: where what S_c applies changes nobody in c — one neighbour that changes nobody
+there, or dropped elements of one IN list that each change nobody — the cell is computed
+as the query's own; other cells from one more cells statement per distinct S_c
+(``MAX_WORLDS``, the smallest first; beyond that the remaining cells are suppressed),
+kept with the verdicts for a repeated query.
 
 Residual risk: decisions are on perturbed counts, so a neighbour changing c by exactly k-1
 others plus the target is in S_c more often than one changing k-1 — the near-k tier the
 query-wide rule also has; one round only (the query a cell is answered as is not checked
-again per cell).
+again per cell); which S_c fall beyond ``MAX_WORLDS`` depends on which are distinct,
+itself decided near k.
 """
 
 from __future__ import annotations
