@@ -524,7 +524,8 @@ def test_the_shared_first_round_counts_what_the_two_scans_count(sql, guard, inst
     def run(q):
         return fetch(snap, q)
 
-    shared = influence._query_and_cells(base, neighbours, columns, snap.ptable, run)
+    shared = influence._query_and_cells(base, neighbours, lambda: cell_influence.counted_neighbours(base, neighbours),
+                                        columns, snap.ptable, run)
     assert shared is not None, sql
     noisy, exact, own = influence._counted(base, neighbours, columns, True, snap.ptable, run)
     assert (shared[0], shared[1]) == (noisy, exact), sql

@@ -99,8 +99,9 @@ Residual risks (honest)
   distinct query cells are answered as (at most 8; further cells suppressed); cells
   where a condition changes few (``WHERE is_current`` per 町丁目) count without it and
   are marked ``widened`` (with the cells it changes by none: the mark does not tell 0
-  from 1), a count's interval widened to hold the count asked for. Residual: decisions on perturbed counts near k (a
-  neighbour changing k-1 others plus the target), and one round only.
+  from 1), a count's interval widened to hold the count asked for. Residual: decisions
+  on perturbed counts near k (a neighbour changing k-1 others plus the target), one round
+  only, and which cells fall beyond the cap of 8.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
   trackers across queries that no single-query rule sees, and averaging over the many
   *decompositions* of one population into large parts (by sex, by relationship, by cut

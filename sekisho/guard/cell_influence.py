@@ -36,6 +36,8 @@ neighbours. Both are the differencing alerts' and DP mode's.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 from sqlglot import exp
 
@@ -81,14 +83,15 @@ def selects_nothing(tree: exp.Expression) -> bool:
 
 
 def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str], *,
-                       person_unique: bool) -> str | None:
+                       person_unique: bool, keep: list[int] | None = None) -> str | None:
     """Rows (``__w`` neighbour, the group keys ``__g*``, ``__n`` contributors changed in
     that cell, ``__ck`` their cell key); a neighbour and cell may come in two rows (leaving
-    and arriving), to be added. ``row`` is the tree ``neighbourhood`` returned."""
+    and arriving), to be added. ``row`` is the tree ``neighbourhood`` returned; ``keep``:
+    ``counted_neighbours``, when the caller has it."""
     groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
     # a neighbour that selects no row at all (a top-level condition made FALSE, a join
     # denied) empties every cell: a cell against nothing is its own count, no near pair
-    keep = counted_neighbours(row, neighbours)
+    keep = counted_neighbours(row, neighbours) if keep is None else keep
     if not keep:
         return None
     if _simple(row):
@@ -108,16 +111,18 @@ def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: 
     return general_sql(row.sql(dialect=DIALECT), {i: variant_sql(row, neighbours[i]) for i in keep}, columns, groups)
 
 
-def query_and_cell_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str]) -> str | None:
+def query_and_cell_sql(row: exp.Expression, neighbours: list[Variant], columns: list[str],
+                       kept: Callable[[], list[int]]) -> str | None:
     """For a grouped query over one table of one row per contributor whose neighbours move
     no row between cells: one grouped scan with, per cell, each counted neighbour's changed
     contributors and (``__w`` = ``len(neighbours)``) the query's own — the query-wide
     counts are their sums (a row is in one cell in every world), so ``influence.decide``'s
-    first round and the per-cell counts share a scan. None for any other shape."""
+    first round and the per-cell counts share a scan. None for any other shape. ``kept``:
+    the counted neighbours (``counted_neighbours``), asked only for a shape that fits."""
     groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
     if not groups or not _simple(row):
         return None
-    keep = counted_neighbours(row, neighbours)
+    keep = kept()
     worlds, source = _flat_worlds(row, list(row.walk()), neighbours)
     cond0, proj0 = worlds[0]
     q_cell = [proj0[g] for g in groups]

@@ -52,7 +52,7 @@ from sekisho.guard import hidden
 from sekisho.guard.neighbours import Variant, apply, batch
 from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable
 from sekisho.guard.protect.status import RELEASED, WIDENED, high_column, low_column, status_column
-from sekisho.guard.protect.threshold import Cells, number
+from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, number
 from sekisho.guard.sqltext import DIALECT
 
 MAX_WORLDS = 8   # distinct queries cells are answered as, beyond the query's own
@@ -96,6 +96,8 @@ class CellWorlds:
         self.base, self.neighbours, self.kept = base, neighbours, kept
         self.changed, self.large, self.untouched = changed, large, untouched
         self._resolved = None   # (cell keys, their resolution): the last one, reused when asked again
+        self._position = {id(v): i for i, v in enumerate(neighbours)}
+        self._chosen_of: dict[frozenset, frozenset] = {}   # many cells share one S_c
 
     def applied(self, key) -> frozenset[int]:
         """S_c: the kept neighbours that change the cell by fewer than k — those that change
@@ -138,8 +140,10 @@ class CellWorlds:
 
     def _chosen(self, applied: frozenset[int]) -> frozenset[int]:
         # per condition its preferred way when several of its neighbours apply
-        position = {id(v): i for i, v in enumerate(self.neighbours)}
-        return frozenset(position[id(v)] for v in batch([(self.neighbours[i], 0) for i in sorted(applied)]))
+        if applied not in self._chosen_of:
+            self._chosen_of[applied] = frozenset(
+                self._position[id(v)] for v in batch([(self.neighbours[i], 0) for i in sorted(applied)]))
+        return self._chosen_of[applied]
 
     def nbytes(self) -> int:
         # (with room for one resolution: a world's SQL and a few entries per cell)
@@ -254,23 +258,22 @@ def _known(changes, value, kind: str):
     return None
 
 
-def splice(cells: Cells, groups: list[str], resolution: Resolution, world_cells: dict[str, Cells]
-           ) -> tuple[Cells, int, int]:
+def splice(cells: Cells, keys: list[tuple], groups: list[str], resolution: Resolution,
+           world_cells: dict[str, Cells]) -> tuple[Cells, int]:
     """``cells`` with each cell answered as its query (``world_cells``: each world's cells
     by the same cells SQL); a cell whose world has no row for it, or no world, gets 0
     contributors (suppressed). A cell of fewer than k is answered as its query too: kept
     suppressed, a cell the condition shrinks from k to k-1 would show the target (so such
     a cell can be released though the question asked selects fewer than k there).
-    Returns the cells, how many were answered as another query and how many suppressed."""
-    if not groups or not len(cells[hidden.CONTRIBUTORS]):
-        return cells, 0, 0
-    keys = list(zip(*(cells[g].to_pylist() for g in groups)))
+    ``keys``: the cells' group-key values, row by row. Returns the cells and how many were
+    suppressed."""
+    if not groups or not keys:
+        return cells, 0
     index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
              for sql, c in world_cells.items()}
     keep = np.ones(len(keys), dtype=bool)
     takes: dict[str, list[int]] = {}
     suppressed = []
-    answered = 0
     for i, key in enumerate(keys):
         sql = resolution.world_of.get(key, OWN)
         if sql == OWN:
@@ -281,9 +284,8 @@ def splice(cells: Cells, groups: list[str], resolution: Resolution, world_cells:
         else:
             keep[i] = False
             takes.setdefault(sql, []).append(j)
-            answered += 1
     if not takes and not suppressed:
-        return cells, 0, 0
+        return cells, 0
     out: Cells = {}
     for name, column in cells.items():
         parts_arrow = [column.filter(pa.array(keep))] if isinstance(column, pa.Array) else None
@@ -301,25 +303,23 @@ def splice(cells: Cells, groups: list[str], resolution: Resolution, world_cells:
         n = np.array(out[hidden.CONTRIBUTORS], copy=True)
         n[[position[i] for i in suppressed]] = 0
         out[hidden.CONTRIBUTORS] = n
-    return out, answered, len(suppressed)
+    return out, len(suppressed)
 
 
-def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max_noise: int, count_kinds
-         ) -> tuple[Cells, int]:
+def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max_noise: int) -> Cells:
     """The protected ``frame`` with every released value of a cell answered without some of
     the query's conditions (|S_c| > 0) marked ``widened``: a count's interval widened by
     what the conditions not applied can change (each fewer than k, perturbed: at most
-    k - 1 + D), so that it holds the count asked for; a sum's or mean's dropped. Returns
-    the frame and how many cells are marked."""
+    k - 1 + D), so that it holds the count asked for; a sum's or mean's dropped."""
     if resolution is None or not any(resolution.sizes.values()):
-        return frame, 0
+        return frame
     n_keys = sum(1 for name in frame if name.startswith(hidden.GROUP_KEY_PREFIX))
     groups = [hidden.group_key(j) for j in range(n_keys)]
     keys = list(zip(*(_values(frame[g]) for g in groups))) if groups else []
     sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
     hit = sizes > 0
     if not hit.any():
-        return frame, 0
+        return frame
     out = dict(frame)
     for j, agg in enumerate(aggregates):
         st = status_column(j)
@@ -331,7 +331,7 @@ def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max
         out[st] = status
         low = np.array(out[low_column(j)], dtype=float, copy=True)
         high = np.array(out[high_column(j)], dtype=float, copy=True)
-        if agg.kind in count_kinds:
+        if agg.kind in COUNT_KINDS:
             value = np.asarray(out[hidden.protected_value(j)], dtype=float)
             half = max_noise + sizes * (k - 1 + max_noise)
             low[rows] = np.maximum(value[rows] - half[rows], 0.0)
@@ -340,7 +340,7 @@ def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max
             low[rows] = np.nan
             high[rows] = np.nan
         out[low_column(j)], out[high_column(j)] = low, high
-    return out, int(hit.sum())
+    return out
 
 
 def _values(column) -> list:

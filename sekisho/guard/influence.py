@@ -36,6 +36,7 @@ flagged by the differencing alert and defeated only by DP mode.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -77,7 +78,7 @@ class Verdict:
     population: tuple[int, int] | None = None
     # per cell, the query it is answered as: the query as answered with the neighbours
     # that change that cell by fewer than k applied (``cell_widening``)
-    low_cells: cell_widening.CellWorlds = cell_widening.NONE
+    cell_worlds: cell_widening.CellWorlds = cell_widening.NONE
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -109,7 +110,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     the order within the near tier is by perturbed counts, never exact ones."""
     certain = k - 1 - ptable.max_noise
     current, left_out = row, []
-    low = cell_widening.NONE
+    worlds = cell_widening.NONE
     answered = None   # (contributors, cell key) of ``current`` when a scan counted them
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
@@ -134,7 +135,9 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                 continue
             if not compared:
                 break
-        shared = _query_and_cells(base, neighbours, columns, ptable, fetch) \
+        # the neighbours counted per cell (not those that select nothing), found once a round
+        kept = functools.cache(lambda: counted_neighbours(base, neighbours))
+        shared = _query_and_cells(base, neighbours, kept, columns, ptable, fetch) \
             if round_ == 0 and person_unique else None
         noisy, exact, counts = shared[:3] if shared is not None else \
             _counted(base, compared, columns, person_unique, ptable, fetch)
@@ -151,12 +154,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             answered = (int(number(counts, hidden.CONTRIBUTORS, np.int64)[0]),
                         int(number(counts, hidden.CELL_KEY, np.int64)[0]))
             groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
-            counting = cell_influence_sql(base, neighbours, columns, person_unique=person_unique) \
-                if groups and neighbours else None
-            if counting is not None:
-                per_cell = shared[3] if shared is not None else fetch(counting)
-                low = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours,
-                                                counted_neighbours(base, neighbours))
+            if groups and kept():
+                per_cell = shared[3] if shared is not None else \
+                    fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))
+                worlds = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours, kept())
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
@@ -170,10 +171,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         if pending is not None:
             raise QueryRefused("condition_influence_below_k")
     if not left_out:
-        return Verdict(population=answered, low_cells=low)
+        return Verdict(population=answered, cell_worlds=worlds)
     named = sorted(left_out)   # sorted, not in the order left out
     return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
-                   population=answered, low_cells=low)
+                   population=answered, cell_worlds=worlds)
 
 
 def treated_as(variant: Variant) -> str:
@@ -204,13 +205,13 @@ def _counted(base: exp.Expression, variants: list[Variant], columns: list[str], 
     return [int(v) for v in ptable.perturb_counts(ck, n)], n, counts
 
 
-def _query_and_cells(base: exp.Expression, neighbours: list[Variant], columns: list[str], ptable: PerturbationTable,
-                     fetch: Callable[[str], Cells]):
+def _query_and_cells(base: exp.Expression, neighbours: list[Variant], kept: Callable[[], list[int]],
+                     columns: list[str], ptable: PerturbationTable, fetch: Callable[[str], Cells]):
     """The first round's counts and the per-cell counts from one grouped scan
     (``cell_influence.query_and_cell_sql``), when the query's shape allows: (perturbed,
     exact, the query's own ``__n``/``__ck``, per-cell counts without the query's own
     rows) — or None."""
-    sql = query_and_cell_sql(base, neighbours, columns)
+    sql = query_and_cell_sql(base, neighbours, columns, kept)
     if sql is None:
         return None
     cells = fetch(sql)
@@ -221,10 +222,11 @@ def _query_and_cells(base: exp.Expression, neighbours: list[Variant], columns: l
     totals = np.zeros((own_w + 1, 2), dtype=np.int64)
     if len(which):
         np.add.at(totals, which, np.stack([n, ck], axis=1))
-    kept = set(counted_neighbours(base, neighbours))
+    counted = set(kept())
     # a neighbour that selects nothing changes every contributor of the query
-    exact = [int(totals[i, 0]) if i in kept else int(totals[own_w, 0]) for i in range(own_w)]
-    keys = [int(totals[i, 1]) % KEY_RANGE if i in kept else int(totals[own_w, 1]) % KEY_RANGE for i in range(own_w)]
+    exact = [int(totals[i, 0]) if i in counted else int(totals[own_w, 0]) for i in range(own_w)]
+    keys = [int(totals[i, 1]) % KEY_RANGE if i in counted else int(totals[own_w, 1]) % KEY_RANGE
+            for i in range(own_w)]
     noisy = [int(v) for v in ptable.perturb_counts(keys, exact)] if exact else []
     own = {hidden.CONTRIBUTORS: np.array([totals[own_w, 0]]), hidden.CELL_KEY: np.array([totals[own_w, 1] % KEY_RANGE])}
     mask = which != own_w
@@ -237,7 +239,7 @@ def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> i
     """A verdict's memory, estimated: its strings and the key's, plus the objects around them."""
     held = (found.row_sql or "", *found.left_out, *found.treated_as) if isinstance(found, Verdict) else \
         (found.reason, found.part)
-    cells = found.low_cells.nbytes() if isinstance(found, Verdict) else 0
+    cells = found.cell_worlds.nbytes() if isinstance(found, Verdict) else 0
     return 400 + cells + sum(len(s) for s in key) + sum(len(s) for s in held)
 
 

@@ -92,7 +92,6 @@ class Released:
     narrowed: bool = False     # a public domain was narrowed to the query's own filters
     influenced_cells: int = 0  # cells suppressed: their per-cell query was not computed (cell_widening)
     twins_equalized: int = 0   # answers made equal to a twin fewer than k apart (cell_influence)
-    widened_cells: int = 0     # cells answered without conditions that change them by < k (cell_widening)
     # (the two counts above stay in the service: how many depends on the data; the answer
     # says only that the per-cell rules applied, which the query text decides)
     cells_checked: bool = False
@@ -258,7 +257,7 @@ class ThresholdProtection:
         companions, kinds = {}, {}
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
-            run, left_out, counted, low = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
+            run, left_out, counted, worlds = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
                 else (bp, (), None, cell_widening.NONE)
             # the rows the query (as run) selects are one per contributor: the view's, or
             # by a declared row identity the query fixes and the store holds (run unchanged)
@@ -267,7 +266,7 @@ class ThresholdProtection:
                           deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             groups = [hidden.group_key(j) for j in range(len(bp.group_keys))]
-            cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, low, fast)
+            cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, worlds, fast)
             released.influenced_cells += influenced
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
@@ -275,10 +274,8 @@ class ThresholdProtection:
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
-            frame, marked = cell_widening.mark(frame, resolution, bp.aggregates, k=d.k,
-                                               max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0,
-                                               count_kinds=COUNT_KINDS)
-            released.widened_cells += marked
+            frame = cell_widening.mark(frame, resolution, bp.aggregates, k=d.k,
+                                       max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0)
             # (a role trusted without condition influence — the reports service — is answered as asked)
             frame, equalized = cell_influence.equalize_twins(
                 frame, cells, twin_pairs(bp) if ctx.session.condition_influence else [], len(bp.group_keys),
@@ -315,14 +312,15 @@ class ThresholdProtection:
         cells, the resolution (for ``cell_widening.mark``) and how many cells had no world."""
         if not plan or not groups:
             return cells, None, 0
-        resolution = plan.resolve(list(zip(*(cells[g].to_pylist() for g in groups))))
+        keys = list(zip(*(cells[g].to_pylist() for g in groups)))
+        resolution = plan.resolve(keys)
         world_cells = {}
         for sql in sorted(resolution.worlds()):
             cells_sql_text = self._cells_sql(dataclasses.replace(run, row_sql=sql, row=None), fast)
             world_cells[sql] = ctx.verdicts.world_cells(
                 (ctx.session.user, ctx.snap.id, cells_sql_text),
                 lambda q=cells_sql_text: fetch(ctx.snap, q, prepared_for=ctx.session.user, deadline=ctx.deadline))
-        cells, _, suppressed = cell_widening.splice(cells, groups, resolution, world_cells)
+        cells, suppressed = cell_widening.splice(cells, keys, groups, resolution, world_cells)
         return cells, resolution, suppressed
 
     @staticmethod
@@ -355,9 +353,9 @@ class ThresholdProtection:
                                      filtered=bp.filtered, person_unique=fast and not bp.unit,
                                      ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
         if not verdict.left_out:
-            return bp, (), verdict.population, verdict.low_cells
+            return bp, (), verdict.population, verdict.cell_worlds
         return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \
-            verdict.population, verdict.low_cells
+            verdict.population, verdict.cell_worlds
 
     @staticmethod
     def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool,
