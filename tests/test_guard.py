@@ -561,6 +561,27 @@ def test_concurrent_debits_never_overspend(own_city):
     assert budget.spent(own_city, "racer", "2099-01") == pytest.approx(10.0)
 
 
+def test_a_state_file_replaced_at_its_path_is_a_new_ledger(tmp_path):
+    """The ledger's connection is kept per thread; a state file replaced at the same
+    path (restored, recreated) must be read anew, never through the old file's handle."""
+    from sekisho.guard import budget
+    from sekisho.instance import Instance
+
+    inst = Instance.create(tmp_path / "home")
+    budget.debit(inst, "a", "2099-01", 3.0, 10.0, "fp")
+    assert budget.spent(inst, "a", "2099-01") == pytest.approx(3.0)
+    old = inst.state_path.with_name("old.sqlite")
+    inst.state_path.rename(old)
+    for suffix in ("-wal", "-shm"):
+        side = inst.state_path.with_name(inst.state_path.name + suffix)
+        if side.exists():
+            side.rename(old.with_name(old.name + suffix))
+    assert budget.spent(inst, "a", "2099-01") == 0.0
+    budget.debit(inst, "a", "2099-01", 9.0, 10.0, "fp")
+    with pytest.raises(budget.BudgetExceeded):
+        budget.debit(inst, "a", "2099-01", 2.0, 10.0, "fp")
+
+
 def test_global_aggregate_below_k_is_one_null_row():
     """A global aggregate is one cell that always exists: below k it is a NULL row, never
     an empty result (an empty result would differ from a suppressed one)."""

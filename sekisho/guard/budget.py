@@ -10,8 +10,9 @@ Guard, a restart or a new view share the same ledger row for (user, period).
 from __future__ import annotations
 
 import math
+import os
 import sqlite3
-from contextlib import closing
+import threading
 
 from sekisho.errors import SekishoError
 from sekisho.instance import Instance, now_tokyo, secure
@@ -21,6 +22,44 @@ MICRO = 1_000_000
 
 class BudgetExceeded(SekishoError):
     """A debit would take the user past the period's budget (nothing was debited)."""
+
+
+_connections = threading.local()
+_PER_THREAD = 4   # ledgers a thread keeps open (a guard has one; tests open many in turn)
+
+
+def _connection(instance: Instance) -> sqlite3.Connection:
+    """This thread's open connection to the instance's ledger: a debit is on the answer's
+    path, and opening one (connect, pragmas, schema) cost about as much as the debit.
+    Kept per process, thread and file (device and inode: a state file replaced at the
+    same path gets a new connection, never the old ledger)."""
+    path = instance.state_path
+    try:
+        st = os.stat(path)
+        key = (os.getpid(), str(path), st.st_dev, st.st_ino)
+    except FileNotFoundError:
+        key = None
+    open_ = getattr(_connections, "open", None)
+    if open_ is None:
+        open_ = _connections.open = {}
+    if key is not None and key in open_:
+        return open_[key]
+    con = _connect(instance)
+    st = os.stat(path)
+    key = (os.getpid(), str(path), st.st_dev, st.st_ino)
+    for stale in [k for k in open_ if k[1] == str(path) or k[0] != os.getpid()]:
+        _close(open_.pop(stale))
+    while len(open_) >= _PER_THREAD:
+        _close(open_.pop(next(iter(open_))))
+    open_[key] = con
+    return con
+
+
+def _close(con: sqlite3.Connection) -> None:
+    try:
+        con.close()
+    except sqlite3.Error:
+        pass
 
 
 def _connect(instance: Instance) -> sqlite3.Connection:
@@ -53,9 +92,9 @@ def to_micro(epsilon: float) -> int:
 
 
 def spent(instance: Instance, user: str, period: str) -> float:
-    with closing(_connect(instance)) as con:
-        row = con.execute("SELECT COALESCE(SUM(micro_epsilon), 0) FROM guard_budget_ledger "
-                          "WHERE user = ? AND period = ?", (user, period)).fetchone()
+    con = _connection(instance)
+    row = con.execute("SELECT COALESCE(SUM(micro_epsilon), 0) FROM guard_budget_ledger "
+                      "WHERE user = ? AND period = ?", (user, period)).fetchone()
     return row[0] / MICRO
 
 
@@ -63,22 +102,22 @@ def debit(instance: Instance, user: str, period: str, epsilon: float, total: flo
     """Debit ``epsilon`` atomically; return the remaining budget. Raises BudgetExceeded."""
     amount = to_micro(epsilon)
     cap = int(round(total * MICRO))
-    with closing(_connect(instance)) as con:
-        con.execute("BEGIN IMMEDIATE")
-        try:
-            used = con.execute("SELECT COALESCE(SUM(micro_epsilon), 0) FROM guard_budget_ledger "
-                               "WHERE user = ? AND period = ?", (user, period)).fetchone()[0]
-            if used + amount > cap:
-                con.execute("ROLLBACK")
-                raise BudgetExceeded()
-            con.execute("INSERT INTO guard_budget_ledger(user, period, micro_epsilon, ts, fingerprint) "
-                        "VALUES (?, ?, ?, ?, ?)",
-                        (user, period, amount, now_tokyo().isoformat(timespec="milliseconds"), fingerprint))
-            con.execute("COMMIT")
-        except BudgetExceeded:
-            raise
-        except BaseException:
-            if con.in_transaction:
-                con.execute("ROLLBACK")
-            raise
+    con = _connection(instance)
+    con.execute("BEGIN IMMEDIATE")
+    try:
+        used = con.execute("SELECT COALESCE(SUM(micro_epsilon), 0) FROM guard_budget_ledger "
+                           "WHERE user = ? AND period = ?", (user, period)).fetchone()[0]
+        if used + amount > cap:
+            con.execute("ROLLBACK")
+            raise BudgetExceeded()
+        con.execute("INSERT INTO guard_budget_ledger(user, period, micro_epsilon, ts, fingerprint) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (user, period, amount, now_tokyo().isoformat(timespec="milliseconds"), fingerprint))
+        con.execute("COMMIT")
+    except BudgetExceeded:
+        raise
+    except BaseException:
+        if con.in_transaction:
+            con.execute("ROLLBACK")
+        raise
     return (cap - used - amount) / MICRO

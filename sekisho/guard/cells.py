@@ -108,9 +108,11 @@ def _num(value: float) -> str:
 
 
 def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | None = None,
-              dominance: bool = True, twins: bool = False) -> str:
+              dominance: bool = True, twins: bool = False, cell_keys: bool = True) -> str:
     """``twins`` (threshold mode): per pair of ``twin_pairs`` the persons in exactly one of
-    the two (``__tw<j1>_<j2>``) and their cell key (``__twk<j1>_<j2>``)."""
+    the two (``__tw<j1>_<j2>``) and their cell key (``__twk<j1>_<j2>``). ``cell_keys``
+    False (DP mode: the noise is drawn afresh, not from the records' keys): no cell
+    keys, so the record keys are not read."""
     pairs = twin_pairs(bp) if twins else []
     keys = [q(f"__g{j}") for j in range(len(bp.group_keys))]
     key_list = ", ".join(keys)
@@ -140,13 +142,14 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
         # one row per person: per-person contributions are the rows themselves
         # the privacy unit is never NULL in a person-level view, so rows = persons and the
         # (wide) identifier column need not be read at all
-        select = [*keys, "COUNT(*) AS __n", f"{cell_key_sql(f'SUM({RKEY})')} AS __ck"]
+        select = [*keys, "COUNT(*) AS __n"] + ([f"{cell_key_sql(f'SUM({RKEY})')} AS __ck"] if cell_keys else [])
         for j, agg in enumerate(bp.aggregates):
             if agg.kind in CONTRIBUTOR_COUNTS:
                 continue   # rows = persons = __n: not fetched and converted twice
             elif agg.kind == "count_nonnull":
                 select.append(f"COUNT({q(f'__a{j}')}) AS __x{j}")
-                select.append(f"{_own_key(j)} AS __xk{j}")
+                if cell_keys:
+                    select.append(f"{_own_key(j)} AS __xk{j}")
             elif agg.kind == "count_households":
                 select.append(f"COUNT(DISTINCT {q(f'__a{j}')}) AS __x{j}")
             else:
@@ -154,7 +157,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
                 select.append(f"COUNT({q(f'__a{j}')}) AS __c{j}")
                 if conditional(agg):
                     select.append(f"COUNT({q(f'__a{j}')}) AS __sn{j}")
-                    select.append(f"{_own_key(j)} AS __sk{j}")
+                    if cell_keys:
+                        select.append(f"{_own_key(j)} AS __sk{j}")
                 if dominance:
                     select.append(f"max(abs({arg(j)}), 2) AS __t{j}")
                     select.append(f"SUM(abs({arg(j)})) AS __ta{j}")
@@ -165,8 +169,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
     # general case: aggregate per (cell, person) first, then per cell
     # a person's records are counted once in the cell key (SUM(DISTINCT)), so a join that
     # repeats rows (fan-out) does not change the noise of the same contributing records
-    per_person = [*keys, PID, "COUNT(*) AS __r", f"SUM(DISTINCT {RKEY}) AS __k"]
-    outer = [*keys, "COUNT(*) AS __n", f"{cell_key_sql('SUM(__k)')} AS __ck"]
+    per_person = [*keys, PID, "COUNT(*) AS __r"] + ([f"SUM(DISTINCT {RKEY}) AS __k"] if cell_keys else [])
+    outer = [*keys, "COUNT(*) AS __n"] + ([f"{cell_key_sql('SUM(__k)')} AS __ck"] if cell_keys else [])
     for j, agg in enumerate(bp.aggregates):
         if agg.kind == "count_rows":
             outer.append(f"SUM(__r) AS __x{j}")
@@ -174,7 +178,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
             per_person.append(f"COUNT({q(f'__a{j}')}) AS __p{j}")
             outer.append(f"SUM(__p{j}) AS __x{j}")
             outer.append(f"COUNT(*) FILTER (WHERE __p{j} > 0) AS __xn{j}")
-            outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __p{j} > 0), 0)')} AS __xk{j}")
+            if cell_keys:
+                outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __p{j} > 0), 0)')} AS __xk{j}")
         elif agg.kind == "count_persons":
             outer.append(f"COUNT(*) AS __x{j}")
         elif agg.kind == "count_households":
@@ -187,7 +192,8 @@ def cells_sql(bp: BoundaryPlan, *, person_unique: bool, bounding: Bounding | Non
             outer.append(f"SUM(__pc{j}) AS __c{j}")
             if conditional(agg):
                 outer.append(f"COUNT(*) FILTER (WHERE __pc{j} > 0) AS __sn{j}")
-                outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __pc{j} > 0), 0)')} AS __sk{j}")
+                if cell_keys:
+                    outer.append(f"{cell_key_sql(f'COALESCE(SUM(__k) FILTER (WHERE __pc{j} > 0), 0)')} AS __sk{j}")
             if dominance:
                 outer.append(f"max(abs(__p{j}), 2) AS __t{j}")
                 outer.append(f"SUM(abs(__p{j})) AS __ta{j}")

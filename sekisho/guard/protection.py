@@ -433,7 +433,8 @@ class DPProtection:
                 cells = fetch(ctx.snap, self._cells_sql(bp, bounding), prepared_for=ctx.session.user,
                               deadline=ctx.deadline)
             else:   # bounding draws a fresh salt for every query
-                cells = fetch(ctx.snap, cells_sql(bp, person_unique=False, bounding=bounding, dominance=False),
+                cells = fetch(ctx.snap, cells_sql(bp, person_unique=False, bounding=bounding, dominance=False,
+                                                  cell_keys=False),
                               deadline=ctx.deadline)
             domains, narrowed = _answered_domains(ctx, bp, bp)
             narrowed_any |= narrowed
@@ -450,7 +451,8 @@ class DPProtection:
     def _cells_sql(bp: BoundaryPlan, bounding: Bounding) -> str:
         """The cells SQL of a boundary whose rows are one per contributor."""
         return _memo_on_plan(bp, "_dp_cells_sql", tuple(sorted(bounding.clamp.items())),
-                             lambda: cells_sql(bp, person_unique=True, bounding=bounding, dominance=False))
+                             lambda: cells_sql(bp, person_unique=True, bounding=bounding, dominance=False,
+                                               cell_keys=False))
 
     @staticmethod
     def _bounds(ctx: Context, bp: BoundaryPlan, clamp: dict, share: float) -> tuple[bool, Bounding, DPParams]:
