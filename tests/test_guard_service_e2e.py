@@ -13,7 +13,6 @@ import time
 from collections import Counter
 
 import ibis
-import pyarrow as pa
 import pytest
 import requests
 
