@@ -6,12 +6,14 @@ consult this object, never the policy file or the data.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 from sqlglot.schema import MappingSchema
 
 from sekisho.access import capabilities
+from sekisho.policy.views import band_dependencies
 
 # policy view types -> DuckDB types used to qualify columns and describe results
 SQL_TYPES = {"string": "VARCHAR", "integer": "BIGINT", "boolean": "BOOLEAN", "float": "DOUBLE"}
@@ -51,6 +53,9 @@ class ColumnInfo:
     format: str | None = None
     # a keyed identifier's namespace (rule keyed_id): identifiers join only within one
     namespace: str | None = None
+    # on every row a fixed-width band of another column of the view: (that column, width,
+    # top), from how the policy derives it (``policy.views.band_dependencies``)
+    band_of: tuple[str, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +113,7 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
     for vname in capabilities(policy, role_name).views:
         view = policy.views[vname]
         cols = {}
+        bands = band_dependencies(view, policy.sources) if hasattr(policy, "sources") else {}
         for c in view.columns.values():
             if store_types is not None and vname in store_types and c.name not in store_types[vname]:
                 continue  # a column the snapshot does not hold cannot be queried
@@ -118,7 +124,10 @@ def catalog_for_role(policy, role_name: str, store_types: dict[str, dict[str, st
                                       domain=tuple(c.domain) if c.domain else None,
                                       bounds=tuple(c.bounds) if c.bounds else None,
                                       format=getattr(c, "format", None),
-                                      namespace=_namespace(policy, view, c))
+                                      namespace=_namespace(policy, view, c), band_of=bands.get(c.name))
+        for name, info in list(cols.items()):   # a band of a column the role cannot see: none
+            if info.band_of is not None and info.band_of[0] not in cols:
+                cols[name] = dataclasses.replace(info, band_of=None)
         unit = next((c.name for c in view.columns.values() if c.cls == PRIVACY_UNIT), None)
         person_unique, record_column = _record_identity(view)
         identities = ((record_column,),) if record_column is not None else ()

@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 from sqlglot import exp
 
-from sekisho.guard import hidden
+from sekisho.guard import enumerated_keys, hidden
 from sekisho.guard.neighbours import Variant, apply, batch
 from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable
 from sekisho.guard.protect.status import RELEASED, WIDENED, high_column, low_column, status_column
@@ -61,9 +61,11 @@ WHICH = "__w"
 
 
 def cell_worlds(counts: Cells, groups: list[str], ptable: PerturbationTable, k: int, base: exp.Expression,
-                neighbours: list[Variant], keep: list[int]) -> "CellWorlds":
+                neighbours: list[Variant], keep: list[int], catalog=None, fetch=None) -> "CellWorlds":
     """From ``cell_influence_sql``'s counts: which neighbours change which cell, and by k or
-    more (perturbed); the query each cell is answered as is resolved per cell (``resolve``)."""
+    more (perturbed); the query each cell is answered as is resolved per cell (``resolve``).
+    With the ``catalog`` and ``fetch``, also the cells a neighbour cannot change by the
+    public domains of what it and the keys read (``enumerated_keys``)."""
     n = number(counts, hidden.CONTRIBUTORS, np.int64)
     totals: dict[tuple[int, tuple], list[int]] = {}
     if len(n):
@@ -83,7 +85,14 @@ def cell_worlds(counts: Cells, groups: list[str], ptable: PerturbationTable, k: 
         changed[key] = changed.get(key, frozenset()) | {w}
         if value >= k:
             large[key] = large.get(key, frozenset()) | {w}
-    return CellWorlds(base, neighbours, frozenset(keep), changed, large, untouched_cells(base, neighbours))
+    untouched = untouched_cells(base, neighbours)
+    if fetch is not None and changed:
+        by_grid = enumerated_keys.untouched(base, neighbours, keep, catalog, fetch)
+        for i, test in by_grid.items():
+            by_text = untouched.get(i)
+            untouched[i] = test if by_text is None else \
+                (lambda key, a=by_text, b=test: a(key) or b(key))
+    return CellWorlds(base, neighbours, frozenset(keep), changed, large, untouched)
 
 
 class CellWorlds:

@@ -82,12 +82,14 @@ class Verdict:
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
-           person_unique: bool, ptable: PerturbationTable, fetch: Callable[[str], Cells]) -> Verdict:
+           person_unique: bool, ptable: PerturbationTable, fetch: Callable[[str], Cells],
+           catalog=None) -> Verdict:
     """Apply the rule to one boundary's row SELECT: a condition that changes who is
     counted by fewer than k contributors (perturbed count) is not applied — the query is
     answered as its neighbour without it, whether the condition changes nobody or one
     person, so the answer cannot tell the two apart. ``fetch`` runs one counting SQL on
-    the snapshot; ``ptable`` is that snapshot's cell-key table.
+    the snapshot; ``ptable`` is that snapshot's cell-key table; ``catalog`` (the role's)
+    gives the public domains ``enumerated_keys`` reasons over.
 
     Conditions are left out in two tiers, each round deciding on the query without what
     earlier rounds left out:
@@ -157,7 +159,8 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             if groups and kept():
                 per_cell = shared[3] if shared is not None else \
                     fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))
-                worlds = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours, kept())
+                worlds = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours, kept(),
+                                                   catalog, fetch)
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess

@@ -351,7 +351,8 @@ class ThresholdProtection:
             (ctx.session.user, ctx.snap.id, bp.row_sql),
             lambda: influence.decide(bp.row, columns=columns, identifiers=identifiers, k=ctx.policy.disclosure.k,
                                      filtered=bp.filtered, person_unique=fast and not bp.unit,
-                                     ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline)))
+                                     ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline),
+                                     catalog=ctx.catalog))
         if not verdict.left_out:
             return bp, (), verdict.population, verdict.cell_worlds
         return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \

@@ -232,3 +232,42 @@ def _view_column(c: Checker, key: str, name: str, spec: Any, scope: Scope) -> Co
     return Column(name=name, type=ctype, cls=cls,
                   description_ja=c.string(spec["description_ja"], f"{key}.description_ja"),
                   domain=domain, bounds=bounds, format=fmt, origin=origin)
+
+
+def band_dependencies(view: View, sources: dict[str, Source]) -> dict[str, tuple[str, int, int]]:
+    """The view's columns that are, on every row, a fixed-width band of another of its
+    columns: band column -> (that column, width, top). Known from how the policy derives
+    them, never from the data: ``derive: band`` of the same value another column exposes
+    (movements' age_band of age at the event), and the two values ``birth_topcoded``
+    releases together (age and its e-Stat band, ``sekisho.ingest.rules.age_band``). The
+    guard reasons over public domains with them (``sekisho.guard.enumerated_keys``)."""
+    out: dict[str, tuple[str, int, int]] = {}
+    by_origin = {c.origin: c.name for c in view.columns.values() if isinstance(c.origin, Derivation)}
+    for col in view.columns.values():
+        origin = col.origin
+        if isinstance(origin, Derivation) and origin.name == "band" and origin.params.get("of") in by_origin:
+            out[col.name] = (by_origin[origin.params["of"]], int(origin.params["width"]), int(origin.params["top"]))
+    released = {}
+    for col in view.columns.values():
+        if isinstance(col.origin, Value) and col.origin.released.rule == "birth_topcoded":
+            released[(col.origin.join, col.origin.released.column, col.origin.name)] = col.name
+    for (join, raw, name), band in released.items():
+        age = released.get((join, raw, "age"))
+        if name != "age_band" or age is None:
+            continue
+        source = sources[view.joins[join].source] if join else sources[view.source]
+        top = int(source.columns[raw].params["top_age"])
+        out[band] = (age, 5, top)   # rules.birth_topcoded: age_band(age, top) = band(age, 5, top)
+    return out
+
+
+def band_label(value: int | None, width: int, top: int) -> str | None:
+    """The label ``band`` gives an integer (``sekisho.ingest.rules.band``): lo-hi, top+."""
+    if value is None:
+        return None
+    if value >= top:
+        return f"{top}+"
+    if value < 0:
+        return "<0"
+    lo = (value // width) * width
+    return f"{lo}-{lo + width - 1}"
