@@ -158,14 +158,16 @@ def test_averaging_over_decompositions_pauses_the_analyst(inst, guard):
 
 
 def test_a_new_cut_point_or_several_decompositions_in_one_query_are_new_shapes(inst, guard):
-    """Shapes keep the literals of the group keys: moving a cut point (same fingerprint)
-    is a new decomposition, and so is each boundary of a query holding several; with a
-    close second population decomposed half as often, they raise the alert."""
+    """Shapes keep the literals of the group keys: a new modulus (same fingerprint) is a
+    new decomposition, and so is each boundary of a query holding several; with a close
+    second population decomposed half as often, they raise the alert. (A cut point moved
+    by one age would be a differencing pair per cell on this small population:
+    ``test_a_cut_point_moved_by_one_is_a_pair``.)"""
     burst = load_instance_policy(inst).disclosure.alerts.decomposition_burst
     sex, age, _ = small_cells(inst)[0]      # P: sex = S AND age >= a; P': age >= a + 1 (1..9 fewer)
-    for b in range(age + 3, age + 3 + burst):
-        guard.query(f"SELECT age < {b} AS y, COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age} "
-                    f"GROUP BY age < {b}", user="ana")
+    for m in range(20, 20 + burst):
+        guard.query(f"SELECT age % {m} AS y, COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age} "
+                    f"GROUP BY age % {m}", user="ana")
     guard.flush()
     assert guard_alerts.hold_of(inst, "ana") is None   # one population in many tables: ordinary
     many = " UNION ALL ".join(f"SELECT {m} AS m, COUNT(*) AS n FROM residents WHERE sex = '{sex}' "
@@ -247,6 +249,61 @@ def test_range_pair_differing_by_one_person_pauses_the_analyst(inst, guard):
     assert hold is not None and hold["alert"] == "differencing" and hold["raised_by"] == second.summary["query_id"]
     assert refused_code(guard, f"SELECT COUNT(*) AS n FROM residents WHERE sex = '{sex}' AND age >= {age + 2}",
                         "ana") == "paused_for_review"
+
+
+def cell_pair_target(inst):
+    """(block, age, sex) of a person alone of their age in their block, the age being
+    that of k or more city-wide: the pair's populations differ by k or more."""
+    return truth(inst, "WITH c AS (SELECT age, COUNT(*) AS m FROM residents GROUP BY 1) "
+                       "SELECT block, r.age, any_value(sex) FROM residents r JOIN c USING (age) "
+                       "WHERE m >= 20 AND r.age BETWEEN 20 AND 80 GROUP BY 1, 2 HAVING COUNT(*) = 1 "
+                       "ORDER BY 1, 2 LIMIT 1")[0]
+
+
+def test_a_pair_differing_in_one_cell_pauses_the_analyst(inst, guard):
+    """``age >= a`` against ``> a`` by block x sex: the populations differ by everyone
+    of that age city-wide, the target's cell by her alone (cell_pairs)."""
+    block, age, _ = cell_pair_target(inst)
+    pair = [f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age {op} {age} GROUP BY 1, 2"
+            for op in (">=", ">")]
+    for sql in pair:
+        guard.query(sql, user="ana")
+        guard.flush()
+    hold = guard_alerts.hold_of(inst, "ana")
+    assert hold is not None and hold["alert"] == "differencing"
+    (alert,) = differencing_alerts(inst, "ana")
+    assert alert["details"]["level"] == "cell" and alert["details"]["cells"] >= 1
+    assert refused_code(guard, pair[0], "ana") == "paused_for_review"
+
+
+def test_a_pair_in_one_query_pauses_the_analyst(inst, guard):
+    block, age, _ = cell_pair_target(inst)
+    guard.query(" UNION ALL ".join(f"SELECT '{op}' AS side, block, sex, COUNT(*) AS n FROM residents "
+                                   f"WHERE age {op} {age} GROUP BY 2, 3" for op in (">=", ">")), user="ana")
+    guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is not None
+
+
+def test_a_cut_point_moved_by_one_is_a_pair(inst, guard):
+    # women split at age b, then at b + 1, both parts large: they differ by those aged b
+    (b,) = truth(inst, "SELECT age FROM residents WHERE sex = '女' GROUP BY age HAVING COUNT(*) BETWEEN 1 AND 9 "
+                       "AND (SELECT COUNT(*) FROM residents r WHERE r.sex = '女' AND r.age < residents.age) >= 20 "
+                       "AND (SELECT COUNT(*) FROM residents r WHERE r.sex = '女' AND r.age > residents.age) >= 20 "
+                       "ORDER BY age LIMIT 1")[0]
+    for cut in (b, b + 1):
+        guard.query(f"SELECT age < {cut} AS y, COUNT(*) AS n FROM residents WHERE sex = '女' GROUP BY age < {cut}",
+                    user="ana")
+        guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is not None
+
+
+def test_cells_k_or_more_apart_are_no_pair(inst, guard):
+    # twenty years of age per block: every cell changes by k or more
+    for age in (20, 40):
+        guard.query(f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= {age} GROUP BY 1, 2",
+                    user="ana")
+        guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is None and not differencing_alerts(inst, "ana")
 
 
 # ---- (c) the hold --------------------------------------------------------------------------------

@@ -56,6 +56,16 @@ _SCHEMA = (
         user TEXT NOT NULL, new_id INTEGER NOT NULL, old_id INTEGER NOT NULL, ts REAL NOT NULL,
         PRIMARY KEY (user, new_id, old_id)) WITHOUT ROWID""",
     "CREATE INDEX IF NOT EXISTS guard_upload_pairs_user_ts ON guard_upload_pairs(user, ts)",
+    # differencing per cell (``cell_pairs``): each release's cells of k or more (a digest),
+    # one row per (user, snapshot, row SQL); the confirmed pairs (one alert per episode)
+    """CREATE TABLE IF NOT EXISTS guard_cell_releases (
+        id INTEGER PRIMARY KEY AUTOINCREMENT, user TEXT NOT NULL, snapshot TEXT NOT NULL, shape TEXT NOT NULL,
+        keys INTEGER NOT NULL, row_sql TEXT NOT NULL, cells BLOB NOT NULL, ts REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS guard_cell_releases_class ON guard_cell_releases(user, snapshot, shape, keys, id)",
+    "CREATE INDEX IF NOT EXISTS guard_cell_releases_ts ON guard_cell_releases(ts)",
+    """CREATE TABLE IF NOT EXISTS guard_cell_pairs (
+        user TEXT NOT NULL, old_id INTEGER NOT NULL, cells INTEGER NOT NULL, ts REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS guard_cell_pairs_user_ts ON guard_cell_pairs(user, ts)",
     # upload_decomposition (``upload_regions``): the partitions of region classes a user
     # released per snapshot, with their weight (a class's partitions are an index range) ...
     """CREATE TABLE IF NOT EXISTS guard_region_partitions (

@@ -42,8 +42,8 @@ def put_hold(instance: Instance, user: str, *, alert: str, raised_by: int | None
 
 
 def resume(instance: Instance, user: str) -> dict | None:
-    """Lift ``user``'s hold and return it (None if there was none). The populations and
-    decompositions recorded for the user are forgotten with it: the reviewed episode is
+    """Lift ``user``'s hold and return it (None if there was none). The populations,
+    decompositions and cell releases recorded for the user are forgotten with it: the reviewed episode is
     closed, and an attack that goes on raises its alert (and the hold) again."""
     con = _connect(instance)
     con.execute("BEGIN IMMEDIATE")
@@ -57,6 +57,8 @@ def resume(instance: Instance, user: str) -> dict | None:
             # the pairs across uploads, not the populations: a continued attack pairs again
             con.execute("DELETE FROM guard_upload_pairs WHERE user = ?", (user,))
             con.execute("DELETE FROM guard_region_checks WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_cell_releases WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_cell_pairs WHERE user = ?", (user,))
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:

@@ -26,8 +26,9 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+
 from sekisho.audit import AuditError
-from sekisho.guard import alerts as alert_rules, regions, upload_regions
+from sekisho.guard import alerts as alert_rules, cell_pairs, regions, upload_regions
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.planning import refused_fingerprint
 from sekisho.guard.rewrite import BoundaryPlan, Plan
@@ -242,8 +243,18 @@ class Recorder:
                 if failure is not None:
                     self._bookkeeping_failed(user, role, seq, failure, check=check)
             self._record_regions(released_rows, user, role, seq, request["fingerprint"])
+            self._record_cells(released_rows, user, role, seq, request["fingerprint"])
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
             self._bookkeeping_failed(user, role, seq, exc)
+
+    def _record_cells(self, released_rows, user: str, role: str | None, seq: int, fingerprint: str) -> None:
+        """``differencing`` per cell (``cell_pairs``): record, check on the store, audit."""
+        found, failure = cell_pairs.check_releases(
+            self.instance, self.policy.disclosure, released_rows, user=user, fingerprint=fingerprint,
+            cursor=self._verification_cursor, raised_by=seq, pause=self._holds_apply(role))
+        self._audit_alerts(found, user, role, seq)
+        if failure is not None:
+            self._bookkeeping_failed(user, role, seq, failure, check="cell_differencing")
 
     def _record_regions(self, released_rows, user: str, role: str | None, seq: int, fingerprint: str) -> None:
         """``upload_decomposition``: record the partitions of the request's releases, check
@@ -262,7 +273,8 @@ class Recorder:
             checked, failure = [], None
             for pair in pairs:
                 try:
-                    checked.append((pair, self._region_changed(pair)))
+                    checked.append((pair, upload_regions.region_changed(
+                        pair, self.policy.disclosure.k, self._verification_cursor)))
                 except Exception as exc:   # a pruned snapshot, ...: audited, not raised
                     failure = failure or exc
             self._audit_alerts(upload_regions.confirm_regions(
@@ -270,22 +282,6 @@ class Recorder:
                 pause=self._holds_apply(role)), user, role, seq)
             if failure is not None:
                 self._bookkeeping_failed(user, role, seq, failure, check="upload_decomposition")
-
-    def _region_changed(self, pair) -> bool:
-        """Whether some region of the class gained or lost 1..k-1 contributors between the
-        two snapshots: the old snapshot's (region, ``__pid``) rows compared on the new one."""
-        row_sql, kept_keys, kept_conjuncts = pair.source
-        sql = regions.region_sql(row_sql, kept_keys, kept_conjuncts)
-        keys = ", ".join(f'"__g{j}"' for j in sorted(kept_keys))
-        with self._verification_cursor(pair.old) as cur:
-            old = cur.execute(sql).to_arrow_table()
-        k = int(self.policy.disclosure.k)
-        changed = (f"WITH __a AS ({sql}) SELECT 1 FROM ((SELECT * FROM __a EXCEPT SELECT * FROM __sekisho_old) "
-                   "UNION ALL (SELECT * FROM __sekisho_old EXCEPT SELECT * FROM __a)) AS __d "
-                   f"{'GROUP BY ' + keys if keys else ''} HAVING COUNT(*) BETWEEN 1 AND {k - 1} LIMIT 1")
-        with self._verification_cursor(pair.new) as cur:
-            cur.register("__sekisho_old", old)
-            return cur.execute(changed).fetchone() is not None
 
     def _audit_alerts(self, found: list[dict], user: str, role: str | None, seq: int) -> None:
         for alert in found:

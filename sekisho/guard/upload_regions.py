@@ -183,3 +183,20 @@ def confirm_regions(instance: Instance, alerts, *, user: str, fingerprint: str,
             _pause(con, alerts, alert, user=user, now=now, raised_by=raised_by, pause=pause)
             found.append(alert)
     return found
+
+
+def region_changed(pair: RegionPair, k: int, cursor) -> bool:
+    """Whether some region of the class gained or lost 1..k-1 contributors between the
+    two snapshots: the old snapshot's (region, ``__pid``) rows compared on the new one
+    (``cursor(snapshot)``: a context manager giving a DuckDB cursor on it)."""
+    row_sql, kept_keys, kept_conjuncts = pair.source
+    sql = regions.region_sql(row_sql, kept_keys, kept_conjuncts)
+    keys = ", ".join(f'"__g{j}"' for j in sorted(kept_keys))
+    with cursor(pair.old) as cur:
+        old = cur.execute(sql).to_arrow_table()
+    changed = (f"WITH __a AS ({sql}) SELECT 1 FROM ((SELECT * FROM __a EXCEPT SELECT * FROM __sekisho_old) "
+               "UNION ALL (SELECT * FROM __sekisho_old EXCEPT SELECT * FROM __a)) AS __d "
+               f"{'GROUP BY ' + keys if keys else ''} HAVING COUNT(*) BETWEEN 1 AND {int(k) - 1} LIMIT 1")
+    with cursor(pair.new) as cur:
+        cur.register("__sekisho_old", old)
+        return cur.execute(changed).fetchone() is not None
