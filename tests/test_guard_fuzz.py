@@ -163,8 +163,13 @@ def test_mutated_queries_answer_or_refuse(guard, city, sql):
 
 
 def test_valid_seeds_are_answered(guard, city):
+    # an analyst of its own: the random queries above (the same shapes at other
+    # constants) may have put ``city.analyst`` on hold as a differencing pair per cell
+    from sekisho.state import set_role
+
+    set_role(city.instance, "fuzz_seeds", "analyst")
     for sql in VALID:
-        check_answer(guard.query(sql, user=city.analyst), sql)
+        check_answer(guard.query(sql, user="fuzz_seeds"), sql)
 
 
 @pytest.mark.parametrize("sql", [

@@ -31,6 +31,11 @@ both): compared across shapes, an analyst re-running the report notebooks was pa
 Cost: per request, one digest per boundary (releases of more than ``MAX_CELLS`` released
 cells are not recorded) and one index range read; a store check (two scans of the row
 SELECTs) only for candidates. State: one row per release for the alert's window.
+Within one query the alert would come too late — 78 such pairs as one UNION ALL named 40
+persons at once — so a query holding two boundaries of one shape is refused before it
+runs (``one_shape_each``, threshold mode, from the text alone): its parts are asked as
+separate queries, which the alert compares.
+
 Residual: releases of different shapes are not compared, nor releases neither of whose
 populations holds the other — a pair whose second query adds a condition that changes
 nobody in the target's cell but k or more elsewhere (``AND block <> '家島'``), or that moves
@@ -51,6 +56,7 @@ from sqlglot import exp
 from sekisho.guard import hidden
 from sekisho.guard.alert_state import state_of as _state
 from sekisho.guard.alerts import _pause, _transaction
+from sekisho.guard.errors import QueryRefused
 from sekisho.instance import Instance
 
 MAX_CELLS = 20_000   # released cells of a release recorded (larger tables are not compared)
@@ -210,3 +216,24 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
                 verified.append((pair, differing))
     return confirm(instance, alerts, user=user, fingerprint=fingerprint, verified=verified, raised_by=raised_by,
                    pause=pause), failure
+
+
+def one_shape_each(plan) -> None:
+    """Refuse (``repeated_shape``) a query two of whose boundaries have one shape: the
+    same aggregation at other constants (``>= v`` and ``> v`` as two parts of a UNION ALL
+    or two CTEs joined above them). Decided from the text; kept on the cached plan."""
+    repeated = getattr(plan, "_repeated_shape", None)
+    if repeated is None:
+        seen: set[str] = set()
+        repeated = ""
+        for number, bp in enumerate(plan.boundaries, start=1):
+            if bp.row is None:
+                continue
+            s = shape(bp.row)
+            if s in seen:
+                repeated = f"aggregation {number}"
+                break
+            seen.add(s)
+        object.__setattr__(plan, "_repeated_shape", repeated)
+    if repeated:
+        raise QueryRefused("repeated_shape", part=repeated)

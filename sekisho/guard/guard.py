@@ -35,7 +35,7 @@ import pyarrow as pa
 
 from sekisho.access import capabilities, load_policy_cached
 from sekisho.audit import AuditError
-from sekisho.guard import budget as ledger
+from sekisho.guard import budget as ledger, cell_pairs
 from sekisho.guard import session as sessions
 from sekisho.guard.catalog import Catalog, catalog_for_role
 from sekisho.guard.errors import QueryRefused
@@ -91,6 +91,8 @@ class Guard:
             plan = self.plans.plan(sql, user=user, role=session.role, snapshot=snap.id, catalog=catalog)
             attempt.planned(plan)
             check_cells(plan, catalog, self.limits)
+            if session.mode == "threshold" and session.condition_influence:
+                cell_pairs.one_shape_each(plan)
             attempt.request = self.recorder.announce(session, sql, plan, snap.id)
             deadline = time.monotonic() + self.limits.query_seconds
             with self.admission.slot(user, deadline):
