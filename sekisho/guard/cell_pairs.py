@@ -15,7 +15,7 @@ more contributors (a digest of the key, the contributors, the cell key). A new r
 is compared with the user's recent ones of the same *shape* — the row SELECT with its
 literals left out (``shape``): the same question asked at another constant, as range
 pairs are. A cell of the same key whose contributors are 1..k-1 apart (or equal in
-number with another cell key: others swapped in) makes the pair a candidate, and at most
+number with another cell key) makes the pair a candidate, and at most
 ``MAX_CHECKS`` candidates are checked on the store — persons in exactly one of the two,
 per cell of a key where both have k or more, when one release's persons are all in the
 other's (``pair_sql``). If some cell differs by 1..k-1, the alert is
@@ -60,7 +60,7 @@ from sekisho.guard.errors import QueryRefused
 from sekisho.instance import Instance
 
 MAX_CELLS = 20_000   # released cells of a release recorded (larger tables are not compared)
-MAX_CHECKS = 2       # candidate pairs checked on the store per request
+MAX_CHECKS = 1       # candidate pairs checked on the store per request (the most recent)
 RECENT = 64          # earlier releases of the same shape a new one is compared with
 _DIGEST = np.dtype([("key", "<u8"), ("n", "<i8"), ("ck", "<i8")])
 
@@ -98,12 +98,15 @@ def _key_hash(key: tuple) -> int:
 
 
 def close_cells(new: bytes, old: bytes, k: int) -> int:
-    """Cells of the same key whose contributors are 1..k-1 apart, or equal in number with
-    another cell key."""
+    """Cells of the same key whose contributors are 1..k-1 apart. (Equal numbers are no
+    pair: when one release holds the other's persons, equal numbers are equal sets.)"""
     a, b = np.frombuffer(new, dtype=_DIGEST), np.frombuffer(old, dtype=_DIGEST)
     _, ia, ib = np.intersect1d(a["key"], b["key"], assume_unique=True, return_indices=True)
-    gap = np.abs(a["n"][ia] - b["n"][ib])
-    return int(((gap >= 1) & (gap < k)).sum() + ((gap == 0) & (a["ck"][ia] != b["ck"][ib])).sum())
+    signed = a["n"][ia] - b["n"][ib]
+    if (signed > 0).any() and (signed < 0).any():
+        return 0   # each has cells larger than the other's: neither holds the other's persons
+    gap = np.abs(signed)
+    return int(((gap >= 1) & (gap < k)).sum())
 
 
 _COMPARISONS = (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.EQ, exp.NEQ)
@@ -193,14 +196,16 @@ def confirm(instance: Instance, alerts, *, user: str, fingerprint: str, verified
 
 
 def check_releases(instance: Instance, disclosure, released_rows, *, user: str, fingerprint: str, cursor,
-                   raised_by: int | None, pause: bool) -> tuple[list[dict], Exception | None]:
+                   current: str | None, raised_by: int | None, pause: bool) -> tuple[list[dict], Exception | None]:
     """Record a request's releases (``(snapshot, row SQL, keys, cells, tree)``), check the
     candidate pairs on the store (``cursor(snapshot)``: a context manager giving a DuckDB
-    cursor on that snapshot), and confirm those that differ: (alerts, first store error)."""
+    cursor on that snapshot), and confirm those that differ: (alerts, first store error).
+    Releases of a snapshot no longer ``current`` are not recorded (their pairs would need
+    the old snapshot opened; an upload replaced it before the bookkeeping ran)."""
     k, alerts = disclosure.k, disclosure.alerts
     verified, failure = [], None
     for snapshot, row_sql, keys, cells, tree in released_rows:
-        blob = digest(cells, keys, k)
+        blob = digest(cells, keys, k) if snapshot == current else None
         if blob is None:
             continue
         tree = tree if tree is not None else sqlglot.parse_one(row_sql, read="duckdb")

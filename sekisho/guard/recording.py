@@ -251,7 +251,8 @@ class Recorder:
         """``differencing`` per cell (``cell_pairs``): record, check on the store, audit."""
         found, failure = cell_pairs.check_releases(
             self.instance, self.policy.disclosure, released_rows, user=user, fingerprint=fingerprint,
-            cursor=self._verification_cursor, raised_by=seq, pause=self._holds_apply(role))
+            cursor=self._verification_cursor, current=getattr(self._current_snapshot(), "id", None), raised_by=seq,
+            pause=self._holds_apply(role))
         self._audit_alerts(found, user, role, seq)
         if failure is not None:
             self._bookkeeping_failed(user, role, seq, failure, check="cell_differencing")
