@@ -15,7 +15,7 @@ more contributors (a digest of the key, the contributors, the cell key). A new r
 is compared with the user's recent ones of the same *shape* — the row SELECT with its
 literals left out (``shape``): the same question asked at another constant, as range
 pairs are. A cell of the same key whose contributors are 1..k-1 apart (or equal in
-number with another cell key) makes the pair a candidate, and at most
+number with another cell key: one moved out, another in) makes the pair a candidate, and at most
 ``MAX_CHECKS`` candidates are checked on the store — persons in exactly one of the two,
 per cell of a key where both have k or more, when one release's persons are all in the
 other's (``pair_sql``). If some cell differs by 1..k-1, the alert is
@@ -98,15 +98,12 @@ def _key_hash(key: tuple) -> int:
 
 
 def close_cells(new: bytes, old: bytes, k: int) -> int:
-    """Cells of the same key whose contributors are 1..k-1 apart. (Equal numbers are no
-    pair: when one release holds the other's persons, equal numbers are equal sets.)"""
+    """Cells of the same key whose contributors are 1..k-1 apart, or equal in number with
+    another cell key (a group key that moved one person out and another in)."""
     a, b = np.frombuffer(new, dtype=_DIGEST), np.frombuffer(old, dtype=_DIGEST)
     _, ia, ib = np.intersect1d(a["key"], b["key"], assume_unique=True, return_indices=True)
-    signed = a["n"][ia] - b["n"][ib]
-    if (signed > 0).any() and (signed < 0).any():
-        return 0   # each has cells larger than the other's: neither holds the other's persons
-    gap = np.abs(signed)
-    return int(((gap >= 1) & (gap < k)).sum())
+    gap = np.abs(a["n"][ia] - b["n"][ib])
+    return int(((gap >= 1) & (gap < k)).sum() + ((gap == 0) & (a["ck"][ia] != b["ck"][ib])).sum())
 
 
 _COMPARISONS = (exp.GT, exp.GTE, exp.LT, exp.LTE, exp.EQ, exp.NEQ)
