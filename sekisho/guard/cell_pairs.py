@@ -220,10 +220,32 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
                    pause=pause), failure
 
 
+_RANGES = (exp.GT, exp.GTE, exp.LT, exp.LTE)
+
+
+def range_shape(tree) -> str:
+    """``shape`` with only the constants of ranges left out (``>``, ``>=``, ``<``, ``<=``,
+    BETWEEN; their operators made one): parts that differ there can hold one another's
+    persons and a few more; parts that differ in an equality (``sex = '男'`` and ``= '女'``)
+    or a modulus cannot."""
+    def literal(node):
+        return exp.Placeholder() if isinstance(node, exp.Literal) else node
+
+    def ranges(node):
+        if isinstance(node, _RANGES):
+            return exp.Anonymous(this="range", expressions=sorted([literal(node.left), literal(node.right)],
+                                                                 key=lambda e: e.sql()))
+        if isinstance(node, exp.Between):
+            return exp.Anonymous(this="range", expressions=[node.this, exp.Placeholder(), exp.Placeholder()])
+        return node
+    blank = tree.copy().transform(ranges)
+    return hashlib.blake2b(blank.sql(dialect="duckdb").encode(), digest_size=16).hexdigest()
+
+
 def one_shape_each(plan) -> None:
-    """Refuse (``repeated_shape``) a query two of whose boundaries have one shape: the
-    same aggregation at other constants (``>= v`` and ``> v`` as two parts of a UNION ALL
-    or two CTEs joined above them). Decided from the text; kept on the cached plan."""
+    """Refuse (``repeated_shape``) a query two of whose boundaries differ only in the
+    constants of ranges (``range_shape``): ``>= v`` and ``> v`` as two parts of a UNION ALL
+    or two CTEs joined above them. Decided from the text; kept on the cached plan."""
     repeated = getattr(plan, "_repeated_shape", None)
     if repeated is None:
         seen: set[str] = set()
@@ -231,7 +253,7 @@ def one_shape_each(plan) -> None:
         for number, bp in enumerate(plan.boundaries, start=1):
             if bp.row is None:
                 continue
-            s = shape(bp.row)
+            s = range_shape(bp.row)
             if s in seen:
                 repeated = f"aggregation {number}"
                 break
