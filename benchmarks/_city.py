@@ -60,3 +60,19 @@ def analyst_kernels(inst: Instance, scratch: Path) -> None:
     for key in ("JUPYTER_RUNTIME_DIR", "IPYTHONDIR", "MPLCONFIGDIR"):
         Path(env[key]).mkdir(parents=True, exist_ok=True)
     os.environ.update(env)
+
+
+def resume_held(home: Path, users: list[str]) -> int:
+    """Lift the guard's holds on the benchmark's users (``sekisho users resume``, audited as
+    an admin's action): the same distinct queries of an earlier run on this instance can
+    have paused them, and a paused user's queries would all be refused. Returns how many."""
+    import contextlib
+    import io
+
+    from sekisho.cli.users import resume
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        for name in users:
+            resume.main(["--home", str(home), name], standalone_mode=False)
+    return out.getvalue().count(" resumed (")

@@ -20,7 +20,7 @@ one-off check per view (one row per person?), protection, post-processing, recor
 as medians over the queries, the engine's share apart; then the cold ratio of the same
 queries on a guard whose policy has condition influence off (measurement only: what the
 rule's own scan costs a new query). Each query's first run is repeated as ``--cold-runs``
-new users (users ``bench_analyst_cold<i>``; a plan, verdict or prepared statement is per
+new users (users ``bench_analyst_cold<i>_q<j>``, one per query and run; a plan, verdict or prepared statement is per
 user, so each is a first run): their minimum shows the work without the noise of a busy
 machine, beside the benchmark's single first run.
 
@@ -42,7 +42,7 @@ from pathlib import Path
 import duckdb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _city import ANALYST, city_instance, snapshot_path  # noqa: E402
+from _city import ANALYST, city_instance, resume_held, snapshot_path  # noqa: E402
 from guard_overhead import QUERIES, cold_queries  # noqa: E402
 
 import sekisho.guard.execution as execution  # noqa: E402
@@ -168,8 +168,10 @@ def cold(inst, count: int, reps: int) -> None:
     is otherwise busy (other processes only ever add time)."""
     queries = cold_queries(count)
     users = [ANALYST] + [f"{ANALYST}_cold{r}" for r in range(1, reps)]
-    for user in users[1:]:
-        set_role(inst, user, "analyst")
+    for run in users:
+        for i in range(len(queries)):
+            set_role(inst, f"{run}_q{i}", "analyst")
+    resume_held(inst.home, [f"{run}_q{i}" for run in users for i in range(len(queries))])
     raw = duckdb.connect(str(snapshot_path(inst)), read_only=True)
     for view in ("residents", "resident_tax", "movements"):   # the data in DuckDB's buffers, untimed
         raw.execute(f'SELECT * FROM "{view}"').to_arrow_table()
@@ -180,8 +182,11 @@ def cold(inst, count: int, reps: int) -> None:
         raws = [[] for _ in queries]
         totals = [[] for _ in queries]
         steps = [[] for _ in queries]
-        for user in users:
+        for run in users:
             for i, sql in enumerate(queries):
+                # a user per query and run: an analyst's same-shaped queries can pause them
+                # (``cell_pairs``), and a plan is per user, so each is still a first run
+                user = f"{run}_q{i}"
                 raws[i].append(timed_run(lambda: raw.execute(sql).to_arrow_table()))
                 spent: dict[str, float] = collections.defaultdict(float)
                 with cold_instrumented(guard, spent):

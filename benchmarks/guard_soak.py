@@ -242,7 +242,7 @@ def main() -> None:
 
     from _city import city_instance
     from client_fixtures import GUARD_SCOPE, HubApiDouble, ServiceProcess
-    from service import resume_held
+    from _city import resume_held
     from sekisho.client.transport import GuardError, GuardRefusal, HttpTransport
     from sekisho.state import set_role
 

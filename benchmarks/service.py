@@ -100,22 +100,6 @@ class DistinctQueries:
                     return sql
 
 
-def resume_held(home: Path, users: list[str]) -> int:
-    """Lift the guard's holds on the benchmark's users (``sekisho users resume``, audited as
-    an admin's action): the same distinct queries of an earlier run on this instance can
-    have paused them, and a paused user's queries would all be refused. Returns how many."""
-    import contextlib
-    import io
-
-    from sekisho.cli.users import resume
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        for name in users:
-            resume.main(["--home", str(home), name], standalone_mode=False)
-    return out.getvalue().count(" resumed (")
-
-
 def percentile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(round(q * (len(values) - 1))))] if values else float("nan")
@@ -190,7 +174,7 @@ def main() -> None:
 
     import ibis
 
-    from _city import city_instance
+    from _city import city_instance, resume_held
     from client_fixtures import GUARD_SCOPE, HubApiDouble, ServiceProcess
     from sekisho.access import load_policy_cached
     from sekisho.client.transport import HttpTransport
