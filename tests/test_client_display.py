@@ -126,9 +126,11 @@ def test_conditional_counts_written_the_ibis_way_equal_the_group_by_form(con):
 
 # ---- refusals ---------------------------------------------------------------------------------------
 
+# residents beside movers, men beside women (a total beside its part in one query is a
+# differencing pair the guard checks: sekisho.guard.request_pairs)
 THREE_BOUNDARIES = (
     "SELECT a.chome_code, a.age, a.n, b.n AS m, c.n AS w FROM "
-    "(SELECT chome_code, age, COUNT(*) AS n FROM residents GROUP BY chome_code, age) AS a JOIN "
+    "(SELECT chome_code, age, COUNT(*) AS n FROM movements GROUP BY chome_code, age) AS a JOIN "
     "(SELECT chome_code, age, COUNT(*) AS n FROM residents WHERE sex = '男' GROUP BY chome_code, age) AS b "
     "ON a.chome_code = b.chome_code AND a.age = b.age JOIN "
     "(SELECT chome_code, age, COUNT(*) AS n FROM residents WHERE sex = '女' GROUP BY chome_code, age) AS c "

@@ -172,17 +172,21 @@ def test_a_new_cut_point_or_several_decompositions_in_one_query_are_new_shapes(i
     assert guard_alerts.hold_of(inst, "ana") is None   # one population in many tables: ordinary
     many = " UNION ALL ".join(f"SELECT {m} AS m, COUNT(*) AS n FROM residents WHERE sex = '{sex}' "
                               f"AND age >= {age} GROUP BY age % {m}" for m in range(2, 2 + burst))
-    guard.query(f"SELECT m, SUM(n) AS n FROM ({many}) GROUP BY m", user="ana2")
-    for user in ("ana", "ana2"):
-        few = " UNION ALL ".join(f"SELECT {m} AS m, COUNT(*) AS n FROM residents WHERE sex = '{sex}' "
-                                 f"AND age >= {age + 1} GROUP BY age % {m}" for m in range(2, 2 + burst // 2))
-        guard.query(f"SELECT m, SUM(n) AS n FROM ({few}) GROUP BY m", user=user)
+    # many decompositions of one small population in one query: their cells of one value
+    # (age % 2 = 1 beside age % 3 = 1) are close pairs of its own parts, checked before
+    # the answer (``request_pairs.within_request``) — refused, the analyst held
+    assert refused_code(guard, f"SELECT m, SUM(n) AS n FROM ({many}) GROUP BY m", "ana2") == "repeated_shape"
+    assert guard_alerts.hold_of(inst, "ana2")["alert"] == "differencing"
+    few = " UNION ALL ".join(f"SELECT {m} AS m, COUNT(*) AS n FROM residents WHERE sex = '{sex}' "
+                             f"AND age >= {age + 1} GROUP BY age % {m}" for m in range(2, 2 + burst // 2))
+    try:
+        guard.query(f"SELECT m, SUM(n) AS n FROM ({few}) GROUP BY m", user="ana")
+    except QueryRefused as refused:
+        assert refused.code == "repeated_shape"
     guard.flush()
-    for user in ("ana", "ana2"):
-        # the second population pairs with the first: by its decompositions, or already
-        # as a verified differencing pair (both pause)
-        assert guard_alerts.hold_of(inst, user)["alert"] in ("decomposition", "differencing")
-    assert any(a["details"]["alert"] == "decomposition" for a in alerts_of(inst, "ana2"))
+    # the second population pairs with the first: by its decompositions, or as a
+    # differencing pair (both pause)
+    assert guard_alerts.hold_of(inst, "ana")["alert"] in ("decomposition", "differencing")
 
 
 def test_one_population_in_many_tables_is_not_an_alert(inst, guard):
@@ -276,6 +280,65 @@ def test_a_pair_differing_in_one_cell_pauses_the_analyst(inst, guard):
     assert refused_code(guard, pair[0], "ana") == "paused_for_review"
 
 
+def other_block(inst, block):
+    (other,) = truth(inst, f"SELECT block FROM residents WHERE block <> '{block}' GROUP BY 1 ORDER BY COUNT(*) DESC "
+                           "LIMIT 1")[0]
+    return other
+
+
+@pytest.mark.parametrize("variant", ["condition_added", "measure_added", "key_spelt_as_case", "key_added",
+                                     "after_decoys"])
+def test_a_pair_in_another_spelling_pauses_the_analyst(inst, guard, variant):
+    """The same pair (``age >= a`` then ``> a`` by block x sex), the second spelt another
+    way: a condition that changes nobody in the target's cell (another block left out), a
+    measure added, the block as a CASE, a key of one value added (the keys in another
+    order), or not-nested releases of the family asked in between as decoys. Releases are
+    compared by family (the views) and cells by their key values, margins included;
+    nested-looking candidates first."""
+    block, age, _ = cell_pair_target(inst)
+    other = other_block(inst, block)
+    first = f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= {age} GROUP BY 1, 2"
+    blocks = [b for (b,) in truth(inst, "SELECT DISTINCT block FROM residents ORDER BY 1")]
+    as_case = "CASE " + " ".join(f"WHEN block = '{b}' THEN '{b}'" for b in blocks) + " END"
+    second = {
+        "condition_added": f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age > {age} "
+                           f"AND block <> '{other}' GROUP BY 1, 2",
+        "measure_added": f"SELECT block, sex, COUNT(*) AS n, COUNT(DISTINCT household_id) AS households "
+                         f"FROM residents WHERE age > {age} GROUP BY 1, 2",
+        "key_spelt_as_case": f"SELECT {as_case} AS b, sex, COUNT(*) AS n FROM residents WHERE age > {age} "
+                             "GROUP BY 1, 2",
+        "key_added": f"SELECT sex, age > {age} AS older, block, COUNT(*) AS n FROM residents WHERE age > {age} "
+                     "GROUP BY 1, 2, 3",
+        "after_decoys": f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age > {age} GROUP BY 1, 2",
+    }[variant]
+    guard.query(first, user="ana")
+    guard.flush()
+    if variant == "after_decoys":
+        # of the family, not nested with the second: each differs from it in both directions
+        for shift in (-7, -5, -3, -1):   # windows sliding together: no two nested
+            guard.query(f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age BETWEEN {age + shift} AND "
+                        f"{age + 40 + shift} GROUP BY 1, 2", user="ana")
+            guard.flush()
+        assert guard_alerts.hold_of(inst, "ana") is None
+    guard.query(second, user="ana")
+    guard.flush()
+    hold = guard_alerts.hold_of(inst, "ana")
+    assert hold is not None and hold["alert"] == "differencing", variant
+    assert [a["details"]["level"] for a in differencing_alerts(inst, "ana")] == ["cell"]
+
+
+def test_a_family_asked_of_other_populations_does_not_pause(inst, guard):
+    """What ordinary work does with one family: other blocks, other years, other ages far
+    apart — populations neither of which holds the other, or cells k or more apart."""
+    for sql in ["SELECT sex, age_band, COUNT(*) AS n FROM residents WHERE block = '{b}' GROUP BY 1, 2".format(b=b)
+                for (b,) in truth(inst, "SELECT DISTINCT block FROM residents ORDER BY 1")[:4]] + \
+               [f"SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= {a} GROUP BY 1, 2" for a in (20, 40, 60)] + \
+               ["SELECT block, relationship, COUNT(*) AS n FROM residents WHERE is_current GROUP BY 1, 2"]:
+        guard.query(sql, user="ana")
+        guard.flush()
+    assert guard_alerts.hold_of(inst, "ana") is None and not differencing_alerts(inst, "ana")
+
+
 def test_a_pair_in_one_query_is_refused_before_it_runs(inst, guard):
     # the alert would come after the answer: two parts of one shape in one query are refused
     block, age, _ = cell_pair_target(inst)
@@ -284,8 +347,26 @@ def test_a_pair_in_one_query_is_refused_before_it_runs(inst, guard):
     joined = (f"WITH a AS (SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= {age} GROUP BY 1, 2), "
               f"b AS (SELECT block, sex, COUNT(*) AS n FROM residents WHERE age > {age} GROUP BY 1, 2) "
               "SELECT a.block, a.sex, a.n - b.n AS d FROM a JOIN b ON a.block = b.block AND a.sex = b.sex")
-    for sql in (union, joined):
+    other = other_block(inst, block)
+    padded = (f"SELECT 'a' AS side, block, sex, COUNT(*) AS n FROM residents WHERE age >= {age} GROUP BY 2, 3 "
+              f"UNION ALL SELECT 'b', block, sex, COUNT(*) FROM residents WHERE age > {age} AND block <> '{other}' "
+              "GROUP BY 2, 3")
+    cut = " UNION ALL ".join(f"SELECT {c} AS cut, age < {c} AS young, COUNT(*) AS n FROM residents GROUP BY 2"
+                             for c in (age, age + 1))
+    for sql in (union, joined, cut):   # from the text: the parts differ only in range constants
         assert refused_code(guard, sql, "ana") == "repeated_shape"
+    # spelt otherwise, the parts are checked on the store before the answer: refused, and
+    # the analyst held as for a pair asked one by one
+    keyed = (f"SELECT 'a' AS side, block, sex, TRUE AS t, COUNT(*) AS n FROM residents WHERE age >= {age} "
+             f"GROUP BY 2, 3 UNION ALL SELECT 'b', block, sex, age > {age}, COUNT(*) FROM residents "
+             f"WHERE age > {age} GROUP BY 2, 3, 4")
+    for user, sql in (("ana_padded", padded), ("ana_keyed", keyed)):
+        set_role(inst, user, "analyst")
+        assert refused_code(guard, sql, user) == "repeated_shape"
+        assert guard_alerts.hold_of(inst, user)["alert"] == "differencing"
+    # one population by two keys (margins) is one query
+    assert guard.query("SELECT 'block' AS key, block AS value, COUNT(*) AS n FROM residents GROUP BY 2 UNION ALL "
+                       "SELECT 'sex', sex, COUNT(*) FROM residents GROUP BY 2", user="ana").table.num_rows
     # parts of other shapes, or differing in an equality (men, women), are one query as before
     assert guard.query("SELECT block, COUNT(*) AS n FROM residents GROUP BY block UNION ALL "
                        "SELECT block, COUNT(*) FROM movements GROUP BY block", user="ana").table.num_rows
@@ -676,3 +757,31 @@ def test_a_pair_paced_past_the_near_duplicate_window_is_still_a_pair(tmp_path):
         assert [p.old.sql for p in late.pairs][:1] == ["age <= 40"], day
     # past the window the first half is forgotten
     assert all(p.old.sql != "age <= 40" for p in release(119, "age <= 39 (8)", 8 * 86400).pairs)
+
+
+def test_margins_match_a_table_with_a_key_added_or_reordered():
+    """``cell_pairs.digest`` records a release by its margins, cells matched by key values
+    as a multiset: block x sex x (one value) and sex x block are block x sex again, and a
+    cell one person apart is a close pair naming the keys each side is compared by."""
+    import numpy as np
+
+    from sekisho.guard import cell_pairs, hidden
+
+    assert cell_pairs.margins(1) == [(0,)]
+    assert cell_pairs.margins(3) == [(0, 1, 2), (1, 2), (0, 2), (2,), (0, 1), (1,), (0,), ]
+    assert cell_pairs.margins(4)[0] == (0, 1, 2, 3) and len(cell_pairs.margins(4)) == 5
+
+    def cells(keys, n, ck):
+        out = {hidden.group_key(j): column for j, column in enumerate(keys)}
+        out[hidden.CONTRIBUTORS], out[hidden.CELL_KEY] = np.array(n), np.array(ck)
+        out[hidden.ONE_ROW_EACH] = True
+        return out
+
+    first = cell_pairs.digest(cells([["東部", "東部", "西部"], ["男", "女", "女"]], [30, 12, 40], [5, 6, 7]), 2, 10)
+    added = cell_pairs.digest(cells([["女", "女", "男"], [True, True, True], ["東部", "西部", "東部"]],
+                                    [11, 40, 30], [9, 7, 5]), 3, 10)
+    close, one_way, where = cell_pairs.close_cells(added, first, 10, 3, 2)
+    # (女, 東部): 11 against 12, and so the margins 女 and 東部
+    assert close == 3 and one_way and where == ((0, 2), (0, 1))
+    far = cell_pairs.digest(cells([["東部"], ["女"]], [80], [1]), 2, 10)   # its margins far too
+    assert cell_pairs.close_cells(far, first, 10, 2, 2)[0] == 0

@@ -112,9 +112,11 @@ REASONS: dict[str, tuple[str, str]] = {
                           "your queries raised an alert and are paused until an administrator has reviewed them"),
     "audit_unavailable": ("監査ログに記録できないため回答できません",
                           "the audit trail could not be written, so no answer is released"),
-    "repeated_shape": ("定数だけが違う同じ形の集計を一つの照会に二つ以上含めることはできません。別々の照会にしてください",
-                       "one query may not hold two aggregations that differ only in their constants; "
-                       "ask them as separate queries"),
+    "repeated_shape": ("同じビューの集計のうち、一方が他方の人をすべて含み、ある区分で k 人未満しか違わない組を"
+                       "一つの照会に含めることはできません（範囲の定数だけが違う組も）。別々の照会にしてください",
+                       "one query may not hold two aggregations of the same views one of which holds all the "
+                       "persons of the other while a cell differs by fewer than k (nor two that differ only in "
+                       "the constants of ranges); ask them as separate queries"),
     "result_too_large": ("集計結果のセル数の見込みが上限を超えるため実行しません。区分を減らしてください",
                          "the estimated number of cells exceeds the limit; group by fewer or coarser keys"),
     "resource_limit": ("処理時間またはメモリの上限に達したため中止しました。条件や区分を減らしてください",

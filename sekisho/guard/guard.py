@@ -11,7 +11,9 @@
 6. ``protection`` the mode's protection (``PROTECTIONS``: threshold with condition
                   influence, or DP with the budget debited first), which runs cells SQL
                   on the snapshot (``execution``) and post-processing on protected tables;
-7. ``recording``  the outcome entry before the answer leaves; alerts after it.
+7. ``request_pairs`` (threshold) two parts of one query that are a differencing pair are
+                  refused: from the text before 3, on the store after 6;
+8. ``recording``  the outcome entry before the answer leaves; alerts after it.
 
 Side channels: refusal texts are fixed per code; execution errors of the store are
 reported as one generic refusal without the engine's message (which could quote a data
@@ -35,7 +37,7 @@ import pyarrow as pa
 
 from sekisho.access import capabilities, load_policy_cached
 from sekisho.audit import AuditError
-from sekisho.guard import budget as ledger, cell_pairs
+from sekisho.guard import budget as ledger, request_pairs
 from sekisho.guard import session as sessions
 from sekisho.guard.catalog import Catalog, catalog_for_role
 from sekisho.guard.errors import QueryRefused
@@ -92,12 +94,15 @@ class Guard:
             attempt.planned(plan)
             check_cells(plan, catalog, self.limits)
             if session.mode == "threshold" and session.condition_influence:
-                cell_pairs.one_shape_each(plan)
+                request_pairs.one_shape_each(plan)
             attempt.request = self.recorder.announce(session, sql, plan, snap.id)
             deadline = time.monotonic() + self.limits.query_seconds
             with self.admission.slot(user, deadline):
                 released = PROTECTIONS[session.mode].release(Context(
                     policy, self.instance, session, plan, snap, catalog, self.post, self.verdicts, deadline))
+            if session.mode == "threshold" and session.condition_influence and len(plan.boundaries) > 1:
+                request_pairs.refuse_pairs_within(self.instance, policy, plan, released, snap, session,
+                                                  attempt.request.result()["seq"])
             answer = summary(policy, session.mode, plan, released)
             answer["query_id"] = self.recorder.answered(attempt, session, plan, released, answer)
         return GuardResult(table=released.table, summary=answer, cells=released.cells)

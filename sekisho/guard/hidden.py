@@ -24,6 +24,9 @@ RKEY = "__rkey"
 CONTRIBUTORS = "__n"
 CELL_KEY = "__ck"
 GROUP_KEY_PREFIX = "__g"
+# (not a column) in a release's cell record: its rows are one per contributor, so the
+# sum of its cells is a margin an analyst can add up (``cell_pairs.margins``)
+ONE_ROW_EACH = "__one_row"
 
 
 def group_key(j: int) -> str:

@@ -293,9 +293,10 @@ class ThresholdProtection:
             released.stats.append(st)
             released.defined.append((ctx.snap.id, run.row_sql))
             # the cells' keys, and their contributors and cell keys (``cell_pairs``)
-            released.cell_keys.append({name: cells[name] for name in
-                                       [hidden.group_key(j) for j in range(len(bp.group_keys))]
-                                       + [hidden.CONTRIBUTORS, hidden.CELL_KEY] if name in cells})
+            released.cell_keys.append({**{name: cells[name] for name in
+                                          [hidden.group_key(j) for j in range(len(bp.group_keys))]
+                                          + [hidden.CONTRIBUTORS, hidden.CELL_KEY] if name in cells},
+                                       hidden.ONE_ROW_EACH: fast})
             released.row_trees.append(answered_row(bp, run))
         released.table, released.cells, released.accuracy = post_process(ctx, protected, companions, kinds)
         return released
