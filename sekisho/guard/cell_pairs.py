@@ -75,12 +75,15 @@ from sqlglot import exp
 from sekisho.guard import hidden
 from sekisho.guard.alert_state import state_of as _state
 from sekisho.guard.alerts import _pause, _transaction
+from sekisho.guard.lru import SizedLRU
 from sekisho.guard.protect.cellkey import KEY_RANGE
 from sekisho.instance import Instance
 
 MAX_CELLS = 20_000   # released cells of a release recorded (larger tables are not compared)
-MAX_CHECKS = 3       # candidate pairs checked on the store per request (nested-looking first)
+MAX_CHECKS = 3       # new candidate pairs checked on the store per request (nested-looking first)
 MAX_WITHIN = 8       # close pairs of one request's own boundaries checked before its answer
+# pairs already checked, per user, snapshot and the two row SELECTs (-> differing cells)
+_CHECKED = SizedLRU(8192, 1 << 20, lambda key, value: 64)
 RECENT = 64          # earlier releases of the same family a new one is compared with
 _DIGEST = np.dtype([("key", "<u8"), ("n", "<i8"), ("ck", "<i8"), ("margin", "<u1")])
 
@@ -226,14 +229,13 @@ def related(a: str, b: str) -> bool:
 def candidates(row_sql: str, cells: bytes, keys: int, earlier: list[tuple], k: int) -> list[CellPair]:
     """The pairs of a release (its digest ``cells`` by ``keys`` keys) with ``earlier``
     ones (``(id, row SQL, digest, keys)``, the most recent first) to check on the store:
-    those with a close cell, nested-looking first, then the most recent, at most
-    ``MAX_CHECKS``."""
+    those with a close cell, nested-looking first, then the most recent."""
     ranked = []
     for order, (old_id, old_sql, old_cells, old_keys) in enumerate(earlier):
         close, one_way, where = close_cells(cells, old_cells, k, keys, old_keys)
         if close:
             ranked.append((not one_way, order, CellPair(row_sql, old_sql, *where, old_id, keys, old_keys)))
-    return [pair for *_, pair in sorted(ranked, key=lambda r: r[:2])[:MAX_CHECKS]]
+    return [pair for *_, pair in sorted(ranked, key=lambda r: r[:2])]
 
 
 def record(instance: Instance, alerts, *, user: str, snapshot: str, shape: str, keys: int, row_sql: str,
@@ -350,14 +352,25 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
         if blob is None:
             continue
         tree = tree if tree is not None else sqlglot.parse_one(row_sql, read="duckdb")
+        checks = 0
         for pair in record(instance, alerts, user=user, snapshot=snapshot, shape=family(tree), keys=keys,
                            row_sql=row_sql, cells=blob, k=k):
-            try:
-                with cursor(snapshot) as cur:
-                    cells = differing(cur, pair, k)
-            except Exception as exc:   # store errors (a pruned snapshot, ...): audited, no alert
-                failure = failure or exc
-                continue
+            # a pair checked before (an analyst re-running a notebook) is not read again
+            # and takes none of the request's checks
+            known = hashlib.blake2b(repr((user, snapshot, k, pair[:2], pair[2:4], pair[5:])).encode(),
+                                    digest_size=16).digest()
+            cells = _CHECKED.get(known)
+            if cells is None:
+                if checks >= MAX_CHECKS:
+                    continue
+                checks += 1
+                try:
+                    with cursor(snapshot) as cur:
+                        cells = differing(cur, pair, k)
+                except Exception as exc:   # store errors (a pruned snapshot, ...): audited, no alert
+                    failure = failure or exc
+                    continue
+                _CHECKED.put(known, cells)
             if cells:
                 verified.append((pair, cells))
     return confirm(instance, alerts, user=user, fingerprint=fingerprint, verified=verified, raised_by=raised_by,

@@ -19,7 +19,8 @@ import hashlib
 
 from sqlglot import exp
 
-from sekisho.guard.cell_pairs import MAX_WITHIN, CellPair, candidates, confirm, differing, digest, family, related
+from sekisho.guard.cell_pairs import (MAX_CHECKS, MAX_WITHIN, CellPair, candidates, confirm, differing, digest,
+                                      family, related)
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.session import holds_apply
 from sekisho.instance import Instance
@@ -43,7 +44,8 @@ def within_request(plan, released, cursor, k: int) -> list[tuple[CellPair, int]]
         earlier = [(j, released.defined[j][1], digests[j], len(plan.boundaries[j].group_keys))
                    for fb, j in rows[:a] if related(fa, fb) and digests[j] is not None]
         if digests[i] is not None and earlier:
-            pairs += candidates(released.defined[i][1], digests[i], len(plan.boundaries[i].group_keys), earlier, k)
+            pairs += candidates(released.defined[i][1], digests[i], len(plan.boundaries[i].group_keys), earlier,
+                                k)[:MAX_CHECKS]
     if len(pairs) > MAX_WITHIN:
         # more close pairs than are checked: refused as if they differed (fail closed)
         return [(pair, 0) for pair in pairs]
