@@ -102,7 +102,7 @@ class Guard:
                     policy, self.instance, session, plan, snap, catalog, self.post, self.verdicts, deadline))
             if session.mode == "threshold" and session.condition_influence and len(plan.boundaries) > 1:
                 request_pairs.refuse_pairs_within(self.instance, policy, plan, released, snap, session,
-                                                  attempt.request.result()["seq"])
+                                                  attempt.request.result()["seq"], self.recorder.audit_alerts)
             answer = summary(policy, session.mode, plan, released)
             answer["query_id"] = self.recorder.answered(attempt, session, plan, released, answer)
         return GuardResult(table=released.table, summary=answer, cells=released.cells)

@@ -225,7 +225,7 @@ class Recorder:
         released_rows = request.pop("released_rows", ())
         try:
             found = self._record_request(**request)
-            self._audit_alerts(found, user, role, seq)
+            self.audit_alerts(found, user, role, seq)
             # close pairs, verified on the store after the transaction: within the window
             # (differencing) and across snapshots (upload_differencing; an old snapshot may
             # be gone: audited as a failed check)
@@ -237,7 +237,7 @@ class Recorder:
                     continue
                 verified, failure = self._verify_pairs(pairs)
                 if verified:
-                    self._audit_alerts(confirm(
+                    self.audit_alerts(confirm(
                         self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
                         pairs=verified, raised_by=seq, pause=self._holds_apply(role)), user, role, seq)
                 if failure is not None:
@@ -253,7 +253,7 @@ class Recorder:
             self.instance, self.policy.disclosure, released_rows, user=user, fingerprint=fingerprint,
             cursor=self._verification_cursor, current=getattr(self._current_snapshot(), "id", None), raised_by=seq,
             pause=self._holds_apply(role))
-        self._audit_alerts(found, user, role, seq)
+        self.audit_alerts(found, user, role, seq)
         if failure is not None:
             self._bookkeeping_failed(user, role, seq, failure, check="cell_differencing")
 
@@ -278,13 +278,13 @@ class Recorder:
                         pair, self.policy.disclosure.k, self._verification_cursor)))
                 except Exception as exc:   # a pruned snapshot, ...: audited, not raised
                     failure = failure or exc
-            self._audit_alerts(upload_regions.confirm_regions(
+            self.audit_alerts(upload_regions.confirm_regions(
                 self.instance, alerts, user=user, fingerprint=fingerprint, checked=checked, raised_by=seq,
                 pause=self._holds_apply(role)), user, role, seq)
             if failure is not None:
                 self._bookkeeping_failed(user, role, seq, failure, check="upload_decomposition")
 
-    def _audit_alerts(self, found: list[dict], user: str, role: str | None, seq: int) -> None:
+    def audit_alerts(self, found: list[dict], user: str, role: str | None, seq: int) -> None:
         for alert in found:
             self.instance.audit.append("alert", user=user, role=role, outcome="ok",
                                        summary=f"guard alert: {alert['alert']}", details=dict(alert, raised_by=seq))

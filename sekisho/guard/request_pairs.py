@@ -33,7 +33,7 @@ def within_request(plan, released, cursor, k: int) -> list[tuple[CellPair, int]]
     would come when every pair was answered. Only requests with two boundaries of one
     family are digested; only close ones are checked (more than ``MAX_WITHIN``: all
     taken as differing)."""
-    rows = [(family(bp.row), i) for i, bp in enumerate(plan.boundaries)
+    rows = [(_family_of(bp), i) for i, bp in enumerate(plan.boundaries)
             if bp.row is not None and i < len(released.defined) and released.defined[i] is not None]
     rows = [(f, i) for f, i in rows if sum(related(f, g) for g, _ in rows) > 1]
     if not rows:
@@ -57,11 +57,22 @@ def within_request(plan, released, cursor, k: int) -> list[tuple[CellPair, int]]
     return verified
 
 
-def refuse_pairs_within(instance: Instance, policy, plan, released, snap, session, request_seq: int) -> None:
+def _family_of(bp) -> str:
+    """``family`` of a boundary's row SELECT, kept on the cached plan (a repeated query
+    does not walk its tree again on the answer's path)."""
+    memo = getattr(bp, "_family", None)
+    if memo is None:
+        memo = family(bp.row)
+        object.__setattr__(bp, "_family", memo)
+    return memo
+
+
+def refuse_pairs_within(instance: Instance, policy, plan, released, snap, session, request_seq: int,
+                        audit_alerts) -> None:
     """Refuse (``repeated_shape``) a request whose own boundaries are a differencing pair
-    (``within_request``), after raising the ``differencing`` alert (audited; the user
-    held if the policy pauses): the refusal says a cell of the pair differs, so it costs
-    a review as the alert does."""
+    (``within_request``), after raising the ``differencing`` alert (audited with the
+    recorder's ``audit_alerts``; the user held if the policy pauses): the refusal says a
+    cell of the pair differs, so it costs a review as the alert does."""
     cur = snap.cursor()
     try:
         verified = within_request(plan, released, cur, policy.disclosure.k)
@@ -71,9 +82,7 @@ def refuse_pairs_within(instance: Instance, policy, plan, released, snap, sessio
         return
     found = confirm(instance, policy.disclosure.alerts, user=session.user, fingerprint=plan.fingerprint,
                     verified=verified, raised_by=request_seq, pause=holds_apply(policy, session.role))
-    for alert in found:
-        instance.audit.append("alert", user=session.user, role=session.role, outcome="ok",
-                              summary=f"guard alert: {alert['alert']}", details=dict(alert, raised_by=request_seq))
+    audit_alerts(found, session.user, session.role, request_seq)   # the recorder's, as for every alert
     raise QueryRefused("repeated_shape", part="aggregations of one family")
 
 
