@@ -559,6 +559,52 @@ def test_the_shared_first_round_counts_what_the_two_scans_count(sql, guard, inst
     assert int(shared[2][hidden.CELL_KEY][0]) == int(own[hidden.CELL_KEY][0])
     apart = run(cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True))
     assert _summed(shared[3]) == _summed(apart) and _summed(apart), sql
+    # the query's own cells, as its cells SQL counts them (a new query of contributor
+    # counts is answered from these: protection.counts_contributors_only)
+    from sekisho.guard.cells import cells_sql
+    own_cells, scanned = shared[4], run(cells_sql(bp, person_unique=True))
+    assert _cell_rows(own_cells, columns) == _cell_rows(scanned, columns) and _cell_rows(own_cells, columns), sql
+
+
+def _cell_rows(cells, columns) -> list:
+    groups = [c for c in columns if c.startswith("__g")]
+    return sorted(zip(*(cells[g].to_pylist() if hasattr(cells[g], "to_pylist") else list(cells[g]) for g in groups),
+                      (int(v) for v in cells["__n"]), (int(v) for v in cells["__ck"])), key=repr)
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= 18 AND block IN ('灘', '網干', '広畑') GROUP BY 1, 2",
+    "SELECT age_band, COUNT(*) AS n, COUNT(DISTINCT person_id) AS persons FROM residents "
+    "WHERE sex = '女' AND age BETWEEN 20 AND 64 GROUP BY 1",
+])
+def test_a_new_count_is_answered_from_the_influence_scan_as_the_cells_scan_answers_it(sql, guard, inst, monkeypatch):
+    # a new grouped count (no condition left out) takes its cells from the condition-
+    # influence scan instead of a cells scan of its own; asked again (verdict cached, no
+    # own cells kept) it runs the cells scan: the two answers are the same, cell for cell
+    from sekisho.guard import protection
+
+    scans = []
+    real = protection.fetch
+
+    def counting(snap, q, **kw):
+        if kw.get("prepared_for") is not None:
+            scans.append(q)
+        return real(snap, q, **kw)
+
+    monkeypatch.setattr(protection, "fetch", counting)
+    user = _fresh_analyst(inst, "own")
+    first = guard.query(sql, user=user)
+    snap = guard.snapshots.current()
+    (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
+                             catalog=guard._catalog("analyst", snap)).boundaries
+    own_scan = protection.ThresholdProtection._cells_sql(bp, True)
+    assert own_scan not in scans, scans   # (a cell answered as a wider query has a scan of its own)
+    again = guard.query(sql, user=user)
+    assert scans.count(own_scan) == 1, (own_scan, scans)
+    assert first.table.to_pylist() == again.table.to_pylist() and first.table.num_rows >= 3
+    assert first.cells.to_pylist() == again.cells.to_pylist()
+    assert {k: v for k, v in first.summary.items() if k != "query_id"} == \
+        {k: v for k, v in again.summary.items() if k != "query_id"}
 
 
 def test_deciding_which_neighbours_select_nothing_leaves_the_variants_as_made():

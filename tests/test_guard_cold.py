@@ -171,6 +171,13 @@ THRESHOLD_QUERIES = [
     "SELECT members, COUNT(*) AS households FROM (SELECT household_id, COUNT(*) AS members FROM residents "
     "WHERE is_current AND age >= 10 GROUP BY household_id) AS h GROUP BY members",
     "SELECT sex, COUNT(*) AS n FROM movements WHERE block = '家島' AND age >= 99 GROUP BY sex",
+    # one row per person, contributor counts only: the cells from the rule's first scan (not
+    # the third: its CASE condition moves persons between cells, so the scans stay apart)
+    "SELECT block, sex, COUNT(*) AS n FROM residents WHERE age >= 18 GROUP BY block, sex",
+    "SELECT age_band, COUNT(*) AS n, COUNT(DISTINCT person_id) AS persons FROM residents "
+    "WHERE sex = '女' AND block IN ('家島', '灘', '網干') GROUP BY age_band",
+    "SELECT CASE WHEN age < 15 THEN 'child' ELSE block END AS g, COUNT(*) AS n FROM residents "
+    "WHERE age BETWEEN 5 AND 70 GROUP BY 1",
 ]
 
 
@@ -180,7 +187,7 @@ def _answers(inst, monkeypatch, *, shortcuts: bool):
     from sekisho.guard import Guard
     from sekisho.guard.protection import ThresholdProtection
 
-    populations, used = [], {"declared": 0, "counted": 0}
+    populations, used = [], {"declared": 0, "counted": 0, "own": 0}
     with monkeypatch.context() as m:
         influence, declared = ThresholdProtection._apply_influence, ThresholdProtection._declared_one_row
         if shortcuts:
@@ -190,14 +197,17 @@ def _answers(inst, monkeypatch, *, shortcuts: bool):
                 return one_row
 
             def spy_influence(*args):
-                run, left_out, counted, low = influence(*args)
+                run, left_out, counted, low, own = influence(*args)
                 used["counted"] += counted is not None and args[1].filtered and not args[2]
-                return run, left_out, counted, low
+                used["own"] += own is not None
+                return run, left_out, counted, low, own
             m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(spy_declared))
             m.setattr(ThresholdProtection, "_apply_influence", staticmethod(spy_influence))
         else:
             m.setattr(ThresholdProtection, "_declared_one_row", staticmethod(lambda ctx, bp: False))
-            m.setattr(ThresholdProtection, "_apply_influence", staticmethod(lambda *a: influence(*a)[:2] + (None,) + influence(*a)[3:]))
+            # no population from the rule's scan, no cells from it: every scan of its own
+            m.setattr(ThresholdProtection, "_apply_influence",
+                      staticmethod(lambda *a: influence(*a)[:2] + (None,) + influence(*a)[3:4] + (None,)))
         check = ThresholdProtection._check_population
 
         def counted(*args, **kwargs):
@@ -225,12 +235,13 @@ def _answers(inst, monkeypatch, *, shortcuts: bool):
 
 
 def test_saved_scans_release_the_same(inst, monkeypatch):
-    """The population from condition influence's last scan and the cells of a boundary
-    whose declared row identity the query fixes (counted without grouping by person)
-    give the same answers, cells, notes, refusals and populations as the separate scans."""
+    """The population from condition influence's last scan, the cells of a boundary
+    whose declared row identity the query fixes (counted without grouping by person) and
+    a new count's cells from the rule's first scan give the same answers, cells, notes,
+    refusals and populations as the separate scans."""
     fast, fast_populations, used = _answers(inst, monkeypatch, shortcuts=True)
     slow, slow_populations, _ = _answers(inst, monkeypatch, shortcuts=False)
     assert fast == slow
     assert fast_populations == slow_populations
-    assert used["declared"] >= 3 and used["counted"] >= 3, used
+    assert used["declared"] >= 3 and used["counted"] >= 3 and used["own"] >= 2, used
     assert sum(1 for o in fast if o[0] == "refused") >= 1 and sum(1 for o in fast if o[0] != "refused") >= 8

@@ -111,6 +111,30 @@ def test_one_scan_and_general_counts_agree_with_a_direct_count(con, table, uniqu
         assert general[2 + 2 * i] == expected, v
     # and both count the query's own population alike
     assert flat[0] == general[0] == con.execute(f"SELECT COUNT(DISTINCT __pid) FROM ({base})").fetchone()[0]
+    # as ``influence.decide`` asks (variants as replaced atoms): one row per person is
+    # counted per pattern of atoms (an IN element or a BETWEEN bound dropped is an atom of
+    # its own) and of the cells' columns, not row by row — with the same counts
+    atoms_tree, _, atom_neighbours = neighbourhood(tree(row), render=False)
+    by_atoms = influence_sql(atoms_tree, atom_neighbours, ["__g0"], person_unique=unique)
+    assert ('COUNT(*) AS __m' in by_atoms) == unique, by_atoms
+    assert con.execute(by_atoms).fetchone() == flat
+
+
+def test_rows_are_counted_per_pattern_only_by_atoms_and_the_cells_columns():
+    from sekisho.guard.neighbour_counts import pattern_columns
+
+    cells = ['CASE WHEN "__atom1" THEN \'child\' ELSE "r"."block" END', '"r"."sex"']
+    assert pattern_columns(['(COALESCE(("__atom0" AND "__atom1"), FALSE)) <> (COALESCE(("__atom1"), FALSE))',
+                            "(CASE WHEN \"__atom0\" THEN 1 END) IS DISTINCT FROM (CASE WHEN TRUE THEN 1 END)",
+                            "NOT (COALESCE((\"__atom2\"), FALSE)) AND 'x \"age\"' = 'x'"], "r", cells) == []
+    assert pattern_columns(['("r"."block") IS DISTINCT FROM (CASE WHEN "__atom1" THEN \'c\' ELSE "r"."block" END)'],
+                           "r", cells) == ["block"]
+    for other in ['"__atom0" AND "r"."age" > 3',          # a column the cells do not read
+                  '"__atom0" AND "age" > 3',              # ... unqualified
+                  '"__atom0" AND age > 3',                # ... bare
+                  '"__atom0" AND "x"."block" = 1',        # ... of another table
+                  '(CASE WHEN "__atom0" THEN "r"."income" END) IS DISTINCT FROM NULL']:
+        assert pattern_columns([other], "r", cells) is None, other
 
 
 # ---- a query over one unit scope: every neighbour in one scan ---------------------------------------

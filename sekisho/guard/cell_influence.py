@@ -43,8 +43,8 @@ from sqlglot import exp
 
 from sekisho.guard import hidden
 from sekisho.guard.hidden import PID, RKEY
-from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts, _q, _simple, changed_conditions,
-                                           unit_parts, unit_scope_shape)
+from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts, _q, _simple, atom_patterns,
+                                           changed_conditions, pattern_columns, unit_parts, unit_scope_shape)
 from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
 from sekisho.guard.neighbour_units import fold, unit_worlds
@@ -95,8 +95,8 @@ def cell_influence_sql(row: exp.Expression, neighbours: list[Variant], columns: 
     if not keep:
         return None
     if _simple(row):
-        worlds, source = _flat_worlds(row, list(row.walk()), neighbours)
-        return _flat_sql(worlds, source, columns, groups, person_unique, keep)
+        worlds, source, atoms, alias = _flat_worlds(row, list(row.walk()), neighbours)
+        return _flat_sql(worlds, source, columns, groups, person_unique, keep, (atoms, alias))
     base = _flat(row)
     if base is not None:
         flats = [_flat(variant_tree(row, v)) for v in neighbours]
@@ -123,14 +123,15 @@ def query_and_cell_sql(row: exp.Expression, neighbours: list[Variant], columns: 
     if not groups or not _simple(row):
         return None
     keep = kept()
-    worlds, source = _flat_worlds(row, list(row.walk()), neighbours)
+    worlds, source, atoms, alias = _flat_worlds(row, list(row.walk()), neighbours)
     cond0, proj0 = worlds[0]
     q_cell = [proj0[g] for g in groups]
     if any([worlds[i + 1][1][g] for g in groups] != q_cell for i in keep):
         return None
     changed = changed_conditions(worlds, columns)
     flags = [changed[i] for i in keep] + [f"COALESCE(({cond0}), FALSE)"]
-    return _grouped(keep + [len(neighbours)], q_cell, flags, source, groups, proj0[PID], proj0[RKEY], True)
+    return _grouped(keep + [len(neighbours)], q_cell, flags, source, groups, proj0[PID], proj0[RKEY], True,
+                    (atoms, alias))
 
 
 def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
@@ -225,7 +226,7 @@ def _length(frame: Cells) -> int:
 
 # ---- one table -------------------------------------------------------------------------
 def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], groups: list[str],
-              person_unique: bool, keep: list[int]) -> str:
+              person_unique: bool, keep: list[int], atoms: tuple[list[str], str] = ([], "")) -> str:
     cond0, proj0 = worlds[0]
     changed = changed_conditions(worlds, columns)
     pid, rkey = proj0[PID], proj0[RKEY]
@@ -242,7 +243,7 @@ def _flat_sql(worlds: list[tuple[str, dict[str, str]]], source: str, columns: li
         main.append(f"({d}) AND ({cond0})")
         # ... and in the neighbour's cell they arrive in
         arrivals.append((i, n_cell, d, cond))
-    parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique)]
+    parts = [_grouped(keep, q_cell, main, source, groups, pid, rkey, person_unique, atoms)]
     if arrivals:
         parts.append(_arrivals(arrivals, cond0, q_cell, source, groups, pid, rkey, person_unique))
     return " UNION ALL ".join(parts)
@@ -278,14 +279,25 @@ def _arrivals(arrivals: list[tuple[int, list[str], str, str]], cond0: str, q_cel
 
 
 def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, groups: list[str], pid: str,
-             rkey: str, person_unique: bool) -> str:
+             rkey: str, person_unique: bool, atoms: tuple[list[str], str] = ([], "")) -> str:
     """Long rows (__w, cell, __n, __ck) for the neighbours ``which``, their rows marked by
     ``flags``, grouped by ``cell``; a person's key in a cell is the sum of their distinct
-    record keys there (one row per person and record key first, as ``neighbour_counts``)."""
+    record keys there (one row per person and record key first, as ``neighbour_counts``).
+    ``atoms``: the atom columns of ``source`` and its alias (``_flat_worlds``); flags of
+    atoms and of the cells' columns are counted over the rows' patterns (``atom_patterns``)."""
     cell_cols = [f"{c} AS {_q(g)}" for c, g in zip(cell, groups)]
     g_list = ", ".join(_q(g) for g in groups)
     g_sel = f"{g_list}, " if groups else ""
-    if person_unique:
+    atom_names, alias = atoms
+    by = pattern_columns(flags, alias, cell) if person_unique and atom_names else None
+    if by is not None:
+        aggs = []
+        for i, f in zip(which, flags):
+            aggs += [f"CAST(COALESCE(SUM(__m) FILTER (WHERE {f}), 0) AS BIGINT) AS __n{i}",
+                     f"{cell_key_sql(f'COALESCE(SUM(__s) FILTER (WHERE {f}), 0)')} AS __ck{i}"]
+        wide = (f"SELECT {g_sel}{', '.join(aggs)} FROM {atom_patterns(cell, atom_names, by, rkey, source, alias)}"
+                + (f" GROUP BY {g_list}" if groups else ""))
+    elif person_unique:
         aggs = []
         for i, f in zip(which, flags):
             aggs += [f"COUNT(*) FILTER (WHERE {f}) AS __n{i}",

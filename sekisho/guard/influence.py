@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +79,10 @@ class Verdict:
     # per cell, the query it is answered as: the query as answered with the neighbours
     # that change that cell by fewer than k applied (``cell_widening``)
     cell_worlds: cell_widening.CellWorlds = cell_widening.NONE
+    # the query's own cells (``__g*``, ``__n``, ``__ck``) when its first scan counted them
+    # and nothing was left out: for this request only (``VerdictCache`` keeps none), so a
+    # new query of contributor counts needs no cells scan of its own
+    own_cells: Cells | None = field(default=None, compare=False, repr=False)
 
 
 def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], k: int, filtered: bool,
@@ -114,6 +118,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     current, left_out = row, []
     worlds = cell_widening.NONE
     answered = None   # (contributors, cell key) of ``current`` when a scan counted them
+    own_cells = None
     pending = None   # (query before the last batch, its closest single choice, left_out before)
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
@@ -156,6 +161,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             answered = (int(number(counts, hidden.CONTRIBUTORS, np.int64)[0]),
                         int(number(counts, hidden.CELL_KEY, np.int64)[0]))
             groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+            own_cells = shared[4] if shared is not None and round_ == 0 else None
             if groups and kept():
                 per_cell = shared[3] if shared is not None else \
                     fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))
@@ -174,7 +180,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         if pending is not None:
             raise QueryRefused("condition_influence_below_k")
     if not left_out:
-        return Verdict(population=answered, cell_worlds=worlds)
+        return Verdict(population=answered, cell_worlds=worlds, own_cells=own_cells)
     named = sorted(left_out)   # sorted, not in the order left out
     return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
                    population=answered, cell_worlds=worlds)
@@ -213,7 +219,7 @@ def _query_and_cells(base: exp.Expression, neighbours: list[Variant], kept: Call
     """The first round's counts and the per-cell counts from one grouped scan
     (``cell_influence.query_and_cell_sql``), when the query's shape allows: (perturbed,
     exact, the query's own ``__n``/``__ck``, per-cell counts without the query's own
-    rows) — or None."""
+    rows, the query's own cells) — or None."""
     sql = query_and_cell_sql(base, neighbours, columns, kept)
     if sql is None:
         return None
@@ -233,9 +239,15 @@ def _query_and_cells(base: exp.Expression, neighbours: list[Variant], kept: Call
     noisy = [int(v) for v in ptable.perturb_counts(keys, exact)] if exact else []
     own = {hidden.CONTRIBUTORS: np.array([totals[own_w, 0]]), hidden.CELL_KEY: np.array([totals[own_w, 1] % KEY_RANGE])}
     mask = which != own_w
-    per_cell = {name: (col.filter(pa.array(mask)) if isinstance(col, pa.Array) else np.asarray(col)[mask])
-                for name, col in cells.items()}
-    return noisy, exact, own, per_cell
+
+    def rows(where: np.ndarray, names) -> Cells:
+        return {name: (cells[name].filter(pa.array(where)) if isinstance(cells[name], pa.Array)
+                       else np.asarray(cells[name])[where]) for name in names}
+
+    per_cell = rows(mask, cells)
+    own_cells = rows(~mask, [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+                     + [hidden.CONTRIBUTORS, hidden.CELL_KEY])
+    return noisy, exact, own, per_cell, own_cells
 
 
 def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:
@@ -273,7 +285,7 @@ class VerdictCache:
                 found = decide_now()
             except QueryRefused as refusal:
                 found = refusal
-            self._items.put(key, found)
+            self._items.put(key, replace(found, own_cells=None) if isinstance(found, Verdict) else found)
         if isinstance(found, QueryRefused):
             raise QueryRefused(found.code, part=found.part)
         return found

@@ -13,7 +13,10 @@ a neighbour changes.
 
 from __future__ import annotations
 
+import re
+
 from sqlglot import exp
+from sqlglot.tokens import Tokenizer, TokenType
 from sqlglot.optimizer.merge_subqueries import merge_subqueries
 
 from sekisho.guard.sqltext import DIALECT
@@ -104,6 +107,68 @@ def _cond(where: exp.Expression | None) -> str:
     return f"COALESCE(({folded.sql(dialect=DIALECT)}), FALSE)"
 
 
+ATOM = re.compile(r"__atom\d+")
+
+
+def _names(sql: str, alias: str) -> set[str] | None:
+    """The columns of ``alias`` that guard-rendered ``sql`` reads (``"alias"."col"``), or
+    None when it reads anything else: a name of another table, a bare or unqualified
+    name that is not an atom (``__atom<j>``). Function names are not columns."""
+    tokens = Tokenizer().tokenize(sql)
+    out: set[str] = set()
+    i = 0
+    while i < len(tokens):
+        t = tokens[i]
+        after = tokens[i + 1] if i + 1 < len(tokens) else None
+        if t.token_type == TokenType.IDENTIFIER and after is not None and after.token_type == TokenType.DOT:
+            column = tokens[i + 2] if i + 2 < len(tokens) else None
+            if t.text != alias or column is None or column.token_type != TokenType.IDENTIFIER:
+                return None
+            out.add(column.text)
+            i += 3
+            continue
+        if t.token_type == TokenType.DOT or (t.token_type == TokenType.IDENTIFIER and not ATOM.fullmatch(t.text)) \
+                or (t.token_type == TokenType.VAR and (after is None or after.token_type != TokenType.L_PAREN)):
+            return None
+        i += 1
+    return out
+
+
+def pattern_columns(conditions: list[str], alias: str, cells: list[str]) -> list[str] | None:
+    """The columns to count rows by so that each condition (guard-rendered SQL over
+    ``_flat_worlds``' source, aliased ``alias``) has one value per group: the columns of
+    ``alias`` it reads besides the atoms, when all are among those the ``cells``
+    expressions read (a dimension of the answer, so the groups stay about as many as
+    cells x patterns of atoms); None otherwise (a measure or anything not recognised:
+    the rows are then counted one by one). Sorted."""
+    allowed: set[str] = set()
+    for cell in cells:
+        names = _names(cell, alias)
+        if names is not None:
+            allowed |= names
+    read: set[str] = set()
+    for sql in conditions:
+        names = _names(sql, alias)
+        if names is None or not names <= allowed:
+            return None
+        read |= names
+    return sorted(read)
+
+
+def atom_patterns(cells: list[str], atoms: list[str], columns: list[str], rkey: str, source: str,
+                  alias: str) -> str:
+    """The rows of ``source`` counted per cell (``cells``: SQL, named ``__g<j>``), the
+    ``columns`` of ``alias`` (``pattern_columns``) and pattern of atoms, with the sum of
+    their record keys (``__m``, ``__s``), as a derived table named ``alias`` (so the
+    conditions read it as they read the rows). A condition with one value per group
+    counted over these is the same count as over the rows: the scan then hashes a few
+    values per row instead of evaluating every neighbour's condition twice per row."""
+    keys = [f"{c} AS {_q(f'__g{j}')}" for j, c in enumerate(cells)] + \
+        [f"{_q(alias)}.{_q(c)} AS {_q(c)}" for c in columns] + [_q(a) for a in atoms]
+    return (f"(SELECT {', '.join(keys + ['COUNT(*) AS __m', f'SUM({rkey}) AS __s'])} {source}"
+            + (f" GROUP BY {', '.join(str(i + 1) for i in range(len(keys)))}" if keys else "") + f") AS {_q(alias)}")
+
+
 def _value(projection: exp.Expression) -> exp.Expression:
     return projection.this if isinstance(projection, exp.Alias) else projection
 
@@ -116,8 +181,8 @@ def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[
     ``columns``: the row SELECT's cell and value columns (__g*, __a*)."""
     nodes = list(row.walk())
     if _simple(row):
-        worlds, source = _flat_worlds(row, nodes, neighbours)
-        return _influence_flat(worlds, source, columns, person_unique=person_unique)
+        worlds, source, atoms, alias = _flat_worlds(row, nodes, neighbours)
+        return _influence_flat(worlds, source, columns, person_unique=person_unique, atoms=atoms, alias=alias)
     base = _flat(row)
     if base is not None:   # derived tables that merge into one SELECT over one table
         flats = [_flat(variant_tree(row, v)) for v in neighbours]
@@ -133,9 +198,9 @@ def influence_sql(row: exp.Expression, neighbours: list[Variant], columns: list[
 
 
 def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
-                 ) -> tuple[list[tuple[str, dict[str, str]]], str]:
-    """(condition, projections) of the query and of each neighbour, and the source they
-    are evaluated on.
+                 ) -> tuple[list[tuple[str, dict[str, str]]], str, list[str], str]:
+    """(condition, projections) of the query and of each neighbour, the source they are
+    evaluated on, the names of the atom columns it adds and the source's alias.
 
     Each atom a neighbour replaces is computed once per row, as a boolean column of the
     source (``__atom<j>``), and the query's parts are written over those columns: a
@@ -151,13 +216,17 @@ def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
     positions = sorted({v.index for v in neighbours if _local(v, nodes, part_of) is not None})
     columns = {i: exp.column(f"__atom{j}", quoted=True) for j, i in enumerate(positions)}
     atom_sql = [nodes[i].sql(dialect=DIALECT) for i in positions]
-    table = row.args["from_"].this
-    alias = table.alias_or_name
-    if atom_sql:
-        extra = ", ".join(f"{sql} AS {_q(f'__atom{j}')}" for j, sql in enumerate(atom_sql))
-        source = f"FROM (SELECT *, {extra} FROM {table.sql(dialect=DIALECT)}) AS {_q(alias)}"
-    else:
-        source = row.args["from_"].sql(dialect=DIALECT)
+
+    def computed(replacement: exp.Expression) -> exp.Expression:
+        # a replacement that is not a constant (an IN without one element, a BETWEEN
+        # without one bound) is an atom column of its own as well
+        if isinstance(replacement, exp.Boolean):
+            return replacement
+        sql = replacement.sql(dialect=DIALECT)
+        if sql not in atom_sql:
+            atom_sql.append(sql)
+        return exp.column(f"__atom{atom_sql.index(sql)}", quoted=True)
+
     for i in positions:
         nodes[i].replace(columns[i])
     try:
@@ -174,7 +243,7 @@ def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
                     for i in positions:
                         nodes[i].replace(columns[i])
                 continue
-            column, new = columns[v.index], v.replacement
+            column, new = columns[v.index], computed(v.replacement)
             column.replace(new)
             try:
                 if key == ("where",):
@@ -189,7 +258,13 @@ def _flat_worlds(row: exp.Select, nodes, neighbours: list[Variant]
     finally:
         for i in positions:
             columns[i].replace(nodes[i])
-    return worlds, source
+    table = row.args["from_"].this
+    if atom_sql:
+        extra = ", ".join(f"{sql} AS {_q(f'__atom{j}')}" for j, sql in enumerate(atom_sql))
+        source = f"FROM (SELECT *, {extra} FROM {table.sql(dialect=DIALECT)}) AS {_q(table.alias_or_name)}"
+    else:
+        source = row.args["from_"].sql(dialect=DIALECT)
+    return worlds, source, [f"__atom{j}" for j in range(len(atom_sql))], table.alias_or_name
 
 
 def _influence_units(row: exp.Select, nodes: list[exp.Expression], neighbours: list[Variant],
@@ -232,7 +307,7 @@ def unit_parts(row: exp.Select) -> tuple[tuple, list[exp.Expression], dict]:
 
 
 def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, columns: list[str], *,
-                    person_unique: bool) -> str:
+                    person_unique: bool, atoms: list[str] = (), alias: str = "") -> str:
     """All neighbours in one scan of ``source`` (world 0: the query's condition and
     projections; world i: neighbour i's): a row differs if its inclusion differs, or it
     is included by both with different cell or value columns."""
@@ -240,11 +315,15 @@ def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, colum
     changed = changed_conditions(worlds, columns)
     pid, rkey = proj0[PID], proj0[RKEY]
     if person_unique:
-        select = [f"COUNT(*) FILTER (WHERE {cond0}) AS __n",
-                  f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {cond0}), 0)')} AS __ck"]
-        for i, d in enumerate(changed):
-            select.append(f"COUNT(*) FILTER (WHERE {d}) AS __n{i}")
-            select.append(f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {d}), 0)')} AS __ck{i}")
+        patterns = pattern_columns([cond0, *changed], alias, [proj0[c] for c in columns if c.startswith("__g")]) \
+            if atoms else None
+        count, key = ("__m", "__s") if patterns is not None else ("1", rkey)
+        select = []
+        for suffix, d in [("", cond0), *((str(i), d) for i, d in enumerate(changed))]:
+            select.append(f"CAST(COALESCE(SUM({count}) FILTER (WHERE {d}), 0) AS BIGINT) AS __n{suffix}")
+            select.append(f"{cell_key_sql(f'COALESCE(SUM({key}) FILTER (WHERE {d}), 0)')} AS __ck{suffix}")
+        if patterns is not None:
+            return f"SELECT {', '.join(select)} FROM {atom_patterns([], atoms, patterns, rkey, source, alias)}"
         return f"SELECT {', '.join(select)} {source}"
     # a person's key is the sum of their distinct record keys: taken as one row per (person,
     # record key) first, then summed per person — the same sums as SUM(DISTINCT), which

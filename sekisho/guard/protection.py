@@ -40,7 +40,8 @@ from sekisho.guard.protect.carry import carry, is_companion
 from sekisho.guard.protect.cellkey import KEY_RANGE, SUM_NOISE_FRACTION
 from sekisho.guard.protect.domains import narrowed_domains
 from sekisho.guard.protect.dp import DPParams, protect_dp
-from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, ProtectionStats, number, protect_threshold
+from sekisho.guard.protect.threshold import (CONTRIBUTOR_COUNTS, COUNT_KINDS, Cells, ProtectionStats, number,
+                                            protect_threshold)
 from sekisho.guard.rewrite import BoundaryPlan, Plan
 from sekisho.guard.session import Session
 from sekisho.instance import Instance
@@ -118,6 +119,13 @@ def one_row_per_contributor(bp: BoundaryPlan, snap: Snapshot, catalog: Catalog) 
             raise QueryRefused("unit_view_not_person_unique", part=bp.personal_view)
         return not bp.has_join      # unit rows are one per linkage key by construction
     return not bp.has_join and person_unique
+
+
+def counts_contributors_only(bp: BoundaryPlan) -> bool:
+    """Whether the boundary's cells SQL over one row per contributor has no column but
+    the group keys, ``__n`` and ``__ck`` (``cells.cells_sql``): every aggregate counts the
+    cell's contributors, so no twins either."""
+    return bool(bp.group_keys) and all(agg.kind in CONTRIBUTOR_COUNTS for agg in bp.aggregates)
 
 
 def _memo_on_plan(bp: BoundaryPlan, attribute: str, key, build):
@@ -257,13 +265,16 @@ class ThresholdProtection:
         companions, kinds = {}, {}
         for bp in ctx.plan.boundaries:
             fast = one_row_per_contributor(bp, ctx.snap, ctx.catalog)
-            run, left_out, counted, worlds = self._apply_influence(ctx, bp, fast) if ctx.session.condition_influence \
-                else (bp, (), None, cell_widening.NONE)
+            run, left_out, counted, worlds, own = self._apply_influence(ctx, bp, fast) \
+                if ctx.session.condition_influence else (bp, (), None, cell_widening.NONE, None)
             # the rows the query (as run) selects are one per contributor: the view's, or
             # by a declared row identity the query fixes and the store holds (run unchanged)
             one_row = fast or (not left_out and self._declared_one_row(ctx, bp))
-            cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
-                          deadline=ctx.deadline)
+            if own is not None and fast and counts_contributors_only(bp):
+                cells = own   # the influence scan counted exactly the cells SQL's columns
+            else:
+                cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
+                              deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             groups = [hidden.group_key(j) for j in range(len(bp.group_keys))]
             cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, worlds, fast)
@@ -342,11 +353,12 @@ class ThresholdProtection:
         return unique_in_store(ctx.snap, bp.personal_view, identity, ctx.deadline)
 
     @staticmethod
-    def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool
-                         ) -> tuple[BoundaryPlan, tuple[tuple[str, str], ...], tuple[int, int] | None]:
+    def _apply_influence(ctx: Context, bp: BoundaryPlan, fast: bool):
         """The boundary as the condition-influence rule lets it run (``influence.decide``,
-        cached per user and snapshot), the conditions it left out, and the contributors
-        and cell key of the query as run when the rule's last scan counted them (else None)."""
+        cached per user and snapshot), the conditions it left out, the contributors
+        and cell key of the query as run when the rule's last scan counted them (else
+        None), the cells the query is answered as (``cell_widening``) and the query's own
+        cells when the rule's scan counted them just now (``Verdict.own_cells``)."""
         identifiers = _identifiers(ctx.catalog)
         columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
             [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
@@ -357,9 +369,9 @@ class ThresholdProtection:
                                      ptable=ctx.snap.ptable, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline),
                                      catalog=ctx.catalog))
         if not verdict.left_out:
-            return bp, (), verdict.population, verdict.cell_worlds
+            return bp, (), verdict.population, verdict.cell_worlds, verdict.own_cells
         return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \
-            verdict.population, verdict.cell_worlds
+            verdict.population, verdict.cell_worlds, None
 
     @staticmethod
     def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool,
