@@ -625,3 +625,31 @@ def test_deciding_which_neighbours_select_nothing_leaves_the_variants_as_made():
     assert all(v.tree is None for v in neighbours)
     sql = neighbour_counts.influence_sql(base, neighbours, ["__g0"], person_unique=True)
     assert sql.count(">= 80") == 1, sql             # each atom computed once per row
+
+
+def test_a_repeated_splice_takes_each_cell_from_its_world_whatever_the_rows_order():
+    # cell_widening keeps where each cell comes from with the world cells it was found in:
+    # the same cells in another order, or the world's cells computed again (another row
+    # order), splice the same values into each cell
+    import numpy as np
+    import pyarrow as pa
+
+    from sekisho.guard.cell_widening import OWN, Resolution, splice
+
+    def cells(keys, n):
+        return {"__g0": pa.array(keys), "__n": np.array(n), "__ck": np.array([v * 3 for v in n])}
+
+    # a answered as asked, b and c from the world W, d from a world beyond the limit
+    resolution = Resolution({("a",): OWN, ("b",): "W", ("c",): "W", ("d",): None}, {})
+    mine = {"a": 1, "b": 2, "c": 3, "d": 4}
+
+    def spliced(order, worlds):
+        out, suppressed = splice(cells(order, [mine[k] for k in order]), [(k,) for k in order], ["__g0"],
+                                 resolution, worlds)
+        return dict(zip(out["__g0"].to_pylist(), np.asarray(out["__n"]).tolist())), suppressed
+
+    expected = ({"a": 1, "b": 20, "c": 30, "d": 0}, 1)
+    world = {"W": cells(["c", "b", "x"], [30, 20, 99])}
+    assert spliced(["a", "b", "c", "d"], world) == expected
+    assert spliced(["d", "c", "a", "b"], world) == expected                       # cells in another order
+    assert spliced(["b", "a", "d", "c"], {"W": cells(["x", "b", "c"], [99, 20, 30])}) == expected   # W again

@@ -166,6 +166,11 @@ class CellWorlds:
 class Resolution:
     def __init__(self, world_of: dict, sizes: dict):
         self.world_of, self.sizes = world_of, sizes
+        # a repeated query on one snapshot: the same cells (in any order) spliced from the
+        # same (cached) world cells — where each cell comes from is kept with the world
+        # cells it was found in, and the last frame's sizes with its keys
+        self._sources = None   # (world cells, {key: (world, row) or None})
+        self._sized = None     # (frame keys, sizes)
 
     def worlds(self) -> set[str]:
         return {s for s in self.world_of.values() if s}
@@ -278,21 +283,7 @@ def splice(cells: Cells, keys: list[tuple], groups: list[str], resolution: Resol
     suppressed."""
     if not groups or not keys:
         return cells, 0
-    index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
-             for sql, c in world_cells.items()}
-    keep = np.ones(len(keys), dtype=bool)
-    takes: dict[str, list[int]] = {}
-    suppressed = []
-    for i, key in enumerate(keys):
-        sql = resolution.world_of.get(key, OWN)
-        if sql == OWN:
-            continue
-        j = index.get(sql, {}).get(key) if sql is not None else None
-        if j is None:
-            suppressed.append(i)
-        else:
-            keep[i] = False
-            takes.setdefault(sql, []).append(j)
+    keep, takes, suppressed = _rows_from_worlds(keys, groups, resolution, world_cells)
     if not takes and not suppressed:
         return cells, 0
     out: Cells = {}
@@ -315,6 +306,37 @@ def splice(cells: Cells, keys: list[tuple], groups: list[str], resolution: Resol
     return out, len(suppressed)
 
 
+def _rows_from_worlds(keys: list[tuple], groups: list[str], resolution: Resolution, world_cells: dict[str, Cells]):
+    """(rows kept from the query's cells, per world the rows taken from it, rows of no
+    world: suppressed) for ``splice``."""
+    last = resolution._sources
+    if last is not None and last[0].keys() == world_cells.keys() \
+            and all(last[0][sql] is c for sql, c in world_cells.items()):
+        source = last[1]
+    else:
+        index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
+                 for sql, c in world_cells.items()}
+        source = {}
+        for key, sql in resolution.world_of.items():
+            if sql != OWN:
+                j = index.get(sql, {}).get(key) if sql is not None else None
+                source[key] = None if j is None else (sql, j)
+        resolution._sources = (dict(world_cells), source)
+    keep = np.ones(len(keys), dtype=bool)
+    takes: dict[str, list[int]] = {}
+    suppressed = []
+    for i, key in enumerate(keys):
+        if key not in source:
+            continue   # answered as asked
+        found = source[key]
+        if found is None:
+            suppressed.append(i)
+        else:
+            keep[i] = False
+            takes.setdefault(found[0], []).append(found[1])
+    return keep, takes, suppressed
+
+
 def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max_noise: int) -> Cells:
     """The protected ``frame`` with every released value of a cell answered without some of
     the query's conditions (|S_c| > 0) marked ``widened``: a count's interval widened by
@@ -325,7 +347,12 @@ def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max
     n_keys = sum(1 for name in frame if name.startswith(hidden.GROUP_KEY_PREFIX))
     groups = [hidden.group_key(j) for j in range(n_keys)]
     keys = list(zip(*(_values(frame[g]) for g in groups))) if groups else []
-    sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
+    if resolution._sized is not None and resolution._sized[0] == keys:
+        sizes = resolution._sized[1]
+    else:
+        sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
+        sizes.setflags(write=False)
+        resolution._sized = (keys, sizes)
     hit = sizes > 0
     if not hit.any():
         return frame
