@@ -172,11 +172,30 @@ def _units_sql(rows, groups: list[str]) -> str:
 
 
 def counted_neighbours(row: exp.Expression, neighbours: list[Variant]) -> list[int]:
-    """The neighbours counted per cell: all but those that select nothing."""
+    """The neighbours counted per cell: all but those that select nothing. Each is
+    checked with its replacement put into ``row`` and taken out again (as
+    ``neighbour_counts._flat_worlds`` renders them): ``row`` is the tree ``neighbourhood``
+    made for this decision, not yet shared, and a copy per neighbour cost more than the
+    check."""
     # (the tree is not kept on the variant: a variant with a tree of its own is written in
     # full by the one-scan counts instead of as one replaced atom, ``neighbour_counts._local``)
-    return [i for i, v in enumerate(neighbours)
-            if not selects_nothing(v.tree if v.tree is not None else apply(row, [v]))]
+    nodes = list(row.walk())
+    out = []
+    for i, v in enumerate(neighbours):
+        if v.tree is not None:
+            nothing = selects_nothing(v.tree)
+        elif v.replacement is None or not 0 <= v.index < len(nodes) or nodes[v.index] is row:
+            nothing = selects_nothing(apply(row, [v]))
+        else:
+            node, new = nodes[v.index], v.replacement
+            node.replace(new)
+            try:
+                nothing = selects_nothing(row)
+            finally:
+                new.replace(node)
+        if not nothing:
+            out.append(i)
+    return out
 
 
 def equalize_twins(frame: Cells, cells: Cells, pairs: list[tuple[int, int]], n_keys: int,
