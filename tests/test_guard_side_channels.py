@@ -69,12 +69,16 @@ def test_no_influence_verdict_from_another_users_query(guard, monkeypatch):
 
 
 def test_no_prepared_statement_from_another_users_query(guard):
+    # (a new count takes its cells from the condition-influence scan: the first repeat
+    # runs the cells scan, as a prepared statement)
+    guard.query(SQL, user="ana")
     guard.query(SQL, user="ana")
     snap = guard.snapshots.snapshot
     prepared = dict(snap._local.prepared)   # this thread's statements (the query ran here)
     assert prepared and {user for user, _ in prepared} == {"ana"}
     guard.query(SQL, user="ana")
     assert dict(snap._local.prepared) == prepared   # the user's repeat reuses them
+    guard.query(SQL, user="ana2")
     guard.query(SQL, user="ana2")
     after = dict(snap._local.prepared)
     own = {sql: name for (user, sql), name in after.items() if user == "ana2"}
