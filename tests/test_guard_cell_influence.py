@@ -634,10 +634,12 @@ def test_a_repeated_splice_takes_each_cell_from_its_world_whatever_the_rows_orde
     import numpy as np
     import pyarrow as pa
 
-    from sekisho.guard.cell_widening import OWN, Resolution, splice
+    import gc
+
+    from sekisho.guard.cell_widening import OWN, Resolution, WorldCells, splice
 
     def cells(keys, n):
-        return {"__g0": pa.array(keys), "__n": np.array(n), "__ck": np.array([v * 3 for v in n])}
+        return WorldCells({"__g0": pa.array(keys), "__n": np.array(n), "__ck": np.array([v * 3 for v in n])})
 
     # a answered as asked, b and c from the world W, d from a world beyond the limit
     resolution = Resolution({("a",): OWN, ("b",): "W", ("c",): "W", ("d",): None}, {})
@@ -653,3 +655,7 @@ def test_a_repeated_splice_takes_each_cell_from_its_world_whatever_the_rows_orde
     assert spliced(["a", "b", "c", "d"], world) == expected
     assert spliced(["d", "c", "a", "b"], world) == expected                       # cells in another order
     assert spliced(["b", "a", "d", "c"], {"W": cells(["x", "b", "c"], [99, 20, 30])}) == expected   # W again
+    assert resolution._sources is not None      # (the memo was used) ...
+    del world
+    gc.collect()
+    assert resolution._sources[0]["W"]() is None   # ... and keeps no world's cells alive

@@ -44,6 +44,8 @@ itself decided near k.
 
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import pyarrow as pa
 from sqlglot import exp
@@ -163,14 +165,19 @@ class CellWorlds:
         return bool(self.kept)
 
 
+class WorldCells(dict):
+    """A world's cells as the verdicts' cache keeps them (a dict that can be referred to
+    weakly, see ``Resolution``)."""
+
+
 class Resolution:
     def __init__(self, world_of: dict, sizes: dict):
         self.world_of, self.sizes = world_of, sizes
         # a repeated query on one snapshot: the same cells (in any order) spliced from the
         # same (cached) world cells — where each cell comes from is kept with the world
-        # cells it was found in, and the last frame's sizes with its keys
-        self._sources = None   # (world cells, {key: (world, row) or None})
-        self._sized = None     # (frame keys, sizes)
+        # cells it was found in (held weakly: what the verdicts' LRU drops is not kept
+        # alive here, and then found again)
+        self._sources = None   # ({world: weak ref to its cells}, {key: (world, row) or None})
 
     def worlds(self) -> set[str]:
         return {s for s in self.world_of.values() if s}
@@ -311,7 +318,7 @@ def _rows_from_worlds(keys: list[tuple], groups: list[str], resolution: Resoluti
     world: suppressed) for ``splice``."""
     last = resolution._sources
     if last is not None and last[0].keys() == world_cells.keys() \
-            and all(last[0][sql] is c for sql, c in world_cells.items()):
+            and all(last[0][sql]() is c for sql, c in world_cells.items()):
         source = last[1]
     else:
         index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
@@ -321,7 +328,8 @@ def _rows_from_worlds(keys: list[tuple], groups: list[str], resolution: Resoluti
             if sql != OWN:
                 j = index.get(sql, {}).get(key) if sql is not None else None
                 source[key] = None if j is None else (sql, j)
-        resolution._sources = (dict(world_cells), source)
+        if all(isinstance(c, WorldCells) for c in world_cells.values()):
+            resolution._sources = ({sql: weakref.ref(c) for sql, c in world_cells.items()}, source)
     keep = np.ones(len(keys), dtype=bool)
     takes: dict[str, list[int]] = {}
     suppressed = []
@@ -347,12 +355,7 @@ def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max
     n_keys = sum(1 for name in frame if name.startswith(hidden.GROUP_KEY_PREFIX))
     groups = [hidden.group_key(j) for j in range(n_keys)]
     keys = list(zip(*(_values(frame[g]) for g in groups))) if groups else []
-    if resolution._sized is not None and resolution._sized[0] == keys:
-        sizes = resolution._sized[1]
-    else:
-        sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
-        sizes.setflags(write=False)
-        resolution._sized = (keys, sizes)
+    sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
     hit = sizes > 0
     if not hit.any():
         return frame

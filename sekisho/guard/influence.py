@@ -274,7 +274,7 @@ class VerdictCache:
     def world_cells(self, key: tuple[str, str, str], compute: Callable[[], Cells]) -> Cells:
         found = self._worlds.get(key)
         if found is None:
-            found = compute()
+            found = cell_widening.WorldCells(compute())
             self._worlds.put(key, found)
         return found
 
