@@ -44,7 +44,8 @@ from sqlglot import exp
 from sekisho.guard import hidden
 from sekisho.guard.hidden import PID, RKEY
 from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts, _q, _simple, atom_patterns,
-                                           changed_conditions, pattern_columns, unit_parts, unit_scope_shape)
+                                           changed_conditions, pattern_columns, pattern_counts, unit_parts,
+                                           unit_scope_shape)
 from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
 from sekisho.guard.neighbour_units import fold, unit_worlds
@@ -310,10 +311,7 @@ def _grouped(which: list[int], cell: list[str], flags: list[str], source: str, g
     atom_names, alias = atoms
     by = pattern_columns(flags, alias, cell) if person_unique and atom_names else None
     if by is not None:
-        aggs = []
-        for i, f in zip(which, flags):
-            aggs += [f"CAST(COALESCE(SUM(__m) FILTER (WHERE {f}), 0) AS BIGINT) AS __n{i}",
-                     f"{cell_key_sql(f'COALESCE(SUM(__s) FILTER (WHERE {f}), 0)')} AS __ck{i}"]
+        aggs = [a for i, f in zip(which, flags) for a in pattern_counts(f, str(i))]
         wide = (f"SELECT {g_sel}{', '.join(aggs)} FROM {atom_patterns(cell, atom_names, by, rkey, source, alias)}"
                 + (f" GROUP BY {g_list}" if groups else ""))
     elif person_unique:

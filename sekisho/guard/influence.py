@@ -161,7 +161,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             answered = (int(number(counts, hidden.CONTRIBUTORS, np.int64)[0]),
                         int(number(counts, hidden.CELL_KEY, np.int64)[0]))
             groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
-            own_cells = shared[4] if shared is not None and round_ == 0 else None
+            own_cells = shared[4] if shared is not None else None   # (first round only)
             if groups and kept():
                 per_cell = shared[3] if shared is not None else \
                     fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))

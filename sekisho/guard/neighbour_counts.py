@@ -155,6 +155,12 @@ def pattern_columns(conditions: list[str], alias: str, cells: list[str]) -> list
     return sorted(read)
 
 
+def pattern_counts(flag: str, suffix: str) -> list[str]:
+    """``__n<suffix>``/``__ck<suffix>`` of the rows ``flag`` marks, over ``atom_patterns``."""
+    return [f"CAST(COALESCE(SUM(__m) FILTER (WHERE {flag}), 0) AS BIGINT) AS __n{suffix}",
+            f"{cell_key_sql(f'COALESCE(SUM(__s) FILTER (WHERE {flag}), 0)')} AS __ck{suffix}"]
+
+
 def atom_patterns(cells: list[str], atoms: list[str], columns: list[str], rkey: str, source: str,
                   alias: str) -> str:
     """The rows of ``source`` counted per cell (``cells``: SQL, named ``__g<j>``), the
@@ -317,13 +323,14 @@ def _influence_flat(worlds: list[tuple[str, dict[str, str]]], source: str, colum
     if person_unique:
         patterns = pattern_columns([cond0, *changed], alias, [proj0[c] for c in columns if c.startswith("__g")]) \
             if atoms else None
-        count, key = ("__m", "__s") if patterns is not None else ("1", rkey)
-        select = []
-        for suffix, d in [("", cond0), *((str(i), d) for i, d in enumerate(changed))]:
-            select.append(f"CAST(COALESCE(SUM({count}) FILTER (WHERE {d}), 0) AS BIGINT) AS __n{suffix}")
-            select.append(f"{cell_key_sql(f'COALESCE(SUM({key}) FILTER (WHERE {d}), 0)')} AS __ck{suffix}")
+        flagged = [("", cond0), *((str(i), d) for i, d in enumerate(changed))]
         if patterns is not None:
+            select = [a for suffix, d in flagged for a in pattern_counts(d, suffix)]
             return f"SELECT {', '.join(select)} FROM {atom_patterns([], atoms, patterns, rkey, source, alias)}"
+        select = []
+        for suffix, d in flagged:
+            select.append(f"COUNT(*) FILTER (WHERE {d}) AS __n{suffix}")
+            select.append(f"{cell_key_sql(f'COALESCE(SUM({rkey}) FILTER (WHERE {d}), 0)')} AS __ck{suffix}")
         return f"SELECT {', '.join(select)} {source}"
     # a person's key is the sum of their distinct record keys: taken as one row per (person,
     # record key) first, then summed per person — the same sums as SUM(DISTINCT), which
