@@ -258,6 +258,23 @@ def test_perturbation_table_is_zero_mean_bounded_and_keyed():
     assert (t1.count_table != t2.count_table).any()
 
 
+def test_decisions_draw_noise_independent_of_what_is_released():
+    # the guard's decisions (``decision_counts``) follow the release noise's distribution
+    # from a table of its own: for the cells released at k or more, whether the decision
+    # falls below k is not known in advance (on the release's noise it never would)
+    import numpy as np
+
+    t = PerturbationTable(b"a" * 32, max_noise=5, variance=9.0, snapshot="s1")
+    keys = np.arange(256)
+    for count in (10, 12, 14):
+        counts = np.full(256, count)
+        released, decided = t.perturb_counts(keys, counts), t.decision_counts(keys, counts)
+        assert sorted(decided - counts) == sorted(released - counts)   # one distribution
+        below = decided[released >= 10] < 10
+        assert 0 < below.mean() < 0.6, (count, below.mean())
+        assert (t.decision_counts(keys, counts) == decided).all()        # consistent per cell
+
+
 def test_same_contributors_same_noise_across_query_text(guard):
     a = guard.query("SELECT COUNT(*) AS n FROM residents WHERE age >= 65", user="ana").table.to_pylist()
     b = guard.query("SELECT COUNT(person_id) AS n FROM (SELECT * FROM residents WHERE NOT age < 65) t",

@@ -340,7 +340,7 @@ def fails_for_target(oracle, user, sql, **mode) -> str:
 
 def overflow(oracle, user, chome, age, **mode):
     return fails_for_target(oracle, user, f"SELECT COUNT(*) AS n FROM residents WHERE (CASE WHEN sex = '女' AND "
-                                          f"{target(chome, age)} THEN 9223372036854775807 ELSE 0 END) + age > 0", **mode)
+                                          f"{target(chome, age)} THEN 9223372036854775807 ELSE 0 END) + age + 1 > 0", **mode)
 
 
 def bad_cast(oracle, user, chome, age, **mode):

@@ -221,7 +221,7 @@ def equalize_twins(frame: Cells, cells: Cells, pairs: list[tuple[int, int]], n_k
     changed = 0
     for j1, j2 in pairs:
         apart = number(cells, f"__tw{j1}_{j2}", np.int64)
-        noisy = ptable.perturb_counts(number(cells, f"__twk{j1}_{j2}", np.int64), apart)
+        noisy = ptable.decision_counts(number(cells, f"__twk{j1}_{j2}", np.int64), apart)
         rows = [where[key] for key, a, v in zip(cell_rows, apart.tolist(), noisy.tolist())
                 if a >= 1 and v < k and key in where]
         if not rows:

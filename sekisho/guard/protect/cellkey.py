@@ -91,6 +91,8 @@ class PerturbationTable:
         magnitudes = rng.uniform(0.5, 1.0, size=(KEY_RANGE,)) * rng.choice([-1.0, 1.0], size=(KEY_RANGE,))
         self.sum_multiplier = magnitudes
         self.max_noise = max_noise
+        # drawn last, so the release tables above are what they always were
+        self.decision_table = np.stack([rng.permutation(column) for _ in range(2 * SMALL_COLUMNS)])
 
     @staticmethod
     def _column(counts: np.ndarray) -> np.ndarray:
@@ -104,6 +106,18 @@ class PerturbationTable:
     def perturb_counts(self, cell_keys, counts) -> np.ndarray:
         counts = np.asarray(counts, dtype=np.int64)
         return np.maximum(counts + self.count_noise(cell_keys, counts), 0)
+
+    def decision_counts(self, cell_keys, counts) -> np.ndarray:
+        """Perturbed counts for the guard's own decisions (which condition a cell is
+        answered without, which twins are answered alike): the same distribution, a table
+        of its own. A decision on the release's noise would be known in advance for a set
+        that is released: ``age <> a`` made FALSE changes a cell by all it counts, the
+        whole cell where the target is not (a decision the attacker reads off the released
+        count) and the cell without her where she is (a fresh draw) — so a cell released
+        at k or more and then decided below k was hers, every time."""
+        counts = np.asarray(counts, dtype=np.int64)
+        keys = np.asarray(cell_keys, dtype=np.int64) % KEY_RANGE
+        return np.maximum(counts + self.decision_table[self._column(counts), keys], 0)
 
     def perturb_count(self, cell_key: int, count: int) -> int:
         """``perturb_counts`` for one cell, in plain integers (the population check asks
