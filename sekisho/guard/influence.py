@@ -166,7 +166,10 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                 per_cell = shared[3] if shared is not None else \
                     fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))
                 worlds = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours, kept(),
-                                                   catalog, fetch)
+                                                   catalog, fetch, recount=functools.partial(
+                                                       _recount, identifiers=identifiers, max_atoms=max_atoms,
+                                                       columns=columns, person_unique=person_unique, k=k,
+                                                       ptable=ptable, catalog=catalog))
             break
         if round_ == INFLUENCE_ROUNDS:
             # still not stable after the rounds allowed: refuse rather than guess
@@ -184,6 +187,21 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     named = sorted(left_out)   # sorted, not in the order left out
     return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
                    population=answered, cell_worlds=worlds)
+
+
+def _recount(tree: exp.Expression, fetch: Callable[[str], Cells], *, identifiers: frozenset[str], max_atoms: int,
+             columns: list[str], person_unique: bool, k: int, ptable: PerturbationTable,
+             catalog) -> cell_widening.CellWorlds:
+    """The per-cell decisions for ``tree`` (a boundary's row SELECT with some neighbours
+    applied): its neighbours counted per cell in one scan — none when it has no condition
+    left (``cell_widening.CellWorlds.second``)."""
+    base, _, neighbours = neighbourhood(tree, identifiers, max_atoms, render=False)
+    keep = counted_neighbours(base, neighbours)
+    if not keep:
+        return cell_widening.CellWorlds(base, neighbours, frozenset(), {}, {}, {})
+    groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+    counts = fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=keep))
+    return cell_widening.cell_worlds(counts, groups, ptable, k, base, neighbours, keep, catalog, fetch)
 
 
 def treated_as(variant: Variant) -> str:
@@ -289,6 +307,13 @@ class VerdictCache:
         if isinstance(found, QueryRefused):
             raise QueryRefused(found.code, part=found.part)
         return found
+
+    def account(self, key: tuple[str, str, str]) -> None:
+        """Count a kept verdict's size again (its cell decisions grow when a release first
+        needs a second tier, ``cell_widening.CellWorlds.second``)."""
+        found = self._items.get(key)
+        if isinstance(found, Verdict):
+            self._items.put(key, found)
 
     def clear(self) -> None:
         self._items.clear()

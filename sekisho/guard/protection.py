@@ -277,7 +277,8 @@ class ThresholdProtection:
                               deadline=ctx.deadline)
             population = self._check_population(ctx, run, cells, one_row, counted) if bp.filtered else None
             groups = [hidden.group_key(j) for j in range(len(bp.group_keys))]
-            cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, worlds, fast)
+            cells, resolution, influenced = self._per_cell(ctx, run, cells, groups, worlds, fast,
+                                                           (ctx.session.user, ctx.snap.id, bp.row_sql))
             released.influenced_cells += influenced
             domains, narrowed = _answered_domains(ctx, bp, run)
             released.narrowed |= narrowed
@@ -318,7 +319,7 @@ class ThresholdProtection:
                              lambda: cells_sql(bp, person_unique=person_unique, twins=True))
 
     def _per_cell(self, ctx: Context, run: BoundaryPlan, cells: Cells, groups: list[str],
-                  plan: cell_widening.CellWorlds, fast: bool
+                  plan: cell_widening.CellWorlds, fast: bool, verdict_key: tuple[str, str, str]
                   ) -> tuple[Cells, cell_widening.Resolution | None, int]:
         """Each cell answered as the query ``cell_widening`` resolves for it: one more cells
         statement per distinct query, its cells kept per user and snapshot with the
@@ -327,7 +328,10 @@ class ThresholdProtection:
         if not plan or not groups:
             return cells, None, 0
         keys = list(zip(*(cells[g].to_pylist() for g in groups)))
-        resolution = plan.resolve(keys)
+        before = plan.second_tiers()
+        resolution = plan.resolve(keys, fetch=lambda sql: fetch(ctx.snap, sql, deadline=ctx.deadline))
+        if plan.second_tiers() != before:   # a second tier counted: the kept verdict grew
+            ctx.verdicts.account(verdict_key)
         world_cells = {}
         for sql in sorted(resolution.worlds()):
             cells_sql_text = self._cells_sql(dataclasses.replace(run, row_sql=sql, row=None), fast)
