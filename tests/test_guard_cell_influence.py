@@ -239,7 +239,8 @@ def test_no_condition_is_exempt_from_a_cell_a_moved_key_brings_rows_into(guard, 
     snap = guard.snapshots.current()
     checked = 0
     for chome, age, sex in [t for t in unique_targets(inst, limit=150) if t[1] >= 40][:25]:
-        sql = f"SELECT chome_code, sex, age >= 40 AS old, COUNT(*) AS n FROM residents WHERE age <> {age} GROUP BY 1, 2, 3"
+        sql = (f"SELECT chome_code, sex, age >= 40 AS old, COUNT(*) AS n FROM residents WHERE age <> {age} "
+               "GROUP BY 1, 2, 3")
         guard.query(sql, user=user)
         (bp,) = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id,
                                  catalog=guard._catalog("analyst", snap)).boundaries
