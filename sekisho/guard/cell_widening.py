@@ -204,7 +204,10 @@ class CellWorlds:
         smallest first, so the same whatever order the cells come in. Where the cell's
         first tier (``first``) changes somebody somewhere, its other neighbours are
         decided on the query with that tier applied (``second``; ``fetch`` runs the
-        counting scan) — see the module's two tiers."""
+        counting scan) — see the module's two tiers. So is a cell where that tier changes
+        nobody: all cells alike. Taking only the cells it changes left the others to the
+        first round, where the FILTER's FALSE neighbour (consumed by the tier in the
+        target's cell) was still decided near k: every guess then wrong, 0 of 55."""
         cells = frozenset(keys)   # (the engine returns the cells in any order)
         if self._resolved is not None and self._resolved[0] == cells:
             return self._resolved[1]   # the same query again on the same snapshot: the same cells
