@@ -711,7 +711,7 @@ def test_a_repeated_splice_takes_each_cell_from_its_world_whatever_the_rows_orde
 
     import gc
 
-    from sekisho.guard.cell_widening import OWN, Resolution, WorldCells, splice
+    from sekisho.guard.cell_splice import OWN, Resolution, WorldCells, splice
 
     def cells(keys, n):
         return WorldCells({"__g0": pa.array(keys), "__n": np.array(n), "__ck": np.array([v * 3 for v in n])})

@@ -31,7 +31,7 @@ change the target's side by its count without her where she is and by the count 
 without the condition where she is not, so her sex's cells moved and the other sex's never
 did (41 of 41 guesses right on 6 test cities; 1 guess in 432 targets with the tiers).
 
-A cell whose S_c is not empty has the status ``widened`` (``mark``): S_c holds the
+A cell whose S_c is not empty has the status ``widened`` (``cell_splice.mark``): S_c holds the
 neighbours that change it by none as well, so the mark does not tell 0 from 1 (marking
 only the cells answered differently would). A count's interval is widened by what S_c can
 change, so the count asked for lies in it. A neighbour replacing a comparison of a
@@ -64,21 +64,17 @@ k-1-D, S_c decided near k).
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
-import pyarrow as pa
 from sqlglot import exp
 
 from sekisho.guard import enumerated_keys, hidden
 from sekisho.guard.neighbours import Variant, apply, batch
 from sekisho.guard.protect.cellkey import KEY_RANGE, PerturbationTable
-from sekisho.guard.protect.status import RELEASED, WIDENED, high_column, low_column, status_column
-from sekisho.guard.protect.threshold import COUNT_KINDS, Cells, number
+from sekisho.guard.cell_splice import OWN, Resolution
+from sekisho.guard.protect.threshold import Cells, number
 from sekisho.guard.sqltext import DIALECT
 
 MAX_WORLDS = 8   # distinct queries cells are answered as, beyond the query's own
-OWN = ""         # a cell answered as the query itself
 WHICH = "__w"
 
 
@@ -285,24 +281,6 @@ class CellWorlds:
         return bool(self.kept)
 
 
-class WorldCells(dict):
-    """A world's cells as the verdicts' cache keeps them (a dict that can be referred to
-    weakly, see ``Resolution``)."""
-
-
-class Resolution:
-    def __init__(self, world_of: dict, sizes: dict):
-        self.world_of, self.sizes = world_of, sizes
-        # a repeated query on one snapshot: the same cells (in any order) spliced from the
-        # same (cached) world cells — where each cell comes from is kept with the world
-        # cells it was found in (held weakly: what the verdicts' LRU drops is not kept
-        # alive here, and then found again)
-        self._sources = None   # ({world: weak ref to its cells}, {key: (world, row) or None})
-
-    def worlds(self) -> set[str]:
-        return {s for s in self.world_of.values() if s}
-
-
 NONE = CellWorlds(None, [], frozenset(), {}, {}, {})
 
 
@@ -397,110 +375,3 @@ def _known(changes, value, kind: str):
     if kind == "number" and isinstance(value, (int, float)) and not isinstance(value, bool):
         return bool(changes(float(value)))
     return None
-
-
-def splice(cells: Cells, keys: list[tuple], groups: list[str], resolution: Resolution,
-           world_cells: dict[str, Cells]) -> tuple[Cells, int]:
-    """``cells`` with each cell answered as its query (``world_cells``: each world's cells
-    by the same cells SQL); a cell whose world has no row for it, or no world, gets 0
-    contributors (suppressed). A cell of fewer than k is answered as its query too: kept
-    suppressed, a cell the condition shrinks from k to k-1 would show the target (so such
-    a cell can be released though the question asked selects fewer than k there).
-    ``keys``: the cells' group-key values, row by row. Returns the cells and how many were
-    suppressed."""
-    if not groups or not keys:
-        return cells, 0
-    keep, takes, suppressed = _rows_from_worlds(keys, groups, resolution, world_cells)
-    if not takes and not suppressed:
-        return cells, 0
-    out: Cells = {}
-    for name, column in cells.items():
-        parts_arrow = [column.filter(pa.array(keep))] if isinstance(column, pa.Array) else None
-        parts_np = None if parts_arrow is not None else [np.asarray(column)[keep]]
-        for sql, rows in takes.items():
-            other = world_cells[sql][name]
-            if parts_arrow is not None:
-                parts_arrow.append(other.take(pa.array(rows, type=pa.int64())).cast(column.type))
-            else:
-                parts_np.append(np.asarray(other)[rows])
-        out[name] = pa.concat_arrays(parts_arrow) if parts_arrow is not None else np.concatenate(parts_np)
-    if suppressed:
-        rows = np.flatnonzero(keep)
-        position = {int(r): p for p, r in enumerate(rows)}
-        n = np.array(out[hidden.CONTRIBUTORS], copy=True)
-        n[[position[i] for i in suppressed]] = 0
-        out[hidden.CONTRIBUTORS] = n
-    return out, len(suppressed)
-
-
-def _rows_from_worlds(keys: list[tuple], groups: list[str], resolution: Resolution, world_cells: dict[str, Cells]):
-    """(rows kept from the query's cells, per world the rows taken from it, rows of no
-    world: suppressed) for ``splice``."""
-    last = resolution._sources
-    if last is not None and last[0].keys() == world_cells.keys() \
-            and all(last[0][sql]() is c for sql, c in world_cells.items()):
-        source = last[1]
-    else:
-        index = {sql: {key: i for i, key in enumerate(zip(*(c[g].to_pylist() for g in groups)))}
-                 for sql, c in world_cells.items()}
-        source = {}
-        for key, sql in resolution.world_of.items():
-            if sql != OWN:
-                j = index.get(sql, {}).get(key) if sql is not None else None
-                source[key] = None if j is None else (sql, j)
-        if all(isinstance(c, WorldCells) for c in world_cells.values()):
-            resolution._sources = ({sql: weakref.ref(c) for sql, c in world_cells.items()}, source)
-    keep = np.ones(len(keys), dtype=bool)
-    takes: dict[str, list[int]] = {}
-    suppressed = []
-    for i, key in enumerate(keys):
-        if key not in source:
-            continue   # answered as asked
-        found = source[key]
-        if found is None:
-            suppressed.append(i)
-        else:
-            keep[i] = False
-            takes.setdefault(found[0], []).append(found[1])
-    return keep, takes, suppressed
-
-
-def mark(frame: Cells, resolution: Resolution | None, aggregates, *, k: int, max_noise: int) -> Cells:
-    """The protected ``frame`` with every released value of a cell answered without some of
-    the query's conditions (|S_c| > 0) marked ``widened``: a count's interval widened by
-    what the conditions not applied can change (each fewer than k, perturbed: at most
-    k - 1 + D), so that it holds the count asked for; a sum's or mean's dropped."""
-    if resolution is None or not any(resolution.sizes.values()):
-        return frame
-    n_keys = sum(1 for name in frame if name.startswith(hidden.GROUP_KEY_PREFIX))
-    groups = [hidden.group_key(j) for j in range(n_keys)]
-    keys = list(zip(*(_values(frame[g]) for g in groups))) if groups else []
-    sizes = np.array([resolution.sizes.get(key, 0) for key in keys], dtype=np.int64)
-    hit = sizes > 0
-    if not hit.any():
-        return frame
-    out = dict(frame)
-    for j, agg in enumerate(aggregates):
-        st = status_column(j)
-        if st not in out:
-            continue
-        status = np.array(out[st], dtype=object, copy=True)
-        rows = hit & (status == RELEASED)
-        status[rows] = WIDENED
-        out[st] = status
-        low = np.array(out[low_column(j)], dtype=float, copy=True)
-        high = np.array(out[high_column(j)], dtype=float, copy=True)
-        if agg.kind in COUNT_KINDS:
-            value = np.asarray(out[hidden.protected_value(j)], dtype=float)
-            half = max_noise + sizes * (k - 1 + max_noise)
-            low[rows] = np.maximum(value[rows] - half[rows], 0.0)
-            high[rows] = value[rows] + half[rows]
-        else:
-            low[rows] = np.nan
-            high[rows] = np.nan
-        out[low_column(j)], out[high_column(j)] = low, high
-    return out
-
-
-def _values(column) -> list:
-    return column.to_pylist() if hasattr(column, "to_pylist") else list(column)

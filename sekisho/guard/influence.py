@@ -45,7 +45,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from sekisho.guard import hidden
-from sekisho.guard import cell_widening
+from sekisho.guard import cell_splice, cell_widening
 from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours, query_and_cell_sql
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
@@ -292,7 +292,7 @@ class VerdictCache:
     def world_cells(self, key: tuple[str, str, str], compute: Callable[[], Cells]) -> Cells:
         found = self._worlds.get(key)
         if found is None:
-            found = cell_widening.WorldCells(compute())
+            found = cell_splice.WorldCells(compute())
             self._worlds.put(key, found)
         return found
 

@@ -29,7 +29,7 @@ import sqlglot
 from sqlglot import exp
 
 from sekisho.guard import budget as ledger
-from sekisho.guard import cell_influence, cell_widening, hidden, influence
+from sekisho.guard import cell_influence, cell_splice, cell_widening, hidden, influence
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql, twin_pairs
 from sekisho.guard.dp_bounds import declared_row_identity, groups_per_person, unique_in_store
@@ -286,7 +286,7 @@ class ThresholdProtection:
                                           min_count=d.perturbation.min_count, nk_n=d.dominance.nk_n,
                                           nk_k=d.dominance.nk_k, p_percent=d.dominance.p_percent,
                                           perturb=d.perturbation.enabled)
-            frame = cell_widening.mark(frame, resolution, bp.aggregates, k=d.k,
+            frame = cell_splice.mark(frame, resolution, bp.aggregates, k=d.k,
                                        max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0)
             # (a role trusted without condition influence — the reports service — is answered as asked)
             frame, equalized = cell_influence.equalize_twins(
@@ -320,11 +320,11 @@ class ThresholdProtection:
 
     def _per_cell(self, ctx: Context, run: BoundaryPlan, cells: Cells, groups: list[str],
                   plan: cell_widening.CellWorlds, fast: bool, verdict_key: tuple[str, str, str]
-                  ) -> tuple[Cells, cell_widening.Resolution | None, int]:
+                  ) -> tuple[Cells, cell_splice.Resolution | None, int]:
         """Each cell answered as the query ``cell_widening`` resolves for it: one more cells
         statement per distinct query, its cells kept per user and snapshot with the
         verdicts (a repeated query does not scan them again). Returns the
-        cells, the resolution (for ``cell_widening.mark``) and how many cells had no world."""
+        cells, the resolution (for ``cell_splice.mark``) and how many cells had no world."""
         if not plan or not groups:
             return cells, None, 0
         keys = list(zip(*(cells[g].to_pylist() for g in groups)))
@@ -338,7 +338,7 @@ class ThresholdProtection:
             world_cells[sql] = ctx.verdicts.world_cells(
                 (ctx.session.user, ctx.snap.id, cells_sql_text),
                 lambda q=cells_sql_text: fetch(ctx.snap, q, prepared_for=ctx.session.user, deadline=ctx.deadline))
-        cells, suppressed = cell_widening.splice(cells, keys, groups, resolution, world_cells)
+        cells, suppressed = cell_splice.splice(cells, keys, groups, resolution, world_cells)
         return cells, resolution, suppressed
 
     @staticmethod
