@@ -99,9 +99,9 @@ class PerturbationTable:
         counts = np.asarray(counts, dtype=np.int64)
         return np.where(counts < SMALL_COLUMNS, counts, SMALL_COLUMNS + counts % SMALL_COLUMNS)
 
-    def count_noise(self, cell_keys, counts) -> np.ndarray:
+    def count_noise(self, cell_keys, counts, *, table: np.ndarray | None = None) -> np.ndarray:
         cell_keys = np.asarray(cell_keys, dtype=np.int64) % KEY_RANGE
-        return self.count_table[self._column(counts), cell_keys]
+        return (self.count_table if table is None else table)[self._column(counts), cell_keys]
 
     def perturb_counts(self, cell_keys, counts) -> np.ndarray:
         counts = np.asarray(counts, dtype=np.int64)
@@ -116,8 +116,7 @@ class PerturbationTable:
         count) and the cell without her where she is (a fresh draw) — so a cell released
         at k or more and then decided below k was hers, every time."""
         counts = np.asarray(counts, dtype=np.int64)
-        keys = np.asarray(cell_keys, dtype=np.int64) % KEY_RANGE
-        return np.maximum(counts + self.decision_table[self._column(counts), keys], 0)
+        return np.maximum(counts + self.count_noise(cell_keys, counts, table=self.decision_table), 0)
 
     def perturb_count(self, cell_key: int, count: int) -> int:
         """``perturb_counts`` for one cell, in plain integers (the population check asks
