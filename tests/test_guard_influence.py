@@ -11,7 +11,8 @@ import pytest
 from sqlglot import parse_one
 
 from sekisho.guard.neighbour_counts import _influence_general, influence_sql, is_flat
-from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, variant_sql
+from sekisho.guard.neighbours import Variant, apply, atoms, batch, closest, neighbourhood, ranked_conditions, \
+    variant_sql
 
 ROW = ('SELECT "r"."block" AS "__g0", "r"."person_id" AS "__pid", "r"."_rkey" AS "__rkey" '
        'FROM "residents" AS "r" WHERE {where}')
@@ -67,6 +68,9 @@ def test_closest_takes_one_condition_and_batch_one_per_condition():
     assert closest([(in_1, 5), (in_0, 2), (a_true, 4)]) == [in_0, in_1]   # all small elements of the IN
     assert closest([(a_true, 1), (b_false, 1)]) == [a_true]   # ties: the first in the query
     assert batch(small) == [a_false, b_false, in_0, in_1]
+    # the same choices, closest condition first (the first is ``closest``)
+    assert ranked_conditions(small) == [[b_false], [a_false], [in_0, in_1]]
+    assert ranked_conditions([(a_true, 1), (b_false, 1)]) == [[a_true], [b_false]]
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +82,36 @@ def con():
     c.execute("CREATE TABLE moves AS SELECT 'p' || (i % 200) AS person_id, i % 5 AS _rkey, "
               "['家島', '安富', '灘'][1 + i % 3] AS block, i % 90 AS age FROM range(600) t(i)")
     return c
+
+
+def test_certain_conditions_go_together_but_never_a_run_that_changes_k_or_more(con):
+    """``age >= 50`` twice in an OR: each made FALSE alone changes nobody (the other still
+    holds), both together everyone aged 50 or more. The conditions that change nobody go
+    together (closest first, the longest run that moves the query by fewer than k), so
+    the duplicates are never left out in one run: the answer still selects by age."""
+    from sekisho.guard.influence import decide
+    from sekisho.guard.protect.cellkey import PerturbationTable
+    from sekisho.guard.protect.threshold import cells_from_arrow
+
+    statements = []
+
+    def fetch(sql):
+        statements.append(sql)
+        return cells_from_arrow(con.execute(sql).to_arrow_table())
+
+    # (ties go to the first condition in the tree's walk: the duplicates, nested deepest, last)
+    where = ('("r"."age" >= 50 OR "r"."age" >= 50) AND "r"."age" < 1000 AND "r"."block" <> \'無\' '
+             'AND "r"."age" <> 1000 AND "r"."block" NOT IN (\'X\', \'Y\')')
+    ptable = PerturbationTable(b"t" * 32, max_noise=2, variance=1.0)
+    verdict = decide(tree(ROW.format(where=where)), columns=["__g0", "__pid", "__rkey"],
+                     identifiers=frozenset(), k=10, filtered=True, person_unique=True, ptable=ptable, fetch=fetch)
+    answered = con.execute(f"SELECT COUNT(*) FROM ({verdict.row_sql})").fetchone()[0]
+    assert answered == con.execute("SELECT COUNT(*) FROM residents WHERE age >= 50").fetchone()[0]
+    assert '"r"."age" >= 50' in verdict.row_sql and "1000" not in verdict.row_sql and "'無'" not in verdict.row_sql
+    assert verdict.left_out.count('"r"."age" >= 50') == 1
+    # the four first in one run, then one duplicate, then the per-cell counts: 6 statements
+    # (rounds and their runs), where one condition a round took 12
+    assert len(statements) == 6, len(statements)
 
 
 def direct_counts(con, base: str, variant: str) -> int:

@@ -319,6 +319,17 @@ def batch(small: list[tuple[Variant, int]]) -> list[Variant]:
     return chosen
 
 
+def ranked_conditions(small: list[tuple[Variant, int]]) -> list[list[Variant]]:
+    """Per condition its closest neighbour (all small elements of an IN list), as
+    ``batch``, the conditions closest first (ties: first in the query) — the first is
+    ``closest(small)``."""
+    by_node: dict[int, list[tuple[Variant, int]]] = {}
+    for variant, value in small:
+        by_node.setdefault(variant.index, []).append((variant, value))
+    order = sorted(by_node.values(), key=lambda options: min((o[1], o[0].index, o[0].action) for o in options))
+    return [closest(options) for options in order]
+
+
 def _searched_case(node: exp.Expression) -> exp.Expression:
     """``CASE x WHEN v THEN ...`` -> ``CASE WHEN x = v THEN ...``, so each branch has a
     condition that can be replaced (the two forms are equivalent)."""
