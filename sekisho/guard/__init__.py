@@ -80,7 +80,8 @@ Residual risks (honest)
   ``COUNT(P)`` and ``COUNT(P AND NOT <target>)`` therefore get the same answer whether or
   not the target is in P; the same holds for a CASE group isolating the target and for
   an IN element adding one person. Conditions certain to be small (exact change at
-  most k - 1 - D) are left out together; the others below k one per round, closest
+  most k - 1 - D) are left out together (the longest run, closest first, whose combined
+  change stays below k); the others below k one per round, closest
   first, each decided on the query without what was left out before; up to 12 rounds,
   else the query is refused (``condition_influence_below_k``). First run of a new query costs one extra
   scan per round (all neighbours of a round in one scan when the row SELECT is over one
