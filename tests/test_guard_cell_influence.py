@@ -482,6 +482,49 @@ def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
         {k: v[0] for k, v in _summed(fetch(snap, general)).items()}, sql
 
 
+@pytest.mark.parametrize("sql", [
+    "SELECT size, COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS size FROM residents WHERE age >= 3 "
+    "GROUP BY household_id) AS h WHERE size >= 2 GROUP BY size",
+    "SELECT CASE WHEN kids >= 1 AND old = 0 THEN '子あり' WHEN old >= 1 THEN '高齢' ELSE 'その他' END AS kind, "
+    "COUNT(*) AS n FROM (SELECT household_id, COUNT_IF(age < 15) AS kids, COUNT_IF(age >= 65) AS old "
+    "FROM residents WHERE is_current GROUP BY household_id) AS h GROUP BY 1",
+], ids=["size", "kind"])
+def test_second_tiers_counted_in_one_statement_count_what_each_counts_alone(sql, guard, inst):
+    # several row trees over one unit scope (the query with different neighbours applied, as
+    # a query's second tiers are) in one statement: per tree the same counts and cell keys
+    # as its own statement, whatever else shares the unit columns
+    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.neighbours import apply, neighbourhood
+    from sekisho.guard.protect.cells_frame import take
+
+    user = _fresh_analyst(inst, "cell")
+    snap = guard.snapshots.current()
+    plan = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id, catalog=guard._catalog("analyst", snap))
+    (bp,) = plan.boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    identifiers = frozenset({"person_id", "household_id"})
+    base, _, neighbours = neighbourhood(bp.row, identifiers, render=False)
+    trees = [bp.row, apply(base, neighbours[:1]), apply(base, neighbours[2:3]), apply(base, neighbours[1:2])]
+    prepared = []
+    for tree in trees:
+        b, _, n = neighbourhood(tree, identifiers, render=False)
+        prepared.append((b, n, cell_influence.counted_neighbours(b, n)))
+    prepared = [p for p in prepared if p[2]]
+    assert len(prepared) >= 3
+    sql_all, offsets = cell_influence.units_batch_sql(prepared, columns)
+    assert sql_all.count('GROUP BY "residents"."household_id"') == 1   # one GROUP BY of the view for all
+    together = fetch(snap, sql_all)
+    which = together["__w"].astype(int)
+    for (b, n, keep), offset in zip(prepared, offsets):
+        mask = (which >= offset) & (which < offset + len(n))
+        mine = take(together, mask)
+        mine["__w"] = which[mask] - offset
+        alone = fetch(snap, cell_influence.cell_influence_sql(b, n, columns, person_unique=True, keep=keep))
+        assert _summed(mine) == _summed(alone) and _summed(alone), sql
+
+
 # ---- cells answered without the conditions that change them by fewer than k (cell_widening) --
 def _companion(result, column):
     from sekisho.protocol import cells_by_column

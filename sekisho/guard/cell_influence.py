@@ -48,7 +48,7 @@ from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts,
                                            unit_scope_shape)
 from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
-from sekisho.guard.neighbour_units import fold, unit_worlds
+from sekisho.guard.neighbour_units import _Levels, fold, unit_worlds
 from sekisho.guard.neighbours import Variant, apply, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import PerturbationTable, cell_key_sql
 from sekisho.guard.protect.status import high_column, low_column, status_column
@@ -138,33 +138,88 @@ def query_and_cell_sql(row: exp.Expression, neighbours: list[Variant], columns: 
 def unit_rows(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant], columns: list[str],
               locate, keep: list[int]):
     """One row per unit with, for the query and each kept neighbour that has units, what
-    ``cell_influence`` counts per cell: (source, the query's inclusion, its cell
-    expressions, [(neighbour, its cell expressions, changed, its inclusion)], contributor,
-    unit key) — every world's features computed over one GROUP BY of the view. None when
-    a neighbour is not a query over the same unit scope."""
+    ``cell_influence`` counts per cell: (the GROUP BY of the view, the source over it as
+    ``LEVEL1``, the query's inclusion, its cell expressions, [(neighbour, its cell
+    expressions, changed, its inclusion)], contributor, unit key) — every world's features
+    computed over one GROUP BY. None when a neighbour is not a query over the same unit
+    scope."""
     built = unit_worlds(row, shape, nodes, neighbours, columns, locate)
     if built is None:
         return None
     levels, level1, worlds, *_ = built
+    wanted, rows = _unit_parts(worlds, columns, keep)
+    return (level1, f"FROM {levels.over(LEVEL1, levels.closure(wanted))}", *rows)
+
+
+def _unit_parts(worlds, columns: list[str], keep: list[int], shift: int = 0):
+    """The unit columns the query's and the kept neighbours' worlds read, and ``unit_rows``'s
+    rows without the source (neighbour ``i`` numbered ``shift + i``)."""
     groups = [c for c in columns if c.startswith("__g")]
     used = [0] + [i + 1 for i in keep if worlds[i + 1].present is not None]
     wanted = set()
     for i in used:
         wanted |= {worlds[i].present, *worlds[i].features.values()}
-    source = f"FROM {levels.over(f'({level1}) AS __l1', levels.closure(wanted))}"
     w0 = worlds[0]
-    others = [(i - 1, [worlds[i].proj[g] for g in groups], changed_units(w0, worlds[i], columns), included_units(worlds[i]))
-              for i in used[1:]]
-    return source, included_units(w0), [w0.proj[g] for g in groups], others, w0.proj[PID], w0.proj[RKEY]
+    others = [(shift + i - 1, [worlds[i].proj[g] for g in groups], changed_units(w0, worlds[i], columns),
+               included_units(worlds[i])) for i in used[1:]]
+    return wanted, (included_units(w0), [w0.proj[g] for g in groups], others, w0.proj[PID], w0.proj[RKEY])
+
+
+def units_batch_sql(trees: list[tuple[exp.Expression, list[Variant], list[int]]],
+                    columns: list[str]) -> tuple[str, list[int]] | None:
+    """``cell_influence_sql`` of several row trees over one unit scope in one statement —
+    a query's second tiers (``cell_widening.CellWorlds.second``): every tree's worlds
+    computed over one GROUP BY of the view (shared unit columns, materialized once), each
+    tree's counts read from it, tree t's neighbour i as ``__w`` = offsets[t] + i (the
+    GROUP BY's aggregates are materialized, 100 MB at 530k for six of reports/06's tiers;
+    the columns over them, most of them text, are computed per tree, not kept). Why: a
+    tier's own statement grouped the view again (reports/06: six tiers a query, 0.2-1 s
+    each at 530k). (SQL, offsets), or None when a tree is not over the unit scope of the
+    first (then one statement each)."""
+    groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
+    levels = _Levels()
+    scope = None
+    parts, offsets, offset = [], [], 0
+    for row, neighbours, keep in trees:
+        if _simple(row) or _flat(row) is not None or unit_scope_shape(row) is None:
+            return None
+        shape, nodes, part_of = unit_parts(row)
+        table, key = shape[1].args["from_"].this, shape[1].args["group"].expressions[0]
+        this = (table.sql(dialect=DIALECT), key.sql(dialect=DIALECT))
+        if scope is not None and this != scope[0]:
+            return None
+        scope = scope or (this, table.copy(), key.copy())
+        built = unit_worlds(row, shape, nodes, neighbours, columns,
+                            lambda v, n=nodes, p=part_of: _local(v, n, p), levels)
+        if built is None:
+            return None
+        parts.append(_unit_parts(built[2], columns, keep, shift=offset))
+        offsets.append(offset)
+        offset += len(neighbours)
+    selects = [_unit_parts_sql((f"FROM {levels.over(LEVEL1, levels.closure(used))}", *rows), groups)
+               for used, rows in parts if rows[2]]
+    if scope is None or not selects:
+        return None
+    return f"WITH {LEVEL1} AS MATERIALIZED ({levels.level1(scope[1], scope[2])}) {' UNION ALL '.join(selects)}", \
+        offsets
+
+
+LEVEL1 = "__level1"   # the unit scope's GROUP BY of the view, materialized once per statement
 
 
 def _units_sql(rows, groups: list[str]) -> str:
     """Per cell over one row per unit (``neighbour_units.unit_rows``): as over one table
     of one row per contributor — the rows a neighbour changes counted in the query's cell
-    when the query includes them, and in the neighbour's cell when they arrive there."""
-    source, in0, q_cell, others, pid, rkey = rows
-    if not others:
+    when the query includes them, and in the neighbour's cell when they arrive there. The
+    unit scope's GROUP BY is materialized (``LEVEL1``): read by both parts, it ran twice."""
+    level1, *rest = rows
+    if not rest[3]:   # no neighbour has units
         return f"SELECT NULL::BIGINT AS {WHICH} WHERE FALSE"
+    return f"WITH {LEVEL1} AS MATERIALIZED ({level1}) {_unit_parts_sql(rest, groups)}"
+
+
+def _unit_parts_sql(rows, groups: list[str]) -> str:
+    source, in0, q_cell, others, pid, rkey = rows
     main = [f"({changed}) AND ({in0})" for _, _, changed, _ in others]
     parts = [_grouped([i for i, *_ in others], q_cell, main, source, groups, pid, rkey, True),
              _arrivals([(i, cell, changed, included) for i, cell, changed, included in others], in0, q_cell,

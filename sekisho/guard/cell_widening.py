@@ -85,7 +85,8 @@ def cell_worlds(counts: Cells, groups: list[str], ptable: PerturbationTable, k: 
     more (perturbed); the query each cell is answered as is resolved per cell (``resolve``).
     With the ``catalog`` and ``fetch``, also the cells a neighbour cannot change by the
     public domains of what it and the keys read (``enumerated_keys``). ``recount(tree,
-    fetch)``: these decisions for another row tree (the second tier, ``CellWorlds.first``)."""
+    fetch)``: these decisions for other row trees, a list for a list (the second tiers,
+    ``CellWorlds.second``)."""
     n = number(counts, hidden.CONTRIBUTORS, np.int64)
     totals: dict[tuple[int, tuple], list[int]] = {}
     if len(n):
@@ -187,9 +188,18 @@ class CellWorlds:
         if chosen not in self._second:
             if len(self._second) >= MAX_WORLDS:
                 return None
-            tree = apply(self.base, [self.neighbours[i] for i in sorted(chosen)])
-            self._second[chosen] = self.recount(tree, fetch)
+            self._count_seconds([chosen], fetch)
         return self._second[chosen]
+
+    def _count_seconds(self, chosens: list[frozenset[int]], fetch) -> None:
+        """The second tiers of ``chosens`` not counted yet, as many as ``MAX_WORLDS``
+        leaves room for (in the order given), counted together (``recount``: one statement
+        for trees over one unit scope)."""
+        missing = [c for c in chosens if c not in self._second][:max(0, MAX_WORLDS - len(self._second))]
+        if missing:
+            trees = [apply(self.base, [self.neighbours[i] for i in sorted(c)]) for c in missing]
+            for chosen, worlds in zip(missing, self.recount(trees, fetch)):
+                self._second[chosen] = worlds
 
     def second_tiers(self) -> int:
         return len(self._second)
@@ -217,7 +227,10 @@ class CellWorlds:
                 chosen = self._chosen(tier) if tier else frozenset()
                 if chosen & self._moving:
                     firsts.setdefault(chosen, []).append((key, tier))
-        for chosen in sorted(firsts, key=lambda c: (len(c), sorted(c))):
+        ordered = sorted(firsts, key=lambda c: (len(c), sorted(c)))
+        if ordered:
+            self._count_seconds(ordered, fetch)
+        for chosen in ordered:
             later = self.second(chosen, fetch)
             for key, tier in firsts[chosen]:
                 rest = later.applied(key) if later is not None else frozenset()

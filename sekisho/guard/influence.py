@@ -46,7 +46,8 @@ from sqlglot import exp
 
 from sekisho.guard import hidden
 from sekisho.guard import cell_splice, cell_widening
-from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours, query_and_cell_sql
+from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours, query_and_cell_sql, units_batch_sql
+from sekisho.guard.protect.cells_frame import take
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.joins import ROW_IDENTITY
@@ -172,19 +173,40 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
                    population=answered, cell_worlds=worlds)
 
 
-def _recount(tree: exp.Expression, fetch: Callable[[str], Cells], *, identifiers: frozenset[str], max_atoms: int,
-             columns: list[str], person_unique: bool, k: int, ptable: PerturbationTable,
-             catalog) -> cell_widening.CellWorlds:
-    """The per-cell decisions for ``tree`` (a boundary's row SELECT with some neighbours
-    applied): its neighbours counted per cell in one scan — none when it has no condition
-    left (``cell_widening.CellWorlds.second``)."""
-    base, _, neighbours = neighbourhood(tree, identifiers, max_atoms, render=False)
-    keep = counted_neighbours(base, neighbours)
-    if not keep:
-        return cell_widening.CellWorlds(base, neighbours, frozenset(), {}, {}, {})
+def _recount(trees: list[exp.Expression], fetch: Callable[[str], Cells], *, identifiers: frozenset[str],
+             max_atoms: int, columns: list[str], person_unique: bool, k: int, ptable: PerturbationTable,
+             catalog) -> list[cell_widening.CellWorlds]:
+    """The per-cell decisions for each of ``trees`` (a boundary's row SELECT with some
+    neighbours applied): its neighbours counted per cell — none when it has no condition
+    left (``cell_widening.CellWorlds.second``). Trees over one unit scope are counted in
+    one statement (``units_batch_sql``), others one scan each."""
+    prepared = []
+    for tree in trees:
+        base, _, neighbours = neighbourhood(tree, identifiers, max_atoms, render=False)
+        prepared.append((base, neighbours, counted_neighbours(base, neighbours)))
+    counted = [p for p in prepared if p[2]]
+    batch = units_batch_sql(counted, columns) if len(counted) > 1 else None
+    shared = {}
+    if batch is not None:
+        sql, offsets = batch
+        counts = fetch(sql)
+        which = number(counts, cell_widening.WHICH, np.int64)
+        for (base, neighbours, _), offset in zip(counted, offsets):
+            mask = (which >= offset) & (which < offset + len(neighbours))
+            own = take(counts, mask)
+            own[cell_widening.WHICH] = which[mask] - offset
+            shared[id(base)] = own
     groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
-    counts = fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=keep))
-    return cell_widening.cell_worlds(counts, groups, ptable, k, base, neighbours, keep, catalog, fetch)
+    out = []
+    for base, neighbours, keep in prepared:
+        if not keep:
+            out.append(cell_widening.CellWorlds(base, neighbours, frozenset(), {}, {}, {}))
+            continue
+        counts = shared.get(id(base))
+        if counts is None:
+            counts = fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=keep))
+        out.append(cell_widening.cell_worlds(counts, groups, ptable, k, base, neighbours, keep, catalog, fetch))
+    return out
 
 
 def _together(base: exp.Expression, sure: list[tuple[Variant, int]], k: int, columns: list[str],

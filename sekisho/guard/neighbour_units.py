@@ -242,17 +242,18 @@ def influence_units(row: exp.Select, shape, nodes: list[exp.Expression], neighbo
 
 
 def unit_worlds(row: exp.Select, shape, nodes: list[exp.Expression], neighbours: list[Variant],
-                columns: list[str], locate):
+                columns: list[str], locate, levels: "_Levels | None" = None):
     """``_count``'s arguments, or None when a neighbour is not a query over the same unit
     scope. ``shape``: (outer, unit scope) of ``row``; ``locate(variant)``: the part of the
     row tree a variant changes (``("inner", name)``, ``("inner_where",)``, ``("outer",
-    ...)``, ``("outer_where",)``), or None for a variant given as a whole tree."""
+    ...)``, ``("outer_where",)``), or None for a variant given as a whole tree. ``levels``:
+    columns shared with other row trees over the same unit scope (one GROUP BY for all)."""
     outer, inner = shape
     table_node = inner.args["from_"].this
     table = table_node.sql(dialect=DIALECT)
     key = inner.args["group"].expressions[0]
     scope = outer.args["from_"].this.alias_or_name
-    levels = _Levels()
+    levels = _Levels() if levels is None else levels
 
     def rows_of(inner_select: exp.Select) -> str | None:
         """A world's WHERE as SQL (constants folded, so that neighbours selecting the same
