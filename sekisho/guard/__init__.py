@@ -205,7 +205,7 @@ Residual risks (honest)
   measure bounds); wide bounds give very noisy sums — by design, never narrowed from data.
 * Two aggregates a *constant* apart (``COUNT(*) FILTER (WHERE (C AND age <= 40) OR pad)``
   beside the same with 39): in one boundary, where the two have contributors 1..k-1 apart
-  in a cell, the second is answered as the first (``cell_influence.equalize_twins``; counts
+  in a cell, the second is answered as the first (``twins.equalize_twins``; counts
   with counts, sums of one measure with each other) — suppressing that cell would show which
   cell holds the person; across boundaries of one query or across queries
   only the ``differencing`` alert sees the pair (its window is a week, so pacing the two

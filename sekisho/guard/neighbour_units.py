@@ -246,8 +246,7 @@ def unit_worlds(row: exp.Select, shape, nodes: list[exp.Expression], neighbours:
     """``_count``'s arguments, or None when a neighbour is not a query over the same unit
     scope. ``shape``: (outer, unit scope) of ``row``; ``locate(variant)``: the part of the
     row tree a variant changes (``("inner", name)``, ``("inner_where",)``, ``("outer",
-    ...)``, ``("outer_where",)``), or None for a variant given as a whole tree. ``levels``:
-    columns shared with other row trees over the same unit scope (one GROUP BY for all)."""
+    ...)``, ``("outer_where",)``), or None for a whole tree; ``levels``: shared by trees (one GROUP BY)."""
     outer, inner = shape
     table_node = inner.args["from_"].this
     table = table_node.sql(dialect=DIALECT)

@@ -29,7 +29,7 @@ import sqlglot
 from sqlglot import exp
 
 from sekisho.guard import budget as ledger
-from sekisho.guard import cell_influence, cell_splice, cell_widening, hidden, influence
+from sekisho.guard import cell_splice, cell_widening, hidden, influence, twins
 from sekisho.guard.catalog import IDENTIFIER_CLASSES, Catalog
 from sekisho.guard.cells import Bounding, cells_sql, population_sql, twin_pairs
 from sekisho.guard.dp_bounds import declared_row_identity, groups_per_person, unique_in_store
@@ -92,7 +92,7 @@ class Released:
     accuracy: dict[str, str] = field(default_factory=dict)   # answer column -> accuracy kind
     narrowed: bool = False     # a public domain was narrowed to the query's own filters
     influenced_cells: int = 0  # cells suppressed: their per-cell query was not computed (cell_widening)
-    twins_equalized: int = 0   # answers made equal to a twin fewer than k apart (cell_influence)
+    twins_equalized: int = 0   # answers made equal to a twin fewer than k apart (twins)
     # (the two counts above stay in the service: how many depends on the data; the answer
     # says only that the per-cell rules applied, which the query text decides)
     cells_checked: bool = False
@@ -289,7 +289,7 @@ class ThresholdProtection:
             frame = cell_splice.mark(frame, resolution, bp.aggregates, k=d.k,
                                        max_noise=ctx.snap.ptable.max_noise if d.perturbation.enabled else 0)
             # (a role trusted without condition influence — the reports service — is answered as asked)
-            frame, equalized = cell_influence.equalize_twins(
+            frame, equalized = twins.equalize_twins(
                 frame, cells, twin_pairs(bp) if ctx.session.condition_influence else [], len(bp.group_keys),
                 ctx.snap.ptable, d.k)
             released.twins_equalized += equalized
