@@ -451,27 +451,38 @@ def test_aggregates_of_the_same_persons_or_far_apart_stay_released(guard, inst):
     assert all(r["old"] == r["old2"] for r in rows)
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT size, COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS size FROM residents GROUP BY household_id) "
-    "AS h WHERE size >= 2 GROUP BY size",
+UNIT_SCOPE_QUERIES = [
+    "SELECT size, COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS size FROM residents WHERE age >= 3 "
+    "GROUP BY household_id) AS h WHERE size >= 2 GROUP BY size",
     "SELECT CASE WHEN kids >= 1 AND old = 0 THEN '子あり' WHEN old >= 1 THEN '高齢' ELSE 'その他' END AS kind, "
     "COUNT(*) AS n FROM (SELECT household_id, COUNT_IF(age < 15) AS kids, COUNT_IF(age >= 65) AS old "
     "FROM residents WHERE is_current GROUP BY household_id) AS h GROUP BY 1",
-], ids=["size", "kind"])
+]
+
+
+def _boundary(sql, guard, inst):
+    """(snapshot, the query's one boundary, its counted columns) as the guard plans it."""
+    from sekisho.guard import hidden
+
+    snap = guard.snapshots.current()
+    plan = guard.plans.plan(sql, user=_fresh_analyst(inst, "cell"), role="analyst", snapshot=snap.id,
+                            catalog=guard._catalog("analyst", snap))
+    (bp,) = plan.boundaries
+    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
+        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    return snap, bp, columns
+
+
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
 def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
     # households: one row per household with every world's features, counted per cell as
     # over one table; the general comparison counts the same households
-    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard import cell_influence
     from sekisho.guard.execution import fetch
     from sekisho.guard.neighbours import neighbourhood, variant_sql
     from sekisho.guard.sqltext import DIALECT
 
-    user = _fresh_analyst(inst, "cell")
-    snap = guard.snapshots.current()
-    plan = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id, catalog=guard._catalog("analyst", snap))
-    (bp,) = plan.boundaries
-    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
-        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    snap, bp, columns = _boundary(sql, guard, inst)
     base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
     one = cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True)
     assert one is not None and not one.startswith("WITH __s AS"), one[:200]   # not the general form
@@ -482,28 +493,17 @@ def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
         {k: v[0] for k, v in _summed(fetch(snap, general)).items()}, sql
 
 
-@pytest.mark.parametrize("sql", [
-    "SELECT size, COUNT(*) AS n FROM (SELECT household_id, COUNT(*) AS size FROM residents WHERE age >= 3 "
-    "GROUP BY household_id) AS h WHERE size >= 2 GROUP BY size",
-    "SELECT CASE WHEN kids >= 1 AND old = 0 THEN '子あり' WHEN old >= 1 THEN '高齢' ELSE 'その他' END AS kind, "
-    "COUNT(*) AS n FROM (SELECT household_id, COUNT_IF(age < 15) AS kids, COUNT_IF(age >= 65) AS old "
-    "FROM residents WHERE is_current GROUP BY household_id) AS h GROUP BY 1",
-], ids=["size", "kind"])
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
 def test_second_tiers_counted_in_one_statement_count_what_each_counts_alone(sql, guard, inst):
     # several row trees over one unit scope (the query with different neighbours applied, as
     # a query's second tiers are) in one statement: per tree the same counts and cell keys
     # as its own statement, whatever else shares the unit columns
-    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard import cell_influence
     from sekisho.guard.execution import fetch
     from sekisho.guard.neighbours import apply, neighbourhood
     from sekisho.guard.protect.cells_frame import take
 
-    user = _fresh_analyst(inst, "cell")
-    snap = guard.snapshots.current()
-    plan = guard.plans.plan(sql, user=user, role="analyst", snapshot=snap.id, catalog=guard._catalog("analyst", snap))
-    (bp,) = plan.boundaries
-    columns = [hidden.group_key(j) for j in range(len(bp.group_keys))] + \
-        [hidden.argument(j) for j, agg in enumerate(bp.aggregates) if agg.arg is not None]
+    snap, bp, columns = _boundary(sql, guard, inst)
     identifiers = frozenset({"person_id", "household_id"})
     base, _, neighbours = neighbourhood(bp.row, identifiers, render=False)
     trees = [bp.row, apply(base, neighbours[:1]), apply(base, neighbours[2:3]), apply(base, neighbours[1:2])]
