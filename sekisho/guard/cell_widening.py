@@ -23,8 +23,9 @@ asking without them.
 
 In two tiers, as the query-wide rule decides: the neighbours that change c by at most
 k-1-D (exact; small whatever the noise) first, and where applying them changes anybody
-anywhere, c's other neighbours are decided again on the query with them applied (one more
-counting scan per distinct first tier, ``CellWorlds.second``). Decided on the query as
+anywhere, c's other neighbours are decided again on the query with them applied (the
+counts of each distinct first tier's query, ``CellWorlds.second``: in one statement for
+all of a query's tiers over one unit scope, a scan each otherwise). Decided on the query as
 asked, a near-k neighbour is decided by the person a certain one isolates: ``WHERE age <>
 a`` by 町丁目 x sex x ``age >= 40`` — the key's neighbours (everyone moved to one side)
 change the target's side by its count without her where she is and by the count asked
