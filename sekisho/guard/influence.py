@@ -125,18 +125,17 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
     max_atoms = MAX_ATOMS_UNIT_SCOPE if unit_scope_shape(row) is not None else MAX_ATOMS
     for round_ in range(INFLUENCE_ROUNDS + 1):
         base, _, neighbours = neighbourhood(current, identifiers, max_atoms, render=False)
-        compared = list(neighbours)
-        if not compared:
+        if not neighbours:
             break
         limit = MAX_NEIGHBOURS_FLAT if is_flat(base) else MAX_NEIGHBOURS
-        if len(compared) > limit:
+        if len(neighbours) > limit:
             raise QueryRefused("too_complex", part=f"{len(neighbours) // 2}+ conditions")
         # the neighbours counted per cell (not those that select nothing), found once a round
         kept = functools.cache(lambda: counted_neighbours(base, neighbours))
         shared = _query_and_cells(base, neighbours, kept, columns, ptable, fetch) \
             if round_ == 0 and person_unique else None
         noisy, exact, counts = shared[:3] if shared is not None else \
-            _counted(base, compared, columns, person_unique, ptable, fetch)
+            _counted(base, neighbours, columns, person_unique, ptable, fetch)
         if round_ == 0 and filtered and any(v < k for v in noisy):
             # a query that selects fewer than k is refused as such, before any condition
             # is left out (which would otherwise widen it into an answer)

@@ -310,23 +310,25 @@ def batch(small: list[tuple[Variant, int]]) -> list[Variant]:
     of an IN list). Overlapping conditions (``a OR b`` with both redundant) can together
     change far more than each alone, so the caller checks the batch and falls back to
     ``closest``."""
+    chosen = []
+    for options in _by_condition(small):
+        chosen += closest(options)
+    return chosen
+
+
+def _by_condition(small: list[tuple[Variant, int]]) -> list[list[tuple[Variant, int]]]:
+    """The neighbours of each condition (node), in the order first met."""
     by_node: dict[int, list[tuple[Variant, int]]] = {}
     for variant, value in small:
         by_node.setdefault(variant.index, []).append((variant, value))
-    chosen = []
-    for options in by_node.values():
-        chosen += closest(options)
-    return chosen
+    return list(by_node.values())
 
 
 def ranked_conditions(small: list[tuple[Variant, int]]) -> list[list[Variant]]:
     """Per condition its closest neighbour (all small elements of an IN list), as
     ``batch``, the conditions closest first (ties: first in the query) — the first is
     ``closest(small)``."""
-    by_node: dict[int, list[tuple[Variant, int]]] = {}
-    for variant, value in small:
-        by_node.setdefault(variant.index, []).append((variant, value))
-    order = sorted(by_node.values(), key=lambda options: min((o[1], o[0].index, o[0].action) for o in options))
+    order = sorted(_by_condition(small), key=lambda options: min((o[1], o[0].index, o[0].action) for o in options))
     return [closest(options) for options in order]
 
 
