@@ -759,6 +759,84 @@ def test_a_pair_paced_past_the_near_duplicate_window_is_still_a_pair(tmp_path):
     assert all(p.old.sql != "age <= 40" for p in release(119, "age <= 39 (8)", 8 * 86400).pairs)
 
 
+def _release_cells(n: list[int]) -> dict:
+    import numpy as np
+
+    from sekisho.guard import hidden
+    return {hidden.group_key(0): ["東部", "西部"], hidden.group_key(1): ["男", "女"],
+            hidden.CONTRIBUTORS: np.array(n), hidden.CELL_KEY: np.array([7, 9]), hidden.ONE_ROW_EACH: True}
+
+
+def _request(inst, releases, differs, *, user="ana"):
+    """One request's bookkeeping of cell releases (``cell_checks.check_releases``) with the
+    store's answer given by ``differs(pair)``; returns the alerts it raised."""
+    from contextlib import nullcontext
+
+    from sekisho.guard import cell_checks
+    original = cell_checks.differing
+    cell_checks.differing = lambda cur, pair, k: differs(pair)
+    try:
+        found, failure = cell_checks.check_releases(
+            inst, load_instance_policy(inst).disclosure,
+            [("snap1", sql, 2, _release_cells(n), None) for sql, n in releases], user=user, fingerprint="f",
+            cursor=lambda snapshot: nullcontext(), current="snap1", raised_by=None, pause=True)
+    finally:
+        cell_checks.differing = original
+    assert failure is None
+    return found
+
+
+def _row(condition: str) -> str:
+    return f"SELECT block AS __g0, sex AS __g1, person_id AS __pid FROM residents WHERE {condition}"
+
+
+def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst):
+    """The pair ``age >= a`` / ``> a`` (one person apart in one cell) with ``MAX_CHECKS``
+    decoys asked in between: releases of the family, close and moved one way (so ranked
+    before the older half), each not nested on the store. The second half's checks go to
+    the decoys; the pair left over waits and the user's next request checks it first:
+    the analyst is held one request later, not never (a first version dropped it)."""
+    from sekisho.guard import cell_pairs
+    first, second = _row("age >= 40"), _row("age > 40")
+    decoys = [_row(f"age > {38 - i} AND age NOT BETWEEN {60 + 3 * i} AND {61 + 3 * i}")
+              for i in range(cell_pairs.MAX_CHECKS)]
+    checked = []
+
+    def differs(pair):
+        checked.append({pair.new_sql, pair.old_sql})
+        return 1 if {pair.new_sql, pair.old_sql} == {first, second} else 0
+
+    assert _request(inst, [(first, [30, 40])], differs) == []
+    for i, decoy in enumerate(decoys):
+        assert _request(inst, [(decoy, [32 + i, 42 + i])], differs) == []
+    checked.clear()
+    assert _request(inst, [(second, [29, 40])], differs) == []
+    assert {first, second} not in checked and len(checked) == cell_pairs.MAX_CHECKS   # the decoys took them
+    assert guard_alerts.hold_of(inst, "ana") is None
+    (alert,) = _request(inst, [(_row("age >= 70"), [300, 400])], differs)   # far: no new candidate
+    assert checked[cell_pairs.MAX_CHECKS] == {first, second}
+    assert alert["alert"] == "differencing" and alert["level"] == "cell"
+    assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+
+
+def test_more_pairs_waiting_than_the_checks_can_follow_raise_the_alert(inst):
+    """An analyst whose requests leave more candidate pairs unchecked than later requests
+    can check (``MAX_PENDING`` waiting) is held (``unchecked``): decoys cannot outrun the
+    checks. A short run of related releases is not (its pairs are all checked)."""
+    from sekisho.guard import cell_checks
+    never = lambda pair: 0   # noqa: E731 - the store: no pair differs
+    for i in range(5):   # five related releases: at most 4 candidates each, drained as they come
+        assert _request(inst, [(_row(f"age >= {40 + i}"), [30 - i, 40 - i])], never, user="bea") == []
+    assert guard_alerts.hold_of(inst, "bea") is None
+    raised = []
+    for i in range(60):   # each release close to every earlier one
+        raised += _request(inst, [(_row(f"age >= {20 + i}"), [90 - i, 95 - i])], never)
+        if raised:
+            break
+    assert [a["level"] for a in raised] == ["unchecked"] and raised[0]["pending"] > cell_checks.MAX_PENDING
+    assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+
+
 def test_margins_match_a_table_with_a_key_added_or_reordered():
     """``cell_pairs.digest`` records a release by its margins, cells matched by key values
     as a multiset: block x sex x (one value) and sex x block are block x sex again, and a

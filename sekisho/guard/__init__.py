@@ -210,6 +210,10 @@ Residual risks (honest)
   cell holds the person; across boundaries of one query or across queries
   only the ``differencing`` alert sees the pair (its window is a week, so pacing the two
   halves apart does not escape it) — and it pauses after the answer that completed the pair.
+  Decoys asked between the halves (releases of the family that look nested and are not)
+  take that request's store checks; the pair waits and the next request checks it first
+  (``cell_checks.check_releases``), so they delay the hold by one request, and more pairs
+  waiting than the checks can follow raise it (``unchecked``).
 * Alerts and holds are per account. Insiders who share the work between accounts (one
   half of each pair per account, one account per snapshot) are not seen; nor is one hold's
   bit per review (the pair that paused an account was confirmed on the store). Accounts

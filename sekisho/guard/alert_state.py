@@ -66,6 +66,12 @@ _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS guard_cell_pairs (
         user TEXT NOT NULL, old_id INTEGER NOT NULL, cells INTEGER NOT NULL, ts REAL NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS guard_cell_pairs_user_ts ON guard_cell_pairs(user, ts)",
+    # ... and the candidate pairs a request had no store check left for, checked first by
+    # the user's next requests (``cell_checks.check_releases``; too many: an alert)
+    """CREATE TABLE IF NOT EXISTS guard_cell_pending (
+        user TEXT NOT NULL, pair TEXT NOT NULL, snapshot TEXT NOT NULL, ts REAL NOT NULL,
+        PRIMARY KEY (user, pair)) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS guard_cell_pending_user_ts ON guard_cell_pending(user, ts)",
     # upload_decomposition (``upload_regions``): the partitions of region classes a user
     # released per snapshot, with their weight (a class's partitions are an index range) ...
     """CREATE TABLE IF NOT EXISTS guard_region_partitions (

@@ -20,8 +20,8 @@ A cell of the same key whose contributors are 1..k-1 apart (or equal in number w
 another cell key: one moved out, another in) makes the pair a candidate; candidates
 whose cells all moved one way (one population holding the other, as a range moved by a
 value does) come first, then the most recent, and at most ``MAX_CHECKS`` are checked on
-the store — persons in exactly one of the two, per cell of a key where both have k or
-more, when one release's persons are all in the other's (``pair_sql``). If some cell
+the store (the rest wait for the user's next requests, ``cell_checks``) — persons in
+exactly one of the two, per cell of a key where both have k or more, when one release's persons are all in the other's (``pair_sql``). If some cell
 differs by 1..k-1, the alert is raised (once per episode) and the user held if the
 policy pauses on ``differencing``. Like the other alerts it is raised after the answer,
 on the bookkeeping thread: the pair that raises it has been answered.
@@ -41,7 +41,7 @@ once, by every key at once (``GROUP BY month, sex``, not all beside women).
 
 Cost: per request, one digest per boundary (releases of more than ``MAX_CELLS`` released
 cells are not recorded) and one index range read; a store check (two scans of the row
-SELECTs) only for candidates. State: one row per release for the alert's window.
+SELECTs) only for candidates, at most ``MAX_CHECKS`` new and ``MAX_CHECKS`` waiting ones. State: one row per release for the alert's window.
 Within one query the alert would come too late — 78 such pairs as one UNION ALL named 40
 persons at once — so two boundaries that differ only in the constants of ranges are
 refused from the text, and other boundaries of one family are digested after the cells
@@ -57,9 +57,9 @@ second query whose conditions are rewritten so that neither's are among the othe
 OR around the moved range) is not compared;
 margins are sums, exact only on views of one row per person; releases neither of
 whose populations holds the other are not compared (a pair that moves two ends at once);
-candidates beyond ``MAX_CHECKS`` per request are not checked (an analyst placing more
-than that many nested-looking decoys between the two halves of a pair); releases of more
-than ``MAX_CELLS`` cells escape.
+nested-looking decoys asked between the two halves of a pair take that request's checks,
+so the pair is checked, and the alert raised, one request later (more decoys than the
+checks follow raise it: ``cell_checks.MAX_PENDING``); releases of more than ``MAX_CELLS`` cells escape.
 """
 
 from __future__ import annotations
@@ -336,42 +336,3 @@ def confirm(instance: Instance, alerts, *, user: str, fingerprint: str, verified
             _pause(con, alerts, alert, user=user, now=now, raised_by=raised_by, pause=pause)
             found.append(alert)
     return found
-
-
-def check_releases(instance: Instance, disclosure, released_rows, *, user: str, fingerprint: str, cursor,
-                   current: str | None, raised_by: int | None, pause: bool) -> tuple[list[dict], Exception | None]:
-    """Record a request's releases (``(snapshot, row SQL, keys, cells, tree)``), check the
-    candidate pairs on the store (``cursor(snapshot)``: a context manager giving a DuckDB
-    cursor on that snapshot), and confirm those that differ: (alerts, first store error).
-    Releases of a snapshot no longer ``current`` are not recorded (their pairs would need
-    the old snapshot opened; an upload replaced it before the bookkeeping ran)."""
-    k, alerts = disclosure.k, disclosure.alerts
-    verified, failure = [], None
-    for snapshot, row_sql, keys, cells, tree in released_rows:
-        blob = digest(cells, keys, k) if snapshot == current else None
-        if blob is None:
-            continue
-        tree = tree if tree is not None else sqlglot.parse_one(row_sql, read="duckdb")
-        checks = 0
-        for pair in record(instance, alerts, user=user, snapshot=snapshot, shape=family(tree), keys=keys,
-                           row_sql=row_sql, cells=blob, k=k):
-            # a pair checked before (an analyst re-running a notebook) is not read again
-            # and takes none of the request's checks
-            known = hashlib.blake2b(repr((user, snapshot, k, pair[:2], pair[2:4], pair[5:])).encode(),
-                                    digest_size=16).digest()
-            cells = _CHECKED.get(known)
-            if cells is None:
-                if checks >= MAX_CHECKS:
-                    continue
-                checks += 1
-                try:
-                    with cursor(snapshot) as cur:
-                        cells = differing(cur, pair, k)
-                except Exception as exc:   # store errors (a pruned snapshot, ...): audited, no alert
-                    failure = failure or exc
-                    continue
-                _CHECKED.put(known, cells)
-            if cells:
-                verified.append((pair, cells))
-    return confirm(instance, alerts, user=user, fingerprint=fingerprint, verified=verified, raised_by=raised_by,
-                   pause=pause), failure

@@ -59,6 +59,7 @@ def resume(instance: Instance, user: str) -> dict | None:
             con.execute("DELETE FROM guard_region_checks WHERE user = ?", (user,))
             con.execute("DELETE FROM guard_cell_releases WHERE user = ?", (user,))
             con.execute("DELETE FROM guard_cell_pairs WHERE user = ?", (user,))
+            con.execute("DELETE FROM guard_cell_pending WHERE user = ?", (user,))
         con.execute("COMMIT")
     except BaseException:
         if con.in_transaction:

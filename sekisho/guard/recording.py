@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 
 from sekisho.audit import AuditError
-from sekisho.guard import alerts as alert_rules, cell_pairs, regions, upload_regions
+from sekisho.guard import alerts as alert_rules, cell_checks, regions, upload_regions
 from sekisho.guard.errors import QueryRefused
 from sekisho.guard.planning import refused_fingerprint
 from sekisho.guard.rewrite import BoundaryPlan, Plan
@@ -249,7 +249,7 @@ class Recorder:
 
     def _record_cells(self, released_rows, user: str, role: str | None, seq: int, fingerprint: str) -> None:
         """``differencing`` per cell (``cell_pairs``): record, check on the store, audit."""
-        found, failure = cell_pairs.check_releases(
+        found, failure = cell_checks.check_releases(
             self.instance, self.policy.disclosure, released_rows, user=user, fingerprint=fingerprint,
             cursor=self._verification_cursor, current=getattr(self._current_snapshot(), "id", None), raised_by=seq,
             pause=self._holds_apply(role))
