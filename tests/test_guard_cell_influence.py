@@ -525,6 +525,70 @@ def test_second_tiers_counted_in_one_statement_count_what_each_counts_alone(sql,
         assert _summed(mine) == _summed(alone) and _summed(alone), sql
 
 
+def _household_types_query() -> str:
+    # reports/06's 家族類型 (this city has no registration months: its residents now)
+    from sekisho.reports.sql import households_at, resident_at
+    households = households_at("2025-10").replace(resident_at("2025-10"), "(is_current AND (sex IS NULL OR age >= 0))")
+    return f"SELECT family_type, COUNT(*) AS n FROM {households} AS h GROUP BY family_type"
+
+
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES + [_household_types_query()], ids=["size", "kind", "family_type"])
+def test_a_unit_scopes_own_cells_counted_with_its_neighbours_are_its_cells(sql, guard, inst):
+    # the query's own cells read from the per-cell statement's GROUP BY of the view
+    # (``units_and_cells_sql``, so the cells scan is not run): the same cells, contributors
+    # and cell keys as the cells SQL, and the neighbours' rows as ``cell_influence_sql``'s
+    import numpy as np
+
+    from sekisho.guard import cell_influence, hidden
+    from sekisho.guard.cells import cells_sql
+    from sekisho.guard.execution import fetch
+    from sekisho.guard.influence import MAX_ATOMS_UNIT_SCOPE, _split_own
+    from sekisho.guard.neighbours import neighbourhood
+
+    snap, bp, columns = _boundary(sql, guard, inst)
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), MAX_ATOMS_UNIT_SCOPE,
+                                        render=False)
+    keep = cell_influence.counted_neighbours(base, neighbours)
+    groups = [c for c in columns if c.startswith("__g")]
+    both = cell_influence.units_and_cells_sql(base, neighbours, columns, keep)
+    assert both is not None
+    per_cell, own = _split_own(fetch(snap, both), len(neighbours), groups)
+    cells = fetch(snap, cells_sql(bp, person_unique=True, twins=True))
+    assert sorted(cells) == sorted(own)   # group keys, __n, __ck: nothing else to count
+
+    def rows(c):
+        keys = zip(*(c[g].to_pylist() for g in groups))
+        return sorted(zip(keys, np.asarray(c[hidden.CONTRIBUTORS]).tolist(), np.asarray(c[hidden.CELL_KEY]).tolist()),
+                      key=repr)
+    assert rows(own) == rows(cells) and rows(cells), sql
+    alone = fetch(snap, cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True, keep=keep))
+    assert _summed(per_cell) == _summed(alone), sql
+
+
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
+def test_a_unit_scope_answered_from_its_own_cells_is_answered_as_from_its_cells_scan(sql, inst, monkeypatch):
+    # the whole answer (values, statuses, intervals, summary) with the cells from the rule's
+    # scan and with a cells scan of their own: the same, and one statement fewer
+    from sekisho.guard import Guard, influence, protection
+    answers, statements = [], []
+    fetch = protection.fetch
+    for shortcut in (True, False):
+        if not shortcut:
+            monkeypatch.setattr(influence, "units_and_cells_sql", lambda *a, **kw: None)
+        ran = []
+        monkeypatch.setattr(protection, "fetch", lambda *a, **kw: ran.append(a[1]) or fetch(*a, **kw))
+        g = Guard(inst)
+        try:
+            result = g.query(sql, user=_fresh_analyst(inst, "own"))
+        finally:
+            g.close()
+        answers.append((result.table.to_pylist(), result.cells.to_pylist(),
+                        {key: value for key, value in result.summary.items() if key != "query_id"}))
+        statements.append(len(ran))
+    assert answers[0] == answers[1] and answers[0][0]
+    assert statements[0] == statements[1] - 1, statements
+
+
 # ---- cells answered without the conditions that change them by fewer than k (cell_widening) --
 def _companion(result, column):
     from sekisho.protocol import cells_by_column

@@ -46,7 +46,8 @@ from sqlglot import exp
 
 from sekisho.guard import hidden
 from sekisho.guard import cell_splice, cell_widening
-from sekisho.guard.cell_influence import cell_influence_sql, counted_neighbours, query_and_cell_sql, units_batch_sql
+from sekisho.guard.cell_influence import (cell_influence_sql, counted_neighbours, query_and_cell_sql, units_and_cells_sql,
+                                         units_batch_sql)
 from sekisho.guard.protect.cells_frame import take
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.errors import QueryRefused
@@ -81,9 +82,10 @@ class Verdict:
     # per cell, the query it is answered as: the query as answered with the neighbours
     # that change that cell by fewer than k applied (``cell_widening``)
     cell_worlds: cell_widening.CellWorlds = cell_widening.NONE
-    # the query's own cells (``__g*``, ``__n``, ``__ck``) when its first scan counted them
-    # and nothing was left out: for this request only (``VerdictCache`` keeps none), so a
-    # new query of contributor counts needs no cells scan of its own
+    # the query's own cells (``__g*``, ``__n``, ``__ck``) as answered (``row_sql``) when the
+    # rule's scans counted them — a flat query's first scan when nothing was left out, a
+    # unit scope's last per-cell scan: for this request only (``VerdictCache`` keeps
+    # none), so a new query of contributor counts needs no cells scan of its own
     own_cells: Cells | None = field(default=None, compare=False, repr=False)
 
 
@@ -151,8 +153,15 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
             groups = [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
             own_cells = shared[4] if shared is not None else None   # (first round only)
             if groups and kept():
-                per_cell = shared[3] if shared is not None else \
-                    fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique, keep=kept()))
+                with_own = units_and_cells_sql(base, neighbours, columns, kept()) \
+                    if shared is None and not person_unique else None
+                if shared is not None:
+                    per_cell = shared[3]
+                elif with_own is not None:   # a unit scope: the query's own cells from the same GROUP BY
+                    per_cell, own_cells = _split_own(fetch(with_own), len(neighbours), groups)
+                else:
+                    per_cell = fetch(cell_influence_sql(base, neighbours, columns, person_unique=person_unique,
+                                                        keep=kept()))
                 worlds = cell_widening.cell_worlds(per_cell, groups, ptable, k, base, neighbours, kept(),
                                                    catalog, fetch, recount=functools.partial(
                                                        _recount, identifiers=identifiers, max_atoms=max_atoms,
@@ -169,7 +178,7 @@ def decide(row: exp.Select, *, columns: list[str], identifiers: frozenset[str], 
         return Verdict(population=answered, cell_worlds=worlds, own_cells=own_cells)
     named = sorted(left_out)   # sorted, not in the order left out
     return Verdict(current.sql(dialect=DIALECT), tuple(a for a, _ in named), tuple(t for _, t in named),
-                   population=answered, cell_worlds=worlds)
+                   population=answered, cell_worlds=worlds, own_cells=own_cells)
 
 
 def _recount(trees: list[exp.Expression], fetch: Callable[[str], Cells], *, identifiers: frozenset[str],
@@ -281,16 +290,19 @@ def _query_and_cells(base: exp.Expression, neighbours: list[Variant], kept: Call
             for i in range(own_w)]
     noisy = [int(v) for v in ptable.perturb_counts(keys, exact)] if exact else []
     own = {hidden.CONTRIBUTORS: np.array([totals[own_w, 0]]), hidden.CELL_KEY: np.array([totals[own_w, 1] % KEY_RANGE])}
-    mask = which != own_w
+    per_cell, own_cells = _split_own(cells, own_w, [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)])
+    return noisy, exact, own, per_cell, own_cells
+
+
+def _split_own(cells: Cells, own_w: int, groups: list[str]) -> tuple[Cells, Cells]:
+    """(the neighbours' per-cell rows, the query's own cells: ``__w`` = ``own_w``)."""
+    mine = number(cells, cell_widening.WHICH, np.int64) == own_w
 
     def rows(where: np.ndarray, names) -> Cells:
         return {name: (cells[name].filter(pa.array(where)) if isinstance(cells[name], pa.Array)
                        else np.asarray(cells[name])[where]) for name in names}
 
-    per_cell = rows(mask, cells)
-    own_cells = rows(~mask, [c for c in columns if c.startswith(hidden.GROUP_KEY_PREFIX)]
-                     + [hidden.CONTRIBUTORS, hidden.CELL_KEY])
-    return noisy, exact, own, per_cell, own_cells
+    return rows(~mine, cells), rows(mine, groups + [hidden.CONTRIBUTORS, hidden.CELL_KEY])
 
 
 def verdict_bytes(key: tuple[str, str, str], found: Verdict | QueryRefused) -> int:

@@ -374,8 +374,9 @@ class ThresholdProtection:
                                      catalog=ctx.catalog))
         if not verdict.left_out:
             return bp, (), verdict.population, verdict.cell_worlds, verdict.own_cells
+        # (own cells, when counted, are of the query as run: the rule's last round)
         return dataclasses.replace(bp, row_sql=verdict.row_sql), tuple(zip(verdict.left_out, verdict.treated_as)), \
-            verdict.population, verdict.cell_worlds, None
+            verdict.population, verdict.cell_worlds, verdict.own_cells
 
     @staticmethod
     def _check_population(ctx: Context, bp: BoundaryPlan, cells: Cells, fast: bool,
