@@ -283,12 +283,18 @@ class CellWorlds:
                 self._position[id(v)] for v in batch([(self.neighbours[i], 0) for i in sorted(applied)]))
         return self._chosen_of[applied]
 
+    def _base_length(self) -> int:
+        # rendered once: the cache accounts a verdict again each time a second tier is counted
+        if getattr(self, "_base_sql_length", None) is None:
+            self._base_sql_length = len(self.base.sql(dialect=DIALECT)) if self.base is not None else 0
+        return self._base_sql_length
+
     def nbytes(self) -> int:
         # (with room for one resolution: a world's SQL and a few entries per cell; and the
         # second tiers computed so far, ``VerdictCache.account``)
         return 2000 + 300 * len(self.neighbours) + 200 * (len(self.changed) + len(self.large)) + \
             100 * len(self.exact) + \
-            8 * MAX_WORLDS * len(self.base.sql(dialect=DIALECT) if self.base is not None else "") + \
+            8 * MAX_WORLDS * self._base_length() + \
             sum(w.nbytes() for w in list(self._second.values()) if w is not None)
 
     def __bool__(self) -> bool:
