@@ -128,6 +128,23 @@ def counts_contributors_only(bp: BoundaryPlan) -> bool:
     return bool(bp.group_keys) and all(agg.kind in CONTRIBUTOR_COUNTS for agg in bp.aggregates)
 
 
+def _keyed_as_asked(own: Cells, bp: BoundaryPlan, snap: Snapshot) -> Cells | None:
+    """The influence scan's own cells with each group key of the type the cells SQL gives
+    it (``protected_schema``): a unit scope's keys come through a UNION with other parts
+    (``COUNT(*)``, BIGINT, came back as HUGEINT: Decimal values, which the per-cell rule's
+    tests of the keys did not read as numbers). None when a key does not convert: then
+    the cells are scanned."""
+    out = dict(own)
+    for j, key_field in enumerate(list(protected_schema(bp, snap))[:len(bp.group_keys)]):
+        column = out.get(hidden.group_key(j))
+        if isinstance(column, pa.Array) and column.type != key_field.type:
+            try:
+                out[hidden.group_key(j)] = column.cast(key_field.type)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                return None
+    return out
+
+
 def _memo_on_plan(bp: BoundaryPlan, attribute: str, key, build):
     """SQL written once per cached plan's boundary (and ``key``), kept on the boundary."""
     memo = getattr(bp, attribute, None)
@@ -270,7 +287,9 @@ class ThresholdProtection:
             # the rows the query (as run) selects are one per contributor: the view's, or
             # by a declared row identity the query fixes and the store holds (run unchanged)
             one_row = fast or (not left_out and self._declared_one_row(ctx, bp))
-            if own is not None and fast and counts_contributors_only(bp):
+            own = _keyed_as_asked(own, bp, ctx.snap) if own is not None and fast and counts_contributors_only(bp) \
+                else None
+            if own is not None:
                 cells = own   # the influence scan counted exactly the cells SQL's columns
             else:
                 cells = fetch(ctx.snap, self._cells_sql(run, one_row), prepared_for=ctx.session.user,
