@@ -47,10 +47,11 @@ from sekisho.guard.neighbour_counts import (_flat, _flat_worlds, _local, _parts,
                                            unit_scope_shape)
 from sekisho.guard.neighbour_units import _changed as changed_units
 from sekisho.guard.neighbour_units import _included as included_units
-from sekisho.guard.neighbour_units import _Levels, fold, unit_worlds
+from sekisho.guard.neighbour_units import unit_worlds
 from sekisho.guard.neighbours import Variant, apply, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql
 from sekisho.guard.sqltext import DIALECT
+from sekisho.guard.unit_levels import _Levels, fold
 
 WHICH = "__w"   # the neighbour a row of the counts belongs to
 

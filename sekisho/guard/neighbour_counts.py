@@ -21,9 +21,10 @@ from sqlglot.optimizer.merge_subqueries import merge_subqueries
 
 from sekisho.guard.sqltext import DIALECT
 from sekisho.guard.hidden import PID, RKEY
-from sekisho.guard.neighbour_units import fold, influence_units
+from sekisho.guard.neighbour_units import influence_units
 from sekisho.guard.neighbours import Variant, variant_sql, variant_tree
 from sekisho.guard.protect.cellkey import cell_key_sql
+from sekisho.guard.unit_levels import fold
 
 
 def _q(name: str) -> str:
