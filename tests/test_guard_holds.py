@@ -616,6 +616,7 @@ def test_differencing_across_a_snapshot_switch(inst, guard):
     guard.flush()
     failed = bookkeeping_failures(inst, "rep")
     assert len(failed) == 1 and failed[0]["details"]["check"] == "differencing"
+    assert guard.recorder._older is None   # no connection holds the pruned file open
     assert differencing_alerts(inst, "rep") == []
     assert guard.query(count_in(other), user="rep").table.num_rows == 1   # the guard goes on
 
@@ -768,29 +769,45 @@ def _release_cells(n: list[int]) -> dict:
 
 
 def _request(inst, releases, differs, *, user="ana"):
-    """One request's bookkeeping of cell releases (``cell_checks.check_releases``) with the
-    store's answer given by ``differs(pair)``; returns the alerts it raised."""
-    from contextlib import nullcontext
-
+    """One request's bookkeeping of cell releases (``cell_checks.check_releases``) on the
+    instance's current snapshot, with the store check's answer given by
+    ``differs(pair)`` (the sketches, ``cell_sketches``, are counted on the store); returns
+    the alerts it raised."""
     from sekisho.guard import cell_checks
+    from sekisho.store import Store
+    snapshot = Store(inst).current_id()
     original = cell_checks.differing
     cell_checks.differing = lambda cur, pair, k: differs(pair)
+    guard = Guard(inst)
     try:
         found, failure = cell_checks.check_releases(
             inst, load_instance_policy(inst).disclosure,
-            [("snap1", sql, 2, _release_cells(n), None) for sql, n in releases], user=user, fingerprint="f",
-            cursor=lambda snapshot: nullcontext(), current="snap1", raised_by=None, pause=True)
+            [(snapshot, sql, 2, _release_cells(n), None) for sql, n in releases], user=user, fingerprint="f",
+            cursor=guard.recorder._verification_cursor, current=snapshot, raised_by=None, pause=True)
     finally:
         cell_checks.differing = original
+        guard.close()
     assert failure is None
     return found
+
+
+@pytest.fixture()
+def unsketched(monkeypatch):
+    """No sketches counted (``cell_sketches.MAX_SKETCHES`` 0: a request with more
+    releases to sketch than its budget, after a restart): every candidate needs a
+    store check."""
+    from sekisho.guard import cell_sketches
+    monkeypatch.setattr(cell_sketches, "MAX_SKETCHES", 0)
+    cell_sketches.clear()
+    yield
+    cell_sketches.clear()
 
 
 def _row(condition: str) -> str:
     return f"SELECT block AS __g0, sex AS __g1, person_id AS __pid FROM residents WHERE {condition}"
 
 
-def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst):
+def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst, unsketched):
     """The pair ``age >= a`` / ``> a`` (one person apart in one cell) with ``MAX_CHECKS``
     decoys asked in between: releases of the family, close and moved one way (so ranked
     before the older half), each not nested on the store. The second half's checks go to
@@ -819,7 +836,7 @@ def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst):
     assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
 
 
-def test_more_pairs_waiting_than_the_checks_can_follow_raise_the_alert(inst):
+def test_more_pairs_waiting_than_the_checks_can_follow_raise_the_alert(inst, unsketched):
     """An analyst whose requests leave more candidate pairs unchecked than later requests
     can check (``MAX_PENDING`` waiting) is held (``unchecked``): decoys cannot outrun the
     checks. A short run of related releases is not (its pairs are all checked)."""
@@ -835,6 +852,97 @@ def test_more_pairs_waiting_than_the_checks_can_follow_raise_the_alert(inst):
             break
     assert [a["level"] for a in raised] == ["unchecked"] and raised[0]["pending"] > cell_checks.MAX_PENDING
     assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+
+
+def test_decoys_not_nested_on_the_store_are_dropped_by_their_sketches(inst):
+    """With sketches counted (``cell_sketches``), the decoys of the test above — not
+    nested with either half — need no store check: the pair is checked, and the analyst
+    held, at the second half's own request."""
+    from sekisho.guard import cell_pairs, cell_sketches
+    cell_sketches.clear()
+    first, second = _row("age >= 40"), _row("age > 40")
+    decoys = [_row(f"age > {38 - i} AND age NOT BETWEEN {60 + 3 * i} AND {61 + 3 * i}")
+              for i in range(cell_pairs.MAX_CHECKS)]
+    checked = []
+
+    def differs(pair):
+        checked.append({pair.new_sql, pair.old_sql})
+        return 1 if {pair.new_sql, pair.old_sql} == {first, second} else 0
+
+    assert _request(inst, [(first, [30, 40])], differs) == []
+    for i, decoy in enumerate(decoys):
+        assert _request(inst, [(decoy, [32 + i, 42 + i])], differs) == []
+    (alert,) = _request(inst, [(second, [29, 40])], differs)
+    assert checked == [{first, second}]   # the only store check
+    assert alert["level"] == "cell" and guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+
+
+def test_a_sweep_of_sets_none_nested_is_neither_checked_nor_held(inst):
+    """Sixty age windows slid by one year (each close to every earlier one in its cells,
+    none holding another's persons): the sketches drop every candidate — no store check,
+    nothing waits, no hold (unsketched, they raised ``unchecked``: the test above). A
+    nested pair asked after them is still checked and held."""
+    from sekisho.guard import cell_sketches
+    from sekisho.guard.alert_state import state_of
+    cell_sketches.clear()
+    checked = []
+
+    def differs(pair):
+        checked.append(pair)
+        return 1
+
+    for i in range(60):
+        assert _request(inst, [(_row(f"age BETWEEN {10 + i} AND {20 + i}"), [90 - i, 95 - i])], differs) == []
+    assert checked == [] and guard_alerts.hold_of(inst, "ana") is None
+    assert state_of(inst).con.execute("SELECT COUNT(*) FROM guard_cell_pending").fetchone() == (0,)
+    (alert,) = _request(inst, [(_row("age BETWEEN 69 AND 78"), [30, 36])], differs)   # inside the last two
+    assert {pair.old_sql for pair in checked} == {_row("age BETWEEN 68 AND 78"), _row("age BETWEEN 69 AND 79")}
+    assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
+
+
+def test_sketches_never_drop_a_nested_pair(inst):
+    """``cell_sketches``: the counts per bucket on the store are the persons' (checked
+    against Python), and a pair whose persons are one within the other always passes —
+    over random conditions on the test city; pairs that each have persons the other has
+    not are (nearly all) dropped."""
+    import random
+
+    import numpy as np
+
+    from sekisho.guard import cell_sketches
+    from sekisho.store import Store
+    snapshot = Store(inst).current_id()
+    rng = random.Random(5)
+    guard = Guard(inst)
+    try:
+        with guard.recorder._verification_cursor(snapshot) as cur:
+            persons = dict(cur.execute("SELECT person_id, age FROM residents").fetchall())
+            hashes = dict(cur.execute("SELECT person_id, hash(person_id) % 2048 FROM residents").fetchall())
+            nested = dropped = apart = 0
+            for _ in range(40):
+                lo, hi = sorted(rng.sample(range(0, 100), 2))
+                inner_lo, inner_hi = lo + rng.randrange(0, 3), hi - rng.randrange(0, 3)
+                other = rng.randrange(0, 100)
+                sqls = [_row(f"age BETWEEN {lo} AND {hi}"), _row(f"age BETWEEN {inner_lo} AND {inner_hi}"),
+                        _row(f"age BETWEEN {other} AND {other + 5}")]
+                got = cell_sketches.count(cur, snapshot, sqls)
+                for sql, (a, b) in zip(sqls, [(lo, hi), (inner_lo, inner_hi), (other, other + 5)]):
+                    expected = np.zeros(cell_sketches.BUCKETS, dtype=np.int64)
+                    for pid, age in persons.items():
+                        if age is not None and a <= age <= b:
+                            expected[hashes[pid]] += 1
+                    assert (got[sql] == expected).all()
+                assert cell_sketches.can_be_nested(got[sqls[0]], got[sqls[1]])
+                assert cell_sketches.can_be_nested(got[sqls[1]], got[sqls[0]])
+                nested += 1
+                outer = {p for p, age in persons.items() if age is not None and lo <= age <= hi}
+                third = {p for p, age in persons.items() if age is not None and other <= age <= other + 5}
+                if outer - third and third - outer:
+                    apart += 1
+                    dropped += not cell_sketches.can_be_nested(got[sqls[0]], got[sqls[2]])
+    finally:
+        guard.close()
+    assert nested == 40 and apart >= 20 and dropped >= 0.9 * apart, (apart, dropped)
 
 
 def test_margins_match_a_table_with_a_key_added_or_reordered():

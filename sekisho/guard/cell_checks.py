@@ -1,5 +1,6 @@
 """The store checks of a request's candidate cell pairs (``cell_pairs``): which are
-checked now, which wait for the user's next requests, and the alert when too many wait.
+dropped by their sketches, which are checked now, which wait for the user's next
+requests, and the alert when too many wait.
 
 Why a budget: a check is two scans of the row SELECTs, on the bookkeeping thread; a
 request checks at most ``cell_pairs.MAX_CHECKS`` new pairs per release. Why waiting
@@ -7,12 +8,15 @@ pairs: with the rest dropped, ``MAX_CHECKS`` nested-looking decoys asked between
 halves of a pair (releases of the family, close, moved one way, not nested on the store)
 took the second half's checks and hid the pair for good. Now it waits in
 ``guard_cell_pending`` and the next request checks it first, on a budget of its own.
+Why sketches first (``cell_sketches``): a pair whose sketches show that neither
+release's persons are all in the other's cannot be confirmed and needs no check — the
+decoys above are dropped so, and so are the dozens of candidates of a sweep over
+overlapping sets (the same table for many sets of 丁目), which otherwise waited until
+the analyst was held (``unchecked``) for pairs that could never be confirmed.
 
-Cost: a script that sweeps a literal over one family (benchmarks/service.py: 100 queries
-per user in minutes, each nested in and a few persons from many before it) leaves more
-candidates than it can check and is held (10 of its 20 users) — answered before only
-because the pairs beyond the first three were never checked; such a sweep is the
-pattern ``differencing`` exists for.
+Cost: one sketch scan per new release in a candidate pair; a store check only for pairs
+the sketches cannot rule out (nested, or not sketched: more than ``MAX_SKETCHES``
+releases to count in one request, after a restart).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import time
 
 import sqlglot
 
+from sekisho.guard import cell_sketches
 from sekisho.guard.alert_state import state_of as _state
 from sekisho.guard.alerts import _pause, _transaction
 from sekisho.guard.cell_pairs import _CHECKED, MAX_CHECKS, CellPair, confirm, differing, digest, family, record
@@ -43,7 +48,9 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     ``MAX_CHECKS`` of them, oldest first, besides its own; more than ``MAX_PENDING``
     waiting raise ``differencing`` (level ``unchecked``). So no candidate goes unchecked:
     decoys delay the alert by a request, and more of them than the checks can follow
-    raise it."""
+    raise it. Pairs whose sketches (``cell_sketches``; the request's releases and those
+    they pair with, at most ``MAX_SKETCHES`` counted per request) rule out nesting take
+    no check and never wait."""
     k, alerts = disclosure.k, disclosure.alerts
     queue: list[tuple[str, CellPair, bool]] = [(snapshot, pair, True) for snapshot, pair in _waiting(instance, user)]
     releases = 0
@@ -56,16 +63,19 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
         queue += [(snapshot, pair, False) for pair in record(instance, alerts, user=user, snapshot=snapshot,
                                                              shape=family(tree), keys=keys, row_sql=row_sql,
                                                              cells=blob, k=k)]
-    verified, failure, done, deferred = [], None, [], []
+    failure = _sketch([(snapshot, pair, waited) for snapshot, pair, waited in queue
+                       if _CHECKED.get(_seen(user, snapshot, k, pair)) is None], cursor)
+    verified, done, deferred = [], [], []
     # the waiting pairs and the new ones have budgets of their own: an ordinary run of
     # related queries drains what waits, decoys only push the pair to the next request
     checks, budget = {True: 0, False: 0}, {True: MAX_CHECKS, False: MAX_CHECKS * releases}
     for snapshot, pair, waited in queue:
         # a pair checked before (an analyst re-running a notebook) is not read again
         # and takes none of the request's checks
-        known = hashlib.blake2b(repr((user, snapshot, k, pair[:2], pair[2:4], pair[5:])).encode(),
-                                digest_size=16).digest()
-        cells = _CHECKED.get(known)
+        seen = _seen(user, snapshot, k, pair)
+        cells = _CHECKED.get(seen)
+        if cells is None and not _may_be_nested(snapshot, pair):
+            cells = 0   # no store check: the sketches say neither holds the other
         if cells is None:
             if checks[waited] >= budget[waited]:
                 if not waited:
@@ -80,7 +90,7 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
                 if waited:
                     done.append(pair)   # (the snapshot is gone: it cannot be checked again)
                 continue
-            _CHECKED.put(known, cells)
+            _CHECKED.put(seen, cells)
         if waited:
             done.append(pair)
         if cells:
@@ -90,6 +100,37 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     found += _wait(instance, alerts, user=user, fingerprint=fingerprint, done=done, deferred=deferred,
                    raised_by=raised_by, pause=pause)
     return found, failure
+
+
+def _seen(user: str, snapshot: str, k: int, pair: CellPair) -> bytes:
+    return hashlib.blake2b(repr((user, snapshot, k, pair[:2], pair[2:4], pair[5:])).encode(), digest_size=16).digest()
+
+
+def _may_be_nested(snapshot: str, pair: CellPair) -> bool:
+    a, b = cell_sketches.known(snapshot, pair.new_sql), cell_sketches.known(snapshot, pair.old_sql)
+    return a is None or b is None or cell_sketches.can_be_nested(a, b)
+
+
+def _sketch(queue: list[tuple[str, CellPair, bool]], cursor) -> Exception | None:
+    """Count the sketches (``cell_sketches``) the queue's pairs lack — the request's own
+    releases first (they are in all its new pairs), at most ``MAX_SKETCHES``, one
+    statement per snapshot: (the first store error)."""
+    wanted: dict[str, list[str]] = {}
+    room = cell_sketches.MAX_SKETCHES
+    own = [(s, p.new_sql) for s, p, waited in queue if not waited]
+    rest = [(s, sql) for s, p, _ in queue for sql in (p.new_sql, p.old_sql)]
+    for snapshot, sql in own + rest:
+        if room and cell_sketches.known(snapshot, sql) is None and sql not in wanted.get(snapshot, ()):
+            wanted.setdefault(snapshot, []).append(sql)
+            room -= 1
+    failure = None
+    for snapshot, sqls in wanted.items():
+        try:
+            with cursor(snapshot) as cur:
+                cell_sketches.count(cur, snapshot, sqls)
+        except Exception as exc:   # the pairs are then checked on the store, or wait
+            failure = failure or exc
+    return failure
 
 
 MAX_PENDING = 24     # candidate pairs waiting for a check, per user, before ``differencing`` (unchecked)

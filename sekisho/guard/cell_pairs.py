@@ -20,7 +20,8 @@ A cell of the same key whose contributors are 1..k-1 apart (or equal in number w
 another cell key: one moved out, another in) makes the pair a candidate; candidates
 whose cells all moved one way (one population holding the other, as a range moved by a
 value does) come first, then the most recent, and at most ``MAX_CHECKS`` are checked on
-the store (the rest wait for the user's next requests, ``cell_checks``) — persons in
+the store (the rest wait for the user's next requests, ``cell_checks``; pairs whose
+sketches rule out nesting, ``cell_sketches``, need no check) — persons in
 exactly one of the two, per cell of a key where both have k or more, when one release's persons are all in the other's (``pair_sql``). If some cell
 differs by 1..k-1, the alert is raised (once per episode) and the user held if the
 policy pauses on ``differencing``. Like the other alerts it is raised after the answer,
