@@ -616,7 +616,7 @@ def test_differencing_across_a_snapshot_switch(inst, guard):
     guard.flush()
     failed = bookkeeping_failures(inst, "rep")
     assert len(failed) == 1 and failed[0]["details"]["check"] == "differencing"
-    assert guard.recorder._older is None   # no connection holds the pruned file open
+    assert guard.recorder.checks._older is None   # no connection holds the pruned file open
     assert differencing_alerts(inst, "rep") == []
     assert guard.query(count_in(other), user="rep").table.num_rows == 1   # the guard goes on
 
@@ -783,7 +783,7 @@ def _request(inst, releases, differs, *, user="ana"):
         found, failure = cell_checks.check_releases(
             inst, load_instance_policy(inst).disclosure,
             [(snapshot, sql, 2, _release_cells(n), None) for sql, n in releases], user=user, fingerprint="f",
-            cursor=guard.recorder._verification_cursor, current=snapshot, raised_by=None, pause=True)
+            cursor=guard.recorder.checks.cursor, current=snapshot, raised_by=None, pause=True)
     finally:
         cell_checks.differing = original
         guard.close()
@@ -915,7 +915,7 @@ def test_sketches_never_drop_a_nested_pair(inst):
     rng = random.Random(5)
     guard = Guard(inst)
     try:
-        with guard.recorder._verification_cursor(snapshot) as cur:
+        with guard.recorder.checks.cursor(snapshot) as cur:
             persons = dict(cur.execute("SELECT person_id, age FROM residents").fetchall())
             hashes = dict(cur.execute("SELECT person_id, hash(person_id) % 2048 FROM residents").fetchall())
             nested = dropped = apart = 0

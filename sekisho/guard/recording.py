@@ -33,16 +33,12 @@ from sekisho.guard.errors import QueryRefused
 from sekisho.guard.planning import refused_fingerprint
 from sekisho.guard.rewrite import BoundaryPlan, Plan
 from sekisho.guard.session import Session, holds_apply
+from sekisho.guard.store_checks import StoreChecks
 from sekisho.instance import Instance
 from sekisho.policy import Policy
 from sekisho.store import Store
 
 log = logging.getLogger(__name__)
-
-# a snapshot the bookkeeping opens to verify a differencing pair (not the guard's current one)
-VERIFY_MEMORY_LIMIT = "512MB"
-VERIFY_THREADS = 1
-
 
 def _settle(request: Future | None, *, quiet: bool = False) -> None:
     """Wait for the request entry before recording how the request ended, so the two
@@ -68,9 +64,6 @@ def _shape(fingerprint: str, bp: BoundaryPlan) -> str:
                         [a.node.sql(dialect="duckdb") if a.node is not None else a.kind for a in bp.aggregates])
         object.__setattr__(bp, "_shape_sql", memo)
     return hashlib.sha256(f"{fingerprint}\x00{memo}".encode()).hexdigest()[:16]
-
-
-_DISTINCT_PIDS = "SELECT DISTINCT __pid FROM ({}) AS __r"
 
 
 @dataclass
@@ -107,7 +100,7 @@ class Recorder:
         self._lock = threading.Lock()
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pools_pid = os.getpid()
-        self._older = None   # (snapshot, pid, connection): ``_older_connection``
+        self.checks = StoreChecks(store, current_snapshot)
 
     @contextlib.contextmanager
     def attempt(self, sql: object, user: object, mode: str | None, operator: str | None):
@@ -239,7 +232,7 @@ class Recorder:
                      alert_rules.confirm_upload_differencing)):
                 if not pairs:
                     continue
-                verified, failure = self._verify_pairs(pairs)
+                verified, failure = self.checks.verify_pairs(pairs, self.policy.disclosure.k)
                 if verified:
                     self.audit_alerts(confirm(
                         self.instance, self.policy.disclosure.alerts, user=user, fingerprint=request["fingerprint"],
@@ -251,22 +244,13 @@ class Recorder:
         except Exception as exc:   # nobody waits for this thread: the failure goes to the trail
             self._bookkeeping_failed(user, role, seq, exc)
         finally:
-            self._forget_pruned_older()
-
-    def _forget_pruned_older(self) -> None:
-        # a pruned snapshot's file is freed only once no connection holds it open
-        kept = self._older
-        if kept is not None and kept[1] == os.getpid() and not (self.store.snapshots_dir / kept[0]).exists():
-            with self._lock:
-                kept, self._older = self._older, None
-            if kept is not None:
-                kept[2].close()
+            self.checks.forget_pruned()
 
     def _record_cells(self, released_rows, user: str, role: str | None, seq: int, fingerprint: str) -> None:
         """``differencing`` per cell (``cell_pairs``): record, check on the store, audit."""
         found, failure = cell_checks.check_releases(
             self.instance, self.policy.disclosure, released_rows, user=user, fingerprint=fingerprint,
-            cursor=self._verification_cursor, current=getattr(self._current_snapshot(), "id", None), raised_by=seq,
+            cursor=self.checks.cursor, current=getattr(self._current_snapshot(), "id", None), raised_by=seq,
             pause=self._holds_apply(role))
         self.audit_alerts(found, user, role, seq)
         if failure is not None:
@@ -290,7 +274,7 @@ class Recorder:
             for pair in pairs:
                 try:
                     checked.append((pair, upload_regions.region_changed(
-                        pair, self.policy.disclosure.k, self._verification_cursor)))
+                        pair, self.policy.disclosure.k, self.checks.cursor)))
                 except Exception as exc:   # a pruned snapshot, ...: audited, not raised
                     failure = failure or exc
             self.audit_alerts(upload_regions.confirm_regions(
@@ -316,105 +300,6 @@ class Recorder:
                                        summary=summary, details=details)
         except Exception:
             log.exception("guard alert bookkeeping failed for audit entry %s and could not be audited", seq)
-
-    def _verify_pairs(self, pairs) -> tuple[list, Exception | None]:
-        """The close pairs whose contributors really differ by 1..k-1 (symmetric difference
-        of their ``__pid`` sets on the store), and the first error met (a pair that could
-        not be verified raises no alert; the caller audits the error). Across an upload
-        the older populations' ``__pid`` sets are fetched first, each older snapshot opened
-        once per request (a request pairs with several populations of one snapshot)."""
-        k = self.policy.disclosure.k
-        verified, failure = [], None
-        older, missing = self._older_populations(pairs)
-        for pair in pairs:
-            key = (pair.old.snapshot, pair.old.sql)
-            if key in missing:
-                failure = failure or missing[key]
-                continue
-            try:
-                if 1 <= self._symmetric_difference(pair.new, pair.old, k, older.get(key)) < k:
-                    verified.append(pair)
-            except Exception as exc:   # store errors (a pruned snapshot, ...): audited, not raised
-                failure = failure or exc
-        return verified, failure
-
-    def _older_populations(self, pairs) -> tuple[dict, dict]:
-        """The ``__pid`` sets (Arrow tables) of the pairs' older populations recorded on
-        another snapshot than the newer one's, by (snapshot, SQL); and the store errors of
-        those that could not be fetched (a pruned snapshot, ...)."""
-        wanted: dict[str, set[str]] = {}
-        for pair in pairs:
-            if pair.old.snapshot != pair.new.snapshot:
-                wanted.setdefault(pair.old.snapshot, set()).add(pair.old.sql)
-        tables, missing = {}, {}
-        for sid, sqls in wanted.items():
-            try:
-                with self._verification_cursor(sid) as cur:
-                    for sql in sorted(sqls):
-                        tables[(sid, sql)] = cur.execute(_DISTINCT_PIDS.format(sql)).to_arrow_table()
-            except Exception as exc:
-                missing.update({(sid, sql): exc for sql in sqls if (sid, sql) not in tables})
-        return tables, missing
-
-    def _symmetric_difference(self, new, old, k: int, old_table=None) -> int:
-        """Contributors in exactly one of two recorded populations, counted up to k: one
-        query on their snapshot, or across an upload against the older population's
-        ``__pid`` set fetched from its snapshot (``old_table``) on the newer one."""
-        other = _DISTINCT_PIDS.format(old.sql)
-        if old.snapshot != new.snapshot:
-            if old_table is None:
-                raise ValueError("an older population's persons are needed to compare across an upload")
-            other = "SELECT __pid FROM __sekisho_old"
-        sql = (f"WITH __a AS ({_DISTINCT_PIDS.format(new.sql)}), __b AS ({other}) SELECT COUNT(*) FROM ("
-               "(SELECT __pid FROM __a EXCEPT SELECT __pid FROM __b) UNION ALL "
-               f"(SELECT __pid FROM __b EXCEPT SELECT __pid FROM __a) LIMIT {int(k)}) AS __d")
-        with self._verification_cursor(new.snapshot) as cur:
-            if old.snapshot != new.snapshot:
-                cur.register("__sekisho_old", old_table)
-            return int(cur.execute(sql).fetchone()[0])
-
-    @contextlib.contextmanager
-    def _verification_cursor(self, sid: str):
-        """A cursor on snapshot ``sid``: the guard's open connection if it is the current
-        one, else the snapshot opened read-only through the store (StoreError if it is
-        gone), with DuckDB's memory and threads limited; closed afterwards."""
-        snap = self._current_snapshot()
-        if snap is not None and snap.id == sid:
-            cur = snap.cursor()
-            try:
-                yield cur
-            finally:
-                cur.close()
-            return
-        cur = self._older_connection(sid).cursor()
-        try:
-            yield cur
-        finally:
-            cur.close()
-
-    def _older_connection(self, sid: str):
-        """A read-only connection on an older snapshot, kept open for the next request (the
-        bookkeeping compares a request with populations of one older snapshot, and opening
-        one takes ~20 ms): one at a time, of this process, and not once the snapshot is
-        pruned (StoreError, as when it is opened)."""
-        with self._lock:
-            kept, self._older = self._older, None
-        if kept is not None and (kept[0], kept[1]) == (sid, os.getpid()) and (self.store.snapshots_dir / sid).exists():
-            with self._lock:
-                self._older = kept
-            return kept[2]
-        if kept is not None and kept[1] == os.getpid():
-            kept[2].close()
-        con = self.store.connect(sid).con
-        try:
-            con.execute(f"SET memory_limit = '{VERIFY_MEMORY_LIMIT}'")
-            con.execute(f"SET threads = {VERIFY_THREADS}")
-        except Exception:
-            con.close()
-            raise
-        with self._lock:
-            self._older = (sid, os.getpid(), con)
-        return con
 
     def _record_request(self, *, user: str, role: str | None, fingerprint: str, refused: bool, cells: int,
                         populations: list[tuple[int, int, str]] = (), raised_by: int | None = None) -> list[dict]:
@@ -454,7 +339,4 @@ class Recorder:
         if self._pools_pid == os.getpid():
             for pool in pools.values():
                 pool.shutdown(wait=True)
-        with self._lock:
-            kept, self._older = self._older, None
-        if kept is not None and kept[1] == os.getpid():
-            kept[2].close()
+        self.checks.close()
