@@ -900,6 +900,30 @@ def test_a_sweep_of_sets_none_nested_is_neither_checked_nor_held(inst):
     assert guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
 
 
+def test_within_an_episode_nothing_more_is_checked_and_after_it_the_alert_comes_again(inst):
+    """Once a confirmed pair opened the user's episode, later candidates take no store
+    check (none could raise the alert again: an attack went on at two scans a pair);
+    once the window has passed, a pair is checked and alerted again."""
+    from sekisho.guard.alert_state import state_of
+    checked = []
+
+    def differs(pair):
+        checked.append(pair)
+        return 1
+
+    assert _request(inst, [(_row("age >= 40"), [30, 40])], differs) == []
+    (alert,) = _request(inst, [(_row("age > 40"), [29, 40])], differs)
+    assert alert["level"] == "cell" and len(checked) == 1
+    assert _request(inst, [(_row("age > 41"), [28, 39])], differs) == [] and len(checked) == 1
+    window = load_instance_policy(inst).disclosure.alerts.differencing_window_s
+    con = state_of(inst).con
+    for table in ("guard_cell_pairs", "guard_cell_releases"):
+        con.execute(f"UPDATE {table} SET ts = ts - ?", (window + 10,))   # the window has passed
+    assert _request(inst, [(_row("age >= 50"), [20, 30])], differs) == []
+    (again,) = _request(inst, [(_row("age > 50"), [19, 30])], differs)
+    assert again["level"] == "cell" and len(checked) == 2
+
+
 def test_sketches_never_drop_a_nested_pair(inst):
     """``cell_sketches``: the counts per bucket on the store are the persons' (checked
     against Python), and a pair whose persons are one within the other always passes —

@@ -48,11 +48,16 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     ``MAX_CHECKS`` of them, oldest first, besides its own; more than ``MAX_PENDING``
     waiting raise ``differencing`` (level ``unchecked``). So no candidate goes unchecked:
     decoys delay the alert by a request, and more of them than the checks can follow
-    raise it. Pairs whose sketches (``cell_sketches``; the request's releases and those
+    raise it. Within an open episode (the alert raised, within its window) nothing is
+    checked: no pair could raise it again, and an attack goes on checked at no cost —
+    the alert comes again once the window has passed. Pairs whose sketches (``cell_sketches``; the request's releases and those
     they pair with, at most ``MAX_SKETCHES`` counted per request) rule out nesting take
     no check and never wait."""
     k, alerts = disclosure.k, disclosure.alerts
-    queue: list[tuple[str, CellPair, bool]] = [(snapshot, pair, True) for snapshot, pair in _waiting(instance, user)]
+    # within an episode no pair can raise the alert again: record, check nothing
+    quiet = _in_episode(instance, alerts, user)
+    queue: list[tuple[str, CellPair, bool]] = [] if quiet else \
+        [(snapshot, pair, True) for snapshot, pair in _waiting(instance, user)]
     releases = 0
     for snapshot, row_sql, keys, cells, tree in released_rows:
         blob = digest(cells, keys, k) if snapshot == current else None
@@ -63,6 +68,9 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
         queue += [(snapshot, pair, False) for pair in record(instance, alerts, user=user, snapshot=snapshot,
                                                              shape=family(tree), keys=keys, row_sql=row_sql,
                                                              cells=blob, k=k)]
+    if quiet:
+        _state(instance).con.execute("DELETE FROM guard_cell_pending WHERE user = ?", (user,))
+        return [], None
     failure = _sketch([(snapshot, pair, waited) for snapshot, pair, waited in queue
                        if _CHECKED.get(_seen(user, snapshot, k, pair)) is None], cursor)
     verified, done, deferred = [], [], []
@@ -100,6 +108,14 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     found += _wait(instance, alerts, user=user, fingerprint=fingerprint, done=done, deferred=deferred,
                    raised_by=raised_by, pause=pause)
     return found, failure
+
+
+def _in_episode(instance: Instance, alerts, user: str) -> bool:
+    """Whether the user's ``differencing`` (per cell) episode is open: a pair confirmed,
+    or too many left waiting, within the window."""
+    return _state(instance).con.execute(
+        "SELECT 1 FROM guard_cell_pairs WHERE user = ? AND ts > ? LIMIT 1",
+        (user, time.time() - alerts.differencing_window_s)).fetchone() is not None
 
 
 def _seen(user: str, snapshot: str, k: int, pair: CellPair) -> bytes:
