@@ -807,12 +807,11 @@ def _row(condition: str) -> str:
     return f"SELECT block AS __g0, sex AS __g1, person_id AS __pid FROM residents WHERE {condition}"
 
 
-def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst, unsketched):
-    """The pair ``age >= a`` / ``> a`` (one person apart in one cell) with ``MAX_CHECKS``
-    decoys asked in between: releases of the family, close and moved one way (so ranked
-    before the older half), each not nested on the store. The second half's checks go to
-    the decoys; the pair left over waits and the user's next request checks it first:
-    the analyst is held one request later, not never (a first version dropped it)."""
+def _pair_with_decoys_between(inst):
+    """The first half of ``age >= 40`` / ``> 40`` and ``MAX_CHECKS`` decoys asked: releases
+    of the family, close and moved one way, each not nested on the store. Returns the two
+    halves, the store check's answer (``differs``: only the pair differs) and the pairs it
+    was asked for (``checked``)."""
     from sekisho.guard import cell_pairs
     first, second = _row("age >= 40"), _row("age > 40")
     decoys = [_row(f"age > {38 - i} AND age NOT BETWEEN {60 + 3 * i} AND {61 + 3 * i}")
@@ -826,6 +825,17 @@ def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst, unsketched
     assert _request(inst, [(first, [30, 40])], differs) == []
     for i, decoy in enumerate(decoys):
         assert _request(inst, [(decoy, [32 + i, 42 + i])], differs) == []
+    return first, second, differs, checked
+
+
+def test_decoys_that_take_a_requests_checks_only_delay_the_pair(inst, unsketched):
+    """The pair ``age >= a`` / ``> a`` (one person apart in one cell) with ``MAX_CHECKS``
+    decoys asked in between: releases of the family, close and moved one way (so ranked
+    before the older half), each not nested on the store. The second half's checks go to
+    the decoys; the pair left over waits and the user's next request checks it first:
+    the analyst is held one request later, not never (a first version dropped it)."""
+    from sekisho.guard import cell_pairs
+    first, second, differs, checked = _pair_with_decoys_between(inst)
     checked.clear()
     assert _request(inst, [(second, [29, 40])], differs) == []
     assert {first, second} not in checked and len(checked) == cell_pairs.MAX_CHECKS   # the decoys took them
@@ -858,20 +868,9 @@ def test_decoys_not_nested_on_the_store_are_dropped_by_their_sketches(inst):
     """With sketches counted (``cell_sketches``), the decoys of the test above — not
     nested with either half — need no store check: the pair is checked, and the analyst
     held, at the second half's own request."""
-    from sekisho.guard import cell_pairs, cell_sketches
+    from sekisho.guard import cell_sketches
     cell_sketches.clear()
-    first, second = _row("age >= 40"), _row("age > 40")
-    decoys = [_row(f"age > {38 - i} AND age NOT BETWEEN {60 + 3 * i} AND {61 + 3 * i}")
-              for i in range(cell_pairs.MAX_CHECKS)]
-    checked = []
-
-    def differs(pair):
-        checked.append({pair.new_sql, pair.old_sql})
-        return 1 if {pair.new_sql, pair.old_sql} == {first, second} else 0
-
-    assert _request(inst, [(first, [30, 40])], differs) == []
-    for i, decoy in enumerate(decoys):
-        assert _request(inst, [(decoy, [32 + i, 42 + i])], differs) == []
+    first, second, differs, checked = _pair_with_decoys_between(inst)
     (alert,) = _request(inst, [(second, [29, 40])], differs)
     assert checked == [{first, second}]   # the only store check
     assert alert["level"] == "cell" and guard_alerts.hold_of(inst, "ana")["alert"] == "differencing"
