@@ -48,11 +48,11 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     ``MAX_CHECKS`` of them, oldest first, besides its own; more than ``MAX_PENDING``
     waiting raise ``differencing`` (level ``unchecked``). So no candidate goes unchecked:
     decoys delay the alert by a request, and more of them than the checks can follow
-    raise it. Within an open episode (the alert raised, within its window) nothing is
-    checked: no pair could raise it again, and an attack goes on checked at no cost —
-    the alert comes again once the window has passed. Pairs whose sketches (``cell_sketches``; the request's releases and those
+    raise it. Pairs whose sketches (``cell_sketches``; the request's releases and those
     they pair with, at most ``MAX_SKETCHES`` counted per request) rule out nesting take
-    no check and never wait."""
+    no check and never wait. Within an open episode (the alert raised, within its
+    window) nothing is checked: no pair could raise it again; the alert comes again
+    once the window has passed."""
     k, alerts = disclosure.k, disclosure.alerts
     # within an episode no pair can raise the alert again: record, check nothing
     quiet = _in_episode(instance, alerts, user)

@@ -40,6 +40,7 @@ from sekisho.store import Store
 
 log = logging.getLogger(__name__)
 
+
 def _settle(request: Future | None, *, quiet: bool = False) -> None:
     """Wait for the request entry before recording how the request ended, so the two
     stay in order; a request entry that could not be written is an AuditError (nothing
