@@ -211,9 +211,15 @@ Residual risks (honest)
   only the ``differencing`` alert sees the pair (its window is a week, so pacing the two
   halves apart does not escape it) — and it pauses after the answer that completed the pair.
   Decoys asked between the halves (releases of the family that look nested and are not)
-  take that request's store checks; the pair waits and the next request checks it first
-  (``cell_checks.check_releases``), so they delay the hold by one request, and more pairs
-  waiting than the checks can follow raise it (``unchecked``).
+  are ruled out by their population sketches (``cell_sketches``: distinct persons per
+  hash bucket, exact, so a nested pair is never ruled out) without a store check, and the
+  real pair is checked at the request that completes it. Pairs the sketches cannot rule
+  out (after a restart, or more than 8 releases to sketch in one request) take the
+  request's store checks; the rest wait and the next request checks them first
+  (``cell_checks.check_releases``), and more pairs waiting than the checks can follow
+  raise the alert (``unchecked``). Within an open ``differencing`` episode nothing more
+  is checked (the analyst is on hold); after the window the next confirmed pair alerts
+  again.
 * Alerts and holds are per account. Insiders who share the work between accounts (one
   half of each pair per account, one account per snapshot) are not seen; nor is one hold's
   bit per review (the pair that paused an account was confirmed on the store). Accounts
