@@ -457,7 +457,22 @@ UNIT_SCOPE_QUERIES = [
     "SELECT CASE WHEN kids >= 1 AND old = 0 THEN '子あり' WHEN old >= 1 THEN '高齢' ELSE 'その他' END AS kind, "
     "COUNT(*) AS n FROM (SELECT household_id, COUNT_IF(age < 15) AS kids, COUNT_IF(age >= 65) AS old "
     "FROM residents WHERE is_current GROUP BY household_id) AS h GROUP BY 1",
+    # a CASE as a branch's result (the 家族類型 of reports/06 has one)
+    "SELECT kind, COUNT(*) AS n FROM (SELECT household_id, CASE WHEN COUNT(*) = 1 THEN '単独' "
+    "WHEN COUNT_IF(age >= 18) = 2 AND COUNT(*) = 2 + COUNT_IF(age < 18) THEN CASE WHEN COUNT_IF(age < 18) = 0 "
+    "THEN '二人' ELSE '子あり' END ELSE 'その他' END AS kind FROM residents WHERE is_current "
+    "GROUP BY household_id) AS h GROUP BY 1",
 ]
+
+
+def _household_types_query() -> str:
+    # reports/06's 家族類型 (this city has no registration months: its residents now)
+    from sekisho.reports.sql import households_at, resident_at
+    households = households_at("2025-10").replace(resident_at("2025-10"), "(is_current AND (sex IS NULL OR age >= 0))")
+    return f"SELECT family_type, COUNT(*) AS n FROM {households} AS h GROUP BY family_type"
+
+
+UNIT_SCOPE_IDS = ["size", "kind", "nested", "family_type"]
 
 
 def _boundary(sql, guard, inst):
@@ -473,17 +488,17 @@ def _boundary(sql, guard, inst):
     return snap, bp, columns
 
 
-@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES + [_household_types_query()], ids=UNIT_SCOPE_IDS)
 def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
     # households: one row per household with every world's features, counted per cell as
     # over one table; the general comparison counts the same households
     from sekisho.guard import cell_influence
     from sekisho.guard.execution import fetch
-    from sekisho.guard.neighbours import neighbourhood, variant_sql
+    from sekisho.guard.neighbours import MAX_ATOMS_UNIT_SCOPE, neighbourhood, variant_sql
     from sekisho.guard.sqltext import DIALECT
 
     snap, bp, columns = _boundary(sql, guard, inst)
-    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), render=False)
+    base, _, neighbours = neighbourhood(bp.row, frozenset({"person_id", "household_id"}), MAX_ATOMS_UNIT_SCOPE, render=False)
     one = cell_influence.cell_influence_sql(base, neighbours, columns, person_unique=True)
     assert one is not None and not one.startswith("WITH __s AS"), one[:200]   # not the general form
     keep = cell_influence.counted_neighbours(base, neighbours)
@@ -493,23 +508,23 @@ def test_unit_scope_counts_agree_with_the_general_comparison(sql, guard, inst):
         {k: v[0] for k, v in _summed(fetch(snap, general)).items()}, sql
 
 
-@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES[:2] + [_household_types_query()], ids=["size", "kind", "family_type"])
 def test_second_tiers_counted_in_one_statement_count_what_each_counts_alone(sql, guard, inst):
     # several row trees over one unit scope (the query with different neighbours applied, as
     # a query's second tiers are) in one statement: per tree the same counts and cell keys
     # as its own statement, whatever else shares the unit columns
     from sekisho.guard import cell_influence
     from sekisho.guard.execution import fetch
-    from sekisho.guard.neighbours import apply, neighbourhood
+    from sekisho.guard.neighbours import MAX_ATOMS_UNIT_SCOPE, apply, neighbourhood
     from sekisho.guard.protect.cells_frame import take
 
     snap, bp, columns = _boundary(sql, guard, inst)
     identifiers = frozenset({"person_id", "household_id"})
-    base, _, neighbours = neighbourhood(bp.row, identifiers, render=False)
+    base, _, neighbours = neighbourhood(bp.row, identifiers, MAX_ATOMS_UNIT_SCOPE, render=False)
     trees = [bp.row, apply(base, neighbours[:1]), apply(base, neighbours[2:3]), apply(base, neighbours[1:2])]
     prepared = []
     for tree in trees:
-        b, _, n = neighbourhood(tree, identifiers, render=False)
+        b, _, n = neighbourhood(tree, identifiers, MAX_ATOMS_UNIT_SCOPE, render=False)
         prepared.append((b, n, cell_influence.counted_neighbours(b, n)))
     prepared = [p for p in prepared if p[2]]
     assert len(prepared) >= 3
@@ -525,14 +540,7 @@ def test_second_tiers_counted_in_one_statement_count_what_each_counts_alone(sql,
         assert _summed(mine) == _summed(alone) and _summed(alone), sql
 
 
-def _household_types_query() -> str:
-    # reports/06's 家族類型 (this city has no registration months: its residents now)
-    from sekisho.reports.sql import households_at, resident_at
-    households = households_at("2025-10").replace(resident_at("2025-10"), "(is_current AND (sex IS NULL OR age >= 0))")
-    return f"SELECT family_type, COUNT(*) AS n FROM {households} AS h GROUP BY family_type"
-
-
-@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES + [_household_types_query()], ids=["size", "kind", "family_type"])
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES + [_household_types_query()], ids=UNIT_SCOPE_IDS)
 def test_a_unit_scopes_own_cells_counted_with_its_neighbours_are_its_cells(sql, guard, inst):
     # the query's own cells read from the per-cell statement's GROUP BY of the view
     # (``units_and_cells_sql``, so the cells scan is not run): the same cells, contributors
@@ -570,7 +578,7 @@ def test_a_unit_scopes_own_cells_counted_with_its_neighbours_are_its_cells(sql, 
     assert _summed(per_cell) == _summed(alone), sql
 
 
-@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=["size", "kind"])
+@pytest.mark.parametrize("sql", UNIT_SCOPE_QUERIES, ids=UNIT_SCOPE_IDS[:3])
 def test_a_unit_scope_answered_from_its_own_cells_is_answered_as_from_its_cells_scan(sql, inst, monkeypatch):
     # the whole answer (values, statuses, intervals, summary) with the cells from the rule's
     # scan and with a cells scan of their own: the same, and one statement fewer
@@ -847,3 +855,4 @@ def test_a_repeated_splice_takes_each_cell_from_its_world_whatever_the_rows_orde
     del world
     gc.collect()
     assert resolution._sources[0]["W"]() is None   # ... and keeps no world's cells alive
+

@@ -100,9 +100,14 @@ Residual risks (honest)
   distinct query cells are answered as (at most 8; further cells suppressed); cells
   where a condition changes few (``WHERE is_current`` per 町丁目) count without it and
   are marked ``widened`` (with the cells it changes by none: the mark does not tell 0
-  from 1), a count's interval widened to hold the count asked for. Residual: decisions
-  on perturbed counts near k (a neighbour changing k-1 others plus the target), one round
-  only, and which cells fall beyond the cap of 8.
+  from 1), a count's interval widened to hold the count asked for — or, where the
+  conditions applied together move the cell further than that (each moves nobody there
+  alone, together thousands), suppressed (``cell_splice._beyond_interval``). Residual:
+  decisions on perturbed counts near k (a neighbour changing k-1 others plus the
+  target), one round only, and which cells fall beyond the cap of 8; the suppression is
+  decided on the cell asked for (decision-table counts), so a query built to put a
+  cell's combined change at its threshold (at least 2(k-1) contributors) makes one noisy
+  threshold decision over a count that holds the target or not.
   Not closed: pairs differing by a *constant* (``age >= 40`` vs ``age >= 41``) are
   trackers across queries that no single-query rule sees, and averaging over the many
   *decompositions* of one population into large parts (by sex, by relationship, by cut

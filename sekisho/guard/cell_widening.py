@@ -35,7 +35,10 @@ did (41 of 41 guesses right on 6 test cities; 1 guess in 432 targets with the ti
 A cell whose S_c is not empty has the status ``widened`` (``cell_splice.mark``): S_c holds the
 neighbours that change it by none as well, so the mark does not tell 0 from 1 (marking
 only the cells answered differently would). A count's interval is widened by what S_c can
-change, so the count asked for lies in it. A neighbour replacing a comparison of a
+change, so the count asked for lies in it; where the cell's world lies further from the
+cell asked for than that (conditions that move nobody there alone and many together: a
+CASE's branch tests made FALSE beside a later branch's made TRUE), the cell is suppressed
+(``cell_splice._beyond_interval``, decided on perturbed counts). A neighbour replacing a comparison of a
 group-key column with constants cannot change cells of other keys whatever the data
 (``untouched_cells``): it is not in their S_c, so ordinary filters on the grouped column
 leave those cells as asked and unmarked — unless S_c holds a neighbour of a condition

@@ -357,7 +357,8 @@ class ThresholdProtection:
             world_cells[sql] = ctx.verdicts.world_cells(
                 (ctx.session.user, ctx.snap.id, cells_sql_text),
                 lambda q=cells_sql_text: fetch(ctx.snap, q, prepared_for=ctx.session.user, deadline=ctx.deadline))
-        cells, suppressed = cell_splice.splice(cells, keys, groups, resolution, world_cells)
+        cells, suppressed = cell_splice.splice(cells, keys, groups, resolution, world_cells,
+                                               ptable=ctx.snap.ptable, k=ctx.policy.disclosure.k)
         return cells, resolution, suppressed
 
     @staticmethod

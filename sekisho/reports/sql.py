@@ -72,16 +72,13 @@ def family_type_sql() -> str:
     n, head, spouse = "COUNT(*)", _members("世帯主"), _members("妻", "夫")
     child, parent, grandchild = _members("子"), _members("父", "母"), _members("孫")
     in_law, sibling = _members("子の配偶者"), _members("兄弟姉妹")
-    # Each condition here is one the guard checks as an analyst's (condition influence): a
-    # branch shared by two types tests its common part once. ``head = 1 AND spouse = 1 AND
-    # n = 2 + child`` is 夫婦のみ with no child and 夫婦と子供 with children (n = 2 forces
-    # child = 0); the two ひとり親と子供 forms share head = 1 AND spouse = 0.
     return (f"CASE WHEN {n} = 1 THEN '単独' "
             f"WHEN ({parent} > 0 AND {child} > 0) OR ({grandchild} > 0 AND {child} + {in_law} > 0) THEN '三世代' "
-            f"WHEN {head} = 1 AND {spouse} = 1 AND {n} = 2 + {child} "
-            f"THEN CASE WHEN {child} = 0 THEN '夫婦のみ' ELSE '夫婦と子供' END "
-            f"WHEN {head} = 1 AND {spouse} = 0 AND (({child} > 0 AND {n} = 1 + {child}) "
-            f"OR ({child} = 0 AND {parent} = 1 AND {n} = 2 + {sibling})) THEN 'ひとり親と子供' "
+            f"WHEN {head} = 1 AND {spouse} = 1 AND {n} = 2 THEN '夫婦のみ' "
+            f"WHEN {head} = 1 AND {spouse} = 1 AND {child} > 0 AND {n} = 2 + {child} THEN '夫婦と子供' "
+            f"WHEN {head} = 1 AND {spouse} = 0 AND {child} > 0 AND {n} = 1 + {child} THEN 'ひとり親と子供' "
+            f"WHEN {head} = 1 AND {spouse} = 0 AND {child} = 0 AND {parent} = 1 AND {n} = 2 + {sibling} "
+            f"THEN 'ひとり親と子供' "
             f"ELSE 'その他' END")
 
 
