@@ -30,7 +30,8 @@ import sqlglot
 from sekisho.guard import cell_sketches
 from sekisho.guard.alert_state import state_of as _state
 from sekisho.guard.alerts import _pause, _transaction
-from sekisho.guard.cell_pairs import _CHECKED, MAX_CHECKS, CellPair, confirm, differing, digest, family, record
+from sekisho.guard.cell_pairs import (_CHECKED, MAX_CHECKS, CellPair, confirm, differing, digest, family,
+                                     in_episode, record)
 from sekisho.instance import Instance
 
 
@@ -47,15 +48,15 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     ``guard_cell_pending``, and each later request of the user checks up to
     ``MAX_CHECKS`` of them, oldest first, besides its own; more than ``MAX_PENDING``
     waiting raise ``differencing`` (level ``unchecked``). So no candidate goes unchecked:
-    decoys delay the alert by a request, and more of them than the checks can follow
-    raise it. Pairs whose sketches (``cell_sketches``; the request's releases and those
+    decoys the sketches cannot rule out delay the alert by a request, and more of them
+    than the checks can follow raise it. Pairs whose sketches (``cell_sketches``; the request's releases and those
     they pair with, at most ``MAX_SKETCHES`` counted per request) rule out nesting take
     no check and never wait. Within an open episode (the alert raised, within its
     window) nothing is checked: no pair could raise it again; the alert comes again
     once the window has passed."""
     k, alerts = disclosure.k, disclosure.alerts
     # within an episode no pair can raise the alert again: record, check nothing
-    quiet = _in_episode(instance, alerts, user)
+    quiet = in_episode(_state(instance).con, alerts, user, time.time())
     queue: list[tuple[str, CellPair, bool]] = [] if quiet else \
         [(snapshot, pair, True) for snapshot, pair in _waiting(instance, user)]
     releases = 0
@@ -108,14 +109,6 @@ def check_releases(instance: Instance, disclosure, released_rows, *, user: str, 
     found += _wait(instance, alerts, user=user, fingerprint=fingerprint, done=done, deferred=deferred,
                    raised_by=raised_by, pause=pause)
     return found, failure
-
-
-def _in_episode(instance: Instance, alerts, user: str) -> bool:
-    """Whether the user's ``differencing`` (per cell) episode is open: a pair confirmed,
-    or too many left waiting, within the window."""
-    return _state(instance).con.execute(
-        "SELECT 1 FROM guard_cell_pairs WHERE user = ? AND ts > ? LIMIT 1",
-        (user, time.time() - alerts.differencing_window_s)).fetchone() is not None
 
 
 def _seen(user: str, snapshot: str, k: int, pair: CellPair) -> bytes:
@@ -188,9 +181,7 @@ def _wait(instance: Instance, alerts, *, user: str, fingerprint: str, done: list
                     (user, now - alerts.differencing_window_s))
         (waiting,) = con.execute("SELECT COUNT(*) FROM guard_cell_pending WHERE user = ?", (user,)).fetchone()
         if waiting > MAX_PENDING:
-            episode = con.execute("SELECT 1 FROM guard_cell_pairs WHERE user = ? AND ts > ? LIMIT 1",
-                                  (user, now - alerts.differencing_window_s)).fetchone()
-            if episode is None:
+            if not in_episode(con, alerts, user, now):
                 con.execute("INSERT INTO guard_cell_pairs(user, old_id, cells, ts) VALUES (?, -1, 0, ?)",
                             (user, now))
                 alert = {"alert": "differencing", "level": "unchecked", "pending": int(waiting),

@@ -317,6 +317,13 @@ def _key_columns(row_sql: str, keys: tuple[int, ...]) -> frozenset[str]:
     return frozenset(c.name for p in tree.expressions if p.alias_or_name in names for c in p.find_all(exp.Column))
 
 
+def in_episode(con, alerts, user: str, now: float) -> bool:
+    """Whether the user's per-cell ``differencing`` episode is open: a pair confirmed (or
+    too many left waiting, ``cell_checks``) within the window. One alert per episode."""
+    return con.execute("SELECT 1 FROM guard_cell_pairs WHERE user = ? AND ts > ? LIMIT 1",
+                       (user, now - alerts.differencing_window_s)).fetchone() is not None
+
+
 def confirm(instance: Instance, alerts, *, user: str, fingerprint: str, verified: list[tuple[CellPair, int]],
             now: float | None = None, raised_by: int | None = None, pause: bool = True) -> list[dict]:
     """Record the pairs the store confirmed (cells differing by 1..k-1); return
@@ -327,11 +334,10 @@ def confirm(instance: Instance, alerts, *, user: str, fingerprint: str, verified
     con = _state(instance).con
     found: list[dict] = []
     with _transaction(con):
-        episode = con.execute("SELECT 1 FROM guard_cell_pairs WHERE user = ? AND ts > ? LIMIT 1",
-                              (user, now - alerts.differencing_window_s)).fetchone()
+        opened = in_episode(con, alerts, user, now)
         con.executemany("INSERT INTO guard_cell_pairs(user, old_id, cells, ts) VALUES (?, ?, ?, ?)",
                         [(user, pair.old_id, cells, now) for pair, cells in verified])
-        if episode is None:
+        if not opened:
             alert = {"alert": "differencing", "level": "cell", "cells": max(c for _, c in verified),
                      "window_s": alerts.differencing_window_s, "fingerprint": fingerprint}
             _pause(con, alerts, alert, user=user, now=now, raised_by=raised_by, pause=pause)

@@ -94,14 +94,7 @@ class StoreChecks:
         one, else the snapshot opened read-only through the store (StoreError if it is
         gone), with DuckDB's memory and threads limited; closed afterwards."""
         snap = self._current_snapshot()
-        if snap is not None and snap.id == sid:
-            cur = snap.cursor()
-            try:
-                yield cur
-            finally:
-                cur.close()
-            return
-        cur = self._older_connection(sid).cursor()
+        cur = snap.cursor() if snap is not None and snap.id == sid else self._older_connection(sid).cursor()
         try:
             yield cur
         finally:
